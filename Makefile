@@ -1,0 +1,81 @@
+# tuplet: eBPF conntrack datapath + Python agent.
+#   make demo     set up everything, run the demo topology
+#   make test     set up everything, run the whole test suite
+#   make          build the BPF objects          (V=1 shows commands)
+
+.DELETE_ON_ERROR:
+.DEFAULT_GOAL := build
+
+CLANG     ?= clang
+BPFTOOL   ?= bpftool
+PYTHON    ?= /usr/bin/python3
+VENV      ?= .venv
+VENV_PY   := $(VENV)/bin/python
+BUILD     := build
+ARCH      := $(shell uname -m | sed 's/x86_64/x86/;s/aarch64/arm64/')
+BPF_CFLAGS ?= -O2 -g -target bpf -D__TARGET_ARCH_$(ARCH) -Wall -Werror \
+              -I vmlinux -I bpf -I /usr/include/$(shell uname -m)-linux-gnu
+
+BPF_PROGS := $(patsubst bpf/%.c,$(BUILD)/%.o,$(wildcard bpf/*.c))
+BENCH_PROGS := $(patsubst bench/%.bpf.c,$(BUILD)/%.o,$(wildcard bench/*.bpf.c))
+BPF_HDRS  := $(wildcard bpf/lib/*.h)
+APT_PKGS  := clang llvm libbpf-dev bpftool iproute2 iptables iputils-ping python3-venv make gcc \
+             libbpf1 linux-libc-dev
+
+ifeq ($(V),1)
+Q :=
+msg :=
+else
+Q := @
+msg = @printf '  %-8s %s\n' "$(1)" "$(2)";
+endif
+
+.PHONY: build deps venv test demo bindings clean vmlinux bench
+build: $(BPF_PROGS) $(BENCH_PROGS)
+
+# System packages (Debian 12). Skipped when every tool is already there.
+deps: $(BUILD)/.deps
+$(BUILD)/.deps:
+	$(call msg,APT,$(APT_PKGS))
+	$(Q)if ! command -v $(CLANG) >/dev/null || ! command -v $(BPFTOOL) >/dev/null \
+	     || [ ! -f /usr/include/bpf/libbpf.h ] || ! $(PYTHON) -c 'import venv, ensurepip' 2>/dev/null \
+	     || ! command -v iptables >/dev/null || ! command -v ping >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PKGS) >/dev/null; \
+	fi
+	$(Q)mkdir -p $(BUILD) && touch $@
+
+# Python virtual environment with pinned dependencies.
+venv: $(VENV)/.installed
+$(VENV)/.installed: requirements.txt pyproject.toml | $(BUILD)/.deps
+	$(call msg,VENV,$(VENV))
+	$(Q)[ -x $(VENV_PY) ] || $(PYTHON) -m venv $(VENV)
+	$(Q)$(VENV_PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	$(Q)$(VENV_PY) -m pip install -q --disable-pip-version-check --no-deps -e .
+	$(Q)touch $@
+
+vmlinux: vmlinux/vmlinux.h
+vmlinux/vmlinux.h: | $(BUILD)/.deps
+	$(call msg,BTF,$@)
+	$(Q)$(BPFTOOL) btf dump file /sys/kernel/btf/vmlinux format c > $@
+
+$(BUILD)/%.o: bpf/%.c $(BPF_HDRS) vmlinux/vmlinux.h | $(BUILD)/.deps
+	$(call msg,CLANG,$@)
+	$(Q)$(CLANG) $(BPF_CFLAGS) -c $< -o $@
+
+$(BUILD)/%.o: bench/%.bpf.c $(BPF_HDRS) vmlinux/vmlinux.h | $(BUILD)/.deps
+	$(call msg,CLANG,$@)
+	$(Q)$(CLANG) $(BPF_CFLAGS) -c $< -o $@
+
+-include ci/bindings.mk
+
+test: build venv
+	$(VENV_PY) -m pytest $(PYTEST_ARGS)
+
+demo: build venv
+	$(VENV)/bin/tuplet-demo
+
+bench: build venv
+	$(VENV_PY) bench/datapath.py
+
+clean:
+	rm -rf $(BUILD) vmlinux/vmlinux.h

@@ -1,0 +1,321 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/* Connection tracking: lookup in both directions, TCP state from flags,
+ * per-state lifetimes, entry creation with its related-ICMP twin.
+ *
+ * Directions are the endpoint's: CT_EGRESS for packets a pod sends,
+ * CT_INGRESS for packets it receives. tx_* fields record what the tracked
+ * endpoint sent, rx_* what it received.
+ */
+#ifndef TUPLET_CONNTRACK_H
+#define TUPLET_CONNTRACK_H
+
+#include "compiler.h"
+#include "config.h"
+#include "time.h"
+#include "packet.h"
+#include "conntrack_types.h"
+#include "conntrack_map.h"
+
+enum ct_dir {
+	CT_EGRESS = 0,
+	CT_INGRESS = 1,
+	CT_SERVICE = 2,
+};
+
+enum ct_status {
+	CT_NEW = 0,
+	CT_ESTABLISHED = 1,
+	CT_REPLY = 2,
+	CT_RELATED = 3,
+	CT_REOPENED = 4,
+};
+
+enum ct_action {
+	ACTION_UNSPEC = 0,
+	ACTION_CREATE = 1,
+	ACTION_CLOSE = 2,
+};
+
+/* What a lookup found, and what a new entry should carry. */
+struct ct_state {
+	__u64 backend_id;
+	__u32 src_sec_id;
+	__u16 rev_nat_index;
+	__u16 ifindex;
+	__u8 from_tunnel;
+	__u8 dsr_internal;
+	__u8 node_port;
+	__u8 closing;
+};
+
+static __always_inline void *ct_map4(__u8 nexthdr)
+{
+	return nexthdr == IPPROTO_TCP ? (void *)&tpl_ct4_v1 : (void *)&tpl_ct_any4_v1;
+}
+
+static __always_inline enum ct_action ct_tcp_action(__u8 flags)
+{
+	if (flags & (TCP_FLAG_RST | TCP_FLAG_FIN))
+		return ACTION_CLOSE;
+	if ((flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN)
+		return ACTION_CREATE;
+	return ACTION_UNSPEC;
+}
+
+static __always_inline bool ct_entry_alive(const struct ct_entry *e)
+{
+	return !e->rx_closing || !e->tx_closing;
+}
+
+static __always_inline bool ct_entry_closing(const struct ct_entry *e)
+{
+	return e->rx_closing || e->tx_closing;
+}
+
+/* Both SYNs seen. The reference compares a u8 with a 16-bit big-endian
+ * constant here and is never true; these are u8 flag bytes, compare as such.
+ */
+static __always_inline bool ct_entry_seen_both_syns(const struct ct_entry *e)
+{
+	return (e->rx_flags_seen & TCP_FLAG_SYN) && (e->tx_flags_seen & TCP_FLAG_SYN);
+}
+
+static __always_inline __u8 ct_report_mask(void)
+{
+	return ct_report_flags | TCP_FLAG_SYN;
+}
+
+/* lifetime = now + timeout; accumulate the report flags of this direction
+ * and refresh its last report when a new flag appears or the interval passed.
+ */
+static __always_inline void __ct_update_timeout(struct ct_entry *e, __u32 timeout,
+						enum ct_dir dir, __u8 flags, __u32 now)
+{
+	__u8 seen = flags & ct_report_mask();
+	__u8 acc;
+	__u32 last;
+
+	WRITE_ONCE(e->lifetime, now + timeout);
+	if (dir == CT_INGRESS) {
+		acc = READ_ONCE(e->rx_flags_seen);
+		last = READ_ONCE(e->last_rx_report);
+	} else {
+		acc = READ_ONCE(e->tx_flags_seen);
+		last = READ_ONCE(e->last_tx_report);
+	}
+	seen |= acc;
+	if (last + ct_report_interval < now || acc != seen) {
+		if (dir == CT_INGRESS) {
+			WRITE_ONCE(e->rx_flags_seen, seen);
+			WRITE_ONCE(e->last_rx_report, now);
+		} else {
+			WRITE_ONCE(e->tx_flags_seen, seen);
+			WRITE_ONCE(e->last_tx_report, now);
+		}
+	}
+}
+
+static __always_inline __u32 ct_lifetime(const struct ct_entry *e, bool is_tcp, enum ct_dir dir)
+{
+	if (!is_tcp)
+		return dir == CT_SERVICE ? ct_service_lifetime_nontcp : ct_lifetime_nontcp;
+	if (!e->seen_non_syn)
+		return ct_syn_timeout;
+	return dir == CT_SERVICE ? ct_service_lifetime_tcp : ct_lifetime_tcp;
+}
+
+static __always_inline void ct_update_timeout(struct ct_entry *e, bool is_tcp, enum ct_dir dir,
+					      __u8 flags, __u32 now)
+{
+	if (is_tcp && !(flags & TCP_FLAG_SYN))
+		e->seen_non_syn = 1;
+	__ct_update_timeout(e, ct_lifetime(e, is_tcp, dir), dir, flags, now);
+}
+
+static __always_inline void ct_account(struct ct_entry *e, __u32 len)
+{
+	if (!ct_accounting)
+		return;
+	__sync_fetch_and_add(&e->packets, 1);
+	__sync_fetch_and_add(&e->bytes, len);
+}
+
+static __always_inline void ct_state_fill(struct ct_state *st, const struct ct_entry *e)
+{
+	st->backend_id = e->backend_id;
+	st->src_sec_id = e->src_sec_id;
+	st->rev_nat_index = e->rev_nat_index;
+	st->ifindex = e->ifindex;
+	st->from_tunnel = e->from_tunnel;
+	st->dsr_internal = e->dsr_internal;
+	st->node_port = e->node_port;
+	st->closing = ct_entry_closing(e);
+}
+
+/* A packet hit entry e. Returns the status to report (status, or CT_REOPENED). */
+static __always_inline int ct_entry_hit(struct ct_entry *e, bool is_tcp, enum ct_dir dir,
+					enum ct_action action, __u8 flags, __u32 len, int status)
+{
+	__u32 now = tpl_now();
+
+	if (action == ACTION_CREATE && ct_entry_closing(e)) {
+		/* A SYN on a closing connection starts a new one on the same tuple:
+		 * forget the old connection's state, counters and flags.
+		 */
+		e->rx_closing = 0;
+		e->tx_closing = 0;
+		e->seen_non_syn = 0;
+		WRITE_ONCE(e->rx_flags_seen, 0);
+		WRITE_ONCE(e->tx_flags_seen, 0);
+		WRITE_ONCE(e->packets, 0);
+		WRITE_ONCE(e->bytes, 0);
+		ct_update_timeout(e, is_tcp, dir, flags, now);
+		ct_account(e, len);
+		return CT_REOPENED;
+	}
+
+	if (ct_entry_alive(e))
+		ct_update_timeout(e, is_tcp, dir, flags, now);
+	ct_account(e, len);
+
+	if (action == ACTION_CLOSE) {
+		if (dir == CT_SERVICE) {
+			/* A service entry sees one direction only. */
+			e->rx_closing = 1;
+			e->tx_closing = 1;
+		} else if ((flags & TCP_FLAG_RST) && !ct_entry_seen_both_syns(e)) {
+			/* RST before the handshake completed: the connection is gone. */
+			e->rx_closing = 1;
+			e->tx_closing = 1;
+		} else if (dir == CT_INGRESS) {
+			e->rx_closing = 1;
+		} else {
+			e->tx_closing = 1;
+		}
+		if (!ct_entry_alive(e))
+			__ct_update_timeout(e, ct_close_timeout, dir, flags, now);
+	}
+	return status;
+}
+
+static __always_inline void ct_tuple_reverse4(struct ipv4_ct_tuple *t)
+{
+	__be32 a = t->daddr;
+	__be16 p = t->dport;
+
+	t->daddr = t->saddr;
+	t->saddr = a;
+	t->dport = t->sport;
+	t->sport = p;
+}
+
+/* Look a packet up. Fills tuple with the flow's key in the packet's own
+ * direction (ready for ct_create4 on CT_NEW), st with what the entry holds.
+ * Returns a ct_status.
+ */
+static __always_inline int ct_lookup4(struct ipv4_ct_tuple *tuple, const struct pkt4 *p,
+				      enum ct_dir dir, __u32 len, struct ct_state *st)
+{
+	bool is_tcp = p->proto == IPPROTO_TCP;
+	enum ct_action action = ACTION_UNSPEC;
+	__u8 related = 0, flags = 0;
+	struct ct_entry *e;
+	void *map = ct_map4(p->proto);
+
+	tuple->daddr = p->daddr;
+	tuple->saddr = p->saddr;
+	tuple->nexthdr = p->proto;
+	/* Reply-candidate ports: a reply's ports are the original's swapped. */
+	tuple->dport = p->sport;
+	tuple->sport = p->dport;
+
+	if (is_tcp) {
+		flags = p->tcp_flags;
+		action = ct_tcp_action(flags);
+	} else if (p->proto == IPPROTO_ICMP) {
+		tuple->dport = 0;
+		tuple->sport = 0;
+		switch (p->icmp_type) {
+		case ICMP_DEST_UNREACH:
+		case ICMP_TIME_EXCEEDED:
+		case ICMP_PARAMETERPROB:
+			related = TUPLE_F_RELATED;
+			break;
+		case ICMP_ECHOREPLY:
+			tuple->sport = p->icmp_id;
+			break;
+		case ICMP_ECHO:
+			tuple->dport = p->icmp_id;
+			break;
+		}
+	}
+
+	/* Reply direction first: a reply or related packet takes precedence. */
+	tuple->flags = (dir == CT_INGRESS ? TUPLE_F_OUT : TUPLE_F_IN) | related;
+	e = bpf_map_lookup_elem(map, tuple);
+	if (e) {
+		int status = ct_entry_hit(e, is_tcp, dir, action, flags, len,
+					  related ? CT_RELATED : CT_REPLY);
+		ct_state_fill(st, e);
+		return status;
+	}
+
+	ct_tuple_reverse4(tuple);
+	tuple->flags = (dir == CT_INGRESS ? TUPLE_F_IN : TUPLE_F_OUT) | related;
+	e = bpf_map_lookup_elem(map, tuple);
+	if (e) {
+		int status = ct_entry_hit(e, is_tcp, dir, action, flags, len,
+					  related ? CT_RELATED : CT_ESTABLISHED);
+		ct_state_fill(st, e);
+		return status;
+	}
+	return CT_NEW;
+}
+
+/* Create the entry for tuple (as left by ct_lookup4) and, for endpoint
+ * traffic, its related-ICMP entry. Returns 0 or TPL_DROP_CT_INSERT_FAILED.
+ */
+static __always_inline int ct_create4(const struct ipv4_ct_tuple *tuple, enum ct_dir dir,
+				      const struct ct_state *st, __u8 tcp_flags, __u32 len)
+{
+	bool is_tcp = tuple->nexthdr == IPPROTO_TCP;
+	struct ct_entry entry = {};
+	__u32 now = tpl_now();
+
+	entry.backend_id = st->backend_id;
+	entry.src_sec_id = st->src_sec_id;
+	entry.rev_nat_index = st->rev_nat_index;
+	entry.ifindex = st->ifindex;
+	entry.from_tunnel = st->from_tunnel;
+	entry.dsr_internal = st->dsr_internal;
+	entry.node_port = st->node_port;
+	if (ct_accounting) {
+		entry.packets = 1;
+		entry.bytes = len;
+	}
+	/* A new TCP entry stays in the SYN state (short lifetime) until a
+	 * later packet without SYN shows the handshake progressed.
+	 */
+	__ct_update_timeout(&entry, ct_lifetime(&entry, is_tcp, dir), dir, tcp_flags, now);
+
+	if (bpf_map_update_elem(ct_map4(tuple->nexthdr), tuple, &entry, BPF_ANY) < 0)
+		return TPL_DROP_CT_INSERT_FAILED;
+
+	if (dir != CT_SERVICE) {
+		struct ipv4_ct_tuple icmp = {
+			.daddr = tuple->daddr,
+			.saddr = tuple->saddr,
+			.nexthdr = IPPROTO_ICMP,
+			.flags = tuple->flags | TUPLE_F_RELATED,
+		};
+
+		entry.packets = 0;
+		entry.bytes = 0;
+		entry.lifetime = now + ct_lifetime_nontcp;
+		/* Best effort: the main entry is in, the flow works without it. */
+		bpf_map_update_elem(&tpl_ct_any4_v1, &icmp, &entry, BPF_ANY);
+	}
+	return 0;
+}
+
+#endif

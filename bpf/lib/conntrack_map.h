@@ -1,0 +1,29 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/* The two conntrack tables. Sizes here are placeholders: the loader sets
+ * max_entries from configuration before load.
+ */
+#ifndef TUPLET_CONNTRACK_MAP_H
+#define TUPLET_CONNTRACK_MAP_H
+
+#include "conntrack_types.h"
+
+#define CT_MAP_SIZE_TCP 524288
+#define CT_MAP_SIZE_ANY 262144
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct ipv4_ct_tuple);
+	__type(value, struct ct_entry);
+	__uint(max_entries, CT_MAP_SIZE_TCP);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tpl_ct4_v1 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct ipv4_ct_tuple);
+	__type(value, struct ct_entry);
+	__uint(max_entries, CT_MAP_SIZE_ANY);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tpl_ct_any4_v1 SEC(".maps");
+
+#endif

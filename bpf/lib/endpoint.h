@@ -1,0 +1,41 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/* Local endpoints (pods) by IPv4 address, programmed by the agent. */
+#ifndef TUPLET_ENDPOINT_H
+#define TUPLET_ENDPOINT_H
+
+#include "compiler.h"
+
+/* Reserved identity of anything that is not a known endpoint. */
+#define TPL_IDENTITY_WORLD 2
+
+struct endpoint_info {
+	__u32 ifindex;   /* host-side veth */
+	__u32 sec_id;    /* security identity shown as SourceSecurityID */
+	__u32 flags;
+	__u32 pad;
+};
+ASSERT_SIZE(struct endpoint_info, 16);
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __be32);
+	__type(value, struct endpoint_info);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tpl_ep4_v1 SEC(".maps");
+
+static __always_inline struct endpoint_info *endpoint_lookup4(__be32 addr)
+{
+	return bpf_map_lookup_elem(&tpl_ep4_v1, &addr);
+}
+
+/* Identity of an address: the endpoint's, or world for anything else. */
+static __always_inline __u32 endpoint_identity4(__be32 addr)
+{
+	struct endpoint_info *ep = endpoint_lookup4(addr);
+
+	return ep ? ep->sec_id : TPL_IDENTITY_WORLD;
+}
+
+#endif

@@ -1,0 +1,40 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/* One table of verdict reasons for every program. Values below
+ * TPL_DROP_BASE pass the packet; values from TPL_DROP_BASE drop it. The agent
+ * reads the names from this enum's BTF, so the CLI, metrics and bpftool
+ * print the same words. Append only: values are counters' indexes.
+ */
+#ifndef TUPLET_REASONS_H
+#define TUPLET_REASONS_H
+
+#include "compiler.h"
+
+enum tpl_reason {
+	/* passed */
+	TPL_PASS_CT_NEW = 0,           /* first packet of a flow: entry created */
+	TPL_PASS_CT_ESTABLISHED = 1,   /* packet in the flow's original direction */
+	TPL_PASS_CT_REPLY = 2,         /* packet in the reply direction */
+	TPL_PASS_CT_RELATED = 3,       /* ICMP error related to a tracked flow */
+	TPL_PASS_CT_REOPENED = 4,      /* SYN on a closing entry: connection reopened */
+	TPL_PASS_NOT_IPV4 = 5,         /* IPv6, ARP, other ethertypes: untouched */
+	TPL_PASS_UNTRACKED_PROTO = 6,  /* IPv4 protocol other than TCP, UDP, ICMP */
+	TPL_PASS_FRAGMENT = 7,         /* non-first IPv4 fragment: no L4 header */
+	TPL_PASS_ICMP_UNRELATED = 8,   /* ICMP error matching no tracked flow */
+	TPL_PASS_CT_UNTRACKED_RST = 9, /* TCP reset matching no tracked flow */
+
+	TPL_DROP_BASE = 128,
+	TPL_DROP_INVALID_L3 = 128,       /* truncated or malformed Ethernet/IPv4 header */
+	TPL_DROP_CT_INVALID_HDR = 129,   /* truncated or malformed TCP/UDP/ICMP header */
+	TPL_DROP_CT_INSERT_FAILED = 130, /* CT: Map insertion failed */
+
+	TPL_REASON_SLOTS = 256,
+};
+
+/* Metric direction, from the node's point of view of the pod or device. */
+enum tpl_metric_dir {
+	TPL_METRIC_EGRESS = 0,   /* leaving a pod / leaving the node */
+	TPL_METRIC_INGRESS = 1,  /* entering a pod / entering the node */
+	TPL_METRIC_DIRS = 2,
+};
+
+#endif

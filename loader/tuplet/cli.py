@@ -1,0 +1,189 @@
+"""The `tuplet` command line."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+from . import config as configmod
+from . import ct, datapath, metrics, state
+from . import log as logmod
+from .bpffs import DEFAULT_PIN_ROOT
+from .errors import ConfigError, TupletError, VerifierError
+from .links import AttachMode
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logmod.configure(args.log_level, args.log_format)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as e:
+        print(f"tuplet: {e}", file=sys.stderr)
+        return 2
+    except VerifierError as e:
+        print(f"tuplet: {e}", file=sys.stderr)
+        if args.verbose:
+            print(e.log, file=sys.stderr)
+        else:
+            print("(the whole verifier log: run again with --verbose)", file=sys.stderr)
+        return 1
+    except TupletError as e:
+        print(f"tuplet: {e}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tuplet", description="eBPF connection tracking datapath for Linux nodes")
+    p.add_argument("--pin-root", default=None, help=f"bpffs directory of the datapath (default {DEFAULT_PIN_ROOT}, "
+                   "or node.pin_root of --config)")
+    p.add_argument("--config", "-c", default=None, help="node configuration file (TOML)")
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", default="auto", choices=["auto", "json", "console"])
+    p.add_argument("--verbose", "-v", action="store_true", help="more detail (whole verifier logs, derivations)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    a = sub.add_parser("apply", help="load and attach the datapath as a configuration file says")
+    a.add_argument("file", help="node configuration file (TOML)")
+    a.add_argument("--attach-mode", choices=[m.value for m in AttachMode], default=None,
+                   help="override node.attach_mode (tc forces the legacy TC fallback)")
+    a.add_argument("--netns", default=None, help="override node.netns")
+    a.set_defaults(func=cmd_apply)
+
+    t = sub.add_parser("teardown", help="detach the datapath and remove its pins")
+    t.add_argument("--keep-maps", action="store_true", help="keep the pinned maps (conntrack state)")
+    t.add_argument("--netns", default=None, help="network namespace of the node's devices")
+    t.set_defaults(func=cmd_teardown)
+
+    c = sub.add_parser("ct", help="conntrack tables")
+    csub = c.add_subparsers(dest="ct_command", required=True)
+    cl = csub.add_parser("list", help="print every conntrack entry")
+    cl.add_argument("--time-diff", action="store_true", help="also print the seconds until each entry expires")
+    cl.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    cl.add_argument("--map", choices=["all", "tcp", "any"], default="all", help="which table")
+    cl.set_defaults(func=cmd_ct_list)
+    cf = csub.add_parser("flush", help="delete every conntrack entry")
+    cf.set_defaults(func=cmd_ct_flush)
+
+    s = sub.add_parser("status", help="attachments and tables")
+    s.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    s.set_defaults(func=cmd_status)
+
+    m = sub.add_parser("metrics", help="datapath verdicts and drop reasons")
+    m.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    m.set_defaults(func=cmd_metrics)
+    return p
+
+
+def _pin_root(args: argparse.Namespace) -> str:
+    if args.pin_root:
+        return str(args.pin_root)
+    if args.config:
+        return configmod.load(args.config).pin_root
+    return DEFAULT_PIN_ROOT
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    cfg = configmod.load(args.file)
+    changes = {}
+    if args.attach_mode:
+        changes["attach_mode"] = AttachMode(args.attach_mode)
+    if args.netns:
+        changes["netns"] = args.netns
+    if args.pin_root:
+        changes["pin_root"] = args.pin_root
+    if changes:
+        import dataclasses
+        cfg = dataclasses.replace(cfg, **changes)
+    res = datapath.apply(cfg)
+    modes = ", ".join(sorted({a.mode.value for a in res.attachments})) or "none"
+    print(f"applied {cfg.source}: {res.endpoints} endpoint(s), {len(res.attachments)} attachment(s) "
+          f"({modes}), pins under {cfg.pin_root}" + (" (reused)" if res.reused_pins else ""))
+    return 0
+
+
+def cmd_teardown(args: argparse.Namespace) -> int:
+    removed = datapath.teardown(_pin_root(args), args.netns, keep_maps=args.keep_maps)
+    print(f"detached {len(removed)} attachment(s)" + ("" if args.keep_maps else "; maps unpinned"))
+    return 0
+
+
+def _ct_maps(args: argparse.Namespace) -> list[str]:
+    return {"all": list(ct.CT_MAPS), "tcp": [ct.CT_MAP_TCP], "any": [ct.CT_MAP_ANY]}[args.map]
+
+
+def cmd_ct_list(args: argparse.Namespace) -> int:
+    root = _pin_root(args)
+    now = ct.monotonic_now() if args.time_diff else None
+    recs = []
+    for name in _ct_maps(args):
+        with datapath.open_pinned(root, name) as m:
+            recs.extend(ct.records(m))
+    recs.sort(key=ct.sort_key)
+    if args.output == "json":
+        json.dump([r.to_json(now) for r in recs], sys.stdout, indent=2)
+        print()
+    else:
+        for r in recs:
+            print(r.line(now))
+    return 0
+
+
+def cmd_ct_flush(args: argparse.Namespace) -> int:
+    root = _pin_root(args)
+    total = 0
+    for name in ct.CT_MAPS:
+        with datapath.open_pinned(root, name) as m:
+            total += m.clear()
+    print(f"flushed {total} entries")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    root = _pin_root(args)
+    st = state.load(root)
+    tables = []
+    for name in ct.CT_MAPS:
+        with datapath.open_pinned(root, name) as m:
+            tables.append({"map": name, "entries": m.count(), "max_entries": m.max_entries})
+    atts = [a.to_json() for a in st.attachments] if st else []
+    if args.output == "json":
+        json.dump({"pin_root": root, "netns": st.netns if st else None, "attachments": atts,
+                   "tables": tables}, sys.stdout, indent=2)
+        print()
+        return 0
+    print(f"Pin root:     {root}" + (f" (netns {st.netns})" if st and st.netns else ""))
+    print("Attachments:")
+    for a in atts:
+        print(f"  {a['ifname']:<16} {a['hook']:<8} {a['program']:<20} {str(a['mode']).upper()}")
+    if not atts:
+        print("  none")
+    print("Conntrack tables:")
+    for t in tables:
+        fill = 100.0 * t["entries"] / t["max_entries"]
+        print(f"  {t['map']:<16} {t['entries']:>9} / {t['max_entries']:<9} ({fill:.1f}%)")
+    return 0
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    root = _pin_root(args)
+    names = metrics.reason_names(str(datapath.object_dir() / datapath.OBJ_LXC))
+    with datapath.open_pinned(root, datapath.METRICS_MAP) as m:
+        counters = metrics.read(m, names)
+    counters.sort(key=lambda c: (c.direction, c.reason))
+    if args.output == "json":
+        json.dump([c.__dict__ for c in counters], sys.stdout, indent=2)
+        print()
+        return 0
+    print(f"{'DIRECTION':<9} {'REASON':<24} {'PACKETS':>10} {'BYTES':>12}")
+    for c in counters:
+        print(f"{c.direction:<9} {c.reason:<24} {c.packets:>10} {c.bytes:>12}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

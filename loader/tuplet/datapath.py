@@ -1,0 +1,198 @@
+"""The node's datapath: load the objects with the node's configuration, attach
+them to its devices, program its endpoints, and remove it all again.
+
+``apply`` is all-or-nothing: configuration, interfaces and pinned maps are
+checked before anything changes, and a failure while attaching undoes what this
+run attached and the pins it created.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import structlog
+
+from . import bpffs, state
+from .config import NodeConfig
+from .ct import CT_MAP_ANY, CT_MAP_TCP
+from .errors import NotFoundError, TupletError
+from .layouts import EndpointInfo, ip_to_be32
+from .links import Attachment, AttachMode, Hook, attach, detach, ifindex_of, tc_destroy_clsact
+from .maps import Map
+from .objects import Collection, ObjectSpec
+
+log = structlog.get_logger("tuplet.datapath")
+
+OBJ_LXC = "bpf_lxc.o"
+EP_MAP = "tpl_ep4_v1"
+METRICS_MAP = "tpl_metrics_v1"
+
+# (program, hook) per endpoint: packets leaving the pod enter the host-side veth.
+LXC_HOOKS = (("cil_from_container", Hook.INGRESS), ("cil_to_container", Hook.EGRESS))
+
+
+def object_dir() -> Path:
+    """Where the built BPF objects are: $TUPLET_OBJ_DIR, else the source tree's build/."""
+    env = os.environ.get("TUPLET_OBJ_DIR")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "build"
+
+
+def open_object(name: str, cfg: NodeConfig, pin_root: str | None) -> ObjectSpec:
+    """Open one object and apply the node's load-time configuration to it."""
+    spec = ObjectSpec.open(object_dir() / name, pin_root=pin_root)
+    try:
+        ct = cfg.conntrack
+        spec.set_max_entries(CT_MAP_TCP, ct.tcp_max)
+        spec.set_max_entries(CT_MAP_ANY, ct.any_max)
+        for var, value in ct.timeouts.rodata().items():
+            spec.set_const(var, value)
+        spec.set_const("ct_report_flags", ct.report_flags)
+        spec.set_const("ct_accounting", int(ct.accounting))
+    except BaseException:
+        spec.close()
+        raise
+    return spec
+
+
+@contextlib.contextmanager
+def in_node_netns(name: str | None) -> Iterator[None]:
+    if name:
+        from . import netns
+
+        with netns.enter(name):
+            yield
+    else:
+        yield
+
+
+@dataclass
+class ApplyResult:
+    attachments: list[Attachment]
+    endpoints: int
+    reused_pins: list[str]
+
+
+def apply(cfg: NodeConfig) -> ApplyResult:
+    """Make the node's datapath match cfg."""
+    with in_node_netns(cfg.netns):
+        return _apply(cfg)
+
+
+def _apply(cfg: NodeConfig) -> ApplyResult:
+    pin_root = str(bpffs.ensure_pin_root(cfg.pin_root))
+    old = state.load(pin_root) or state.NodeState(pin_root=pin_root, netns=cfg.netns)
+
+    missing = []
+    for ifname in [e.ifname for e in cfg.endpoints] + [d.ifname for d in cfg.devices]:
+        try:
+            ifindex_of(ifname)
+        except NotFoundError:
+            missing.append(ifname)
+    if missing:
+        where = f"network namespace {cfg.netns}" if cfg.netns else "this network namespace"
+        raise NotFoundError(f"interface{'s' if len(missing) > 1 else ''} {', '.join(missing)}", "apply",
+                            detail=f"not found in {where}; nothing was changed")
+
+    spec = open_object(OBJ_LXC, cfg, pin_root)
+    pins_before = {p for p in (spec.maps[m].pin_path for m in spec.maps) if p and os.path.exists(p)}
+    reused = spec.check_pins()
+    coll = spec.load()
+    new_pins = [p for p in (spec_pin for spec_pin in _pin_paths(coll, pin_root)) if p not in pins_before]
+    made: list[Attachment] = []
+    try:
+        _sync_endpoints(coll, cfg)
+        attachments = []
+        for ep in cfg.endpoints:
+            for prog, hook in LXC_HOOKS:
+                existed = any(a.ifname == ep.ifname and a.hook is hook for a in old.attachments)
+                att = attach(coll.programs[prog], ep.ifname, hook, pin_root, cfg.attach_mode)
+                if not existed:
+                    made.append(att)
+                attachments.append(att)
+    except BaseException:
+        for att in reversed(made):
+            with contextlib.suppress(TupletError, OSError):
+                detach(att)
+                if att.created_clsact:
+                    tc_destroy_clsact(att.ifname)
+        for p in new_pins:
+            with contextlib.suppress(OSError):
+                os.unlink(p)
+        coll.close()
+        raise
+    coll.close()
+
+    keep = {(a.ifname, a.hook) for a in attachments}
+    for a in old.attachments:
+        if (a.ifname, a.hook) not in keep:
+            _remove_attachment(a)
+    created_before = {a.ifname for a in old.attachments if a.created_clsact}
+    for a in attachments:
+        if a.ifname in created_before:
+            a.created_clsact = True
+    state.save(state.NodeState(pin_root=pin_root, netns=cfg.netns, attachments=attachments,
+                               endpoints={e.ipv4: e.ifname for e in cfg.endpoints}))
+    log.info("applied", node=cfg.name, endpoints=len(cfg.endpoints), attachments=len(attachments),
+             modes=sorted({a.mode.value for a in attachments}), reused_pins=len(reused))
+    return ApplyResult(attachments=attachments, endpoints=len(cfg.endpoints), reused_pins=reused)
+
+
+def _pin_paths(coll: Collection, pin_root: str) -> list[str]:
+    return [os.path.join(pin_root, name) for name in coll.maps if not name.startswith(".")
+            and "." not in name]
+
+
+def _sync_endpoints(coll: Collection, cfg: NodeConfig) -> None:
+    """Make the endpoint map hold exactly the configured endpoints."""
+    epmap = coll.maps[EP_MAP]
+    wanted = {}
+    for ep in cfg.endpoints:
+        wanted[ip_to_be32(ep.ipv4).to_bytes(4, "little")] = EndpointInfo(
+            ifindex=ifindex_of(ep.ifname), sec_id=ep.identity)
+    for key, info in wanted.items():
+        epmap.update(key, info)
+    for key in list(epmap.keys()):
+        if key not in wanted:
+            epmap.delete(key)
+
+
+def _remove_attachment(a: Attachment) -> None:
+    with contextlib.suppress(NotFoundError):
+        detach(a)
+    if a.created_clsact and a.mode is AttachMode.TC:
+        tc_destroy_clsact(a.ifname)
+
+
+def teardown(pin_root: str, netns_name: str | None = None, keep_maps: bool = False) -> list[Attachment]:
+    """Detach everything tuplet attached under pin_root and (unless keep_maps) unpin its maps."""
+    st = state.load(pin_root)
+    ns = netns_name or (st.netns if st else None)
+    removed: list[Attachment] = []
+    from . import netns
+
+    if ns and not netns.exists(ns):
+        ns = None  # the namespace (and every device in it) is gone already
+    with in_node_netns(ns):
+        for a in (st.attachments if st else []):
+            _remove_attachment(a)
+            removed.append(a)
+    links_dir = Path(pin_root) / "links"
+    if links_dir.exists():
+        bpffs.remove_tree(links_dir)   # pinned links tuplet has no record of
+    if not keep_maps:
+        bpffs.remove_tree(pin_root)
+    state.remove(pin_root)
+    log.info("torn down", pin_root=pin_root, attachments=len(removed), maps_removed=not keep_maps)
+    return removed
+
+
+def open_pinned(pin_root: str, name: str) -> Map:
+    """A pinned map of the datapath, with a hint when the datapath is not there."""
+    path = os.path.join(pin_root, name)
+    if not os.path.exists(path):
+        raise NotFoundError(f"pinned map {path}", "open",
+                            detail="no datapath under this pin root (run `tuplet apply` first)")
+    return Map.from_pin(path)

@@ -1,0 +1,116 @@
+"""Python views of the structs the datapath shares with user space.
+
+Defined once here and checked against the BTF of the built objects by
+``tests/test_layouts.py`` (sizes, offsets, bitfield positions), so the C and
+Python sides cannot drift apart silently.
+"""
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import socket
+
+# Tuple flags (conntrack_types.h).
+TUPLE_F_OUT = 0
+TUPLE_F_IN = 1
+TUPLE_F_RELATED = 2
+TUPLE_F_SERVICE = 4
+
+# ct_entry flag word bits, in order, with the names `ct list` prints.
+CT_FLAG_BITS: tuple[tuple[str, str], ...] = (
+    ("rx_closing", "RxClosing"),
+    ("tx_closing", "TxClosing"),
+    ("reserved1", ""),
+    ("lb_loopback", "LBLoopback"),
+    ("seen_non_syn", "SeenNonSyn"),
+    ("node_port", "NodePort"),
+    ("proxy_redirect", "ProxyRedirect"),
+    ("dsr_internal", "DSRInternal"),
+    ("from_l7lb", "FromL7LB"),
+    ("reserved2", ""),
+    ("from_tunnel", "FromTunnel"),
+)
+
+
+class CtTuple4(ctypes.Structure):
+    """struct ipv4_ct_tuple: addresses name the reply direction, ports the original."""
+
+    _pack_ = 1
+    _fields_ = [
+        ("daddr", ctypes.c_uint32),   # network byte order
+        ("saddr", ctypes.c_uint32),
+        ("dport", ctypes.c_uint16),   # network byte order
+        ("sport", ctypes.c_uint16),
+        ("nexthdr", ctypes.c_uint8),
+        ("flags", ctypes.c_uint8),
+    ]
+
+    @classmethod
+    def make(cls, daddr: str, saddr: str, dport: int, sport: int, nexthdr: int, flags: int) -> "CtTuple4":
+        return cls(ip_to_be32(daddr), ip_to_be32(saddr), socket.htons(dport), socket.htons(sport),
+                   nexthdr, flags)
+
+
+class CtEntry(ctypes.Structure):
+    """struct ct_entry (56 bytes)."""
+
+    _fields_ = [
+        ("reserved0", ctypes.c_uint64),
+        ("backend_id", ctypes.c_uint64),
+        ("packets", ctypes.c_uint64),
+        ("bytes", ctypes.c_uint64),
+        ("lifetime", ctypes.c_uint32),
+        *[(name, ctypes.c_uint16, 1) for name, _ in CT_FLAG_BITS],
+        ("reserved3", ctypes.c_uint16, 5),
+        ("rev_nat_index", ctypes.c_uint16),
+        ("ifindex", ctypes.c_uint16),
+        ("tx_flags_seen", ctypes.c_uint8),
+        ("rx_flags_seen", ctypes.c_uint8),
+        ("src_sec_id", ctypes.c_uint32),
+        ("last_tx_report", ctypes.c_uint32),
+        ("last_rx_report", ctypes.c_uint32),
+    ]
+
+    @property
+    def flag_word(self) -> int:
+        """The flag bits as the 16-bit word `ct list` prints."""
+        raw = bytes(self)[CT_FLAGS_OFFSET:CT_FLAGS_OFFSET + 2]
+        return int.from_bytes(raw, "little")
+
+    @property
+    def flag_names(self) -> list[str]:
+        return [label for name, label in CT_FLAG_BITS if label and getattr(self, name)]
+
+
+CT_FLAGS_OFFSET = CtEntry.lifetime.offset + 4
+
+
+class EndpointInfo(ctypes.Structure):
+    """struct endpoint_info: value of the endpoint map, keyed by the pod's be32 address."""
+
+    _fields_ = [
+        ("ifindex", ctypes.c_uint32),
+        ("sec_id", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+    ]
+
+
+class MetricsValue(ctypes.Structure):
+    """struct metrics_value: one CPU's counters of one reason and direction."""
+
+    _fields_ = [("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64)]
+
+
+def ip_to_be32(addr: str) -> int:
+    """An IPv4 address as the u32 whose in-memory bytes are in network order."""
+    return int.from_bytes(ipaddress.IPv4Address(addr).packed, "little")
+
+
+def be32_to_ip(v: int) -> str:
+    return str(ipaddress.IPv4Address(v.to_bytes(4, "little")))
+
+
+def be16(v: int) -> int:
+    """A port as stored (network order in memory) to host order, and back."""
+    return socket.ntohs(v)

@@ -1,0 +1,56 @@
+"""What tuplet attached, kept across runs so teardown and re-apply know what is theirs.
+
+Pins live on bpffs, which holds only BPF objects; this record lives in /run (like
+bpffs, it goes away at reboot, together with the attachments it describes).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .links import Attachment
+
+STATE_DIR = Path(os.environ.get("TUPLET_STATE_DIR", "/run/tuplet"))
+
+
+@dataclass
+class NodeState:
+    pin_root: str
+    netns: str | None = None
+    attachments: list[Attachment] = field(default_factory=list)
+    endpoints: dict[str, str] = field(default_factory=dict)   # ipv4 -> ifname
+
+    def to_json(self) -> dict[str, object]:
+        return {"pin_root": self.pin_root, "netns": self.netns,
+                "attachments": [a.to_json() for a in self.attachments],
+                "endpoints": self.endpoints}
+
+
+def state_path(pin_root: str) -> Path:
+    name = pin_root.strip("/").replace("/", "_") or "root"
+    return STATE_DIR / f"{name}.json"
+
+
+def load(pin_root: str) -> NodeState | None:
+    p = state_path(pin_root)
+    try:
+        d = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    return NodeState(pin_root=d["pin_root"], netns=d.get("netns"),
+                     attachments=[Attachment.from_json(a) for a in d.get("attachments", [])],
+                     endpoints=dict(d.get("endpoints", {})))
+
+
+def save(st: NodeState) -> None:
+    p = state_path(st.pin_root)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(".tmp")
+    tmp.write_text(json.dumps(st.to_json(), indent=2), encoding="utf-8")
+    os.replace(tmp, p)
+
+
+def remove(pin_root: str) -> None:
+    state_path(pin_root).unlink(missing_ok=True)

@@ -1,0 +1,44 @@
+"""Shared fixtures: built objects, BPF_PROG_TEST_RUN harness, pin roots, namespaces."""
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "loader"))
+
+from tuplet import bpffs  # noqa: E402
+from tuplet.datapath import object_dir  # noqa: E402
+
+from lxc_harness import LxcHarness  # noqa: E402
+
+TEST_PIN_BASE = "/sys/fs/bpf/tuplet/test"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if os.geteuid() != 0:
+        pytest.exit("tuplet's tests load BPF programs and create namespaces: run them as root", 2)
+    missing = [o for o in ("bpf_lxc.o",) if not (object_dir() / o).exists()]
+    if missing:
+        pytest.exit(f"BPF objects missing in {object_dir()}: {missing}; run `make` first", 2)
+
+
+@pytest.fixture
+def pin_root() -> str:
+    """A fresh pin root below the project's own, removed afterwards."""
+    bpffs.ensure_mounted()
+    root = f"{TEST_PIN_BASE}/{uuid.uuid4().hex[:8]}"
+    yield root
+    bpffs.remove_tree(root)
+
+
+@pytest.fixture
+def lxc() -> LxcHarness:
+    """bpf_lxc.o loaded without pins, maps empty, clock controllable."""
+    h = LxcHarness.load()
+    yield h
+    h.close()
