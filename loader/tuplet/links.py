@@ -77,7 +77,8 @@ def ifindex_of(ifname: str) -> int:
 
 
 def link_pin_path(pin_root: str, ifname: str, hook: Hook) -> str:
-    return os.path.join(pin_root, "links", f"{ifname}.{hook.value}")
+    # bpffs refuses dots in names
+    return os.path.join(pin_root, "links", f"{ifname}-{hook.value}")
 
 
 # --- TCX ----------------------------------------------------------------------------------------

@@ -1,0 +1,53 @@
+"""The Python views of shared structs agree with the BTF of the built objects."""
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+
+from tuplet.btf import load_btf_from_elf
+from tuplet.datapath import OBJ_LXC, object_dir
+from tuplet.layouts import CT_FLAG_BITS, CtEntry, CtTuple4, EndpointInfo, MetricsValue
+from tuplet.metrics import reason_names
+
+
+@pytest.fixture(scope="module")
+def btf():
+    return load_btf_from_elf(object_dir() / OBJ_LXC)
+
+
+def bit_offset(cls: type[ctypes.Structure], name: str) -> tuple[int, int]:
+    """(bit offset, bit size) of a ctypes field, bitfields included."""
+    f = getattr(cls, name)
+    if f.size > 0xFFFF:   # ctypes packs bitfields as (bit size << 16) | bit offset
+        return f.offset * 8 + (f.size & 0xFFFF), f.size >> 16
+    return f.offset * 8, 0
+
+
+@pytest.mark.parametrize("cls,cname", [(CtTuple4, "ipv4_ct_tuple"), (CtEntry, "ct_entry"),
+                                       (EndpointInfo, "endpoint_info"), (MetricsValue, "metrics_value")])
+def test_struct_matches_btf(btf, cls, cname) -> None:
+    layout = btf.struct_layout(cname)
+    assert ctypes.sizeof(cls) == layout.size
+    py_names = [f[0] for f in cls._fields_]
+    assert py_names == [m.name for m in layout.members]
+    for m in layout.members:
+        assert bit_offset(cls, m.name) == (m.bit_offset, m.bit_size), m.name
+
+
+def test_ct_flag_bits_in_order(btf) -> None:
+    layout = btf.struct_layout("ct_entry")
+    lifetime_end = layout.member("lifetime").bit_offset + 32
+    for i, (name, _) in enumerate(CT_FLAG_BITS):
+        assert layout.member(name).bit_offset == lifetime_end + i
+
+
+def test_reference_sizes() -> None:
+    assert ctypes.sizeof(CtTuple4) == 14 and ctypes.sizeof(CtEntry) == 56
+
+
+def test_reason_names_from_btf() -> None:
+    names = reason_names(str(object_dir() / OBJ_LXC))
+    assert names[0] == "PASS_CT_NEW"
+    assert names[130] == "DROP_CT_INSERT_FAILED"
+    assert all(n.startswith(("PASS_", "DROP_")) for n in names.values())
