@@ -113,11 +113,8 @@ def _apply(cfg: NodeConfig) -> ApplyResult:
                     made.append(att)
                 attachments.append(att)
     except BaseException:
-        for att in reversed(made):
-            with contextlib.suppress(TupletError, OSError):
-                detach(att)
-                if att.created_clsact:
-                    tc_destroy_clsact(att.ifname)
+        with contextlib.suppress(TupletError, OSError):
+            _remove_attachments(list(reversed(made)))
         for p in new_pins:
             with contextlib.suppress(OSError):
                 os.unlink(p)
@@ -125,13 +122,14 @@ def _apply(cfg: NodeConfig) -> ApplyResult:
         raise
     coll.close()
 
-    keep = {(a.ifname, a.hook) for a in attachments}
-    for a in old.attachments:
-        if (a.ifname, a.hook) not in keep:
-            _remove_attachment(a)
-    created_before = {a.ifname for a in old.attachments if a.created_clsact}
+    # Attachments this configuration no longer has, or now has in the other mode (the new
+    # one is in place already, so the hook is never without a program).
+    keep = {(a.ifname, a.hook, a.mode) for a in attachments}
+    _remove_attachments([a for a in old.attachments if (a.ifname, a.hook, a.mode) not in keep],
+                        keep_clsact={a.ifname for a in attachments if a.mode is AttachMode.TC})
+    created = {a.ifname for a in [*old.attachments, *attachments] if a.created_clsact}
     for a in attachments:
-        if a.ifname in created_before:
+        if a.mode is AttachMode.TC and a.ifname in created:
             a.created_clsact = True
     state.save(state.NodeState(pin_root=pin_root, netns=cfg.netns, attachments=attachments,
                                endpoints={e.ipv4: e.ifname for e in cfg.endpoints}))
@@ -159,11 +157,13 @@ def _sync_endpoints(coll: Collection, cfg: NodeConfig) -> None:
             epmap.delete(key)
 
 
-def _remove_attachment(a: Attachment) -> None:
-    with contextlib.suppress(NotFoundError):
-        detach(a)
-    if a.created_clsact and a.mode is AttachMode.TC:
-        tc_destroy_clsact(a.ifname)
+def _remove_attachments(atts: list[Attachment], keep_clsact: set[str] = frozenset()) -> None:
+    """Detach; then remove the clsact qdiscs tuplet created that nothing of tuplet's still uses."""
+    for a in atts:
+        with contextlib.suppress(NotFoundError):
+            detach(a)
+    for ifname in sorted({a.ifname for a in atts if a.created_clsact} - set(keep_clsact)):
+        tc_destroy_clsact(ifname)
 
 
 def teardown(pin_root: str, netns_name: str | None = None, keep_maps: bool = False) -> list[Attachment]:
@@ -176,9 +176,8 @@ def teardown(pin_root: str, netns_name: str | None = None, keep_maps: bool = Fal
     if ns and not netns.exists(ns):
         ns = None  # the namespace (and every device in it) is gone already
     with in_node_netns(ns):
-        for a in (st.attachments if st else []):
-            _remove_attachment(a)
-            removed.append(a)
+        removed = list(st.attachments) if st else []
+        _remove_attachments(removed)
     links_dir = Path(pin_root) / "links"
     if links_dir.exists():
         bpffs.remove_tree(links_dir)   # pinned links tuplet has no record of

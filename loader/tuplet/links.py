@@ -17,6 +17,7 @@ from enum import Enum
 from pathlib import Path
 
 import structlog
+from pyroute2 import IPRoute
 
 from . import _libbpf as C
 from .errors import NotFoundError, NotSupportedError, TupletError
@@ -136,16 +137,23 @@ def _tc_hook(ifindex: int, hook: Hook) -> ctypes.Structure:
     return opts(C.bpf_tc_hook, ifindex=ifindex, attach_point=point)
 
 
+def has_clsact(ifindex: int) -> bool:
+    """True when the device has a clsact qdisc (current network namespace)."""
+    with IPRoute() as ipr:
+        return any(q.get_attr("TCA_KIND") == "clsact" for q in ipr.get_qdiscs(index=ifindex))
+
+
 def tc_attach(prog: Program, ifname: str, hook: Hook) -> Attachment:
     """Attach as a direct-action cls_bpf filter in clsact, replacing tuplet's previous one."""
     ifindex = ifindex_of(ifname)
     h = _tc_hook(ifindex, hook)
     created = False
-    ret = C.bpf_tc_hook_create(ctypes.byref(h))
-    if ret == 0:
-        created = True
-    elif errno_of(ret) != errno.EEXIST:
-        check(ret, f"interface {ifname}", "create clsact qdisc")
+    if not has_clsact(ifindex):
+        ret = C.bpf_tc_hook_create(ctypes.byref(h))
+        if ret == 0:
+            created = True
+        elif errno_of(ret) != errno.EEXIST:
+            check(ret, f"interface {ifname}", "create clsact qdisc")
     o = opts(C.bpf_tc_opts, prog_fd=prog.fd, handle=TC_HANDLE, priority=TC_PRIORITY,
              flags=C.BPF_TC_F_REPLACE)
     check(C.bpf_tc_attach(ctypes.byref(h), ctypes.byref(o)), f"interface {ifname}", f"tc attach {hook.value}")
@@ -159,6 +167,8 @@ def tc_detach(att: Attachment) -> None:
         ifindex = ifindex_of(att.ifname)
     except NotFoundError:
         return  # device gone: its qdisc and filters went with it
+    if not has_clsact(ifindex):
+        return  # qdisc gone: its filters went with it
     h = _tc_hook(ifindex, att.hook)
     o = opts(C.bpf_tc_opts, handle=TC_HANDLE, priority=TC_PRIORITY)
     ret = C.bpf_tc_detach(ctypes.byref(h), ctypes.byref(o))
@@ -181,6 +191,8 @@ def tc_destroy_clsact(ifname: str) -> None:
 
 def tc_has_filter(ifname: str, hook: Hook) -> bool:
     """True when tuplet's filter is on the hook."""
+    if not has_clsact(ifindex_of(ifname)):
+        return False
     h = _tc_hook(ifindex_of(ifname), hook)
     o = opts(C.bpf_tc_opts, handle=TC_HANDLE, priority=TC_PRIORITY)
     return C.bpf_tc_query(ctypes.byref(h), ctypes.byref(o)) == 0

@@ -1,0 +1,241 @@
+"""The datapath attached to real veths in namespaces, with real sockets between pods."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from traffic import LiveConnection, start_server, tcp_once, udp_once
+from tuplet import cli, config, ct, datapath, netns, state
+from tuplet.errors import ConfigError, IncompatiblePinError, NotFoundError
+from tuplet.links import AttachMode, Hook, tc_has_filter
+from tuplet.topology import Topology
+
+pytestmark = pytest.mark.netns
+
+POD1, POD2 = "10.64.0.36", "10.64.0.64"
+
+
+@pytest.fixture
+def topo():
+    with Topology() as t:
+        node = t.add_node("node")
+        t.add_pod(node, "pod1", POD1)
+        t.add_pod(node, "pod2", POD2)
+        t.node = node
+        t.p1, t.p2 = node.pods
+        yield t
+
+
+def node_config(topo, pin_root: str, mode: str = "auto", tcp_max: int = 8192, extra: str = "") -> str:
+    return textwrap.dedent(f"""
+        [node]
+        name = "test"
+        netns = "{topo.node.netns}"
+        pin_root = "{pin_root}"
+        attach_mode = "{mode}"
+
+        [[endpoints]]
+        name = "pod1"
+        ifname = "{topo.p1.host_ifname}"
+        ipv4 = "{POD1}"
+        identity = 3096
+
+        [[endpoints]]
+        name = "pod2"
+        ifname = "{topo.p2.host_ifname}"
+        ipv4 = "{POD2}"
+        identity = 4122
+
+        [conntrack]
+        tcp_max = {tcp_max}
+        any_max = 4096
+        {extra}
+    """)
+
+
+@pytest.fixture
+def applied(topo, pin_root):
+    created = []
+
+    def apply(mode: str = "auto", **kw) -> config.NodeConfig:
+        cfg = config.parse(node_config(topo, pin_root, mode, **kw))
+        datapath.apply(cfg)
+        created.append(cfg)
+        return cfg
+
+    yield apply
+    if created:
+        datapath.teardown(pin_root)
+
+
+def ct_lines(pin_root: str) -> list[ct.CtRecord]:
+    out = []
+    for name in ct.CT_MAPS:
+        with datapath.open_pinned(pin_root, name) as m:
+            out.extend(ct.records(m))
+    return out
+
+
+def find(recs, proto: str, direction: str, related: bool = False, sport: int | None = None):
+    hits = [r for r in recs if r.proto == proto and r.direction == direction and r.related == related
+            and (sport is None or r.src[1] == sport)]
+    assert len(hits) == 1, [r.line() for r in recs]
+    return hits[0]
+
+
+@pytest.mark.parametrize("mode", ["tcx", "tc"])
+def test_pod_to_pod_entries_as_in_seed(topo, applied, pin_root, mode) -> None:
+    applied(mode)
+    st = state.load(pin_root)
+    assert {a.mode for a in st.attachments} == {AttachMode(mode)}
+    assert len(st.attachments) == 4
+    if mode == "tc":
+        with netns.enter(topo.node.netns):
+            assert tc_has_filter(topo.p1.host_ifname, Hook.INGRESS)
+            assert tc_has_filter(topo.p2.host_ifname, Hook.EGRESS)
+    else:
+        assert sorted(os.listdir(Path(pin_root) / "links")) == sorted(
+            f"{p.host_ifname}-{h}" for p in (topo.p1, topo.p2) for h in ("ingress", "egress"))
+
+    srv = start_server(topo, topo.p2, 8000)
+    conn = LiveConnection(topo, topo.p1, POD2, 8000)
+    assert conn.roundtrip("hello") == "hello"
+    conn.close()
+    udp_once(topo, topo.p1, POD2, 8000, 40001)
+    topo.run(topo.p1, ["ping", "-c", "1", POD2], check=True, capture_output=True)
+    time.sleep(0.3)   # the final ACK of the close
+    srv.kill()
+
+    recs = ct_lines(pin_root)
+    out = find(recs, "TCP", "OUT", sport=conn.sport)
+    inn = find(recs, "TCP", "IN", sport=conn.sport)
+    for r in (out, inn):
+        line = r.line()
+        assert line.startswith(f"TCP {r.direction} {POD1}:{conn.sport} -> {POD2}:8000 expires=")
+        assert "RxFlagsSeen=0x1b" in line and "TxFlagsSeen=0x1b" in line
+        assert "Flags=0x0013 [ RxClosing TxClosing SeenNonSyn ] RevNAT=0 SourceSecurityID=3096" in line
+        assert r.entry.lifetime == max(r.entry.last_rx_report, r.entry.last_tx_report) + 10
+        assert r.entry.packets >= 6
+    u = find(recs, "UDP", "OUT", sport=40001)
+    assert u.dst == (POD2, 8000) and u.entry.packets == 2 and u.entry.src_sec_id == 3096
+    find(recs, "UDP", "IN", sport=40001)
+    find(recs, "ICMP", "OUT", related=True)
+    find(recs, "ICMP", "IN", related=True)
+    assert len([r for r in recs if r.proto == "ICMP" and not r.related]) == 2   # echo OUT + IN
+
+
+def test_reload_keeps_entries_and_connections(topo, applied, pin_root) -> None:
+    applied("tcx")
+    srv = start_server(topo, topo.p2, 8000)
+    conn = LiveConnection(topo, topo.p1, POD2, 8000)
+    assert conn.roundtrip("before") == "before"
+    before = find(ct_lines(pin_root), "TCP", "OUT", sport=conn.sport)
+
+    applied("tcx")   # reload: maps reused through their pins, programs swapped in the links
+    after = find(ct_lines(pin_root), "TCP", "OUT", sport=conn.sport)
+    assert after.entry.packets == before.entry.packets
+    assert conn.roundtrip("after") == "after"
+    again = find(ct_lines(pin_root), "TCP", "OUT", sport=conn.sport)
+    assert again.entry.packets > before.entry.packets
+    assert again.entry.lifetime >= before.entry.lifetime
+    conn.close()
+    srv.kill()
+
+
+def test_switching_tcx_to_tc_and_back(topo, applied, pin_root) -> None:
+    applied("tcx")
+    srv = start_server(topo, topo.p2, 8000)
+    applied("tc")
+    tcp_once(topo, topo.p1, POD2, 8000)
+    # A TCX link and a TC filter would each track: one attachment per hook only.
+    assert not (Path(pin_root) / "links").exists() or not os.listdir(Path(pin_root) / "links")
+    applied("tcx")
+    with netns.enter(topo.node.netns):
+        assert not tc_has_filter(topo.p1.host_ifname, Hook.INGRESS)
+    tcp_once(topo, topo.p1, POD2, 8000)
+    srv.kill()
+
+
+def test_missing_interface_changes_nothing(topo, pin_root) -> None:
+    text = node_config(topo, pin_root).replace(topo.p2.host_ifname, "lxc-nothere")
+    with pytest.raises(NotFoundError, match="lxc-nothere.*nothing was changed"):
+        datapath.apply(config.parse(text))
+    assert state.load(pin_root) is None
+    assert not any(Path(pin_root).iterdir()) if Path(pin_root).exists() else True
+    with netns.enter(topo.node.netns):
+        assert not tc_has_filter(topo.p1.host_ifname, Hook.INGRESS)
+
+
+def test_incompatible_pin_is_refused_and_running_datapath_kept(topo, applied, pin_root) -> None:
+    applied("tcx", tcp_max=4096)
+    srv = start_server(topo, topo.p2, 8000)
+    conn = LiveConnection(topo, topo.p1, POD2, 8000)
+    conn.roundtrip("x")
+    with pytest.raises(IncompatiblePinError, match="max entries: pinned 4096, wanted 8192"):
+        datapath.apply(config.parse(node_config(topo, pin_root, "tcx", tcp_max=8192)))
+    assert conn.roundtrip("still") == "still"
+    find(ct_lines(pin_root), "TCP", "OUT", sport=conn.sport)
+    conn.close()
+    srv.kill()
+
+
+def test_missing_netns_is_a_clear_error(pin_root, tmp_path, capsys) -> None:
+    cfg = tmp_path / "n.toml"
+    cfg.write_text(f'[node]\nnetns = "tpl-no-such-ns"\npin_root = "{pin_root}"\n')
+    assert cli.main(["apply", str(cfg)]) == 1
+    assert "network namespace 'tpl-no-such-ns'" in capsys.readouterr().err
+
+
+def test_teardown_leaves_nothing(topo, pin_root) -> None:
+    for mode in ("tcx", "tc"):
+        datapath.apply(config.parse(node_config(topo, pin_root, mode)))
+        datapath.teardown(pin_root)
+        assert not Path(pin_root).exists()
+        assert state.load(pin_root) is None
+        with netns.enter(topo.node.netns):
+            for p in (topo.p1, topo.p2):
+                assert not tc_has_filter(p.host_ifname, Hook.INGRESS)
+                assert not tc_has_filter(p.host_ifname, Hook.EGRESS)
+        qd = subprocess.run(["ip", "-n", topo.node.netns, "-j", "qdisc", "show"], capture_output=True, text=True)
+        assert "clsact" not in qd.stdout
+        deadline = time.time() + 5
+        while _our_programs_loaded() and time.time() < deadline:
+            time.sleep(0.1)
+        assert not _our_programs_loaded(), "a cil_* program is still loaded after teardown"
+
+
+def _our_programs_loaded() -> bool:
+    out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True, check=True)
+    return any(p.get("name") in ("cil_from_contai", "cil_from_container", "cil_to_container")
+               for p in json.loads(out.stdout))
+
+
+def test_cli_apply_list_teardown(topo, pin_root, tmp_path, capsys) -> None:
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(node_config(topo, pin_root, "tcx"))
+    assert cli.main(["apply", str(cfg)]) == 0
+    srv = start_server(topo, topo.p2, 8000)
+    tcp_once(topo, topo.p1, POD2, 8000)
+    srv.kill()
+    capsys.readouterr()
+    assert cli.main(["--pin-root", pin_root, "ct", "list", "-o", "json"]) == 0
+    recs = json.loads(capsys.readouterr().out)
+    assert {(r["proto"], r["direction"]) for r in recs} >= {("TCP", "OUT"), ("TCP", "IN")}
+    assert cli.main(["--pin-root", pin_root, "ct", "list", "--time-diff"]) == 0
+    assert "(remaining: " in capsys.readouterr().out
+    assert cli.main(["--config", str(cfg), "teardown"]) == 0
+    assert not Path(pin_root).exists()
+
+
+def test_bad_config_names_the_key(tmp_path, capsys) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text('[[endpoints]]\nifname = "lxc1"\nipv4 = "10.0.0.300"\n')
+    assert cli.main(["apply", str(cfg)]) == 2
+    assert "endpoints[0].ipv4" in capsys.readouterr().err

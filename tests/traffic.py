@@ -1,0 +1,89 @@
+"""Real sockets inside test namespaces: an echo server and a client driven over stdin."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+from tuplet.topology import Pod, Topology
+
+ECHO_SERVER = textwrap.dedent("""
+    import socket, sys, threading
+    port = int(sys.argv[1])
+    t = socket.socket(); t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    t.bind(("0.0.0.0", port)); t.listen(64)
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(("0.0.0.0", port))
+    def tcp_conn(c):
+        with c:
+            while (d := c.recv(4096)):
+                c.sendall(d)
+    def udp_loop():
+        while True:
+            d, peer = u.recvfrom(4096); u.sendto(d, peer)
+    threading.Thread(target=udp_loop, daemon=True).start()
+    print("ready", flush=True)
+    while True:
+        c, _ = t.accept(); threading.Thread(target=tcp_conn, args=(c,), daemon=True).start()
+""")
+
+# One TCP connection kept open; each stdin line is sent and its echo printed.
+# Prints "port N" (the local port) first.
+TCP_CLIENT = textwrap.dedent("""
+    import socket, sys
+    s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+    print("port", s.getsockname()[1], flush=True)
+    for line in sys.stdin:
+        s.sendall(line.encode()); print(s.recv(4096).decode().strip(), flush=True)
+""")
+
+UDP_ONCE = textwrap.dedent("""
+    import socket, sys
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(5)
+    u.bind(("0.0.0.0", int(sys.argv[3])))
+    u.sendto(b"ping", (sys.argv[1], int(sys.argv[2]))); print(u.recvfrom(100)[0].decode())
+""")
+
+TCP_ONCE = textwrap.dedent("""
+    import socket, sys
+    s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+    s.sendall(b"hello"); assert s.recv(100) == b"hello"; s.close(); print("ok")
+""")
+
+
+def start_server(topo: Topology, pod: Pod, port: int) -> subprocess.Popen[str]:
+    p = topo.popen(pod, [sys.executable, "-c", ECHO_SERVER, str(port)], stdout=subprocess.PIPE, text=True)
+    assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+    return p
+
+
+class LiveConnection:
+    """A TCP connection that stays open while the test reloads or restarts things."""
+
+    def __init__(self, topo: Topology, pod: Pod, dst: str, port: int) -> None:
+        self.proc = topo.popen(pod, [sys.executable, "-c", TCP_CLIENT, dst, str(port)],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        first = self.proc.stdout.readline().split()
+        assert first[:1] == ["port"], f"client failed to connect: {first}"
+        self.sport = int(first[1])
+
+    def roundtrip(self, text: str) -> str:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(text + "\n")
+        self.proc.stdin.flush()
+        return self.proc.stdout.readline().strip()
+
+    def close(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        self.proc.wait(timeout=5)
+
+
+def tcp_once(topo: Topology, pod: Pod, dst: str, port: int) -> None:
+    r = topo.run(pod, [sys.executable, "-c", TCP_ONCE, dst, str(port)], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def udp_once(topo: Topology, pod: Pod, dst: str, port: int, sport: int) -> None:
+    r = topo.run(pod, [sys.executable, "-c", UDP_ONCE, dst, str(port), str(sport)], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "ping", r.stderr
