@@ -67,6 +67,7 @@ $(BUILD)/%.o: bench/%.bpf.c $(BPF_HDRS) vmlinux/vmlinux.h | $(BUILD)/.deps
 	$(Q)$(CLANG) $(BPF_CFLAGS) -c $< -o $@
 
 -include ci/bindings.mk
+bindings: venv
 
 test: build venv
 	$(VENV_PY) -m pytest $(PYTEST_ARGS)
