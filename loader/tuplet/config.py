@@ -128,8 +128,8 @@ def parse(text: str, source: str = "<string>") -> NodeConfig:
         raise ConfigError("node.attach_mode", f"must be one of auto, tcx, tc; got {mode!r}") from None
 
     endpoints = tuple(_endpoint(e, i) for i, e in enumerate(_array(doc, "endpoints")))
-    _unique(endpoints, "name", "endpoints")
     _unique(endpoints, "ifname", "endpoints")
+    _unique(endpoints, "name", "endpoints")
     _unique(endpoints, "ipv4", "endpoints")
     devices = tuple(_device(d, i) for i, d in enumerate(_array(doc, "devices")))
     _unique(devices, "ifname", "devices")
