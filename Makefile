@@ -56,7 +56,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml | $(BUILD)/.deps
 vmlinux: vmlinux/vmlinux.h
 vmlinux/vmlinux.h: | $(BUILD)/.deps
 	$(call msg,BTF,$@)
-	$(Q)$(BPFTOOL) btf dump file /sys/kernel/btf/vmlinux format c > $@
+	$(Q)mkdir -p $(@D) && $(BPFTOOL) btf dump file /sys/kernel/btf/vmlinux format c > $@
 
 $(BUILD)/%.o: bpf/%.c $(BPF_HDRS) vmlinux/vmlinux.h | $(BUILD)/.deps
 	$(call msg,CLANG,$@)
