@@ -209,6 +209,20 @@ static __always_inline void ct_tuple_reverse4(struct ipv4_ct_tuple *t)
 	t->sport = p;
 }
 
+/* One lookup: on a hit, update the entry for this packet and report `status`. */
+static __always_inline int __ct_lookup4(void *map, const struct ipv4_ct_tuple *tuple, bool is_tcp,
+					enum ct_dir dir, enum ct_action action, __u8 flags,
+					__u32 len, int status, struct ct_state *st)
+{
+	struct ct_entry *e = bpf_map_lookup_elem(map, tuple);
+
+	if (!e)
+		return CT_NEW;
+	status = ct_entry_hit(e, is_tcp, dir, action, flags, len, status);
+	ct_state_fill(st, e);
+	return status;
+}
+
 /* Look a packet up. Fills tuple with the flow's key in the packet's own
  * direction (ready for ct_create4 on CT_NEW), st with what the entry holds.
  * Returns a ct_status.
@@ -219,8 +233,8 @@ static __always_inline int ct_lookup4(struct ipv4_ct_tuple *tuple, const struct 
 	bool is_tcp = p->proto == IPPROTO_TCP;
 	enum ct_action action = ACTION_UNSPEC;
 	__u8 related = 0, flags = 0;
-	struct ct_entry *e;
 	void *map = ct_map4(p->proto);
+	int ret;
 
 	tuple->daddr = p->daddr;
 	tuple->saddr = p->saddr;
@@ -252,24 +266,15 @@ static __always_inline int ct_lookup4(struct ipv4_ct_tuple *tuple, const struct 
 
 	/* Reply direction first: a reply or related packet takes precedence. */
 	tuple->flags = (dir == CT_INGRESS ? TUPLE_F_OUT : TUPLE_F_IN) | related;
-	e = bpf_map_lookup_elem(map, tuple);
-	if (e) {
-		int status = ct_entry_hit(e, is_tcp, dir, action, flags, len,
-					  related ? CT_RELATED : CT_REPLY);
-		ct_state_fill(st, e);
-		return status;
-	}
+	ret = __ct_lookup4(map, tuple, is_tcp, dir, action, flags, len,
+			   related ? CT_RELATED : CT_REPLY, st);
+	if (ret != CT_NEW)
+		return ret;
 
 	ct_tuple_reverse4(tuple);
 	tuple->flags = (dir == CT_INGRESS ? TUPLE_F_IN : TUPLE_F_OUT) | related;
-	e = bpf_map_lookup_elem(map, tuple);
-	if (e) {
-		int status = ct_entry_hit(e, is_tcp, dir, action, flags, len,
-					  related ? CT_RELATED : CT_ESTABLISHED);
-		ct_state_fill(st, e);
-		return status;
-	}
-	return CT_NEW;
+	return __ct_lookup4(map, tuple, is_tcp, dir, action, flags, len,
+			    related ? CT_RELATED : CT_ESTABLISHED, st);
 }
 
 /* Create the entry for tuple (as left by ct_lookup4) and, for endpoint
