@@ -66,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     cl.add_argument("-o", "--output", choices=["text", "json"], default="text")
     cl.add_argument("--map", choices=["all", "tcp", "any"], default="all", help="which table")
     cl.set_defaults(func=cmd_ct_list)
+    cg = csub.add_parser("gc", help="run one garbage-collection pass and print what it did")
+    cg.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    cg.set_defaults(func=cmd_ct_gc)
     cf = csub.add_parser("flush", help="delete every conntrack entry")
     cf.set_defaults(func=cmd_ct_flush)
 
@@ -130,6 +133,26 @@ def cmd_ct_list(args: argparse.Namespace) -> int:
     else:
         for r in recs:
             print(r.line(now))
+    return 0
+
+
+def cmd_ct_gc(args: argparse.Namespace) -> int:
+    from contextlib import ExitStack
+
+    from .gc import gc_pass
+
+    root = _pin_root(args)
+    with ExitStack() as stack:
+        maps = [stack.enter_context(datapath.open_pinned(root, n)) for n in ct.CT_MAPS]
+        res = gc_pass(maps)
+    if args.output == "json":
+        json.dump({"duration_s": res.duration, "maps": [m.__dict__ for m in res.maps]}, sys.stdout, indent=2)
+        print()
+        return 0
+    for m in res.maps:
+        print(f"{m.map:<16} alive={m.alive} deleted={m.deleted} kept_refreshed={m.kept_refreshed} "
+              f"max_entries={m.max_entries}")
+    print(f"gc pass: {res.deleted} deleted, {res.alive} alive in {res.duration * 1000:.1f} ms")
     return 0
 
 

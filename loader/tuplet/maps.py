@@ -9,7 +9,10 @@ import ctypes
 import errno
 import os
 from dataclasses import dataclass
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
+
+if TYPE_CHECKING:
+    from .btf import Btf
 
 from . import _libbpf as C
 from .errors import NotFoundError, TupletError
@@ -45,6 +48,8 @@ class MapInfo:
     max_entries: int
     flags: int
     btf_id: int
+    btf_key_type_id: int = 0
+    btf_value_type_id: int = 0
 
     @property
     def type_name(self) -> str:
@@ -89,6 +94,22 @@ class Map:
     @property
     def max_entries(self) -> int:
         return self.info.max_entries
+
+    def btf(self) -> "Btf":
+        """The BTF the map was created with (from the kernel, by id)."""
+        from .btf import Btf
+
+        if not self.info.btf_id:
+            raise NotFoundError(self.what, "get BTF", errno.ENOENT, "map has no BTF")
+        b = C.btf__load_from_kernel_by_id(self.info.btf_id)
+        if not b:
+            check(-ctypes.get_errno(), self.what, "load BTF")
+        try:
+            size = ctypes.c_uint32()
+            raw = C.btf__raw_data(b, ctypes.byref(size))
+            return Btf.from_bytes(ctypes.string_at(raw, size.value))
+        finally:
+            C.btf__free(b)
 
     def close(self) -> None:
         if self._fd is not None:
@@ -156,41 +177,46 @@ class Map:
 
     # --- batch operations ----------------------------------------------------------------------
 
-    def batches(self, chunk: int = 8192) -> Iterator[tuple[bytes, bytes, int]]:
-        """Read the whole map with BPF_MAP_LOOKUP_BATCH.
+    def batch_buffers(self, n: int) -> "BatchBuffers":
+        return BatchBuffers(self, n)
 
-        Yields ``(keys, values, count)`` with keys and values packed back to back. The
-        kernel answers ENOSPC when one hash bucket holds more entries than the buffer:
-        the buffer grows and the same batch is retried. ENOENT ends the walk (its
-        partial result is still yielded).
+    def lookup_batch(self, buf: "BatchBuffers", start: bytes | None) -> tuple[int, bytes | None]:
+        """One BPF_MAP_LOOKUP_BATCH from token ``start`` (None: the beginning) into buf.
+
+        Returns (count, next token or None at the end). When one hash bucket holds more
+        entries than buf, the kernel answers ENOSPC: buf grows and the call is retried.
         """
-        token_size = max(self.key_size, 8)
-        in_tok = ctypes.create_string_buffer(token_size)
-        out_tok = ctypes.create_string_buffer(token_size)
-        first = True
+        tok_size = buf.token_size
+        in_tok = ctypes.create_string_buffer(start, tok_size) if start is not None else None
+        out_tok = ctypes.create_string_buffer(tok_size)
         o = opts(C.bpf_map_batch_opts)
-        n = max(1, chunk)
-        keys = ctypes.create_string_buffer(self.key_size * n)
-        vals = ctypes.create_string_buffer(self.value_buf_size * n)
         while True:
-            count = ctypes.c_uint32(n)
-            ret = C.bpf_map_lookup_batch(self.fd, None if first else in_tok, out_tok, keys, vals,
+            count = ctypes.c_uint32(buf.n)
+            ret = C.bpf_map_lookup_batch(self.fd, in_tok, out_tok, buf.keys, buf.values,
                                          ctypes.byref(count), ctypes.byref(o))
             err = ctypes.get_errno() if ret < 0 else 0
-            if ret < 0 and err == errno.ENOSPC and count.value == 0:
-                n *= 2
-                keys = ctypes.create_string_buffer(self.key_size * n)
-                vals = ctypes.create_string_buffer(self.value_buf_size * n)
+            if err == errno.ENOSPC and count.value == 0:
+                buf.grow()
                 continue
             if ret < 0 and err not in (errno.ENOENT, errno.ENOSPC):
                 check(ret, self.what, "batch lookup")
-            c = count.value
+            return count.value, (None if err == errno.ENOENT else out_tok.raw)
+
+    def batches(self, chunk: int = 8192) -> Iterator[tuple[bytes, bytes, int]]:
+        """Read the whole map with BPF_MAP_LOOKUP_BATCH.
+
+        Yields ``(keys, values, count)`` with keys and values packed back to back. ENOSPC
+        grows the buffer (see :meth:`lookup_batch`); ENOENT ends the walk, its partial
+        result still yielded.
+        """
+        buf = self.batch_buffers(max(1, chunk))
+        token: bytes | None = None
+        while True:
+            c, token = self.lookup_batch(buf, token)
             if c:
-                yield keys.raw[: c * self.key_size], vals.raw[: c * self.value_buf_size], c
-            if ret < 0 and err == errno.ENOENT:
+                yield buf.keys.raw[: c * self.key_size], buf.values.raw[: c * self.value_buf_size], c
+            if token is None:
                 return
-            ctypes.memmove(in_tok, out_tok, token_size)
-            first = False
 
     def items(self, chunk: int = 8192) -> Iterator[tuple[bytes, bytes]]:
         """All (key, value) pairs, read in batches."""
@@ -234,10 +260,26 @@ class Map:
         return sum(c for _, _, c in self.batches())
 
 
+class BatchBuffers:
+    """Key and value buffers for batch lookups of one map; ``grow()`` doubles them."""
+
+    def __init__(self, m: Map, n: int) -> None:
+        self.map = m
+        self.token_size = max(m.key_size, 8)
+        self.n = 0
+        self.grow(n)
+
+    def grow(self, n: int | None = None) -> None:
+        self.n = n if n is not None else self.n * 2
+        self.keys = ctypes.create_string_buffer(self.map.key_size * self.n)
+        self.values = ctypes.create_string_buffer(self.map.value_buf_size * self.n)
+
+
 def map_info(fd: int) -> MapInfo:
     info = C.bpf_map_info()
     size = ctypes.c_uint32(ctypes.sizeof(info))
     check(C.bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)), f"map fd {fd}", "get info")
     return MapInfo(id=info.id, name=bytes(info.name).split(b"\0", 1)[0].decode(), type=info.type,
                    key_size=info.key_size, value_size=info.value_size,
-                   max_entries=info.max_entries, flags=info.map_flags, btf_id=info.btf_id)
+                   max_entries=info.max_entries, flags=info.map_flags, btf_id=info.btf_id,
+                   btf_key_type_id=info.btf_key_type_id, btf_value_type_id=info.btf_value_type_id)
