@@ -1,22 +1,24 @@
 """Conntrack garbage collection: one pass over both CT maps with batch operations.
 
 A pass reads each map with BPF_MAP_LOOKUP_BATCH in chunks, decides expiry over the
-raw chunk with numpy (the value dtype comes from the map's own BTF), re-reads the
-same buckets just before deleting so that an entry the datapath refreshed
+raw chunk with numpy (the value dtype comes from the map's own BTF), looks each
+candidate up again just before deleting so that an entry the datapath refreshed
 meanwhile survives, and deletes the rest with BPF_MAP_DELETE_BATCH. Memory is one
 chunk per map, whatever the map's size.
 
-(The re-read narrows the reference's race, where a whole pass separated read and
-delete, to the microseconds between one batch read and one batch delete.)
+(The re-check narrows the reference's race, where a whole pass separated read and
+delete, to the time between one chunk's re-check and its batch delete.)
 """
 from __future__ import annotations
 
+import ctypes
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import structlog
 
+from . import _libbpf as C
 from .ct import monotonic_now
 from .errors import TupletError
 from .maps import Map
@@ -85,18 +87,24 @@ def gc_map(m: Map, now: int | None = None, chunk: int = DEFAULT_CHUNK) -> MapGcS
 
 def _recheck_and_delete(m: Map, buf, token: bytes | None, candidates: np.ndarray, now: int,
                         vdt: np.dtype, kdt: np.dtype, stats: MapGcStats) -> int:
-    """Re-read the same buckets; delete the candidates that are still there and expired."""
-    count, _ = m.lookup_batch(buf, token)
-    keys = np.frombuffer(buf.keys, dtype=kdt, count=count)
-    still = keys[np.frombuffer(buf.values, dtype=vdt, count=count)["lifetime"] < now]
-    still_set = set(still.tobytes()[i:i + m.key_size] for i in range(0, len(still) * m.key_size, m.key_size))
-    raw = candidates.tobytes()
+    """Look each candidate up again; delete, in one batch, those still expired."""
     ks = m.key_size
-    final = [raw[i:i + ks] for i in range(0, len(raw), ks) if raw[i:i + ks] in still_set]
-    stats.kept_refreshed += len(candidates) - len(final)
-    if not final:
-        return 0
-    return m.delete_batch(b"".join(final), len(final))
+    raw = candidates.tobytes()
+    val = ctypes.create_string_buffer(m.value_size)
+    off = vdt.fields["lifetime"][1]
+    lookup = C.bpf_map_lookup_elem
+    fd = m.fd
+    final = bytearray()
+    kept = 0
+    for i in range(0, len(raw), ks):
+        k = raw[i:i + ks]
+        if lookup(fd, k, val) == 0 and int.from_bytes(val.raw[off:off + 4], "little") < now:
+            final += k
+        else:
+            kept += 1
+    stats.kept_refreshed += kept
+    n = len(final) // ks
+    return m.delete_batch(bytes(final), n) if n else 0
 
 
 def gc_pass(maps: list[Map], now: int | None = None, chunk: int = DEFAULT_CHUNK) -> GcResult:

@@ -225,6 +225,14 @@ class Map:
             for i in range(count):
                 yield keys[i * ks:(i + 1) * ks], vals[i * vs:(i + 1) * vs]
 
+    def update_batch(self, keys: bytes, values: bytes, count: int, flags: int = 0) -> None:
+        """Insert or update ``count`` packed key/value pairs with BPF_MAP_UPDATE_BATCH."""
+        n = ctypes.c_uint32(count)
+        o = opts(C.bpf_map_batch_opts, elem_flags=flags)
+        k = (ctypes.c_char * len(keys)).from_buffer_copy(keys)
+        v = (ctypes.c_char * len(values)).from_buffer_copy(values)
+        check(C.bpf_map_update_batch(self.fd, k, v, ctypes.byref(n), ctypes.byref(o)), self.what, "batch update")
+
     def delete_batch(self, keys: bytes, count: int) -> int:
         """Delete ``count`` packed keys with BPF_MAP_DELETE_BATCH.
 

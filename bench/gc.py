@@ -1,0 +1,144 @@
+#!/usr/bin/env python3
+"""Conntrack GC: four ways to clean a full map, side by side in one run.
+
+    .venv/bin/python bench/gc.py [--sizes 1048576,4194304] [--expired 0.1]
+
+For each size a real LRU CT map is filled (10% of entries expired), then, refilling
+the deleted entries before each method:
+  (a) walk: get_next_key + lookup per entry, delete per expired key (the old way)
+  (b) batch lookup, delete per expired key (the reference's current way)
+  (c) tuplet's pass (batch lookup, numpy expiry, re-read, batch delete)
+  (d) batch lookup of the whole map and nothing else (the floor)
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import errno
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "loader"))
+
+from tuplet import _libbpf as C  # noqa: E402
+from tuplet import log  # noqa: E402
+from tuplet.config import NodeConfig  # noqa: E402
+from tuplet.ct import CT_MAP_TCP, monotonic_now  # noqa: E402
+from tuplet.datapath import OBJ_LXC, open_object  # noqa: E402
+from tuplet.gc import gc_map, value_dtype  # noqa: E402
+from tuplet.maps import Map  # noqa: E402
+
+KEY = np.dtype([("daddr", "<u4"), ("saddr", "<u4"), ("dport", "<u2"), ("sport", "<u2"),
+                ("nexthdr", "u1"), ("flags", "u1")])
+
+
+def fill(m: Map, n: int, expired_frac: float, now: int, idx: np.ndarray | None = None) -> None:
+    """Entries i in idx (all by default); every 1/expired_frac-th one already expired."""
+    i = np.arange(n, dtype=np.uint32) if idx is None else idx.astype(np.uint32)
+    keys = np.zeros(len(i), KEY)
+    keys["daddr"] = 0x0A000000 + (i >> 16)
+    keys["saddr"] = 0x0B000000 + (i & 0xFFFF)
+    keys["dport"], keys["sport"], keys["nexthdr"] = 80, 1234, 6
+    vals = np.zeros(len(i), value_dtype(m))
+    step = int(round(1 / expired_frac))
+    vals["lifetime"] = np.where(i % step == 0, now - 1, now + 3600)
+    for s in range(0, len(i), 1 << 18):
+        k, v = keys[s:s + (1 << 18)], vals[s:s + (1 << 18)]
+        m.update_batch(k.tobytes(), v.tobytes(), len(k))
+
+
+def expired_index(n: int, frac: float) -> np.ndarray:
+    return np.arange(0, n, int(round(1 / frac)))
+
+
+def walk(m: Map, now: int) -> int:
+    """(a) one syscall per key to walk, one per value, one per delete."""
+    cur, nxt = None, ctypes.create_string_buffer(m.key_size)
+    val = ctypes.create_string_buffer(m.value_size)
+    doomed = []
+    while C.bpf_map_get_next_key(m.fd, cur, nxt) == 0:
+        if C.bpf_map_lookup_elem(m.fd, nxt, val) == 0 and int.from_bytes(val.raw[32:36], "little") < now:
+            doomed.append(nxt.raw)
+        cur = ctypes.create_string_buffer(nxt.raw, m.key_size)
+    for k in doomed:
+        C.bpf_map_delete_elem(m.fd, k)
+    return len(doomed)
+
+
+def batch_then_per_key(m: Map, now: int, chunk: int = 32768) -> int:
+    """(b) batch lookup, per-key delete."""
+    vdt = value_dtype(m)
+    buf, tok, deleted = m.batch_buffers(chunk), None, 0
+    while True:
+        c, tok2 = m.lookup_batch(buf, tok)
+        lt = np.frombuffer(buf.values, vdt, count=c)["lifetime"]
+        raw = buf.keys.raw
+        for j in np.nonzero(lt < now)[0]:
+            k = raw[j * m.key_size:(j + 1) * m.key_size]
+            if C.bpf_map_delete_elem(m.fd, k) == 0 or ctypes.get_errno() == errno.ENOENT:
+                deleted += 1
+        if tok2 is None:
+            return deleted
+        tok = tok2
+
+
+def read_only(m: Map, chunk: int = 32768) -> int:
+    """(d) the floor: batch-read everything."""
+    buf, tok, total = m.batch_buffers(chunk), None, 0
+    while True:
+        c, tok = m.lookup_batch(buf, tok)
+        total += c
+        if tok is None:
+            return total
+
+
+def rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="1048576,4194304")
+    ap.add_argument("--expired", type=float, default=0.1)
+    ap.add_argument("--skip-walk", action="store_true", help="skip (a), the slowest")
+    args = ap.parse_args()
+    log.configure("warning")
+    for n in (int(x) for x in args.sizes.split(",")):
+        spec = open_object(OBJ_LXC, NodeConfig(), pin_root=None)
+        spec.set_max_entries(CT_MAP_TCP, n + n // 4)   # headroom: no LRU eviction while filling
+        coll = spec.load()
+        m = coll.maps[CT_MAP_TCP]
+        now = monotonic_now()
+        t = time.perf_counter()
+        fill(m, n, args.expired, now)
+        print(f"\n{n:,} entries ({args.expired:.0%} expired), filled in {time.perf_counter() - t:.1f} s, "
+              f"peak RSS so far {rss_mib():.0f} MiB")
+        idx = expired_index(n, args.expired)
+        results: dict[str, float] = {}
+        methods = [("(d) batch read only (floor)", lambda: read_only(m)),
+                   ("(c) tuplet pass", lambda: gc_map(m, now).deleted),
+                   ("(b) batch lookup + per-key delete", lambda: batch_then_per_key(m, now))]
+        if not args.skip_walk:
+            methods.append(("(a) per-key walk + per-key delete", lambda: walk(m, now)))
+        for name, fn in methods:
+            t = time.perf_counter()
+            out = fn()
+            results[name] = time.perf_counter() - t
+            print(f"  {name:<36} {results[name]:8.3f} s  ({out:,} {'read' if 'floor' in name else 'deleted'})"
+                  f"  peak RSS {rss_mib():.0f} MiB")
+            fill(m, n, args.expired, now, idx)   # put the deleted entries back
+        c = results["(c) tuplet pass"]
+        print(f"  ratios: (b)/(c) = {results['(b) batch lookup + per-key delete'] / c:.1f}x faster, "
+              f"(c)/(d) = {c / results['(d) batch read only (floor)']:.2f}x the floor"
+              + (f", (a)/(c) = {results['(a) per-key walk + per-key delete'] / c:.1f}x" if not args.skip_walk else ""))
+        coll.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
