@@ -27,6 +27,12 @@ def pytest_configure(config: pytest.Config) -> None:
         pytest.exit(f"BPF objects missing in {object_dir()}: {missing}; run `make` first", 2)
 
 
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    base = Path(TEST_PIN_BASE)
+    if base.exists() and not any(base.iterdir()):
+        base.rmdir()
+
+
 @pytest.fixture
 def pin_root() -> str:
     """A fresh pin root below the project's own, removed afterwards."""

@@ -97,10 +97,9 @@ def _apply(cfg: NodeConfig) -> ApplyResult:
                             detail=f"not found in {where}; nothing was changed")
 
     spec = open_object(OBJ_LXC, cfg, pin_root)
-    pins_before = {p for p in (spec.maps[m].pin_path for m in spec.maps) if p and os.path.exists(p)}
-    reused = spec.check_pins()
-    coll = spec.load()
-    new_pins = [p for p in (spec_pin for spec_pin in _pin_paths(coll, pin_root)) if p not in pins_before]
+    coll = spec.load()   # checks every existing pin first; reuses or refuses
+    reused = coll.reused_pins
+    new_pins = [p for p in _pin_paths(coll, pin_root) if p not in reused]
     made: list[Attachment] = []
     try:
         _sync_endpoints(coll, cfg)

@@ -241,6 +241,7 @@ class ObjectSpec:
         btf = self.btf
         obj, self._obj = self._obj, None
         coll = Collection(obj, self.path, btf)
+        coll.reused_pins = reused
         log.info("object loaded", object=os.path.basename(self.path), programs=list(coll.programs),
                  reused_pins=[os.path.basename(r) for r in reused])
         return coll
@@ -277,6 +278,7 @@ class Collection:
         self._obj = obj
         self.path = path
         self.btf = btf
+        self.reused_pins: list[str] = []
         self.maps: dict[str, Map] = {}
         self.programs: dict[str, Program] = {}
         m = C.bpf_object__next_map(obj, None)
