@@ -14,6 +14,7 @@
 #include "lib/packet.h"
 #include "lib/endpoint.h"
 #include "lib/conntrack.h"
+#include "lib/nat_map.h"
 
 char LICENSE[] SEC("license") = "GPL";
 

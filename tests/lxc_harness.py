@@ -9,7 +9,7 @@ from scapy.packet import Packet, Raw
 
 from tuplet import metrics
 from tuplet.config import NodeConfig
-from tuplet.ct import CT_MAP_ANY, CT_MAP_TCP, CtRecord, records
+from tuplet.ct import CT_MAP_ANY, CT_MAP_TCP, NAT_MAP, CtRecord, records
 from tuplet.datapath import EP_MAP, METRICS_MAP, OBJ_LXC, object_dir, open_object
 from tuplet.layouts import CtEntry, CtTuple4, EndpointInfo, ip_to_be32
 from tuplet.objects import Collection
@@ -63,6 +63,7 @@ class LxcHarness:
         spec = open_object(OBJ_LXC, cfg, pin_root=None)
         spec.set_max_entries(CT_MAP_TCP, 4096)
         spec.set_max_entries(CT_MAP_ANY, 4096)
+        spec.set_max_entries(NAT_MAP, 4096)
         for k, v in (consts or {}).items():
             spec.set_const(k, v)
         return cls(spec.load())

@@ -1,15 +1,21 @@
 """Garbage collection against real CT maps filled by the programs themselves."""
 from __future__ import annotations
 
+import ctypes
+import os
+
 import pytest
 
 from lxc_harness import LxcHarness, tcp, udp
-from tuplet.ct import CT_MAP_ANY, CT_MAP_TCP
-from tuplet.gc import gc_pass
-from tuplet.layouts import CtEntry, CtTuple4
+from tuplet.ct import CT_MAP_ANY, CT_MAP_TCP, NAT_MAP
+from tuplet.errors import TupletError
+from tuplet.gc import CtGc, Method, gc_pass
+from tuplet.layouts import TUPLE_F_IN, TUPLE_F_OUT, TUPLE_F_RELATED, TUPLE_F_SERVICE, CtEntry, CtTuple4, Nat4Entry, ip_to_be32
 from tuplet.maps import Map
 
 A, B = "10.64.0.36", "10.64.0.64"
+CLIENT, VIP = "192.0.2.10", "172.16.0.10"
+METHODS = [Method.KERNEL, Method.BATCH]
 
 
 def established(h: LxcHarness, sport: int) -> None:
@@ -32,7 +38,8 @@ def keys(h: LxcHarness) -> set[str]:
     return {r.line().split(" expires=")[0] for r in h.entries()}
 
 
-def test_pass_deletes_exactly_the_expired(lxc: LxcHarness) -> None:
+@pytest.mark.parametrize("method", METHODS)
+def test_pass_deletes_exactly_the_expired(lxc: LxcHarness, method: Method) -> None:
     established(lxc, 1000)           # TCP OUT, 8000 s; related ICMP 60 s
     closed(lxc, 1001)                # TCP OUT closing, 10 s; related ICMP 60 s
     lxc.egress(tcp(A, 1002, B, 80, "S"))   # SYN only, 60 s
@@ -40,17 +47,90 @@ def test_pass_deletes_exactly_the_expired(lxc: LxcHarness) -> None:
     before = keys(lxc)
     now = lxc.now()
 
-    r = gc_pass(maps(lxc), now=now + 30)
+    r = gc_pass(maps(lxc), method=method, now=now + 30)
     assert [(s.map, s.deleted) for s in r.maps] == [(CT_MAP_TCP, 1), (CT_MAP_ANY, 0)]
     assert before - keys(lxc) == {f"TCP OUT {A}:1001 -> {B}:80"}
 
-    r = gc_pass(maps(lxc), now=now + 100)
+    r = gc_pass(maps(lxc), method=method, now=now + 100)
     assert keys(lxc) == {f"TCP OUT {A}:1000 -> {B}:80"}
     assert r.maps[0].deleted == 1 and r.maps[1].deleted == 2   # SYN entry; UDP + related
     assert r.alive == 1 and r.duration > 0
 
-    r = gc_pass(maps(lxc), now=now + 100)
+    r = gc_pass(maps(lxc), method=method, now=now + 100)
     assert r.deleted == 0 and r.alive == 1
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_entry_kind_and_the_nat_entries_they_own(lxc: LxcHarness, method: Method) -> None:
+    """Expired/alive x OUT, IN, related, service, DSR and NodePort entries; NAT tied to owners."""
+    tcp_map, any_map, nat = lxc.coll.maps[CT_MAP_TCP], lxc.coll.maps[CT_MAP_ANY], lxc.coll.maps[NAT_MAP]
+    now = lxc.now()
+
+    def put(m, key: CtTuple4, alive: bool, **flags) -> None:
+        m.update(key, CtEntry(lifetime=now + 100 if alive else now - 1, **flags))
+
+    def nat_for(key: CtTuple4) -> CtTuple4:
+        # The reply the backend sends: from the entry's original source to its destination.
+        return CtTuple4(daddr=key.saddr, saddr=key.daddr, dport=key.dport, sport=key.sport,
+                        nexthdr=key.nexthdr, flags=TUPLE_F_OUT)
+
+    kinds = {
+        "out": (tcp_map, CtTuple4.make(A, B, 80, 1000, 6, TUPLE_F_OUT), {}),
+        "in": (tcp_map, CtTuple4.make(A, B, 80, 1001, 6, TUPLE_F_IN), {}),
+        "svc": (tcp_map, CtTuple4.make(A, VIP, 80, 1002, 6, TUPLE_F_SERVICE), {"backend_id": 7}),
+        "related": (any_map, CtTuple4.make(A, B, 0, 0, 1, TUPLE_F_OUT | TUPLE_F_RELATED), {}),
+        "udp": (any_map, CtTuple4.make(A, B, 53, 1003, 17, TUPLE_F_OUT), {}),
+        "dsr": (tcp_map, CtTuple4.make(A, CLIENT, 40000, 8080, 6, TUPLE_F_OUT), {"dsr_internal": 1}),
+        "dsr_udp": (any_map, CtTuple4.make(A, CLIENT, 40001, 5353, 17, TUPLE_F_OUT), {"dsr_internal": 1}),
+        "nodeport": (tcp_map, CtTuple4.make(A, CLIENT, 40002, 8080, 6, TUPLE_F_OUT), {"node_port": 1}),
+        # An ingress entry with the flag does not own a NAT entry.
+        "in_flagged": (tcp_map, CtTuple4.make(A, CLIENT, 40003, 8080, 6, TUPLE_F_IN), {"dsr_internal": 1}),
+    }
+    owners = ("dsr", "dsr_udp", "nodeport", "in_flagged")
+    for alive in (False, True):
+        for name, (m, key, flags) in kinds.items():
+            k = CtTuple4.from_buffer_copy(bytes(key))
+            if alive:
+                k.sport ^= 0x100     # a second, distinct flow of the same kind
+            put(m, k, alive, **flags)
+            if name in owners:
+                nat.update(nat_for(k), Nat4Entry(to_addr=ip_to_be32(VIP), to_port=80))
+    orphan = CtTuple4.make(B, CLIENT, 1, 2, 6, TUPLE_F_OUT)
+    nat.update(orphan, Nat4Entry())
+
+    r = gc_pass([tcp_map, any_map], nat=nat, method=method, now=now)
+    assert r.method == method.value
+    per_map = {s.map: (s.deleted, s.alive) for s in r.maps}
+    assert per_map == {CT_MAP_TCP: (6, 6), CT_MAP_ANY: (3, 3)}
+    assert r.nat_deleted == 3
+    left = {bytes(k) for k in nat.keys()}
+    for name, (m, key, flags) in kinds.items():
+        assert m.lookup(key) is None, name                  # the expired one
+        alive = CtTuple4.from_buffer_copy(bytes(key))
+        alive.sport ^= 0x100
+        assert m.lookup(alive) is not None, name
+        if name in owners:
+            assert bytes(nat_for(alive)) in left, name
+            assert (bytes(nat_for(key)) in left) == (name == "in_flagged"), name
+    assert bytes(orphan) in left
+
+
+def test_nat_key_matches_the_datapath_helper(lxc: LxcHarness) -> None:
+    """The numpy NAT key derivation and the BPF one (nat4_key_for_ct) agree."""
+    from tuplet.gc import _Layout, nat_keys_for
+    import numpy as np
+    m, nat = lxc.coll.maps[CT_MAP_TCP], lxc.coll.maps[NAT_MAP]
+    lay = _Layout.of(m)
+    now = lxc.now()
+    keys = [CtTuple4.make(A, CLIENT, 40000 + i, 8080, 6, TUPLE_F_OUT) for i in range(50)]
+    for k in keys:
+        m.update(k, CtEntry(lifetime=now - 1, dsr_internal=1))
+    want = nat_keys_for(np.frombuffer(b"".join(bytes(k) for k in keys), lay.key),
+                        np.frombuffer(b"".join(bytes(CtEntry(dsr_internal=1)) for _ in keys), lay.value), lay)
+    for w in want:
+        nat.update(w.tobytes(), Nat4Entry())
+    r = gc_pass([m], nat=nat, method=Method.KERNEL, now=now)
+    assert r.nat_deleted == 50 and nat.count() == 0
 
 
 def test_entry_refreshed_between_read_and_delete_survives(lxc: LxcHarness, monkeypatch) -> None:
@@ -71,7 +151,7 @@ def test_entry_refreshed_between_read_and_delete_survives(lxc: LxcHarness, monke
         return out
 
     monkeypatch.setattr(Map, "lookup_batch", lookup_then_traffic)
-    r = gc_pass([tcp_map], now=gc_now)
+    r = gc_pass([tcp_map], method=Method.BATCH, now=gc_now)
     s = r.maps[0]
     assert (s.deleted, s.kept_refreshed, s.alive) == (1, 1, 1)
     assert lxc.entry(A, B, 80, 2000, 6, 0) is not None
@@ -83,7 +163,7 @@ def test_small_chunks_grow_on_enospc(lxc: LxcHarness) -> None:
     now = lxc.now()
     for i in range(3000):
         m.update(CtTuple4.make(A, B, 80, i, 6, 0), CtEntry(lifetime=now - 1 if i % 3 == 0 else now + 100))
-    r = gc_pass([m], now=now, chunk=1)
+    r = gc_pass([m], method=Method.BATCH, now=now, chunk=1)
     assert (r.maps[0].deleted, r.maps[0].alive) == (1000, 2000)
     assert m.count() == 2000
 
@@ -95,3 +175,38 @@ def test_gc_refuses_a_map_without_lifetime() -> None:
             gc_pass([h.coll.maps["tpl_ep4_v1"]])
     finally:
         h.close()
+
+
+def test_kernel_method_refuses_unknown_maps_and_auto_falls_back(lxc: LxcHarness) -> None:
+    import tuplet._libbpf as C
+    from tuplet.libbpf import opts
+    from tuplet.maps import Map as M
+    src = lxc.coll.maps[CT_MAP_TCP]
+    # A map with the same layout and BTF but a name the in-kernel pass does not know.
+    btf_fd = C.bpf_btf_get_fd_by_id(src.info.btf_id)
+    assert btf_fd >= 0
+    o = opts(C.bpf_map_create_opts, btf_fd=btf_fd, btf_key_type_id=src.info.btf_key_type_id,
+             btf_value_type_id=src.info.btf_value_type_id)
+    fd = C.bpf_map_create(src.info.type, b"other_ct", src.key_size, src.value_size, 1024, ctypes.byref(o))
+    os.close(btf_fd)
+    assert fd >= 0
+    with M(fd, "other_ct") as other:
+        with pytest.raises(TupletError, match="in-kernel pass knows only"):
+            CtGc([other], method=Method.KERNEL)
+        now = lxc.now()
+        other.update(CtTuple4.make(A, B, 80, 1, 6, 0), CtEntry(lifetime=now - 1))
+        other.update(CtTuple4.make(A, B, 80, 2, 6, 0), CtEntry(lifetime=now + 1))
+        r = gc_pass([other], now=now)          # auto: falls back to batch operations
+        assert r.method == "batch" and (r.deleted, r.alive) == (1, 1)
+
+
+def test_kernel_pass_reuses_the_datapath_maps(lxc: LxcHarness) -> None:
+    """The GC program works on the very maps the datapath writes, not on copies."""
+    established(lxc, 3000)
+    m = lxc.coll.maps[CT_MAP_TCP]
+    with CtGc([m, lxc.coll.maps[CT_MAP_ANY]], method=Method.KERNEL) as g:
+        assert g.method is Method.KERNEL
+        r1 = g.run(now=lxc.now())
+        assert r1.deleted == 0 and r1.maps[0].alive == 1
+        r2 = g.run(now=lxc.now() + 9000)
+        assert r2.maps[0].deleted == 1 and m.count() == 0

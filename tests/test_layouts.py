@@ -7,7 +7,7 @@ import pytest
 
 from tuplet.btf import load_btf_from_elf
 from tuplet.datapath import OBJ_LXC, object_dir
-from tuplet.layouts import CT_FLAG_BITS, CtEntry, CtTuple4, EndpointInfo, MetricsValue
+from tuplet.layouts import CT_FLAG_BITS, CtEntry, CtTuple4, EndpointInfo, MetricsValue, Nat4Entry, TplSignal
 from tuplet.metrics import reason_names
 
 
@@ -25,7 +25,8 @@ def bit_offset(cls: type[ctypes.Structure], name: str) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize("cls,cname", [(CtTuple4, "ipv4_ct_tuple"), (CtEntry, "ct_entry"),
-                                       (EndpointInfo, "endpoint_info"), (MetricsValue, "metrics_value")])
+                                       (EndpointInfo, "endpoint_info"), (MetricsValue, "metrics_value"),
+                                       (Nat4Entry, "nat4_entry"), (TplSignal, "tpl_signal")])
 def test_struct_matches_btf(btf, cls, cname) -> None:
     layout = btf.struct_layout(cname)
     assert ctypes.sizeof(cls) == layout.size

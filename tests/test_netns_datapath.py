@@ -231,7 +231,7 @@ def test_cli_apply_list_teardown(topo, pin_root, tmp_path, capsys) -> None:
     assert cli.main(["--pin-root", pin_root, "ct", "list", "--time-diff"]) == 0
     assert "(remaining: " in capsys.readouterr().out
     assert cli.main(["--pin-root", pin_root, "ct", "gc"]) == 0
-    assert "gc pass: 0 deleted" in capsys.readouterr().out
+    assert "gc pass (kernel): 0 deleted" in capsys.readouterr().out
     dump = subprocess.run(["bpftool", "-j", "map", "dump", "pinned", f"{pin_root}/tpl_ct4_v1"],
                           capture_output=True, text=True, check=True)
     first = json.loads(dump.stdout)[0]["formatted"]   # BTF: named struct fields

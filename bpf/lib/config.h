@@ -29,4 +29,9 @@ const volatile __u8 ct_report_flags = 0xff;
 /* Count packets and bytes per entry (one atomic add each per packet). */
 const volatile __u8 ct_accounting = 1;
 
+/* Fault injection for tests: treat every conntrack insert as failed. Zero in
+ * production, where the verifier removes the check as dead code.
+ */
+const volatile __u8 fault_ct_insert = 0;
+
 #endif

@@ -15,6 +15,7 @@
 #include "packet.h"
 #include "conntrack_types.h"
 #include "conntrack_map.h"
+#include "signal.h"
 
 enum ct_dir {
 	CT_EGRESS = 0,
@@ -303,8 +304,12 @@ static __always_inline int ct_create4(const struct ipv4_ct_tuple *tuple, enum ct
 	 */
 	__ct_update_timeout(&entry, ct_lifetime(&entry, is_tcp, dir), dir, tcp_flags, now);
 
-	if (bpf_map_update_elem(ct_map4(tuple->nexthdr), tuple, &entry, BPF_ANY) < 0)
+	if (fault_ct_insert ||
+	    bpf_map_update_elem(ct_map4(tuple->nexthdr), tuple, &entry, BPF_ANY) < 0) {
+		/* The table is full or contended: ask the agent to collect early. */
+		tpl_signal(TPL_SIGNAL_CT_FILL_UP, is_tcp ? TPL_SIGNAL_MAP_TCP : TPL_SIGNAL_MAP_ANY);
 		return TPL_DROP_CT_INSERT_FAILED;
+	}
 
 	if (dir != CT_SERVICE) {
 		struct ipv4_ct_tuple icmp = {

@@ -96,6 +96,31 @@ class EndpointInfo(ctypes.Structure):
     ]
 
 
+class Nat4Entry(ctypes.Structure):
+    """struct nat4_entry: value of the NAT map (40 bytes)."""
+
+    _fields_ = [
+        ("created", ctypes.c_uint64),
+        ("needs_ct", ctypes.c_uint64),
+        ("reserved", ctypes.c_uint64 * 2),
+        ("to_addr", ctypes.c_uint32),   # network byte order
+        ("to_port", ctypes.c_uint16),   # network byte order
+        ("pad", ctypes.c_uint16),
+    ]
+
+
+class TplSignal(ctypes.Structure):
+    """struct tpl_signal: one record of the datapath's signal ring buffer."""
+
+    _fields_ = [
+        ("ktime_ns", ctypes.c_uint64),
+        ("kind", ctypes.c_uint32),
+        ("arg", ctypes.c_uint32),
+        ("cpu", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+    ]
+
+
 class MetricsValue(ctypes.Structure):
     """struct metrics_value: one CPU's counters of one reason and direction."""
 

@@ -160,6 +160,10 @@ class ObjectSpec:
             raise TupletError(f"map {name}", "set size", detail=f"size must be positive, got {n}")
         check(C.bpf_map__set_max_entries(self._map(name), n), f"map {name}", "set size")
 
+    def reuse_map(self, name: str, m: Map) -> None:
+        """Make the object use an existing map (by fd) instead of creating or pinning one."""
+        check(C.bpf_map__reuse_fd(self._map(name), m.fd), f"map {name}", "reuse existing map")
+
     def set_const(self, name: str, value: int) -> None:
         """Set a ``const volatile`` global (in .rodata) before load."""
         self._set_global(".rodata", name, value)

@@ -1,0 +1,88 @@
+// SPDX-License-Identifier: GPL-2.0
+/* In-kernel conntrack garbage collection.
+ *
+ * tpl_ct_gc is never attached: the agent runs it with BPF_PROG_TEST_RUN on a
+ * small buffer that carries its arguments and receives its results. One run
+ * walks one conntrack map with bpf_for_each_map_elem and deletes the entries
+ * whose lifetime is below `now`, together with the NAT entries they own.
+ *
+ * The lifetime is read and the entry deleted in the same callback, so the
+ * window in which the datapath can refresh an entry that is about to be
+ * deleted is a few instructions, not a batch.
+ */
+#include "lib/compiler.h"
+#include "lib/conntrack_map.h"
+#include "lib/nat_map.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+enum gc_map_sel {
+	GC_MAP_TCP = 0,
+	GC_MAP_ANY = 1,
+};
+
+/* The run's buffer after a 14-byte Ethernet header (which it ignores). */
+struct gc_args {
+	__u32 now;               /* in: delete entries with lifetime < now */
+	__u32 map;               /* in: enum gc_map_sel */
+	__u64 alive;             /* out */
+	__u64 deleted;           /* out */
+	__u64 nat_deleted;       /* out */
+	__u64 delete_failed;     /* out: expired, but gone before the delete */
+};
+ASSERT_SIZE(struct gc_args, 40);
+
+#define GC_ARGS_OFF 14
+
+struct gc_ctx {
+	__u32 now;
+	__u64 alive;
+	__u64 deleted;
+	__u64 nat_deleted;
+	__u64 delete_failed;
+};
+
+static long gc_entry(struct bpf_map *map, struct ipv4_ct_tuple *key, struct ct_entry *e,
+		     struct gc_ctx *ctx)
+{
+	struct ipv4_ct_tuple nat = {};
+
+	if (READ_ONCE(e->lifetime) >= ctx->now) {
+		ctx->alive++;
+		return 0;
+	}
+	if (ct_owns_nat(key, e)) {
+		nat4_key_for_ct(key, &nat);
+		if (bpf_map_delete_elem(&tpl_nat4_v1, &nat) == 0)
+			ctx->nat_deleted++;
+	}
+	if (bpf_map_delete_elem(map, key) == 0)
+		ctx->deleted++;
+	else
+		ctx->delete_failed++;
+	return 0;
+}
+
+SEC("tc")
+int tpl_ct_gc(struct __sk_buff *skb)
+{
+	struct gc_args args;
+	struct gc_ctx ctx = {};
+
+	if (bpf_skb_load_bytes(skb, GC_ARGS_OFF, &args, sizeof(args)) < 0)
+		return -1;
+	ctx.now = args.now;
+	if (args.map == GC_MAP_TCP)
+		bpf_for_each_map_elem(&tpl_ct4_v1, gc_entry, &ctx, 0);
+	else if (args.map == GC_MAP_ANY)
+		bpf_for_each_map_elem(&tpl_ct_any4_v1, gc_entry, &ctx, 0);
+	else
+		return -1;
+	args.alive = ctx.alive;
+	args.deleted = ctx.deleted;
+	args.nat_deleted = ctx.nat_deleted;
+	args.delete_failed = ctx.delete_failed;
+	if (bpf_skb_store_bytes(skb, GC_ARGS_OFF, &args, sizeof(args), 0) < 0)
+		return -1;
+	return 0;
+}

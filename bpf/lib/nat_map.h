@@ -1,0 +1,59 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/* The NAT table: reply rewrites that outlive a single packet.
+ *
+ * Keyed by the tuple of the packet to rewrite, as it is on the wire
+ * (saddr/sport = its source, daddr/dport = its destination, flags =
+ * TUPLE_F_OUT). The value says what the rewritten address and port are; for
+ * DSR that is the service address the client connected to.
+ *
+ * Every NAT entry belongs to a conntrack entry (a CT_EGRESS entry with
+ * DSRInternal or NodePort set); nat4_key_for_ct() is the one place that maps
+ * the conntrack key to the NAT key, used by the datapath when it creates the
+ * entry and by the garbage collector when it deletes the conntrack entry.
+ */
+#ifndef TUPLET_NAT_MAP_H
+#define TUPLET_NAT_MAP_H
+
+#include "conntrack_types.h"
+
+#define NAT_MAP_SIZE 524288
+
+struct nat4_entry {
+	__u64 created;           /* seconds of the conntrack clock */
+	__u64 needs_ct;
+	__u64 reserved[2];
+	__be32 to_addr;          /* rewritten address (DSR: service VIP) */
+	__be16 to_port;          /* rewritten port (DSR: service port) */
+	__u16 pad;
+};
+ASSERT_SIZE(struct nat4_entry, 40);
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct ipv4_ct_tuple);
+	__type(value, struct nat4_entry);
+	__uint(max_entries, NAT_MAP_SIZE);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tpl_nat4_v1 SEC(".maps");
+
+/* Does this conntrack entry own a NAT entry? */
+static __always_inline bool ct_owns_nat(const struct ipv4_ct_tuple *ct, const struct ct_entry *e)
+{
+	return ct->flags == TUPLE_F_OUT && (e->dsr_internal || e->node_port);
+}
+
+/* The NAT key of the reply sent by the original source of a CT_EGRESS entry:
+ * the entry stores the original source in daddr/sport and the original
+ * destination in saddr/dport (see conntrack_types.h).
+ */
+static __always_inline void nat4_key_for_ct(const struct ipv4_ct_tuple *ct, struct ipv4_ct_tuple *nat)
+{
+	nat->saddr = ct->daddr;
+	nat->sport = ct->sport;
+	nat->daddr = ct->saddr;
+	nat->dport = ct->dport;
+	nat->nexthdr = ct->nexthdr;
+	nat->flags = TUPLE_F_OUT;
+}
+
+#endif
