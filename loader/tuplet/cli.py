@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Sequence
 
@@ -68,6 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     cl.set_defaults(func=cmd_ct_list)
     cg = csub.add_parser("gc", help="run one garbage-collection pass and print what it did")
     cg.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    cg.add_argument("--method", choices=["auto", "kernel", "batch"], default="auto",
+                    help="kernel: a BPF program walks and deletes in place; batch: batch syscalls "
+                         "from user space (auto: kernel when the kernel accepts it)")
     cg.set_defaults(func=cmd_ct_gc)
     cf = csub.add_parser("flush", help="delete every conntrack entry")
     cf.set_defaults(func=cmd_ct_flush)
@@ -139,20 +143,24 @@ def cmd_ct_list(args: argparse.Namespace) -> int:
 def cmd_ct_gc(args: argparse.Namespace) -> int:
     from contextlib import ExitStack
 
-    from .gc import gc_pass
+    from .gc import CtGc
 
     root = _pin_root(args)
     with ExitStack() as stack:
         maps = [stack.enter_context(datapath.open_pinned(root, n)) for n in ct.CT_MAPS]
-        res = gc_pass(maps)
+        nat = (stack.enter_context(datapath.open_pinned(root, ct.NAT_MAP))
+               if os.path.exists(os.path.join(root, ct.NAT_MAP)) else None)
+        res = stack.enter_context(CtGc(maps, nat=nat, method=args.method)).run()
     if args.output == "json":
-        json.dump({"duration_s": res.duration, "maps": [m.__dict__ for m in res.maps]}, sys.stdout, indent=2)
+        json.dump(res.to_json(), sys.stdout, indent=2)
         print()
         return 0
     for m in res.maps:
-        print(f"{m.map:<16} alive={m.alive} deleted={m.deleted} kept_refreshed={m.kept_refreshed} "
-              f"max_entries={m.max_entries}")
-    print(f"gc pass: {res.deleted} deleted, {res.alive} alive in {res.duration * 1000:.1f} ms")
+        print(f"{m.map:<16} alive={m.alive} deleted={m.deleted} nat_deleted={m.nat_deleted} "
+              f"kept_refreshed={m.kept_refreshed} max_entries={m.max_entries} "
+              f"in {m.duration * 1000:.1f} ms")
+    print(f"gc pass ({res.method}): {res.deleted} deleted, {res.nat_deleted} NAT entries deleted, "
+          f"{res.alive} alive in {res.duration * 1000:.1f} ms")
     return 0
 
 
@@ -162,7 +170,11 @@ def cmd_ct_flush(args: argparse.Namespace) -> int:
     for name in ct.CT_MAPS:
         with datapath.open_pinned(root, name) as m:
             total += m.clear()
-    print(f"flushed {total} entries")
+    nat = 0
+    if os.path.exists(os.path.join(root, ct.NAT_MAP)):
+        with datapath.open_pinned(root, ct.NAT_MAP) as m:
+            nat = m.clear()
+    print(f"flushed {total} conntrack entries and {nat} NAT entries")
     return 0
 
 
