@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 import subprocess
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -232,6 +233,16 @@ def test_cli_apply_list_teardown(topo, pin_root, tmp_path, capsys) -> None:
     assert "(remaining: " in capsys.readouterr().out
     assert cli.main(["--pin-root", pin_root, "ct", "gc"]) == 0
     assert "gc pass (kernel): 0 deleted" in capsys.readouterr().out
+    # The scheduled loop: a pass at start, then waits on the schedule and the signal ring.
+    follow = subprocess.Popen([sys.executable, "-m", "tuplet.cli", "--pin-root", pin_root, "ct", "gc",
+                               "--follow", "--interval", "1h"], stdout=subprocess.PIPE, text=True)
+    first = follow.stdout.readline()
+    assert "fixed, next in 3600s" in first and "early passes on datapath signals: on" in first
+    assert "gc pass (start, kernel)" in follow.stdout.readline()
+    follow.terminate()
+    rest, _ = follow.communicate(timeout=10)
+    assert follow.returncode == 0 and "stopped after 1 pass(es)" in rest
+    assert cli.main(["--pin-root", pin_root, "ct", "gc", "--follow", "--interval=-5s"]) == 2
     dump = subprocess.run(["bpftool", "-j", "map", "dump", "pinned", f"{pin_root}/tpl_ct4_v1"],
                           capture_output=True, text=True, check=True)
     first = json.loads(dump.stdout)[0]["formatted"]   # BTF: named struct fields

@@ -60,3 +60,36 @@ def test_no_signal_when_inserts_succeed(lxc: LxcHarness) -> None:
         for i in range(20):
             assert lxc.egress(tcp(A, 4000 + i, B, 80, "S")).reason == "PASS_CT_NEW"
         assert r.poll(0) == []
+
+
+def test_runner_collects_early_on_a_signal_and_on_schedule(failing: LxcHarness, one_cpu: int) -> None:
+    from tuplet.ct import CT_MAP_ANY, CT_MAP_TCP
+    from tuplet.gc import CtGc
+    from tuplet.gc_runner import GcRunner
+    from tuplet.gc_schedule import GcSchedule
+    from tuplet.layouts import CtEntry, CtTuple4
+
+    t = [1000.0]
+    tcp_map = failing.coll.maps[CT_MAP_TCP]
+    now = failing.now()
+    stale = CtTuple4.make(A, B, 80, 999, 6, 0)
+    tcp_map.update(stale, CtEntry(lifetime=now - 1))
+    reports = []
+    with CtGc([tcp_map, failing.coll.maps[CT_MAP_ANY]]) as g, reader(failing) as r:
+        run = GcRunner(g, GcSchedule(fixed=3600, early_min_gap=10), signals=r,
+                       on_pass=reports.append, clock=lambda: t[0], max_wait=0.1)
+        assert run.step() is None                       # nothing due, no signal
+        failing.egress(tcp(A, 1000, B, 80, "S"))         # insert fails -> CT_FILL_UP
+        rep = run.step()
+        assert rep is not None and rep.reason == "early"
+        assert rep.result.deleted == 1 and tcp_map.lookup(stale) is None
+        assert rep.interval == 3600
+
+        time.sleep(1.05)                                 # the datapath may signal again...
+        t[0] += 5
+        failing.egress(tcp(A, 1001, B, 80, "S"))
+        assert run.step() is None                        # ...but the schedule rate-limits
+        t[0] = 1000 + 3600 + 1                           # the fixed interval is over
+        rep = run.step()
+        assert rep is not None and rep.reason == "interval"
+    assert [x.reason for x in reports] == ["early", "interval"]

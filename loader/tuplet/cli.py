@@ -5,12 +5,17 @@ import argparse
 import json
 import os
 import sys
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from . import config as configmod
 from . import ct, datapath, metrics, state
 from . import log as logmod
 from .bpffs import DEFAULT_PIN_ROOT
+
+if TYPE_CHECKING:
+    from contextlib import ExitStack
+
+    from .gc import CtGc
 from .errors import ConfigError, TupletError, VerifierError
 from .links import AttachMode
 
@@ -72,6 +77,12 @@ def _parser() -> argparse.ArgumentParser:
     cg.add_argument("--method", choices=["auto", "kernel", "batch"], default="auto",
                     help="kernel: a BPF program walks and deletes in place; batch: batch syscalls "
                          "from user space (auto: kernel when the kernel accepts it)")
+    cg.add_argument("--follow", action="store_true",
+                    help="keep running passes on the schedule, and early when the datapath reports "
+                         "a failed insert, until interrupted")
+    cg.add_argument("--interval", default="0s",
+                    help="with --follow: fixed interval (Go duration; 0s = adaptive, from 5m)")
+    cg.add_argument("--max-interval", default="0s", help="with --follow: cap on the interval (0s = none)")
     cg.set_defaults(func=cmd_ct_gc)
     cf = csub.add_parser("flush", help="delete every conntrack entry")
     cf.set_defaults(func=cmd_ct_flush)
@@ -150,7 +161,10 @@ def cmd_ct_gc(args: argparse.Namespace) -> int:
         maps = [stack.enter_context(datapath.open_pinned(root, n)) for n in ct.CT_MAPS]
         nat = (stack.enter_context(datapath.open_pinned(root, ct.NAT_MAP))
                if os.path.exists(os.path.join(root, ct.NAT_MAP)) else None)
-        res = stack.enter_context(CtGc(maps, nat=nat, method=args.method)).run()
+        collector = stack.enter_context(CtGc(maps, nat=nat, method=args.method))
+        if args.follow:
+            return _gc_follow(args, root, collector, stack)
+        res = collector.run()
     if args.output == "json":
         json.dump(res.to_json(), sys.stdout, indent=2)
         print()
@@ -161,6 +175,50 @@ def cmd_ct_gc(args: argparse.Namespace) -> int:
               f"in {m.duration * 1000:.1f} ms")
     print(f"gc pass ({res.method}): {res.deleted} deleted, {res.nat_deleted} NAT entries deleted, "
           f"{res.alive} alive in {res.duration * 1000:.1f} ms")
+    return 0
+
+
+def _gc_follow(args: argparse.Namespace, root: str, collector: "CtGc", stack: "ExitStack") -> int:
+    import signal as sig
+    import threading
+
+    from .durations import parse_duration
+    from .errors import ConfigError
+    from .gc_runner import GcRunner, PassReport
+    from .gc_schedule import GcSchedule
+    from .signals import SIGNAL_MAP, SignalReader
+
+    try:
+        fixed = parse_duration(args.interval)
+    except ValueError as e:
+        raise ConfigError("--interval", str(e)) from None
+    try:
+        cap = parse_duration(args.max_interval)
+    except ValueError as e:
+        raise ConfigError("--max-interval", str(e)) from None
+    for flag, value in (("--interval", fixed), ("--max-interval", cap)):
+        if value < 0:
+            raise ConfigError(flag, f"must not be negative, got {value:g}s")
+    reader = None
+    if os.path.exists(os.path.join(root, SIGNAL_MAP)):
+        ring = stack.enter_context(datapath.open_pinned(root, SIGNAL_MAP))
+        reader = stack.enter_context(SignalReader(ring, str(datapath.object_dir() / datapath.OBJ_LXC)))
+    schedule = GcSchedule(fixed=fixed, maximum=cap)
+
+    def show(rep: PassReport) -> None:
+        r = rep.result
+        print(f"gc pass ({rep.reason}, {r.method}): {r.deleted} deleted, {r.nat_deleted} NAT, "
+              f"{r.alive} alive in {r.duration * 1000:.1f} ms; next in {rep.interval:g}s", flush=True)
+
+    stop = threading.Event()
+    for s in (sig.SIGINT, sig.SIGTERM):
+        sig.signal(s, lambda *_: stop.set())
+    runner = GcRunner(collector, schedule, signals=reader, on_pass=show)
+    print(f"gc: {schedule.describe()}; early passes on datapath signals: "
+          f"{'on' if reader else 'off (no signal ring pinned)'}", flush=True)
+    runner.run_pass("start")
+    runner.serve(stop)
+    print(f"gc: stopped after {runner.passes} pass(es)")
     return 0
 
 

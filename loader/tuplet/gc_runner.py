@@ -1,0 +1,89 @@
+"""Running GC passes over time: on the schedule, and early when the datapath signals.
+
+The runner waits on two things at once: the time the schedule says the next pass is
+due, and the datapath's signal ring buffer. A CT_FILL_UP signal (a conntrack insert
+failed) asks for an early pass, which the schedule rate-limits. Every pass feeds its
+result back to the schedule (the adaptive interval) and to ``on_pass``.
+"""
+from __future__ import annotations
+
+import select
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import structlog
+
+from .gc import CtGc, GcResult
+from .signals import SignalReader
+
+log = structlog.get_logger("tuplet.gc")
+
+#: Longest single wait, so a stop request is noticed promptly.
+MAX_WAIT = 1.0
+
+
+class Schedule(Protocol):
+    def next_due(self, last_pass: float) -> float: ...
+    def after_pass(self, deleted: int, capacity: int) -> float: ...
+    def request_early(self, now: float) -> bool: ...
+
+
+@dataclass(frozen=True)
+class PassReport:
+    reason: str          # "interval", "early" or "start"
+    result: GcResult
+    interval: float      # the interval the schedule chose after this pass
+
+
+class GcRunner:
+    def __init__(self, gc: CtGc, schedule: Schedule, signals: SignalReader | None = None,
+                 on_pass: Callable[[PassReport], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic, max_wait: float = MAX_WAIT) -> None:
+        self.gc = gc
+        self.schedule = schedule
+        self.signals = signals
+        self.on_pass = on_pass
+        self.clock = clock
+        self.max_wait = max_wait
+        self.last_pass = clock()
+        self.passes = 0
+
+    def run_pass(self, reason: str) -> PassReport:
+        res = self.gc.run()
+        interval = self.schedule.after_pass(res.deleted, res.capacity)
+        self.last_pass = self.clock()
+        self.passes += 1
+        report = PassReport(reason, res, interval)
+        log.info("gc scheduled pass", reason=reason, deleted=res.deleted, alive=res.alive,
+                 duration_s=round(res.duration, 4), next_interval_s=round(interval, 3))
+        if self.on_pass:
+            self.on_pass(report)
+        return report
+
+    def step(self) -> PassReport | None:
+        """Wait (at most ``max_wait``) for the next reason to collect; run the pass if there is one."""
+        now = self.clock()
+        due = self.schedule.next_due(self.last_pass)
+        timeout = min(max(due - now, 0.0), self.max_wait)
+        if self.signals is not None:
+            ready, _, _ = select.select([self.signals], [], [], timeout)
+            if ready:
+                sigs = self.signals.poll(0)
+                fill_ups = [s for s in sigs if s.kind == "CT_FILL_UP"]
+                if fill_ups:
+                    log.info("datapath signal", kind="CT_FILL_UP",
+                             tables=sorted({str(s.arg) for s in fill_ups}), count=len(fill_ups))
+                    if self.schedule.request_early(self.clock()):
+                        return self.run_pass("early")
+        elif timeout > 0:
+            time.sleep(timeout)
+        if self.clock() >= self.schedule.next_due(self.last_pass):
+            return self.run_pass("interval")
+        return None
+
+    def serve(self, stop: threading.Event) -> None:
+        """Run until ``stop`` is set."""
+        while not stop.is_set():
+            self.step()
