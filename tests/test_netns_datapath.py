@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from traffic import LiveConnection, start_server, tcp_once, udp_once
+from tuplet.maps import Map
 from tuplet import cli, config, ct, datapath, netns, state
 from tuplet.errors import ConfigError, IncompatiblePinError, NotFoundError
 from tuplet.links import AttachMode, Hook, tc_has_filter
@@ -221,7 +222,18 @@ def _our_programs_loaded() -> bool:
 def test_cli_apply_list_teardown(topo, pin_root, tmp_path, capsys) -> None:
     cfg = tmp_path / "node.toml"
     cfg.write_text(node_config(topo, pin_root, "tcx"))
-    assert cli.main(["apply", str(cfg)]) == 0
+    # Flags override the file: any_max 4096 -> 2048, NAT set explicitly, a timeout.
+    assert cli.main(["apply", str(cfg), "--bpf-ct-global-any-max", "2048", "--bpf-nat-global-max=3072",
+                     "--bpf-ct-timeout-regular-any", "2m0s"]) == 0
+    with Map.from_pin(f"{pin_root}/tpl_ct_any4_v1") as m, Map.from_pin(f"{pin_root}/tpl_nat4_v1") as n:
+        assert (m.max_entries, n.max_entries) == (2048, 3072)
+    capsys.readouterr()
+    assert cli.main(["--pin-root", pin_root, "status", "--verbose"]) == 0
+    out = capsys.readouterr().out
+    assert "BPF Maps:   dynamic sizing: on (ratio: 0.002500)" in out
+    assert "Non-TCP connection tracking" in out and "explicit, --bpf-ct-global-any-max=2048" in out
+    assert "TCP connection tracking: explicit, --bpf-ct-global-tcp-max=8192" in out
+    assert "Conntrack GC: interval adaptive" in out
     srv = start_server(topo, topo.p2, 8000)
     tcp_once(topo, topo.p1, POD2, 8000)
     srv.kill()
@@ -235,14 +247,14 @@ def test_cli_apply_list_teardown(topo, pin_root, tmp_path, capsys) -> None:
     assert "gc pass (kernel): 0 deleted" in capsys.readouterr().out
     # The scheduled loop: a pass at start, then waits on the schedule and the signal ring.
     follow = subprocess.Popen([sys.executable, "-m", "tuplet.cli", "--pin-root", pin_root, "ct", "gc",
-                               "--follow", "--interval", "1h"], stdout=subprocess.PIPE, text=True)
+                               "--follow", "--conntrack-gc-interval", "1h"], stdout=subprocess.PIPE, text=True)
     first = follow.stdout.readline()
     assert "fixed, next in 3600s" in first and "early passes on datapath signals: on" in first
     assert "gc pass (start, kernel)" in follow.stdout.readline()
     follow.terminate()
     rest, _ = follow.communicate(timeout=10)
     assert follow.returncode == 0 and "stopped after 1 pass(es)" in rest
-    assert cli.main(["--pin-root", pin_root, "ct", "gc", "--follow", "--interval=-5s"]) == 2
+    assert cli.main(["--pin-root", pin_root, "ct", "gc", "--follow", "--conntrack-gc-interval=-5s"]) == 2
     dump = subprocess.run(["bpftool", "-j", "map", "dump", "pinned", f"{pin_root}/tpl_ct4_v1"],
                           capture_output=True, text=True, check=True)
     first = json.loads(dump.stdout)[0]["formatted"]   # BTF: named struct fields

@@ -8,9 +8,10 @@ import sys
 from typing import TYPE_CHECKING, Sequence
 
 from . import config as configmod
-from . import ct, datapath, metrics, state
+from . import ct, datapath, metrics, options, state
 from . import log as logmod
 from .bpffs import DEFAULT_PIN_ROOT
+from .sizing import Sizing
 
 if TYPE_CHECKING:
     from contextlib import ExitStack
@@ -58,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--attach-mode", choices=[m.value for m in AttachMode], default=None,
                    help="override node.attach_mode (tc forces the legacy TC fallback)")
     a.add_argument("--netns", default=None, help="override node.netns")
+    options.add_flags(a)
     a.set_defaults(func=cmd_apply)
 
     t = sub.add_parser("teardown", help="detach the datapath and remove its pins")
@@ -80,15 +82,15 @@ def _parser() -> argparse.ArgumentParser:
     cg.add_argument("--follow", action="store_true",
                     help="keep running passes on the schedule, and early when the datapath reports "
                          "a failed insert, until interrupted")
-    cg.add_argument("--interval", default="0s",
-                    help="with --follow: fixed interval (Go duration; 0s = adaptive, from 5m)")
-    cg.add_argument("--max-interval", default="0s", help="with --follow: cap on the interval (0s = none)")
+    options.add_flags(cg, options.GC_FLAG_KEYS)
     cg.set_defaults(func=cmd_ct_gc)
     cf = csub.add_parser("flush", help="delete every conntrack entry")
     cf.set_defaults(func=cmd_ct_flush)
 
     s = sub.add_parser("status", help="attachments and tables")
     s.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    s.add_argument("--verbose", "-v", dest="status_verbose", action="store_true",
+                   help="also how each map size was derived, and the GC settings")
     s.set_defaults(func=cmd_status)
 
     m = sub.add_parser("metrics", help="datapath verdicts and drop reasons")
@@ -106,7 +108,7 @@ def _pin_root(args: argparse.Namespace) -> str:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    cfg = configmod.load(args.file)
+    cfg = options.merge_flags(configmod.load(args.file), args)
     changes = {}
     if args.attach_mode:
         changes["attach_mode"] = AttachMode(args.attach_mode)
@@ -182,28 +184,17 @@ def _gc_follow(args: argparse.Namespace, root: str, collector: "CtGc", stack: "E
     import signal as sig
     import threading
 
-    from .durations import parse_duration
-    from .errors import ConfigError
     from .gc_runner import GcRunner, PassReport
     from .gc_schedule import GcSchedule
     from .signals import SIGNAL_MAP, SignalReader
 
-    try:
-        fixed = parse_duration(args.interval)
-    except ValueError as e:
-        raise ConfigError("--interval", str(e)) from None
-    try:
-        cap = parse_duration(args.max_interval)
-    except ValueError as e:
-        raise ConfigError("--max-interval", str(e)) from None
-    for flag, value in (("--interval", fixed), ("--max-interval", cap)):
-        if value < 0:
-            raise ConfigError(flag, f"must not be negative, got {value:g}s")
+    cfg = configmod.load(args.config) if args.config else configmod.NodeConfig()
+    ct_cfg = options.merge_flags(cfg, args).conntrack
     reader = None
     if os.path.exists(os.path.join(root, SIGNAL_MAP)):
         ring = stack.enter_context(datapath.open_pinned(root, SIGNAL_MAP))
         reader = stack.enter_context(SignalReader(ring, str(datapath.object_dir() / datapath.OBJ_LXC)))
-    schedule = GcSchedule(fixed=fixed, maximum=cap)
+    schedule = GcSchedule(fixed=ct_cfg.gc_interval, maximum=ct_cfg.gc_max_interval)
 
     def show(rep: PassReport) -> None:
         r = rep.result
@@ -240,13 +231,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     root = _pin_root(args)
     st = state.load(root)
     tables = []
-    for name in ct.CT_MAPS:
+    for name in (*ct.CT_MAPS, ct.NAT_MAP):
+        if not os.path.exists(os.path.join(root, name)):
+            continue
         with datapath.open_pinned(root, name) as m:
             tables.append({"map": name, "entries": m.count(), "max_entries": m.max_entries})
     atts = [a.to_json() for a in st.attachments] if st else []
+    sz = Sizing.from_json(st.sizing) if st and st.sizing else None
+    gc_cfg = st.gc if st and st.gc else {}
     if args.output == "json":
         json.dump({"pin_root": root, "netns": st.netns if st else None, "attachments": atts,
-                   "tables": tables}, sys.stdout, indent=2)
+                   "tables": tables, "sizing": sz.to_json() if sz else None, "gc": gc_cfg},
+                  sys.stdout, indent=2)
         print()
         return 0
     print(f"Pin root:     {root}" + (f" (netns {st.netns})" if st and st.netns else ""))
@@ -255,10 +251,26 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  {a['ifname']:<16} {a['hook']:<8} {a['program']:<20} {str(a['mode']).upper()}")
     if not atts:
         print("  none")
-    print("Conntrack tables:")
+    print("Tables:")
     for t in tables:
         fill = 100.0 * t["entries"] / t["max_entries"]
         print(f"  {t['map']:<16} {t['entries']:>9} / {t['max_entries']:<9} ({fill:.1f}%)")
+    if sz:
+        state_ = f"on (ratio: {sz.ratio:f})" if sz.dynamic else "off"
+        if not (args.verbose or args.status_verbose):
+            print(f"BPF Maps:     dynamic sizing: {state_}")
+        else:
+            print(f"BPF Maps:   dynamic sizing: {state_}")
+            print(f"  {'Name':<30}{'Size':>10}")
+            for m in sz.maps():
+                print(f"  {m.name:<30}{m.entries:>10}")
+            print("  Derivation:")
+            for m in sz.maps():
+                print(f"    {m.name}: {m.source}, {m.derivation}")
+            interval = float(gc_cfg.get("interval", 0) or 0)
+            cap = float(gc_cfg.get("max_interval", 0) or 0)
+            mode = f"fixed {interval:g}s" if interval else "adaptive (from 5m, 10s..12h)"
+            print(f"Conntrack GC: interval {mode}" + (f", max {cap:g}s" if cap else ""))
     return 0
 
 

@@ -16,10 +16,17 @@
     ifname = "eth0"
 
     [conntrack]                     # all optional; reference defaults
-    tcp_max = 524288
+    tcp_max = 524288                # explicit size; unset: a share of node memory
     any_max = 262144
+    nat_max = 524288
+    map_dynamic_size_ratio = 0.0025 # 0: static defaults for the unset sizes
+    gc_interval = "0s"              # 0s: adaptive
+    gc_max_interval = "0s"          # 0s: no cap
     timeout_regular_tcp = "2h13m20s"
     ...
+
+Each [conntrack] key has a command-line flag with the reference's name
+(:mod:`tuplet.options`).
 
 Every key is checked: unknown keys, wrong types and bad values raise
 :class:`~tuplet.errors.ConfigError` naming the key, before anything is changed.
@@ -36,6 +43,7 @@ from .bpffs import BPFFS, DEFAULT_PIN_ROOT
 from .durations import parse_duration
 from .errors import ConfigError
 from .links import AttachMode
+from .sizing import RATIO_DEFAULT, Sizing, compute_sizing, node_memory_bytes
 
 IFNAMSIZ = 16
 MAP_MIN, MAP_MAX = 1024, 1 << 24
@@ -81,11 +89,21 @@ class Timeouts:
 
 @dataclass(frozen=True)
 class Conntrack:
-    tcp_max: int = 524288
-    any_max: int = 262144
+    tcp_max: int | None = None      # explicit sizes; None: dynamic (or default) sizing
+    any_max: int | None = None
+    nat_max: int | None = None
+    map_dynamic_size_ratio: float = RATIO_DEFAULT
+    gc_interval: float = 0.0        # seconds; 0 = adaptive
+    gc_max_interval: float = 0.0    # seconds; 0 = no cap
     timeouts: Timeouts = field(default_factory=Timeouts)
     report_flags: int = 0xFF
     accounting: bool = True
+
+    def sizing(self, mem_total: int | None = None) -> Sizing:
+        """The map sizes for this node (explicit values, else a share of its memory)."""
+        return compute_sizing(node_memory_bytes() if mem_total is None else mem_total,
+                              ratio=self.map_dynamic_size_ratio, tcp=self.tcp_max, any_=self.any_max,
+                              nat=self.nat_max)
 
 
 @dataclass(frozen=True)
@@ -171,27 +189,67 @@ def _device(d: Any, i: int) -> Device:
 
 
 TIMEOUT_KEYS = {f"timeout_{f.name}": f.name for f in fields(Timeouts)}
+SIZE_KEYS = ("tcp_max", "any_max", "nat_max")
+GC_KEYS = ("gc_interval", "gc_max_interval")
+CONNTRACK_KEYS = {*SIZE_KEYS, *GC_KEYS, *TIMEOUT_KEYS, "map_dynamic_size_ratio", "report_flags", "accounting"}
+
+
+def conntrack_value(key: str, v: Any, label: str) -> Any:
+    """Check one [conntrack] value; ``label`` names it in errors (a key or a flag)."""
+    if key in TIMEOUT_KEYS:
+        return _duration(v, label)
+    if key in SIZE_KEYS:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ConfigError(label, f"must be an integer number of entries, got {v!r}")
+        if not MAP_MIN <= v <= MAP_MAX:
+            raise ConfigError(label, f"must be between {MAP_MIN} and {MAP_MAX}, got {v}")
+        return v
+    if key in GC_KEYS:
+        return _duration(v, label, allow_zero=True)
+    if key == "map_dynamic_size_ratio":
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+            raise ConfigError(label, f"must be a number between 0 and 1 (0 disables), got {v!r}")
+        return float(v)
+    if key == "report_flags":
+        return _checked_int(v, label, 0, 0xFF)
+    if key == "accounting":
+        if not isinstance(v, bool):
+            raise ConfigError(label, f"must be true or false, got {v!r}")
+        return v
+    raise ConfigError(label, "unknown setting")
+
+
+def _checked_int(v: Any, label: str, lo: int, hi: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ConfigError(label, f"must be an integer, got {v!r}")
+    if not lo <= v <= hi:
+        raise ConfigError(label, f"must be between {lo} and {hi}, got {v}")
+    return v
+
+
+def conntrack_from(values: dict[str, Any]) -> Conntrack:
+    """A Conntrack from checked values keyed as in the [conntrack] table."""
+    timeouts = {attr: values[k] for k, attr in TIMEOUT_KEYS.items() if k in values}
+    rest = {k: v for k, v in values.items() if k not in TIMEOUT_KEYS}
+    return Conntrack(timeouts=Timeouts(**timeouts), **rest)
+
+
+def conntrack_values(c: Conntrack) -> dict[str, Any]:
+    """The inverse of conntrack_from: every setting keyed as in the [conntrack] table."""
+    out: dict[str, Any] = {k: getattr(c.timeouts, attr) for k, attr in TIMEOUT_KEYS.items()}
+    for f in fields(Conntrack):
+        if f.name != "timeouts":
+            out[f.name] = getattr(c, f.name)
+    return out
 
 
 def _conntrack(t: dict[str, Any]) -> Conntrack:
-    _only(t, "conntrack", {"tcp_max", "any_max", "report_flags", "accounting", *TIMEOUT_KEYS})
-    timeouts = {}
-    for key, attr in TIMEOUT_KEYS.items():
-        if key in t:
-            timeouts[attr] = _duration(t[key], f"conntrack.{key}")
-    acc = t.get("accounting", True)
-    if not isinstance(acc, bool):
-        raise ConfigError("conntrack.accounting", f"must be true or false, got {acc!r}")
-    return Conntrack(
-        tcp_max=_int(t, "conntrack.tcp_max", 524288, MAP_MIN, MAP_MAX),
-        any_max=_int(t, "conntrack.any_max", 262144, MAP_MIN, MAP_MAX),
-        timeouts=Timeouts(**timeouts),
-        report_flags=_int(t, "conntrack.report_flags", 0xFF, 0, 0xFF),
-        accounting=acc,
-    )
+    _only(t, "conntrack", CONNTRACK_KEYS)
+    return conntrack_from({k: conntrack_value(k, v, f"conntrack.{k}") for k, v in t.items()})
 
 
-def _duration(v: Any, key: str) -> int:
+def _duration(v: Any, key: str, allow_zero: bool = False) -> int:
+    """Whole seconds from a Go duration string ("2h13m20s") or a number of seconds."""
     if isinstance(v, bool):
         raise ConfigError(key, f"must be a duration like \"1m0s\" or seconds, got {v!r}")
     if isinstance(v, int):
@@ -203,8 +261,9 @@ def _duration(v: Any, key: str) -> int:
             raise ConfigError(key, str(e)) from None
     else:
         raise ConfigError(key, f"must be a duration like \"1m0s\" or seconds, got {v!r}")
-    if secs < 1 or secs != int(secs) or secs > (1 << 31):
-        raise ConfigError(key, f"must be a whole number of seconds, at least 1s, got {v!r}")
+    least = 0 if allow_zero else 1
+    if secs < least or secs != int(secs) or secs > (1 << 31):
+        raise ConfigError(key, f"must be a whole number of seconds, at least {least}s, got {v!r}")
     return int(secs)
 
 

@@ -17,12 +17,13 @@ import structlog
 
 from . import bpffs, state
 from .config import NodeConfig
-from .ct import CT_MAP_ANY, CT_MAP_TCP
+from .ct import CT_MAP_ANY, CT_MAP_TCP, NAT_MAP
 from .errors import NotFoundError, TupletError
 from .layouts import EndpointInfo, ip_to_be32
 from .links import Attachment, AttachMode, Hook, attach, detach, ifindex_of, tc_destroy_clsact
 from .maps import Map
 from .objects import Collection, ObjectSpec
+from .sizing import Sizing
 
 log = structlog.get_logger("tuplet.datapath")
 
@@ -40,13 +41,16 @@ def object_dir() -> Path:
     return Path(env) if env else Path(__file__).resolve().parents[2] / "build"
 
 
-def open_object(name: str, cfg: NodeConfig, pin_root: str | None) -> ObjectSpec:
+def open_object(name: str, cfg: NodeConfig, pin_root: str | None, sizing: Sizing | None = None) -> ObjectSpec:
     """Open one object and apply the node's load-time configuration to it."""
+    ct = cfg.conntrack
+    sizing = sizing or ct.sizing()
     spec = ObjectSpec.open(object_dir() / name, pin_root=pin_root)
     try:
-        ct = cfg.conntrack
-        spec.set_max_entries(CT_MAP_TCP, ct.tcp_max)
-        spec.set_max_entries(CT_MAP_ANY, ct.any_max)
+        present = spec.maps
+        for map_name, size in ((CT_MAP_TCP, sizing.tcp), (CT_MAP_ANY, sizing.any), (NAT_MAP, sizing.nat)):
+            if map_name in present:
+                spec.set_max_entries(map_name, size.entries)
         for var, value in ct.timeouts.rodata().items():
             spec.set_const(var, value)
         spec.set_const("ct_report_flags", ct.report_flags)
@@ -96,7 +100,8 @@ def _apply(cfg: NodeConfig) -> ApplyResult:
         raise NotFoundError(f"interface{'s' if len(missing) > 1 else ''} {', '.join(missing)}", "apply",
                             detail=f"not found in {where}; nothing was changed")
 
-    spec = open_object(OBJ_LXC, cfg, pin_root)
+    sizing = cfg.conntrack.sizing()
+    spec = open_object(OBJ_LXC, cfg, pin_root, sizing)
     coll = spec.load()   # checks every existing pin first; reuses or refuses
     reused = coll.reused_pins
     new_pins = [p for p in _pin_paths(coll, pin_root) if p not in reused]
@@ -131,7 +136,10 @@ def _apply(cfg: NodeConfig) -> ApplyResult:
         if a.mode is AttachMode.TC and a.ifname in created:
             a.created_clsact = True
     state.save(state.NodeState(pin_root=pin_root, netns=cfg.netns, attachments=attachments,
-                               endpoints={e.ipv4: e.ifname for e in cfg.endpoints}))
+                               endpoints={e.ipv4: e.ifname for e in cfg.endpoints},
+                               sizing=sizing.to_json(),
+                               gc={"interval": cfg.conntrack.gc_interval,
+                                   "max_interval": cfg.conntrack.gc_max_interval}))
     log.info("applied", node=cfg.name, endpoints=len(cfg.endpoints), attachments=len(attachments),
              modes=sorted({a.mode.value for a in attachments}), reused_pins=len(reused))
     return ApplyResult(attachments=attachments, endpoints=len(cfg.endpoints), reused_pins=reused)

@@ -36,7 +36,8 @@ class ConfigError(TupletError):
 
     def __init__(self, key: str, detail: str) -> None:
         self.key = key
-        super().__init__(f"config {key}" if key else "config", detail=detail)
+        what = key if key.startswith("--") else (f"config {key}" if key else "config")
+        super().__init__(what, detail=detail)
 
 
 class NotFoundError(TupletError):

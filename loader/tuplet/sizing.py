@@ -90,6 +90,15 @@ class Sizing:
         """The three maps in display order."""
         return (self.tcp, self.any, self.nat)
 
+    def to_json(self) -> dict[str, object]:
+        return {"dynamic": self.dynamic, "ratio": self.ratio, "mem_total": self.mem_total,
+                "maps": [m.__dict__ for m in self.maps()]}
+
+    @classmethod
+    def from_json(cls, d: dict[str, object]) -> "Sizing":
+        tcp, any_, nat = (MapSize(**m) for m in d["maps"])  # type: ignore[union-attr]
+        return cls(tcp, any_, nat, float(d["ratio"]), int(d["mem_total"]), bool(d["dynamic"]))  # type: ignore[arg-type]
+
     def describe(self, verbose: bool = False) -> list[str]:
         """Lines of a status block like the reference's ``BPF Maps:`` section.
 

@@ -9,6 +9,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .links import Attachment
 
@@ -21,11 +22,13 @@ class NodeState:
     netns: str | None = None
     attachments: list[Attachment] = field(default_factory=list)
     endpoints: dict[str, str] = field(default_factory=dict)   # ipv4 -> ifname
+    sizing: dict[str, Any] | None = None                      # Sizing.to_json() at apply
+    gc: dict[str, Any] | None = None                          # GC schedule settings at apply
 
     def to_json(self) -> dict[str, object]:
         return {"pin_root": self.pin_root, "netns": self.netns,
                 "attachments": [a.to_json() for a in self.attachments],
-                "endpoints": self.endpoints}
+                "endpoints": self.endpoints, "sizing": self.sizing, "gc": self.gc}
 
 
 def state_path(pin_root: str) -> Path:
@@ -41,7 +44,7 @@ def load(pin_root: str) -> NodeState | None:
         return None
     return NodeState(pin_root=d["pin_root"], netns=d.get("netns"),
                      attachments=[Attachment.from_json(a) for a in d.get("attachments", [])],
-                     endpoints=dict(d.get("endpoints", {})))
+                     endpoints=dict(d.get("endpoints", {})), sizing=d.get("sizing"), gc=d.get("gc"))
 
 
 def save(st: NodeState) -> None:
