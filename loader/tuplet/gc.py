@@ -48,6 +48,7 @@ GC_PROGRAM = "tpl_ct_gc"
 _ARGS_OFF = 14
 _ARGS = struct.Struct("<II4Q")
 _MAP_SELECTOR = {CT_MAP_TCP: 0, CT_MAP_ANY: 1}
+_WALK_ONLY = 0x80000000
 TUPLE_F_OUT = 0
 
 
@@ -219,6 +220,15 @@ class CtGc:
         _, _, alive, deleted, nat_deleted, gone = _ARGS.unpack_from(r.data, _ARGS_OFF)
         return MapGcStats(m.name, alive=alive, deleted=deleted, nat_deleted=nat_deleted,
                           max_entries=m.max_entries)
+
+    def walk_only(self, m: Map) -> int:
+        """Visit every entry of ``m`` in the kernel and do nothing else (a benchmark floor)."""
+        assert self._coll is not None, "walk_only needs the kernel method"
+        pkt = bytes(_ARGS_OFF) + _ARGS.pack(0, _MAP_SELECTOR[m.name] | _WALK_ONLY, 0, 0, 0, 0)
+        r = self._coll.programs[GC_PROGRAM].test_run(pkt, out_size=len(pkt))
+        if r.retval != 0:
+            raise TupletError(f"program {GC_PROGRAM}", "walk", detail=f"returned {r.retval}")
+        return _ARGS.unpack_from(r.data, _ARGS_OFF)[2]
 
     # --- batch ----------------------------------------------------------------------------------
 
