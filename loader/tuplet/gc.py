@@ -211,24 +211,25 @@ class CtGc:
 
     # --- kernel ---------------------------------------------------------------------------------
 
-    def _kernel_map(self, m: Map, now: int) -> MapGcStats:
-        assert self._coll is not None
-        pkt = bytes(_ARGS_OFF) + _ARGS.pack(now, _MAP_SELECTOR[m.name], 0, 0, 0, 0)
+    def _run_program(self, selector: int, now: int) -> tuple[int, int, int]:
+        """Run tpl_ct_gc once; returns (alive, deleted, nat_deleted) as it counted them."""
+        assert self._coll is not None, "needs the kernel method"
+        pkt = bytes(_ARGS_OFF) + _ARGS.pack(now, selector, 0, 0, 0, 0)
         r = self._coll.programs[GC_PROGRAM].test_run(pkt, out_size=len(pkt))
         if r.retval != 0:
-            raise TupletError(f"program {GC_PROGRAM}", "gc", detail=f"returned {r.retval} for {m.name}")
-        _, _, alive, deleted, nat_deleted, gone = _ARGS.unpack_from(r.data, _ARGS_OFF)
+            raise TupletError(f"program {GC_PROGRAM}", "gc", detail=f"returned {r.retval} for map "
+                              f"selector {selector:#x}")
+        _, _, alive, deleted, nat_deleted, _gone = _ARGS.unpack_from(r.data, _ARGS_OFF)
+        return alive, deleted, nat_deleted
+
+    def _kernel_map(self, m: Map, now: int) -> MapGcStats:
+        alive, deleted, nat_deleted = self._run_program(_MAP_SELECTOR[m.name], now)
         return MapGcStats(m.name, alive=alive, deleted=deleted, nat_deleted=nat_deleted,
                           max_entries=m.max_entries)
 
     def walk_only(self, m: Map) -> int:
         """Visit every entry of ``m`` in the kernel and do nothing else (a benchmark floor)."""
-        assert self._coll is not None, "walk_only needs the kernel method"
-        pkt = bytes(_ARGS_OFF) + _ARGS.pack(0, _MAP_SELECTOR[m.name] | _WALK_ONLY, 0, 0, 0, 0)
-        r = self._coll.programs[GC_PROGRAM].test_run(pkt, out_size=len(pkt))
-        if r.retval != 0:
-            raise TupletError(f"program {GC_PROGRAM}", "walk", detail=f"returned {r.retval}")
-        return _ARGS.unpack_from(r.data, _ARGS_OFF)[2]
+        return self._run_program(_MAP_SELECTOR[m.name] | _WALK_ONLY, 0)[0]
 
     # --- batch ----------------------------------------------------------------------------------
 
