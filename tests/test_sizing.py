@@ -131,20 +131,31 @@ def test_node_memory_bytes_of_this_host() -> None:
 
 def test_describe() -> None:
     s = compute_sizing(16 * GIB)
+    assert s.summary() == "dynamic sizing: on (ratio: 0.002500)"
     assert s.describe() == [
-        "BPF Maps: dynamic sizing: on (ratio: 0.002500)",
-        "Name  Size",
-        "TCP connection tracking  151765",
-        "Non-TCP connection tracking  75882",
-        "NAT  151765",
+        "BPF Maps:   dynamic sizing: on (ratio: 0.002500)",
+        "  Name                          Size",
+        "  Non-TCP connection tracking   75882",
+        "  TCP connection tracking       151765",
+        "  NAT                           151765",
     ]
     verbose = s.describe(verbose=True)
-    assert verbose[2:4] == [
-        "TCP connection tracking  151765",
-        "  dynamic: 0.0025 x 16.0 GiB = 42949672 B; 524288 x 42949672 / 148373504 = 151765",
+    assert verbose[:5] == s.describe()
+    assert verbose[5:7] == [
+        "  Derivation:",
+        "    Non-TCP connection tracking: dynamic, 0.0025 x 16.0 GiB = 42949672 B; "
+        "262144 x 42949672 / 148373504 = 75882",
     ]
-    assert len(verbose) == 8
-    off = compute_sizing(16 * GIB, ratio=0).describe()
-    assert off[0] == "BPF Maps: dynamic sizing: off"
-    assert off[2:] == ["TCP connection tracking  524288", "Non-TCP connection tracking  262144",
-                       "NAT  524288"]
+    assert len(verbose) == 9
+    off = compute_sizing(16 * GIB, ratio=0, tcp=2048).describe(verbose=True)
+    assert off[0] == "BPF Maps:   dynamic sizing: off"
+    assert off[2:5] == ["  Non-TCP connection tracking   262144", "  TCP connection tracking       2048",
+                        "  NAT                           176128"]
+    assert off[6:] == ["    Non-TCP connection tracking: default, default 262144",
+                       "    TCP connection tracking: explicit, --bpf-ct-global-tcp-max=2048",
+                       "    NAT: default, (2048 + 262144) x 2 / 3 = 176128"]
+
+
+def test_json_round_trip() -> None:
+    s = compute_sizing(16 * GIB, any_=4096)
+    assert sizing.Sizing.from_json(s.to_json()) == s

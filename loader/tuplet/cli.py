@@ -5,12 +5,13 @@ import argparse
 import json
 import os
 import sys
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from . import config as configmod
 from . import ct, datapath, metrics, options, state
 from . import log as logmod
 from .bpffs import DEFAULT_PIN_ROOT
+from .gc_schedule import EARLY_MIN_GAP, describe_settings
 from .sizing import Sizing
 
 if TYPE_CHECKING:
@@ -199,7 +200,8 @@ def _gc_follow(args: argparse.Namespace, root: str, collector: "CtGc", stack: "E
     def show(rep: PassReport) -> None:
         r = rep.result
         print(f"gc pass ({rep.reason}, {r.method}): {r.deleted} deleted, {r.nat_deleted} NAT, "
-              f"{r.alive} alive in {r.duration * 1000:.1f} ms; next in {rep.interval:g}s", flush=True)
+              f"{r.alive} alive in {r.duration * 1000:.1f} ms; delete ratio {rep.ratio:.4f}, "
+              f"next in {rep.interval:g}s", flush=True)
 
     stop = threading.Event()
     for s in (sig.SIGINT, sig.SIGTERM):
@@ -238,7 +240,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             tables.append({"map": name, "entries": m.count(), "max_entries": m.max_entries})
     atts = [a.to_json() for a in st.attachments] if st else []
     sz = Sizing.from_json(st.sizing) if st and st.sizing else None
-    gc_cfg = st.gc if st and st.gc else {}
+    gc_cfg = _gc_settings(st.gc if st else None)
+    verbose = bool(args.verbose or args.status_verbose)
     if args.output == "json":
         json.dump({"pin_root": root, "netns": st.netns if st else None, "attachments": atts,
                    "tables": tables, "sizing": sz.to_json() if sz else None, "gc": gc_cfg},
@@ -255,23 +258,23 @@ def cmd_status(args: argparse.Namespace) -> int:
     for t in tables:
         fill = 100.0 * t["entries"] / t["max_entries"]
         print(f"  {t['map']:<16} {t['entries']:>9} / {t['max_entries']:<9} ({fill:.1f}%)")
-    if sz:
-        state_ = f"on (ratio: {sz.ratio:f})" if sz.dynamic else "off"
-        if not (args.verbose or args.status_verbose):
-            print(f"BPF Maps:     dynamic sizing: {state_}")
-        else:
-            print(f"BPF Maps:   dynamic sizing: {state_}")
-            print(f"  {'Name':<30}{'Size':>10}")
-            for m in sz.maps():
-                print(f"  {m.name:<30}{m.entries:>10}")
-            print("  Derivation:")
-            for m in sz.maps():
-                print(f"    {m.name}: {m.source}, {m.derivation}")
-            interval = float(gc_cfg.get("interval", 0) or 0)
-            cap = float(gc_cfg.get("max_interval", 0) or 0)
-            mode = f"fixed {interval:g}s" if interval else "adaptive (from 5m, 10s..12h)"
-            print(f"Conntrack GC: interval {mode}" + (f", max {cap:g}s" if cap else ""))
+    if sz and not verbose:
+        print(f"BPF Maps:     {sz.summary()}")
+    elif sz:
+        print("\n".join(sz.describe(verbose=True)))
+    if verbose and gc_cfg:
+        print(f"Conntrack GC: {describe_settings(gc_cfg['interval'], gc_cfg['max_interval'])}")
     return 0
+
+
+def _gc_settings(recorded: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The GC settings ``apply`` recorded, with the mode spelled out (None: not recorded)."""
+    if not recorded:
+        return None
+    interval = float(recorded.get("interval") or 0)
+    cap = float(recorded.get("max_interval") or 0)
+    return {"mode": "fixed" if interval else "adaptive", "interval": interval, "max_interval": cap,
+            "early_min_gap": EARLY_MIN_GAP}
 
 
 def cmd_metrics(args: argparse.Namespace) -> int:

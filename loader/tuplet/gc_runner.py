@@ -16,6 +16,7 @@ from typing import Callable, Protocol
 import structlog
 
 from .gc import CtGc, GcResult
+from .gc_schedule import delete_ratio
 from .signals import SignalReader
 
 log = structlog.get_logger("tuplet.gc")
@@ -26,7 +27,7 @@ MAX_WAIT = 1.0
 
 class Schedule(Protocol):
     def next_due(self, last_pass: float) -> float: ...
-    def after_pass(self, deleted: int, capacity: int) -> float: ...
+    def after_pass(self, ratio: float) -> float: ...
     def request_early(self, now: float) -> bool: ...
 
 
@@ -35,6 +36,7 @@ class PassReport:
     reason: str          # "interval", "early" or "start"
     result: GcResult
     interval: float      # the interval the schedule chose after this pass
+    ratio: float = 0.0   # the pass's delete ratio (largest deleted / max_entries of a map)
 
 
 class GcRunner:
@@ -52,12 +54,14 @@ class GcRunner:
 
     def run_pass(self, reason: str) -> PassReport:
         res = self.gc.run()
-        interval = self.schedule.after_pass(res.deleted, res.capacity)
+        ratio = delete_ratio((m.deleted, m.max_entries) for m in res.maps)
+        interval = self.schedule.after_pass(ratio)
         self.last_pass = self.clock()
         self.passes += 1
-        report = PassReport(reason, res, interval)
+        report = PassReport(reason, res, interval, ratio)
         log.info("gc scheduled pass", reason=reason, deleted=res.deleted, alive=res.alive,
-                 duration_s=round(res.duration, 4), next_interval_s=round(interval, 3))
+                 delete_ratio=round(ratio, 6), duration_s=round(res.duration, 4),
+                 next_interval_s=round(interval, 3))
         if self.on_pass:
             self.on_pass(report)
         return report

@@ -46,6 +46,9 @@ FLAG_RATIO = "bpf-map-dynamic-size-ratio"
 
 Source = Literal["dynamic", "explicit", "default"]
 
+#: Width of the name column of :meth:`Sizing.describe`.
+NAME_WIDTH = 30
+
 
 @dataclass(frozen=True)
 class EntrySizes:
@@ -99,18 +102,26 @@ class Sizing:
         tcp, any_, nat = (MapSize(**m) for m in d["maps"])  # type: ignore[union-attr]
         return cls(tcp, any_, nat, float(d["ratio"]), int(d["mem_total"]), bool(d["dynamic"]))  # type: ignore[arg-type]
 
+    def display_order(self) -> tuple[MapSize, MapSize, MapSize]:
+        """The maps in the order the reference's status lists them."""
+        return (self.any, self.tcp, self.nat)
+
+    def summary(self) -> str:
+        """``dynamic sizing: on (ratio: 0.002500)`` or ``dynamic sizing: off``."""
+        state = f"on (ratio: {self.ratio:f})" if self.dynamic else "off"
+        return f"dynamic sizing: {state}"
+
     def describe(self, verbose: bool = False) -> list[str]:
         """Lines of a status block like the reference's ``BPF Maps:`` section.
 
-        With ``verbose`` each row is followed by an indented line saying how its
-        size was reached.
+        With ``verbose`` a ``Derivation:`` part follows, one line per map saying where
+        its size came from (dynamic, explicit or default) and how it was reached.
         """
-        state = f"on (ratio: {self.ratio:f})" if self.dynamic else "off"
-        lines = [f"BPF Maps: dynamic sizing: {state}", "Name  Size"]
-        for m in self.maps():
-            lines.append(f"{m.name}  {m.entries}")
-            if verbose:
-                lines.append(f"  {m.source}: {m.derivation}")
+        lines = [f"BPF Maps:   {self.summary()}", f"  {'Name':<{NAME_WIDTH}}Size"]
+        lines += [f"  {m.name:<{NAME_WIDTH}}{m.entries}" for m in self.display_order()]
+        if verbose:
+            lines.append("  Derivation:")
+            lines += [f"    {m.name}: {m.source}, {m.derivation}" for m in self.display_order()]
         return lines
 
 
