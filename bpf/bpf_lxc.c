@@ -1,8 +1,10 @@
 // SPDX-License-Identifier: GPL-2.0
 /* Programs on a pod's host-side veth.
  *
- *   cil_from_container  veth ingress: packets the pod sends (CT_EGRESS)
- *   cil_to_container    veth egress:  packets the pod receives (CT_INGRESS)
+ *   cil_from_container  veth ingress: packets the pod sends (CT_EGRESS); a
+ *                       packet to a service is DNATed to a backend first
+ *   cil_to_container    veth egress:  packets the pod receives (CT_INGRESS); a
+ *                       reply of a service flow gets the service address back
  *
  * Both track the packet and let the kernel forward it; malformed packets are
  * dropped with a counted reason, anything that is not IPv4 passes untouched.
@@ -15,30 +17,19 @@
 #include "lib/endpoint.h"
 #include "lib/conntrack.h"
 #include "lib/nat_map.h"
+#include "lib/lb.h"
 
 char LICENSE[] SEC("license") = "GPL";
-
-static __always_inline enum tpl_reason ct_status_reason(int status)
-{
-	switch (status) {
-	case CT_ESTABLISHED:
-		return TPL_PASS_CT_ESTABLISHED;
-	case CT_REPLY:
-		return TPL_PASS_CT_REPLY;
-	case CT_RELATED:
-		return TPL_PASS_CT_RELATED;
-	case CT_REOPENED:
-		return TPL_PASS_CT_REOPENED;
-	}
-	return TPL_PASS_CT_NEW;
-}
 
 /* Track one packet of a local endpoint. Returns the verdict reason. */
 static __always_inline enum tpl_reason lxc_track4(struct __sk_buff *skb, enum ct_dir dir)
 {
 	struct ipv4_ct_tuple tuple = {};
 	struct ct_state st = {};
+	struct lb4_backend be;
+	struct lb4_key key;
 	struct pkt4 p = {};
+	__u16 rev_nat = 0;
 	int ret;
 
 	ret = pkt4_parse_l3(skb, &p);
@@ -54,7 +45,24 @@ static __always_inline enum tpl_reason lxc_track4(struct __sk_buff *skb, enum ct
 	if (ret)
 		return ret;
 
+	if (dir == CT_EGRESS) {
+		struct lb4_service *svc = lb4_lookup_service(&key, &p);
+
+		if (svc) {
+			rev_nat = svc->rev_nat_index;
+			ret = lb4_local(skb, &p, &key, svc, LB_SELECT_RANDOM, false, &be);
+			if (ret)
+				return ret;
+		}
+	}
+
 	ret = ct_lookup4(&tuple, &p, dir, skb->len, &st);
+	if (ret == CT_REPLY && st.rev_nat_index && dir == CT_INGRESS) {
+		int nat = lb4_rev_nat(skb, &p, st.rev_nat_index);
+
+		if (nat)
+			return nat;
+	}
 	if (ret != CT_NEW)
 		return ct_status_reason(ret);
 
@@ -65,6 +73,7 @@ static __always_inline enum tpl_reason lxc_track4(struct __sk_buff *skb, enum ct
 		return TPL_PASS_CT_UNTRACKED_RST;
 
 	st.src_sec_id = endpoint_identity4(p.saddr);
+	st.rev_nat_index = rev_nat;
 	ret = ct_create4(&tuple, dir, &st, p.tcp_flags, skb->len);
 	if (ret)
 		return ret;

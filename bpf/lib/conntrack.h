@@ -278,6 +278,22 @@ static __always_inline int ct_lookup4(struct ipv4_ct_tuple *tuple, const struct 
 			    related ? CT_RELATED : CT_ESTABLISHED, st);
 }
 
+/* The verdict reason of a lookup that found an entry. */
+static __always_inline enum tpl_reason ct_status_reason(int status)
+{
+	switch (status) {
+	case CT_ESTABLISHED:
+		return TPL_PASS_CT_ESTABLISHED;
+	case CT_REPLY:
+		return TPL_PASS_CT_REPLY;
+	case CT_RELATED:
+		return TPL_PASS_CT_RELATED;
+	case CT_REOPENED:
+		return TPL_PASS_CT_REOPENED;
+	}
+	return TPL_PASS_CT_NEW;
+}
+
 /* Create the entry for tuple (as left by ct_lookup4) and, for endpoint
  * traffic, its related-ICMP entry. Returns 0 or TPL_DROP_CT_INSERT_FAILED.
  */
@@ -311,7 +327,8 @@ static __always_inline int ct_create4(const struct ipv4_ct_tuple *tuple, enum ct
 		return TPL_DROP_CT_INSERT_FAILED;
 	}
 
-	if (dir != CT_SERVICE) {
+	/* Endpoint traffic only: service and NodePort entries have no related twin. */
+	if (dir != CT_SERVICE && !st->node_port) {
 		struct ipv4_ct_tuple icmp = {
 			.daddr = tuple->daddr,
 			.saddr = tuple->saddr,

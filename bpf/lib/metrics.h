@@ -22,7 +22,7 @@ struct {
 	__type(value, struct metrics_value);
 	__uint(max_entries, TPL_METRIC_DIRS * TPL_REASON_SLOTS);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} tpl_metrics_v1 SEC(".maps");
+} tpl_metrics_v2 SEC(".maps");
 
 /* Anchors both enums in the object's BTF so the agent can read their names. */
 const volatile enum tpl_reason tpl_reason_names __attribute__((unused)) = 0;
@@ -32,7 +32,7 @@ static __always_inline int tpl_verdict(struct __sk_buff *skb, enum tpl_reason re
 				       enum tpl_metric_dir dir)
 {
 	__u32 idx = (__u32)dir * TPL_REASON_SLOTS + ((__u32)reason & (TPL_REASON_SLOTS - 1));
-	struct metrics_value *m = bpf_map_lookup_elem(&tpl_metrics_v1, &idx);
+	struct metrics_value *m = bpf_map_lookup_elem(&tpl_metrics_v2, &idx);
 
 	if (m) {
 		m->packets += 1;

@@ -21,20 +21,27 @@ enum tpl_reason {
 	TPL_PASS_FRAGMENT = 7,         /* non-first IPv4 fragment: no L4 header */
 	TPL_PASS_ICMP_UNRELATED = 8,   /* ICMP error matching no tracked flow */
 	TPL_PASS_CT_UNTRACKED_RST = 9, /* TCP reset matching no tracked flow */
+	TPL_PASS_NETDEV_UNTRACKED = 10,/* node NIC: not a service flow, left to the stack */
 
 	TPL_DROP_BASE = 128,
 	TPL_DROP_INVALID_L3 = 128,       /* truncated or malformed Ethernet/IPv4 header */
 	TPL_DROP_CT_INVALID_HDR = 129,   /* truncated or malformed TCP/UDP/ICMP header */
 	TPL_DROP_CT_INSERT_FAILED = 130, /* CT: Map insertion failed */
+	TPL_DROP_NO_SERVICE_BACKEND = 131, /* service without a usable backend */
+	TPL_DROP_NAT_REWRITE = 132,      /* the kernel refused an address/port rewrite */
+	TPL_DROP_REMOTE_BACKEND = 133,   /* NodePort/LB backend on another node: DSR not available */
+	TPL_DROP_REV_NAT_MISSING = 134,  /* reply of a service flow whose reverse-NAT entry is gone */
 
 	TPL_REASON_SLOTS = 256,
 };
 
-/* Metric direction, from the node's point of view of the pod or device. */
+/* Metric direction: which program counted. */
 enum tpl_metric_dir {
-	TPL_METRIC_EGRESS = 0,   /* leaving a pod / leaving the node */
-	TPL_METRIC_INGRESS = 1,  /* entering a pod / entering the node */
-	TPL_METRIC_DIRS = 2,
+	TPL_METRIC_EGRESS = 0,          /* leaving a pod (cil_from_container) */
+	TPL_METRIC_INGRESS = 1,         /* entering a pod (cil_to_container) */
+	TPL_METRIC_NETDEV_INGRESS = 2,  /* entering the node on its NIC (cil_from_netdev) */
+	TPL_METRIC_NETDEV_EGRESS = 3,   /* leaving the node on its NIC (cil_to_netdev) */
+	TPL_METRIC_DIRS = 4,
 };
 
 #endif

@@ -279,17 +279,18 @@ def _gc_settings(recorded: dict[str, Any] | None) -> dict[str, Any] | None:
 
 def cmd_metrics(args: argparse.Namespace) -> int:
     root = _pin_root(args)
-    names = metrics.reason_names(str(datapath.object_dir() / datapath.OBJ_LXC))
+    obj = str(datapath.object_dir() / datapath.OBJ_LXC)
+    names = metrics.reason_names(obj)
     with datapath.open_pinned(root, datapath.METRICS_MAP) as m:
-        counters = metrics.read(m, names)
+        counters = metrics.read(m, names, metrics.direction_names(obj))
     counters.sort(key=lambda c: (c.direction, c.reason))
     if args.output == "json":
         json.dump([c.__dict__ for c in counters], sys.stdout, indent=2)
         print()
         return 0
-    print(f"{'DIRECTION':<9} {'REASON':<24} {'PACKETS':>10} {'BYTES':>12}")
+    print(f"{'DIRECTION':<14} {'REASON':<26} {'PACKETS':>10} {'BYTES':>12}")
     for c in counters:
-        print(f"{c.direction:<9} {c.reason:<24} {c.packets:>10} {c.bytes:>12}")
+        print(f"{c.direction:<14} {c.reason:<26} {c.packets:>10} {c.bytes:>12}")
     return 0
 
 

@@ -28,8 +28,9 @@ from .sizing import Sizing
 log = structlog.get_logger("tuplet.datapath")
 
 OBJ_LXC = "bpf_lxc.o"
+OBJ_HOST = "bpf_host.o"
 EP_MAP = "tpl_ep4_v1"
-METRICS_MAP = "tpl_metrics_v1"
+METRICS_MAP = "tpl_metrics_v2"
 
 # (program, hook) per endpoint: packets leaving the pod enter the host-side veth.
 LXC_HOOKS = (("cil_from_container", Hook.INGRESS), ("cil_to_container", Hook.EGRESS))

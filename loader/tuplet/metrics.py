@@ -9,7 +9,6 @@ from .layouts import MetricsValue
 from .maps import Map
 
 REASON_SLOTS = 256
-DIRECTIONS = ("egress", "ingress")
 
 
 @dataclass(frozen=True)
@@ -32,8 +31,17 @@ def reason_names(obj_path: str) -> dict[int, str]:
             if not k.endswith(("_BASE", "_SLOTS"))}
 
 
-def read(m: Map, names: dict[int, str]) -> list[Counter]:
-    """Non-zero counters, summed over CPUs."""
+@lru_cache(maxsize=4)
+def direction_names(obj_path: str) -> dict[int, str]:
+    """Metric directions to names (``egress``, ``ingress``, ``netdev_ingress``...) from BTF."""
+    btf = load_btf_from_elf(obj_path)
+    return {v: k.removeprefix("TPL_METRIC_").lower() for k, v in btf.enum_values("tpl_metric_dir").items()
+            if k != "TPL_METRIC_DIRS"}
+
+
+def read(m: Map, names: dict[int, str], directions: dict[int, str] | None = None) -> list[Counter]:
+    """Non-zero counters, summed over CPUs. ``directions`` defaults to the pod programs' two."""
+    directions = directions or {0: "egress", 1: "ingress"}
     out = []
     stride = m.value_stride
     for key, value in m.items():
@@ -45,6 +53,6 @@ def read(m: Map, names: dict[int, str]) -> list[Counter]:
             bytes_ += v.bytes
         if packets:
             d, r = divmod(idx, REASON_SLOTS)
-            out.append(Counter(names.get(r, f"reason_{r}"), DIRECTIONS[d] if d < len(DIRECTIONS) else str(d),
+            out.append(Counter(names.get(r, f"reason_{r}"), directions.get(d, str(d)),
                                packets, bytes_))
     return out

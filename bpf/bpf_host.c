@@ -1,0 +1,58 @@
+// SPDX-License-Identifier: GPL-2.0
+/* Programs on the node's NIC.
+ *
+ *   cil_from_netdev  NIC ingress: NodePort / LoadBalancer flows to local backends
+ *   cil_to_netdev    NIC egress:  their replies, reverse-NATed to the service address
+ *
+ * Traffic that is not a service flow passes untouched (the pod-side programs
+ * track it); malformed IPv4 is dropped with a counted reason.
+ */
+#include "lib/compiler.h"
+#include "lib/config.h"
+#include "lib/reasons.h"
+#include "lib/metrics.h"
+#include "lib/packet.h"
+#include "lib/conntrack.h"
+#include "lib/nat_map.h"
+#include "lib/lb.h"
+#include "lib/nodeport.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+/* Parse; returns 0 with p filled for a TCP/UDP first fragment, else the reason. */
+static __always_inline int netdev_parse4(struct __sk_buff *skb, struct pkt4 *p)
+{
+	int ret = pkt4_parse_l3(skb, p);
+
+	if (ret == 0)
+		return TPL_PASS_NOT_IPV4;
+	if (ret != 1)
+		return ret;
+	if (p->fragment)
+		return TPL_PASS_FRAGMENT;
+	if (p->proto != IPPROTO_TCP && p->proto != IPPROTO_UDP)
+		return TPL_PASS_NETDEV_UNTRACKED;
+	return pkt4_parse_l4(skb, p);
+}
+
+SEC("tc")
+int cil_from_netdev(struct __sk_buff *skb)
+{
+	struct pkt4 p = {};
+	int ret = netdev_parse4(skb, &p);
+
+	if (!ret)
+		ret = nodeport_lb4(skb, &p);
+	return tpl_verdict(skb, ret, TPL_METRIC_NETDEV_INGRESS);
+}
+
+SEC("tc")
+int cil_to_netdev(struct __sk_buff *skb)
+{
+	struct pkt4 p = {};
+	int ret = netdev_parse4(skb, &p);
+
+	if (!ret)
+		ret = nodeport_rev_nat4(skb, &p);
+	return tpl_verdict(skb, ret, TPL_METRIC_NETDEV_EGRESS);
+}

@@ -1,0 +1,163 @@
+"""Both datapath objects (pod side and node NIC side) loaded without pins, sharing
+their maps, for running service packets through BPF_PROG_TEST_RUN."""
+from __future__ import annotations
+
+import socket
+import struct
+from dataclasses import dataclass
+
+from lxc_harness import MAC_A, MAC_B, LxcHarness, Verdict
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.l2 import Ether
+from scapy.packet import Packet, Raw
+
+from tuplet import maglev, metrics
+from tuplet.config import NodeConfig
+from tuplet.datapath import OBJ_HOST, OBJ_LXC, object_dir, open_object
+from tuplet.layouts import ip_to_be32
+from tuplet.objects import Collection
+
+SERVICES = "tpl_lb4_services_v1"
+BACKENDS = "tpl_lb4_backends_v1"
+REV_NAT = "tpl_lb4_reverse_nat_v1"
+MAGLEV = "tpl_lb4_maglev_v1"
+AFFINITY = "tpl_lb4_affinity_v1"
+
+F_EXTERNAL, F_NODEPORT, F_LOADBALANCER, F_AFFINITY = 1, 2, 4, 8
+BACKEND_F_REMOTE = 1
+BANK_STRIDE = 0x8000
+
+
+@dataclass(frozen=True)
+class Svc:
+    """What a test programs: a service and its backends ((address, port, remote) by id)."""
+
+    address: str
+    port: int
+    proto: int
+    rev_nat: int
+    backends: dict[int, tuple[str, int, bool]]
+    flags: int = 0
+    affinity_timeout: int = 0
+    maglev_size: int = 251
+    bank: int = 0
+
+
+def svc_key(address: str, port: int, proto: int, slot: int = 0) -> bytes:
+    return struct.pack("<IHHBBH", ip_to_be32(address), socket.htons(port), slot, proto, 0, 0)
+
+
+class LbHarness(LxcHarness):
+    """The pod-side harness plus bpf_host.o on the same maps, and a raw service writer."""
+
+    def __init__(self, coll: Collection, host: Collection) -> None:
+        super().__init__(coll)
+        self.host = host
+        obj = str(object_dir() / OBJ_LXC)
+        self.dirs = metrics.direction_names(obj)
+
+    @classmethod
+    def load_both(cls, consts: dict[str, int] | None = None) -> "LbHarness":
+        lxc = LxcHarness.load(consts={"ct_accounting": 0, **(consts or {})})
+        spec = open_object(OBJ_HOST, NodeConfig(), pin_root=None)
+        try:
+            for name in spec.maps:
+                if name in lxc.coll.maps and not name.startswith("."):
+                    spec.reuse_map(name, lxc.coll.maps[name])
+            for k, v in {"ct_accounting": 0, **(consts or {})}.items():
+                spec.set_const(k, v)
+            host = spec.load()
+        except BaseException:
+            lxc.close()
+            raise
+        finally:
+            spec.close()
+        return cls(lxc.coll, host)
+
+    def close(self) -> None:
+        self.host.close()
+        super().close()
+
+    def _counts(self) -> dict[tuple[str, str], int]:
+        return {(c.reason, c.direction): c.packets
+                for c in metrics.read(self.coll.maps["tpl_metrics_v2"], self.names, self.dirs)}
+
+    def run_out(self, prog: str, packet: bytes) -> tuple[Verdict, bytes]:
+        """Run one packet; the verdict and the packet as the program left it."""
+        before = self._counts()
+        coll = self.host if prog in self.host.programs else self.coll
+        res = coll.programs[prog].test_run(packet)
+        after = self._counts()
+        changed = [k for k in after if after[k] != before.get(k, 0)]
+        assert len(changed) == 1, f"expected exactly one counter to move, got {changed}"
+        return Verdict(res.retval, changed[0][0]), res.data
+
+    # --- services, written the way the agent does: slots, then the Maglev table, then slot 0 ---
+
+    def program(self, s: Svc) -> None:
+        m = self.coll.maps
+        for bid, (addr, port, remote) in s.backends.items():
+            m[BACKENDS].update(bid, struct.pack("<IHBBI", ip_to_be32(addr), socket.htons(port), s.proto,
+                                                BACKEND_F_REMOTE if remote else 0, 0))
+        base = BANK_STRIDE if s.bank else 0
+        for i, bid in enumerate(s.backends, start=1):
+            m[SERVICES].update(svc_key(s.address, s.port, s.proto, base + i), struct.pack("<IIIHHBBH", bid, 0, 0,
+                                                                                        0, 0, 0, 0, 0))
+        ids = list(s.backends)
+        if ids:
+            table = maglev.build_table([str(i) for i in ids], s.maglev_size)
+            inner = self._inner_map([ids[i] for i in table])
+            m[MAGLEV].update(s.rev_nat.to_bytes(2, "little"), inner.fd.to_bytes(4, "little"))
+            inner.close()
+        m[REV_NAT].update(s.rev_nat.to_bytes(2, "little"),
+                          struct.pack("<IHH", ip_to_be32(s.address), socket.htons(s.port), 0))
+        m[SERVICES].update(svc_key(s.address, s.port, s.proto),
+                           struct.pack("<IIIHHBBH", 0, s.affinity_timeout, s.maglev_size, len(s.backends),
+                                       s.rev_nat, s.flags | (F_AFFINITY if s.affinity_timeout else 0), s.bank, 0))
+
+    def remove_backend(self, bid: int) -> None:
+        self.coll.maps[BACKENDS].delete(bid)
+
+    def _inner_map(self, ids: list[int]):
+        import ctypes
+
+        from tuplet import _libbpf as C
+        from tuplet.libbpf import check, opts
+        from tuplet.maps import Map
+
+        o = opts(C.bpf_map_create_opts, map_flags=4096)
+        fd = check(C.bpf_map_create(C.BPF_MAP_TYPE_ARRAY, b"test_maglev", 4, 4, len(ids), ctypes.byref(o)),
+                   "test Maglev table", "create")
+        inner = Map(fd, "test_maglev")
+        keys = struct.pack(f"<{len(ids)}I", *range(len(ids)))
+        inner.update_batch(keys, struct.pack(f"<{len(ids)}I", *ids), len(ids))
+        return inner
+
+
+def tcp4(src: str, sport: int, dst: str, dport: int, flags: str, payload: bytes = b"") -> bytes:
+    p: Packet = Ether(src=MAC_A, dst=MAC_B) / IP(src=src, dst=dst) / TCP(sport=sport, dport=dport, flags=flags)
+    return bytes(p / Raw(payload)) if payload else bytes(p)
+
+
+def udp4(src: str, sport: int, dst: str, dport: int, payload: bytes = b"x", csum: int | None = None) -> bytes:
+    u = UDP(sport=sport, dport=dport) if csum is None else UDP(sport=sport, dport=dport, chksum=csum)
+    return bytes(Ether(src=MAC_A, dst=MAC_B) / IP(src=src, dst=dst) / u / Raw(payload))
+
+
+def checksums_ok(frame: bytes) -> bool:
+    """Recompute IP and L4 checksums with scapy, independently of the datapath."""
+    p = Ether(frame)
+    ip = p[IP]
+    fresh = IP(bytes(ip))
+    del fresh.chksum
+    l4 = fresh.payload
+    if isinstance(l4, (TCP, UDP)):
+        if isinstance(l4, UDP) and ip[UDP].chksum == 0:
+            l4 = None
+        else:
+            del l4.chksum
+    rebuilt = IP(bytes(fresh))
+    ok = rebuilt.chksum == ip.chksum
+    if l4 is not None and isinstance(rebuilt.payload, (TCP, UDP)):
+        ok = ok and rebuilt.payload.chksum == ip.payload.chksum
+    return ok

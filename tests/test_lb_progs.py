@@ -1,0 +1,262 @@
+"""Services through the real programs (BPF_PROG_TEST_RUN): DNAT and reverse NAT with
+checksums checked by scapy, CT_SERVICE/CT_EGRESS contents as the seed prints them,
+backend stickiness, rebalance after close, affinity, NodePort/LoadBalancer on the NIC."""
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.l2 import Ether
+
+from lb_harness import (F_EXTERNAL, F_LOADBALANCER, F_NODEPORT, LbHarness, Svc, checksums_ok, tcp4,
+                        udp4)
+from lxc_harness import TC_ACT_OK, TC_ACT_SHOT
+from tuplet.layouts import TUPLE_F_OUT, TUPLE_F_SERVICE
+
+POD1, POD2, POD3 = "10.64.0.36", "10.64.0.98", "10.64.0.64"
+VIP, VPORT = "10.68.174.146", 80
+SP, BP = 59530, 8000
+TCP_P, UDP_P = 6, 17
+
+CLIENT, LB_VIP, LB_POD = "172.191.0.1", "172.190.0.17", "10.64.0.39"
+
+
+@pytest.fixture
+def lb() -> LbHarness:
+    h = LbHarness.load_both()
+    h.add_endpoint(POD1, 3096)
+    h.add_endpoint(POD2, 4000)
+    h.add_endpoint(POD3, 4001)
+    h.add_endpoint(LB_POD, 4002)
+    yield h
+    h.close()
+
+
+def clusterip(backends: dict[int, tuple[str, int, bool]] | None = None, **kw) -> Svc:
+    return Svc(VIP, VPORT, TCP_P, 15, {19: (POD2, BP, False)} if backends is None else backends, **kw)
+
+
+def l4(frame: bytes):
+    p = Ether(frame)[IP]
+    return p.src, p.payload.sport, p.dst, p.payload.dport
+
+
+def pod1_sends(h: LbHarness, flags: str, sport: int = SP, payload: bytes = b""):
+    """pod1 -> VIP: out of pod1's veth (DNAT), then into the backend's veth."""
+    v, out = h.run_out("cil_from_container", tcp4(POD1, sport, VIP, VPORT, flags, payload))
+    assert v.retval == TC_ACT_OK, v
+    assert checksums_ok(out)
+    h.run_out("cil_to_container", out)
+    return v, out
+
+
+def backend_replies(h: LbHarness, backend: str, flags: str, sport: int = SP, payload: bytes = b""):
+    """backend -> pod1: out of the backend's veth, then into pod1's (reverse NAT)."""
+    h.run_out("cil_from_container", tcp4(backend, BP, POD1, sport, flags, payload))
+    v, out = h.run_out("cil_to_container", tcp4(backend, BP, POD1, sport, flags, payload))
+    assert v.retval == TC_ACT_OK, v
+    assert checksums_ok(out)
+    return v, out
+
+
+def test_clusterip_tcp_matches_seed(lb: LbHarness) -> None:
+    lb.program(clusterip())
+    t0 = lb.now()
+    v, out = pod1_sends(lb, "S")
+    assert v.reason == "PASS_CT_NEW"
+    assert l4(out) == (POD1, SP, POD2, BP)
+    _, back = backend_replies(lb, POD2, "SA")
+    assert l4(back) == (VIP, VPORT, POD1, SP)          # the pod sees the VIP answer
+    pod1_sends(lb, "A")
+    pod1_sends(lb, "PA", payload=b"GET / HTTP/1.0\r\n\r\n")
+    _, back = backend_replies(lb, POD2, "PA", payload=b"HTTP/1.0 200 OK\r\n\r\n")
+    assert l4(back) == (VIP, VPORT, POD1, SP)
+    pod1_sends(lb, "FA")
+    backend_replies(lb, POD2, "FA")
+    pod1_sends(lb, "A")
+    t1 = lb.now()
+
+    recs = {(r.direction, r.proto, r.related, r.dst[0]): r for r in lb.entries()}
+    svc = recs[("SVC", "TCP", False, VIP)]
+    t = svc.entry.last_tx_report
+    assert t0 <= t <= t1
+    assert svc.line() == (
+        f"TCP SVC 10.64.0.36:59530 -> 10.68.174.146:80 expires={t + 10} Packets=0 Bytes=0 "
+        f"RxFlagsSeen=0x00 LastRxReport=0 TxFlagsSeen=0x1b LastTxReport={t} Flags=0x0013 "
+        "[ RxClosing TxClosing SeenNonSyn ] RevNAT=15 SourceSecurityID=0 IfIndex=0 BackendID=19")
+    out = recs[("OUT", "TCP", False, POD2)]
+    assert out.line().startswith("TCP OUT 10.64.0.36:59530 -> 10.64.0.98:8000 expires=")
+    assert "RxFlagsSeen=0x1b" in out.line() and "TxFlagsSeen=0x1b" in out.line()
+    assert out.line().endswith("Flags=0x0013 [ RxClosing TxClosing SeenNonSyn ] RevNAT=15 "
+                               "SourceSecurityID=3096 IfIndex=0 BackendID=0")
+    rel = recs[("OUT", "ICMP", True, POD2)]
+    assert rel.line().startswith("ICMP OUT 10.64.0.36:0 -> 10.64.0.98:0 related ")
+    assert rel.line().endswith("TxFlagsSeen=0x02 LastTxReport=%d Flags=0x0000 [ ] RevNAT=15 "
+                               "SourceSecurityID=3096 IfIndex=0 BackendID=0" % rel.entry.last_tx_report)
+    # The backend's side is plain pod-to-pod: no service entry, no rev-NAT.
+    inn = recs[("IN", "TCP", False, POD2)]
+    assert "RevNAT=0 SourceSecurityID=3096" in inn.line()
+    assert not [r for r in lb.entries() if r.direction == "SVC" and r.key.saddr != svc.key.saddr]
+
+
+def test_established_connection_keeps_its_backend(lb: LbHarness) -> None:
+    lb.program(clusterip())
+    pod1_sends(lb, "S")
+    backend_replies(lb, POD2, "SA")
+    pod1_sends(lb, "A")
+    # The service's set changes to two other backends (19 stays a known backend).
+    lb.program(clusterip({20: (POD3, BP, False), 21: (LB_POD, BP, False)}, bank=1))
+    for _ in range(5):
+        _, out = pod1_sends(lb, "PA", payload=b"x")
+        assert l4(out)[2] == POD2
+    # New connections pick from the current set only.
+    picked = {l4(pod1_sends(lb, "S", sport=40000 + i)[1])[2] for i in range(30)}
+    assert picked == {POD3, LB_POD}
+
+
+def test_backend_gone_reselects(lb: LbHarness) -> None:
+    lb.program(clusterip({19: (POD2, BP, False), 20: (POD3, BP, False)}))
+    _, out = pod1_sends(lb, "S")
+    first = l4(out)[2]
+    gone = 19 if first == POD2 else 20
+    lb.program(clusterip({20: (POD3, BP, False)} if gone == 19 else {19: (POD2, BP, False)}, bank=1))
+    lb.remove_backend(gone)
+    _, out = pod1_sends(lb, "A")
+    assert l4(out)[2] != first
+    key = [r for r in lb.entries() if r.direction == "SVC"][0]
+    assert key.entry.backend_id == (20 if gone == 19 else 19)
+
+
+def test_syn_after_close_keeps_backend_within_grace_then_rebalances(lb: LbHarness) -> None:
+    lb.program(clusterip())
+    for flags in ("S", "A", "FA"):
+        pod1_sends(lb, flags)
+    svc = [r for r in lb.entries() if r.direction == "SVC"][0].entry
+    assert (svc.rx_closing, svc.tx_closing) == (1, 1)
+    lb.program(clusterip({20: (POD3, BP, False)}, bank=1))     # backend 19 still exists
+    lb.advance(30)                                             # within the 60 s grace
+    v, out = pod1_sends(lb, "S")
+    assert l4(out)[2] == POD2 and v.reason in ("PASS_CT_REOPENED", "PASS_CT_NEW")
+    pod1_sends(lb, "FA")
+    lb.advance(61)                                             # past the grace
+    _, out = pod1_sends(lb, "S")
+    assert l4(out)[2] == POD3
+    assert [r for r in lb.entries() if r.direction == "SVC"][0].entry.backend_id == 20
+
+
+def test_udp_dnat_rev_nat_and_checksums(lb: LbHarness) -> None:
+    lb.program(Svc(VIP, 53, UDP_P, 7, {5: (POD2, 5353, False)}))
+    for csum in (None, 0):                     # computed checksum, and "no checksum"
+        v, out = lb.run_out("cil_from_container", udp4(POD1, 40001, VIP, 53, b"query", csum=csum))
+        assert v.retval == TC_ACT_OK and l4(out) == (POD1, 40001, POD2, 5353)
+        assert checksums_ok(out)
+        assert (Ether(out)[UDP].chksum == 0) == (csum == 0)
+        v, back = lb.run_out("cil_to_container", udp4(POD2, 5353, POD1, 40001, b"answer", csum=csum))
+        assert v.reason == "PASS_CT_REPLY" and l4(back) == (VIP, 53, POD1, 40001)
+        assert checksums_ok(back)
+        lb.coll.maps["tpl_ct_any4_v1"].clear()
+    v, out = lb.run_out("cil_from_container", udp4(POD1, 40002, VIP, 53))
+    svc = lb.entry(POD1, VIP, 53, 40002, UDP_P, TUPLE_F_SERVICE)
+    assert svc is not None and svc.backend_id == 5 and svc.rev_nat_index == 7
+    assert svc.lifetime - lb.now() in (59, 60)
+
+
+def test_service_without_backends_drops(lb: LbHarness) -> None:
+    lb.program(clusterip({}))
+    v, _ = lb.run_out("cil_from_container", tcp4(POD1, SP, VIP, VPORT, "S"))
+    assert (v.retval, v.reason) == (TC_ACT_SHOT, "DROP_NO_SERVICE_BACKEND")
+    assert lb.entries() == []
+
+
+def test_reply_without_rev_nat_entry_is_dropped(lb: LbHarness) -> None:
+    lb.program(clusterip())
+    pod1_sends(lb, "S")
+    lb.coll.maps["tpl_lb4_reverse_nat_v1"].delete((15).to_bytes(2, "little"))
+    v, _ = lb.run_out("cil_to_container", tcp4(POD2, BP, POD1, SP, "SA"))
+    assert (v.retval, v.reason) == (TC_ACT_SHOT, "DROP_REV_NAT_MISSING")
+
+
+def test_affinity_keeps_a_client_on_one_backend(lb: LbHarness) -> None:
+    three = {19: (POD2, BP, False), 20: (POD3, BP, False), 21: (LB_POD, BP, False)}
+    lb.program(clusterip(three, affinity_timeout=100))
+    picked = {l4(pod1_sends(lb, "S", sport=41000 + i)[1])[2] for i in range(20)}
+    assert len(picked) == 1
+    lb.advance(101)            # the client was last seen more than the timeout ago
+    later = {l4(pod1_sends(lb, "S", sport=42000 + i)[1])[2] for i in range(20)}
+    assert len(later) == 1
+    lb.program(clusterip(three))   # affinity off: flows spread again
+    spread = {l4(pod1_sends(lb, "S", sport=43000 + i)[1])[2] for i in range(30)}
+    assert len(spread) > 1
+
+
+def test_nodeport_local_backend_and_reply(lb: LbHarness) -> None:
+    lb.program(Svc(LB_VIP, 80, TCP_P, 24, {24: (LB_POD, BP, False)}, flags=F_EXTERNAL | F_LOADBALANCER))
+    v, out = lb.run_out("cil_from_netdev", tcp4(CLIENT, 53438, LB_VIP, 80, "S"))
+    assert (v.retval, v.reason) == (TC_ACT_OK, "PASS_CT_NEW")
+    assert l4(out) == (CLIENT, 53438, LB_POD, BP) and checksums_ok(out)
+    lb.run_out("cil_to_container", out)
+    lb.run_out("cil_from_container", tcp4(LB_POD, BP, CLIENT, 53438, "SA"))
+    v, back = lb.run_out("cil_to_netdev", tcp4(LB_POD, BP, CLIENT, 53438, "SA"))
+    assert (v.retval, v.reason) == (TC_ACT_OK, "PASS_CT_REPLY")
+    assert l4(back) == (LB_VIP, 80, CLIENT, 53438) and checksums_ok(back)
+    v, out = lb.run_out("cil_from_netdev", tcp4(CLIENT, 53438, LB_VIP, 80, "A"))
+    assert v.reason == "PASS_CT_ESTABLISHED" and l4(out)[2] == LB_POD
+
+    recs = {(r.direction, r.proto, r.related): r for r in lb.entries()}
+    svc = recs[("SVC", "TCP", False)]
+    assert svc.line().startswith("TCP SVC 172.191.0.1:53438 -> 172.190.0.17:80 ")
+    assert svc.line().endswith("RevNAT=24 SourceSecurityID=0 IfIndex=0 BackendID=24")
+    out_e = lb.entry(CLIENT, LB_POD, BP, 53438, TCP_P, TUPLE_F_OUT)
+    assert out_e is not None and out_e.node_port == 1 and out_e.rev_nat_index == 24
+    assert "NodePort" in out_e.flag_names and out_e.ifindex != 0
+    # NodePort flows have no related-ICMP twin on the NIC side; the pod's IN entry has one.
+    assert ("OUT", "ICMP", True) not in recs and ("IN", "ICMP", True) in recs
+
+
+def test_nodeport_on_node_address(lb: LbHarness) -> None:
+    node_ip = "192.168.50.2"
+    lb.program(Svc(node_ip, 30080, UDP_P, 30, {31: (LB_POD, 9000, False)}, flags=F_EXTERNAL | F_NODEPORT))
+    v, out = lb.run_out("cil_from_netdev", udp4(CLIENT, 5000, node_ip, 30080, b"ping"))
+    assert v.reason == "PASS_CT_NEW" and l4(out) == (CLIENT, 5000, LB_POD, 9000) and checksums_ok(out)
+    v, back = lb.run_out("cil_to_netdev", udp4(LB_POD, 9000, CLIENT, 5000, b"pong"))
+    assert v.reason == "PASS_CT_REPLY" and l4(back) == (node_ip, 30080, CLIENT, 5000) and checksums_ok(back)
+
+
+def test_nodeport_remote_backend_is_a_counted_drop(lb: LbHarness) -> None:
+    lb.program(Svc(LB_VIP, 80, TCP_P, 24, {24: ("10.65.0.9", BP, True)}, flags=F_EXTERNAL | F_LOADBALANCER))
+    v, _ = lb.run_out("cil_from_netdev", tcp4(CLIENT, 53438, LB_VIP, 80, "S"))
+    assert (v.retval, v.reason) == (TC_ACT_SHOT, "DROP_REMOTE_BACKEND")
+    assert lb.entries() == []
+    # From a pod the same backend is reachable through the routed pod network.
+    v, out = lb.run_out("cil_from_container", tcp4(POD1, SP, LB_VIP, 80, "S"))
+    assert v.reason == "PASS_CT_NEW" and l4(out)[2] == "10.65.0.9"
+
+
+def test_netdev_leaves_other_traffic_alone(lb: LbHarness) -> None:
+    lb.program(clusterip())                              # ClusterIP: not reachable from the NIC
+    for prog, pkt in (("cil_from_netdev", tcp4(CLIENT, 1000, VIP, VPORT, "S")),
+                      ("cil_from_netdev", tcp4(CLIENT, 1000, POD1, 22, "S")),
+                      ("cil_to_netdev", tcp4(POD1, 22, CLIENT, 1000, "SA"))):
+        v, out = lb.run_out(prog, pkt)
+        assert (v.retval, v.reason) == (TC_ACT_OK, "PASS_NETDEV_UNTRACKED")
+        assert out == pkt
+    assert lb.entries() == []
+
+
+def test_maglev_choice_is_deterministic_across_nodes_and_balanced() -> None:
+    backends = {i: (f"10.64.1.{i}", BP, False) for i in range(1, 6)}
+    svc = Svc(LB_VIP, 80, TCP_P, 40, backends, flags=F_EXTERNAL | F_LOADBALANCER, maglev_size=1021)
+    picks = []
+    for _ in range(2):                                   # two nodes, same table, same flows
+        h = LbHarness.load_both()
+        try:
+            h.program(svc)
+            picks.append([l4(h.run_out("cil_from_netdev", tcp4(f"172.191.{i % 250}.{i // 250 + 1}", 1024 + i,
+                                                                 LB_VIP, 80, "S"))[1])[2] for i in range(1000)])
+        finally:
+            h.close()
+    assert picks[0] == picks[1]
+    counts = Counter(picks[0])
+    assert set(counts) == {a for a, _, _ in backends.values()}
+    assert all(120 <= c <= 280 for c in counts.values()), counts     # 200 expected each
