@@ -4,6 +4,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from typing import Any
 
 from tuplet.topology import Pod, Topology
 
@@ -25,6 +26,12 @@ ECHO_SERVER = textwrap.dedent("""
     while True:
         c, _ = t.accept(); threading.Thread(target=tcp_conn, args=(c,), daemon=True).start()
 """)
+
+# Like ECHO_SERVER, but every answer is prefixed with the server's name (argv[2]),
+# so a client behind a service sees which backend served it.
+NAMED_SERVER = ECHO_SERVER.replace("c.sendall(d)", "c.sendall(NAME + b' ' + d)").replace(
+    "u.sendto(d, peer)", "u.sendto(NAME + b' ' + d, peer)").replace(
+    "port = int(sys.argv[1])", "port = int(sys.argv[1]); NAME = sys.argv[2].encode()")
 
 # One TCP connection kept open; each stdin line is sent and its echo printed.
 # Prints "port N" (the local port) first.
@@ -50,8 +57,11 @@ TCP_ONCE = textwrap.dedent("""
 """)
 
 
-def start_server(topo: Topology, pod: Pod, port: int) -> subprocess.Popen[str]:
-    p = topo.popen(pod, [sys.executable, "-c", ECHO_SERVER, str(port)], stdout=subprocess.PIPE, text=True)
+def start_server(topo: Topology, pod: Pod, port: int, name: str | None = None) -> subprocess.Popen[str]:
+    """An echo server (TCP and UDP on ``port``); with ``name``, answers start with it."""
+    argv = [sys.executable, "-c", ECHO_SERVER, str(port)] if name is None else \
+        [sys.executable, "-c", NAMED_SERVER, str(port), name]
+    p = topo.popen(pod, argv, stdout=subprocess.PIPE, text=True)
     assert p.stdout is not None and p.stdout.readline().strip() == "ready"
     return p
 
@@ -87,3 +97,30 @@ def tcp_once(topo: Topology, pod: Pod, dst: str, port: int) -> None:
 def udp_once(topo: Topology, pod: Pod, dst: str, port: int, sport: int) -> None:
     r = topo.run(pod, [sys.executable, "-c", UDP_ONCE, dst, str(port), str(sport)], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "ping", r.stderr
+
+
+# One request per line of argv: TCP connections (one each) or UDP datagrams; prints
+# "<answer> <peer address>:<peer port>" per request, or "error <what>".
+ASK = textwrap.dedent("""
+    import socket, sys
+    proto, dst, port, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    for i in range(n):
+        try:
+            if proto == "tcp":
+                s = socket.create_connection((dst, port), timeout=3)
+                s.sendall(b"hi"); d = s.recv(100); peer = s.getpeername(); s.close()
+            else:
+                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3)
+                s.sendto(b"hi", (dst, port)); d, peer = s.recvfrom(100); s.close()
+            print(d.decode().split()[0], "%s:%d" % peer, flush=True)
+        except OSError as e:
+            print("error", type(e).__name__, flush=True)
+""")
+
+
+def ask(topo: Topology, host: Pod | Any, proto: str, dst: str, port: int, n: int = 1) -> list[tuple[str, str]]:
+    """``n`` requests to dst:port; (answering server's name, peer as the client saw it) each."""
+    r = topo.run(host, [sys.executable, "-c", ASK, proto, dst, str(port), str(n)], capture_output=True,
+                 text=True, timeout=10 + 4 * n)
+    assert r.returncode == 0, r.stderr
+    return [tuple(line.split(None, 1)) for line in r.stdout.splitlines()]  # type: ignore[misc]

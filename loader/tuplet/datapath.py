@@ -34,6 +34,8 @@ METRICS_MAP = "tpl_metrics_v2"
 
 # (program, hook) per endpoint: packets leaving the pod enter the host-side veth.
 LXC_HOOKS = (("cil_from_container", Hook.INGRESS), ("cil_to_container", Hook.EGRESS))
+# (program, hook) per node device: what enters the node, what leaves it.
+NETDEV_HOOKS = (("cil_from_netdev", Hook.INGRESS), ("cil_to_netdev", Hook.EGRESS))
 
 
 def object_dir() -> Path:
@@ -102,18 +104,29 @@ def _apply(cfg: NodeConfig) -> ApplyResult:
                             detail=f"not found in {where}; nothing was changed")
 
     sizing = cfg.conntrack.sizing()
-    spec = open_object(OBJ_LXC, cfg, pin_root, sizing)
-    coll = spec.load()   # checks every existing pin first; reuses or refuses
-    reused = coll.reused_pins
-    new_pins = [p for p in _pin_paths(coll, pin_root) if p not in reused]
+    colls: list[Collection] = []
+    new_pins: list[str] = []
+    reused: list[str] = []
     made: list[Attachment] = []
+    attachments: list[Attachment] = []
     try:
-        _sync_endpoints(coll, cfg)
-        attachments = []
-        for ep in cfg.endpoints:
-            for prog, hook in LXC_HOOKS:
-                existed = any(a.ifname == ep.ifname and a.hook is hook for a in old.attachments)
-                att = attach(coll.programs[prog], ep.ifname, hook, pin_root, cfg.attach_mode)
+        for obj in (OBJ_LXC, OBJ_HOST):
+            spec = open_object(obj, cfg, pin_root, sizing)
+            try:
+                coll = spec.load()   # checks every existing pin first; reuses or refuses
+            finally:
+                spec.close()
+            colls.append(coll)
+            reused += [p for p in coll.reused_pins if p not in new_pins and p not in reused]
+            new_pins += [p for p in _pin_paths(coll, pin_root) if p not in coll.reused_pins]
+        lxc, host = colls
+        _sync_endpoints(lxc, cfg)
+        plan = [(lxc, ep.ifname, LXC_HOOKS) for ep in cfg.endpoints]
+        plan += [(host, dev.ifname, NETDEV_HOOKS) for dev in cfg.devices]
+        for coll, ifname, hooks in plan:
+            for prog, hook in hooks:
+                existed = any(a.ifname == ifname and a.hook is hook for a in old.attachments)
+                att = attach(coll.programs[prog], ifname, hook, pin_root, cfg.attach_mode)
                 if not existed:
                     made.append(att)
                 attachments.append(att)
@@ -123,9 +136,11 @@ def _apply(cfg: NodeConfig) -> ApplyResult:
         for p in new_pins:
             with contextlib.suppress(OSError):
                 os.unlink(p)
-        coll.close()
+        for coll in colls:
+            coll.close()
         raise
-    coll.close()
+    for coll in colls:
+        coll.close()
 
     # Attachments this configuration no longer has, or now has in the other mode (the new
     # one is in place already, so the hook is never without a program).

@@ -366,6 +366,24 @@ class Topology:
         node.externals.append(ext)
         return ext
 
+    def add_service_range(self, node: Node, cidr: str, ifname: str = "svc0") -> None:
+        """Make ``node`` answer its pods' ARP for service addresses in ``cidr``.
+
+        Pods ARP for every destination and the node answers by proxy ARP only for
+        addresses it has a route to through another device: a device ``ifname`` (one end
+        of a veth pair kept inside the node; not every kernel has the dummy driver) holds
+        that route. The datapath rewrites such packets before routing, so nothing is
+        ever sent there.
+        """
+        net = ipaddress.IPv4Network(cidr)
+        with rtnl(node.netns) as ipr:
+            if not ipr.link_lookup(ifname=ifname):
+                ipr.link("add", ifname=ifname, kind="veth", peer={"ifname": f"{ifname}p"})
+                ipr.link("set", index=ipr.link_lookup(ifname=f"{ifname}p")[0], state="up")
+            idx = ipr.link_lookup(ifname=ifname)[0]
+            ipr.link("set", index=idx, state="up")
+            ipr.route("add", dst=str(net.network_address), dst_len=net.prefixlen, oif=idx)
+
     # --- running things inside -------------------------------------------------------------
 
     def popen(self, host: Host | str, argv: Sequence[str], **kw: Any) -> subprocess.Popen[Any]:
