@@ -20,7 +20,7 @@ from tuplet.objects import Collection
 SERVICES = "tpl_lb4_services_v1"
 BACKENDS = "tpl_lb4_backends_v1"
 REV_NAT = "tpl_lb4_reverse_nat_v1"
-MAGLEV = "tpl_lb4_maglev_v1"
+MAGLEV = "tpl_lb4_maglev_v2"
 AFFINITY = "tpl_lb4_affinity_v1"
 
 F_EXTERNAL, F_NODEPORT, F_LOADBALANCER, F_AFFINITY = 1, 2, 4, 8
@@ -107,7 +107,7 @@ class LbHarness(LxcHarness):
         if ids:
             table = maglev.build_table([str(i) for i in ids], s.maglev_size)
             inner = self._inner_map([ids[i] for i in table])
-            m[MAGLEV].update(s.rev_nat.to_bytes(2, "little"), inner.fd.to_bytes(4, "little"))
+            m[MAGLEV].update(struct.pack("<HBB", s.rev_nat, s.bank, 0), inner.fd.to_bytes(4, "little"))
             inner.close()
         m[REV_NAT].update(s.rev_nat.to_bytes(2, "little"),
                           struct.pack("<IHH", ip_to_be32(s.address), socket.htons(s.port), 0))
@@ -142,6 +142,12 @@ def tcp4(src: str, sport: int, dst: str, dport: int, flags: str, payload: bytes 
 def udp4(src: str, sport: int, dst: str, dport: int, payload: bytes = b"x", csum: int | None = None) -> bytes:
     u = UDP(sport=sport, dport=dport) if csum is None else UDP(sport=sport, dport=dport, chksum=csum)
     return bytes(Ether(src=MAC_A, dst=MAC_B) / IP(src=src, dst=dst) / u / Raw(payload))
+
+
+def l4_of(frame: bytes) -> tuple[str, int, str, int]:
+    """(source, source port, destination, destination port) of a frame."""
+    p = Ether(frame)[IP]
+    return p.src, p.payload.sport, p.dst, p.payload.dport
 
 
 def checksums_ok(frame: bytes) -> bool:

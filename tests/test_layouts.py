@@ -7,7 +7,10 @@ import pytest
 
 from tuplet.btf import load_btf_from_elf
 from tuplet.datapath import OBJ_LXC, object_dir
-from tuplet.layouts import CT_FLAG_BITS, CtEntry, CtTuple4, EndpointInfo, MetricsValue, Nat4Entry, TplSignal
+from tuplet import layouts
+from tuplet.layouts import (CT_FLAG_BITS, CtEntry, CtTuple4, EndpointInfo, Lb4AffinityKey, Lb4Backend, Lb4Key,
+                            Lb4MaglevKey, Lb4ReverseNat, Lb4Service, LbAffinityVal, MetricsValue, Nat4Entry,
+                            TplSignal)
 from tuplet.metrics import reason_names
 
 
@@ -26,7 +29,11 @@ def bit_offset(cls: type[ctypes.Structure], name: str) -> tuple[int, int]:
 
 @pytest.mark.parametrize("cls,cname", [(CtTuple4, "ipv4_ct_tuple"), (CtEntry, "ct_entry"),
                                        (EndpointInfo, "endpoint_info"), (MetricsValue, "metrics_value"),
-                                       (Nat4Entry, "nat4_entry"), (TplSignal, "tpl_signal")])
+                                       (Nat4Entry, "nat4_entry"), (TplSignal, "tpl_signal"),
+                                       (Lb4Key, "lb4_key"), (Lb4Service, "lb4_service"),
+                                       (Lb4Backend, "lb4_backend"), (Lb4ReverseNat, "lb4_reverse_nat"),
+                                       (Lb4MaglevKey, "lb4_maglev_key"), (Lb4AffinityKey, "lb4_affinity_key"),
+                                       (LbAffinityVal, "lb_affinity_val")])
 def test_struct_matches_btf(btf, cls, cname) -> None:
     layout = btf.struct_layout(cname)
     assert ctypes.sizeof(cls) == layout.size
@@ -52,3 +59,11 @@ def test_reason_names_from_btf() -> None:
     assert names[0] == "PASS_CT_NEW"
     assert names[130] == "DROP_CT_INSERT_FAILED"
     assert all(n.startswith(("PASS_", "DROP_")) for n in names.values())
+
+
+def test_lb_flag_values_match_btf(btf) -> None:
+    svc = btf.enum_values("lb_svc_flag")
+    assert svc == {"LB_SVC_F_EXTERNAL": layouts.LB_SVC_F_EXTERNAL, "LB_SVC_F_NODEPORT": layouts.LB_SVC_F_NODEPORT,
+                   "LB_SVC_F_LOADBALANCER": layouts.LB_SVC_F_LOADBALANCER,
+                   "LB_SVC_F_AFFINITY": layouts.LB_SVC_F_AFFINITY}
+    assert btf.enum_values("lb_backend_flag") == {"LB_BACKEND_F_REMOTE": layouts.LB_BACKEND_F_REMOTE}

@@ -9,7 +9,7 @@ import pytest
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 
-from lb_harness import (F_EXTERNAL, F_LOADBALANCER, F_NODEPORT, LbHarness, Svc, checksums_ok, tcp4,
+from lb_harness import (F_EXTERNAL, F_LOADBALANCER, F_NODEPORT, LbHarness, Svc, checksums_ok, l4_of, tcp4,
                         udp4)
 from lxc_harness import TC_ACT_OK, TC_ACT_SHOT
 from tuplet.layouts import TUPLE_F_OUT, TUPLE_F_SERVICE
@@ -37,11 +37,6 @@ def clusterip(backends: dict[int, tuple[str, int, bool]] | None = None, **kw) ->
     return Svc(VIP, VPORT, TCP_P, 15, {19: (POD2, BP, False)} if backends is None else backends, **kw)
 
 
-def l4(frame: bytes):
-    p = Ether(frame)[IP]
-    return p.src, p.payload.sport, p.dst, p.payload.dport
-
-
 def pod1_sends(h: LbHarness, flags: str, sport: int = SP, payload: bytes = b""):
     """pod1 -> VIP: out of pod1's veth (DNAT), then into the backend's veth."""
     v, out = h.run_out("cil_from_container", tcp4(POD1, sport, VIP, VPORT, flags, payload))
@@ -65,13 +60,13 @@ def test_clusterip_tcp_matches_seed(lb: LbHarness) -> None:
     t0 = lb.now()
     v, out = pod1_sends(lb, "S")
     assert v.reason == "PASS_CT_NEW"
-    assert l4(out) == (POD1, SP, POD2, BP)
+    assert l4_of(out) == (POD1, SP, POD2, BP)
     _, back = backend_replies(lb, POD2, "SA")
-    assert l4(back) == (VIP, VPORT, POD1, SP)          # the pod sees the VIP answer
+    assert l4_of(back) == (VIP, VPORT, POD1, SP)          # the pod sees the VIP answer
     pod1_sends(lb, "A")
     pod1_sends(lb, "PA", payload=b"GET / HTTP/1.0\r\n\r\n")
     _, back = backend_replies(lb, POD2, "PA", payload=b"HTTP/1.0 200 OK\r\n\r\n")
-    assert l4(back) == (VIP, VPORT, POD1, SP)
+    assert l4_of(back) == (VIP, VPORT, POD1, SP)
     pod1_sends(lb, "FA")
     backend_replies(lb, POD2, "FA")
     pod1_sends(lb, "A")
@@ -109,21 +104,21 @@ def test_established_connection_keeps_its_backend(lb: LbHarness) -> None:
     lb.program(clusterip({20: (POD3, BP, False), 21: (LB_POD, BP, False)}, bank=1))
     for _ in range(5):
         _, out = pod1_sends(lb, "PA", payload=b"x")
-        assert l4(out)[2] == POD2
+        assert l4_of(out)[2] == POD2
     # New connections pick from the current set only.
-    picked = {l4(pod1_sends(lb, "S", sport=40000 + i)[1])[2] for i in range(30)}
+    picked = {l4_of(pod1_sends(lb, "S", sport=40000 + i)[1])[2] for i in range(30)}
     assert picked == {POD3, LB_POD}
 
 
 def test_backend_gone_reselects(lb: LbHarness) -> None:
     lb.program(clusterip({19: (POD2, BP, False), 20: (POD3, BP, False)}))
     _, out = pod1_sends(lb, "S")
-    first = l4(out)[2]
+    first = l4_of(out)[2]
     gone = 19 if first == POD2 else 20
     lb.program(clusterip({20: (POD3, BP, False)} if gone == 19 else {19: (POD2, BP, False)}, bank=1))
     lb.remove_backend(gone)
     _, out = pod1_sends(lb, "A")
-    assert l4(out)[2] != first
+    assert l4_of(out)[2] != first
     key = [r for r in lb.entries() if r.direction == "SVC"][0]
     assert key.entry.backend_id == (20 if gone == 19 else 19)
 
@@ -137,11 +132,11 @@ def test_syn_after_close_keeps_backend_within_grace_then_rebalances(lb: LbHarnes
     lb.program(clusterip({20: (POD3, BP, False)}, bank=1))     # backend 19 still exists
     lb.advance(30)                                             # within the 60 s grace
     v, out = pod1_sends(lb, "S")
-    assert l4(out)[2] == POD2 and v.reason in ("PASS_CT_REOPENED", "PASS_CT_NEW")
+    assert l4_of(out)[2] == POD2 and v.reason in ("PASS_CT_REOPENED", "PASS_CT_NEW")
     pod1_sends(lb, "FA")
     lb.advance(61)                                             # past the grace
     _, out = pod1_sends(lb, "S")
-    assert l4(out)[2] == POD3
+    assert l4_of(out)[2] == POD3
     assert [r for r in lb.entries() if r.direction == "SVC"][0].entry.backend_id == 20
 
 
@@ -149,11 +144,11 @@ def test_udp_dnat_rev_nat_and_checksums(lb: LbHarness) -> None:
     lb.program(Svc(VIP, 53, UDP_P, 7, {5: (POD2, 5353, False)}))
     for csum in (None, 0):                     # computed checksum, and "no checksum"
         v, out = lb.run_out("cil_from_container", udp4(POD1, 40001, VIP, 53, b"query", csum=csum))
-        assert v.retval == TC_ACT_OK and l4(out) == (POD1, 40001, POD2, 5353)
+        assert v.retval == TC_ACT_OK and l4_of(out) == (POD1, 40001, POD2, 5353)
         assert checksums_ok(out)
         assert (Ether(out)[UDP].chksum == 0) == (csum == 0)
         v, back = lb.run_out("cil_to_container", udp4(POD2, 5353, POD1, 40001, b"answer", csum=csum))
-        assert v.reason == "PASS_CT_REPLY" and l4(back) == (VIP, 53, POD1, 40001)
+        assert v.reason == "PASS_CT_REPLY" and l4_of(back) == (VIP, 53, POD1, 40001)
         assert checksums_ok(back)
         lb.coll.maps["tpl_ct_any4_v1"].clear()
     v, out = lb.run_out("cil_from_container", udp4(POD1, 40002, VIP, 53))
@@ -180,13 +175,13 @@ def test_reply_without_rev_nat_entry_is_dropped(lb: LbHarness) -> None:
 def test_affinity_keeps_a_client_on_one_backend(lb: LbHarness) -> None:
     three = {19: (POD2, BP, False), 20: (POD3, BP, False), 21: (LB_POD, BP, False)}
     lb.program(clusterip(three, affinity_timeout=100))
-    picked = {l4(pod1_sends(lb, "S", sport=41000 + i)[1])[2] for i in range(20)}
+    picked = {l4_of(pod1_sends(lb, "S", sport=41000 + i)[1])[2] for i in range(20)}
     assert len(picked) == 1
     lb.advance(101)            # the client was last seen more than the timeout ago
-    later = {l4(pod1_sends(lb, "S", sport=42000 + i)[1])[2] for i in range(20)}
+    later = {l4_of(pod1_sends(lb, "S", sport=42000 + i)[1])[2] for i in range(20)}
     assert len(later) == 1
     lb.program(clusterip(three))   # affinity off: flows spread again
-    spread = {l4(pod1_sends(lb, "S", sport=43000 + i)[1])[2] for i in range(30)}
+    spread = {l4_of(pod1_sends(lb, "S", sport=43000 + i)[1])[2] for i in range(30)}
     assert len(spread) > 1
 
 
@@ -194,14 +189,14 @@ def test_nodeport_local_backend_and_reply(lb: LbHarness) -> None:
     lb.program(Svc(LB_VIP, 80, TCP_P, 24, {24: (LB_POD, BP, False)}, flags=F_EXTERNAL | F_LOADBALANCER))
     v, out = lb.run_out("cil_from_netdev", tcp4(CLIENT, 53438, LB_VIP, 80, "S"))
     assert (v.retval, v.reason) == (TC_ACT_OK, "PASS_CT_NEW")
-    assert l4(out) == (CLIENT, 53438, LB_POD, BP) and checksums_ok(out)
+    assert l4_of(out) == (CLIENT, 53438, LB_POD, BP) and checksums_ok(out)
     lb.run_out("cil_to_container", out)
     lb.run_out("cil_from_container", tcp4(LB_POD, BP, CLIENT, 53438, "SA"))
     v, back = lb.run_out("cil_to_netdev", tcp4(LB_POD, BP, CLIENT, 53438, "SA"))
     assert (v.retval, v.reason) == (TC_ACT_OK, "PASS_CT_REPLY")
-    assert l4(back) == (LB_VIP, 80, CLIENT, 53438) and checksums_ok(back)
+    assert l4_of(back) == (LB_VIP, 80, CLIENT, 53438) and checksums_ok(back)
     v, out = lb.run_out("cil_from_netdev", tcp4(CLIENT, 53438, LB_VIP, 80, "A"))
-    assert v.reason == "PASS_CT_ESTABLISHED" and l4(out)[2] == LB_POD
+    assert v.reason == "PASS_CT_ESTABLISHED" and l4_of(out)[2] == LB_POD
 
     recs = {(r.direction, r.proto, r.related): r for r in lb.entries()}
     svc = recs[("SVC", "TCP", False)]
@@ -218,9 +213,9 @@ def test_nodeport_on_node_address(lb: LbHarness) -> None:
     node_ip = "192.168.50.2"
     lb.program(Svc(node_ip, 30080, UDP_P, 30, {31: (LB_POD, 9000, False)}, flags=F_EXTERNAL | F_NODEPORT))
     v, out = lb.run_out("cil_from_netdev", udp4(CLIENT, 5000, node_ip, 30080, b"ping"))
-    assert v.reason == "PASS_CT_NEW" and l4(out) == (CLIENT, 5000, LB_POD, 9000) and checksums_ok(out)
+    assert v.reason == "PASS_CT_NEW" and l4_of(out) == (CLIENT, 5000, LB_POD, 9000) and checksums_ok(out)
     v, back = lb.run_out("cil_to_netdev", udp4(LB_POD, 9000, CLIENT, 5000, b"pong"))
-    assert v.reason == "PASS_CT_REPLY" and l4(back) == (node_ip, 30080, CLIENT, 5000) and checksums_ok(back)
+    assert v.reason == "PASS_CT_REPLY" and l4_of(back) == (node_ip, 30080, CLIENT, 5000) and checksums_ok(back)
 
 
 def test_nodeport_remote_backend_is_a_counted_drop(lb: LbHarness) -> None:
@@ -230,7 +225,7 @@ def test_nodeport_remote_backend_is_a_counted_drop(lb: LbHarness) -> None:
     assert lb.entries() == []
     # From a pod the same backend is reachable through the routed pod network.
     v, out = lb.run_out("cil_from_container", tcp4(POD1, SP, LB_VIP, 80, "S"))
-    assert v.reason == "PASS_CT_NEW" and l4(out)[2] == "10.65.0.9"
+    assert v.reason == "PASS_CT_NEW" and l4_of(out)[2] == "10.65.0.9"
 
 
 def test_netdev_leaves_other_traffic_alone(lb: LbHarness) -> None:
@@ -252,7 +247,7 @@ def test_maglev_choice_is_deterministic_across_nodes_and_balanced() -> None:
         h = LbHarness.load_both()
         try:
             h.program(svc)
-            picks.append([l4(h.run_out("cil_from_netdev", tcp4(f"172.191.{i % 250}.{i // 250 + 1}", 1024 + i,
+            picks.append([l4_of(h.run_out("cil_from_netdev", tcp4(f"172.191.{i % 250}.{i // 250 + 1}", 1024 + i,
                                                                  LB_VIP, 80, "S"))[1])[2] for i in range(1000)])
         finally:
             h.close()

@@ -56,13 +56,13 @@ static __always_inline __u32 lb4_select_random(const struct lb4_key *key, const 
 /* The backend the service's Maglev table holds for this flow. */
 static __always_inline __u32 lb4_select_maglev(const struct lb4_service *svc, const struct pkt4 *p)
 {
-	__u16 rev_nat = svc->rev_nat_index;
+	struct lb4_maglev_key mk = { .rev_nat_index = svc->rev_nat_index, .bank = svc->bank };
 	__u32 m = svc->maglev_size, idx, *id;
 	void *table;
 
 	if (!m)
 		return 0;
-	table = bpf_map_lookup_elem(&tpl_lb4_maglev_v1, &rev_nat);
+	table = bpf_map_lookup_elem(&tpl_lb4_maglev_v2, &mk);
 	if (!table)
 		return 0;
 	idx = tpl_flow_hash4(p->saddr, p->daddr, p->sport, p->dport, p->proto) % m;

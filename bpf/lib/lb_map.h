@@ -48,7 +48,7 @@ struct lb4_service {
 	__u32 affinity_timeout;  /* slot 0: seconds a client keeps its backend (LB_SVC_F_AFFINITY) */
 	__u32 maglev_size;       /* slot 0: M, entries of this service's Maglev table */
 	__u16 count;             /* slot 0: backend slots in the current bank */
-	__u16 rev_nat_index;     /* slot 0: key of tpl_lb4_reverse_nat_v1 and the Maglev table */
+	__u16 rev_nat_index;     /* slot 0: key of tpl_lb4_reverse_nat_v1 and of the Maglev tables */
 	__u8 flags;              /* slot 0: enum lb_svc_flag */
 	__u8 bank;               /* slot 0: 0 or 1, which slots hold the backends */
 	__u16 pad;
@@ -111,10 +111,18 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } tpl_lb4_reverse_nat_v1 SEC(".maps");
 
-/* One Maglev table per service, keyed by rev_nat_index: an array of
- * maglev_size backend ids. BPF_F_INNER_MAP lets every table have its own
- * size; the agent builds a new table and swaps it in with one update.
+/* Maglev tables, one per service and bank: an array of maglev_size backend
+ * ids. BPF_F_INNER_MAP lets every table have its own size. The agent writes
+ * the new table under the bank slot 0 does not use yet, so the table (and its
+ * size) changes together with slot 0.
  */
+struct lb4_maglev_key {
+	__u16 rev_nat_index;
+	__u8 bank;
+	__u8 pad;
+};
+ASSERT_SIZE(struct lb4_maglev_key, 4);
+
 struct lb4_maglev_inner {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(map_flags, BPF_F_INNER_MAP);
@@ -125,11 +133,11 @@ struct lb4_maglev_inner {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH_OF_MAPS);
-	__type(key, __u16);
+	__type(key, struct lb4_maglev_key);
 	__uint(max_entries, LB_SERVICE_MAP_SIZE);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 	__array(values, struct lb4_maglev_inner);
-} tpl_lb4_maglev_v1 SEC(".maps");
+} tpl_lb4_maglev_v2 SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);

@@ -8,7 +8,7 @@ import sys
 from typing import TYPE_CHECKING, Any, Sequence
 
 from . import config as configmod
-from . import ct, datapath, metrics, options, state
+from . import cli_svc, ct, datapath, metrics, options, state
 from . import log as logmod
 from .bpffs import DEFAULT_PIN_ROOT
 from .gc_schedule import EARLY_MIN_GAP, describe_settings
@@ -94,13 +94,16 @@ def _parser() -> argparse.ArgumentParser:
                    help="also how each map size was derived, and the GC settings")
     s.set_defaults(func=cmd_status)
 
+    cli_svc.add_parser(sub)
+
     m = sub.add_parser("metrics", help="datapath verdicts and drop reasons")
     m.add_argument("-o", "--output", choices=["text", "json"], default="text")
     m.set_defaults(func=cmd_metrics)
     return p
 
 
-def _pin_root(args: argparse.Namespace) -> str:
+def pin_root_of(args: argparse.Namespace) -> str:
+    """--pin-root, else node.pin_root of --config, else the default."""
     if args.pin_root:
         return str(args.pin_root)
     if args.config:
@@ -128,7 +131,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 
 def cmd_teardown(args: argparse.Namespace) -> int:
-    removed = datapath.teardown(_pin_root(args), args.netns, keep_maps=args.keep_maps)
+    removed = datapath.teardown(pin_root_of(args), args.netns, keep_maps=args.keep_maps)
     print(f"detached {len(removed)} attachment(s)" + ("" if args.keep_maps else "; maps unpinned"))
     return 0
 
@@ -138,7 +141,7 @@ def _ct_maps(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_ct_list(args: argparse.Namespace) -> int:
-    root = _pin_root(args)
+    root = pin_root_of(args)
     now = ct.monotonic_now() if args.time_diff else None
     recs = []
     for name in _ct_maps(args):
@@ -159,7 +162,7 @@ def cmd_ct_gc(args: argparse.Namespace) -> int:
 
     from .gc import CtGc
 
-    root = _pin_root(args)
+    root = pin_root_of(args)
     with ExitStack() as stack:
         maps = [stack.enter_context(datapath.open_pinned(root, n)) for n in ct.CT_MAPS]
         nat = (stack.enter_context(datapath.open_pinned(root, ct.NAT_MAP))
@@ -216,7 +219,7 @@ def _gc_follow(args: argparse.Namespace, root: str, collector: "CtGc", stack: "E
 
 
 def cmd_ct_flush(args: argparse.Namespace) -> int:
-    root = _pin_root(args)
+    root = pin_root_of(args)
     total = 0
     for name in ct.CT_MAPS:
         with datapath.open_pinned(root, name) as m:
@@ -230,7 +233,7 @@ def cmd_ct_flush(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    root = _pin_root(args)
+    root = pin_root_of(args)
     st = state.load(root)
     tables = []
     for name in (*ct.CT_MAPS, ct.NAT_MAP):
@@ -278,7 +281,7 @@ def _gc_settings(recorded: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def cmd_metrics(args: argparse.Namespace) -> int:
-    root = _pin_root(args)
+    root = pin_root_of(args)
     obj = str(datapath.object_dir() / datapath.OBJ_LXC)
     names = metrics.reason_names(obj)
     with datapath.open_pinned(root, datapath.METRICS_MAP) as m:

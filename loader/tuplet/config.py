@@ -15,6 +15,16 @@
     [[devices]]                     # node devices (NIC)
     ifname = "eth0"
 
+    [lb]
+    maglev_table_size = 16381       # Maglev table entries per service (prime)
+
+    [[services]]                    # see tuplet.services for every key
+    name = "web"
+    type = "ClusterIP"
+    address = "10.68.174.146"
+    port = 80
+    backends = ["10.64.0.98:8000", "10.64.0.64:8000"]
+
     [conntrack]                     # all optional; reference defaults
     tcp_max = 524288                # explicit size; unset: a share of node memory
     any_max = 262144
@@ -43,6 +53,8 @@ from .bpffs import BPFFS, DEFAULT_PIN_ROOT
 from .durations import parse_duration
 from .errors import ConfigError
 from .links import AttachMode
+from .maglev import DEFAULT_M
+from .services import Service, check_maglev_size, parse_services
 from .sizing import RATIO_DEFAULT, Sizing, compute_sizing, node_memory_bytes
 
 IFNAMSIZ = 16
@@ -107,6 +119,11 @@ class Conntrack:
 
 
 @dataclass(frozen=True)
+class Lb:
+    maglev_table_size: int = DEFAULT_M
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     name: str = "node"
     netns: str | None = None
@@ -115,6 +132,8 @@ class NodeConfig:
     endpoints: tuple[Endpoint, ...] = ()
     devices: tuple[Device, ...] = ()
     conntrack: Conntrack = field(default_factory=Conntrack)
+    lb: Lb = field(default_factory=Lb)
+    services: tuple[Service, ...] = ()
     source: str = ""
 
 
@@ -132,7 +151,7 @@ def parse(text: str, source: str = "<string>") -> NodeConfig:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError("", f"{source}: not valid TOML: {e}") from None
-    _only(doc, "", {"node", "endpoints", "devices", "conntrack"})
+    _only(doc, "", {"node", "endpoints", "devices", "conntrack", "lb", "services"})
     node = _table(doc, "node")
     _only(node, "node", {"name", "netns", "pin_root", "attach_mode"})
 
@@ -158,9 +177,18 @@ def parse(text: str, source: str = "<string>") -> NodeConfig:
     netns = node.get("netns")
     if netns is not None and (not isinstance(netns, str) or not netns or "/" in netns):
         raise ConfigError("node.netns", f"must be a network namespace name, got {netns!r}")
+    lb = _table(doc, "lb")
+    _only(lb, "lb", {"maglev_table_size"})
+    m = check_maglev_size(lb["maglev_table_size"], "lb.maglev_table_size") if "maglev_table_size" in lb \
+        else DEFAULT_M
+    services = parse_services(_array(doc, "services"))
+    for i, svc in enumerate(services):
+        if svc.maglev_size is None and sum(1 for b in svc.backends if b.weight) > m:
+            raise ConfigError(f"services[{i}].backends", f"more backends than lb.maglev_table_size ({m})")
     return NodeConfig(name=_str(node, "node.name", "node"), netns=netns, pin_root=pin_root,
                       attach_mode=attach_mode, endpoints=endpoints, devices=devices,
-                      conntrack=_conntrack(_table(doc, "conntrack")), source=source)
+                      conntrack=_conntrack(_table(doc, "conntrack")), lb=Lb(maglev_table_size=m),
+                      services=services, source=source)
 
 
 # --- sections -----------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from typing import Iterator
 
 import structlog
 
-from . import bpffs, state
+from . import bpffs, lb, state
 from .config import NodeConfig
 from .ct import CT_MAP_ANY, CT_MAP_TCP, NAT_MAP
 from .errors import NotFoundError, TupletError
@@ -103,6 +103,7 @@ def _apply(cfg: NodeConfig) -> ApplyResult:
         raise NotFoundError(f"interface{'s' if len(missing) > 1 else ''} {', '.join(missing)}", "apply",
                             detail=f"not found in {where}; nothing was changed")
 
+    lb.check_config(pin_root, cfg.services)
     sizing = cfg.conntrack.sizing()
     colls: list[Collection] = []
     new_pins: list[str] = []
@@ -120,6 +121,8 @@ def _apply(cfg: NodeConfig) -> ApplyResult:
             reused += [p for p in coll.reused_pins if p not in new_pins and p not in reused]
             new_pins += [p for p in _pin_paths(coll, pin_root) if p not in coll.reused_pins]
         lxc, host = colls
+        if any(p.endswith(lb.SERVICES_MAP) for p in new_pins):
+            state.services_path(pin_root).unlink(missing_ok=True)   # describes service maps that are gone
         _sync_endpoints(lxc, cfg)
         plan = [(lxc, ep.ifname, LXC_HOOKS) for ep in cfg.endpoints]
         plan += [(host, dev.ifname, NETDEV_HOOKS) for dev in cfg.devices]
@@ -130,12 +133,16 @@ def _apply(cfg: NodeConfig) -> ApplyResult:
                 if not existed:
                     made.append(att)
                 attachments.append(att)
+        services = lb.sync_config(pin_root, cfg.services, {e.ipv4 for e in cfg.endpoints},
+                                  cfg.lb.maglev_table_size)
     except BaseException:
         with contextlib.suppress(TupletError, OSError):
             _remove_attachments(list(reversed(made)))
         for p in new_pins:
             with contextlib.suppress(OSError):
                 os.unlink(p)
+        if any(p.endswith(lb.SERVICES_MAP) for p in new_pins):
+            state.services_path(pin_root).unlink(missing_ok=True)   # it described the maps just removed
         for coll in colls:
             coll.close()
         raise
@@ -157,6 +164,7 @@ def _apply(cfg: NodeConfig) -> ApplyResult:
                                gc={"interval": cfg.conntrack.gc_interval,
                                    "max_interval": cfg.conntrack.gc_max_interval}))
     log.info("applied", node=cfg.name, endpoints=len(cfg.endpoints), attachments=len(attachments),
+             services={k: len(v) for k, v in services.items() if v},
              modes=sorted({a.mode.value for a in attachments}), reused_pins=len(reused))
     return ApplyResult(attachments=attachments, endpoints=len(cfg.endpoints), reused_pins=reused)
 
@@ -206,7 +214,7 @@ def teardown(pin_root: str, netns_name: str | None = None, keep_maps: bool = Fal
         bpffs.remove_tree(links_dir)   # pinned links tuplet has no record of
     if not keep_maps:
         bpffs.remove_tree(pin_root)
-    state.remove(pin_root)
+    state.remove(pin_root, keep_services=keep_maps)
     log.info("torn down", pin_root=pin_root, attachments=len(removed), maps_removed=not keep_maps)
     return removed
 

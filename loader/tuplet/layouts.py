@@ -139,3 +139,95 @@ def be32_to_ip(v: int) -> str:
 def be16(v: int) -> int:
     """A port as stored (network order in memory) to host order, and back."""
     return socket.ntohs(v)
+
+
+# --- services (bpf/lib/lb_map.h) ----------------------------------------------------------------
+
+# enum lb_svc_flag / lb_backend_flag.
+LB_SVC_F_EXTERNAL = 1
+LB_SVC_F_NODEPORT = 2
+LB_SVC_F_LOADBALANCER = 4
+LB_SVC_F_AFFINITY = 8
+LB_BACKEND_F_REMOTE = 1
+#: Slot numbers of bank 1 start here.
+LB_BANK_STRIDE = 0x8000
+
+
+class Lb4Key(ctypes.Structure):
+    """struct lb4_key: a service (slot 0) or one of its backend slots."""
+
+    _fields_ = [
+        ("address", ctypes.c_uint32),     # network byte order
+        ("dport", ctypes.c_uint16),       # network byte order
+        ("backend_slot", ctypes.c_uint16),
+        ("proto", ctypes.c_uint8),
+        ("scope", ctypes.c_uint8),
+        ("pad", ctypes.c_uint16),
+    ]
+
+    @classmethod
+    def make(cls, address: str, port: int, proto: int, slot: int = 0) -> "Lb4Key":
+        return cls(ip_to_be32(address), socket.htons(port), slot, proto, 0, 0)
+
+
+class Lb4Service(ctypes.Structure):
+    """struct lb4_service: slot 0 describes the service, other slots hold a backend id."""
+
+    _fields_ = [
+        ("backend_id", ctypes.c_uint32),
+        ("affinity_timeout", ctypes.c_uint32),
+        ("maglev_size", ctypes.c_uint32),
+        ("count", ctypes.c_uint16),
+        ("rev_nat_index", ctypes.c_uint16),
+        ("flags", ctypes.c_uint8),
+        ("bank", ctypes.c_uint8),
+        ("pad", ctypes.c_uint16),
+    ]
+
+
+class Lb4Backend(ctypes.Structure):
+    """struct lb4_backend."""
+
+    _fields_ = [
+        ("address", ctypes.c_uint32),     # network byte order
+        ("port", ctypes.c_uint16),        # network byte order
+        ("proto", ctypes.c_uint8),
+        ("flags", ctypes.c_uint8),
+        ("node_addr", ctypes.c_uint32),   # network byte order
+    ]
+
+
+class Lb4ReverseNat(ctypes.Structure):
+    """struct lb4_reverse_nat: what a service's replies are rewritten to come from."""
+
+    _fields_ = [
+        ("address", ctypes.c_uint32),
+        ("port", ctypes.c_uint16),
+        ("pad", ctypes.c_uint16),
+    ]
+
+
+class Lb4MaglevKey(ctypes.Structure):
+    """struct lb4_maglev_key: a service's Maglev table for one bank."""
+
+    _fields_ = [
+        ("rev_nat_index", ctypes.c_uint16),
+        ("bank", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8),
+    ]
+
+
+class Lb4AffinityKey(ctypes.Structure):
+    """struct lb4_affinity_key."""
+
+    _fields_ = [
+        ("client", ctypes.c_uint32),
+        ("rev_nat_index", ctypes.c_uint16),
+        ("pad", ctypes.c_uint16),
+    ]
+
+
+class LbAffinityVal(ctypes.Structure):
+    """struct lb_affinity_val."""
+
+    _fields_ = [("last_used", ctypes.c_uint32), ("backend_id", ctypes.c_uint32)]

@@ -79,6 +79,24 @@ class Map:
             raise (NotFoundError if err == errno.ENOENT else TupletError)(f"pinned map {path}", "open", err)
         return cls(fd, os.path.basename(path))
 
+    @classmethod
+    def from_id(cls, map_id: int, name: str = "") -> "Map":
+        fd = C.bpf_map_get_fd_by_id(map_id)
+        if fd < 0:
+            err = ctypes.get_errno()
+            raise (NotFoundError if err == errno.ENOENT else TupletError)(f"map id {map_id}", "open", err)
+        return cls(fd, name)
+
+    @classmethod
+    def create(cls, map_type: int, name: str, key_size: int, value_size: int, max_entries: int, *,
+               flags: int = 0, btf_fd: int = 0, btf_key_type_id: int = 0, btf_value_type_id: int = 0) -> "Map":
+        """A new map not tied to any object (e.g. an inner map of a map-in-map)."""
+        o = opts(C.bpf_map_create_opts, map_flags=flags, btf_fd=btf_fd, btf_key_type_id=btf_key_type_id,
+                 btf_value_type_id=btf_value_type_id)
+        fd = check(C.bpf_map_create(map_type, cstr(name[:15]), key_size, value_size, max_entries,
+                                    ctypes.byref(o)), f"map {name}", "create")
+        return cls(fd, name)
+
     @property
     def fd(self) -> int:
         return self._fd.fd if self._fd is not None else self._raw_fd

@@ -36,6 +36,11 @@ def state_path(pin_root: str) -> Path:
     return STATE_DIR / f"{name}.json"
 
 
+def services_path(pin_root: str) -> Path:
+    """The service registry of the datapath under pin_root (:mod:`tuplet.lb`)."""
+    return state_path(pin_root).with_suffix(".services.json")
+
+
 def load(pin_root: str) -> NodeState | None:
     p = state_path(pin_root)
     try:
@@ -55,5 +60,8 @@ def save(st: NodeState) -> None:
     os.replace(tmp, p)
 
 
-def remove(pin_root: str) -> None:
+def remove(pin_root: str, keep_services: bool = False) -> None:
     state_path(pin_root).unlink(missing_ok=True)
+    if not keep_services:
+        services_path(pin_root).unlink(missing_ok=True)
+        services_path(pin_root).with_suffix(".lock").unlink(missing_ok=True)
