@@ -336,9 +336,26 @@ static __always_inline int ct_create4(const struct ipv4_ct_tuple *tuple, enum ct
 			.flags = tuple->flags | TUPLE_F_RELATED,
 		};
 
+		struct ct_entry *rel;
+
 		entry.packets = 0;
 		entry.bytes = 0;
 		entry.lifetime = now + ct_lifetime_nontcp;
+		/* One related entry per address pair: every new connection between
+		 * the same two addresses refreshes it. When it already says what the
+		 * new one would, refresh its lifetime in place instead of replacing
+		 * it (a lookup instead of an LRU insert: the reconnect-storm path).
+		 */
+		rel = bpf_map_lookup_elem(&tpl_ct_any4_v1, &icmp);
+		if (rel && READ_ONCE(rel->rev_nat_index) == entry.rev_nat_index &&
+		    READ_ONCE(rel->src_sec_id) == entry.src_sec_id &&
+		    READ_ONCE(rel->backend_id) == entry.backend_id &&
+		    READ_ONCE(rel->ifindex) == entry.ifindex &&
+		    rel->from_tunnel == entry.from_tunnel && rel->dsr_internal == entry.dsr_internal) {
+			if (READ_ONCE(rel->lifetime) != entry.lifetime)
+				WRITE_ONCE(rel->lifetime, entry.lifetime);
+			return 0;
+		}
 		/* Best effort: the main entry is in, the flow works without it. */
 		bpf_map_update_elem(&tpl_ct_any4_v1, &icmp, &entry, BPF_ANY);
 	}
