@@ -7,6 +7,7 @@
 .DEFAULT_GOAL := build
 
 CLANG     ?= clang
+HOSTCC    ?= gcc
 BPFTOOL   ?= bpftool
 PYTHON    ?= /usr/bin/python3
 VENV      ?= .venv
@@ -19,7 +20,7 @@ BPF_CFLAGS ?= -O2 -g -target bpf -D__TARGET_ARCH_$(ARCH) -Wall -Werror \
 BPF_PROGS := $(patsubst bpf/%.c,$(BUILD)/%.o,$(wildcard bpf/*.c))
 BENCH_PROGS := $(patsubst bench/%.bpf.c,$(BUILD)/%.o,$(wildcard bench/*.bpf.c))
 BPF_HDRS  := $(wildcard bpf/lib/*.h)
-APT_PKGS  := clang llvm libbpf-dev bpftool iproute2 iptables iputils-ping python3-venv make gcc \
+APT_PKGS  := clang llvm libbpf-dev bpftool iproute2 iptables iputils-ping python3-venv make gcc nftables \
              libbpf1 linux-libc-dev
 
 ifeq ($(V),1)
@@ -30,7 +31,7 @@ Q := @
 msg = @printf '  %-8s %s\n' "$(1)" "$(2)";
 endif
 
-.PHONY: build deps venv test demo bindings clean vmlinux bench
+.PHONY: build deps venv test demo bindings clean vmlinux bench install uninstall bench-services
 build: $(BPF_PROGS) $(BENCH_PROGS)
 
 # System packages (Debian 12). Skipped when every tool is already there.
@@ -39,7 +40,8 @@ $(BUILD)/.deps:
 	$(call msg,APT,$(APT_PKGS))
 	$(Q)if ! command -v $(CLANG) >/dev/null || ! command -v $(BPFTOOL) >/dev/null \
 	     || [ ! -f /usr/include/bpf/libbpf.h ] || ! $(PYTHON) -c 'import venv, ensurepip' 2>/dev/null \
-	     || ! command -v iptables >/dev/null || ! command -v ping >/dev/null; then \
+	     || ! command -v iptables >/dev/null || ! command -v ping >/dev/null \
+	     || ! command -v $(HOSTCC) >/dev/null || ! command -v nft >/dev/null; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PKGS) >/dev/null; \
 	fi
 	$(Q)mkdir -p $(BUILD) && touch $@
@@ -69,7 +71,7 @@ $(BUILD)/%.o: bench/%.bpf.c $(BPF_HDRS) vmlinux/vmlinux.h | $(BUILD)/.deps
 -include ci/bindings.mk
 bindings: venv
 
-test: build venv
+test: build venv $(BUILD)/loadgen
 	$(VENV_PY) -m pytest $(PYTEST_ARGS)
 
 demo: build venv
@@ -77,6 +79,37 @@ demo: build venv
 
 bench: build venv
 	$(VENV_PY) bench/datapath.py
+
+$(BUILD)/loadgen: bench/loadgen.c | $(BUILD)/.deps
+	$(call msg,CC,$@)
+	$(Q)$(HOSTCC) -O2 -Wall -Werror -o $@ $<
+
+bench-services: build venv $(BUILD)/loadgen
+	$(VENV_PY) bench/services.py $(BENCH_ARGS)
+
+# The agent as a systemd service: a venv with tuplet in $(LIBDIR), the objects beside it,
+# `tuplet` in $(PREFIX)/bin, the unit, and /etc/tuplet/tuplet.toml when there is none.
+PREFIX      ?= /usr/local
+LIBDIR      := $(PREFIX)/lib/tuplet
+SYSTEMD_DIR ?= /etc/systemd/system
+ETC_DIR     ?= /etc/tuplet
+install: build | $(BUILD)/.deps
+	$(call msg,INSTALL,$(LIBDIR) $(PREFIX)/bin/tuplet $(SYSTEMD_DIR)/tuplet.service)
+	$(Q)install -d $(LIBDIR)/bpf $(PREFIX)/bin $(SYSTEMD_DIR) $(ETC_DIR)
+	$(Q)install -m 0644 $(BPF_PROGS) $(LIBDIR)/bpf/
+	$(Q)install -m 0644 README.md $(LIBDIR)/README.md
+	$(Q)[ -x $(LIBDIR)/venv/bin/python ] || $(PYTHON) -m venv $(LIBDIR)/venv
+	$(Q)$(LIBDIR)/venv/bin/python -m pip install -q --disable-pip-version-check -c requirements.txt .
+	$(Q)ln -sf $(LIBDIR)/venv/bin/tuplet $(PREFIX)/bin/tuplet
+	$(Q)sed -e 's,@BINDIR@,$(PREFIX)/bin,g' -e 's,@OBJDIR@,$(LIBDIR)/bpf,g' -e 's,@DOCDIR@,$(LIBDIR),g' \
+	     systemd/tuplet.service > $(SYSTEMD_DIR)/tuplet.service
+	$(Q)[ -e $(ETC_DIR)/tuplet.toml ] || install -m 0644 examples/node.toml $(ETC_DIR)/tuplet.toml
+	$(Q)if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
+	@echo "installed; start with: systemctl enable --now tuplet"
+
+uninstall:
+	rm -rf $(LIBDIR) $(PREFIX)/bin/tuplet $(SYSTEMD_DIR)/tuplet.service
+	if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
 
 clean:
 	rm -rf $(BUILD) vmlinux/vmlinux.h

@@ -1,0 +1,579 @@
+#!/usr/bin/env python3
+"""A ClusterIP service three ways, side by side in one run: direct, iptables (kube-proxy style), tuplet.
+
+    make bench-services    (or: .venv/bin/python bench/services.py [--seconds 3] [--rounds 5]
+                                [--concurrency N] [--cpus LIST|all] [--no-udp] [--quick]
+                                [--json] [--out FILE])
+    make bench-services BENCH_ARGS="--quick --json"
+
+One namespace topology (prefix ``tpl-bench``): a node, a client pod and two backend pods, each
+backend running ``build/loadgen server 8000`` (TCP and UDP echo, forked epoll workers). The
+client pod runs ``build/loadgen crr|rr|udp_rr`` against:
+
+  direct    the backends' own addresses (client process i to backend i mod 2); no tuplet,
+            no nat table in the node.
+  iptables  the ClusterIP 10.68.174.146:80, implemented in the node's nat table the way
+            kube-proxy does it: PREROUTING (and OUTPUT) jump to KUBE-SERVICES, which jumps to
+            KUBE-SVC-*; ``-m statistic --mode random --probability`` picks a KUBE-SEP-* chain
+            that DNATs to one backend; KUBE-MARK-MASQ / KUBE-POSTROUTING as kube-proxy has them
+            (nothing is masqueraded for pod-to-service traffic). nf_conntrack tracks the
+            connections. Only the nat table is modelled: kube-proxy's filter-table rules
+            (KUBE-FORWARD, KUBE-FIREWALL...) would add to this mode's cost.
+  tuplet    the same ClusterIP in tuplet's datapath (``datapath.apply``), no nat table.
+
+Switching modes: the nat table is deleted (``nft delete table ip nat`` with the nf_tables
+backend, so conntrack is not even hooked in direct and tuplet mode) and nf_conntrack is
+flushed; tuplet is torn down (its maps, CT included, go with it). Every round runs every
+mode, in a rotated order, each mode doing CRR, RR and UDP RR (``--seconds`` each); the tables
+give medians over the rounds, and "spread" is (max - min) / median.
+
+  CRR     transactions/s of connect, 64-byte request, 64-byte echo, close; a new TCP
+          connection each time. The client closes first with a normal FIN (no SO_LINGER
+          RST), so TIME_WAIT is on the client; the client pod has net.ipv4.tcp_tw_reuse=1
+          and ip_local_port_range 1024-65535 so ports never run out.
+  RR      transactions/s of request/echo over one persistent TCP connection per process.
+  UDP RR  the same with one connected UDP socket per process.
+
+``--concurrency`` client processes run at once (default: 2 per CPU). Servers and clients are
+pinned to one CPU (``--cpus``, default the last one; ``taskset -c``): veth delivers a packet in
+the sending CPU's softirq, so each transaction's whole cost lands on that CPU, which stays
+busy, and the rate is the inverse of the per-transaction CPU cost. Unpinned (``--cpus all``),
+request/response rates on a small machine swing by 2-3x with where the scheduler puts the
+two ends of a connection.
+
+Path checks, so the benchmark cannot measure the wrong path: in every mode both backends
+accept connections and the servers count at least the transactions the client completed;
+in direct mode there is neither a KUBE- nat rule nor a tuplet pin root; in iptables mode the
+KUBE-SEP DNAT rules matched at least as many connections as CRR completed (and the UDP
+flows), with tuplet's pin root gone; in tuplet mode there is no KUBE- nat rule, tuplet's CT
+tables hold service (SVC) entries for TCP and UDP after the round, and its counters saw at
+least as many connection set-ups (PASS_CT_NEW + PASS_CT_REOPENED: CRR reuses client ports
+while their closed CT entries are still there) as CRR completed. A failed check makes the
+exit status 1.
+
+The service is configured through the node configuration's ``[[services]]`` section, as an
+operator would.
+
+Writes nothing to disk but with ``--out FILE`` (the JSON results); pins live below
+/sys/fs/bpf/tuplet/bench/services-<pid> (inside the project's pin root) and are removed at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "loader"))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from tuplet import config, ct, datapath, log, metrics  # noqa: E402
+from tuplet.layouts import TUPLE_F_SERVICE, CtTuple4  # noqa: E402
+from tuplet.netns import enter, sysctl  # noqa: E402
+from tuplet.topology import Node, Pod, Topology  # noqa: E402
+
+CLIENT, BACK1, BACK2 = "10.64.0.36", "10.64.0.98", "10.64.0.64"
+BACKENDS = (BACK1, BACK2)
+POD_CIDR = "10.64.0.0/16"
+SVC_RANGE = "10.68.0.0/16"
+VIP, SVC_PORT, BACKEND_PORT = "10.68.174.146", 80, 8000
+MODES = ("direct", "iptables", "tuplet")
+METRICS = ("crr", "rr", "udp_rr")
+LABELS = {"crr": "CRR/s", "rr": "RR/s", "udp_rr": "UDP RR/s"}
+LOADGEN = ROOT / "build" / "loadgen"
+PIN_ROOT = f"/sys/fs/bpf/tuplet/bench/services-{os.getpid()}"
+MSG_SIZE = 64
+
+# kube-proxy names its chains KUBE-SVC-/KUBE-SEP- plus 16 characters of a hash; these are fixed.
+SVC_CHAINS = {"tcp": "KUBE-SVC-BENCHWEBTCP0000", "udp": "KUBE-SVC-BENCHWEBUDP0000"}
+
+
+def sep_chain(proto: str, i: int) -> str:
+    return f"KUBE-SEP-BENCH{proto.upper()}{i:010d}"
+
+
+# --- the iptables mode ----------------------------------------------------------------------
+
+
+def kube_proxy_rules(protos: tuple[str, ...]) -> str:
+    """The nat table kube-proxy (iptables mode) writes for one ClusterIP with two endpoints."""
+    chains = ["KUBE-SERVICES", "KUBE-POSTROUTING", "KUBE-MARK-MASQ"]
+    rules = [
+        '-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES',
+        '-A OUTPUT -m comment --comment "kubernetes service portals" -j KUBE-SERVICES',
+        '-A POSTROUTING -m comment --comment "kubernetes postrouting rules" -j KUBE-POSTROUTING',
+        "-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000",
+        "-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN",
+        "-A KUBE-POSTROUTING -j MARK --set-xmark 0x4000/0x0",
+        '-A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" '
+        "-j MASQUERADE --random-fully",
+    ]
+    for proto in protos:
+        svc = SVC_CHAINS[proto]
+        chains.append(svc)
+        name = f"bench/web:{proto}"
+        rules.append(f'-A KUBE-SERVICES -d {VIP}/32 -p {proto} -m comment --comment "{name} cluster IP" '
+                     f"-m {proto} --dport {SVC_PORT} -j {svc}")
+        rules.append(f'-A {svc} ! -s {POD_CIDR} -d {VIP}/32 -p {proto} -m comment --comment "{name} cluster IP" '
+                     f"-m {proto} --dport {SVC_PORT} -j KUBE-MARK-MASQ")
+        n = len(BACKENDS)
+        for i, backend in enumerate(BACKENDS):
+            sep = sep_chain(proto, i)
+            chains.append(sep)
+            pick = f"-m statistic --mode random --probability {1 / (n - i):.11f} " if i < n - 1 else ""
+            rules.append(f'-A {svc} -m comment --comment "{name} -> {backend}:{BACKEND_PORT}" {pick}-j {sep}')
+            rules.append(f'-A {sep} -s {backend}/32 -m comment --comment "{name}" -j KUBE-MARK-MASQ')
+            rules.append(f'-A {sep} -p {proto} -m comment --comment "{name}" -m {proto} '
+                         f"-j DNAT --to-destination {backend}:{BACKEND_PORT}")
+    return "*nat\n" + "".join(f":{c} - [0:0]\n" for c in chains) + "\n".join(rules) + "\nCOMMIT\n"
+
+
+def nat_install(t: Topology, node: Node, protos: tuple[str, ...]) -> None:
+    t.run(node, ["iptables-restore", "--noflush"], input=kube_proxy_rules(protos), text=True, check=True,
+          capture_output=True)
+
+
+def nat_remove(t: Topology, node: Node) -> None:
+    """Delete the whole nat table (the nf_tables backend can), else flush it; flush nf_conntrack."""
+    if shutil.which("nft") and "nf_tables" in subprocess.run(["iptables", "--version"], capture_output=True,
+                                                              text=True).stdout:
+        t.run(node, ["nft", "delete", "table", "ip", "nat"], capture_output=True)  # absent: fine
+    else:
+        t.run(node, ["iptables", "-t", "nat", "-F"], check=True, capture_output=True)
+        t.run(node, ["iptables", "-t", "nat", "-X"], check=True, capture_output=True)
+    conntrack_flush(node)
+
+
+def conntrack_flush(node: Node) -> None:
+    try:
+        from pyroute2 import Conntrack
+
+        with enter(node.netns):
+            c = Conntrack()
+        try:
+            c.flush()
+        finally:
+            c.close()
+    except Exception as e:  # no nf_conntrack_netlink: stale entries only cost memory
+        log_note(f"nf_conntrack not flushed: {e}")
+
+
+def nat_rules(t: Topology, node: Node) -> str:
+    return t.run(node, ["iptables-save", "-c", "-t", "nat"], check=True, capture_output=True, text=True).stdout
+
+
+def dnat_hits(t: Topology, node: Node) -> dict[str, int]:
+    """Packets that matched each KUBE-SEP DNAT rule (one per new connection)."""
+    hits: dict[str, int] = {}
+    for line in nat_rules(t, node).splitlines():
+        if line.startswith("[") and "-j DNAT" in line and " -A KUBE-SEP-" in line:
+            counts, rest = line.split("]", 1)
+            hits[rest.split()[1]] = int(counts.lstrip("[").split(":")[0])
+    return hits
+
+
+# --- the tuplet mode ------------------------------------------------------------------------
+
+
+def node_config(node: Node, pods: dict[str, Pod], protos: tuple[str, ...]) -> config.NodeConfig:
+    text = textwrap.dedent(f"""
+        [node]
+        name = "bench"
+        netns = "{node.netns}"
+        pin_root = "{PIN_ROOT}"
+    """)
+    for name, pod in pods.items():
+        text += textwrap.dedent(f"""
+            [[endpoints]]
+            name = "{name}"
+            ifname = "{pod.host_ifname}"
+            ipv4 = "{pod.ipv4}"
+        """)
+    text += textwrap.dedent("""
+        [conntrack]
+        tcp_max = 524288
+        any_max = 262144
+
+        [lb]
+        maglev_table_size = 1021
+    """)
+    backends = ", ".join(f'"{b}:{BACKEND_PORT}"' for b in BACKENDS)
+    for proto in protos:
+        text += textwrap.dedent(f"""
+            [[services]]
+            name = "web-{proto}"
+            type = "ClusterIP"
+            address = "{VIP}"
+            port = {SVC_PORT}
+            protocol = "{proto}"
+            backends = [{backends}]
+        """)
+    return config.parse(text)
+
+
+def tuplet_ct_service_entries() -> dict[str, int]:
+    out: dict[str, int] = {}
+    for name in ct.CT_MAPS:
+        with datapath.open_pinned(PIN_ROOT, name) as m:
+            out[name] = sum(1 for k in m.keys() if CtTuple4.from_buffer_copy(k).flags & TUPLE_F_SERVICE)
+    return out
+
+
+def tuplet_new_connections() -> int:
+    """Connections tuplet set up: new tuples, and tuples reused while their CT entry was closing
+    (CRR cycles through the client's ports faster than closed entries expire)."""
+    obj = str(datapath.object_dir() / datapath.OBJ_LXC)
+    with datapath.open_pinned(PIN_ROOT, datapath.METRICS_MAP) as m:
+        return sum(c.packets for c in metrics.read(m, metrics.reason_names(obj), metrics.direction_names(obj))
+                   if c.reason in ("PASS_CT_NEW", "PASS_CT_REOPENED") and c.direction == "egress")
+
+
+def tuplet_drops() -> dict[str, int]:
+    obj = str(datapath.object_dir() / datapath.OBJ_LXC)
+    with datapath.open_pinned(PIN_ROOT, datapath.METRICS_MAP) as m:
+        return {f"{c.direction}/{c.reason}": c.packets
+                for c in metrics.read(m, metrics.reason_names(obj), metrics.direction_names(obj)) if c.dropped}
+
+
+# --- traffic --------------------------------------------------------------------------------
+
+
+class Server:
+    """``loadgen server`` in a backend pod; ``counts()`` reads its totals."""
+
+    def __init__(self, t: Topology, pod: Pod) -> None:
+        self.pod = pod
+        self.proc = t.popen(pod, [*pin(), str(LOADGEN), "server", str(BACKEND_PORT)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().strip()
+        if line != "ready":
+            raise RuntimeError(f"loadgen server in {pod.name} did not start: {line!r}")
+
+    def counts(self) -> dict[str, int]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write("\n")
+        self.proc.stdin.flush()
+        return {k: int(v) for k, v in (kv.split("=") for kv in self.proc.stdout.readline().split())}
+
+
+def loadgen(t: Topology, client: Pod, kind: str, targets: str, port: int, seconds: float,
+            concurrency: int) -> tuple[float, int, int]:
+    """(transactions per second, transactions, errors) of one loadgen client run."""
+    argv = [*pin(), str(LOADGEN), kind, targets, str(port), f"{seconds:g}", str(concurrency), str(MSG_SIZE)]
+    r = t.run(client, argv, capture_output=True, text=True, timeout=seconds + 60)
+    if r.returncode != 0:
+        raise RuntimeError(f"{shlex.join(argv)} failed ({r.returncode}): {r.stderr.strip()}")
+    kv = dict(item.split("=") for item in r.stdout.split())
+    n, errors, elapsed = int(kv["transactions"]), int(kv["errors"]), float(kv["elapsed"])
+    return n / elapsed, n, errors
+
+
+PIN_CPUS: str | None = None
+
+
+def pin() -> list[str]:
+    """``taskset -c CPUS`` for the traffic processes, or nothing."""
+    return ["taskset", "-c", PIN_CPUS] if PIN_CPUS else []
+
+
+def log_note(text: str) -> None:
+    print(f"note: {text}", file=sys.stderr, flush=True)
+
+
+# --- the run --------------------------------------------------------------------------------
+
+
+def prog_stats() -> dict[int, tuple[str, int, int]]:
+    """(name, run_time_ns, run_cnt) of every loaded cil_* program, by id (kernel.bpf_stats_enabled)."""
+    out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True, check=True)
+    return {p["id"]: (p["name"], p.get("run_time_ns", 0), p.get("run_cnt", 0))
+            for p in json.loads(out.stdout) if p.get("name", "").startswith("cil_")}
+
+
+def bpf_cost(before: dict[int, tuple[str, int, int]], after: dict[int, tuple[str, int, int]],
+             transactions: int) -> dict[str, Any]:
+    """Per transaction: runs and ns per run of each program, and the BPF time in total."""
+    per: dict[str, list[int]] = {}
+    for pid, (name, ns, cnt) in after.items():
+        _, ns0, cnt0 = before.get(pid, (name, 0, 0))
+        acc = per.setdefault(name, [0, 0])
+        acc[0] += ns - ns0
+        acc[1] += cnt - cnt0
+    tx = max(transactions, 1)
+    return {"programs": {name: {"runs_per_tx": cnt / tx, "ns_per_run": ns / cnt if cnt else 0.0}
+                         for name, (ns, cnt) in per.items()},
+            "bpf_ns_per_tx": sum(ns for ns, _ in per.values()) / tx}
+
+
+@dataclass
+class ModeStats:
+    samples: dict[str, list[float]] = field(default_factory=lambda: {m: [] for m in METRICS})
+    errors: dict[str, int] = field(default_factory=lambda: {m: 0 for m in METRICS})
+    checks: list[str] = field(default_factory=list)     # what was verified
+    failures: list[str] = field(default_factory=list)   # what was not
+    bpf: dict[str, list[dict[str, Any]]] = field(default_factory=dict)   # --bpf-stats, per metric
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    protos: tuple[str, ...] = ("tcp",) if args.no_udp else ("tcp", "udp")
+    metrics_run = [m for m in METRICS if m != "udp_rr" or not args.no_udp]
+    stats = {mode: ModeStats() for mode in MODES}
+    info: dict[str, Any] = {}
+    with Topology(prefix="tpl-bench") as t:
+        node = t.add_node("node")
+        client = t.add_pod(node, "client", CLIENT)
+        pods = {"client": client, "back1": t.add_pod(node, "back1", BACK1),
+                "back2": t.add_pod(node, "back2", BACK2)}
+        t.add_service_range(node, SVC_RANGE)
+        with enter(client.netns):
+            sysctl("net.ipv4.tcp_tw_reuse", 1)
+            sysctl("net.ipv4.ip_local_port_range", "1024 65535")
+        servers = [Server(t, pods["back1"]), Server(t, pods["back2"])]
+        setup = node_config(node, pods, protos)
+        info["services_via"] = "[[services]] config"
+        try:
+            nat_remove(t, node)
+            for rnd in range(args.rounds):
+                order = MODES[rnd % len(MODES):] + MODES[:rnd % len(MODES)]
+                for mode in order:
+                    one_mode(t, node, client, servers, setup, protos, metrics_run, mode, stats[mode], args)
+                if not args.json:
+                    done = ", ".join(f"{m} {stats[m].samples['crr'][-1]:.0f}" for m in MODES)
+                    print(f"  round {rnd + 1}/{args.rounds}: CRR/s {done}", file=sys.stderr, flush=True)
+        finally:
+            try:
+                nat_remove(t, node)
+            finally:
+                datapath.teardown(PIN_ROOT)
+    info["stats"] = stats
+    info["metrics"] = metrics_run
+    return info
+
+
+def one_mode(t: Topology, node: Node, client: Pod, servers: list[Server], setup: config.NodeConfig,
+             protos: tuple[str, ...], metrics_run: list[str], mode: str, st: ModeStats,
+             args: argparse.Namespace) -> None:
+    targets, port = (",".join(BACKENDS), BACKEND_PORT) if mode == "direct" else (VIP, SVC_PORT)
+    try:
+        # Enter the mode: exactly one of (nothing, nat table, tuplet) on the path.
+        if mode == "iptables":
+            nat_install(t, node, protos)
+        elif mode == "tuplet":
+            datapath.apply(setup)
+        kube = "KUBE-" in nat_rules(t, node)
+        pinned = os.path.exists(PIN_ROOT)
+        if kube != (mode == "iptables") or pinned != (mode == "tuplet"):
+            st.failures.append(f"wrong set-up: nat rules {'present' if kube else 'absent'}, "
+                               f"tuplet {'attached' if pinned else 'absent'}")
+        st.checks.append(f"KUBE- nat rules {'present' if kube else 'absent'}, "
+                         f"tuplet pin root {'present' if pinned else 'absent'}")
+        # A short warm-up that also proves the path carries traffic before measuring it.
+        _, n, _ = loadgen(t, client, "crr", targets, port, 0.2, 1)
+        if n == 0:
+            raise RuntimeError(f"{mode}: no TCP transaction to {targets}:{port} completed in the warm-up")
+        before = [s.counts() for s in servers]
+        done: dict[str, int] = {}
+        for metric in metrics_run:
+            progs = prog_stats() if mode == "tuplet" and args.bpf_stats else None
+            rate, n, errors = loadgen(t, client, metric, targets, port, args.seconds, args.concurrency)
+            if progs is not None:
+                st.bpf.setdefault(metric, []).append(bpf_cost(progs, prog_stats(), n))
+            st.samples[metric].append(rate)
+            st.errors[metric] += errors
+            done[metric] = n
+        after = [s.counts() for s in servers]
+        # The servers served what the client counted, and CRR's many connections reached both
+        # (RR's and UDP RR's few flows may all hash to one backend).
+        seen = [{k: a[k] - b[k] for k in a} for b, a in zip(before, after)]
+        for s, d in zip(servers, seen):
+            if d["accepted"] == 0:
+                st.failures.append(f"backend {s.pod.name} accepted no connection")
+        requests, udp = sum(d["requests"] for d in seen), sum(d["udp"] for d in seen)
+        if requests < done["crr"] + done["rr"] or udp < done.get("udp_rr", 0):
+            st.failures.append(f"servers saw {seen}, the client completed {done}")
+        st.checks.append("both backends accepted connections; servers saw every transaction")
+        if mode == "iptables":
+            hits = dnat_hits(t, node)
+            tcp = sum(v for k, v in hits.items() if "TCP" in k)
+            udp = sum(v for k, v in hits.items() if "UDP" in k)
+            if tcp < done["crr"] or any(v == 0 for k, v in hits.items() if "TCP" in k):
+                st.failures.append(f"DNAT rules matched {hits}, CRR completed {done['crr']}")
+            if "udp_rr" in metrics_run and udp == 0:
+                st.failures.append(f"UDP DNAT rules matched {hits}")
+            st.checks.append(f"DNAT hits tcp={tcp} udp={udp} (CRR {done['crr']})")
+        elif mode == "tuplet":
+            svc = tuplet_ct_service_entries()
+            new = tuplet_new_connections()
+            drops = tuplet_drops()
+            if svc[ct.CT_MAP_TCP] == 0:
+                st.failures.append(f"no TCP service entries in tuplet's CT: {svc}")
+            if "udp_rr" in metrics_run and svc[ct.CT_MAP_ANY] == 0:
+                st.failures.append(f"no UDP service entries in tuplet's CT: {svc}")
+            if new < done["crr"]:
+                st.failures.append(f"tuplet counted {new} new connections, CRR completed {done['crr']}")
+            st.checks.append(f"SVC CT entries tcp={svc[ct.CT_MAP_TCP]} any={svc[ct.CT_MAP_ANY]}, "
+                             f"new connections {new} (CRR {done['crr']}), drops {drops or 0}")
+            if drops:
+                log_note(f"tuplet drops in this round: {drops}")
+    finally:
+        # Leave the mode.
+        if mode == "iptables":
+            nat_remove(t, node)
+        elif mode == "tuplet":
+            datapath.teardown(PIN_ROOT)
+            with contextlib.suppress(OSError):   # the bench directory, once no other run uses it
+                os.rmdir(os.path.dirname(PIN_ROOT))
+
+
+def summarize(info: dict[str, Any], args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
+    stats: dict[str, ModeStats] = info["stats"]
+    metrics_run: list[str] = info["metrics"]
+    med = {mode: {m: statistics.median(stats[mode].samples[m]) for m in metrics_run} for mode in MODES}
+
+    def ratio(a: float, b: float) -> float | None:
+        return a / b if b else None
+
+    def paired(a: str, b: str, m: str) -> float | None:
+        rs = [x / y for x, y in zip(stats[a].samples[m], stats[b].samples[m]) if y]
+        return statistics.median(rs) if rs else None
+
+    out: dict[str, Any] = {
+        "kernel": platform.release(),
+        "cpus": os.cpu_count(),
+        "command": shlex.join(argv),
+        "seconds": args.seconds, "rounds": args.rounds, "concurrency": args.concurrency,
+        "pinned_cpus": args.cpus,
+        "message_bytes": MSG_SIZE,
+        "services_via": info["services_via"],
+        "modes": {},
+        "tuplet_vs_iptables": {m: ratio(med["tuplet"][m], med["iptables"][m]) for m in metrics_run},
+        "tuplet_vs_iptables_paired": {m: paired("tuplet", "iptables", m) for m in metrics_run},
+    }
+    for mode in MODES:
+        st = stats[mode]
+        out["modes"][mode] = {
+            m: {"median": med[mode][m], "min": min(st.samples[m]), "max": max(st.samples[m]),
+                "samples": st.samples[m], "errors": st.errors[m],
+                "ratio_to_direct": ratio(med[mode][m], med["direct"][m])}
+            for m in metrics_run
+        }
+        if st.bpf:
+            out["modes"][mode]["bpf_stats"] = st.bpf
+        out["modes"][mode]["checks"] = {"passed": not st.failures, "failures": st.failures,
+                                        "verified": sorted(set(st.checks))}
+    out["checks_passed"] = all(out["modes"][m]["checks"]["passed"] for m in MODES)
+    return out
+
+
+def print_table(res: dict[str, Any]) -> None:
+    metrics_run = [m for m in METRICS if m in res["modes"]["direct"]]
+    print(f"kernel {res['kernel']}, {res['cpus']} CPUs, {res['rounds']} rounds x {res['seconds']:g} s per "
+          f"measurement, concurrency {res['concurrency']}, {res['message_bytes']}-byte messages, "
+          f"traffic on CPUs {res['pinned_cpus']}")
+    print(f"tuplet service via {res['services_via']}")
+    head = f"{'mode':<9}"
+    for m in metrics_run:
+        head += f" {LABELS[m]:>10} {'spread':>6} {'/direct':>7}"
+    print(head)
+    for mode in MODES:
+        row = f"{mode:<9}"
+        for m in metrics_run:
+            d = res["modes"][mode][m]
+            spread = (d["max"] - d["min"]) / d["median"] * 100 if d["median"] else 0.0
+            r = d["ratio_to_direct"]
+            row += f" {d['median']:>10.0f} {spread:>5.0f}% {r if r is not None else float('nan'):>7.2f}"
+        print(row)
+    tv = res["tuplet_vs_iptables"]
+    tp = res["tuplet_vs_iptables_paired"]
+    print("tuplet/iptables: " + ", ".join(
+        f"{LABELS[m].removesuffix('/s')} {tv[m]:.2f} (paired by round {tp[m]:.2f})" for m in metrics_run
+        if tv[m] is not None and tp[m] is not None))
+    errs = {f"{mode}/{m}": res["modes"][mode][m]["errors"] for mode in MODES for m in metrics_run
+            if res["modes"][mode][m]["errors"]}
+    if errs:
+        print(f"client errors (failed transactions): {errs}")
+    for m, runs in res["modes"]["tuplet"].get("bpf_stats", {}).items():
+        progs = sorted({name for r in runs for name in r["programs"]})
+        parts = [f"{name} {statistics.median(r['programs'][name]['runs_per_tx'] for r in runs if name in r['programs']):.1f}"
+                 f" runs x {statistics.median(r['programs'][name]['ns_per_run'] for r in runs if name in r['programs']):.0f} ns"
+                 for name in progs]
+        total = statistics.median(r["bpf_ns_per_tx"] for r in runs)
+        print(f"tuplet BPF per {LABELS[m].removesuffix('/s')} transaction: {', '.join(parts)}; {total:.0f} ns in all")
+    for mode in MODES:
+        c = res["modes"][mode]["checks"]
+        state = "passed" if c["passed"] else "FAILED: " + "; ".join(c["failures"])
+        print(f"path check {mode}: {state}")
+    print(f"command: {res['command']}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=3.0, help="seconds per measurement (default 3)")
+    ap.add_argument("--rounds", type=int, default=5, help="rounds over all modes (default 5)")
+    ap.add_argument("--concurrency", type=int, default=2 * (os.cpu_count() or 1),
+                    help="client processes (default: 2 per CPU)")
+    ap.add_argument("--cpus", default=str((os.cpu_count() or 1) - 1),
+                    help="CPU list the servers and clients are pinned to (taskset -c), or 'all' "
+                         "(default: the last CPU)")
+    ap.add_argument("--quick", action="store_true", help="1 s per measurement, 2 rounds (smoke test)")
+    ap.add_argument("--no-udp", action="store_true", help="skip UDP RR")
+    ap.add_argument("--bpf-stats", action="store_true",
+                    help="attribute tuplet's cost: enable kernel.bpf_stats_enabled and report runs and "
+                         "ns per run of each program per transaction (the accounting itself slows "
+                         "tuplet by a few percent: use it to explain, not to compare)")
+    ap.add_argument("--json", action="store_true", help="print the results as JSON only")
+    ap.add_argument("--out", metavar="FILE", help="also write the JSON results to FILE")
+    args = ap.parse_args()
+    if args.quick:
+        args.seconds, args.rounds = 1.0, 2
+    if args.rounds < 1 or args.seconds <= 0 or not 1 <= args.concurrency <= 256:
+        ap.error("--rounds >= 1, --seconds > 0, --concurrency 1..256")
+    if os.geteuid() != 0:
+        print("bench/services.py creates namespaces and loads BPF programs: run it as root", file=sys.stderr)
+        return 2
+    if not LOADGEN.exists():
+        print(f"{LOADGEN} missing: run `make bench-services` (or make {LOADGEN.relative_to(ROOT)})",
+              file=sys.stderr)
+        return 2
+    for tool in ("iptables-restore", "iptables-save"):
+        if not shutil.which(tool):
+            print(f"{tool} missing (apt-get install iptables)", file=sys.stderr)
+            return 2
+    global PIN_CPUS
+    PIN_CPUS = None if args.cpus == "all" else args.cpus
+    log.configure("warning")
+    t0 = time.monotonic()
+    stats_file = Path("/proc/sys/kernel/bpf_stats_enabled")
+    stats_was = stats_file.read_text().strip() if args.bpf_stats else None
+    try:
+        if args.bpf_stats:
+            stats_file.write_text("1")
+        res = summarize(run(args), args, [sys.argv[0], *sys.argv[1:]])
+    finally:
+        if stats_was is not None:
+            stats_file.write_text(stats_was)
+    res["wall_seconds"] = round(time.monotonic() - t0, 1)
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        print_table(res)
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
+    return 0 if res["checks_passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
