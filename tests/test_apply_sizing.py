@@ -10,9 +10,11 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from tuplet import _libbpf as C
 from tuplet import cli, config, datapath, state
 from tuplet.ct import CT_MAP_ANY, CT_MAP_TCP, NAT_MAP
 from tuplet.errors import IncompatiblePinError
+from tuplet.layouts import CtTuple4, Nat4Entry
 from tuplet.maps import Map
 from tuplet.sizing import CT_ANY_MIN, CT_TCP_MIN, GIB, NAT_MIN, Sizing
 
@@ -77,12 +79,44 @@ def test_dynamic_sizes_from_node_memory(applied: Apply, pin_root: str,
     assert sz.mem_total == int(7.5 * GIB) and CT_ANY_MIN == 65536
 
 
-def test_other_size_is_refused_and_the_pins_kept(applied: Apply, pin_root: str) -> None:
+def test_other_size_is_resized_live_keeping_the_entries(applied: Apply, pin_root: str, tmp_path, capsys) -> None:
     applied("tcp_max = 2048\nany_max = 1024\nnat_max = 1024")
-    with pytest.raises(IncompatiblePinError, match="max entries: pinned 1024, wanted 4096"):
-        applied("tcp_max = 2048\nany_max = 1024\nnat_max = 4096")
+    key = CtTuple4.make("10.64.0.36", "10.64.0.64", 80, 40000, 6, 0)
+    with Map.from_pin(f"{pin_root}/{NAT_MAP}") as nat, Map.from_pin(f"{pin_root}/{CT_MAP_TCP}") as tcp:
+        nat.update(key, Nat4Entry(created=7, to_port=80))
+        old_nat, old_tcp = nat.info.id, tcp.info.id
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(text(pin_root, "tcp_max = 2048\nany_max = 1024\nnat_max = 4096"))
+    assert cli.main(["apply", str(cfg)]) == 0
+    assert "resized tpl_nat4_v1: 1024 -> 4096 entries, 1 copied, 0 dropped" in capsys.readouterr().out
+    assert pinned_sizes(pin_root) == (2048, 1024, 4096)
+    assert recorded(pin_root).nat.entries == 4096        # the record describes the new pins
+    with Map.from_pin(f"{pin_root}/{NAT_MAP}") as nat, Map.from_pin(f"{pin_root}/{CT_MAP_TCP}") as tcp:
+        assert nat.info.id != old_nat and tcp.info.id == old_tcp   # only the resized map is new
+        assert nat.info.btf_id != 0 and nat.info.name == NAT_MAP
+        e = Nat4Entry.from_buffer_copy(nat.lookup(key))
+        assert (e.created, e.to_port) == (7, 80)
+    assert not [p for p in os.listdir(pin_root) if p.startswith("resize-")]
+
+
+def test_other_layout_is_refused_and_the_pins_kept(applied: Apply, pin_root: str) -> None:
+    applied("tcp_max = 2048\nany_max = 1024\nnat_max = 1024")
+    # A NAT map of another layout (value 48 bytes) where the datapath's is pinned.
+    os.unlink(f"{pin_root}/{NAT_MAP}")
+    with Map.create(C.BPF_MAP_TYPE_LRU_HASH, NAT_MAP, 14, 48, 1024) as other:
+        assert C.bpf_obj_pin(other.fd, f"{pin_root}/{NAT_MAP}".encode()) == 0
+        other_id = other.info.id
+    with Map.from_pin(f"{pin_root}/{CT_MAP_TCP}") as tcp:
+        tcp_id = tcp.info.id
+    pins = sorted(os.listdir(pin_root))
+    # The TCP table would be resized, but nothing changes while another pin is refused.
+    with pytest.raises(IncompatiblePinError, match="value size: pinned 48, wanted 40"):
+        applied("tcp_max = 4096\nany_max = 1024\nnat_max = 4096")
     assert pinned_sizes(pin_root) == (2048, 1024, 1024)
-    assert recorded(pin_root).nat.entries == 1024        # the record still describes the pins
+    with Map.from_pin(f"{pin_root}/{CT_MAP_TCP}") as tcp, Map.from_pin(f"{pin_root}/{NAT_MAP}") as nat:
+        assert (tcp.info.id, nat.info.id) == (tcp_id, other_id)
+    assert sorted(os.listdir(pin_root)) == pins
+    assert recorded(pin_root).tcp.entries == 2048        # the record still describes the pins
 
 
 def test_cli_flags_size_the_maps_and_status_shows_them(pin_root: str, tmp_path, capsys) -> None:

@@ -25,7 +25,7 @@ from .links import AttachMode
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    logmod.configure(args.log_level, args.log_format)
+    logmod.configure(args.log_level or ("info" if args.command == "agent" else "warning"), args.log_format)
     try:
         return int(args.func(args) or 0)
     except ConfigError as e:
@@ -50,7 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pin-root", default=None, help=f"bpffs directory of the datapath (default {DEFAULT_PIN_ROOT}, "
                    "or node.pin_root of --config)")
     p.add_argument("--config", "-c", default=None, help="node configuration file (TOML)")
-    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"],
+                   help="default: info for `agent`, warning otherwise")
     p.add_argument("--log-format", default="auto", choices=["auto", "json", "console"])
     p.add_argument("--verbose", "-v", action="store_true", help="more detail (whole verifier logs, derivations)")
     sub = p.add_subparsers(dest="command", required=True)
@@ -62,6 +63,12 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--netns", default=None, help="override node.netns")
     options.add_flags(a)
     a.set_defaults(func=cmd_apply)
+
+    ag = sub.add_parser("agent", help="run the node agent (systemd service): apply, GC, metrics, reload on SIGHUP")
+    ag.add_argument("--prometheus-serve-addr", default=None,
+                    help="address of the metrics endpoint (default :9962; empty disables)")
+    options.add_flags(ag)
+    ag.set_defaults(func=cmd_agent)
 
     t = sub.add_parser("teardown", help="detach the datapath and remove its pins")
     t.add_argument("--keep-maps", action="store_true", help="keep the pinned maps (conntrack state)")
@@ -127,7 +134,27 @@ def cmd_apply(args: argparse.Namespace) -> int:
     modes = ", ".join(sorted({a.mode.value for a in res.attachments})) or "none"
     print(f"applied {cfg.source}: {res.endpoints} endpoint(s), {len(res.attachments)} attachment(s) "
           f"({modes}), pins under {cfg.pin_root}" + (" (reused)" if res.reused_pins else ""))
+    for r in res.resized:
+        print(f"resized {r.map}: {r.old_entries} -> {r.new_entries} entries, {r.copied} copied, "
+              f"{r.dropped} dropped")
     return 0
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from . import agent, prom
+
+    path = args.config or agent.DEFAULT_CONFIG
+    addr = agent.DEFAULT_PROM_ADDR if args.prometheus_serve_addr is None else args.prometheus_serve_addr
+    prom.parse_addr(addr)   # a bad address fails before anything changes
+
+    def overrides(cfg: configmod.NodeConfig) -> configmod.NodeConfig:
+        cfg = options.merge_flags(cfg, args)
+        if args.pin_root:
+            import dataclasses
+            cfg = dataclasses.replace(cfg, pin_root=args.pin_root)
+        return cfg
+
+    return agent.run_agent(path, overrides, addr)
 
 
 def cmd_teardown(args: argparse.Namespace) -> int:
@@ -244,14 +271,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     atts = [a.to_json() for a in st.attachments] if st else []
     sz = Sizing.from_json(st.sizing) if st and st.sizing else None
     gc_cfg = _gc_settings(st.gc if st else None)
+    from .agent import read_agent_state
+
+    agent = read_agent_state(root)
     verbose = bool(args.verbose or args.status_verbose)
     if args.output == "json":
         json.dump({"pin_root": root, "netns": st.netns if st else None, "attachments": atts,
-                   "tables": tables, "sizing": sz.to_json() if sz else None, "gc": gc_cfg},
+                   "tables": tables, "sizing": sz.to_json() if sz else None, "gc": gc_cfg, "agent": agent},
                   sys.stdout, indent=2)
         print()
         return 0
     print(f"Pin root:     {root}" + (f" (netns {st.netns})" if st and st.netns else ""))
+    print(f"Agent:        {_describe_agent(agent)}")
     print("Attachments:")
     for a in atts:
         print(f"  {a['ifname']:<16} {a['hook']:<8} {a['program']:<20} {str(a['mode']).upper()}")
@@ -267,7 +298,28 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("\n".join(sz.describe(verbose=True)))
     if verbose and gc_cfg:
         print(f"Conntrack GC: {describe_settings(gc_cfg['interval'], gc_cfg['max_interval'])}")
+    last = (agent or {}).get("gc")
+    if last:
+        import time
+
+        print(f"  last pass:  {time.time() - last['at']:.0f}s ago ({last['reason']}, {last['method']}): "
+              f"{last['deleted']} deleted, {last['alive']} alive, {last['nat_deleted']} NAT deleted in "
+              f"{last['duration_s'] * 1000:.1f} ms; {last['passes']} pass(es); next in {last['interval_s']:.0f}s")
     return 0
+
+
+def _describe_agent(agent: dict[str, Any] | None) -> str:
+    if not agent:
+        return "not running (the datapath works without it; GC and metrics need it)"
+    import time
+
+    out = f"running, pid {agent['pid']}, up {time.time() - agent['started']:.0f}s, config {agent['config']}"
+    if agent.get("metrics"):
+        out += f", metrics on {agent['metrics']}"
+    rel = agent.get("last_reload")
+    if rel:
+        out += f"; last reload {'ok' if rel['ok'] else 'REJECTED: ' + rel.get('error', '')}"
+    return out
 
 
 def _gc_settings(recorded: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -3,19 +3,21 @@ them to its devices, program its endpoints, and remove it all again.
 
 ``apply`` is all-or-nothing: configuration, interfaces and pinned maps are
 checked before anything changes, and a failure while attaching undoes what this
-run attached and the pins it created.
+run attached and the pins it created. A conntrack or NAT table whose configured
+size changed is resized live (:mod:`tuplet.resize`).
 """
 from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import structlog
 
-from . import bpffs, lb, state
+from . import bpffs, lb, resize, state
 from .config import NodeConfig
 from .ct import CT_MAP_ANY, CT_MAP_TCP, NAT_MAP
 from .errors import NotFoundError, TupletError
@@ -39,9 +41,15 @@ NETDEV_HOOKS = (("cil_from_netdev", Hook.INGRESS), ("cil_to_netdev", Hook.EGRESS
 
 
 def object_dir() -> Path:
-    """Where the built BPF objects are: $TUPLET_OBJ_DIR, else the source tree's build/."""
+    """Where the built BPF objects are: $TUPLET_OBJ_DIR; else, installed by `make install`,
+    bpf/ beside the venv; else the source tree's build/."""
     env = os.environ.get("TUPLET_OBJ_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "build"
+    if env:
+        return Path(env)
+    installed = Path(sys.prefix).parent / "bpf"
+    if (installed / OBJ_LXC).exists():
+        return installed
+    return Path(__file__).resolve().parents[2] / "build"
 
 
 def open_object(name: str, cfg: NodeConfig, pin_root: str | None, sizing: Sizing | None = None) -> ObjectSpec:
@@ -80,6 +88,7 @@ class ApplyResult:
     attachments: list[Attachment]
     endpoints: int
     reused_pins: list[str]
+    resized: list[resize.Resized] = field(default_factory=list)
 
 
 def apply(cfg: NodeConfig) -> ApplyResult:
@@ -110,16 +119,20 @@ def _apply(cfg: NodeConfig) -> ApplyResult:
     reused: list[str] = []
     made: list[Attachment] = []
     attachments: list[Attachment] = []
+    specs: list[ObjectSpec] = []
+    resizer = resize.Resizer(pin_root)
     try:
         for obj in (OBJ_LXC, OBJ_HOST):
-            spec = open_object(obj, cfg, pin_root, sizing)
-            try:
-                coll = spec.load()   # checks every existing pin first; reuses or refuses
-            finally:
-                spec.close()
+            specs.append(open_object(obj, cfg, pin_root, sizing))
+        resizer.prepare(specs)   # pins that differ only in size: new maps the objects use instead
+        for spec in specs:
+            coll = spec.load()   # checks every existing pin first; reuses or refuses
             colls.append(coll)
             reused += [p for p in coll.reused_pins if p not in new_pins and p not in reused]
-            new_pins += [p for p in _pin_paths(coll, pin_root) if p not in coll.reused_pins]
+            new_pins += [p for p in _pin_paths(coll, pin_root)
+                         if p not in coll.reused_pins and p not in resizer.pins]
+        resizer.copy()           # live entries into the new maps, just before the swap
+        resizer.save_programs(old.attachments)
         lxc, host = colls
         if any(p.endswith(lb.SERVICES_MAP) for p in new_pins):
             state.services_path(pin_root).unlink(missing_ok=True)   # describes service maps that are gone
@@ -136,8 +149,9 @@ def _apply(cfg: NodeConfig) -> ApplyResult:
         services = lb.sync_config(pin_root, cfg.services, {e.ipv4 for e in cfg.endpoints},
                                   cfg.lb.maglev_table_size)
     except BaseException:
+        undo = resizer.rollback(attachments, made)   # programs that ran before back, if swapped
         with contextlib.suppress(TupletError, OSError):
-            _remove_attachments(list(reversed(made)))
+            _remove_attachments(list(reversed(made + undo)))
         for p in new_pins:
             with contextlib.suppress(OSError):
                 os.unlink(p)
@@ -145,7 +159,11 @@ def _apply(cfg: NodeConfig) -> ApplyResult:
             state.services_path(pin_root).unlink(missing_ok=True)   # it described the maps just removed
         for coll in colls:
             coll.close()
+        resizer.close()
         raise
+    finally:
+        for spec in specs:
+            spec.close()
     for coll in colls:
         coll.close()
 
@@ -158,6 +176,7 @@ def _apply(cfg: NodeConfig) -> ApplyResult:
     for a in attachments:
         if a.mode is AttachMode.TC and a.ifname in created:
             a.created_clsact = True
+    resized = resizer.finish()   # old programs are off every hook now: late entries, then the pins
     state.save(state.NodeState(pin_root=pin_root, netns=cfg.netns, attachments=attachments,
                                endpoints={e.ipv4: e.ifname for e in cfg.endpoints},
                                sizing=sizing.to_json(),
@@ -165,8 +184,10 @@ def _apply(cfg: NodeConfig) -> ApplyResult:
                                    "max_interval": cfg.conntrack.gc_max_interval}))
     log.info("applied", node=cfg.name, endpoints=len(cfg.endpoints), attachments=len(attachments),
              services={k: len(v) for k, v in services.items() if v},
-             modes=sorted({a.mode.value for a in attachments}), reused_pins=len(reused))
-    return ApplyResult(attachments=attachments, endpoints=len(cfg.endpoints), reused_pins=reused)
+             modes=sorted({a.mode.value for a in attachments}), reused_pins=len(reused),
+             resized=[r.map for r in resized])
+    return ApplyResult(attachments=attachments, endpoints=len(cfg.endpoints), reused_pins=reused,
+                       resized=resized)
 
 
 def _pin_paths(coll: Collection, pin_root: str) -> list[str]:

@@ -119,6 +119,20 @@ def tcx_attach(prog: Program, ifname: str, hook: Hook, pin_root: str) -> Attachm
     return Attachment(ifname, ifindex, hook, prog.name, AttachMode.TCX, pin)
 
 
+def pinned_link_prog_id(pin: str) -> int:
+    """The id of the program a pinned link runs now (0 when the pin is not a link)."""
+    fd = C.bpf_obj_get(cstr(pin))
+    if fd < 0:
+        check(fd, f"link {pin}", "open")
+    try:
+        info = C.bpf_link_info()
+        size = ctypes.c_uint32(ctypes.sizeof(info))
+        check(C.bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)), f"link {pin}", "get info")
+        return int(info.prog_id)
+    finally:
+        os.close(fd)
+
+
 def tcx_detach(att: Attachment) -> None:
     """Detach a pinned TCX link (the pin is the last reference: unlinking releases it)."""
     if att.link_pin and os.path.exists(att.link_pin):
@@ -196,6 +210,17 @@ def tc_has_filter(ifname: str, hook: Hook) -> bool:
     h = _tc_hook(ifindex_of(ifname), hook)
     o = opts(C.bpf_tc_opts, handle=TC_HANDLE, priority=TC_PRIORITY)
     return C.bpf_tc_query(ctypes.byref(h), ctypes.byref(o)) == 0
+
+
+def attached_prog_id(att: Attachment) -> int:
+    """The id of the program on att's hook now (0: nothing of tuplet's is there)."""
+    if att.mode is AttachMode.TCX:
+        return pinned_link_prog_id(att.link_pin) if att.link_pin and os.path.exists(att.link_pin) else 0
+    if not has_clsact(ifindex_of(att.ifname)):
+        return 0
+    h = _tc_hook(ifindex_of(att.ifname), att.hook)
+    o = opts(C.bpf_tc_opts, handle=TC_HANDLE, priority=TC_PRIORITY)
+    return int(o.prog_id) if C.bpf_tc_query(ctypes.byref(h), ctypes.byref(o)) == 0 else 0
 
 
 # --- either -------------------------------------------------------------------------------------

@@ -161,8 +161,14 @@ class ObjectSpec:
         check(C.bpf_map__set_max_entries(self._map(name), n), f"map {name}", "set size")
 
     def reuse_map(self, name: str, m: Map) -> None:
-        """Make the object use an existing map (by fd) instead of creating or pinning one."""
-        check(C.bpf_map__reuse_fd(self._map(name), m.fd), f"map {name}", "reuse existing map")
+        """Make the object use an existing map (by fd) instead of creating or pinning one.
+
+        The map's pin path is cleared: libbpf would otherwise open the pin (and refuse a
+        pinned map of another size) or pin the given map there.
+        """
+        mp = self._map(name)
+        check(C.bpf_map__reuse_fd(mp, m.fd), f"map {name}", "reuse existing map")
+        check(C.bpf_map__set_pin_path(mp, None), f"map {name}", "clear pin path")
 
     def set_const(self, name: str, value: int) -> None:
         """Set a ``const volatile`` global (in .rodata) before load."""

@@ -41,6 +41,11 @@ def services_path(pin_root: str) -> Path:
     return state_path(pin_root).with_suffix(".services.json")
 
 
+def agent_path(pin_root: str) -> Path:
+    """What the running agent reports to `tuplet status` (:mod:`tuplet.agent`)."""
+    return state_path(pin_root).with_suffix(".agent.json")
+
+
 def load(pin_root: str) -> NodeState | None:
     p = state_path(pin_root)
     try:
@@ -62,6 +67,7 @@ def save(st: NodeState) -> None:
 
 def remove(pin_root: str, keep_services: bool = False) -> None:
     state_path(pin_root).unlink(missing_ok=True)
+    agent_path(pin_root).unlink(missing_ok=True)
     if not keep_services:
         services_path(pin_root).unlink(missing_ok=True)
         services_path(pin_root).with_suffix(".lock").unlink(missing_ok=True)
