@@ -31,7 +31,7 @@ Q := @
 msg = @printf '  %-8s %s\n' "$(1)" "$(2)";
 endif
 
-.PHONY: build deps venv test demo bindings clean vmlinux bench install uninstall bench-services
+.PHONY: build deps venv test demo bindings clean vmlinux bench install uninstall bench-services bench-resize
 build: $(BPF_PROGS) $(BENCH_PROGS)
 
 # System packages (Debian 12). Skipped when every tool is already there.
@@ -86,6 +86,9 @@ $(BUILD)/loadgen: bench/loadgen.c | $(BUILD)/.deps
 
 bench-services: build venv $(BUILD)/loadgen
 	$(VENV_PY) bench/services.py $(BENCH_ARGS)
+
+bench-resize: build venv
+	$(VENV_PY) bench/resize.py $(BENCH_ARGS)
 
 # The agent as a systemd service: a venv with tuplet in $(LIBDIR), the objects beside it,
 # `tuplet` in $(PREFIX)/bin, the unit, and /etc/tuplet/tuplet.toml when there is none.
