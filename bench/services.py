@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -90,6 +91,9 @@ POD_CIDR = "10.64.0.0/16"
 SVC_RANGE = "10.68.0.0/16"
 VIP, SVC_PORT, BACKEND_PORT = "10.68.174.146", 80, 8000
 MODES = ("direct", "iptables", "tuplet")
+#: With --single-lru: tuplet with one TCP table (``syn_table = false``, the reference's layout),
+#: to measure what the handshake table costs per connection.
+LRU_MODE = "tuplet-lru"
 METRICS = ("crr", "rr", "udp_rr")
 LABELS = {"crr": "CRR/s", "rr": "RR/s", "udp_rr": "UDP RR/s"}
 LOADGEN = ROOT / "build" / "loadgen"
@@ -327,10 +331,15 @@ class ModeStats:
     bpf: dict[str, list[dict[str, Any]]] = field(default_factory=dict)   # --bpf-stats, per metric
 
 
+def modes_of(args: argparse.Namespace) -> tuple[str, ...]:
+    return (*MODES, LRU_MODE) if args.single_lru else MODES
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     protos: tuple[str, ...] = ("tcp",) if args.no_udp else ("tcp", "udp")
     metrics_run = [m for m in METRICS if m != "udp_rr" or not args.no_udp]
-    stats = {mode: ModeStats() for mode in MODES}
+    modes = modes_of(args)
+    stats = {mode: ModeStats() for mode in modes}
     info: dict[str, Any] = {}
     with Topology(prefix="tpl-bench") as t:
         node = t.add_node("node")
@@ -347,11 +356,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         try:
             nat_remove(t, node)
             for rnd in range(args.rounds):
-                order = MODES[rnd % len(MODES):] + MODES[:rnd % len(MODES)]
+                order = modes[rnd % len(modes):] + modes[:rnd % len(modes)]
                 for mode in order:
                     one_mode(t, node, client, servers, setup, protos, metrics_run, mode, stats[mode], args)
                 if not args.json:
-                    done = ", ".join(f"{m} {stats[m].samples['crr'][-1]:.0f}" for m in MODES)
+                    done = ", ".join(f"{m} {stats[m].samples['crr'][-1]:.0f}" for m in modes)
                     print(f"  round {rnd + 1}/{args.rounds}: CRR/s {done}", file=sys.stderr, flush=True)
         finally:
             try:
@@ -373,9 +382,12 @@ def one_mode(t: Topology, node: Node, client: Pod, servers: list[Server], setup:
             nat_install(t, node, protos)
         elif mode == "tuplet":
             datapath.apply(setup)
+        elif mode == LRU_MODE:
+            datapath.apply(dataclasses.replace(
+                setup, conntrack=dataclasses.replace(setup.conntrack, syn_table=False)))
         kube = "KUBE-" in nat_rules(t, node)
         pinned = os.path.exists(PIN_ROOT)
-        if kube != (mode == "iptables") or pinned != (mode == "tuplet"):
+        if kube != (mode == "iptables") or pinned != mode.startswith("tuplet"):
             st.failures.append(f"wrong set-up: nat rules {'present' if kube else 'absent'}, "
                                f"tuplet {'attached' if pinned else 'absent'}")
         st.checks.append(f"KUBE- nat rules {'present' if kube else 'absent'}, "
@@ -387,7 +399,7 @@ def one_mode(t: Topology, node: Node, client: Pod, servers: list[Server], setup:
         before = [s.counts() for s in servers]
         done: dict[str, int] = {}
         for metric in metrics_run:
-            progs = prog_stats() if mode == "tuplet" and args.bpf_stats else None
+            progs = prog_stats() if mode.startswith("tuplet") and args.bpf_stats else None
             rate, n, errors = loadgen(t, client, metric, targets, port, args.seconds, args.concurrency)
             if progs is not None:
                 st.bpf.setdefault(metric, []).append(bpf_cost(progs, prog_stats(), n))
@@ -414,7 +426,7 @@ def one_mode(t: Topology, node: Node, client: Pod, servers: list[Server], setup:
             if "udp_rr" in metrics_run and udp == 0:
                 st.failures.append(f"UDP DNAT rules matched {hits}")
             st.checks.append(f"DNAT hits tcp={tcp} udp={udp} (CRR {done['crr']})")
-        elif mode == "tuplet":
+        elif mode.startswith("tuplet"):
             svc = tuplet_ct_service_entries()
             new = tuplet_new_connections()
             drops = tuplet_drops()
@@ -432,7 +444,7 @@ def one_mode(t: Topology, node: Node, client: Pod, servers: list[Server], setup:
         # Leave the mode.
         if mode == "iptables":
             nat_remove(t, node)
-        elif mode == "tuplet":
+        elif mode.startswith("tuplet"):
             datapath.teardown(PIN_ROOT)
             with contextlib.suppress(OSError):   # the bench directory, once no other run uses it
                 os.rmdir(os.path.dirname(PIN_ROOT))
@@ -441,7 +453,8 @@ def one_mode(t: Topology, node: Node, client: Pod, servers: list[Server], setup:
 def summarize(info: dict[str, Any], args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     stats: dict[str, ModeStats] = info["stats"]
     metrics_run: list[str] = info["metrics"]
-    med = {mode: {m: statistics.median(stats[mode].samples[m]) for m in metrics_run} for mode in MODES}
+    modes = list(stats)
+    med = {mode: {m: statistics.median(stats[mode].samples[m]) for m in metrics_run} for mode in modes}
 
     def ratio(a: float, b: float) -> float | None:
         return a / b if b else None
@@ -462,7 +475,9 @@ def summarize(info: dict[str, Any], args: argparse.Namespace, argv: list[str]) -
         "tuplet_vs_iptables": {m: ratio(med["tuplet"][m], med["iptables"][m]) for m in metrics_run},
         "tuplet_vs_iptables_paired": {m: paired("tuplet", "iptables", m) for m in metrics_run},
     }
-    for mode in MODES:
+    if LRU_MODE in stats:
+        out["tuplet_vs_single_lru_paired"] = {m: paired("tuplet", LRU_MODE, m) for m in metrics_run}
+    for mode in modes:
         st = stats[mode]
         out["modes"][mode] = {
             m: {"median": med[mode][m], "min": min(st.samples[m]), "max": max(st.samples[m]),
@@ -474,7 +489,7 @@ def summarize(info: dict[str, Any], args: argparse.Namespace, argv: list[str]) -
             out["modes"][mode]["bpf_stats"] = st.bpf
         out["modes"][mode]["checks"] = {"passed": not st.failures, "failures": st.failures,
                                         "verified": sorted(set(st.checks))}
-    out["checks_passed"] = all(out["modes"][m]["checks"]["passed"] for m in MODES)
+    out["checks_passed"] = all(out["modes"][m]["checks"]["passed"] for m in modes)
     return out
 
 
@@ -484,12 +499,12 @@ def print_table(res: dict[str, Any]) -> None:
           f"measurement, concurrency {res['concurrency']}, {res['message_bytes']}-byte messages, "
           f"traffic on CPUs {res['pinned_cpus']}")
     print(f"tuplet service via {res['services_via']}")
-    head = f"{'mode':<9}"
+    head = f"{'mode':<10}"
     for m in metrics_run:
         head += f" {LABELS[m]:>10} {'spread':>6} {'/direct':>7}"
     print(head)
-    for mode in MODES:
-        row = f"{mode:<9}"
+    for mode in res["modes"]:
+        row = f"{mode:<10}"
         for m in metrics_run:
             d = res["modes"][mode][m]
             spread = (d["max"] - d["min"]) / d["median"] * 100 if d["median"] else 0.0
@@ -501,7 +516,7 @@ def print_table(res: dict[str, Any]) -> None:
     print("tuplet/iptables: " + ", ".join(
         f"{LABELS[m].removesuffix('/s')} {tv[m]:.2f} (paired by round {tp[m]:.2f})" for m in metrics_run
         if tv[m] is not None and tp[m] is not None))
-    errs = {f"{mode}/{m}": res["modes"][mode][m]["errors"] for mode in MODES for m in metrics_run
+    errs = {f"{mode}/{m}": res["modes"][mode][m]["errors"] for mode in res["modes"] for m in metrics_run
             if res["modes"][mode][m]["errors"]}
     if errs:
         print(f"client errors (failed transactions): {errs}")
@@ -512,7 +527,11 @@ def print_table(res: dict[str, Any]) -> None:
                  for name in progs]
         total = statistics.median(r["bpf_ns_per_tx"] for r in runs)
         print(f"tuplet BPF per {LABELS[m].removesuffix('/s')} transaction: {', '.join(parts)}; {total:.0f} ns in all")
-    for mode in MODES:
+    if "tuplet_vs_single_lru_paired" in res:
+        sl = res["tuplet_vs_single_lru_paired"]
+        print("tuplet/tuplet-lru (the handshake table's cost, paired by round): " + ", ".join(
+            f"{LABELS[m].removesuffix('/s')} {sl[m]:.3f}" for m in metrics_run if sl[m] is not None))
+    for mode in res["modes"]:
         c = res["modes"][mode]["checks"]
         state = "passed" if c["passed"] else "FAILED: " + "; ".join(c["failures"])
         print(f"path check {mode}: {state}")
@@ -530,6 +549,8 @@ def main() -> int:
                          "(default: the last CPU)")
     ap.add_argument("--quick", action="store_true", help="1 s per measurement, 2 rounds (smoke test)")
     ap.add_argument("--no-udp", action="store_true", help="skip UDP RR")
+    ap.add_argument("--single-lru", action="store_true",
+                    help=f"also run {LRU_MODE}: tuplet with one TCP table (syn_table = false)")
     ap.add_argument("--bpf-stats", action="store_true",
                     help="attribute tuplet's cost: enable kernel.bpf_stats_enabled and report runs and "
                          "ns per run of each program per transaction (the accounting itself slows "

@@ -19,6 +19,8 @@ char LICENSE[] SEC("license") = "GPL";
 enum gc_map_sel {
 	GC_MAP_TCP = 0,
 	GC_MAP_ANY = 1,
+	GC_MAP_SYN = 2,
+	GC_MAP_NAT = 3,          /* count only (GC_WALK_ONLY): NAT entries go with their CT entry */
 };
 
 /* Or'ed into gc_args.map: visit every entry and count it, read and delete
@@ -75,25 +77,61 @@ static long gc_entry(struct bpf_map *map, struct ipv4_ct_tuple *key, struct ct_e
 	return 0;
 }
 
+/* One walker per map, each a subprogram of its own: every bpf_for_each_map_elem
+ * call instruction then sees one map. Left to itself clang merges the calls
+ * into one instruction fed different maps, which 6.1's verifier rejects
+ * ("tail_call abusing map_ptr"); 6.6 and later accept it.
+ */
+#define GC_WALKER(fn, map)							\
+static __noinline int fn(struct gc_ctx *ctx, int count_only)		\
+{									\
+	if (!ctx)							\
+		return 0;						\
+	if (count_only)							\
+		return bpf_for_each_map_elem(&map, gc_count, ctx, 0);	\
+	return bpf_for_each_map_elem(&map, gc_entry, ctx, 0);		\
+}
+
+GC_WALKER(gc_walk_tcp, tpl_ct4_v1)
+GC_WALKER(gc_walk_any, tpl_ct_any4_v1)
+GC_WALKER(gc_walk_syn, tpl_ct4_syn_v1)
+
+static __noinline int gc_walk_nat(struct gc_ctx *ctx)
+{
+	if (!ctx)
+		return 0;
+	return bpf_for_each_map_elem(&tpl_nat4_v1, gc_count, ctx, 0);
+}
+
 SEC("tc")
 int tpl_ct_gc(struct __sk_buff *skb)
 {
 	struct gc_args args;
 	struct gc_ctx ctx = {};
+	__u32 count_only;
 
 	if (bpf_skb_load_bytes(skb, GC_ARGS_OFF, &args, sizeof(args)) < 0)
 		return -1;
 	ctx.now = args.now;
-	if (args.map == (GC_MAP_TCP | GC_WALK_ONLY))
-		bpf_for_each_map_elem(&tpl_ct4_v1, gc_count, &ctx, 0);
-	else if (args.map == (GC_MAP_ANY | GC_WALK_ONLY))
-		bpf_for_each_map_elem(&tpl_ct_any4_v1, gc_count, &ctx, 0);
-	else if (args.map == GC_MAP_TCP)
-		bpf_for_each_map_elem(&tpl_ct4_v1, gc_entry, &ctx, 0);
-	else if (args.map == GC_MAP_ANY)
-		bpf_for_each_map_elem(&tpl_ct_any4_v1, gc_entry, &ctx, 0);
-	else
+	count_only = !!(args.map & GC_WALK_ONLY);
+	switch (args.map & ~GC_WALK_ONLY) {
+	case GC_MAP_TCP:
+		gc_walk_tcp(&ctx, count_only);
+		break;
+	case GC_MAP_ANY:
+		gc_walk_any(&ctx, count_only);
+		break;
+	case GC_MAP_SYN:
+		gc_walk_syn(&ctx, count_only);
+		break;
+	case GC_MAP_NAT:
+		if (!count_only)
+			return -1;   /* NAT entries are deleted with their CT entry, never walked */
+		gc_walk_nat(&ctx);
+		break;
+	default:
 		return -1;
+	}
 	args.alive = ctx.alive;
 	args.deleted = ctx.deleted;
 	args.nat_deleted = ctx.nat_deleted;

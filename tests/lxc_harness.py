@@ -9,7 +9,7 @@ from scapy.packet import Packet, Raw
 
 from tuplet import metrics
 from tuplet.config import NodeConfig
-from tuplet.ct import CT_MAP_ANY, CT_MAP_TCP, NAT_MAP, CtRecord, records
+from tuplet.ct import CT_MAP_ANY, CT_MAP_SYN, CT_MAP_TCP, NAT_MAP, CtRecord, records
 from tuplet.datapath import EP_MAP, METRICS_MAP, OBJ_LXC, object_dir, open_object
 from tuplet.layouts import CtEntry, CtTuple4, EndpointInfo, ip_to_be32
 from tuplet.objects import Collection
@@ -64,6 +64,7 @@ class LxcHarness:
         spec.set_max_entries(CT_MAP_TCP, 4096)
         spec.set_max_entries(CT_MAP_ANY, 4096)
         spec.set_max_entries(NAT_MAP, 4096)
+        spec.set_max_entries(CT_MAP_SYN, 1024)
         for k, v in (consts or {}).items():
             spec.set_const(k, v)
         return cls(spec.load())
@@ -105,13 +106,24 @@ class LxcHarness:
         self.coll.set_global(".bss", "clock_offset_sec", off + seconds)
 
     def entries(self) -> list[CtRecord]:
-        return [*records(self.coll.maps[CT_MAP_TCP]), *records(self.coll.maps[CT_MAP_ANY])]
+        """Every entry, established TCP, handshake-table TCP and non-TCP (as `ct list`)."""
+        return [*records(self.coll.maps[CT_MAP_TCP]), *records(self.coll.maps[CT_MAP_SYN]),
+                *records(self.coll.maps[CT_MAP_ANY])]
+
+    def table_of(self, daddr: str, saddr: str, dport: int, sport: int, proto: int, flags: int) -> str | None:
+        """Which table holds the entry under this key (None: none)."""
+        key = CtTuple4.make(daddr, saddr, dport, sport, proto, flags)
+        for name in ((CT_MAP_TCP, CT_MAP_SYN) if proto == 6 else (CT_MAP_ANY,)):
+            if self.coll.maps[name].lookup(key):
+                return name
+        return None
 
     def entry(self, daddr: str, saddr: str, dport: int, sport: int, proto: int, flags: int) -> CtEntry | None:
         """The entry under a key given in the map's own naming (see CtTuple4)."""
-        key = CtTuple4.make(daddr, saddr, dport, sport, proto, flags)
-        m = self.coll.maps[CT_MAP_TCP if proto == 6 else CT_MAP_ANY]
-        raw = m.lookup(key)
+        table = self.table_of(daddr, saddr, dport, sport, proto, flags)
+        if table is None:
+            return None
+        raw = self.coll.maps[table].lookup(CtTuple4.make(daddr, saddr, dport, sport, proto, flags))
         return CtEntry.from_buffer_copy(raw) if raw else None
 
     def add_endpoint(self, ip: str, identity: int, ifindex: int = 1) -> None:

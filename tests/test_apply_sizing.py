@@ -12,7 +12,7 @@ import pytest
 
 from tuplet import _libbpf as C
 from tuplet import cli, config, datapath, state
-from tuplet.ct import CT_MAP_ANY, CT_MAP_TCP, NAT_MAP
+from tuplet.ct import CT_MAP_ANY, CT_MAP_SYN, CT_MAP_TCP, NAT_MAP
 from tuplet.errors import IncompatiblePinError
 from tuplet.layouts import CtTuple4, Nat4Entry
 from tuplet.maps import Map
@@ -155,7 +155,7 @@ def test_cli_flags_size_the_maps_and_status_shows_them(pin_root: str, tmp_path, 
         assert doc["sizing"]["dynamic"] is True and doc["sizing"]["ratio"] == 0.0025
         assert doc["gc"] == {"mode": "fixed", "interval": 120.0, "max_interval": 3600.0, "early_min_gap": 10.0}
         assert {t["map"]: t["max_entries"] for t in doc["tables"]} == {
-            CT_MAP_TCP: 4096, CT_MAP_ANY: 1024, NAT_MAP: 2048}
+            CT_MAP_TCP: 4096, CT_MAP_ANY: 1024, CT_MAP_SYN: 1024, NAT_MAP: 2048}
     finally:
         datapath.teardown(pin_root)
 

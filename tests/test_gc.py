@@ -7,7 +7,7 @@ import os
 import pytest
 
 from lxc_harness import LxcHarness, tcp, udp
-from tuplet.ct import CT_MAP_ANY, CT_MAP_TCP, NAT_MAP
+from tuplet.ct import CT_MAP_ANY, CT_MAP_SYN, CT_MAP_TCP, NAT_MAP
 from tuplet.errors import TupletError
 from tuplet.gc import CtGc, Method, gc_pass
 from tuplet.layouts import TUPLE_F_IN, TUPLE_F_OUT, TUPLE_F_RELATED, TUPLE_F_SERVICE, CtEntry, CtTuple4, Nat4Entry, ip_to_be32
@@ -31,7 +31,7 @@ def closed(h: LxcHarness, sport: int) -> None:
 
 
 def maps(h: LxcHarness) -> list[Map]:
-    return [h.coll.maps[CT_MAP_TCP], h.coll.maps[CT_MAP_ANY]]
+    return [h.coll.maps[CT_MAP_TCP], h.coll.maps[CT_MAP_ANY], h.coll.maps[CT_MAP_SYN]]
 
 
 def keys(h: LxcHarness) -> set[str]:
@@ -42,18 +42,18 @@ def keys(h: LxcHarness) -> set[str]:
 def test_pass_deletes_exactly_the_expired(lxc: LxcHarness, method: Method) -> None:
     established(lxc, 1000)           # TCP OUT, 8000 s; related ICMP 60 s
     closed(lxc, 1001)                # TCP OUT closing, 10 s; related ICMP 60 s
-    lxc.egress(tcp(A, 1002, B, 80, "S"))   # SYN only, 60 s
+    lxc.egress(tcp(A, 1002, B, 80, "S"))   # SYN only, 60 s (in the handshake table)
     lxc.egress(udp(A, 5000, B, 53))  # UDP 60 s; related ICMP (same pair: refreshed)
     before = keys(lxc)
     now = lxc.now()
 
     r = gc_pass(maps(lxc), method=method, now=now + 30)
-    assert [(s.map, s.deleted) for s in r.maps] == [(CT_MAP_TCP, 1), (CT_MAP_ANY, 0)]
+    assert [(s.map, s.deleted) for s in r.maps] == [(CT_MAP_TCP, 1), (CT_MAP_ANY, 0), (CT_MAP_SYN, 0)]
     assert before - keys(lxc) == {f"TCP OUT {A}:1001 -> {B}:80"}
 
     r = gc_pass(maps(lxc), method=method, now=now + 100)
     assert keys(lxc) == {f"TCP OUT {A}:1000 -> {B}:80"}
-    assert r.maps[0].deleted == 1 and r.maps[1].deleted == 2   # SYN entry; UDP + related
+    assert [s.deleted for s in r.maps] == [0, 2, 1]   # UDP + related; the SYN entry
     assert r.alive == 1 and r.duration > 0
 
     r = gc_pass(maps(lxc), method=method, now=now + 100)
@@ -137,7 +137,7 @@ def test_entry_refreshed_between_read_and_delete_survives(lxc: LxcHarness, monke
     lxc.egress(tcp(A, 2000, B, 80, "S"))     # 60 s
     lxc.egress(tcp(A, 2001, B, 80, "S"))     # 60 s, stays idle
     gc_now = lxc.now() + 61
-    tcp_map = lxc.coll.maps[CT_MAP_TCP]
+    tcp_map = lxc.coll.maps[CT_MAP_SYN]       # not established: both wait in the handshake table
     real = Map.lookup_batch
     calls = []
 

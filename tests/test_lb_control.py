@@ -15,7 +15,7 @@ from lxc_harness import TC_ACT_OK
 
 from tuplet import _libbpf as C
 from tuplet import lb, state
-from tuplet.ct import CT_MAP_ANY, CT_MAP_TCP
+from tuplet.ct import CT_MAP_ANY, CT_MAP_SYN, CT_MAP_TCP
 from tuplet.errors import ConfigError, NotFoundError
 from tuplet.layouts import (LB_BANK_STRIDE, LB_SVC_F_EXTERNAL, LB_SVC_F_LOADBALANCER, Lb4Backend, Lb4Key,
                             Lb4MaglevKey, Lb4Service, be32_to_ip)
@@ -38,7 +38,7 @@ def pinned(pin_root):
     """Both programs loaded on shared maps, the service and CT maps pinned under pin_root."""
     h = LbHarness.load_both()
     os.makedirs(pin_root, exist_ok=True)
-    for name in (*lb.LB_MAPS, CT_MAP_TCP, CT_MAP_ANY):
+    for name in (*lb.LB_MAPS, CT_MAP_TCP, CT_MAP_ANY, CT_MAP_SYN):
         check(C.bpf_obj_pin(h.coll.maps[name].fd, cstr(f"{pin_root}/{name}")), name, "pin")
     yield h, pin_root
     h.close()
@@ -173,6 +173,7 @@ def test_removed_backend_drains_while_a_flow_uses_it(pinned) -> None:
     assert {new_flow(h, 33000 + i) for i in range(20)} == {A}
     # Once no conntrack entry names it, the next change deletes it.
     h.coll.maps[CT_MAP_TCP].clear()
+    h.coll.maps[CT_MAP_SYN].clear()
     with table(root) as t:
         t.upsert(svc(f"{A}:8000", affinity_timeout=5))
         assert t.draining() == {}

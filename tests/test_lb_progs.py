@@ -13,6 +13,7 @@ from lb_harness import (F_EXTERNAL, F_LOADBALANCER, F_NODEPORT, LbHarness, Svc, 
                         udp4)
 from lxc_harness import TC_ACT_OK, TC_ACT_SHOT
 from tuplet.layouts import TUPLE_F_OUT, TUPLE_F_SERVICE
+from tuplet.ct import CT_MAP_TCP
 
 POD1, POD2, POD3 = "10.64.0.36", "10.64.0.98", "10.64.0.64"
 VIP, VPORT = "10.68.174.146", 80
@@ -197,8 +198,10 @@ def test_nodeport_local_backend_and_reply(lb: LbHarness) -> None:
     assert l4_of(back) == (LB_VIP, 80, CLIENT, 53438) and checksums_ok(back)
     v, out = lb.run_out("cil_from_netdev", tcp4(CLIENT, 53438, LB_VIP, 80, "A"))
     assert v.reason == "PASS_CT_ESTABLISHED" and l4_of(out)[2] == LB_POD
+    lb.run_out("cil_to_container", out)    # the handshake's ACK reaches the pod
 
     recs = {(r.direction, r.proto, r.related): r for r in lb.entries()}
+    assert {r.map_name for r in lb.entries() if r.proto == "TCP"} == {CT_MAP_TCP}   # all established
     svc = recs[("SVC", "TCP", False)]
     assert svc.line().startswith("TCP SVC 172.191.0.1:53438 -> 172.190.0.17:80 ")
     assert svc.line().endswith("RevNAT=24 SourceSecurityID=0 IfIndex=0 BackendID=24")

@@ -29,6 +29,11 @@ const volatile __u8 ct_report_flags = 0xff;
 /* Count packets and bytes per entry (one atomic add each per packet). */
 const volatile __u8 ct_accounting = 1;
 
+/* New TCP entries wait in tpl_ct4_syn_v1 until their connection is
+ * established (flood protection). 0: one LRU table, as the reference.
+ */
+const volatile __u8 ct_syn_table = 1;
+
 /* Fault injection for tests: treat every conntrack insert as failed. Zero in
  * production, where the verifier removes the check as dead code.
  */

@@ -15,6 +15,7 @@
 #include "packet.h"
 #include "conntrack_types.h"
 #include "conntrack_map.h"
+#include "ct_events.h"
 #include "signal.h"
 
 enum ct_dir {
@@ -52,6 +53,12 @@ struct ct_state {
 static __always_inline void *ct_map4(__u8 nexthdr)
 {
 	return nexthdr == IPPROTO_TCP ? (void *)&tpl_ct4_v1 : (void *)&tpl_ct_any4_v1;
+}
+
+/* New entries of this protocol start in the handshake table. */
+static __always_inline bool ct_use_syn_table(__u8 nexthdr)
+{
+	return ct_syn_table && nexthdr == IPPROTO_TCP;
 }
 
 static __always_inline enum ct_action ct_tcp_action(__u8 flags)
@@ -199,6 +206,117 @@ static __always_inline int ct_entry_hit(struct ct_entry *e, bool is_tcp, enum ct
 	return status;
 }
 
+/* The related-ICMP entry of an endpoint flow: one per address pair, so every
+ * new connection between the same two addresses refreshes it. entry is the
+ * flow's entry (a copy, modified here).
+ */
+static __always_inline void ct_create_related4(const struct ipv4_ct_tuple *tuple, struct ct_entry *entry,
+					       __u32 now)
+{
+	struct ipv4_ct_tuple icmp = {
+		.daddr = tuple->daddr,
+		.saddr = tuple->saddr,
+		.nexthdr = IPPROTO_ICMP,
+		.flags = tuple->flags | TUPLE_F_RELATED,
+	};
+	struct ct_entry *rel;
+
+	entry->packets = 0;
+	entry->bytes = 0;
+	entry->lifetime = now + ct_lifetime_nontcp;
+	/* When it already says what the new one would, refresh its lifetime in
+	 * place instead of replacing it (a lookup instead of an LRU insert: the
+	 * reconnect-storm path).
+	 */
+	rel = bpf_map_lookup_elem(&tpl_ct_any4_v1, &icmp);
+	if (rel && READ_ONCE(rel->rev_nat_index) == entry->rev_nat_index &&
+	    READ_ONCE(rel->src_sec_id) == entry->src_sec_id &&
+	    READ_ONCE(rel->backend_id) == entry->backend_id &&
+	    READ_ONCE(rel->ifindex) == entry->ifindex &&
+	    rel->from_tunnel == entry->from_tunnel && rel->dsr_internal == entry->dsr_internal) {
+		if (READ_ONCE(rel->lifetime) != entry->lifetime)
+			WRITE_ONCE(rel->lifetime, entry->lifetime);
+		return;
+	}
+	/* Best effort: the main entry is in, the flow works without it. */
+	if (bpf_map_update_elem(&tpl_ct_any4_v1, &icmp, entry, BPF_ANY) == 0 && !rel)
+		ct_event(CT_EV_INSERT_ANY);
+}
+
+/* Whether an entry of the handshake table belongs with the established ones:
+ * not closing, a packet without SYN seen after the first packet, and (but for
+ * service entries, which see the client's direction only) packets seen both
+ * ways. A spoofed SYN flood never gets there; a real handshake does on its
+ * third packet; a connection picked up mid-stream on its first reply.
+ */
+static __always_inline bool ct_established(const struct ipv4_ct_tuple *t, const struct ct_entry *e)
+{
+	if (ct_entry_closing(e) || !e->seen_non_syn)
+		return false;
+	if (t->flags & TUPLE_F_SERVICE)
+		return true;
+	return READ_ONCE(e->last_tx_report) && READ_ONCE(e->last_rx_report);
+}
+
+/* After a hit on entry e of key t: promote it from the handshake table into
+ * tpl_ct4_v1 once established, with its related twin (which waits until then,
+ * so a flood from random sources does not churn the non-TCP table either).
+ * A failed insert leaves it where it is, to be retried on the next packet.
+ */
+static __always_inline void ct_settle4(const struct ipv4_ct_tuple *t, struct ct_entry *e, bool in_syn)
+{
+	struct ct_entry copy, twin = {};
+	__u32 now;
+	__u8 f;
+
+	if (!in_syn || !ct_established(t, e))
+		return;
+	__builtin_memcpy(&copy, e, sizeof(copy));
+	if (bpf_map_update_elem(&tpl_ct4_v1, t, &copy, BPF_ANY) < 0) {
+		ct_event(CT_EV_PROMOTE_FAILED);
+		tpl_signal(TPL_SIGNAL_CT_FILL_UP, TPL_SIGNAL_MAP_TCP);
+		return;
+	}
+	bpf_map_delete_elem(&tpl_ct4_syn_v1, t);
+	ct_event(CT_EV_PROMOTED);
+	ct_event(CT_EV_INSERT_TCP);
+	if ((t->flags & TUPLE_F_SERVICE) || copy.node_port)
+		return;
+	/* The twin reads as if made with the entry: its identity, and the
+	 * opening packet's flags in the entry's own direction.
+	 */
+	now = tpl_now();
+	twin.backend_id = copy.backend_id;
+	twin.src_sec_id = copy.src_sec_id;
+	twin.rev_nat_index = copy.rev_nat_index;
+	twin.ifindex = copy.ifindex;
+	twin.from_tunnel = copy.from_tunnel;
+	twin.dsr_internal = copy.dsr_internal;
+	if (t->flags & TUPLE_F_IN) {
+		f = copy.rx_flags_seen;
+		twin.rx_flags_seen = (f & TCP_FLAG_SYN) ? TCP_FLAG_SYN : f;
+		twin.last_rx_report = now;
+	} else {
+		f = copy.tx_flags_seen;
+		twin.tx_flags_seen = (f & TCP_FLAG_SYN) ? TCP_FLAG_SYN : f;
+		twin.last_tx_report = now;
+	}
+	ct_create_related4(t, &twin, now);
+}
+
+/* The entry of tuple t: the main table, then (TCP) the handshake table. */
+static __always_inline struct ct_entry *ct_find4(const struct ipv4_ct_tuple *t, bool *in_syn)
+{
+	struct ct_entry *e = bpf_map_lookup_elem(ct_map4(t->nexthdr), t);
+
+	*in_syn = false;
+	if (e || !ct_use_syn_table(t->nexthdr))
+		return e;
+	e = bpf_map_lookup_elem(&tpl_ct4_syn_v1, t);
+	*in_syn = e != NULL;
+	return e;
+}
+
 static __always_inline void ct_tuple_reverse4(struct ipv4_ct_tuple *t)
 {
 	__be32 a = t->daddr;
@@ -211,8 +329,8 @@ static __always_inline void ct_tuple_reverse4(struct ipv4_ct_tuple *t)
 }
 
 /* One lookup: on a hit, update the entry for this packet and report `status`. */
-static __always_inline int __ct_lookup4(void *map, const struct ipv4_ct_tuple *tuple, bool is_tcp,
-					enum ct_dir dir, enum ct_action action, __u8 flags,
+static __always_inline int __ct_lookup4(void *map, bool in_syn, const struct ipv4_ct_tuple *tuple,
+					bool is_tcp, enum ct_dir dir, enum ct_action action, __u8 flags,
 					__u32 len, int status, struct ct_state *st)
 {
 	struct ct_entry *e = bpf_map_lookup_elem(map, tuple);
@@ -221,6 +339,7 @@ static __always_inline int __ct_lookup4(void *map, const struct ipv4_ct_tuple *t
 		return CT_NEW;
 	status = ct_entry_hit(e, is_tcp, dir, action, flags, len, status);
 	ct_state_fill(st, e);
+	ct_settle4(tuple, e, in_syn);
 	return status;
 }
 
@@ -267,15 +386,30 @@ static __always_inline int ct_lookup4(struct ipv4_ct_tuple *tuple, const struct 
 
 	/* Reply direction first: a reply or related packet takes precedence. */
 	tuple->flags = (dir == CT_INGRESS ? TUPLE_F_OUT : TUPLE_F_IN) | related;
-	ret = __ct_lookup4(map, tuple, is_tcp, dir, action, flags, len,
+	ret = __ct_lookup4(map, false, tuple, is_tcp, dir, action, flags, len,
 			   related ? CT_RELATED : CT_REPLY, st);
 	if (ret != CT_NEW)
 		return ret;
 
 	ct_tuple_reverse4(tuple);
 	tuple->flags = (dir == CT_INGRESS ? TUPLE_F_IN : TUPLE_F_OUT) | related;
-	return __ct_lookup4(map, tuple, is_tcp, dir, action, flags, len,
-			    related ? CT_RELATED : CT_ESTABLISHED, st);
+	ret = __ct_lookup4(map, false, tuple, is_tcp, dir, action, flags, len,
+			   related ? CT_RELATED : CT_ESTABLISHED, st);
+	if (ret != CT_NEW || !ct_use_syn_table(p->proto))
+		return ret;
+
+	/* Not established: the handshake table, in the same order. Established
+	 * flows never get here, so they pay no extra lookup.
+	 */
+	ct_tuple_reverse4(tuple);
+	tuple->flags = dir == CT_INGRESS ? TUPLE_F_OUT : TUPLE_F_IN;
+	ret = __ct_lookup4(&tpl_ct4_syn_v1, true, tuple, is_tcp, dir, action, flags, len, CT_REPLY, st);
+	ct_tuple_reverse4(tuple);
+	tuple->flags = dir == CT_INGRESS ? TUPLE_F_IN : TUPLE_F_OUT;
+	if (ret != CT_NEW)
+		return ret;
+	return __ct_lookup4(&tpl_ct4_syn_v1, true, tuple, is_tcp, dir, action, flags, len,
+			    CT_ESTABLISHED, st);
 }
 
 /* The verdict reason of a lookup that found an entry. */
@@ -295,12 +429,16 @@ static __always_inline enum tpl_reason ct_status_reason(int status)
 }
 
 /* Create the entry for tuple (as left by ct_lookup4) and, for endpoint
- * traffic, its related-ICMP entry. Returns 0 or TPL_DROP_CT_INSERT_FAILED.
+ * traffic, its related-ICMP entry. New TCP entries go to the handshake table
+ * (ct_syn_table) and get their twin on promotion. Returns 0 or
+ * TPL_DROP_CT_INSERT_FAILED.
  */
 static __always_inline int ct_create4(const struct ipv4_ct_tuple *tuple, enum ct_dir dir,
 				      const struct ct_state *st, __u8 tcp_flags, __u32 len)
 {
 	bool is_tcp = tuple->nexthdr == IPPROTO_TCP;
+	bool syn = ct_use_syn_table(tuple->nexthdr);
+	void *map = syn ? (void *)&tpl_ct4_syn_v1 : ct_map4(tuple->nexthdr);
 	struct ct_entry entry = {};
 	__u32 now = tpl_now();
 
@@ -320,45 +458,17 @@ static __always_inline int ct_create4(const struct ipv4_ct_tuple *tuple, enum ct
 	 */
 	__ct_update_timeout(&entry, ct_lifetime(&entry, is_tcp, dir), dir, tcp_flags, now);
 
-	if (fault_ct_insert ||
-	    bpf_map_update_elem(ct_map4(tuple->nexthdr), tuple, &entry, BPF_ANY) < 0) {
+	if (fault_ct_insert || bpf_map_update_elem(map, tuple, &entry, BPF_ANY) < 0) {
 		/* The table is full or contended: ask the agent to collect early. */
+		ct_event(CT_EV_INSERT_FAILED);
 		tpl_signal(TPL_SIGNAL_CT_FILL_UP, is_tcp ? TPL_SIGNAL_MAP_TCP : TPL_SIGNAL_MAP_ANY);
 		return TPL_DROP_CT_INSERT_FAILED;
 	}
+	ct_event(syn ? CT_EV_INSERT_SYN : is_tcp ? CT_EV_INSERT_TCP : CT_EV_INSERT_ANY);
 
 	/* Endpoint traffic only: service and NodePort entries have no related twin. */
-	if (dir != CT_SERVICE && !st->node_port) {
-		struct ipv4_ct_tuple icmp = {
-			.daddr = tuple->daddr,
-			.saddr = tuple->saddr,
-			.nexthdr = IPPROTO_ICMP,
-			.flags = tuple->flags | TUPLE_F_RELATED,
-		};
-
-		struct ct_entry *rel;
-
-		entry.packets = 0;
-		entry.bytes = 0;
-		entry.lifetime = now + ct_lifetime_nontcp;
-		/* One related entry per address pair: every new connection between
-		 * the same two addresses refreshes it. When it already says what the
-		 * new one would, refresh its lifetime in place instead of replacing
-		 * it (a lookup instead of an LRU insert: the reconnect-storm path).
-		 */
-		rel = bpf_map_lookup_elem(&tpl_ct_any4_v1, &icmp);
-		if (rel && READ_ONCE(rel->rev_nat_index) == entry.rev_nat_index &&
-		    READ_ONCE(rel->src_sec_id) == entry.src_sec_id &&
-		    READ_ONCE(rel->backend_id) == entry.backend_id &&
-		    READ_ONCE(rel->ifindex) == entry.ifindex &&
-		    rel->from_tunnel == entry.from_tunnel && rel->dsr_internal == entry.dsr_internal) {
-			if (READ_ONCE(rel->lifetime) != entry.lifetime)
-				WRITE_ONCE(rel->lifetime, entry.lifetime);
-			return 0;
-		}
-		/* Best effort: the main entry is in, the flow works without it. */
-		bpf_map_update_elem(&tpl_ct_any4_v1, &icmp, &entry, BPF_ANY);
-	}
+	if (dir != CT_SERVICE && !st->node_port && !syn)
+		ct_create_related4(tuple, &entry, now);
 	return 0;
 }
 

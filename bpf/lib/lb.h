@@ -156,12 +156,13 @@ static __always_inline int lb4_local(struct __sk_buff *skb, struct pkt4 *p, cons
 	struct lb4_backend *found = NULL;
 	__u32 now = tpl_now(), id = 0;
 	struct ct_entry *e;
+	bool in_syn;
 	int ret;
 
 	if (!svc->count)
 		return TPL_DROP_NO_SERVICE_BACKEND;
 
-	e = bpf_map_lookup_elem(ct_map4(p->proto), &t);
+	e = ct_find4(&t, &in_syn);
 	if (e) {
 		bool rebalance = action == ACTION_CREATE && lb4_rebalance_due(e, now);
 
@@ -182,6 +183,7 @@ static __always_inline int lb4_local(struct __sk_buff *skb, struct pkt4 *p, cons
 		} else if (local_only && (found->flags & LB_BACKEND_F_REMOTE)) {
 			return TPL_DROP_REMOTE_BACKEND;
 		}
+		ct_settle4(&t, e, in_syn);
 	} else {
 		struct ct_state st = {};
 

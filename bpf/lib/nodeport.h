@@ -67,16 +67,18 @@ static __always_inline enum tpl_reason nodeport_rev_nat4(struct __sk_buff *skb, 
 	__u8 tcp_flags = is_tcp ? p->tcp_flags : 0;
 	struct ct_entry *e;
 	__u16 rev_nat;
+	bool in_syn;
 	int ret;
 
 	if (p->proto != IPPROTO_TCP && p->proto != IPPROTO_UDP)
 		return TPL_PASS_NETDEV_UNTRACKED;
-	e = bpf_map_lookup_elem(ct_map4(p->proto), &t);
+	e = ct_find4(&t, &in_syn);
 	if (!e || !e->node_port)
 		return TPL_PASS_NETDEV_UNTRACKED;
 	ct_entry_hit(e, is_tcp, CT_INGRESS, is_tcp ? ct_tcp_action(tcp_flags) : ACTION_UNSPEC,
 		     tcp_flags, skb->len, CT_REPLY);
 	rev_nat = READ_ONCE(e->rev_nat_index);
+	ct_settle4(&t, e, in_syn);
 	if (!rev_nat)
 		return TPL_PASS_CT_REPLY;
 	ret = lb4_rev_nat(skb, p, rev_nat);

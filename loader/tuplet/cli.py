@@ -8,7 +8,7 @@ import sys
 from typing import TYPE_CHECKING, Any, Sequence
 
 from . import config as configmod
-from . import cli_svc, ct, datapath, metrics, options, state
+from . import cli_svc, ct, ct_events, datapath, metrics, options, state
 from . import log as logmod
 from .bpffs import DEFAULT_PIN_ROOT
 from .gc_schedule import EARLY_MIN_GAP, describe_settings
@@ -339,13 +339,22 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     with datapath.open_pinned(root, datapath.METRICS_MAP) as m:
         counters = metrics.read(m, names, metrics.direction_names(obj))
     counters.sort(key=lambda c: (c.direction, c.reason))
+    events: dict[str, int] = {}
+    if os.path.exists(f"{root}/{ct_events.EVENTS_MAP}"):   # absent on a datapath from before it
+        with datapath.open_pinned(root, ct_events.EVENTS_MAP) as m:
+            events = ct_events.read(m, ct_events.event_names(obj))
     if args.output == "json":
-        json.dump([c.__dict__ for c in counters], sys.stdout, indent=2)
+        json.dump({"verdicts": [c.__dict__ for c in counters], "ct_events": events}, sys.stdout, indent=2)
         print()
         return 0
     print(f"{'DIRECTION':<14} {'REASON':<26} {'PACKETS':>10} {'BYTES':>12}")
     for c in counters:
         print(f"{c.direction:<14} {c.reason:<26} {c.packets:>10} {c.bytes:>12}")
+    if events:
+        print()
+        print(f"{'CONNTRACK EVENT':<41} {'COUNT':>10}")
+        for name, n in events.items():
+            print(f"{name:<41} {n:>10}")
     return 0
 
 

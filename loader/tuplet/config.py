@@ -32,6 +32,10 @@
     map_dynamic_size_ratio = 0.0025 # 0: static defaults for the unset sizes
     gc_interval = "0s"              # 0s: adaptive
     gc_max_interval = "0s"          # 0s: no cap
+    syn_table = true                # TCP entries wait in a table of their own until established
+    syn_max = 65536                 # its size; unset: TCP size / 8
+    auto_grow = false               # grow a table that stays over 90% (95% once), up to:
+    auto_grow_max = 16777216
     timeout_regular_tcp = "2h13m20s"
     ...
 
@@ -110,6 +114,17 @@ class Conntrack:
     timeouts: Timeouts = field(default_factory=Timeouts)
     report_flags: int = 0xFF
     accounting: bool = True
+    # Flood protection (README "Table pressure"): TCP entries wait in their own table until
+    # their handshake completes. False: one LRU table, as the reference.
+    syn_table: bool = True
+    syn_max: int | None = None      # entries of that table; None: tcp size / 8 (1024 at least)
+    # Auto-grow (off by default): the agent grows a table that stays full, up to the ceiling.
+    auto_grow: bool = False
+    auto_grow_max: int = 1 << 24
+
+    def syn_entries(self, sizing: Sizing) -> int:
+        """Size of the TCP handshake table: ``syn_max``, else an eighth of the TCP table."""
+        return self.syn_max if self.syn_max is not None else max(MAP_MIN, sizing.tcp.entries // 8)
 
     def sizing(self, mem_total: int | None = None) -> Sizing:
         """The map sizes for this node (explicit values, else a share of its memory)."""
@@ -217,9 +232,10 @@ def _device(d: Any, i: int) -> Device:
 
 
 TIMEOUT_KEYS = {f"timeout_{f.name}": f.name for f in fields(Timeouts)}
-SIZE_KEYS = ("tcp_max", "any_max", "nat_max")
+SIZE_KEYS = ("tcp_max", "any_max", "nat_max", "syn_max", "auto_grow_max")
 GC_KEYS = ("gc_interval", "gc_max_interval")
-CONNTRACK_KEYS = {*SIZE_KEYS, *GC_KEYS, *TIMEOUT_KEYS, "map_dynamic_size_ratio", "report_flags", "accounting"}
+BOOL_KEYS = ("accounting", "syn_table", "auto_grow")
+CONNTRACK_KEYS = {*SIZE_KEYS, *GC_KEYS, *TIMEOUT_KEYS, *BOOL_KEYS, "map_dynamic_size_ratio", "report_flags"}
 
 
 def conntrack_value(key: str, v: Any, label: str) -> Any:
@@ -240,7 +256,7 @@ def conntrack_value(key: str, v: Any, label: str) -> Any:
         return float(v)
     if key == "report_flags":
         return _checked_int(v, label, 0, 0xFF)
-    if key == "accounting":
+    if key in BOOL_KEYS:
         if not isinstance(v, bool):
             raise ConfigError(label, f"must be true or false, got {v!r}")
         return v

@@ -11,7 +11,8 @@ from .maps import Map
 
 CT_MAP_TCP = "tpl_ct4_v1"
 CT_MAP_ANY = "tpl_ct_any4_v1"
-CT_MAPS = (CT_MAP_TCP, CT_MAP_ANY)
+CT_MAP_SYN = "tpl_ct4_syn_v1"     # TCP entries until their connection is established
+CT_MAPS = (CT_MAP_TCP, CT_MAP_ANY, CT_MAP_SYN)
 NAT_MAP = "tpl_nat4_v1"
 
 PROTO_NAMES = {1: "ICMP", 6: "TCP", 17: "UDP", 58: "ICMPv6"}

@@ -19,7 +19,7 @@ import structlog
 
 from . import bpffs, lb, resize, state
 from .config import NodeConfig
-from .ct import CT_MAP_ANY, CT_MAP_TCP, NAT_MAP
+from .ct import CT_MAP_ANY, CT_MAP_SYN, CT_MAP_TCP, NAT_MAP
 from .errors import NotFoundError, TupletError
 from .layouts import EndpointInfo, ip_to_be32
 from .links import Attachment, AttachMode, Hook, attach, detach, ifindex_of, tc_destroy_clsact
@@ -59,13 +59,16 @@ def open_object(name: str, cfg: NodeConfig, pin_root: str | None, sizing: Sizing
     spec = ObjectSpec.open(object_dir() / name, pin_root=pin_root)
     try:
         present = spec.maps
-        for map_name, size in ((CT_MAP_TCP, sizing.tcp), (CT_MAP_ANY, sizing.any), (NAT_MAP, sizing.nat)):
+        sizes = {CT_MAP_TCP: sizing.tcp.entries, CT_MAP_ANY: sizing.any.entries, NAT_MAP: sizing.nat.entries,
+                 CT_MAP_SYN: ct.syn_entries(sizing)}
+        for map_name, entries in sizes.items():
             if map_name in present:
-                spec.set_max_entries(map_name, size.entries)
+                spec.set_max_entries(map_name, entries)
         for var, value in ct.timeouts.rodata().items():
             spec.set_const(var, value)
         spec.set_const("ct_report_flags", ct.report_flags)
         spec.set_const("ct_accounting", int(ct.accounting))
+        spec.set_const("ct_syn_table", int(ct.syn_table))
     except BaseException:
         spec.close()
         raise

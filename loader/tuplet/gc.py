@@ -19,6 +19,11 @@ Two ways to run a pass, with the same result:
 Both keep the reference's known race (an entry refreshed between the decision and
 the delete) to a window of instructions (kernel) or one chunk's re-check (batch),
 instead of a whole pass.
+
+With ``count_nat`` a pass also counts the NAT table's entries (GC deletes NAT entries
+only with their owners, so it does not walk it otherwise): in the kernel when
+``tpl_ct_gc`` has a walk-only selector for it, else with batch lookups. The pass's
+result then has every table's fill (entries / max_entries) for :mod:`tuplet.pressure`.
 """
 from __future__ import annotations
 
@@ -33,7 +38,7 @@ import numpy as np
 import structlog
 
 from . import _libbpf as C
-from .ct import CT_MAP_ANY, CT_MAP_TCP, NAT_MAP, monotonic_now
+from .ct import CT_MAP_ANY, CT_MAP_SYN, CT_MAP_TCP, NAT_MAP, monotonic_now
 from .errors import TupletError
 from .maps import Map
 from .objects import Collection, ObjectSpec
@@ -47,8 +52,10 @@ GC_PROGRAM = "tpl_ct_gc"
 # struct gc_args in bpf/ct_gc.c, after a 14-byte Ethernet header the program skips.
 _ARGS_OFF = 14
 _ARGS = struct.Struct("<II4Q")
-_MAP_SELECTOR = {CT_MAP_TCP: 0, CT_MAP_ANY: 1}
+_MAP_SELECTOR = {CT_MAP_TCP: 0, CT_MAP_ANY: 1, CT_MAP_SYN: 2}
 _WALK_ONLY = 0x80000000
+#: Count the NAT table in the kernel (selector 3, walk only), where ct_gc.o knows it.
+_NAT_COUNT = 3 | _WALK_ONLY
 TUPLE_F_OUT = 0
 
 
@@ -74,6 +81,15 @@ class GcResult:
     method: str = ""
     maps: list[MapGcStats] = field(default_factory=list)
     duration: float = 0.0
+    nat_entries: int | None = None    # entries of the NAT table after the pass (count_nat)
+    nat_max_entries: int = 0
+
+    def fill(self) -> dict[str, float]:
+        """Entries / max_entries per table after the pass (the NAT table when counted)."""
+        out = {m.map: m.alive / m.max_entries for m in self.maps if m.max_entries}
+        if self.nat_entries is not None and self.nat_max_entries:
+            out[NAT_MAP] = self.nat_entries / self.nat_max_entries
+        return out
 
     @property
     def deleted(self) -> int:
@@ -92,9 +108,13 @@ class GcResult:
         return sum(m.max_entries for m in self.maps)
 
     def to_json(self) -> dict[str, object]:
-        return {"method": self.method, "duration_s": self.duration, "deleted": self.deleted,
-                "alive": self.alive, "nat_deleted": self.nat_deleted,
-                "maps": [m.__dict__ for m in self.maps]}
+        d: dict[str, object] = {"method": self.method, "duration_s": self.duration, "deleted": self.deleted,
+                                "alive": self.alive, "nat_deleted": self.nat_deleted,
+                                "maps": [m.__dict__ for m in self.maps]}
+        if self.nat_entries is not None:
+            d["nat_entries"], d["nat_max_entries"] = self.nat_entries, self.nat_max_entries
+        d["fill"] = self.fill()
+        return d
 
 
 # --- layouts from BTF -------------------------------------------------------------------------
@@ -153,10 +173,12 @@ class CtGc:
     """
 
     def __init__(self, ct_maps: list[Map], nat: Map | None = None, method: Method | str = Method.AUTO,
-                 chunk: int = DEFAULT_CHUNK, obj_dir: str | Path | None = None) -> None:
+                 chunk: int = DEFAULT_CHUNK, obj_dir: str | Path | None = None, count_nat: bool = False) -> None:
         self.ct_maps = ct_maps
         self.nat = nat
         self.chunk = chunk
+        self.count_nat = count_nat and nat is not None
+        self._nat_in_kernel: bool | None = None   # None: not tried yet
         self._layouts = {m.name: _Layout.of(m) for m in ct_maps}
         self._coll: Collection | None = None
         want = Method(method)
@@ -201,13 +223,32 @@ class CtGc:
             s = self._kernel_map(m, now) if self.method is Method.KERNEL else self._batch_map(m, now)
             s.duration = time.perf_counter() - t
             res.maps.append(s)
+        if self.count_nat:
+            assert self.nat is not None
+            res.nat_entries, res.nat_max_entries = self.nat_count(), self.nat.max_entries
         res.duration = time.perf_counter() - t0
         for s in res.maps:
             log.info("gc map", map=s.map, alive=s.alive, deleted=s.deleted, nat_deleted=s.nat_deleted,
                      kept_refreshed=s.kept_refreshed, duration_s=round(s.duration, 4))
         log.info("gc pass", method=res.method, deleted=res.deleted, alive=res.alive,
-                 nat_deleted=res.nat_deleted, duration_s=round(res.duration, 4))
+                 nat_deleted=res.nat_deleted, duration_s=round(res.duration, 4),
+                 fill={k: round(v, 4) for k, v in res.fill().items()})
         return res
+
+    def nat_count(self) -> int:
+        """Entries of the NAT table: a walk in the kernel where the GC program can, else batch lookups."""
+        assert self.nat is not None
+        if self._coll is not None and self._nat_in_kernel is not False:
+            try:
+                n = self._run_program(_NAT_COUNT, 0)[0]
+                self._nat_in_kernel = True
+                return n
+            except TupletError as e:
+                if self._nat_in_kernel:
+                    raise
+                self._nat_in_kernel = False
+                log.debug("gc: NAT entries counted with batch lookups", reason=str(e))
+        return sum(c for _, _, c in self.nat.batches(self.chunk))
 
     # --- kernel ---------------------------------------------------------------------------------
 

@@ -39,7 +39,7 @@ import structlog
 
 from . import _libbpf as C
 from . import maglev, state
-from .ct import CT_MAP_ANY, CT_MAP_TCP
+from .ct import CT_MAPS
 from .errors import ConfigError, NotFoundError, TupletError
 from .layouts import (LB_BACKEND_F_REMOTE, LB_BANK_STRIDE, LB_SVC_F_AFFINITY, LB_SVC_F_EXTERNAL,
                       LB_SVC_F_LOADBALANCER, LB_SVC_F_NODEPORT, TUPLE_F_SERVICE, CtEntry, CtTuple4,
@@ -461,7 +461,7 @@ class ServiceTable:
         used: set[int] = set()
         off = CtEntry.backend_id.offset
         flags_at = CtTuple4.flags.offset
-        for name in (CT_MAP_TCP, CT_MAP_ANY):
+        for name in CT_MAPS:
             path = os.path.join(self.pin_root, name)
             if not os.path.exists(path):
                 continue

@@ -42,7 +42,7 @@ import numpy as np
 import structlog
 
 from . import _libbpf as C
-from .ct import CT_MAP_ANY, CT_MAP_TCP, CT_MAPS, NAT_MAP
+from .ct import CT_MAP_ANY, CT_MAP_SYN, CT_MAP_TCP, CT_MAPS, NAT_MAP
 from .errors import TupletError
 from .layouts import CtEntry, Nat4Entry
 from .libbpf import check, cstr
@@ -55,7 +55,7 @@ log = structlog.get_logger("tuplet.resize")
 
 #: The maps ``apply`` resizes live, in the order they are copied (CT before NAT:
 #: which NAT entries to keep depends on which CT entries were kept).
-RESIZABLE = (CT_MAP_TCP, CT_MAP_ANY, NAT_MAP)
+RESIZABLE = (CT_MAP_TCP, CT_MAP_ANY, CT_MAP_SYN, NAT_MAP)
 #: Wait after the swap before the second copy, for runs of the old programs in flight.
 SYNC_DELAY = 0.05
 #: The new map is pinned as <pin_root>/resize-<name> and renamed over the old pin.
