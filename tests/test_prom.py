@@ -21,7 +21,7 @@ from lxc_harness import LxcHarness, tcp, udp
 from tuplet import _libbpf as C
 from tuplet import lb, metrics, prom, state
 from tuplet.config import NodeConfig
-from tuplet.ct import CT_MAP_ANY, CT_MAP_TCP, NAT_MAP
+from tuplet.ct import CT_MAP_ANY, CT_MAP_SYN, CT_MAP_TCP, NAT_MAP
 from tuplet.datapath import METRICS_MAP, OBJ_LXC, object_dir, open_object, open_pinned
 from tuplet.errors import ConfigError, TupletError
 from tuplet.gc import CtGc
@@ -109,7 +109,9 @@ def test_scrape_over_http_reports_what_the_maps_hold(dp: LxcHarness, pin_root: s
         assert got[m("tuplet_bpf_map_pressure", map_name=name)] == pytest.approx(count / cap), name
     assert got[m("tuplet_bpf_map_capacity", map_name=CT_MAP_TCP)] == 4096
     assert got[m("tuplet_bpf_map_capacity", map_name=CT_MAP_ANY)] == 2048
-    assert got[m("tuplet_bpf_map_entries", map_name=CT_MAP_TCP)] >= 2          # two TCP flows
+    # Two TCP flows: the established one, and the SYN-only one in the handshake table.
+    assert got[m("tuplet_bpf_map_entries", map_name=CT_MAP_TCP)] >= 1
+    assert got[m("tuplet_bpf_map_entries", map_name=CT_MAP_SYN)] >= 1
     for name in (lb.SERVICES_MAP, lb.BACKENDS_MAP, lb.MAGLEV_MAP):             # the service, incl. map-in-map
         assert got[m("tuplet_bpf_map_entries", map_name=name)] >= 1, name
     assert not any(k[0] == "tuplet_bpf_map_entries" and dict(k[1])["map_name"] == METRICS_MAP for k in got)
@@ -215,13 +217,13 @@ def test_a_real_gc_pass_feeds_the_gc_metrics(dp: LxcHarness, pin_root: str) -> N
     # The datapath's clock 100 s behind: entries with short lifetimes are already expired for GC.
     dp.coll.set_global(".bss", "clock_offset_sec", (1 << 32) - 100)
     established(dp, 1000)                          # TCP established: alive; related ICMP: expired
-    dp.egress(tcp(A, 1001, B, 80, "S"))            # SYN only, 60 s: expired
+    dp.egress(tcp(A, 1001, B, 80, "S"))            # SYN only, 60 s, handshake table: expired
     dp.egress(udp(A, 5000, B, 53))                 # 60 s: expired
 
     reg = CollectorRegistry()
     gm = prom.GcMetrics(reg)
     reg.register(prom.DatapathCollector(pin_root, count_max_age=0))
-    maps = [open_pinned(pin_root, CT_MAP_TCP), open_pinned(pin_root, CT_MAP_ANY)]
+    maps = [open_pinned(pin_root, CT_MAP_TCP), open_pinned(pin_root, CT_MAP_ANY), open_pinned(pin_root, CT_MAP_SYN)]
     nat = open_pinned(pin_root, NAT_MAP)
     try:
         with CtGc(maps, nat=nat) as gc:
@@ -240,7 +242,8 @@ def test_a_real_gc_pass_feeds_the_gc_metrics(dp: LxcHarness, pin_root: str) -> N
             mp.close()
 
     by_map = {s.map: s for s in rep.result.maps}
-    assert by_map[CT_MAP_TCP].deleted == 1 and by_map[CT_MAP_TCP].alive == 1
+    assert by_map[CT_MAP_TCP].deleted == 0 and by_map[CT_MAP_TCP].alive == 1
+    assert by_map[CT_MAP_SYN].deleted == 1 and by_map[CT_MAP_SYN].alive == 0
     assert by_map[CT_MAP_ANY].deleted >= 1
     for name, proto in ((CT_MAP_TCP, "TCP"), (CT_MAP_ANY, "non-TCP")):
         s = by_map[name]

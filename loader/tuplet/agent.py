@@ -11,6 +11,14 @@ its schedule and on datapath signals, serves Prometheus metrics, and then waits:
   place (pinned programs and maps keep forwarding and tracking); `tuplet teardown`
   removes it.
 
+Table pressure (:mod:`tuplet.pressure`): every GC pass reports each table's fill; a main
+table at least 90% full brings the next pass forward. With ``[conntrack] auto_grow``,
+a table that stays full (90% after three passes in a row, 95% after one) is grown x2 up
+to ``auto_grow_max``: the GC thread decides, the main loop applies (like a reload: GC
+stopped, ``apply`` with the table's size overridden, which resizes it live, GC
+restarted). While auto_grow is on, every apply uses max(configured, pinned) per main
+table, so a reload or a restart never shrinks a grown table.
+
 systemd sees READY=1 once the datapath is applied, RELOADING=1 / READY=1 around a
 reload, STOPPING=1 on the way out, and WATCHDOG=1 every half WatchdogSec while the
 main loop and the GC thread are alive.
@@ -31,7 +39,7 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from . import config as configmod
-from . import ct, datapath, prom, state
+from . import ct, ct_events, datapath, pressure, prom, state
 from .errors import ConfigError, TupletError
 from .gc import CtGc
 from .gc_runner import GcRunner, PassReport
@@ -104,13 +112,22 @@ class GcLoop:
         maps = [self._keep(datapath.open_pinned(self.pin_root, n)) for n in ct.CT_MAPS]
         nat = self._keep(datapath.open_pinned(self.pin_root, ct.NAT_MAP)) \
             if os.path.exists(os.path.join(self.pin_root, ct.NAT_MAP)) else None
-        gc = self._keep(CtGc(maps, nat=nat))
+        gc = self._keep(CtGc(maps, nat=nat, count_nat=True))
+        obj = str(datapath.object_dir() / datapath.OBJ_LXC)
         reader = None
         if os.path.exists(os.path.join(self.pin_root, SIGNAL_MAP)):
             ring = self._keep(datapath.open_pinned(self.pin_root, SIGNAL_MAP))
-            reader = self._keep(SignalReader(ring, str(datapath.object_dir() / datapath.OBJ_LXC)))
+            reader = self._keep(SignalReader(ring, obj))
+        probe = None
+        if os.path.exists(os.path.join(self.pin_root, ct_events.EVENTS_MAP)):
+            try:
+                names = ct_events.event_names(obj)
+                events = self._keep(datapath.open_pinned(self.pin_root, ct_events.EVENTS_MAP))
+                probe = lambda: ct_events.read(events, names)   # noqa: E731
+            except (TupletError, OSError, KeyError, ValueError) as e:
+                log.warning("gc: no conntrack event counters, evictions not estimated", error=str(e))
         schedule = GcSchedule(fixed=self.cfg.gc_interval, maximum=self.cfg.gc_max_interval)
-        self.runner = GcRunner(gc, schedule, signals=reader, on_pass=self.on_pass)
+        self.runner = GcRunner(gc, schedule, signals=reader, on_pass=self.on_pass, probe=probe)
         self.thread = threading.Thread(target=self._run, name="tuplet-gc", daemon=True)
         self.thread.start()
 
@@ -158,6 +175,12 @@ class Agent:
         self.reloads = 0
         self.last_reload: dict[str, Any] | None = None
         self.gc_last: dict[str, Any] | None = None
+        self.autogrow = pressure.AutoGrow()
+        self.evictions = pressure.EvictionEstimate()
+        self.pressure_last: dict[str, Any] | None = None
+        self.grown: list[dict[str, Any]] = []          # tables auto-grow grew, for status
+        self._grow_requests: list[pressure.Grow] = []
+        self._grow_lock = threading.Lock()
         self._hup = threading.Event()
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -168,13 +191,31 @@ class Agent:
     def load_config(self) -> configmod.NodeConfig:
         return self.overrides(configmod.load(self.config_path))
 
+    def _apply(self, cfg: configmod.NodeConfig, grow: dict[str, int] | None = None) -> datapath.ApplyResult:
+        """``datapath.apply`` of cfg; with auto_grow on, no main table below its pinned size;
+        ``grow``: tables to make this big."""
+        eff = cfg
+        if cfg.conntrack.auto_grow:
+            eff, kept = pressure.keep_grown(cfg, pressure.pinned_sizes(cfg.pin_root))
+            for table, configured, pinned in kept:
+                if grow and table in grow:
+                    continue
+                log.warning("table kept at its pinned size", map=table, configured=configured, pinned=pinned,
+                            reason="conntrack.auto_grow is on: a table is never shrunk below its pinned size "
+                                   "(auto-grow may have grown it); set auto_grow = false to apply a smaller "
+                                   "size")
+        if grow:
+            eff = pressure.with_sizes(eff, grow)
+        return datapath.apply(eff)
+
     # --- life cycle -----------------------------------------------------------------------------
 
     def start(self) -> None:
         """Apply the configuration and start GC and metrics; raises on any failure."""
         cfg = self.load_config()
-        res = datapath.apply(cfg)
+        res = self._apply(cfg)
         self.cfg = cfg
+        self.autogrow.configure(cfg.conntrack.auto_grow, cfg.conntrack.auto_grow_max)
         log.info("datapath applied", config=self.config_path, pin_root=cfg.pin_root,
                  attachments=len(res.attachments), reused_pins=len(res.reused_pins))
         self.collector = prom.DatapathCollector(cfg.pin_root)
@@ -192,13 +233,86 @@ class Agent:
         self.gc.start()
 
     def _on_gc_pass(self, rep: PassReport) -> None:
+        """In the GC thread, after every pass: metrics, evictions, auto-grow decisions."""
         self.gc_metrics.observe(rep)
         r = rep.result
         self.gc_last = {"at": time.time(), "reason": rep.reason, "method": r.method, "deleted": r.deleted,
                         "alive": r.alive, "nat_deleted": r.nat_deleted, "duration_s": r.duration,
                         "interval_s": rep.interval, "passes": self.gc.runner.passes if self.gc and self.gc.runner
                         else 0}
+        if rep.reason == "start":
+            self.evictions.restart()   # new GC loop: the maps may be new ones
+        evicted = self.evictions.observe(r, rep.events_before, rep.events_after)
+        self.gc_metrics.evictions(evicted)
+        grows = self.autogrow.observe(rep.fill, pressure.capacities(r))
+        if rep.pressure or evicted:
+            log.info("table pressure", fill={k: round(v, 4) for k, v in rep.fill.items()},
+                     under_pressure=list(rep.pressure), evicted=evicted, next_gc_s=round(rep.interval, 3),
+                     auto_grow=self.autogrow.enabled)
+        self.pressure_last = {"at": time.time(), "fill": dict(rep.fill), "under_pressure": list(rep.pressure),
+                              "auto_grow": self.autogrow.enabled, "auto_grow_max": self.autogrow.ceiling}
+        if grows:
+            with self._grow_lock:
+                self._grow_requests += grows
+            self._wake.set()   # the main loop grows them (GC must stop for the apply)
         self._save_state()
+
+    def grow(self) -> bool:
+        """Grow the tables the GC thread asked for (main loop only); False if it failed."""
+        with self._grow_lock:
+            reqs, self._grow_requests = self._grow_requests, []
+        if not reqs or self.cfg is None:
+            return True
+        cfg = self.cfg
+        try:
+            pinned = pressure.pinned_sizes(cfg.pin_root)
+        except TupletError as e:
+            log.error("table grow failed", maps=[g.map for g in reqs], error=str(e), datapath="unchanged",
+                      retry_after_s=pressure.RETRY_AFTER)
+            for g in reqs:
+                self.autogrow.finished(g.map, ok=False)
+            return False
+        todo = []
+        for g in reqs:
+            if pinned.get(g.map) == g.old_entries and cfg.conntrack.auto_grow:
+                todo.append(g)
+            else:   # resized (or auto_grow turned off) by a reload since the decision
+                self.autogrow.dropped(g.map)
+        if not todo:
+            return True
+        sizes = {g.map: g.new_entries for g in todo}
+        self.notify(f"STATUS=growing {', '.join(f'{g.map} {g.old_entries} -> {g.new_entries}' for g in todo)}")
+        assert self.gc is not None
+        self.gc.stop()
+        try:
+            res = self._apply(cfg, grow=sizes)
+        except Exception as e:   # the old tables and programs stay: the datapath runs on
+            log.error("table grow failed", maps=sizes, error=str(e), error_type=type(e).__name__,
+                      datapath="unchanged", retry_after_s=pressure.RETRY_AFTER)
+            for g in todo:
+                self.autogrow.finished(g.map, ok=False)
+            self._start_gc(cfg)
+            self._save_state()
+            self.notify("STATUS=table grow failed: " + str(e))
+            return False
+        self._start_gc(cfg)
+        resized = {r.map: r for r in res.resized}
+        for g in todo:
+            self.autogrow.finished(g.map, ok=True)
+            r = resized.get(g.map)
+            others = [{"map": x.map, "old_entries": x.old_entries, "new_entries": x.new_entries}
+                      for x in res.resized if x.map not in sizes]
+            log.warning("table grown", map=g.map, old_entries=g.old_entries, new_entries=g.new_entries,
+                        fill=round(g.fill, 4), trigger=g.trigger, ceiling=self.autogrow.ceiling,
+                        copied=r.copied if r else None, duration_s=r.duration_s if r else None,
+                        also_resized=others)
+            self.gc_metrics.grown.labels(g.map).inc()
+            self.grown = [*self.grown[-19:], {"at": time.time(), "map": g.map, "old_entries": g.old_entries,
+                                              "new_entries": g.new_entries, "fill": g.fill,
+                                              "trigger": g.trigger}]
+        self._save_state()
+        self.notify(f"STATUS=grew {', '.join(f'{g.map} to {g.new_entries}' for g in todo)}")
+        return True
 
     def reload(self) -> bool:
         """SIGHUP: apply the configuration again; False (datapath untouched) if it is bad."""
@@ -219,7 +333,7 @@ class Agent:
         assert self.gc is not None
         self.gc.stop()
         try:
-            res = datapath.apply(cfg)
+            res = self._apply(cfg)
         except TupletError as e:
             log.error("reload failed", config=self.config_path, error=str(e))
             self.last_reload = {"at": time.time(), "ok": False, "error": str(e)}
@@ -228,6 +342,7 @@ class Agent:
             self.notify("READY=1", f"STATUS=reload failed: {e}")
             return False
         self.cfg = cfg
+        self.autogrow.configure(cfg.conntrack.auto_grow, cfg.conntrack.auto_grow_max)
         self.reloads += 1
         self._start_gc(cfg)
         resized = [dataclasses.asdict(r) if dataclasses.is_dataclass(r) else r
@@ -247,6 +362,8 @@ class Agent:
             if self._hup.is_set():
                 self._hup.clear()
                 self.reload()
+            if self._grow_requests and not self._stop.is_set():
+                self.grow()
             if interval and not self._stop.is_set() and self.gc is not None and self.gc.alive():
                 self.notify("WATCHDOG=1")
         return 0
@@ -274,6 +391,7 @@ class Agent:
              "last_reload": self.last_reload, "gc": self.gc_last,
              "gc_settings": {"interval": self.cfg.conntrack.gc_interval,
                              "max_interval": self.cfg.conntrack.gc_max_interval},
+             "pressure": self.pressure_last, "grown": self.grown,
              "metrics": self.server.address if self.server else None}
         p = agent_state_path(self.cfg.pin_root)
         with self._state_lock:

@@ -21,6 +21,20 @@ allowed at most once per ``early_min_gap`` seconds (default 10 s), so a flood of
 signals cannot turn GC into a busy loop; they do not change the adaptive interval
 other than by their own result, like any pass.
 
+Pressure (:mod:`tuplet.pressure`): when a pass leaves a main table (TCP or non-TCP
+conntrack, NAT) at least 90% full, the next pass is due after ``FLOOR`` (10 s) instead,
+or after the regular interval when that is shorter. 10 s is the adaptive schedule's own
+shortest interval and the early-pass gap: pressure makes GC run as often as a churning
+table or the datapath's fill-up signals already may, never more. A pass under pressure
+that frees less than 1% (``PRESSURE_MIN_FREED``) of the tables under pressure doubles
+that delay (20 s, 40 s, ... up to the regular interval): a table full of live entries
+needs room (auto-grow or the operator), not more walks, and a walk of a 16M-entry table
+costs a second or more. A pass that frees 1% or more brings the delay back to 10 s; a
+pass with no table under pressure ends it. The TCP handshake table (``tpl_ct4_syn_v1``)
+is not a main table: a SYN flood fills it by design and its LRU recycles it, so its
+fill never shortens the interval (its deletions count in the delete ratio like any
+table's, which the 10 s floor bounds).
+
 Everything here is pure: times are passed in (``now``, ``last_pass``), nothing sleeps.
 """
 from __future__ import annotations
@@ -39,6 +53,10 @@ GROW_BELOW = 0.05
 GROW_FACTOR = 1.5
 MAX_SHRINK = 0.9
 EARLY_MIN_GAP = 10.0
+#: Under pressure the next pass is due after this many seconds (doubling while passes free little).
+PRESSURE_DELAY = FLOOR
+#: A pass under pressure that frees less than this share of the pressured tables backs off.
+PRESSURE_MIN_FREED = 0.01
 
 
 def delete_ratio(per_map: Iterable[tuple[int, int]]) -> float:
@@ -71,6 +89,7 @@ class GcSchedule:
     early_min_gap: float = EARLY_MIN_GAP
     _adaptive: float = field(default=START, init=False)
     _last_early: float | None = field(default=None, init=False)
+    _pressure_delay: float | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         for name in ("fixed", "maximum", "early_min_gap"):
@@ -83,17 +102,39 @@ class GcSchedule:
         return "fixed" if self.fixed else "adaptive"
 
     @property
-    def interval(self) -> float:
-        """The interval until the next pass, as things stand."""
+    def regular_interval(self) -> float:
+        """The interval without pressure: fixed or adaptive, capped by the maximum."""
         base = self.fixed if self.fixed else self._adaptive
         return min(base, self.maximum) if self.maximum else base
 
-    def after_pass(self, ratio: float) -> float:
+    @property
+    def interval(self) -> float:
+        """The interval until the next pass, as things stand."""
+        if self.pressured:
+            assert self._pressure_delay is not None
+            return self._pressure_delay
+        return self.regular_interval
+
+    @property
+    def pressured(self) -> bool:
+        """Is the next pass early because a table is under pressure?"""
+        return self._pressure_delay is not None and self._pressure_delay < self.regular_interval
+
+    def after_pass(self, ratio: float, pressure_freed: float | None = None) -> float:
         """Feed a pass's delete ratio (:func:`delete_ratio`); returns the interval until
-        the next pass. The adaptive interval is kept up to date in fixed mode too."""
+        the next pass. The adaptive interval is kept up to date in fixed mode too.
+
+        ``pressure_freed``: None when the pass left no main table under pressure; else
+        the largest share of capacity the pass freed in a table under pressure."""
         if not ratio >= 0.0:   # also refuses NaN; above 1 shrinks like 0.9
             raise ValueError(f"delete ratio must not be negative, got {ratio}")
         self._adaptive = next_adaptive(self._adaptive, ratio)
+        if pressure_freed is None:
+            self._pressure_delay = None
+        elif self._pressure_delay is None or pressure_freed >= PRESSURE_MIN_FREED:
+            self._pressure_delay = PRESSURE_DELAY
+        else:
+            self._pressure_delay = min(self._pressure_delay * 2, max(self.regular_interval, PRESSURE_DELAY))
         return self.interval
 
     def next_due(self, last_pass: float) -> float:
@@ -109,7 +150,8 @@ class GcSchedule:
 
     def describe(self) -> str:
         cap = f", max {self.maximum:g}s" if self.maximum else ""
-        return f"{self.mode}, next in {self.interval:g}s{cap}"
+        pressure = " (table pressure)" if self.pressured else ""
+        return f"{self.mode}, next in {self.interval:g}s{pressure}{cap}"
 
 
 def describe_settings(interval: float, maximum: float, early_min_gap: float = EARLY_MIN_GAP) -> str:

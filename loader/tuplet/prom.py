@@ -6,8 +6,12 @@
   Maps are opened on every scrape, so a map replaced behind its pin (a live resize) is
   never reported stale. Counting a hash map's entries walks it (O(entries)), so counts
   are kept for ``count_max_age`` seconds (default 5) unless the pin's map id changes.
+  Also the datapath's conntrack event counters (``tpl_ct_events_v1``: inserts per
+  table, promotions out of the handshake table, refused inserts).
 * :class:`GcMetrics` is fed by the GC runner (``on_pass``): runs, durations, entries
-  alive/deleted per table, the current interval.
+  alive/deleted per table, the current interval; and by the agent's pressure handling
+  (:mod:`tuplet.pressure`): each table's fill after the last pass, estimated LRU
+  evictions, tables auto-grown.
 * :func:`serve` runs prometheus_client's HTTP server on a ``--prometheus-serve-addr``
   value (``:9962``, ``127.0.0.1:9962``, ``[::1]:9962``; empty disables it).
 
@@ -34,8 +38,8 @@ from prometheus_client.exposition import start_http_server
 from prometheus_client.metrics_core import Metric
 
 from . import _libbpf as C
-from . import metrics
-from .ct import CT_MAP_ANY, CT_MAP_TCP, CT_MAPS, NAT_MAP
+from . import ct_events, metrics
+from .ct import CT_MAP_ANY, CT_MAP_SYN, CT_MAP_TCP, CT_MAPS, NAT_MAP
 from .datapath import EP_MAP, METRICS_MAP, OBJ_LXC, object_dir
 from .errors import ConfigError, TupletError
 from .gc_runner import PassReport
@@ -54,7 +58,8 @@ INSERT_FAILED = "DROP_CT_INSERT_FAILED"
 
 FAMILY = "ipv4"
 #: The reference's protocol label per CT table.
-PROTOCOLS = {CT_MAP_TCP: "TCP", CT_MAP_ANY: "non-TCP"}
+# The handshake table gets its own protocol value, so the TCP series keep meaning the reference's table.
+PROTOCOLS = {CT_MAP_TCP: "TCP", CT_MAP_ANY: "non-TCP", CT_MAP_SYN: "TCP-handshake"}
 GC_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -80,6 +85,7 @@ class _Families:
     forwards: CounterMetricFamily
     forward_bytes: CounterMetricFamily
     insert_failures: CounterMetricFamily
+    ct_events: CounterMetricFamily
 
     @classmethod
     def make(cls, count_max_age: float) -> "_Families":
@@ -108,6 +114,11 @@ class _Families:
             insert_failures=CounterMetricFamily(
                 "tuplet_datapath_conntrack_insert_failures",
                 f"Packets dropped because a conntrack entry could not be inserted ({INSERT_FAILED})"),
+            ct_events=CounterMetricFamily(
+                "tuplet_datapath_conntrack_events",
+                "What the conntrack tables went through, as the datapath counts it: insert_tcp, insert_syn, "
+                "insert_any (new entries per table), promoted (handshake table to tpl_ct4_v1), "
+                "promote_failed, insert_failed (a new flow refused)", labels=["event"]),
         )
 
     def all(self) -> list[Metric]:
@@ -130,6 +141,7 @@ class DatapathCollector:
         self._counts: dict[str, _Count] = {}
         self._lock = threading.Lock()
         self._names_by_btf: dict[int, tuple[dict[int, str], dict[int, str] | None]] = {}
+        self._event_names: dict[int, dict[int, str]] = {}
 
     def describe(self) -> Iterator[Metric]:
         """The families without samples (lets the registry detect clashing names)."""
@@ -141,6 +153,7 @@ class DatapathCollector:
             for name in PRESSURE_MAPS:
                 self._map_fill(name, fams)
             self._verdicts(fams)
+            self._ct_events(fams)
         yield from fams.all()
 
     def _open(self, name: str) -> Map | None:
@@ -228,6 +241,33 @@ class DatapathCollector:
         fams.insert_failures.add_metric([], failed)
 
 
+    def _ct_events(self, fams: _Families) -> None:
+        m = self._open(ct_events.EVENTS_MAP)
+        if m is None:   # a datapath from before the counters
+            return
+        with m:
+            btf_id = m.info.btf_id
+            if btf_id not in self._event_names:
+                try:
+                    self._event_names[btf_id] = {v: k.removeprefix("CT_EV_").lower()
+                                                 for k, v in m.btf().enum_values("ct_event").items()
+                                                 if k != "CT_EV_MAX"}
+                except (TupletError, KeyError, ValueError):
+                    obj = self.obj_path or str(object_dir() / OBJ_LXC)
+                    try:
+                        self._event_names[btf_id] = ct_events.event_names(obj)
+                    except (TupletError, OSError, ValueError, KeyError) as e:
+                        log.warning("metrics: no conntrack event names", object=obj, error=str(e))
+                        self._event_names[btf_id] = {}
+            try:
+                counts = ct_events.read(m, self._event_names[btf_id])
+            except TupletError as e:
+                log.warning("metrics: cannot read conntrack event counters", error=str(e))
+                return
+        for name, n in counts.items():
+            fams.ct_events.add_metric([name], n)
+
+
 # --- GC, fed by the runner ----------------------------------------------------------------------
 
 class GcMetrics:
@@ -252,8 +292,20 @@ class GcMetrics:
                                    "NAT entries deleted by GC with the conntrack entries owning them",
                                    ("family", "protocol"), registry=registry)
         self.passes = Counter("tuplet_datapath_conntrack_gc_passes",
-                              "GC passes by what started them (start, interval, early: a fill-up signal)",
+                              "GC passes by what started them (start, interval, early: a fill-up signal, "
+                              "pressure: a table at least 90% full after the previous pass)",
                               ("reason",), registry=registry)
+        # Table pressure (tuplet.pressure).
+        self.fill = Gauge("tuplet_datapath_conntrack_gc_table_fill_ratio",
+                          "Entries alive after the last GC pass / max_entries, per table (expired entries "
+                          "collected, unlike tuplet_bpf_map_pressure); what early GC and auto-grow decide on",
+                          ("map_name",), registry=registry)
+        self.evicted = Counter("tuplet_datapath_conntrack_evictions_estimated",
+                               "Entries the LRU conntrack tables evicted, estimated at each GC pass from the "
+                               "datapath's insert counters and the pass's counts", ("map_name",),
+                               registry=registry)
+        self.grown = Counter("tuplet_conntrack_auto_grow", "Tables the agent grew because they stayed full "
+                             "([conntrack] auto_grow)", ("map_name",), registry=registry)
 
     def observe(self, report: PassReport) -> None:
         """Record one completed pass."""
@@ -265,8 +317,14 @@ class GcMetrics:
             self.entries.labels(FAMILY, proto, "deleted").set(s.deleted)
             self.deleted.labels(FAMILY, proto).inc(s.deleted)
             self.nat_deleted.labels(FAMILY, proto).inc(s.nat_deleted)
+        for name, f in report.fill.items():
+            self.fill.labels(name).set(f)
         self.interval.set(report.interval)
         self.passes.labels(report.reason).inc()
+
+    def evictions(self, per_map: dict[str, int]) -> None:
+        for name, n in per_map.items():
+            self.evicted.labels(name).inc(n)
 
     def failed(self, maps: tuple[str, ...] = CT_MAPS, duration: float = 0.0) -> None:
         """Record a pass that raised (status ``uncompleted``, as the reference)."""
