@@ -31,7 +31,8 @@ Q := @
 msg = @printf '  %-8s %s\n' "$(1)" "$(2)";
 endif
 
-.PHONY: build deps venv test demo bindings clean vmlinux bench install uninstall bench-services bench-resize
+.PHONY: build deps venv test test-host demo bindings clean vmlinux bench install uninstall bench-services bench-resize \
+        bench-flood vm-deps vm-test
 build: $(BPF_PROGS) $(BENCH_PROGS)
 
 # System packages (Debian 12). Skipped when every tool is already there.
@@ -71,7 +72,11 @@ $(BUILD)/%.o: bench/%.bpf.c $(BPF_HDRS) vmlinux/vmlinux.h | $(BUILD)/.deps
 -include ci/bindings.mk
 bindings: venv
 
-test: build venv $(BUILD)/loadgen
+# The whole suite: the host tests, then the vm-marked ones in a Linux 6.1 VM (vm-test).
+test: test-host
+	$(MAKE) --no-print-directory vm-test
+
+test-host: build venv $(BUILD)/loadgen $(BUILD)/synflood
 	$(VENV_PY) -m pytest $(PYTEST_ARGS)
 
 demo: build venv
@@ -89,6 +94,13 @@ bench-services: build venv $(BUILD)/loadgen
 
 bench-resize: build venv
 	$(VENV_PY) bench/resize.py $(BENCH_ARGS)
+
+$(BUILD)/synflood: bench/synflood.c | $(BUILD)/.deps
+	$(call msg,CC,$@)
+	$(Q)$(HOSTCC) -O2 -Wall -Werror -o $@ $<
+
+bench-flood: build venv $(BUILD)/loadgen $(BUILD)/synflood
+	$(VENV_PY) bench/flood.py $(BENCH_ARGS)
 
 # The agent as a systemd service: a venv with tuplet in $(LIBDIR), the objects beside it,
 # `tuplet` in $(PREFIX)/bin, the unit, and /etc/tuplet/tuplet.toml when there is none.
@@ -113,6 +125,56 @@ install: build | $(BUILD)/.deps
 uninstall:
 	rm -rf $(LIBDIR) $(PREFIX)/bin/tuplet $(SYSTEMD_DIR)/tuplet.service
 	if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
+
+# VM tests: the `vm`-marked tests of tests/vm inside Debian's 6.1 kernel (no TCX: legacy TC), booted with
+# virtme-ng under software emulation (KVM hangs on these machines). The guest sees this tree read-only and runs
+# the venv's python by absolute path; logs go to $(VM_OUT) (shared read-write). See tests/vm/run-in-guest.sh.
+# VM_PYTEST_ARGS is passed to pytest in the guest (e.g. -k geneve). VM_FS: how the guest sees the host's
+# files, virtiofs (tests/vm/bin/virtiofsd adapts vng to Debian's C daemon; vng falls back to 9p by itself if
+# it fails) or 9p (--force-9p; Python imports about 3x slower).
+VM_APT_PKGS := qemu-system-x86 busybox-static linux-image-amd64
+VM_OUT      := $(BUILD)/vm
+VM_TIMEOUT  ?= 600
+VM_MEMORY   ?= 2G
+VM_CPUS     ?= 2
+VM_FS       ?= virtiofs
+VM_BLACKLIST := kvm kvm_amd kvm_intel ahci libahci libata ata_piix ata_generic sr_mod cdrom sg psmouse pcspkr \
+  iTCO_wdt iTCO_vendor_support lpc_ich i2c_i801 i2c_smbus serio_raw evdev i6300esb button qemu_fw_cfg floppy \
+  joydev mousedev bochs drm drm_kms_helper ttm intel_rapl_msr intel_rapl_common intel_pmc_core \
+  aesni_intel ghash_clmulni_intel crc32_pclmul crc32c_intel crct10dif_pclmul sha512_ssse3 sha256_ssse3 \
+  sha1_ssse3 polyval_clmulni polyval_generic rapl virtio_balloon virtio_rng
+export VM_PYTEST_ARGS   # to the guest through a file: no quoting through vng's --exec
+VM_EMPTY :=
+VM_SPACE := $(VM_EMPTY) $(VM_EMPTY)
+VM_COMMA := ,
+vm-deps: $(BUILD)/.vm-deps
+$(BUILD)/.vm-deps: $(VENV)/.installed
+	$(call msg,APT,$(VM_APT_PKGS))
+	$(Q)if [ "$$(dpkg-query -W -f='$${db:Status-Status}\n' $(VM_APT_PKGS) 2>/dev/null | grep -cx installed)" \
+	     != $(words $(VM_APT_PKGS)) ] || ! ls /boot/vmlinuz-6.1.* >/dev/null 2>&1; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(VM_APT_PKGS) >/dev/null; \
+	fi
+	$(Q)[ -x $(VENV)/bin/vng ] || { echo "vng missing in $(VENV): is virtme-ng in requirements.txt?"; exit 1; }
+	$(Q)touch $@
+
+vm-test: build venv vm-deps
+	$(Q)kernel=$$(ls /boot/vmlinuz-6.1.* | sort -V | tail -n 1); \
+	rm -rf $(VM_OUT) && mkdir -p $(VM_OUT) && log=$(VM_OUT)/console.log && \
+	printf '%s\n' "$${VM_PYTEST_ARGS-}" > $(VM_OUT)/pytest-args && \
+	echo "vm-test: booting $$kernel (software emulation, $(VM_CPUS) CPUs, $(VM_MEMORY)); console: $$log" && \
+	start=$$(date +%s) && \
+	$(VENV_PY) -m compileall -q loader tests >/dev/null && \
+	{ PATH="$(CURDIR)/tests/vm/bin:$(CURDIR)/$(VENV)/bin:$$PATH" timeout --kill-after=30 $(VM_TIMEOUT) \
+	    vng --run "$$kernel" --disable-kvm $(if $(filter 9p,$(VM_FS)),--force-9p) \
+	    --cpus $(VM_CPUS) --memory $(VM_MEMORY) --rwdir "$(CURDIR)/$(VM_OUT)" --cwd "$(CURDIR)" \
+	    --append "modprobe.blacklist=$(subst $(VM_SPACE),$(VM_COMMA),$(strip $(VM_BLACKLIST)))" \
+	    --exec "$(CURDIR)/tests/vm/run-in-guest.sh $(CURDIR)/$(VM_OUT)" </dev/null; \
+	  echo $$? > $(VM_OUT)/vng.rc; } 2>&1 | tee $$log; \
+	rc=$$(cat $(VM_OUT)/vng.rc 2>/dev/null || echo 1); \
+	echo "vm-test: vng exit $$rc after $$(( $$(date +%s) - start )) s (boot + tests)"; \
+	[ "$$rc" != 124 ] || echo "vm-test: timed out after $(VM_TIMEOUT) s"; \
+	echo "vm-test: console $$log, pytest log $(VM_OUT)/pytest.log, junit $(VM_OUT)/junit.xml"; \
+	exit $$rc
 
 clean:
 	rm -rf $(BUILD) vmlinux/vmlinux.h

@@ -1,0 +1,192 @@
+"""The datapath on Debian's 6.1 kernel (no TCX), inside the VM `make vm-test` boots.
+
+The same objects the host builds must pass the 6.1 verifier, `attach_mode = "auto"` must fall back to legacy
+TC there, and pods must talk through it. Geneve (absent from the host kernel) is checked for later use.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import platform
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from test_netns_datapath import POD1, POD2, ct_lines, find, node_config, topo  # noqa: F401 (topo: fixture)
+from traffic import LiveConnection, start_server, udp_once
+from tuplet import _libbpf as C
+from tuplet import config, datapath, netns, state
+from tuplet.errors import NotSupportedError
+from tuplet.gc import OBJ_GC
+from tuplet.libbpf import check
+from tuplet.links import AttachMode, Hook, tc_has_filter, tcx_attach
+from tuplet.objects import Collection, ObjectSpec
+
+pytestmark = pytest.mark.vm
+
+OUT = Path(os.environ.get("TUPLET_VM_OUT", "/tmp"))
+
+
+def kernel_version() -> tuple[int, int]:
+    major, minor = platform.release().split(".")[:2]
+    return int(major), int(minor)
+
+
+def prog_sizes(coll: Collection) -> dict[str, tuple[int, int, int]]:
+    """Per program: (instructions the verifier processed, xlated bytes, jited bytes)."""
+    out = {}
+    for name, prog in coll.programs.items():
+        info = C.bpf_prog_info()
+        size = ctypes.c_uint32(ctypes.sizeof(info))
+        check(C.bpf_obj_get_info_by_fd(prog.fd, ctypes.byref(info), ctypes.byref(size)), prog.what, "get info")
+        out[name] = (int(info.verified_insns), int(info.xlated_prog_len), int(info.jited_prog_len))
+    return out
+
+
+def report(lines: list[str]) -> None:
+    """Into the VM's output directory (the guest script prints it after the run)."""
+    with open(OUT / "verifier-sizes.txt", "a", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+# --- (a) the kernel ------------------------------------------------------------------------------
+
+def test_kernel_is_61_without_tcx() -> None:
+    assert kernel_version() == (6, 1), platform.release()
+    assert Path("/sys/kernel/btf/vmlinux").exists(), "no kernel BTF: CO-RE relocations cannot resolve"
+    # The loader's own probe: a TCX link create is refused as unsupported (EINVAL on 6.1).
+    ns = f"tpl-vm-{uuid.uuid4().hex[:6]}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        with ObjectSpec.open(datapath.object_dir() / "pass.o") as spec:
+            coll = spec.load()
+        with coll, netns.enter(ns):
+            prog = next(iter(coll.programs.values()))
+            with pytest.raises(NotSupportedError, match="6.6"):
+                tcx_attach(prog, "lo", Hook.INGRESS, "/sys/fs/bpf/tuplet/vm-probe")
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=True)
+    assert not Path("/sys/fs/bpf/tuplet/vm-probe").exists()
+
+
+# --- (b) the 6.1 verifier ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("syn_table", [True, False], ids=["syn_table", "no_syn_table"])
+def test_objects_pass_the_61_verifier(syn_table: bool) -> None:
+    cfg = config.parse("" if syn_table else "[conntrack]\nsyn_table = false\n")
+    assert cfg.conntrack.syn_table is syn_table
+    lines = [f"kernel {platform.release()}, syn_table = {str(syn_table).lower()}: "
+             "program, verified insns, xlated bytes, jited bytes"]
+    for obj in (datapath.OBJ_LXC, datapath.OBJ_HOST):
+        spec = datapath.open_object(obj, cfg, pin_root=None)   # default sizes: what apply would load
+        with spec.load() as coll:                              # VerifierError carries the log
+            sizes = prog_sizes(coll)
+        assert sizes, obj
+        lines += [f"  {obj:12} {name:24} {v:7} {x:7} {j:7}" for name, (v, x, j) in sorted(sizes.items())]
+    report(lines)
+
+
+def test_gc_object_passes_the_61_verifier() -> None:
+    """ct_gc.o as tuplet.gc loads it for the in-kernel pass (without it, GC falls back to batch syscalls)."""
+    with ObjectSpec.open(datapath.object_dir() / OBJ_GC) as spec:
+        for name in spec.maps:
+            if not name.startswith("."):
+                spec.set_max_entries(name, 64)   # stand-ins, as tuplet.gc makes for maps it does not collect
+        with spec.load() as coll:
+            sizes = prog_sizes(coll)
+    assert sizes
+    report([f"kernel {platform.release()}: program, verified insns, xlated bytes, jited bytes"] +
+           [f"  {OBJ_GC:12} {name:24} {v:7} {x:7} {j:7}" for name, (v, x, j) in sorted(sizes.items())])
+
+
+# --- (c) pods through the legacy TC fallback -----------------------------------------------------
+
+def _bpftool_progs() -> list[str]:
+    res = subprocess.run(["bpftool", "-j", "prog", "show"], check=True, capture_output=True, text=True)
+    return [p.get("name", "") for p in json.loads(res.stdout or "[]")]
+
+
+def _qdiscs(ns: str, ifname: str) -> list[str]:
+    res = subprocess.run(["tc", "-n", ns, "-j", "qdisc", "show", "dev", ifname], check=True, capture_output=True,
+                         text=True)
+    return [q["kind"] for q in json.loads(res.stdout or "[]")]
+
+
+def test_auto_falls_back_to_tc_and_pods_talk(topo, pin_root) -> None:  # noqa: F811
+    cfg = config.parse(node_config(topo, pin_root, "auto"))
+    datapath.apply(cfg)
+    try:
+        st = state.load(pin_root)
+        assert {a.mode for a in st.attachments} == {AttachMode.TC}, st.attachments
+        assert len(st.attachments) == 4
+        assert not (Path(pin_root) / "links").exists() or not os.listdir(Path(pin_root) / "links")
+        with netns.enter(topo.node.netns):
+            for pod in (topo.p1, topo.p2):
+                assert tc_has_filter(pod.host_ifname, Hook.INGRESS)
+                assert tc_has_filter(pod.host_ifname, Hook.EGRESS)
+
+        srv = start_server(topo, topo.p2, 8000)
+        try:
+            conn = LiveConnection(topo, topo.p1, POD2, 8000)
+            assert conn.roundtrip("hello") == "hello"
+            conn.close()
+            udp_once(topo, topo.p1, POD2, 8000, 40001)
+            time.sleep(0.3)   # the final ACK of the close
+        finally:
+            srv.kill()
+            srv.wait()
+
+        recs = ct_lines(pin_root)
+        for r in (find(recs, "TCP", "OUT", sport=conn.sport), find(recs, "TCP", "IN", sport=conn.sport)):
+            line = r.line()
+            assert line.startswith(f"TCP {r.direction} {POD1}:{conn.sport} -> {POD2}:8000 expires=")
+            assert "RxFlagsSeen=0x1b" in line and "TxFlagsSeen=0x1b" in line, line
+            assert "Flags=0x0013 [ RxClosing TxClosing SeenNonSyn ] RevNAT=0 SourceSecurityID=3096" in line, line
+            assert r.entry.packets >= 6
+        u = find(recs, "UDP", "OUT", sport=40001)
+        assert u.dst == (POD2, 8000) and u.entry.packets == 2 and u.entry.src_sec_id == 3096
+        find(recs, "UDP", "IN", sport=40001)
+        assert {"cil_from_container", "cil_to_container"} <= set(_bpftool_progs())
+    finally:
+        datapath.teardown(pin_root)
+
+    # Nothing left: no filter or clsact on the veths, no pin, no state, no program.
+    assert state.load(pin_root) is None
+    assert not Path(pin_root).exists() or not any(Path(pin_root).iterdir()), list(Path(pin_root).iterdir())
+    for pod in (topo.p1, topo.p2):
+        assert "clsact" not in _qdiscs(topo.node.netns, pod.host_ifname)
+    assert not {"cil_from_container", "cil_to_container", "cil_from_netdev", "cil_to_netdev"} & set(_bpftool_progs())
+
+
+def test_forced_tcx_fails_clearly_and_changes_nothing(topo, pin_root) -> None:  # noqa: F811
+    with pytest.raises(NotSupportedError, match="6.6"):
+        datapath.apply(config.parse(node_config(topo, pin_root, "tcx")))
+    assert state.load(pin_root) is None
+    assert not Path(pin_root).exists() or not any(Path(pin_root).iterdir()), list(Path(pin_root).iterdir())
+    for pod in (topo.p1, topo.p2):
+        assert "clsact" not in _qdiscs(topo.node.netns, pod.host_ifname)
+
+
+# --- (d) Geneve ----------------------------------------------------------------------------------
+
+def test_geneve_external_device() -> None:
+    subprocess.run(["modprobe", "geneve"], check=True)
+    ns = f"tpl-vm-{uuid.uuid4().hex[:6]}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        subprocess.run(["ip", "-n", ns, "link", "add", "tpl-vm-gnv", "type", "geneve", "external"], check=True)
+        res = subprocess.run(["ip", "-n", ns, "-d", "-j", "link", "show", "tpl-vm-gnv"], check=True,
+                             capture_output=True, text=True)
+        info = json.loads(res.stdout)[0]["linkinfo"]
+        assert info["info_kind"] == "geneve" and info["info_data"].get("external") is True, info
+        subprocess.run(["ip", "-n", ns, "link", "set", "tpl-vm-gnv", "up"], check=True)
+        subprocess.run(["ip", "-n", ns, "link", "del", "tpl-vm-gnv"], check=True)
+        res = subprocess.run(["ip", "-n", ns, "link", "show", "tpl-vm-gnv"], capture_output=True, text=True)
+        assert res.returncode != 0
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=True)
