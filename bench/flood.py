@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import platform
 import shlex
@@ -73,6 +72,7 @@ from typing import Any, Iterator
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "loader"))
 
+import report  # noqa: E402  (bench/report.py)
 from tuplet import config, ct, datapath, log, metrics  # noqa: E402
 from tuplet.netns import enter, sysctl  # noqa: E402
 from tuplet.topology import External, Node, Pod, Topology  # noqa: E402
@@ -693,13 +693,7 @@ def main() -> int:
     t0 = time.monotonic()
     res = summarize(run(args), args, [sys.argv[0], *sys.argv[1:]])
     res["wall_seconds"] = round(time.monotonic() - t0, 1)
-    if args.json:
-        print(json.dumps(res, indent=2))
-    else:
-        print_table(res)
-    if args.out:
-        Path(args.out).write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
-    return 0 if res["checks_passed"] else 1
+    return report.emit(res, args, print_table)
 
 
 if __name__ == "__main__":

@@ -80,6 +80,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "loader"))
 sys.path.insert(0, str(ROOT / "tests"))
 
+import report  # noqa: E402  (bench/report.py)
 from tuplet import config, ct, datapath, log, metrics  # noqa: E402
 from tuplet.layouts import TUPLE_F_SERVICE, CtTuple4  # noqa: E402
 from tuplet.netns import enter, sysctl  # noqa: E402
@@ -587,13 +588,7 @@ def main() -> int:
         if stats_was is not None:
             stats_file.write_text(stats_was)
     res["wall_seconds"] = round(time.monotonic() - t0, 1)
-    if args.json:
-        print(json.dumps(res, indent=2))
-    else:
-        print_table(res)
-    if args.out:
-        Path(args.out).write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
-    return 0 if res["checks_passed"] else 1
+    return report.emit(res, args, print_table)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from tuplet.topology import Topology
 
 pytestmark = pytest.mark.netns
 
-POD1, POD2 = "10.64.0.36", "10.64.0.64"
+from two_pods import POD1, POD2, node_config_text
 
 
 @pytest.fixture
@@ -38,28 +38,8 @@ def topo():
 
 
 def config_text(topo, pin_root: str, tcp_max: int = 8192, extra: str = "") -> str:
-    return textwrap.dedent(f"""
-        [node]
-        name = "agent-test"
-        netns = "{topo.node.netns}"
-        pin_root = "{pin_root}"
-
-        [[endpoints]]
-        name = "pod1"
-        ifname = "{topo.p1.host_ifname}"
-        ipv4 = "{POD1}"
-
-        [[endpoints]]
-        name = "pod2"
-        ifname = "{topo.p2.host_ifname}"
-        ipv4 = "{POD2}"
-
-        [conntrack]
-        tcp_max = {tcp_max}
-        any_max = 4096
-        gc_interval = "1h"
-        {extra}
-    """)
+    return node_config_text(topo, pin_root, name="agent-test", mode=None, identities=False,
+                            conntrack=f'tcp_max = {tcp_max}\nany_max = 4096\ngc_interval = "1h"\n{extra}')
 
 
 @pytest.fixture

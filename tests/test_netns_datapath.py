@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -18,49 +17,19 @@ from tuplet import _libbpf as C
 from tuplet import cli, config, ct, datapath, netns, state
 from tuplet.errors import ConfigError, IncompatiblePinError, NotFoundError
 from tuplet.links import AttachMode, Hook, attached_prog_id, tc_has_filter
-from tuplet.topology import Topology
+from two_pods import POD1, POD2, node_config_text, two_pods
 
 pytestmark = pytest.mark.netns
 
-POD1, POD2 = "10.64.0.36", "10.64.0.64"
 
 
 @pytest.fixture
 def topo():
-    with Topology() as t:
-        node = t.add_node("node")
-        t.add_pod(node, "pod1", POD1)
-        t.add_pod(node, "pod2", POD2)
-        t.node = node
-        t.p1, t.p2 = node.pods
-        yield t
+    yield from two_pods()
 
 
 def node_config(topo, pin_root: str, mode: str = "auto", tcp_max: int = 8192, extra: str = "") -> str:
-    return textwrap.dedent(f"""
-        [node]
-        name = "test"
-        netns = "{topo.node.netns}"
-        pin_root = "{pin_root}"
-        attach_mode = "{mode}"
-
-        [[endpoints]]
-        name = "pod1"
-        ifname = "{topo.p1.host_ifname}"
-        ipv4 = "{POD1}"
-        identity = 3096
-
-        [[endpoints]]
-        name = "pod2"
-        ifname = "{topo.p2.host_ifname}"
-        ipv4 = "{POD2}"
-        identity = 4122
-
-        [conntrack]
-        tcp_max = {tcp_max}
-        any_max = 4096
-        {extra}
-    """)
+    return node_config_text(topo, pin_root, mode=mode, conntrack=f"tcp_max = {tcp_max}\nany_max = 4096\n{extra}")
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import textwrap
 
 import pytest
 
@@ -15,50 +14,21 @@ from tuplet.layouts import CtEntry, CtTuple4, Nat4Entry
 from tuplet.links import attached_prog_id
 from tuplet.maps import Map
 from tuplet.sizing import Sizing
-from tuplet.topology import Topology
+from two_pods import POD1, POD2, node_config_text, two_pods
 
 pytestmark = pytest.mark.netns
 
-POD1, POD2 = "10.64.0.36", "10.64.0.64"
 MODES = ["tcx", "tc"]
 
 
 @pytest.fixture
 def topo():
-    with Topology() as t:
-        node = t.add_node("node")
-        t.add_pod(node, "pod1", POD1)
-        t.add_pod(node, "pod2", POD2)
-        t.node = node
-        t.p1, t.p2 = node.pods
-        yield t
+    yield from two_pods()
 
 
 def node_config(topo, pin_root: str, mode: str, tcp_max: int) -> config.NodeConfig:
-    return config.parse(textwrap.dedent(f"""
-        [node]
-        name = "resize"
-        netns = "{topo.node.netns}"
-        pin_root = "{pin_root}"
-        attach_mode = "{mode}"
-
-        [[endpoints]]
-        name = "pod1"
-        ifname = "{topo.p1.host_ifname}"
-        ipv4 = "{POD1}"
-        identity = 3096
-
-        [[endpoints]]
-        name = "pod2"
-        ifname = "{topo.p2.host_ifname}"
-        ipv4 = "{POD2}"
-        identity = 4122
-
-        [conntrack]
-        tcp_max = {tcp_max}
-        any_max = 1024
-        nat_max = 2048
-    """))
+    return config.parse(node_config_text(topo, pin_root, name="resize", mode=mode,
+                                         conntrack=f"tcp_max = {tcp_max}\nany_max = 1024\nnat_max = 2048"))
 
 
 @pytest.fixture
