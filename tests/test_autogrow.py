@@ -5,6 +5,8 @@ small tables filled through the pinned map: grown with auto_grow on, untouched w
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import textwrap
 import time
 
@@ -370,6 +372,10 @@ def test_agent_grows_a_full_table_and_keeps_it_grown(agent, pin_root) -> None:
     assert pinned(pin_root) == (8192, N)                      # grown live, every entry kept
     assert metric(a, "tuplet_conntrack_auto_grow_total", map_name=CT_MAP_TCP) == 1
     assert metric(a, "tuplet_bpf_map_capacity", map_name=CT_MAP_TCP) == 8192
+    st = subprocess.run([sys.executable, "-m", "tuplet.cli", "--pin-root", pin_root, "status"],
+                        capture_output=True, text=True, timeout=60)
+    assert st.returncode == 0 and "auto-grow:  on" in st.stdout, st.stdout + st.stderr
+    assert f"grown:      {CT_MAP_TCP} 4096 -> 8192" in st.stdout, st.stdout
 
     def fill_after_the_grow() -> None:   # the first pass on the new table
         assert metric(a, "tuplet_datapath_conntrack_gc_table_fill_ratio", map_name=CT_MAP_TCP) == \

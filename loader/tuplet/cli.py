@@ -305,7 +305,29 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  last pass:  {time.time() - last['at']:.0f}s ago ({last['reason']}, {last['method']}): "
               f"{last['deleted']} deleted, {last['alive']} alive, {last['nat_deleted']} NAT deleted in "
               f"{last['duration_s'] * 1000:.1f} ms; {last['passes']} pass(es); next in {last['interval_s']:.0f}s")
+    for line in _describe_pressure(agent):
+        print(line)
     return 0
+
+
+def _describe_pressure(agent: dict[str, Any] | None) -> list[str]:
+    """The agent's view of table pressure: fill after its last GC pass, auto-grow, grows."""
+    p = (agent or {}).get("pressure")
+    if not p:
+        return []
+    fill = ", ".join(f"{name} {100 * ratio:.1f}%" for name, ratio in sorted(p.get("fill", {}).items()))
+    hot = p.get("under_pressure") or []
+    out = [f"Pressure:     fill after GC: {fill}" + (f"; under pressure: {', '.join(hot)}" if hot else "")]
+    if p.get("auto_grow"):
+        out.append(f"  auto-grow:  on, up to {p.get('auto_grow_max')} entries")
+    else:
+        out.append("  auto-grow:  off")
+    import time
+
+    for g in (agent or {}).get("grown", [])[-3:]:
+        out.append(f"  grown:      {g['map']} {g['old_entries']} -> {g['new_entries']} "
+                   f"({time.time() - g['at']:.0f}s ago, {100 * g['fill']:.0f}% full, {g['trigger']})")
+    return out
 
 
 def _describe_agent(agent: dict[str, Any] | None) -> str:
