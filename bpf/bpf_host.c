@@ -1,8 +1,10 @@
 // SPDX-License-Identifier: GPL-2.0
 /* Programs on the node's NIC.
  *
- *   cil_from_netdev  NIC ingress: NodePort / LoadBalancer flows to local backends
+ *   cil_from_netdev  NIC ingress: NodePort / LoadBalancer flows to local backends,
+ *                    and to remote ones over Geneve (DSR) when the node has an overlay
  *   cil_to_netdev    NIC egress:  their replies, reverse-NATed to the service address
+ *                    (DSR replies of flows this node is the backend node of, too)
  *
  * Traffic that is not a service flow passes untouched (the pod-side programs
  * track it); malformed IPv4 is dropped with a counted reason.
@@ -43,6 +45,10 @@ int cil_from_netdev(struct __sk_buff *skb)
 
 	if (!ret)
 		ret = nodeport_lb4(skb, &p);
+	if (overlay_ifindex && ret == TPL_PASS_DSR_REDIRECT) {
+		tpl_verdict(skb, ret, TPL_METRIC_NETDEV_INGRESS);
+		return bpf_redirect(overlay_ifindex, 0);
+	}
 	return tpl_verdict(skb, ret, TPL_METRIC_NETDEV_INGRESS);
 }
 

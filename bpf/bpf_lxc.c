@@ -18,6 +18,7 @@
 #include "lib/conntrack.h"
 #include "lib/nat_map.h"
 #include "lib/lb.h"
+#include "lib/dsr.h"
 
 char LICENSE[] SEC("license") = "GPL";
 
@@ -74,6 +75,9 @@ static __always_inline enum tpl_reason lxc_track4(struct __sk_buff *skb, enum ct
 
 	st.src_sec_id = endpoint_identity4(p.saddr);
 	st.rev_nat_index = rev_nat;
+	/* Delivered by cil_from_overlay (a DSR flow's backend node). */
+	if (dir == CT_INGRESS && (skb->mark & TPL_MARK_MASK) == TPL_MARK_FROM_TUNNEL)
+		st.from_tunnel = 1;
 	ret = ct_create4(&tuple, dir, &st, p.tcp_flags, skb->len);
 	if (ret)
 		return ret;

@@ -70,8 +70,8 @@ def test_every_entry_kind_and_the_nat_entries_they_own(lxc: LxcHarness, method: 
         m.update(key, CtEntry(lifetime=now + 100 if alive else now - 1, **flags))
 
     def nat_for(key: CtTuple4) -> CtTuple4:
-        # The reply the backend sends: from the entry's original source to its destination.
-        return CtTuple4(daddr=key.saddr, saddr=key.daddr, dport=key.dport, sport=key.sport,
+        # The reply the backend sends: from the entry's original destination to its original source.
+        return CtTuple4(daddr=key.daddr, saddr=key.saddr, dport=key.sport, sport=key.dport,
                         nexthdr=key.nexthdr, flags=TUPLE_F_OUT)
 
     kinds = {
@@ -80,11 +80,12 @@ def test_every_entry_kind_and_the_nat_entries_they_own(lxc: LxcHarness, method: 
         "svc": (tcp_map, CtTuple4.make(A, VIP, 80, 1002, 6, TUPLE_F_SERVICE), {"backend_id": 7}),
         "related": (any_map, CtTuple4.make(A, B, 0, 0, 1, TUPLE_F_OUT | TUPLE_F_RELATED), {}),
         "udp": (any_map, CtTuple4.make(A, B, 53, 1003, 17, TUPLE_F_OUT), {}),
-        "dsr": (tcp_map, CtTuple4.make(A, CLIENT, 40000, 8080, 6, TUPLE_F_OUT), {"dsr_internal": 1}),
-        "dsr_udp": (any_map, CtTuple4.make(A, CLIENT, 40001, 5353, 17, TUPLE_F_OUT), {"dsr_internal": 1}),
-        "nodeport": (tcp_map, CtTuple4.make(A, CLIENT, 40002, 8080, 6, TUPLE_F_OUT), {"node_port": 1}),
+        # NAT owners as the datapath makes them: the client's flow to the backend A (OUT client -> A).
+        "dsr": (tcp_map, CtTuple4.make(CLIENT, A, 8080, 40000, 6, TUPLE_F_OUT), {"dsr_internal": 1}),
+        "dsr_udp": (any_map, CtTuple4.make(CLIENT, A, 5353, 40010, 17, TUPLE_F_OUT), {"dsr_internal": 1}),
+        "nodeport": (tcp_map, CtTuple4.make(CLIENT, A, 8080, 40020, 6, TUPLE_F_OUT), {"node_port": 1}),
         # An ingress entry with the flag does not own a NAT entry.
-        "in_flagged": (tcp_map, CtTuple4.make(A, CLIENT, 40003, 8080, 6, TUPLE_F_IN), {"dsr_internal": 1}),
+        "in_flagged": (tcp_map, CtTuple4.make(CLIENT, A, 8080, 40030, 6, TUPLE_F_IN), {"dsr_internal": 1}),
     }
     owners = ("dsr", "dsr_udp", "nodeport", "in_flagged")
     for alive in (False, True):

@@ -13,7 +13,7 @@ from lb_harness import (F_EXTERNAL, F_LOADBALANCER, F_NODEPORT, LbHarness, Svc, 
                         udp4)
 from lxc_harness import TC_ACT_OK, TC_ACT_SHOT
 from tuplet.layouts import TUPLE_F_OUT, TUPLE_F_SERVICE
-from tuplet.ct import CT_MAP_TCP
+from tuplet.ct import CT_MAP_SYN, CT_MAP_TCP
 
 POD1, POD2, POD3 = "10.64.0.36", "10.64.0.98", "10.64.0.64"
 VIP, VPORT = "10.68.174.146", 80
@@ -258,3 +258,74 @@ def test_maglev_choice_is_deterministic_across_nodes_and_balanced() -> None:
     counts = Counter(picks[0])
     assert set(counts) == {a for a, _, _ in backends.values()}
     assert all(120 <= c <= 280 for c in counts.values()), counts     # 200 expected each
+
+
+# --- DSR over Geneve (issue 4): what test_run can show; the Geneve path end to end is tests/vm/test_vm_dsr.py ---
+
+TC_ACT_REDIRECT = 7
+
+
+def test_lb_node_redirects_remote_backend_over_the_overlay() -> None:
+    """With an overlay device, a remote backend is DNATed to, tunnel-keyed and redirected (TC_ACT_REDIRECT);
+    the LB node keeps the CT_SERVICE entry only, as the seed's node A."""
+    import socket
+    import struct
+
+    from lb_harness import BACKEND_F_REMOTE, BACKENDS
+    from tuplet.layouts import ip_to_be32
+
+    def with_node(bid: int, proto: int, node: str | None) -> None:   # the backend's node= address
+        h.coll.maps[BACKENDS].update(bid, struct.pack("<IHBBI", ip_to_be32("10.65.0.9"), socket.htons(BP), proto,
+                                                      BACKEND_F_REMOTE, ip_to_be32(node) if node else 0))
+
+    h = LbHarness.load_both(consts={"overlay_ifindex": 1})
+    try:
+        h.program(Svc(LB_VIP, 80, TCP_P, 24, {24: ("10.65.0.9", BP, True)}, flags=F_EXTERNAL | F_LOADBALANCER))
+        with_node(24, TCP_P, None)       # no node=: nowhere to tunnel to
+        v, _ = h.run_out("cil_from_netdev", tcp4(CLIENT, 53437, LB_VIP, 80, "S"))
+        assert (v.retval, v.reason) == (TC_ACT_SHOT, "DROP_REMOTE_BACKEND")
+        for k in list(h.coll.maps[CT_MAP_SYN].keys()):   # its CT_SERVICE entry: start afresh
+            h.coll.maps[CT_MAP_SYN].delete(k)
+        with_node(24, TCP_P, "192.168.50.11")
+        for flags in ("S", "A", "PA"):   # the option rides on the SYN; the key and redirect on every packet
+            v, out = h.run_out("cil_from_netdev", tcp4(CLIENT, 53438, LB_VIP, 80, flags))
+            assert (v.retval, v.reason) == (TC_ACT_REDIRECT, "PASS_DSR_REDIRECT")
+            assert l4_of(out) == (CLIENT, 53438, "10.65.0.9", BP) and checksums_ok(out)
+        recs = h.entries()
+        assert [(r.proto, r.direction, r.src, r.dst) for r in recs] == [("TCP", "SVC", (CLIENT, 53438), (LB_VIP, 80))]
+        assert recs[0].entry.backend_id == 24 and recs[0].entry.rev_nat_index == 24
+        h.program(Svc(LB_VIP, 80, UDP_P, 25, {25: ("10.65.0.9", BP, True)}, flags=F_EXTERNAL | F_LOADBALANCER))
+        with_node(25, UDP_P, "192.168.50.11")
+        for _ in range(2):               # UDP: the option on every packet
+            v, out = h.run_out("cil_from_netdev", udp4(CLIENT, 5000, LB_VIP, 80))
+            assert (v.retval, v.reason) == (TC_ACT_REDIRECT, "PASS_DSR_REDIRECT")
+            assert l4_of(out) == (CLIENT, 5000, "10.65.0.9", BP)
+        assert sorted(r.direction for r in h.entries()) == ["SVC", "SVC"]
+    finally:
+        h.close()
+
+
+def test_backend_node_reply_gets_the_service_address_from_the_nat_entry(lb: LbHarness) -> None:
+    """cil_to_netdev on the backend node: a reply of a DSRInternal flow leaves from VIP:port (its NAT entry);
+    without the NAT entry it is a counted drop."""
+    import socket
+
+    from tuplet.ct import NAT_MAP
+    from tuplet.layouts import CtEntry, CtTuple4, Nat4Entry, ip_to_be32
+
+    # As cil_from_overlay leaves them for CLIENT:53438 -> LB_POD:8000 (key in the map's own naming).
+    key = CtTuple4.make(CLIENT, LB_POD, BP, 53438, TCP_P, TUPLE_F_OUT)
+    lb.coll.maps[CT_MAP_TCP].update(key, CtEntry(lifetime=lb.now() + 100, dsr_internal=1, src_sec_id=2,
+                                                 seen_non_syn=1))
+    # nat4_key_for_ct(): the reply on the wire, LB_POD:BP -> CLIENT:53438.
+    nat_key = CtTuple4.make(CLIENT, LB_POD, 53438, BP, TCP_P, TUPLE_F_OUT)
+    nat = Nat4Entry(to_addr=ip_to_be32(LB_VIP), to_port=socket.htons(80))
+    lb.coll.maps[NAT_MAP].update(nat_key, nat)
+    v, out = lb.run_out("cil_to_netdev", tcp4(LB_POD, BP, CLIENT, 53438, "PA", b"hi"))
+    assert (v.retval, v.reason) == (TC_ACT_OK, "PASS_CT_REPLY")
+    assert l4_of(out) == (LB_VIP, 80, CLIENT, 53438) and checksums_ok(out)
+    e = lb.entry(CLIENT, LB_POD, BP, 53438, TCP_P, TUPLE_F_OUT)
+    assert e.dsr_internal and e.rx_flags_seen & 0x18
+    lb.coll.maps[NAT_MAP].delete(nat_key)
+    v, out = lb.run_out("cil_to_netdev", tcp4(LB_POD, BP, CLIENT, 53438, "PA", b"hi"))
+    assert (v.retval, v.reason) == (TC_ACT_SHOT, "DROP_REV_NAT_MISSING")

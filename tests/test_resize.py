@@ -211,8 +211,8 @@ def test_nat_resize_keeps_owned_then_newest_entries(pin_root) -> None:
             for i in range(10):   # NodePort flows: the CT entry owns a NAT entry, created long ago
                 key = CtTuple4.make("10.0.0.9", "10.1.0.1", 30080, 40000 + i, 6, 0)
                 tcp.update(key, CtEntry(lifetime=now + 1000, node_port=1))
-                nkey = CtTuple4(saddr=key.daddr, sport=key.sport, daddr=key.saddr, dport=key.dport,
-                                nexthdr=6, flags=0)
+                nkey = CtTuple4(saddr=key.saddr, sport=key.dport, daddr=key.daddr, dport=key.sport,
+                                nexthdr=6, flags=0)   # nat4_key_for_ct: the backend's reply
                 nat.update(nkey, Nat4Entry(created=1))
                 owned.append(bytes(nkey))
             for i in range(1500):

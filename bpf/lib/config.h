@@ -39,4 +39,10 @@ const volatile __u8 ct_syn_table = 1;
  */
 const volatile __u8 fault_ct_insert = 0;
 
+/* DSR over Geneve (0: no overlay configured). The ifindex of the node's
+ * collect-metadata Geneve device: the LB node redirects flows to remote
+ * backends there (cil_from_netdev).
+ */
+const volatile __u32 overlay_ifindex = 0;
+
 #endif

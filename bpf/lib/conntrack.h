@@ -280,7 +280,7 @@ static __always_inline void ct_settle4(const struct ipv4_ct_tuple *t, struct ct_
 	bpf_map_delete_elem(&tpl_ct4_syn_v1, t);
 	ct_event(CT_EV_PROMOTED);
 	ct_event(CT_EV_INSERT_TCP);
-	if ((t->flags & TUPLE_F_SERVICE) || copy.node_port)
+	if ((t->flags & TUPLE_F_SERVICE) || copy.node_port || copy.dsr_internal)
 		return;
 	/* The twin reads as if made with the entry: its identity, and the
 	 * opening packet's flags in the entry's own direction.
@@ -466,8 +466,8 @@ static __always_inline int ct_create4(const struct ipv4_ct_tuple *tuple, enum ct
 	}
 	ct_event(syn ? CT_EV_INSERT_SYN : is_tcp ? CT_EV_INSERT_TCP : CT_EV_INSERT_ANY);
 
-	/* Endpoint traffic only: service and NodePort entries have no related twin. */
-	if (dir != CT_SERVICE && !st->node_port && !syn)
+	/* Endpoint traffic only: service, NodePort and DSR entries have no related twin. */
+	if (dir != CT_SERVICE && !st->node_port && !st->dsr_internal && !syn)
 		ct_create_related4(tuple, &entry, now);
 	return 0;
 }

@@ -42,16 +42,18 @@ static __always_inline bool ct_owns_nat(const struct ipv4_ct_tuple *ct, const st
 	return ct->flags == TUPLE_F_OUT && (e->dsr_internal || e->node_port);
 }
 
-/* The NAT key of the reply sent by the original source of a CT_EGRESS entry:
- * the entry stores the original source in daddr/sport and the original
- * destination in saddr/dport (see conntrack_types.h).
+/* The NAT key of a NAT-owning CT_EGRESS entry: the reply its flow's
+ * destination (the backend) sends to its original source (the client), as it
+ * is on the wire. The entry stores the original source in daddr/sport and the
+ * original destination in saddr/dport (see conntrack_types.h), as the
+ * reference's DSR entry reads: "OUT client:port -> backend:port".
  */
 static __always_inline void nat4_key_for_ct(const struct ipv4_ct_tuple *ct, struct ipv4_ct_tuple *nat)
 {
-	nat->saddr = ct->daddr;
-	nat->sport = ct->sport;
-	nat->daddr = ct->saddr;
-	nat->dport = ct->dport;
+	nat->saddr = ct->saddr;
+	nat->sport = ct->dport;
+	nat->daddr = ct->daddr;
+	nat->dport = ct->sport;
 	nat->nexthdr = ct->nexthdr;
 	nat->flags = TUPLE_F_OUT;
 }

@@ -12,9 +12,14 @@
 #include "endpoint.h"
 #include "conntrack.h"
 #include "lb.h"
+#include "nat_map.h"
+#include "dsr.h"
 
 /* A packet entering the node on its NIC. Service flows are DNATed to their
- * backend and tracked; anything else is left to the stack untouched.
+ * backend and tracked; a flow to a backend on another node goes there over
+ * Geneve when the node has an overlay device (TPL_PASS_DSR_REDIRECT: the
+ * caller redirects), else it is dropped. Anything else is left to the stack
+ * untouched.
  */
 static __always_inline enum tpl_reason nodeport_lb4(struct __sk_buff *skb, struct pkt4 *p)
 {
@@ -31,9 +36,12 @@ static __always_inline enum tpl_reason nodeport_lb4(struct __sk_buff *skb, struc
 		return TPL_PASS_NETDEV_UNTRACKED;
 	rev_nat = svc->rev_nat_index;
 
-	ret = lb4_local(skb, p, &key, svc, LB_SELECT_MAGLEV, true, &be);
+	ret = lb4_local(skb, p, &key, svc, LB_SELECT_MAGLEV, !overlay_ifindex, &be);
 	if (ret)
 		return ret;
+	/* Remote backend: the CT_SERVICE entry is all this node keeps. */
+	if (overlay_ifindex && (be.flags & LB_BACKEND_F_REMOTE))
+		return dsr_encap4(skb, p, be.node_addr, key.address, key.dport);
 
 	ret = ct_lookup4(&tuple, p, CT_EGRESS, skb->len, &st);
 	if (ret != CT_NEW)
@@ -51,7 +59,9 @@ static __always_inline enum tpl_reason nodeport_lb4(struct __sk_buff *skb, struc
 }
 
 /* A packet leaving the node on its NIC: the reply of a NodePort flow (it hits
- * the flow's CT_EGRESS entry as a reply) gets the service address back.
+ * the flow's CT_EGRESS entry as a reply) gets the service address back; so
+ * does the reply of a DSR flow (DSRInternal entry), from its NAT entry, and
+ * goes straight to the client.
  */
 static __always_inline enum tpl_reason nodeport_rev_nat4(struct __sk_buff *skb, struct pkt4 *p)
 {
@@ -65,24 +75,75 @@ static __always_inline enum tpl_reason nodeport_rev_nat4(struct __sk_buff *skb, 
 	};
 	bool is_tcp = p->proto == IPPROTO_TCP;
 	__u8 tcp_flags = is_tcp ? p->tcp_flags : 0;
+	struct ipv4_ct_tuple nk;
+	struct nat4_entry *nat;
 	struct ct_entry *e;
 	__u16 rev_nat;
-	bool in_syn;
+	bool in_syn, dsr;
 	int ret;
 
 	if (p->proto != IPPROTO_TCP && p->proto != IPPROTO_UDP)
 		return TPL_PASS_NETDEV_UNTRACKED;
 	e = ct_find4(&t, &in_syn);
-	if (!e || !e->node_port)
+	if (!e || !(e->node_port || e->dsr_internal))
 		return TPL_PASS_NETDEV_UNTRACKED;
 	ct_entry_hit(e, is_tcp, CT_INGRESS, is_tcp ? ct_tcp_action(tcp_flags) : ACTION_UNSPEC,
 		     tcp_flags, skb->len, CT_REPLY);
 	rev_nat = READ_ONCE(e->rev_nat_index);
+	dsr = e->dsr_internal;
 	ct_settle4(&t, e, in_syn);
+	if (dsr) {
+		nat4_key_for_ct(&t, &nk);
+		nat = bpf_map_lookup_elem(&tpl_nat4_v1, &nk);
+		if (!nat)
+			return TPL_DROP_REV_NAT_MISSING;
+		ret = pkt4_snat(skb, p, nat->to_addr, nat->to_port);
+		return ret ? ret : TPL_PASS_CT_REPLY;
+	}
 	if (!rev_nat)
 		return TPL_PASS_CT_REPLY;
 	ret = lb4_rev_nat(skb, p, rev_nat);
 	return ret ? ret : TPL_PASS_CT_REPLY;
+}
+
+/* Backend node, a packet the Geneve device decapsulated: a DSR flow's first
+ * packet (with the option) gets its CT_EGRESS entry with DSRInternal, whose
+ * NAT entry says which service address the reply must come from; later
+ * packets refresh it. Returns a pass reason (the caller marks the packet as
+ * from the tunnel) or a drop reason.
+ */
+static __always_inline enum tpl_reason overlay_dsr4(struct __sk_buff *skb, struct pkt4 *p)
+{
+	struct ipv4_ct_tuple tuple = {}, nk;
+	struct nat4_entry nat = {};
+	struct ct_state st = {};
+	struct dsr_opt4 opt = {};
+	int has_opt, ret;
+
+	has_opt = dsr_read_opt4(skb, &opt);
+	if (has_opt >= TPL_DROP_BASE)
+		return has_opt;
+	ret = ct_lookup4(&tuple, p, CT_EGRESS, skb->len, &st);
+	if (ret != CT_NEW)
+		return ct_status_reason(ret);
+	if (has_opt != 1)
+		return TPL_PASS_OVERLAY_UNTRACKED;
+	if (p->proto == IPPROTO_TCP && (p->tcp_flags & TCP_FLAG_RST))
+		return TPL_PASS_CT_UNTRACKED_RST;
+
+	__builtin_memset(&st, 0, sizeof(st));
+	st.dsr_internal = 1;
+	st.src_sec_id = endpoint_identity4(p->saddr);
+	ret = ct_create4(&tuple, CT_EGRESS, &st, p->tcp_flags, skb->len);
+	if (ret)
+		return ret;
+	nat4_key_for_ct(&tuple, &nk);
+	nat.created = tpl_now();
+	nat.to_addr = opt.addr;
+	nat.to_port = opt.port;
+	if (bpf_map_update_elem(&tpl_nat4_v1, &nk, &nat, BPF_ANY) < 0)
+		return TPL_DROP_NAT_INSERT_FAILED;
+	return TPL_PASS_CT_NEW;
 }
 
 #endif

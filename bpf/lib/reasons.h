@@ -22,6 +22,8 @@ enum tpl_reason {
 	TPL_PASS_ICMP_UNRELATED = 8,   /* ICMP error matching no tracked flow */
 	TPL_PASS_CT_UNTRACKED_RST = 9, /* TCP reset matching no tracked flow */
 	TPL_PASS_NETDEV_UNTRACKED = 10,/* node NIC: not a service flow, left to the stack */
+	TPL_PASS_DSR_REDIRECT = 11,    /* LB node: to a remote backend over the Geneve device (DSR) */
+	TPL_PASS_OVERLAY_UNTRACKED = 12,/* Geneve device: no DSR option and no DSR flow, left to the stack */
 
 	TPL_DROP_BASE = 128,
 	TPL_DROP_INVALID_L3 = 128,       /* truncated or malformed Ethernet/IPv4 header */
@@ -31,6 +33,11 @@ enum tpl_reason {
 	TPL_DROP_NAT_REWRITE = 132,      /* the kernel refused an address/port rewrite */
 	TPL_DROP_REMOTE_BACKEND = 133,   /* NodePort/LB backend on another node: DSR not available */
 	TPL_DROP_REV_NAT_MISSING = 134,  /* reply of a service flow whose reverse-NAT entry is gone */
+	TPL_DROP_DSR_OPT_MALFORMED = 135, /* Geneve DSR option with a wrong length or bad service address */
+	TPL_DROP_DSR_OPT_CRITICAL = 136,  /* unknown Geneve option with the critical bit set */
+	TPL_DROP_DSR_OPT_NOT_ALONE = 137, /* Geneve options besides (or longer than) the DSR option */
+	TPL_DROP_DSR_ENCAP = 138,         /* the kernel refused the tunnel key, option or redirect */
+	TPL_DROP_NAT_INSERT_FAILED = 139, /* DSR: NAT map insertion failed */
 
 	TPL_REASON_SLOTS = 256,
 };

@@ -18,6 +18,9 @@
     [lb]
     maglev_table_size = 16381       # Maglev table entries per service (prime)
 
+    [overlay]                       # optional: DSR over Geneve (needs the geneve module)
+    device = "tpl_geneve0"          # collect-metadata Geneve device, created or adopted
+
     [[services]]                    # see tuplet.services for every key
     name = "web"
     type = "ClusterIP"
@@ -139,6 +142,11 @@ class Lb:
 
 
 @dataclass(frozen=True)
+class Overlay:
+    device: str = "tpl_geneve0"     # collect-metadata Geneve device: created, or adopted when present
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     name: str = "node"
     netns: str | None = None
@@ -149,6 +157,7 @@ class NodeConfig:
     conntrack: Conntrack = field(default_factory=Conntrack)
     lb: Lb = field(default_factory=Lb)
     services: tuple[Service, ...] = ()
+    overlay: Overlay | None = None
     source: str = ""
 
 
@@ -166,7 +175,7 @@ def parse(text: str, source: str = "<string>") -> NodeConfig:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError("", f"{source}: not valid TOML: {e}") from None
-    _only(doc, "", {"node", "endpoints", "devices", "conntrack", "lb", "services"})
+    _only(doc, "", {"node", "endpoints", "devices", "conntrack", "lb", "services", "overlay"})
     node = _table(doc, "node")
     _only(node, "node", {"name", "netns", "pin_root", "attach_mode"})
 
@@ -200,10 +209,20 @@ def parse(text: str, source: str = "<string>") -> NodeConfig:
     for i, svc in enumerate(services):
         if svc.maglev_size is None and sum(1 for b in svc.backends if b.weight) > m:
             raise ConfigError(f"services[{i}].backends", f"more backends than lb.maglev_table_size ({m})")
+    overlay = None
+    if "overlay" in doc:
+        ov = _table(doc, "overlay")
+        _only(ov, "overlay", {"device"})
+        dev = _str(ov, "overlay.device", Overlay.device)
+        if not dev or len(dev) > 15 or "/" in dev or any(c.isspace() for c in dev):
+            raise ConfigError("overlay.device", f"must be an interface name (at most 15 characters), got {dev!r}")
+        if dev in {e.ifname for e in endpoints} | {d.ifname for d in devices}:
+            raise ConfigError("overlay.device", f"interface {dev!r} is an endpoint or device already")
+        overlay = Overlay(device=dev)
     return NodeConfig(name=_str(node, "node.name", "node"), netns=netns, pin_root=pin_root,
                       attach_mode=attach_mode, endpoints=endpoints, devices=devices,
                       conntrack=_conntrack(_table(doc, "conntrack")), lb=Lb(maglev_table_size=m),
-                      services=services, source=source)
+                      services=services, overlay=overlay, source=source)
 
 
 # --- sections -----------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from typing import Iterator
 
 import structlog
 
-from . import bpffs, lb, resize, state
+from . import bpffs, lb, overlay, resize, state
 from .config import NodeConfig
 from .ct import CT_MAP_ANY, CT_MAP_SYN, CT_MAP_TCP, NAT_MAP
 from .errors import NotFoundError, TupletError
@@ -31,6 +31,7 @@ log = structlog.get_logger("tuplet.datapath")
 
 OBJ_LXC = "bpf_lxc.o"
 OBJ_HOST = "bpf_host.o"
+OBJ_OVERLAY = "bpf_overlay.o"
 EP_MAP = "tpl_ep4_v1"
 METRICS_MAP = "tpl_metrics_v2"
 
@@ -38,6 +39,8 @@ METRICS_MAP = "tpl_metrics_v2"
 LXC_HOOKS = (("cil_from_container", Hook.INGRESS), ("cil_to_container", Hook.EGRESS))
 # (program, hook) per node device: what enters the node, what leaves it.
 NETDEV_HOOKS = (("cil_from_netdev", Hook.INGRESS), ("cil_to_netdev", Hook.EGRESS))
+# (program, hook) on the overlay (Geneve) device: DSR flows arriving from an LB node.
+OVERLAY_HOOKS = (("cil_from_overlay", Hook.INGRESS),)
 
 
 def object_dir() -> Path:
@@ -52,7 +55,8 @@ def object_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "build"
 
 
-def open_object(name: str, cfg: NodeConfig, pin_root: str | None, sizing: Sizing | None = None) -> ObjectSpec:
+def open_object(name: str, cfg: NodeConfig, pin_root: str | None, sizing: Sizing | None = None,
+                overlay_ifindex: int = 0) -> ObjectSpec:
     """Open one object and apply the node's load-time configuration to it."""
     ct = cfg.conntrack
     sizing = sizing or ct.sizing()
@@ -69,6 +73,8 @@ def open_object(name: str, cfg: NodeConfig, pin_root: str | None, sizing: Sizing
         spec.set_const("ct_report_flags", ct.report_flags)
         spec.set_const("ct_accounting", int(ct.accounting))
         spec.set_const("ct_syn_table", int(ct.syn_table))
+        if overlay_ifindex:
+            spec.set_const("overlay_ifindex", overlay_ifindex)
     except BaseException:
         spec.close()
         raise
@@ -116,6 +122,10 @@ def _apply(cfg: NodeConfig) -> ApplyResult:
                             detail=f"not found in {where}; nothing was changed")
 
     lb.check_config(pin_root, cfg.services)
+    overlay_ifindex = 0
+    if cfg.overlay:
+        # Before anything else changes: without Geneve support this fails and nothing was done.
+        overlay_ifindex, _ = overlay.ensure_device(cfg.overlay.device)
     sizing = cfg.conntrack.sizing()
     colls: list[Collection] = []
     new_pins: list[str] = []
@@ -125,8 +135,9 @@ def _apply(cfg: NodeConfig) -> ApplyResult:
     specs: list[ObjectSpec] = []
     resizer = resize.Resizer(pin_root)
     try:
-        for obj in (OBJ_LXC, OBJ_HOST):
-            specs.append(open_object(obj, cfg, pin_root, sizing))
+        objs = (OBJ_LXC, OBJ_HOST) + ((OBJ_OVERLAY,) if cfg.overlay else ())
+        for obj in objs:
+            specs.append(open_object(obj, cfg, pin_root, sizing, overlay_ifindex))
         resizer.prepare(specs)   # pins that differ only in size: new maps the objects use instead
         for spec in specs:
             coll = spec.load()   # checks every existing pin first; reuses or refuses
@@ -136,12 +147,14 @@ def _apply(cfg: NodeConfig) -> ApplyResult:
                          if p not in coll.reused_pins and p not in resizer.pins]
         resizer.copy()           # live entries into the new maps, just before the swap
         resizer.save_programs(old.attachments)
-        lxc, host = colls
+        lxc, host = colls[:2]
         if any(p.endswith(lb.SERVICES_MAP) for p in new_pins):
             state.services_path(pin_root).unlink(missing_ok=True)   # describes service maps that are gone
         _sync_endpoints(lxc, cfg)
         plan = [(lxc, ep.ifname, LXC_HOOKS) for ep in cfg.endpoints]
         plan += [(host, dev.ifname, NETDEV_HOOKS) for dev in cfg.devices]
+        if cfg.overlay:
+            plan.append((colls[2], cfg.overlay.device, OVERLAY_HOOKS))
         for coll, ifname, hooks in plan:
             for prog, hook in hooks:
                 existed = any(a.ifname == ifname and a.hook is hook for a in old.attachments)

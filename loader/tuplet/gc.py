@@ -158,8 +158,8 @@ def nat_keys_for(keys: np.ndarray, values: np.ndarray, layout: _Layout) -> np.nd
     own = (keys["flags"] == TUPLE_F_OUT) & ((values[layout.owner_bits] & layout.owner_mask) != 0)
     k = keys[own]
     nat = np.zeros(len(k), layout.key)
-    nat["saddr"], nat["sport"] = k["daddr"], k["sport"]
-    nat["daddr"], nat["dport"] = k["saddr"], k["dport"]
+    nat["saddr"], nat["sport"] = k["saddr"], k["dport"]     # the backend's reply to the original source
+    nat["daddr"], nat["dport"] = k["daddr"], k["sport"]
     nat["nexthdr"], nat["flags"] = k["nexthdr"], TUPLE_F_OUT
     return nat
 

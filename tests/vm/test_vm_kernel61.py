@@ -82,12 +82,16 @@ def test_objects_pass_the_61_verifier(syn_table: bool) -> None:
     assert cfg.conntrack.syn_table is syn_table
     lines = [f"kernel {platform.release()}, syn_table = {str(syn_table).lower()}: "
              "program, verified insns, xlated bytes, jited bytes"]
-    for obj in (datapath.OBJ_LXC, datapath.OBJ_HOST):
-        spec = datapath.open_object(obj, cfg, pin_root=None)   # default sizes: what apply would load
+    # bpf_host.o twice: without an overlay (the DSR branch pruned) and with one (ifindex 1 stands in).
+    for obj, overlay in ((datapath.OBJ_LXC, 0), (datapath.OBJ_HOST, 0), (datapath.OBJ_HOST, 1),
+                         (datapath.OBJ_OVERLAY, 0)):
+        spec = datapath.open_object(obj, cfg, pin_root=None,   # default sizes: what apply would load
+                                    overlay_ifindex=overlay)
         with spec.load() as coll:                              # VerifierError carries the log
             sizes = prog_sizes(coll)
         assert sizes, obj
-        lines += [f"  {obj:12} {name:24} {v:7} {x:7} {j:7}" for name, (v, x, j) in sorted(sizes.items())]
+        label = obj + ("+dsr" if overlay else "")
+        lines += [f"  {label:16} {name:24} {v:7} {x:7} {j:7}" for name, (v, x, j) in sorted(sizes.items())]
     report(lines)
 
 

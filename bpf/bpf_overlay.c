@@ -1,0 +1,57 @@
+// SPDX-License-Identifier: GPL-2.0
+/* Program on the node's collect-metadata Geneve device.
+ *
+ *   cil_from_overlay  Geneve ingress, after the kernel decapsulated: a DSR
+ *                     flow's packets to a pod of this node (CT_EGRESS entry
+ *                     with DSRInternal and the NAT entry for its reply)
+ *
+ * The packet then goes up the stack to the pod, marked as from the tunnel
+ * (the pod-side program gives its CT_INGRESS entry FromTunnel). A Geneve
+ * option that is malformed, unknown with the critical bit, or not alone is
+ * dropped with a counted reason.
+ */
+#include "lib/compiler.h"
+#include "lib/config.h"
+#include "lib/reasons.h"
+#include "lib/metrics.h"
+#include "lib/packet.h"
+#include "lib/endpoint.h"
+#include "lib/conntrack.h"
+#include "lib/nat_map.h"
+#include "lib/lb.h"
+#include "lib/dsr.h"
+#include "lib/nodeport.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+static __always_inline enum tpl_reason overlay_track4(struct __sk_buff *skb)
+{
+	struct pkt4 p = {};
+	int ret = pkt4_parse_l3(skb, &p);
+
+	if (ret == 0)
+		return TPL_PASS_NOT_IPV4;
+	if (ret != 1)
+		return ret;
+	if (p.fragment)
+		return TPL_PASS_FRAGMENT;
+	if (p.proto != IPPROTO_TCP && p.proto != IPPROTO_UDP)
+		return TPL_PASS_OVERLAY_UNTRACKED;
+	ret = pkt4_parse_l4(skb, &p);
+	if (ret)
+		return ret;
+	return overlay_dsr4(skb, &p);
+}
+
+SEC("tc")
+int cil_from_overlay(struct __sk_buff *skb)
+{
+	enum tpl_reason reason = overlay_track4(skb);
+
+	if (reason < TPL_DROP_BASE) {
+		/* The inner frame's destination MAC is the LB node's: take it as ours. */
+		bpf_skb_change_type(skb, PACKET_HOST);
+		skb->mark = TPL_MARK_FROM_TUNNEL;   /* one 32-bit store: the verifier refuses narrower */
+	}
+	return tpl_verdict(skb, reason, TPL_METRIC_NETDEV_INGRESS);
+}
