@@ -24,17 +24,7 @@ char LICENSE[] SEC("license") = "GPL";
 /* Parse; returns 0 with p filled for a TCP/UDP first fragment, else the reason. */
 static __always_inline int netdev_parse4(struct __sk_buff *skb, struct pkt4 *p)
 {
-	int ret = pkt4_parse_l3(skb, p);
-
-	if (ret == 0)
-		return TPL_PASS_NOT_IPV4;
-	if (ret != 1)
-		return ret;
-	if (p->fragment)
-		return TPL_PASS_FRAGMENT;
-	if (p->proto != IPPROTO_TCP && p->proto != IPPROTO_UDP)
-		return TPL_PASS_NETDEV_UNTRACKED;
-	return pkt4_parse_l4(skb, p);
+	return pkt4_parse(skb, p, PKT_PROTO(IPPROTO_TCP) | PKT_PROTO(IPPROTO_UDP), TPL_PASS_NETDEV_UNTRACKED);
 }
 
 SEC("tc")

@@ -33,16 +33,8 @@ static __always_inline enum tpl_reason lxc_track4(struct __sk_buff *skb, enum ct
 	__u16 rev_nat = 0;
 	int ret;
 
-	ret = pkt4_parse_l3(skb, &p);
-	if (ret == 0)
-		return TPL_PASS_NOT_IPV4;
-	if (ret != 1)
-		return ret;
-	if (p.fragment)
-		return TPL_PASS_FRAGMENT;
-	if (p.proto != IPPROTO_TCP && p.proto != IPPROTO_UDP && p.proto != IPPROTO_ICMP)
-		return TPL_PASS_UNTRACKED_PROTO;
-	ret = pkt4_parse_l4(skb, &p);
+	ret = pkt4_parse(skb, &p, PKT_PROTO(IPPROTO_TCP) | PKT_PROTO(IPPROTO_UDP) | PKT_PROTO(IPPROTO_ICMP),
+			 TPL_PASS_UNTRACKED_PROTO);
 	if (ret)
 		return ret;
 

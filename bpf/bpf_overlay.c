@@ -27,17 +27,9 @@ char LICENSE[] SEC("license") = "GPL";
 static __always_inline enum tpl_reason overlay_track4(struct __sk_buff *skb)
 {
 	struct pkt4 p = {};
-	int ret = pkt4_parse_l3(skb, &p);
+	int ret = pkt4_parse(skb, &p, PKT_PROTO(IPPROTO_TCP) | PKT_PROTO(IPPROTO_UDP),
+			     TPL_PASS_OVERLAY_UNTRACKED);
 
-	if (ret == 0)
-		return TPL_PASS_NOT_IPV4;
-	if (ret != 1)
-		return ret;
-	if (p.fragment)
-		return TPL_PASS_FRAGMENT;
-	if (p.proto != IPPROTO_TCP && p.proto != IPPROTO_UDP)
-		return TPL_PASS_OVERLAY_UNTRACKED;
-	ret = pkt4_parse_l4(skb, &p);
 	if (ret)
 		return ret;
 	return overlay_dsr4(skb, &p);

@@ -179,4 +179,27 @@ static __always_inline int pkt4_parse_l4(struct __sk_buff *skb, struct pkt4 *p)
 	return 0;
 }
 
+#define PKT_PROTO(p) (1U << (p))
+
+/* Parse an IPv4 packet up to L4 for a program that tracks the protocols in
+ * `protos` (PKT_PROTO bits). Returns 0 with p filled, else the verdict
+ * reason: not IPv4, a non-first fragment, `untracked` for another protocol,
+ * or a malformed header.
+ */
+static __always_inline int pkt4_parse(struct __sk_buff *skb, struct pkt4 *p, __u32 protos,
+				      enum tpl_reason untracked)
+{
+	int ret = pkt4_parse_l3(skb, p);
+
+	if (ret == 0)
+		return TPL_PASS_NOT_IPV4;
+	if (ret != 1)
+		return ret;
+	if (p->fragment)
+		return TPL_PASS_FRAGMENT;
+	if (p->proto >= 32 || !(protos & PKT_PROTO(p->proto)))
+		return untracked;
+	return pkt4_parse_l4(skb, p);
+}
+
 #endif
