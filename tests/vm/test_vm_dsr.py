@@ -14,6 +14,7 @@ Geneve to node-b, and the reply leaves node-b from VIP:80 straight to the client
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import struct
 import subprocess
@@ -27,20 +28,23 @@ import pytest
 from tuplet import config, ct, datapath, metrics
 from tuplet.bpffs import BPFFS
 from tuplet.ct import NAT_MAP
+from tuplet.gc import CtGc
 from tuplet.layouts import CtTuple4, Nat4Entry, be32_to_ip
 
 pytestmark = pytest.mark.vm
 
 CLIENT, NODE_A, NODE_B, NODE_C = "192.168.50.1", "192.168.50.10", "192.168.50.11", "192.168.50.12"
-POD_B, POD_C = "10.64.1.39", "10.64.2.40"
-VIP = "172.190.0.17"
+POD_A, POD_B, POD_C = "10.64.0.41", "10.64.1.39", "10.64.2.40"
+VIP = "172.190.0.17"       # backend pod-b only
+VIP_SPREAD = "172.190.0.18"   # backends pod-b and pod-c (tcp, udp)
+VIP_LOCAL = "172.190.0.19"    # backend pod-a, on node-a itself (tcp)
 PY = str(Path(__file__).resolve().parents[2] / ".venv" / "bin" / "python")
 
 SERVER = textwrap.dedent("""
     import socket, sys, threading
     def tcp():
         s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("0.0.0.0", 8000)); s.listen(16)
+        s.bind(("0.0.0.0", 8000)); s.listen(64)
         while True:
             c, _ = s.accept()
             def echo(c=c):
@@ -72,7 +76,7 @@ def sysctl(ns: str, **kv: str) -> None:
 class Fabric:
     def __init__(self) -> None:
         tag = uuid.uuid4().hex[:5]
-        self.ns = {n: f"tpl-dsr-{n}-{tag}" for n in ("fab", "client", "a", "b", "c", "podb", "podc")}
+        self.ns = {n: f"tpl-dsr-{n}-{tag}" for n in ("fab", "client", "a", "b", "c", "poda", "podb", "podc")}
         self.pin = {n: f"{BPFFS}/tuplet/test/dsr-{n}-{tag}" for n in ("a", "b", "c")}
         self.procs: list[subprocess.Popen[str]] = []
 
@@ -92,8 +96,9 @@ class Fabric:
             sh(fab, "ip", "link", "set", f"p-{n}", "master", "br0", "up")
             sh(ns, "ip", "addr", "add", f"{addr}/24", "dev", "eth0")
             sh(ns, "ip", "link", "set", "eth0", "up")
-        sh(self.ns["client"], "ip", "route", "add", f"{VIP}/32", "via", NODE_A)
-        for node, pod, addr in (("b", "podb", POD_B), ("c", "podc", POD_C)):
+        for vip in (VIP, VIP_SPREAD, VIP_LOCAL):
+            sh(self.ns["client"], "ip", "route", "add", f"{vip}/32", "via", NODE_A)
+        for node, pod, addr in (("a", "poda", POD_A), ("b", "podb", POD_B), ("c", "podc", POD_C)):
             ns, pns = self.ns[node], self.ns[pod]
             sysctl(ns, net__ipv4__ip_forward="1")
             sh(ns, "ip", "link", "add", f"lxc-{pod}", "type", "veth", "peer", "name", "eth0", "netns", pns)
@@ -106,7 +111,7 @@ class Fabric:
         # node-a: count what comes back from the VIP or the backend (a reply through the LB node).
         # The client's is a control (its flows to the VIP are redirected at tc ingress, before netfilter: a
         # ping shows the counters count).
-        for src in (VIP, POD_B, CLIENT):
+        for src in (VIP, POD_B, CLIENT, VIP_SPREAD, POD_C):
             sh(self.ns["a"], "iptables", "-t", "raw", "-A", "PREROUTING", "-s", src, "-j", "ACCEPT")
 
     def config(self, node: str, pod: tuple[str, str] | None) -> config.NodeConfig:
@@ -144,14 +149,32 @@ class Fabric:
             port = 80
             protocol = "{proto}"
             backends = ["{POD_B}:8000,node={NODE_B}"]
+            [[services]]
+            name = "spread-{proto}"
+            type = "LoadBalancer"
+            address = "{VIP_SPREAD}"
+            port = 80
+            protocol = "{proto}"
+            backends = ["{POD_B}:8000,node={NODE_B}", "{POD_C}:8000,node={NODE_C}"]
+            """
+            text += f"""
+            [[services]]
+            name = "local-tcp"
+            type = "LoadBalancer"
+            address = "{VIP_LOCAL}"
+            port = 80
+            protocol = "tcp"
+            backends = ["{POD_A}:8000"]
             """
         return config.parse(textwrap.dedent(text))
 
-    def start_server(self) -> None:
-        p = subprocess.Popen(["ip", "netns", "exec", self.ns["podb"], PY, "-c", SERVER], stdout=subprocess.PIPE,
-                             text=True)
-        self.procs.append(p)
-        assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+    def start_servers(self) -> None:
+        for pod in ("poda", "podb", "podc"):
+            p = subprocess.Popen(["ip", "netns", "exec", self.ns[pod], PY, "-c", SERVER], stdout=subprocess.PIPE,
+                                 text=True)
+            self.procs.append(p)
+        for p in self.procs:
+            assert p.stdout is not None and p.stdout.readline().strip() == "ready"
 
     def close(self) -> None:
         for p in self.procs:
@@ -169,10 +192,10 @@ def fabric():
     f = Fabric()
     try:
         f.build()
-        datapath.apply(f.config("a", None))
+        datapath.apply(f.config("a", ("poda", POD_A)))
         datapath.apply(f.config("b", ("podb", POD_B)))
         datapath.apply(f.config("c", ("podc", POD_C)))
-        f.start_server()
+        f.start_servers()
         yield f
     finally:
         f.close()
@@ -377,3 +400,189 @@ def test_overlay_device_attached(fabric: Fabric) -> None:
     assert '"external":true' in res.stdout.replace(" ", "")
     res = sh(fabric.ns["b"], "tc", "filter", "show", "dev", "tpl_geneve0", "ingress")
     assert "cil_from_overla" in res.stdout    # tc shows the first 15 characters
+
+
+CLIENT_MANY = textwrap.dedent("""
+    import socket, sys
+    vip, n = sys.argv[1], int(sys.argv[2])
+    conns = [socket.create_connection((vip, 80), timeout=10) for _ in range(n)]
+    for i, s in enumerate(conns):
+        s.sendall(b"req%d" % i)
+    for i, s in enumerate(conns):
+        print(s.getsockname()[1], s.getpeername()[0], s.getpeername()[1], s.recv(100).decode(), flush=True)
+    print("done", flush=True)
+    sys.stdin.readline()
+    for i, s in enumerate(conns):
+        s.sendall(b"bye%d" % i)
+        assert s.recv(100) == b"bye%d" % i
+        s.close()
+    print("closed", flush=True)
+""")
+
+N_TCP = 36
+
+
+def _dsr_flows(pin: str, pod: str, proto: str, sports: set[int]) -> dict[int, dict[str, ct.CtRecord]]:
+    """The client's flows to ``pod`` on one backend node, by source port: direction -> record."""
+    out: dict[int, dict[str, ct.CtRecord]] = {}
+    for r in ct_records(pin):
+        if r.proto == proto and not r.related and r.src[0] == CLIENT and r.src[1] in sports:
+            assert r.dst == (pod, 8000), r.line()
+            out.setdefault(r.src[1], {})[r.direction] = r
+    return out
+
+
+def test_tcp_many_connections_spread_over_two_backend_nodes(fabric: Fabric) -> None:
+    f = fabric
+    before = raw_counts(f.ns["a"])
+    untracked = reasons(f.pin["a"]).get("PASS_NETDEV_UNTRACKED", 0)
+    cl = subprocess.Popen(["ip", "netns", "exec", f.ns["client"], PY, "-c", CLIENT_MANY, VIP_SPREAD, str(N_TCP)],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    f.procs.append(cl)
+    assert cl.stdout is not None and cl.stdin is not None
+    lines = [cl.stdout.readline().split() for _ in range(N_TCP)]
+    assert cl.stdout.readline().strip() == "done", lines
+    sports = {int(sp) for sp, *_ in lines}
+    assert len(sports) == N_TCP
+    for i, (_, peer, pport, echo) in enumerate(lines):   # every connection: VIP:80, its own request echoed
+        assert (peer, int(pport), echo) == (VIP_SPREAD, 80, f"req{i}"), lines[i]
+
+    # Each connection on exactly one backend node, with its DSRInternal/FromTunnel pair and its NAT entry.
+    flows = {"b": _dsr_flows(f.pin["b"], POD_B, "TCP", sports), "c": _dsr_flows(f.pin["c"], POD_C, "TCP", sports)}
+    per_backend = {n: len(v) for n, v in flows.items()}
+    assert set(flows["b"]).isdisjoint(flows["c"]) and sum(per_backend.values()) == N_TCP, per_backend
+    assert per_backend["b"] > 0 and per_backend["c"] > 0, per_backend
+    for n, pod in (("b", POD_B), ("c", POD_C)):
+        nat = nat_entries(f.pin[n])
+        for sport, by in flows[n].items():
+            assert set(by) == {"IN", "OUT"}, {d: r.line() for d, r in by.items()}
+            assert "DSRInternal" in by["OUT"].entry.flag_names and "FromTunnel" in by["IN"].entry.flag_names
+            assert nat.get((pod, 8000, CLIENT, sport, 6)) == (VIP_SPREAD, 80), (n, sport)
+    # node-a: one SVC entry per connection, its backend the one whose node has the flow.
+    svc = {r.src[1]: r for r in ct_records(f.pin["a"])
+           if r.proto == "TCP" and r.direction == "SVC" and r.src[0] == CLIENT and r.src[1] in sports}
+    assert set(svc) == sports and all(r.dst == (VIP_SPREAD, 80) for r in svc.values())
+    ids = {n: {svc[sp].entry.backend_id for sp in flows[n]} for n in flows}
+    assert len(ids["b"]) == len(ids["c"]) == 1 and ids["b"] != ids["c"], ids
+
+    cl.stdin.write("\n")
+    cl.stdin.flush()
+    assert cl.stdout.readline().strip() == "closed"
+    assert cl.wait(timeout=20) == 0
+    time.sleep(0.5)
+    after = raw_counts(f.ns["a"])
+    for src in (VIP_SPREAD, POD_B, POD_C):   # no reply passed node-a
+        assert after[src] == before[src] == 0, after
+    red = reasons(f.pin["a"])
+    assert red.get("PASS_NETDEV_UNTRACKED", 0) == untracked, red
+    print(f"tcp connections per backend node: {per_backend}")
+
+
+CLIENT_UDP_MANY = textwrap.dedent("""
+    import socket, sys
+    vip, base, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    for i in range(n):
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(5); u.bind(("0.0.0.0", base + i))
+        u.sendto(b"u%d" % i, (vip, 80))
+        d, a = u.recvfrom(100)
+        print(base + i, a[0], a[1], d.decode(), flush=True)
+        u.close()
+""")
+
+
+def test_udp_spread_over_two_backend_nodes(fabric: Fabric) -> None:
+    f = fabric
+    base, n = 40200, 24
+    res = sh(f.ns["client"], PY, "-c", CLIENT_UDP_MANY, VIP_SPREAD, str(base), str(n))
+    got = [line.split() for line in res.stdout.splitlines()]
+    assert got == [[str(base + i), VIP_SPREAD, "80", f"u{i}"] for i in range(n)], res.stdout
+    sports = set(range(base, base + n))
+    flows = {"b": _dsr_flows(f.pin["b"], POD_B, "UDP", sports), "c": _dsr_flows(f.pin["c"], POD_C, "UDP", sports)}
+    per_backend = {k: len(v) for k, v in flows.items()}
+    assert set(flows["b"]).isdisjoint(flows["c"]) and sum(per_backend.values()) == n, per_backend
+    assert per_backend["b"] > 0 and per_backend["c"] > 0, per_backend
+    for k, pod in (("b", POD_B), ("c", POD_C)):
+        nat = nat_entries(f.pin[k])
+        for sport, by in flows[k].items():
+            assert set(by) == {"IN", "OUT"} and "DSRInternal" in by["OUT"].entry.flag_names
+            assert nat.get((pod, 8000, CLIENT, sport, 17)) == (VIP_SPREAD, 80)
+    counts = raw_counts(f.ns["a"])
+    assert counts[VIP_SPREAD] == counts[POD_B] == counts[POD_C] == 0, counts
+    print(f"udp flows per backend node: {per_backend}")
+
+
+def test_local_backend_on_the_lb_node(fabric: Fabric) -> None:
+    f = fabric
+    redirects = reasons(f.pin["a"]).get("PASS_DSR_REDIRECT", 0)
+    cl = subprocess.Popen(["ip", "netns", "exec", f.ns["client"], PY, "-c", CLIENT_TCP, VIP_LOCAL],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    f.procs.append(cl)
+    assert cl.stdout is not None and cl.stdin is not None
+    sport, peer, pport = cl.stdout.readline().split()
+    sport = int(sport)
+    assert (peer, int(pport)) == (VIP_LOCAL, 80)
+    assert cl.stdout.readline().strip() == "hello"
+    # As a local NodePort/LB backend: SVC client -> VIP:80; OUT client -> pod with NodePort, the service's
+    # RevNAT and the NIC's ifindex (the reply's rev-NAT on the way out); the pod's IN entry and its related
+    # ICMP twin; nothing of DSR.
+    eth0 = json.loads(sh(f.ns["a"], "ip", "-j", "link", "show", "eth0").stdout)[0]["ifindex"]
+    a = ct_records(f.pin["a"])
+    mine = {(r.proto, r.direction, r.related): r for r in a if r.src[0] == CLIENT and r.src[1] in (sport, 0)
+            and r.dst[0] in (VIP_LOCAL, POD_A)}
+    lines = [r.line() for r in mine.values()]
+    assert set(mine) == {("TCP", "SVC", False), ("TCP", "OUT", False), ("TCP", "IN", False),
+                         ("ICMP", "IN", True)}, lines
+    svc, out, inn = mine["TCP", "SVC", False], mine["TCP", "OUT", False], mine["TCP", "IN", False]
+    assert svc.dst == (VIP_LOCAL, 80) and svc.entry.backend_id and svc.entry.rev_nat_index, lines
+    assert out.dst == inn.dst == (POD_A, 8000), lines
+    assert "NodePort" in out.entry.flag_names and out.entry.rev_nat_index == svc.entry.rev_nat_index, lines
+    assert out.entry.ifindex == eth0, lines
+    assert inn.entry.rev_nat_index == 0 and "NodePort" not in inn.entry.flag_names, lines
+    for r in mine.values():
+        assert not {"DSRInternal", "FromTunnel"} & set(r.entry.flag_names), r.line()
+    cl.stdin.write("\n")
+    cl.stdin.flush()
+    assert cl.stdout.readline().strip() == "again"
+    assert cl.wait(timeout=10) == 0
+    assert reasons(f.pin["a"]).get("PASS_DSR_REDIRECT", 0) == redirects   # no Geneve for a local backend
+    for n in ("b", "c"):
+        assert not [r for r in ct_records(f.pin[n]) if r.src == (CLIENT, sport)]
+
+
+def test_nat_entry_lives_with_the_connection_and_goes_with_gc(fabric: Fabric) -> None:
+    f = fabric
+    cl = subprocess.Popen(["ip", "netns", "exec", f.ns["client"], PY, "-c", CLIENT_TCP, VIP],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    f.procs.append(cl)
+    assert cl.stdout is not None and cl.stdin is not None
+    sport = int(cl.stdout.readline().split()[0])
+    assert cl.stdout.readline().strip() == "hello"
+    key = (POD_B, 8000, CLIENT, sport, 6)
+
+    def mine() -> list[ct.CtRecord]:
+        return [r for r in ct_records(f.pin["b"]) if r.src == (CLIENT, sport)]
+
+    with contextlib.ExitStack() as st:
+        maps = [st.enter_context(datapath.open_pinned(f.pin["b"], name)) for name in ct.CT_MAPS]
+        nat = st.enter_context(datapath.open_pinned(f.pin["b"], NAT_MAP))
+        with CtGc(maps, nat=nat) as g:
+            # A pass now, while the connection lives: the entries and the NAT entry stay.
+            g.run()
+            assert len(mine()) == 2 and nat_entries(f.pin["b"]).get(key) == (VIP, 80)
+            cl.stdin.write("\n")
+            cl.stdin.flush()
+            assert cl.stdout.readline().strip() == "again"
+            assert cl.wait(timeout=10) == 0
+            time.sleep(0.5)
+            closed = mine()
+            assert len(closed) == 2 and all("RxClosing" in r.entry.flag_names for r in closed)
+            assert nat_entries(f.pin["b"]).get(key) == (VIP, 80)   # closed, not expired yet
+            g.run()
+            assert len(mine()) == 2 and nat_entries(f.pin["b"]).get(key) == (VIP, 80)
+            # Past the closing timeout (the datapath's clock is CLOCK_MONOTONIC seconds, no offset on
+            # pinned objects): a pass deletes both entries and the NAT entry the DSRInternal one owns.
+            last = max(r.entry.lifetime for r in closed)
+            res = g.run(now=last + 1)
+    assert res.nat_deleted >= 1, res
+    assert not mine(), [r.line() for r in mine()]
+    assert key not in nat_entries(f.pin["b"])
