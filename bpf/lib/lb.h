@@ -133,8 +133,9 @@ static __always_inline bool lb4_rebalance_due(const struct ct_entry *e, __u32 no
 /* Steer p's packet to a backend of svc: find or create the flow's CT_SERVICE
  * entry (client tuple to the service address, holding backend id and
  * rev-NAT index), choose a backend for a new flow, a reopened flow past the
- * grace, or a flow whose backend is gone, then DNAT. With local_only, a
- * backend on another node is refused (no DSR yet) before any state is made.
+ * grace, or a flow whose backend is gone, then DNAT. With local_only (a node
+ * without [overlay], so no DSR), a backend on another node is refused before
+ * any state is made.
  * Returns 0 or a drop reason; *be gets the backend.
  */
 static __always_inline int lb4_local(struct __sk_buff *skb, struct pkt4 *p, const struct lb4_key *key,
