@@ -80,7 +80,7 @@ test-host: build venv $(BUILD)/loadgen $(BUILD)/synflood
 	$(VENV_PY) -m pytest $(PYTEST_ARGS)
 
 demo: build venv
-	$(VENV)/bin/tuplet-demo
+	$(VENV_PY) -m tuplet.lab.demo
 
 bench: build venv
 	$(VENV_PY) bench/datapath.py
@@ -114,6 +114,7 @@ install: build | $(BUILD)/.deps
 	$(Q)install -m 0644 $(BPF_PROGS) $(LIBDIR)/bpf/
 	$(Q)install -m 0644 README.md $(LIBDIR)/README.md
 	$(Q)[ -x $(LIBDIR)/venv/bin/python ] || $(PYTHON) -m venv $(LIBDIR)/venv
+	$(Q)rm -rf $(BUILD)/lib $(BUILD)/bdist.*   # setuptools' staging: stale modules would be installed too
 	$(Q)$(LIBDIR)/venv/bin/python -m pip install -q --disable-pip-version-check -c requirements.txt .
 	$(Q)ln -sf $(LIBDIR)/venv/bin/tuplet $(PREFIX)/bin/tuplet
 	$(Q)sed -e 's,@BINDIR@,$(PREFIX)/bin,g' -e 's,@OBJDIR@,$(LIBDIR)/bpf,g' -e 's,@DOCDIR@,$(LIBDIR),g' \

@@ -21,10 +21,12 @@ sys.path.insert(0, str(ROOT / "loader"))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from lxc_harness import tcp, udp  # noqa: E402
-from tuplet import log  # noqa: E402
-from tuplet.config import NodeConfig  # noqa: E402
-from tuplet.datapath import OBJ_LXC, object_dir, open_object  # noqa: E402
-from tuplet.objects import ObjectSpec  # noqa: E402
+from tuplet.agent import log  # noqa: E402
+from tuplet.bpf.objects import ObjectSpec  # noqa: E402
+from tuplet.datapath.abi import OBJ_LXC  # noqa: E402
+from tuplet.datapath.paths import object_dir  # noqa: E402
+from tuplet.node.apply import open_object  # noqa: E402
+from tuplet.node.config import NodeConfig  # noqa: E402
 
 A, B = "10.64.0.36", "10.64.0.64"
 

@@ -73,9 +73,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "loader"))
 
 import report  # noqa: E402  (bench/report.py)
-from tuplet import config, ct, datapath, log, metrics  # noqa: E402
-from tuplet.netns import enter, sysctl  # noqa: E402
-from tuplet.topology import External, Node, Pod, Topology  # noqa: E402
+from tuplet.agent import log  # noqa: E402
+from tuplet.conntrack import records as ct  # noqa: E402
+from tuplet.datapath import (
+    abi,
+    metrics,  # noqa: E402
+    paths,
+)
+from tuplet.lab.topology import External, Node, Pod, Topology  # noqa: E402
+from tuplet.node import apply as node_apply
+from tuplet.node import config  # noqa: E402
+from tuplet.node.netns import enter, sysctl  # noqa: E402
 
 CLIENT, SERVER, PORT = "10.64.0.36", "10.64.0.64", 8000
 EXT_IP, NODE_EXT_IP = "192.168.77.2", "192.168.77.1"
@@ -329,7 +337,7 @@ def tuplet_entries(pin_root: str, ports: list[int]) -> dict[int, Tracked]:
     """The entries in ``tpl_ct4_v1`` of the connections CLIENT:port -> SERVER:PORT."""
     want = set(ports)
     found: dict[tuple[int, str], ct.CtRecord] = {}
-    with datapath.open_pinned(pin_root, ct.CT_MAP_TCP) as m:
+    with paths.open_pinned(pin_root, abi.CT_MAP_TCP) as m:
         for r in ct.records(m):
             if r.src[0] == CLIENT and r.src[1] in want and r.dst == (SERVER, PORT) and not r.related:
                 found[(r.src[1], r.direction)] = r
@@ -350,15 +358,15 @@ def original(before: Tracked, after: Tracked) -> bool:
 
 def tuplet_ingress(pin_root: str) -> dict[str, int]:
     """Packets tuplet's pod programs counted, by direction/reason."""
-    obj = str(datapath.object_dir() / datapath.OBJ_LXC)
-    with datapath.open_pinned(pin_root, datapath.METRICS_MAP) as m:
+    obj = str(paths.object_dir() / abi.OBJ_LXC)
+    with paths.open_pinned(pin_root, abi.METRICS_MAP) as m:
         return {f"{c.direction}/{c.reason}": c.packets
                 for c in metrics.read(m, metrics.reason_names(obj), metrics.direction_names(obj))}
 
 
 def map_entries(pin_root: str, name: str) -> int | None:
     try:
-        with datapath.open_pinned(pin_root, name) as m:
+        with paths.open_pinned(pin_root, name) as m:
             return sum(1 for _ in m.keys())
     except Exception:   # noqa: BLE001 - not there (the BPF side without it)
         return None
@@ -483,7 +491,7 @@ def run_mode(mode: str, args: argparse.Namespace, prefix: str, seed: int,
     flood_n = args.factor * args.tcp_max
     with Bed(prefix) as bed, contextlib.ExitStack() as stack:
         if mode.startswith("tuplet"):
-            datapath.apply(tuplet_config(bed, pin_root, args.tcp_max, args.syn_max, mode == "tuplet-syn"))
+            node_apply.apply(tuplet_config(bed, pin_root, args.tcp_max, args.syn_max, mode == "tuplet-syn"))
             stack.callback(_tuplet_down, pin_root)
         else:
             stack.enter_context(global_conntrack_max(args.tcp_max))
@@ -533,8 +541,8 @@ def run_mode(mode: str, args: argparse.Namespace, prefix: str, seed: int,
             delta = {k: v - m0.get(k, 0) for k, v in counts.items() if v != m0.get(k, 0)}
             res.reached_tracker = sum(v for k, v in delta.items() if k.startswith("ingress/"))
             res.detail["tuplet_counters"] = delta
-            res.detail["tcp_table_entries"] = map_entries(pin_root, ct.CT_MAP_TCP)
-            res.detail["syn_table_entries"] = map_entries(pin_root, ct.CT_MAP_SYN)
+            res.detail["tcp_table_entries"] = map_entries(pin_root, abi.CT_MAP_TCP)
+            res.detail["syn_table_entries"] = map_entries(pin_root, abi.CT_MAP_SYN)
             drops = {k: v for k, v in delta.items() if "/DROP_" in k}
             if drops:
                 note(f"{mode}: tuplet drops during the flood: {drops}")
@@ -581,7 +589,7 @@ def run_mode(mode: str, args: argparse.Namespace, prefix: str, seed: int,
 
 
 def _tuplet_down(pin_root: str) -> None:
-    datapath.teardown(pin_root)
+    node_apply.teardown(pin_root)
     with contextlib.suppress(OSError):      # the bench directory, once no other run uses it
         os.rmdir(os.path.dirname(pin_root))
 

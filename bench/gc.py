@@ -30,13 +30,17 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "loader"))
 
-from tuplet import _libbpf as C  # noqa: E402
-from tuplet import log  # noqa: E402
-from tuplet.config import NodeConfig  # noqa: E402
-from tuplet.ct import CT_MAP_TCP, monotonic_now  # noqa: E402
-from tuplet.datapath import OBJ_LXC, open_object  # noqa: E402
-from tuplet.gc import CtGc, Method, value_dtype  # noqa: E402
-from tuplet.maps import Map  # noqa: E402
+from tuplet.agent import log  # noqa: E402
+from tuplet.bpf import _libbpf as C  # noqa: E402
+from tuplet.bpf.maps import Map  # noqa: E402
+from tuplet.conntrack.gc import CtGc, Method, value_dtype  # noqa: E402
+from tuplet.datapath.abi import (
+    CT_MAP_TCP,  # noqa: E402
+    OBJ_LXC,  # noqa: E402
+)
+from tuplet.datapath.clock import monotonic_now  # noqa: E402
+from tuplet.node.apply import open_object  # noqa: E402
+from tuplet.node.config import NodeConfig  # noqa: E402
 
 KEY = np.dtype([("daddr", "<u4"), ("saddr", "<u4"), ("dport", "<u2"), ("sport", "<u2"),
                 ("nexthdr", "u1"), ("flags", "u1")])

@@ -30,9 +30,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "loader"))
 
-from tuplet import config, ct, datapath, log  # noqa: E402
-from tuplet.layouts import CtEntry  # noqa: E402
-from tuplet.maps import Map  # noqa: E402
+from tuplet.agent import log  # noqa: E402
+from tuplet.bpf.maps import Map  # noqa: E402
+from tuplet.datapath import abi
+from tuplet.datapath.layouts import CtEntry  # noqa: E402
+from tuplet.node import apply as node_apply
+from tuplet.node import config  # noqa: E402
 
 BENCH_DIR = "/sys/fs/bpf/tuplet/bench"
 
@@ -59,18 +62,18 @@ def fill(m: Map, n: int) -> None:
 def one_case(n: int, old: int, new: int) -> tuple[str, bool]:
     pin_root = f"{BENCH_DIR}/resize-{os.getpid()}"
     try:
-        datapath.apply(node_config(pin_root, old))
-        with Map.from_pin(f"{pin_root}/{ct.CT_MAP_TCP}") as m:
+        node_apply.apply(node_config(pin_root, old))
+        with Map.from_pin(f"{pin_root}/{abi.CT_MAP_TCP}") as m:
             fill(m, n)
             live = m.count()
         t = time.perf_counter()
-        datapath.apply(node_config(pin_root, old))
+        node_apply.apply(node_config(pin_root, old))
         reload = time.perf_counter() - t
         t = time.perf_counter()
-        res = datapath.apply(node_config(pin_root, new))
+        res = node_apply.apply(node_config(pin_root, new))
         total = time.perf_counter() - t
-        r = next(x for x in res.resized if x.map == ct.CT_MAP_TCP)
-        with Map.from_pin(f"{pin_root}/{ct.CT_MAP_TCP}") as m:
+        r = next(x for x in res.resized if x.map == abi.CT_MAP_TCP)
+        with Map.from_pin(f"{pin_root}/{abi.CT_MAP_TCP}") as m:
             after = m.count()
         # Everything fits: every entry is copied. It does not: the LRU map may hold a little
         # less than max_entries (per-CPU free lists), so at least 95% of it, the rest dropped.
@@ -82,7 +85,7 @@ def one_case(n: int, old: int, new: int) -> tuple[str, bool]:
                 + ("" if ok else f"  FAILED: {after:,} in the new map"))
         return line, ok
     finally:
-        datapath.teardown(pin_root)
+        node_apply.teardown(pin_root)
         with contextlib.suppress(OSError):
             os.rmdir(BENCH_DIR)
 

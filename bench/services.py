@@ -19,7 +19,7 @@ client pod runs ``build/loadgen crr|rr|udp_rr`` against:
             (nothing is masqueraded for pod-to-service traffic). nf_conntrack tracks the
             connections. Only the nat table is modelled: kube-proxy's filter-table rules
             (KUBE-FORWARD, KUBE-FIREWALL...) would add to this mode's cost.
-  tuplet    the same ClusterIP in tuplet's datapath (``datapath.apply``), no nat table.
+  tuplet    the same ClusterIP in tuplet's datapath (``node_apply.apply``), no nat table.
 
 Switching modes: the nat table is deleted (``nft delete table ip nat`` with the nf_tables
 backend, so conntrack is not even hooked in direct and tuplet mode) and nf_conntrack is
@@ -81,10 +81,18 @@ sys.path.insert(0, str(ROOT / "loader"))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import report  # noqa: E402  (bench/report.py)
-from tuplet import config, ct, datapath, log, metrics  # noqa: E402
-from tuplet.layouts import TUPLE_F_SERVICE, CtTuple4  # noqa: E402
-from tuplet.netns import enter, sysctl  # noqa: E402
-from tuplet.topology import Node, Pod, Topology  # noqa: E402
+from tuplet.agent import log  # noqa: E402
+from tuplet.datapath import (
+    abi,
+    metrics,  # noqa: E402
+    paths,
+)
+from tuplet.datapath.abi import TUPLE_F_SERVICE  # noqa: E402
+from tuplet.datapath.layouts import CtTuple4  # noqa: E402
+from tuplet.lab.topology import Node, Pod, Topology  # noqa: E402
+from tuplet.node import apply as node_apply
+from tuplet.node import config  # noqa: E402
+from tuplet.node.netns import enter, sysctl  # noqa: E402
 
 CLIENT, BACK1, BACK2 = "10.64.0.36", "10.64.0.98", "10.64.0.64"
 BACKENDS = (BACK1, BACK2)
@@ -230,8 +238,8 @@ def node_config(node: Node, pods: dict[str, Pod], protos: tuple[str, ...]) -> co
 
 def tuplet_ct_service_entries() -> dict[str, int]:
     out: dict[str, int] = {}
-    for name in ct.CT_MAPS:
-        with datapath.open_pinned(PIN_ROOT, name) as m:
+    for name in abi.CT_MAPS:
+        with paths.open_pinned(PIN_ROOT, name) as m:
             out[name] = sum(1 for k in m.keys() if CtTuple4.from_buffer_copy(k).flags & TUPLE_F_SERVICE)
     return out
 
@@ -239,15 +247,15 @@ def tuplet_ct_service_entries() -> dict[str, int]:
 def tuplet_new_connections() -> int:
     """Connections tuplet set up: new tuples, and tuples reused while their CT entry was closing
     (CRR cycles through the client's ports faster than closed entries expire)."""
-    obj = str(datapath.object_dir() / datapath.OBJ_LXC)
-    with datapath.open_pinned(PIN_ROOT, datapath.METRICS_MAP) as m:
+    obj = str(paths.object_dir() / abi.OBJ_LXC)
+    with paths.open_pinned(PIN_ROOT, abi.METRICS_MAP) as m:
         return sum(c.packets for c in metrics.read(m, metrics.reason_names(obj), metrics.direction_names(obj))
                    if c.reason in ("PASS_CT_NEW", "PASS_CT_REOPENED") and c.direction == "egress")
 
 
 def tuplet_drops() -> dict[str, int]:
-    obj = str(datapath.object_dir() / datapath.OBJ_LXC)
-    with datapath.open_pinned(PIN_ROOT, datapath.METRICS_MAP) as m:
+    obj = str(paths.object_dir() / abi.OBJ_LXC)
+    with paths.open_pinned(PIN_ROOT, abi.METRICS_MAP) as m:
         return {f"{c.direction}/{c.reason}": c.packets
                 for c in metrics.read(m, metrics.reason_names(obj), metrics.direction_names(obj)) if c.dropped}
 
@@ -367,7 +375,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             try:
                 nat_remove(t, node)
             finally:
-                datapath.teardown(PIN_ROOT)
+                node_apply.teardown(PIN_ROOT)
     info["stats"] = stats
     info["metrics"] = metrics_run
     return info
@@ -382,9 +390,9 @@ def one_mode(t: Topology, node: Node, client: Pod, servers: list[Server], setup:
         if mode == "iptables":
             nat_install(t, node, protos)
         elif mode == "tuplet":
-            datapath.apply(setup)
+            node_apply.apply(setup)
         elif mode == LRU_MODE:
-            datapath.apply(dataclasses.replace(
+            node_apply.apply(dataclasses.replace(
                 setup, conntrack=dataclasses.replace(setup.conntrack, syn_table=False)))
         kube = "KUBE-" in nat_rules(t, node)
         pinned = os.path.exists(PIN_ROOT)
@@ -431,13 +439,13 @@ def one_mode(t: Topology, node: Node, client: Pod, servers: list[Server], setup:
             svc = tuplet_ct_service_entries()
             new = tuplet_new_connections()
             drops = tuplet_drops()
-            if svc[ct.CT_MAP_TCP] == 0:
+            if svc[abi.CT_MAP_TCP] == 0:
                 st.failures.append(f"no TCP service entries in tuplet's CT: {svc}")
-            if "udp_rr" in metrics_run and svc[ct.CT_MAP_ANY] == 0:
+            if "udp_rr" in metrics_run and svc[abi.CT_MAP_ANY] == 0:
                 st.failures.append(f"no UDP service entries in tuplet's CT: {svc}")
             if new < done["crr"]:
                 st.failures.append(f"tuplet counted {new} new connections, CRR completed {done['crr']}")
-            st.checks.append(f"SVC CT entries tcp={svc[ct.CT_MAP_TCP]} any={svc[ct.CT_MAP_ANY]}, "
+            st.checks.append(f"SVC CT entries tcp={svc[abi.CT_MAP_TCP]} any={svc[abi.CT_MAP_ANY]}, "
                              f"new connections {new} (CRR {done['crr']}), drops {drops or 0}")
             if drops:
                 log_note(f"tuplet drops in this round: {drops}")
@@ -446,7 +454,7 @@ def one_mode(t: Topology, node: Node, client: Pod, servers: list[Server], setup:
         if mode == "iptables":
             nat_remove(t, node)
         elif mode.startswith("tuplet"):
-            datapath.teardown(PIN_ROOT)
+            node_apply.teardown(PIN_ROOT)
             with contextlib.suppress(OSError):   # the bench directory, once no other run uses it
                 os.rmdir(os.path.dirname(PIN_ROOT))
 

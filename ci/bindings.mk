@@ -1,5 +1,5 @@
 # ctypes bindings for the system libbpf; included from the top-level Makefile.
-# Regenerates loader/tuplet/_libbpf.py (tests/test_bindings.py checks for drift).
+# Regenerates loader/tuplet/bpf/_libbpf.py (tests/test_bindings.py checks for drift).
 VENV_PY ?= .venv/bin/python
 
 .PHONY: bindings

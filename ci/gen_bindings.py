@@ -2,7 +2,7 @@
 """Generate ctypes bindings for the system libbpf.
 
 Parses <bpf/libbpf.h>, <bpf/bpf.h> and <bpf/btf.h> with libclang and writes
-``loader/tuplet/_libbpf.py``: enum constants, integer macros, one ctypes
+``loader/tuplet/bpf/_libbpf.py``: enum constants, integer macros, one ctypes
 Structure/Union per reachable C record, callback typedefs and the
 restype/argtypes of every ``LIBBPF_API`` function exported by libbpf.so.1.
 
@@ -32,7 +32,7 @@ TK = ci.TypeKind
 CK = ci.CursorKind
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUTPUT = REPO_ROOT / "loader" / "tuplet" / "_libbpf.py"
+DEFAULT_OUTPUT = REPO_ROOT / "loader" / "tuplet" / "bpf" / "_libbpf.py"
 SONAME = "libbpf.so.1"
 SYS_INCLUDE = Path("/usr/include")
 LIBBPF_DIR = str(SYS_INCLUDE / "bpf") + "/"

@@ -11,10 +11,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "loader"))
 
-from tuplet import bpffs  # noqa: E402
-from tuplet.datapath import object_dir  # noqa: E402
-
 from lxc_harness import LxcHarness  # noqa: E402
+from tuplet.bpf import bpffs  # noqa: E402
+from tuplet.datapath.paths import object_dir  # noqa: E402
 
 TEST_PIN_BASE = "/sys/fs/bpf/tuplet/test"
 

@@ -6,16 +6,19 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from lxc_harness import MAC_A, MAC_B, LxcHarness, Verdict
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 from scapy.packet import Packet, Raw
 
-from tuplet import maglev, metrics
-from tuplet.config import NodeConfig
-from tuplet.datapath import OBJ_HOST, OBJ_LXC, object_dir, open_object
-from tuplet.layouts import ip_to_be32
-from tuplet.objects import Collection
+from lxc_harness import MAC_A, MAC_B, LxcHarness, Verdict
+from tuplet.bpf.objects import Collection
+from tuplet.datapath import metrics
+from tuplet.datapath.abi import OBJ_HOST, OBJ_LXC
+from tuplet.datapath.layouts import ip_to_be32
+from tuplet.datapath.paths import object_dir
+from tuplet.lb import maglev
+from tuplet.node.apply import open_object
+from tuplet.node.config import NodeConfig
 
 SERVICES = "tpl_lb4_services_v1"
 BACKENDS = "tpl_lb4_backends_v1"
@@ -121,9 +124,9 @@ class LbHarness(LxcHarness):
     def _inner_map(self, ids: list[int]):
         import ctypes
 
-        from tuplet import _libbpf as C
-        from tuplet.libbpf import check, opts
-        from tuplet.maps import Map
+        from tuplet.bpf import _libbpf as C
+        from tuplet.bpf.libbpf import check, opts
+        from tuplet.bpf.maps import Map
 
         o = opts(C.bpf_map_create_opts, map_flags=4096)
         fd = check(C.bpf_map_create(C.BPF_MAP_TYPE_ARRAY, b"test_maglev", 4, 4, len(ids), ctypes.byref(o)),

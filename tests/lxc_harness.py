@@ -7,12 +7,14 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.l2 import Ether
 from scapy.packet import Packet, Raw
 
-from tuplet import metrics
-from tuplet.config import NodeConfig
-from tuplet.ct import CT_MAP_ANY, CT_MAP_SYN, CT_MAP_TCP, NAT_MAP, CtRecord, records
-from tuplet.datapath import EP_MAP, METRICS_MAP, OBJ_LXC, object_dir, open_object
-from tuplet.layouts import CtEntry, CtTuple4, EndpointInfo, ip_to_be32
-from tuplet.objects import Collection
+from tuplet.bpf.objects import Collection
+from tuplet.conntrack.records import CtRecord, records
+from tuplet.datapath import metrics
+from tuplet.datapath.abi import CT_MAP_ANY, CT_MAP_SYN, CT_MAP_TCP, EP_MAP, METRICS_MAP, NAT_MAP, OBJ_LXC
+from tuplet.datapath.layouts import CtEntry, CtTuple4, EndpointInfo, ip_to_be32
+from tuplet.datapath.paths import object_dir
+from tuplet.node.apply import open_object
+from tuplet.node.config import NodeConfig
 
 TC_ACT_OK = 0
 TC_ACT_SHOT = 2

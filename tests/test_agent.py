@@ -15,11 +15,14 @@ import pytest
 
 from agent_harness import AgentProc
 from traffic import LiveConnection, start_server
-from tuplet import agent as agentmod
-from tuplet import ct, datapath, state
-from tuplet.links import pinned_link_prog_id
-from tuplet.maps import Map
-from tuplet.topology import Topology
+from tuplet.agent import service as agentmod
+from tuplet.bpf.links import pinned_link_prog_id
+from tuplet.bpf.maps import Map
+from tuplet.conntrack import records as ct
+from tuplet.datapath import abi, paths
+from tuplet.lab.topology import Topology
+from tuplet.node import apply as node_apply
+from tuplet.node import state
 
 pytestmark = pytest.mark.netns
 
@@ -54,11 +57,11 @@ def agents(tmp_path, pin_root):
     yield start
     for a in made:
         a.close()
-    datapath.teardown(pin_root)
+    node_apply.teardown(pin_root)
 
 
 def ct_entry_of(pin_root: str, sport: int):
-    with datapath.open_pinned(pin_root, ct.CT_MAP_TCP) as m:
+    with paths.open_pinned(pin_root, abi.CT_MAP_TCP) as m:
         hits = [r for r in ct.records(m) if r.direction == "OUT" and r.src[1] == sport]
     return hits[0] if hits else None
 
@@ -77,8 +80,8 @@ def test_ready_watchdog_metrics_reload_and_stop(topo, agents, pin_root, tmp_path
     assert conn.roundtrip("one") == "one"
 
     m = a.scrape()
-    assert m[("tuplet_bpf_map_capacity", (("map_name", ct.CT_MAP_TCP),))] == 8192
-    assert m[("tuplet_bpf_map_entries", (("map_name", ct.CT_MAP_TCP),))] >= 2
+    assert m[("tuplet_bpf_map_capacity", (("map_name", abi.CT_MAP_TCP),))] == 8192
+    assert m[("tuplet_bpf_map_entries", (("map_name", abi.CT_MAP_TCP),))] >= 2
     assert any(n == "tuplet_datapath_conntrack_gc_runs_total" and v >= 1 for (n, _), v in m.items())
 
     # `tuplet status` sees the agent.
@@ -129,7 +132,7 @@ def test_sigkill_restart_loses_no_entry_and_no_packet(topo, agents, pin_root, tm
     conn = LiveConnection(topo, topo.p1, POD2, 8000)
     assert conn.roundtrip("hello") == "hello"
     before = ct_entry_of(pin_root, conn.sport)
-    map_id = Map.from_pin(f"{pin_root}/{ct.CT_MAP_TCP}").info.id
+    map_id = Map.from_pin(f"{pin_root}/{abi.CT_MAP_TCP}").info.id
     links = sorted(os.listdir(f"{pin_root}/links"))
     progs = {n: pinned_link_prog_id(f"{pin_root}/links/{n}") for n in links}
 
@@ -158,7 +161,7 @@ def test_sigkill_restart_loses_no_entry_and_no_packet(topo, agents, pin_root, tm
         t.join()
     assert answers and set(answers) == {"ok"}, answers.count("bad")
     assert drops(second) == 0
-    assert Map.from_pin(f"{pin_root}/{ct.CT_MAP_TCP}").info.id == map_id      # the same table, adopted
+    assert Map.from_pin(f"{pin_root}/{abi.CT_MAP_TCP}").info.id == map_id      # the same table, adopted
     assert sorted(os.listdir(f"{pin_root}/links")) == links
     # Same links, new programs: this build's, swapped in through the links.
     assert all(pinned_link_prog_id(f"{pin_root}/links/{n}") not in (0, progs[n]) for n in links)
@@ -191,7 +194,7 @@ def test_reload_resizes_tables_under_live_connections(topo, agents, pin_root, tm
     a.wait_for("READY=1")
     conns = [LiveConnection(topo, topo.p1, POD2, 8000) for _ in range(4)]
     assert all(c.roundtrip("x") == "x" for c in conns)
-    cap = ("tuplet_bpf_map_capacity", (("map_name", ct.CT_MAP_TCP),))
+    cap = ("tuplet_bpf_map_capacity", (("map_name", abi.CT_MAP_TCP),))
     for size in (32768, 4096):
         cfg.write_text(config_text(topo, pin_root, tcp_max=size))
         a.proc.send_signal(signal.SIGHUP)
@@ -199,8 +202,8 @@ def test_reload_resizes_tables_under_live_connections(topo, agents, pin_root, tm
         done = [e for e in a.events() if e.get("event") == "reloaded"][-1]
         # The handshake table's default size follows (an eighth of the TCP table, 1024 at least).
         assert sorted((r["map"], r["new_entries"], r["dropped"]) for r in done["resized"]) == \
-            sorted([(ct.CT_MAP_TCP, size, 0), (ct.CT_MAP_SYN, max(1024, size // 8), 0)])
-        assert Map.from_pin(f"{pin_root}/{ct.CT_MAP_TCP}").info.max_entries == size
+            sorted([(abi.CT_MAP_TCP, size, 0), (abi.CT_MAP_SYN, max(1024, size // 8), 0)])
+        assert Map.from_pin(f"{pin_root}/{abi.CT_MAP_TCP}").info.max_entries == size
         assert all(c.roundtrip(f"after {size}") == f"after {size}" for c in conns)
         assert all(ct_entry_of(pin_root, c.sport) is not None for c in conns)
         assert a.scrape()[cap] == size            # metrics follow the new map behind the pin

@@ -10,13 +10,15 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tuplet import _libbpf as C
-from tuplet import cli, config, datapath, state
-from tuplet.ct import CT_MAP_ANY, CT_MAP_SYN, CT_MAP_TCP, NAT_MAP
-from tuplet.errors import IncompatiblePinError
-from tuplet.layouts import CtTuple4, Nat4Entry
-from tuplet.maps import Map
-from tuplet.sizing import CT_ANY_MIN, CT_TCP_MIN, GIB, NAT_MIN, Sizing
+from tuplet.bpf import _libbpf as C
+from tuplet.bpf.maps import Map
+from tuplet.cli import main as cli
+from tuplet.conntrack.sizing import CT_ANY_MIN, CT_TCP_MIN, GIB, NAT_MIN, Sizing
+from tuplet.core.errors import IncompatiblePinError
+from tuplet.datapath.abi import CT_MAP_ANY, CT_MAP_SYN, CT_MAP_TCP, NAT_MAP
+from tuplet.datapath.layouts import CtTuple4, Nat4Entry
+from tuplet.node import apply as node_apply
+from tuplet.node import config, state
 
 Apply = Callable[[str], config.NodeConfig]
 
@@ -29,11 +31,11 @@ def text(pin_root: str, conntrack: str) -> str:
 def applied(pin_root: str) -> Iterator[Apply]:
     def apply(conntrack: str) -> config.NodeConfig:
         cfg = config.parse(text(pin_root, conntrack))
-        datapath.apply(cfg)
+        node_apply.apply(cfg)
         return cfg
 
     yield apply
-    datapath.teardown(pin_root)   # also after a failed re-apply: the first one pinned
+    node_apply.teardown(pin_root)   # also after a failed re-apply: the first one pinned
 
 
 def pinned_sizes(pin_root: str) -> tuple[int, int, int]:
@@ -157,7 +159,7 @@ def test_cli_flags_size_the_maps_and_status_shows_them(pin_root: str, tmp_path, 
         assert {t["map"]: t["max_entries"] for t in doc["tables"]} == {
             CT_MAP_TCP: 4096, CT_MAP_ANY: 1024, CT_MAP_SYN: 1024, NAT_MAP: 2048}
     finally:
-        datapath.teardown(pin_root)
+        node_apply.teardown(pin_root)
 
 
 def test_bad_flag_exits_2_naming_it_and_changes_nothing(pin_root: str, tmp_path, capsys) -> None:

@@ -15,14 +15,17 @@ import pytest
 from structlog.testing import capture_logs
 
 from agent_harness import AgentProc
-from tuplet import config, ct, datapath, pressure
-from tuplet.ct import CT_MAP_ANY, CT_MAP_SYN, CT_MAP_TCP, NAT_MAP
-from tuplet.gc import GcResult, MapGcStats
-from tuplet.gc_runner import GcRunner
-from tuplet.gc_schedule import FLOOR, GcSchedule
-from tuplet.layouts import CtEntry
-from tuplet.maps import Map
-from tuplet.sizing import LIMIT_MAX
+from tuplet.bpf.maps import Map
+from tuplet.conntrack import pressure
+from tuplet.conntrack.gc import GcResult, MapGcStats
+from tuplet.conntrack.runner import GcRunner
+from tuplet.conntrack.schedule import FLOOR, GcSchedule
+from tuplet.conntrack.sizing import LIMIT_MAX
+from tuplet.datapath import abi, clock
+from tuplet.datapath.abi import CT_MAP_ANY, CT_MAP_SYN, CT_MAP_TCP, NAT_MAP
+from tuplet.datapath.layouts import CtEntry
+from tuplet.node import apply as node_apply
+from tuplet.node import config
 
 CAPS = {CT_MAP_TCP: 4096, CT_MAP_ANY: 4096, CT_MAP_SYN: 1024, NAT_MAP: 4096}
 
@@ -240,9 +243,10 @@ def test_eviction_estimate_on_the_real_tables() -> None:
     import struct
 
     from lxc_harness import LxcHarness, tcp
-    from tuplet import ct_events
-    from tuplet.datapath import OBJ_LXC, object_dir
-    from tuplet.gc import CtGc
+    from tuplet.conntrack.gc import CtGc
+    from tuplet.datapath import events as ct_events
+    from tuplet.datapath.abi import OBJ_LXC
+    from tuplet.datapath.paths import object_dir
 
     a, b = "10.64.0.36", "10.64.0.64"
     h = LxcHarness.load(consts={"ct_syn_table": 1})
@@ -254,7 +258,7 @@ def test_eviction_estimate_on_the_real_tables() -> None:
             h.ingress(tcp(b, 80, a, 20000 + i, "SA"))
             h.egress(tcp(a, 20000 + i, b, 80, "A"))
         names = ct_events.event_names(str(object_dir() / OBJ_LXC))
-        events = h.coll.maps[ct_events.EVENTS_MAP]
+        events = h.coll.maps[abi.EVENTS_MAP]
         est = pressure.EvictionEstimate()
         maps = [h.coll.maps[n] for n in (CT_MAP_TCP, CT_MAP_ANY, CT_MAP_SYN)]
         with CtGc(maps, nat=h.coll.maps[NAT_MAP], count_nat=True) as gc:
@@ -310,7 +314,7 @@ def fill_tcp(pin_root: str, n: int) -> None:
         keys[:, 12] = 6                                           # TCP
         vals = np.zeros((n, m.value_size), np.uint8)
         off = CtEntry.lifetime.offset
-        life = np.full(n, ct.monotonic_now() + 100_000, np.uint32)
+        life = np.full(n, clock.monotonic_now() + 100_000, np.uint32)
         vals[:, off:off + 4] = life.view(np.uint8).reshape(n, 4)
         m.update_batch(keys.tobytes(), vals.tobytes(), n)
         assert m.count() == n
@@ -356,7 +360,7 @@ def agent(tmp_path, pin_root):
     yield start
     for a in made:
         a.close()
-    datapath.teardown(pin_root)
+    node_apply.teardown(pin_root)
 
 
 N = 3930   # 96% of 4096: above 95% after one pass
@@ -422,8 +426,8 @@ def test_agent_without_auto_grow_grows_nothing(agent, pin_root) -> None:
 
 def test_a_failed_grow_is_logged_and_the_datapath_runs_on(pin_root, tmp_path, monkeypatch) -> None:
     """The agent in this process: the GC thread asks for a grow, the apply fails."""
-    from tuplet import agent as agentmod
-    from tuplet.errors import TupletError
+    from tuplet.agent import service as agentmod
+    from tuplet.core.errors import TupletError
 
     cfg = tmp_path / "tuplet.toml"
     cfg.write_text(agent_config(pin_root, auto_grow=True))
@@ -438,7 +442,7 @@ def test_a_failed_grow_is_logged_and_the_datapath_runs_on(pin_root, tmp_path, mo
 
         def boom(_cfg):
             raise TupletError(f"map {CT_MAP_TCP}", "create", 12)
-        monkeypatch.setattr(datapath, "apply", boom)
+        monkeypatch.setattr(node_apply, "apply", boom)
         with capture_logs() as logs:
             assert ag.grow() is False
             seen = set()      # passes after the failure (GC restarted: tell them by their time)
@@ -456,4 +460,4 @@ def test_a_failed_grow_is_logged_and_the_datapath_runs_on(pin_root, tmp_path, mo
         assert pinned(pin_root) == (4096, N)
     finally:
         ag.shutdown()
-        datapath.teardown(pin_root)
+        node_apply.teardown(pin_root)

@@ -1,4 +1,4 @@
-"""Tests for the generated libbpf ctypes bindings (loader/tuplet/_libbpf.py)."""
+"""Tests for the generated libbpf ctypes bindings (loader/tuplet/bpf/_libbpf.py)."""
 from __future__ import annotations
 
 import ctypes
@@ -14,14 +14,14 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GENERATOR = REPO_ROOT / "ci" / "gen_bindings.py"
-MODULE_PATH = REPO_ROOT / "loader" / "tuplet" / "_libbpf.py"
+MODULE_PATH = REPO_ROOT / "loader" / "tuplet" / "bpf" / "_libbpf.py"
 
 try:
     import tuplet  # noqa: F401
 except ImportError:
     sys.path.insert(0, str(REPO_ROOT / "loader"))
 
-import tuplet._libbpf as b  # noqa: E402
+from tuplet.bpf import _libbpf as b  # noqa: E402
 
 LAYOUT_STRUCTS = [
     "bpf_object_open_opts",
@@ -55,7 +55,7 @@ def test_generated_module_is_up_to_date(tmp_path: Path) -> None:
                                          "committed/_libbpf.py", "regenerated/_libbpf.py",
                                          lineterm="", n=1))
         excerpt = "\n".join(diff[:60]) + ("\n..." if len(diff) > 60 else "")
-        pytest.fail("loader/tuplet/_libbpf.py is out of date with the libbpf headers; "
+        pytest.fail("loader/tuplet/bpf/_libbpf.py is out of date with the libbpf headers; "
                     f"run `make bindings`.\n{excerpt}")
 
 

@@ -15,8 +15,7 @@ try:
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "loader"))
 
-from tuplet.btf import (Btf, BtfError, BtfNotFoundError, CompositeType, EnumType, IntType,
-                        Kind, load_btf_from_elf)
+from tuplet.bpf.btf import Btf, BtfError, BtfNotFoundError, CompositeType, EnumType, IntType, Kind, load_btf_from_elf
 
 VMLINUX = Path("/sys/kernel/btf/vmlinux")
 

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from tuplet import config
-from tuplet.durations import format_duration, parse_duration
-from tuplet.errors import ConfigError
-from tuplet.links import AttachMode
+from tuplet.bpf.links import AttachMode
+from tuplet.core.durations import format_duration, parse_duration
+from tuplet.core.errors import ConfigError
+from tuplet.node import config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,8 +11,8 @@ import struct
 import pytest
 
 from lxc_harness import LxcHarness, tcp
-from tuplet.ct import CT_MAP_ANY, CT_MAP_SYN, CT_MAP_TCP
-from tuplet.layouts import TUPLE_F_IN, TUPLE_F_OUT
+from tuplet.datapath import abi
+from tuplet.datapath.abi import CT_MAP_ANY, CT_MAP_SYN, CT_MAP_TCP, TUPLE_F_IN, TUPLE_F_OUT
 
 POD1, POD2 = "10.64.0.36", "10.64.0.64"
 TCP_MAX, SYN_MAX = 4096, 1024
@@ -130,8 +130,9 @@ def test_what_stays_in_the_handshake_table() -> None:
 
 
 def test_event_counters_account_for_every_table_change() -> None:
-    from tuplet import ct_events
-    from tuplet.datapath import OBJ_LXC, object_dir
+    from tuplet.datapath import events as ct_events
+    from tuplet.datapath.abi import OBJ_LXC
+    from tuplet.datapath.paths import object_dir
 
     h = load(True)
     try:
@@ -142,7 +143,7 @@ def test_event_counters_account_for_every_table_change() -> None:
             handshake(h, 40000 + i)               # 5 SYN inserts, 5 promotions, 1 related twin
         flood(h, 3 * SYN_MAX, seed=11)            # the handshake table overflows
         h.egress(tcp(POD1, 5353, POD2, 53, "S"))  # one more in the handshake table
-        ev = ct_events.read(h.coll.maps[ct_events.EVENTS_MAP], names)
+        ev = ct_events.read(h.coll.maps[abi.EVENTS_MAP], names)
         assert ev["promoted"] == 5 and ev["insert_tcp"] == 5 and ev["insert_any"] == 1
         assert ev["insert_syn"] == 5 + 3 * SYN_MAX + 1
         assert ev["promote_failed"] == 0 and ev["insert_failed"] == 0

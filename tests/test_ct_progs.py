@@ -7,9 +7,8 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import ARP, Ether
 from scapy.packet import Raw
 
-from lxc_harness import (MAC_A, MAC_B, TC_ACT_OK, TC_ACT_SHOT, LxcHarness, icmp_echo, icmp_error, tcp,
-                         udp)
-from tuplet.layouts import TUPLE_F_IN, TUPLE_F_OUT, TUPLE_F_RELATED
+from lxc_harness import MAC_A, MAC_B, TC_ACT_OK, TC_ACT_SHOT, LxcHarness, icmp_echo, icmp_error, tcp, udp
+from tuplet.datapath.abi import TUPLE_F_IN, TUPLE_F_OUT, TUPLE_F_RELATED
 
 POD1, POD2 = "10.64.0.36", "10.64.0.64"
 SP, DP = 54260, 8000

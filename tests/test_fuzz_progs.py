@@ -30,16 +30,50 @@ from scapy.packet import Raw
 
 import fuzz_packets as fp
 from fuzz_packets import Pkt
-from lb_harness import (AFFINITY, BACKENDS, F_EXTERNAL, F_LOADBALANCER, F_NODEPORT, REV_NAT, SERVICES,
-                        LbHarness, Svc, checksums_ok, tcp4, udp4)
+from lb_harness import (
+    AFFINITY,
+    BACKENDS,
+    F_EXTERNAL,
+    F_LOADBALANCER,
+    F_NODEPORT,
+    REV_NAT,
+    SERVICES,
+    LbHarness,
+    Svc,
+    checksums_ok,
+    tcp4,
+    udp4,
+)
 from lxc_harness import MAC_A, MAC_B, TC_ACT_OK, TC_ACT_SHOT
-from tuplet import metrics
-from tuplet.config import NodeConfig
-from tuplet.ct import CT_MAP_ANY, CT_MAP_SYN, NAT_MAP
-from tuplet.datapath import METRICS_MAP, OBJ_HOST, OBJ_LXC, OBJ_OVERLAY, object_dir, open_object
-from tuplet.errors import TupletError
-from tuplet.layouts import (TUPLE_F_IN, TUPLE_F_OUT, TUPLE_F_RELATED, TUPLE_F_SERVICE, CtEntry, CtTuple4,
-                            Lb4Backend, Lb4Key, Lb4Service, LbAffinityVal, Nat4Entry, be16, be32_to_ip)
+from tuplet.core.errors import TupletError
+from tuplet.datapath import abi, metrics
+from tuplet.datapath.abi import (
+    CT_MAP_ANY,
+    CT_MAP_SYN,
+    METRICS_MAP,
+    NAT_MAP,
+    OBJ_HOST,
+    OBJ_LXC,
+    OBJ_OVERLAY,
+    TUPLE_F_IN,
+    TUPLE_F_OUT,
+    TUPLE_F_RELATED,
+    TUPLE_F_SERVICE,
+)
+from tuplet.datapath.layouts import (
+    CtEntry,
+    CtTuple4,
+    Lb4Backend,
+    Lb4Key,
+    Lb4Service,
+    LbAffinityVal,
+    Nat4Entry,
+    be16,
+    be32_to_ip,
+)
+from tuplet.datapath.paths import object_dir
+from tuplet.node.apply import open_object
+from tuplet.node.config import NodeConfig
 
 # Every (object, program) fuzzed (the harness loads any further object on the same maps;
 # the single-packet tests are parametrised over this list and the sequences' single-packet
@@ -174,7 +208,7 @@ class FuzzHarness:
 
     # --- running ----------------------------------------------------------------------------
 
-    _RAW_REASONS = {i: i for i in range(metrics.REASON_SLOTS)}
+    _RAW_REASONS = {i: i for i in range(abi.REASON_SLOTS)}
 
     def _counts(self) -> dict[tuple[int, str], int]:
         # Raw reason numbers: a name is checked against the running object's enum.

@@ -7,11 +7,20 @@ import os
 import pytest
 
 from lxc_harness import LxcHarness, tcp, udp
-from tuplet.ct import CT_MAP_ANY, CT_MAP_SYN, CT_MAP_TCP, NAT_MAP
-from tuplet.errors import TupletError
-from tuplet.gc import CtGc, Method, gc_pass
-from tuplet.layouts import TUPLE_F_IN, TUPLE_F_OUT, TUPLE_F_RELATED, TUPLE_F_SERVICE, CtEntry, CtTuple4, Nat4Entry, ip_to_be32
-from tuplet.maps import Map
+from tuplet.bpf.maps import Map
+from tuplet.conntrack.gc import CtGc, Method, gc_pass
+from tuplet.core.errors import TupletError
+from tuplet.datapath.abi import (
+    CT_MAP_ANY,
+    CT_MAP_SYN,
+    CT_MAP_TCP,
+    NAT_MAP,
+    TUPLE_F_IN,
+    TUPLE_F_OUT,
+    TUPLE_F_RELATED,
+    TUPLE_F_SERVICE,
+)
+from tuplet.datapath.layouts import CtEntry, CtTuple4, Nat4Entry, ip_to_be32
 
 A, B = "10.64.0.36", "10.64.0.64"
 CLIENT, VIP = "192.0.2.10", "172.16.0.10"
@@ -118,8 +127,9 @@ def test_every_entry_kind_and_the_nat_entries_they_own(lxc: LxcHarness, method: 
 
 def test_nat_key_matches_the_datapath_helper(lxc: LxcHarness) -> None:
     """The numpy NAT key derivation and the BPF one (nat4_key_for_ct) agree."""
-    from tuplet.gc import _Layout, nat_keys_for
     import numpy as np
+
+    from tuplet.conntrack.gc import _Layout, nat_keys_for
     m, nat = lxc.coll.maps[CT_MAP_TCP], lxc.coll.maps[NAT_MAP]
     lay = _Layout.of(m)
     now = lxc.now()
@@ -179,9 +189,9 @@ def test_gc_refuses_a_map_without_lifetime() -> None:
 
 
 def test_kernel_method_refuses_unknown_maps_and_auto_falls_back(lxc: LxcHarness) -> None:
-    import tuplet._libbpf as C
-    from tuplet.libbpf import opts
-    from tuplet.maps import Map as M
+    from tuplet.bpf import _libbpf as C
+    from tuplet.bpf.libbpf import opts
+    from tuplet.bpf.maps import Map as M
     src = lxc.coll.maps[CT_MAP_TCP]
     # A map with the same layout and BTF but a name the in-kernel pass does not know.
     btf_fd = C.bpf_btf_get_fd_by_id(src.info.btf_id)

@@ -5,8 +5,16 @@ import math
 
 import pytest
 
-from tuplet.gc_schedule import (CAP, EARLY_MIN_GAP, FLOOR, START, GcSchedule, delete_ratio,
-                                describe_settings, next_adaptive)
+from tuplet.conntrack.schedule import (
+    CAP,
+    EARLY_MIN_GAP,
+    FLOOR,
+    START,
+    GcSchedule,
+    delete_ratio,
+    describe_settings,
+    next_adaptive,
+)
 
 
 def test_starts_at_five_minutes() -> None:

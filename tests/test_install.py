@@ -25,7 +25,8 @@ def test_files_and_unit(installed: Path) -> None:
     assert f"ExecStart={installed}/usr/bin/tuplet --config /etc/tuplet/tuplet.toml" in unit
     assert "Type=notify" in unit and "WatchdogSec=" in unit and "@" not in unit.replace("@.service", "")
     assert (installed / "etc/tuplet.toml").exists()
-    assert sorted(p.name for p in (installed / "usr/lib/tuplet/bpf").iterdir()) >= ["bpf_host.o", "bpf_lxc.o"]
+    objects = {p.name for p in (installed / "usr/lib/tuplet/bpf").iterdir()}
+    assert {"bpf_lxc.o", "bpf_host.o", "bpf_overlay.o", "ct_gc.o"} <= objects, objects
     if shutil.which("systemd-analyze"):
         v = subprocess.run(["systemd-analyze", "verify", str(installed / "systemd/tuplet.service")],
                            capture_output=True, text=True, timeout=60)
@@ -34,8 +35,9 @@ def test_files_and_unit(installed: Path) -> None:
 
 def test_installed_tuplet_runs_from_its_own_venv(installed: Path, tmp_path: Path) -> None:
     py = installed / "usr/lib/tuplet/venv/bin/python"
-    where = subprocess.run([str(py), "-c", "import tuplet.datapath as d; print(d.object_dir(), d.__file__)"],
+    where = subprocess.run([str(py), "-c", "import tuplet.datapath.paths as d; print(d.object_dir(), d.__file__)"],
                            capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert where.returncode == 0, where.stderr
     objdir, module = where.stdout.split()
     assert Path(objdir) == installed / "usr/lib/tuplet/bpf" and str(installed) in module
     bad = tmp_path / "bad.toml"
@@ -43,3 +45,12 @@ def test_installed_tuplet_runs_from_its_own_venv(installed: Path, tmp_path: Path
     r = subprocess.run([str(installed / "usr/bin/tuplet"), "--config", str(bad), "agent",
                         "--prometheus-serve-addr", ""], capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert r.returncode == 2 and "node.attach_mode" in r.stderr, r.stderr
+
+
+def test_lab_is_not_installed(installed: Path, tmp_path: Path) -> None:
+    """The demo topology is for this source tree; a node gets the datapath and its tools only."""
+    py = installed / "usr/lib/tuplet/venv/bin/python"
+    r = subprocess.run([str(py), "-c", "import tuplet.lab"], capture_output=True, text=True, timeout=60,
+                       cwd=tmp_path)
+    assert r.returncode != 0 and "No module named 'tuplet.lab'" in r.stderr, r.stderr
+    assert not list((installed / "usr/lib/tuplet/venv").rglob("topology.py"))

@@ -5,13 +5,27 @@ import ctypes
 
 import pytest
 
-from tuplet.btf import load_btf_from_elf
-from tuplet.datapath import OBJ_LXC, object_dir
-from tuplet import layouts
-from tuplet.layouts import (CT_FLAG_BITS, CtEntry, CtTuple4, EndpointInfo, Lb4AffinityKey, Lb4Backend, Lb4Key,
-                            Lb4MaglevKey, Lb4ReverseNat, Lb4Service, LbAffinityVal, MetricsValue, Nat4Entry,
-                            TplSignal)
-from tuplet.metrics import reason_names
+from tuplet.bpf.btf import load_btf_from_elf
+from tuplet.datapath import abi
+from tuplet.datapath.abi import OBJ_LXC
+from tuplet.datapath.layouts import (
+    CT_FLAG_BITS,
+    CtEntry,
+    CtTuple4,
+    EndpointInfo,
+    Lb4AffinityKey,
+    Lb4Backend,
+    Lb4Key,
+    Lb4MaglevKey,
+    Lb4ReverseNat,
+    Lb4Service,
+    LbAffinityVal,
+    MetricsValue,
+    Nat4Entry,
+    TplSignal,
+)
+from tuplet.datapath.metrics import reason_names
+from tuplet.datapath.paths import object_dir
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +77,7 @@ def test_reason_names_from_btf() -> None:
 
 def test_lb_flag_values_match_btf(btf) -> None:
     svc = btf.enum_values("lb_svc_flag")
-    assert svc == {"LB_SVC_F_EXTERNAL": layouts.LB_SVC_F_EXTERNAL, "LB_SVC_F_NODEPORT": layouts.LB_SVC_F_NODEPORT,
-                   "LB_SVC_F_LOADBALANCER": layouts.LB_SVC_F_LOADBALANCER,
-                   "LB_SVC_F_AFFINITY": layouts.LB_SVC_F_AFFINITY}
-    assert btf.enum_values("lb_backend_flag") == {"LB_BACKEND_F_REMOTE": layouts.LB_BACKEND_F_REMOTE}
+    assert svc == {"LB_SVC_F_EXTERNAL": abi.LB_SVC_F_EXTERNAL, "LB_SVC_F_NODEPORT": abi.LB_SVC_F_NODEPORT,
+                   "LB_SVC_F_LOADBALANCER": abi.LB_SVC_F_LOADBALANCER,
+                   "LB_SVC_F_AFFINITY": abi.LB_SVC_F_AFFINITY}
+    assert btf.enum_values("lb_backend_flag") == {"LB_BACKEND_F_REMOTE": abi.LB_BACKEND_F_REMOTE}

@@ -10,17 +10,25 @@ from collections import Counter
 
 import numpy as np
 import pytest
+
 from lb_harness import LbHarness, l4_of, tcp4
 from lxc_harness import TC_ACT_OK
-
-from tuplet import _libbpf as C
-from tuplet import lb, state
-from tuplet.ct import CT_MAP_ANY, CT_MAP_SYN, CT_MAP_TCP
-from tuplet.errors import ConfigError, NotFoundError
-from tuplet.layouts import (LB_BANK_STRIDE, LB_SVC_F_EXTERNAL, LB_SVC_F_LOADBALANCER, Lb4Backend, Lb4Key,
-                            Lb4MaglevKey, Lb4Service, be32_to_ip)
-from tuplet.libbpf import check, cstr
-from tuplet.services import Backend, Service, ServiceType, parse_backend, parse_services
+from tuplet.bpf import _libbpf as C
+from tuplet.bpf.libbpf import check, cstr
+from tuplet.core.errors import ConfigError, NotFoundError
+from tuplet.datapath import abi
+from tuplet.datapath.abi import (
+    CT_MAP_ANY,
+    CT_MAP_SYN,
+    CT_MAP_TCP,
+    LB_BANK_STRIDE,
+    LB_SVC_F_EXTERNAL,
+    LB_SVC_F_LOADBALANCER,
+)
+from tuplet.datapath.layouts import Lb4Backend, Lb4Key, Lb4MaglevKey, Lb4Service, be32_to_ip
+from tuplet.lb import writer as lb
+from tuplet.lb.model import Backend, Service, ServiceType, parse_backend, parse_services
+from tuplet.node import state
 
 POD1, VIP, PORT = "10.64.0.36", "10.68.174.146", 80
 A, B, C3 = "10.64.0.98", "10.64.0.64", "10.64.0.116"
@@ -38,7 +46,7 @@ def pinned(pin_root):
     """Both programs loaded on shared maps, the service and CT maps pinned under pin_root."""
     h = LbHarness.load_both()
     os.makedirs(pin_root, exist_ok=True)
-    for name in (*lb.LB_MAPS, CT_MAP_TCP, CT_MAP_ANY, CT_MAP_SYN):
+    for name in (*abi.LB_MAPS, CT_MAP_TCP, CT_MAP_ANY, CT_MAP_SYN):
         check(C.bpf_obj_pin(h.coll.maps[name].fd, cstr(f"{pin_root}/{name}")), name, "pin")
     yield h, pin_root
     h.close()
@@ -50,13 +58,13 @@ def table(pin_root: str) -> lb.ServiceTable:
 
 
 def slot0(h: LbHarness, s: Service) -> Lb4Service:
-    raw = h.coll.maps[lb.SERVICES_MAP].lookup(Lb4Key.make(s.address, s.port, s.proto))
+    raw = h.coll.maps[abi.SERVICES_MAP].lookup(Lb4Key.make(s.address, s.port, s.proto))
     assert raw is not None
     return Lb4Service.from_buffer_copy(raw)
 
 
 def service_keys(h: LbHarness) -> list[Lb4Key]:
-    return [Lb4Key.from_buffer_copy(k) for k in h.coll.maps[lb.SERVICES_MAP].keys()]
+    return [Lb4Key.from_buffer_copy(k) for k in h.coll.maps[abi.SERVICES_MAP].keys()]
 
 
 def new_flow(h: LbHarness, sport: int) -> str:
@@ -83,7 +91,7 @@ def test_upsert_writes_service_slots_maglev_and_flips_banks(pinned) -> None:
     assert (s0.count, s0.bank, s0.maglev_size, s0.rev_nat_index) == (3, 1, 257, v.rev_nat)
     # Only the new bank's slots remain, and only its Maglev table.
     assert sorted(k.backend_slot for k in service_keys(h) if k.backend_slot) == [LB_BANK_STRIDE + i for i in (1, 2, 3)]
-    mg = h.coll.maps[lb.MAGLEV_MAP]
+    mg = h.coll.maps[abi.MAGLEV_MAP]
     assert mg.lookup(Lb4MaglevKey(v.rev_nat, 1, 0)) is not None and mg.lookup(Lb4MaglevKey(v.rev_nat, 0, 0)) is None
     share = {b.backend.address: b.slots for b in v2.backends}
     assert sum(share.values()) == 257 and abs(share[A] - 257 / 2) <= 2          # weight 2 of 4
@@ -100,7 +108,7 @@ def test_delete_removes_everything_it_wrote(pinned) -> None:
         t.delete("dns")
         with pytest.raises(NotFoundError):
             t.delete("web")
-    for name in (lb.SERVICES_MAP, lb.BACKENDS_MAP, lb.REV_NAT_MAP, lb.MAGLEV_MAP):
+    for name in (abi.SERVICES_MAP, abi.BACKENDS_MAP, abi.REV_NAT_MAP, abi.MAGLEV_MAP):
         assert list(h.coll.maps[name].keys()) == [], name
 
 
@@ -108,7 +116,7 @@ def test_failed_change_leaves_the_service_as_it_was(pinned, monkeypatch) -> None
     h, root = pinned
     with table(root) as t:
         t.upsert(svc(f"{A}:8000"))
-    before = {n: sorted(h.coll.maps[n].items()) for n in (lb.SERVICES_MAP, lb.BACKENDS_MAP, lb.REV_NAT_MAP)}
+    before = {n: sorted(h.coll.maps[n].items()) for n in (abi.SERVICES_MAP, abi.BACKENDS_MAP, abi.REV_NAT_MAP)}
 
     def boom(*a, **kw):
         raise OSError("injected failure while writing the Maglev table")
@@ -177,7 +185,7 @@ def test_removed_backend_drains_while_a_flow_uses_it(pinned) -> None:
     with table(root) as t:
         t.upsert(svc(f"{A}:8000", affinity_timeout=5))
         assert t.draining() == {}
-    addrs = {be32_to_ip(Lb4Backend.from_buffer_copy(v).address) for _, v in h.coll.maps[lb.BACKENDS_MAP].items()}
+    addrs = {be32_to_ip(Lb4Backend.from_buffer_copy(v).address) for _, v in h.coll.maps[abi.BACKENDS_MAP].items()}
     assert addrs == {A}
 
 
@@ -191,7 +199,7 @@ def test_flags_and_remote_backends(pinned) -> None:
     remote = {b.backend.address: b.remote for b in v.backends}
     assert remote == {A: False, "10.65.0.9": True}
     be = {be32_to_ip(Lb4Backend.from_buffer_copy(v).address): Lb4Backend.from_buffer_copy(v)
-          for _, v in h.coll.maps[lb.BACKENDS_MAP].items()}
+          for _, v in h.coll.maps[abi.BACKENDS_MAP].items()}
     assert be["10.65.0.9"].flags == 1 and be32_to_ip(be["10.65.0.9"].node_addr) == "192.168.7.2"
     assert socket.ntohs(be[A].port) == 8000 and be[A].flags == 0
 
@@ -222,8 +230,8 @@ def test_inner_tables_carry_btf(pinned) -> None:
     h, root = pinned
     with table(root) as t:
         v = t.upsert(svc(f"{A}:8000"))
-    raw = h.coll.maps[lb.MAGLEV_MAP].lookup(Lb4MaglevKey(v.rev_nat, 0, 0))
-    from tuplet.maps import Map
+    raw = h.coll.maps[abi.MAGLEV_MAP].lookup(Lb4MaglevKey(v.rev_nat, 0, 0))
+    from tuplet.bpf.maps import Map
 
     with Map.from_id(int.from_bytes(raw[:4], "little")) as inner:
         assert inner.info.btf_id and inner.info.btf_value_type_id and inner.max_entries == 251
@@ -244,7 +252,7 @@ def test_inner_tables_carry_btf(pinned) -> None:
     ('colour = "red"', "services[0].colour"),
 ])
 def test_bad_service_config_names_the_key(text: str, key: str) -> None:
-    from tuplet import config
+    from tuplet.node import config
 
     doc = f'[[services]]\nname = "web"\naddress = "{VIP}"\nport = 80\n{text}\n'
     with pytest.raises(ConfigError) as e:

@@ -6,14 +6,12 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.inet import UDP
 from scapy.layers.l2 import Ether
 
-from lb_harness import (F_EXTERNAL, F_LOADBALANCER, F_NODEPORT, LbHarness, Svc, checksums_ok, l4_of, tcp4,
-                        udp4)
+from lb_harness import F_EXTERNAL, F_LOADBALANCER, F_NODEPORT, LbHarness, Svc, checksums_ok, l4_of, tcp4, udp4
 from lxc_harness import TC_ACT_OK, TC_ACT_SHOT
-from tuplet.layouts import TUPLE_F_OUT, TUPLE_F_SERVICE
-from tuplet.ct import CT_MAP_SYN, CT_MAP_TCP
+from tuplet.datapath.abi import CT_MAP_SYN, CT_MAP_TCP, TUPLE_F_OUT, TUPLE_F_SERVICE
 
 POD1, POD2, POD3 = "10.64.0.36", "10.64.0.98", "10.64.0.64"
 VIP, VPORT = "10.68.174.146", 80
@@ -272,7 +270,7 @@ def test_lb_node_redirects_remote_backend_over_the_overlay() -> None:
     import struct
 
     from lb_harness import BACKEND_F_REMOTE, BACKENDS
-    from tuplet.layouts import ip_to_be32
+    from tuplet.datapath.layouts import ip_to_be32
 
     def with_node(bid: int, proto: int, node: str | None) -> None:   # the backend's node= address
         h.coll.maps[BACKENDS].update(bid, struct.pack("<IHBBI", ip_to_be32("10.65.0.9"), socket.htons(BP), proto,
@@ -310,8 +308,8 @@ def test_backend_node_reply_gets_the_service_address_from_the_nat_entry(lb: LbHa
     without the NAT entry it is a counted drop."""
     import socket
 
-    from tuplet.ct import NAT_MAP
-    from tuplet.layouts import CtEntry, CtTuple4, Nat4Entry, ip_to_be32
+    from tuplet.datapath.abi import NAT_MAP
+    from tuplet.datapath.layouts import CtEntry, CtTuple4, Nat4Entry, ip_to_be32
 
     # As cil_from_overlay leaves them for CLIENT:53438 -> LB_POD:8000 (key in the map's own naming).
     key = CtTuple4.make(CLIENT, LB_POD, BP, 53438, TCP_P, TUPLE_F_OUT)

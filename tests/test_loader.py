@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from tuplet.ct import CT_MAP_ANY, CT_MAP_TCP
-from tuplet.datapath import OBJ_LXC, object_dir
-from tuplet.errors import IncompatiblePinError, NotFoundError, TupletError, VerifierError
-from tuplet.layouts import CtEntry, CtTuple4
-from tuplet.objects import ObjectSpec
+from tuplet.bpf.objects import ObjectSpec
+from tuplet.core.errors import IncompatiblePinError, NotFoundError, TupletError, VerifierError
+from tuplet.datapath.abi import CT_MAP_ANY, CT_MAP_TCP, OBJ_LXC
+from tuplet.datapath.layouts import CtEntry, CtTuple4
+from tuplet.datapath.paths import object_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 

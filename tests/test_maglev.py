@@ -15,8 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tuplet import maglev
-from tuplet.maglev import DEFAULT_M, build_index_table, build_table, is_prime, next_prime, shares
+from tuplet.lb import maglev
+from tuplet.lb.maglev import DEFAULT_M, build_index_table, build_table, is_prime, next_prime, shares
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -224,7 +224,7 @@ def test_golden_tables():
 
 def test_same_in_another_process_with_random_hash_seed():
     code = ("import hashlib, sys; sys.path.insert(0, sys.argv[1]);"
-            "from tuplet.maglev import build_table;"
+            "from tuplet.lb.maglev import build_table;"
             "print(hashlib.sha256(build_table(['a', 'b', 'c', 'd'], 1021).tobytes()).hexdigest())")
     env = dict(os.environ, PYTHONHASHSEED="random")
     outs = {subprocess.run([sys.executable, "-c", code, str(ROOT / "loader")], env=env,

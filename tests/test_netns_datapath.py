@@ -1,7 +1,6 @@
 """The datapath attached to real veths in namespaces, with real sockets between pods."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -12,11 +11,15 @@ from pathlib import Path
 import pytest
 
 from traffic import LiveConnection, start_server, tcp_once, udp_once
-from tuplet.maps import Map
-from tuplet import _libbpf as C
-from tuplet import cli, config, ct, datapath, netns, state
-from tuplet.errors import ConfigError, IncompatiblePinError, NotFoundError
-from tuplet.links import AttachMode, Hook, attached_prog_id, tc_has_filter
+from tuplet.bpf import _libbpf as C
+from tuplet.bpf.links import AttachMode, Hook, attached_prog_id, tc_has_filter
+from tuplet.bpf.maps import Map
+from tuplet.cli import main as cli
+from tuplet.conntrack import records as ct
+from tuplet.core.errors import IncompatiblePinError, NotFoundError
+from tuplet.datapath import abi, paths
+from tuplet.node import apply as node_apply
+from tuplet.node import config, netns, state
 from two_pods import POD1, POD2, node_config_text, two_pods
 
 pytestmark = pytest.mark.netns
@@ -38,19 +41,19 @@ def applied(topo, pin_root):
 
     def apply(mode: str = "auto", **kw) -> config.NodeConfig:
         cfg = config.parse(node_config(topo, pin_root, mode, **kw))
-        datapath.apply(cfg)
+        node_apply.apply(cfg)
         created.append(cfg)
         return cfg
 
     yield apply
     if created:
-        datapath.teardown(pin_root)
+        node_apply.teardown(pin_root)
 
 
 def ct_lines(pin_root: str) -> list[ct.CtRecord]:
     out = []
-    for name in ct.CT_MAPS:
-        with datapath.open_pinned(pin_root, name) as m:
+    for name in abi.CT_MAPS:
+        with paths.open_pinned(pin_root, name) as m:
             out.extend(ct.records(m))
     return out
 
@@ -138,7 +141,7 @@ def test_switching_tcx_to_tc_and_back(topo, applied, pin_root) -> None:
 def test_missing_interface_changes_nothing(topo, pin_root) -> None:
     text = node_config(topo, pin_root).replace(topo.p2.host_ifname, "lxc-nothere")
     with pytest.raises(NotFoundError, match="lxc-nothere.*nothing was changed"):
-        datapath.apply(config.parse(text))
+        node_apply.apply(config.parse(text))
     assert state.load(pin_root) is None
     assert not any(Path(pin_root).iterdir()) if Path(pin_root).exists() else True
     with netns.enter(topo.node.netns):
@@ -151,12 +154,12 @@ def test_incompatible_pin_is_refused_and_running_datapath_kept(topo, applied, pi
     conn = LiveConnection(topo, topo.p1, POD2, 8000)
     conn.roundtrip("x")
     # Another layout pinned where the NAT table is (a size change alone is a live resize).
-    os.unlink(f"{pin_root}/{ct.NAT_MAP}")
-    with Map.create(C.BPF_MAP_TYPE_LRU_HASH, ct.NAT_MAP, 14, 48, 1024) as other:
-        assert C.bpf_obj_pin(other.fd, f"{pin_root}/{ct.NAT_MAP}".encode()) == 0
+    os.unlink(f"{pin_root}/{abi.NAT_MAP}")
+    with Map.create(C.BPF_MAP_TYPE_LRU_HASH, abi.NAT_MAP, 14, 48, 1024) as other:
+        assert C.bpf_obj_pin(other.fd, f"{pin_root}/{abi.NAT_MAP}".encode()) == 0
     with pytest.raises(IncompatiblePinError, match="value size: pinned 48, wanted 40"):
-        datapath.apply(config.parse(node_config(topo, pin_root, "tcx", tcp_max=8192)))
-    with Map.from_pin(f"{pin_root}/{ct.CT_MAP_TCP}") as m:
+        node_apply.apply(config.parse(node_config(topo, pin_root, "tcx", tcp_max=8192)))
+    with Map.from_pin(f"{pin_root}/{abi.CT_MAP_TCP}") as m:
         assert m.max_entries == 4096     # not resized either
     assert conn.roundtrip("still") == "still"
     find(ct_lines(pin_root), "TCP", "OUT", sport=conn.sport)
@@ -173,13 +176,13 @@ def test_missing_netns_is_a_clear_error(pin_root, tmp_path, capsys) -> None:
 
 def test_teardown_leaves_nothing(topo, pin_root) -> None:
     for mode in ("tcx", "tc"):
-        datapath.apply(config.parse(node_config(topo, pin_root, mode)))
+        node_apply.apply(config.parse(node_config(topo, pin_root, mode)))
         st = state.load(pin_root)
         assert st is not None
         with netns.enter(topo.node.netns):
             ours = {attached_prog_id(a) for a in st.attachments}
         assert ours and 0 not in ours
-        datapath.teardown(pin_root)
+        node_apply.teardown(pin_root)
         assert not Path(pin_root).exists()
         assert state.load(pin_root) is None
         with netns.enter(topo.node.netns):

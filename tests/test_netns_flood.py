@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 import flood  # noqa: E402
-from tuplet import ct, datapath  # noqa: E402
+from tuplet.datapath import abi
+from tuplet.node import apply as node_apply
 
 pytestmark = pytest.mark.netns
 
@@ -58,7 +59,7 @@ def flooded(bed: flood.Bed, pin_root: str, syn_table: bool):
     """Apply, establish K connections, flood. Returns (entries before, entries after, ports that
     no longer round-trip, TCP table entries after); the entries after the flood are read before
     the connections send anything more."""
-    datapath.apply(flood.tuplet_config(bed, pin_root, TCP_MAX, SYN_MAX, syn_table))
+    node_apply.apply(flood.tuplet_config(bed, pin_root, TCP_MAX, SYN_MAX, syn_table))
     try:
         held = flood.Held(bed.t, bed.client, K)
         try:
@@ -72,7 +73,7 @@ def flooded(bed: flood.Bed, pin_root: str, syn_table: bool):
             sent = bed.flood(FLOOD, seed=7)
 
             after = flood.tuplet_entries(pin_root, held.ports)
-            tcp_entries = flood.map_entries(pin_root, ct.CT_MAP_TCP)
+            tcp_entries = flood.map_entries(pin_root, abi.CT_MAP_TCP)
             # The flood went through tuplet on pod2's veth and reached pod2: it was a flood.
             assert sent["sent"] == FLOOD
             assert ingress_packets(pin_root) - counted >= FLOOD
@@ -81,7 +82,7 @@ def flooded(bed: flood.Bed, pin_root: str, syn_table: bool):
         finally:
             held.close()
     finally:
-        datapath.teardown(pin_root)
+        node_apply.teardown(pin_root)
     return before, after, failed, tcp_entries
 
 

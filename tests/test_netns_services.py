@@ -10,8 +10,10 @@ from collections import Counter
 import pytest
 
 from traffic import LiveConnection, ask, start_server
-from tuplet import config, datapath, metrics
-from tuplet.topology import Topology
+from tuplet.datapath import abi, metrics, paths
+from tuplet.lab.topology import Topology
+from tuplet.node import apply as node_apply
+from tuplet.node import config
 
 pytestmark = pytest.mark.netns
 
@@ -110,13 +112,13 @@ def applied(topo, pin_root):
 
     def apply(services: str = SERVICES) -> config.NodeConfig:
         cfg = config.parse(node_config(topo, pin_root, services))
-        datapath.apply(cfg)
+        node_apply.apply(cfg)
         done.append(cfg)
         return cfg
 
     yield apply
     if done:
-        datapath.teardown(pin_root)
+        node_apply.teardown(pin_root)
 
 
 def tuplet(pin_root: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -125,8 +127,8 @@ def tuplet(pin_root: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def drops(pin_root: str) -> dict[str, int]:
-    obj = str(datapath.object_dir() / datapath.OBJ_LXC)
-    with datapath.open_pinned(pin_root, datapath.METRICS_MAP) as m:
+    obj = str(paths.object_dir() / abi.OBJ_LXC)
+    with paths.open_pinned(pin_root, abi.METRICS_MAP) as m:
         return {c.reason: c.packets for c in metrics.read(m, metrics.reason_names(obj), metrics.direction_names(obj))
                 if c.dropped}
 

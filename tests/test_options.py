@@ -5,10 +5,10 @@ import argparse
 
 import pytest
 
-from tuplet import config
-from tuplet.errors import ConfigError
-from tuplet.options import FLAGS, add_flags, merge_flags
-from tuplet.sizing import GIB
+from tuplet.conntrack.sizing import GIB
+from tuplet.core.errors import ConfigError
+from tuplet.node import config
+from tuplet.node.options import FLAGS, add_flags, merge_flags
 
 FILE = """
 [conntrack]
@@ -115,7 +115,7 @@ def test_sizing_from_config() -> None:
 
 
 def test_cli_rejects_a_bad_flag_with_exit_2(tmp_path, capsys) -> None:
-    from tuplet import cli
+    from tuplet.cli import main as cli
     cfg = tmp_path / "node.toml"
     cfg.write_text('[node]\npin_root = "/sys/fs/bpf/tuplet/test/never-created"\n')
     assert cli.main(["apply", str(cfg), "--bpf-ct-global-tcp-max", "12"]) == 2

@@ -8,8 +8,9 @@ import uuid
 
 import pytest
 
-from tuplet import config, datapath, state
-from tuplet.errors import ConfigError, NotSupportedError
+from tuplet.core.errors import ConfigError, NotSupportedError
+from tuplet.node import apply as node_apply
+from tuplet.node import config, state
 
 
 def test_overlay_config() -> None:
@@ -46,12 +47,12 @@ def test_apply_without_geneve_fails_clearly_and_changes_nothing() -> None:
         cfg = config.parse(f'[node]\nnetns = "{ns}"\npin_root = "{pin}"\n[[devices]]\nifname = "eth0"\n'
                            '[overlay]\ndevice = "tpl_geneve0"\n')
         with pytest.raises(NotSupportedError, match=r"Geneve.*modprobe geneve.*remove \[overlay\]"):
-            datapath.apply(cfg)
+            node_apply.apply(cfg)
         assert state.load(pin) is None
         assert not os.path.exists(pin) or not os.listdir(pin)
         # Without [overlay] the same node applies.
-        datapath.apply(config.parse(f'[node]\nnetns = "{ns}"\npin_root = "{pin}"\n[[devices]]\nifname = "eth0"\n'))
-        datapath.teardown(pin)
+        node_apply.apply(config.parse(f'[node]\nnetns = "{ns}"\npin_root = "{pin}"\n[[devices]]\nifname = "eth0"\n'))
+        node_apply.teardown(pin)
     finally:
         subprocess.run(["ip", "netns", "del", ns], check=True)
         if os.path.isdir(pin):

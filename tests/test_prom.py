@@ -18,18 +18,22 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
 from lxc_harness import LxcHarness, tcp, udp
-from tuplet import _libbpf as C
-from tuplet import lb, metrics, prom, state
-from tuplet.config import NodeConfig
-from tuplet.ct import CT_MAP_ANY, CT_MAP_SYN, CT_MAP_TCP, NAT_MAP
-from tuplet.datapath import METRICS_MAP, OBJ_LXC, object_dir, open_object, open_pinned
-from tuplet.errors import ConfigError, TupletError
-from tuplet.gc import CtGc
-from tuplet.gc_runner import GcRunner
-from tuplet.gc_schedule import GcSchedule
-from tuplet.libbpf import check, cstr
-from tuplet.maps import Map
-from tuplet.services import Backend, Service, ServiceType
+from tuplet.agent import prom
+from tuplet.bpf import _libbpf as C
+from tuplet.bpf.libbpf import check, cstr
+from tuplet.bpf.maps import Map
+from tuplet.conntrack.gc import CtGc
+from tuplet.conntrack.runner import GcRunner
+from tuplet.conntrack.schedule import GcSchedule
+from tuplet.core.errors import ConfigError, TupletError
+from tuplet.datapath import abi, metrics
+from tuplet.datapath.abi import CT_MAP_ANY, CT_MAP_SYN, CT_MAP_TCP, METRICS_MAP, NAT_MAP, OBJ_LXC
+from tuplet.datapath.paths import object_dir, open_pinned
+from tuplet.lb import writer as lb
+from tuplet.lb.model import Backend, Service, ServiceType
+from tuplet.node import state
+from tuplet.node.apply import open_object
+from tuplet.node.config import NodeConfig
 
 A, B, VIP = "10.64.0.36", "10.64.0.64", "10.68.0.10"
 DASHBOARD = Path(__file__).resolve().parents[1] / "dashboards" / "tuplet-conntrack.json"
@@ -112,7 +116,7 @@ def test_scrape_over_http_reports_what_the_maps_hold(dp: LxcHarness, pin_root: s
     # Two TCP flows: the established one, and the SYN-only one in the handshake table.
     assert got[m("tuplet_bpf_map_entries", map_name=CT_MAP_TCP)] >= 1
     assert got[m("tuplet_bpf_map_entries", map_name=CT_MAP_SYN)] >= 1
-    for name in (lb.SERVICES_MAP, lb.BACKENDS_MAP, lb.MAGLEV_MAP):             # the service, incl. map-in-map
+    for name in (abi.SERVICES_MAP, abi.BACKENDS_MAP, abi.MAGLEV_MAP):             # the service, incl. map-in-map
         assert got[m("tuplet_bpf_map_entries", map_name=name)] >= 1, name
     assert not any(k[0] == "tuplet_bpf_map_entries" and dict(k[1])["map_name"] == METRICS_MAP for k in got)
     assert "cached" in body and "5s" in body                                 # the HELP says so
@@ -142,7 +146,7 @@ def test_insert_failures_counted_from_their_drop_reason(dp: LxcHarness, pin_root
     per_cpu = bytes(mm.value_buf_size)
     one = (3).to_bytes(8, "little") + (180).to_bytes(8, "little")
     for direction in (0, 1):     # egress, ingress
-        idx = direction * metrics.REASON_SLOTS + names[prom.INSERT_FAILED]
+        idx = direction * abi.REASON_SLOTS + names[prom.INSERT_FAILED]
         mm.update(idx, one + per_cpu[len(one):])
     got = scrape(_registry(pin_root))
     assert got[m("tuplet_datapath_conntrack_insert_failures_total")] == 6

@@ -8,13 +8,18 @@ import subprocess
 import pytest
 
 from traffic import LiveConnection, start_server
-from tuplet import config, ct, datapath, lb, netns, resize, state
-from tuplet.ct import CT_MAP_ANY, CT_MAP_SYN, CT_MAP_TCP, NAT_MAP
-from tuplet.layouts import CtEntry, CtTuple4, Nat4Entry
-from tuplet.links import attached_prog_id
-from tuplet.maps import Map
-from tuplet.sizing import Sizing
-from two_pods import POD1, POD2, node_config_text, two_pods
+from tuplet.bpf.links import attached_prog_id
+from tuplet.bpf.maps import Map
+from tuplet.conntrack import records as ct
+from tuplet.conntrack import resize
+from tuplet.conntrack.sizing import Sizing
+from tuplet.datapath import clock
+from tuplet.datapath.abi import CT_MAP_ANY, CT_MAP_SYN, CT_MAP_TCP, NAT_MAP
+from tuplet.datapath.layouts import CtEntry, CtTuple4, Nat4Entry
+from tuplet.lb import writer as lb
+from tuplet.node import apply as node_apply
+from tuplet.node import config, netns, state
+from two_pods import POD2, node_config_text, two_pods
 
 pytestmark = pytest.mark.netns
 
@@ -35,14 +40,14 @@ def node_config(topo, pin_root: str, mode: str, tcp_max: int) -> config.NodeConf
 def applied(topo, pin_root):
     done = []
 
-    def apply(mode: str, tcp_max: int) -> datapath.ApplyResult:
-        res = datapath.apply(node_config(topo, pin_root, mode, tcp_max))
+    def apply(mode: str, tcp_max: int) -> node_apply.ApplyResult:
+        res = node_apply.apply(node_config(topo, pin_root, mode, tcp_max))
         done.append(res)
         return res
 
     yield apply
     if done:
-        datapath.teardown(pin_root)
+        node_apply.teardown(pin_root)
 
 
 @pytest.fixture
@@ -81,7 +86,7 @@ def prog_ids(topo, pin_root: str) -> dict[tuple[str, str], int]:
         return {(a.ifname, a.hook.value): attached_prog_id(a) for a in st.attachments}
 
 
-def one(res: datapath.ApplyResult, name: str = CT_MAP_TCP) -> resize.Resized:
+def one(res: node_apply.ApplyResult, name: str = CT_MAP_TCP) -> resize.Resized:
     hits = [r for r in res.resized if r.map == name]
     # The handshake table's default size follows the TCP table's (an eighth).
     others = {r.map for r in res.resized if r.map != name}
@@ -138,7 +143,8 @@ def test_grow_and_shrink_with_live_connections(topo, pin_root, applied, live, mo
     assert {"lifetime", "src_sec_id"} <= set(first["value"]) and "sport" in first["key"]
 
     # Shrink below the live count: 1500 stale synthetic entries beside the real ones.
-    stale = ct.monotonic_now() - 1000
+    # Older than every live entry at any uptime (the clock may be only seconds old: never below 0, a u32).
+    stale = max(clock.monotonic_now() - 1000, 0)
     with Map.from_pin(f"{pin_root}/{CT_MAP_TCP}") as m:
         for i in range(1500):
             key = CtTuple4.make(f"10.99.{i // 250}.{i % 250 + 1}", "10.98.0.1", 80, 20000 + i, 6, 0)
@@ -166,7 +172,7 @@ def test_failure_before_the_swap_changes_nothing(topo, pin_root, applied, live, 
 
     monkeypatch.setattr(resize.Resizer, "_first_copy", boom)
     with pytest.raises(RuntimeError, match="injected"):
-        datapath.apply(node_config(topo, pin_root, mode, 16384))
+        node_apply.apply(node_config(topo, pin_root, mode, 16384))
     assert pinned(pin_root) == info                    # same map (id), same size
     assert prog_ids(topo, pin_root) == progs           # programs not swapped
     assert sorted(os.listdir(pin_root)) == pins
@@ -188,7 +194,7 @@ def test_failure_after_the_swap_puts_the_old_programs_back(topo, pin_root, appli
 
     monkeypatch.setattr(lb, "sync_config", boom)
     with pytest.raises(RuntimeError, match="injected"):
-        datapath.apply(node_config(topo, pin_root, mode, 16384))
+        node_apply.apply(node_config(topo, pin_root, mode, 16384))
     assert all(swapped[k] != progs[k] for k in progs)  # the new programs had been attached
     assert prog_ids(topo, pin_root) == progs           # and the old ones are back
     assert pinned(pin_root) == info
@@ -203,9 +209,9 @@ def pin_only(pin_root: str, nat_max: int, tcp_max: int = 2048) -> config.NodeCon
 
 def test_nat_resize_keeps_owned_then_newest_entries(pin_root) -> None:
     """No namespaces: the NAT table with synthetic entries, some owned by a CT entry."""
-    datapath.apply(pin_only(pin_root, 2048))
+    node_apply.apply(pin_only(pin_root, 2048))
     try:
-        now = ct.monotonic_now()
+        now = clock.monotonic_now()
         owned = []
         with Map.from_pin(f"{pin_root}/{CT_MAP_TCP}") as tcp, Map.from_pin(f"{pin_root}/{NAT_MAP}") as nat:
             for i in range(10):   # NodePort flows: the CT entry owns a NAT entry, created long ago
@@ -219,11 +225,11 @@ def test_nat_resize_keeps_owned_then_newest_entries(pin_root) -> None:
                 nkey = CtTuple4.make(f"10.2.{i // 250}.{i % 250 + 1}", "10.3.0.1", 80, 1000 + i, 17, 0)
                 nat.update(nkey, Nat4Entry(created=100 + i))
 
-        res = datapath.apply(pin_only(pin_root, 4096))   # grow: everything
+        res = node_apply.apply(pin_only(pin_root, 4096))   # grow: everything
         r = one(res, NAT_MAP)
         assert (r.old_entries, r.new_entries, r.copied, r.dropped) == (2048, 4096, 1510, 0)
 
-        res = datapath.apply(pin_only(pin_root, 1024))   # shrink below the live count
+        res = node_apply.apply(pin_only(pin_root, 1024))   # shrink below the live count
         r = one(res, NAT_MAP)
         assert r.copied + r.dropped == 1510 and r.dropped >= 486
         with Map.from_pin(f"{pin_root}/{NAT_MAP}") as nat:
@@ -237,12 +243,12 @@ def test_nat_resize_keeps_owned_then_newest_entries(pin_root) -> None:
             assert tcp.count() == 10 and tcp.max_entries == 2048   # CT untouched
         no_stray_pins(pin_root)
     finally:
-        datapath.teardown(pin_root)
+        node_apply.teardown(pin_root)
 
 
 def test_late_entries_are_copied_without_overwriting(pin_root, monkeypatch) -> None:
     """What the old programs do between the first copy and the swap, simulated on the maps."""
-    datapath.apply(pin_only(pin_root, 2048))
+    node_apply.apply(pin_only(pin_root, 2048))
     try:
         def key(i: int) -> CtTuple4:
             return CtTuple4.make("10.0.0.9", "10.1.0.1", 80, 1000 + i, 6, 0)
@@ -262,7 +268,7 @@ def test_late_entries_are_copied_without_overwriting(pin_root, monkeypatch) -> N
             t.old.update(key(1098), CtEntry(lifetime=8000))
 
         monkeypatch.setattr(resize.Resizer, "copy", copy_then_race)
-        r = one(datapath.apply(pin_only(pin_root, 2048, tcp_max=1024)))
+        r = one(node_apply.apply(pin_only(pin_root, 2048, tcp_max=1024)))
         assert (r.old_entries, r.new_entries) == (2048, 1024)
         with Map.from_pin(f"{pin_root}/{CT_MAP_TCP}") as tcp:
             got = {k: CtEntry.from_buffer_copy(v).lifetime for k, v in tcp.items()}
@@ -272,4 +278,4 @@ def test_late_entries_are_copied_without_overwriting(pin_root, monkeypatch) -> N
         assert got[bytes(key(1098))] == 9000           # never overwritten
         assert len(got) <= 1024 and r.dropped == 1100 - (r.copied - 1)
     finally:
-        datapath.teardown(pin_root)
+        node_apply.teardown(pin_root)

@@ -8,8 +8,9 @@ import time
 import pytest
 
 from lxc_harness import LxcHarness, tcp, udp
-from tuplet.datapath import OBJ_LXC, object_dir
-from tuplet.signals import SIGNAL_MAP, SignalReader
+from tuplet.datapath.abi import OBJ_LXC, SIGNAL_MAP
+from tuplet.datapath.paths import object_dir
+from tuplet.datapath.signals import SignalReader
 
 A, B = "10.64.0.36", "10.64.0.64"
 
@@ -63,11 +64,11 @@ def test_no_signal_when_inserts_succeed(lxc: LxcHarness) -> None:
 
 
 def test_runner_collects_early_on_a_signal_and_on_schedule(failing: LxcHarness, one_cpu: int) -> None:
-    from tuplet.ct import CT_MAP_ANY, CT_MAP_TCP
-    from tuplet.gc import CtGc
-    from tuplet.gc_runner import GcRunner
-    from tuplet.gc_schedule import GcSchedule
-    from tuplet.layouts import CtEntry, CtTuple4
+    from tuplet.conntrack.gc import CtGc
+    from tuplet.conntrack.runner import GcRunner
+    from tuplet.conntrack.schedule import GcSchedule
+    from tuplet.datapath.abi import CT_MAP_ANY, CT_MAP_TCP
+    from tuplet.datapath.layouts import CtEntry, CtTuple4
 
     t = [1000.0]
     tcp_map = failing.coll.maps[CT_MAP_TCP]

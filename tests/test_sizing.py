@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from tuplet import sizing
-from tuplet.errors import ConfigError, TupletError
-from tuplet.sizing import EntrySizes, MapSize, compute_sizing, node_memory_bytes
+from tuplet.conntrack import sizing
+from tuplet.conntrack.sizing import EntrySizes, MapSize, compute_sizing, node_memory_bytes
+from tuplet.core.errors import ConfigError, TupletError
 
 GIB = 1 << 30
 TIB = 1 << 40

@@ -23,10 +23,10 @@ except ImportError:
 from pyroute2 import IPRoute
 from pyroute2 import netns as pr_netns
 
-from tuplet import netns
-from tuplet.errors import TupletError
-from tuplet.netns import NetnsError, enter
-from tuplet.topology import Topology
+from tuplet.core.errors import TupletError
+from tuplet.lab.topology import Topology
+from tuplet.node import netns
+from tuplet.node.netns import NetnsError, enter
 
 pytestmark = [
     pytest.mark.netns,
@@ -249,7 +249,7 @@ def test_cleanup_stale(prefix: str) -> None:
 SIGNALLED = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, sys.argv[1])
-    from tuplet.topology import Topology
+    from tuplet.lab.topology import Topology
     t = Topology(prefix=sys.argv[2])
     node = t.add_node("node")
     pod = t.add_pod(node, "pod1", "10.64.0.36")

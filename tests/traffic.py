@@ -6,7 +6,7 @@ import sys
 import textwrap
 from typing import Any
 
-from tuplet.topology import Pod, Topology
+from tuplet.lab.topology import Pod, Topology
 
 ECHO_SERVER = textwrap.dedent("""
     import socket, sys, threading

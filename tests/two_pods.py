@@ -5,7 +5,7 @@ from __future__ import annotations
 import textwrap
 from collections.abc import Iterator
 
-from tuplet.topology import Topology
+from tuplet.lab.topology import Topology
 
 POD1, POD2 = "10.64.0.36", "10.64.0.64"
 

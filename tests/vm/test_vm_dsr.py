@@ -7,7 +7,7 @@ no geneve module).
     node-c 192.168.50.12 ┘  pod-c 10.64.2.40 (idle)
 
 Each node is a namespace with its own pin root, its NIC ``eth0`` and the overlay device ``tpl_geneve0``
-created by ``datapath.apply``. The client reaches the VIP through node-a (its route), node-a forwards over
+created by ``node_apply.apply``. The client reaches the VIP through node-a (its route), node-a forwards over
 Geneve to node-b, and the reply leaves node-b from VIP:80 straight to the client: node-a never sees it
 (iptables counters in node-a's raw table count packets from the VIP or the backend: zero).
 """
@@ -25,11 +25,14 @@ from pathlib import Path
 
 import pytest
 
-from tuplet import config, ct, datapath, metrics
-from tuplet.bpffs import BPFFS
-from tuplet.ct import NAT_MAP
-from tuplet.gc import CtGc
-from tuplet.layouts import CtTuple4, Nat4Entry, be32_to_ip
+from tuplet.bpf.bpffs import BPFFS
+from tuplet.conntrack import records as ct
+from tuplet.conntrack.gc import CtGc
+from tuplet.datapath import abi, metrics, paths
+from tuplet.datapath.abi import NAT_MAP
+from tuplet.datapath.layouts import CtTuple4, Nat4Entry, be32_to_ip
+from tuplet.node import apply as node_apply
+from tuplet.node import config
 
 pytestmark = pytest.mark.vm
 
@@ -182,7 +185,7 @@ class Fabric:
             p.wait()
         for n, pin in self.pin.items():
             with contextlib.suppress(Exception):
-                datapath.teardown(pin, self.ns[n])
+                node_apply.teardown(pin, self.ns[n])
         for ns in self.ns.values():
             subprocess.run(["ip", "netns", "del", ns], check=False)
 
@@ -192,9 +195,9 @@ def fabric():
     f = Fabric()
     try:
         f.build()
-        datapath.apply(f.config("a", ("poda", POD_A)))
-        datapath.apply(f.config("b", ("podb", POD_B)))
-        datapath.apply(f.config("c", ("podc", POD_C)))
+        node_apply.apply(f.config("a", ("poda", POD_A)))
+        node_apply.apply(f.config("b", ("podb", POD_B)))
+        node_apply.apply(f.config("c", ("podc", POD_C)))
         f.start_servers()
         yield f
     finally:
@@ -203,15 +206,15 @@ def fabric():
 
 def ct_records(pin: str) -> list[ct.CtRecord]:
     out = []
-    for name in ct.CT_MAPS:
-        with datapath.open_pinned(pin, name) as m:
+    for name in abi.CT_MAPS:
+        with paths.open_pinned(pin, name) as m:
             out.extend(ct.records(m))
     return out
 
 
 def nat_entries(pin: str) -> dict[tuple, tuple[str, int]]:
     out = {}
-    with datapath.open_pinned(pin, NAT_MAP) as m:
+    with paths.open_pinned(pin, NAT_MAP) as m:
         for k, v in m.items():
             t = CtTuple4.from_buffer_copy(k)
             e = Nat4Entry.from_buffer_copy(v)
@@ -233,9 +236,9 @@ def raw_counts(ns: str) -> dict[str, int]:
 
 def reasons(pin: str, direction: str = "netdev_ingress") -> dict[str, int]:
     """Verdict counters of one metric direction (cil_from_overlay counts as netdev_ingress too)."""
-    obj = str(datapath.object_dir() / datapath.OBJ_OVERLAY)
+    obj = str(paths.object_dir() / abi.OBJ_OVERLAY)
     out: dict[str, int] = {}
-    with datapath.open_pinned(pin, datapath.METRICS_MAP) as m:
+    with paths.open_pinned(pin, abi.METRICS_MAP) as m:
         for c in metrics.read(m, metrics.reason_names(obj), metrics.direction_names(obj)):
             if c.direction == direction:
                 out[c.reason] = out.get(c.reason, 0) + c.packets
@@ -563,8 +566,8 @@ def test_nat_entry_lives_with_the_connection_and_goes_with_gc(fabric: Fabric) ->
         return [r for r in ct_records(f.pin["b"]) if r.src == (CLIENT, sport)]
 
     with contextlib.ExitStack() as st:
-        maps = [st.enter_context(datapath.open_pinned(f.pin["b"], name)) for name in ct.CT_MAPS]
-        nat = st.enter_context(datapath.open_pinned(f.pin["b"], NAT_MAP))
+        maps = [st.enter_context(paths.open_pinned(f.pin["b"], name)) for name in abi.CT_MAPS]
+        nat = st.enter_context(paths.open_pinned(f.pin["b"], NAT_MAP))
         with CtGc(maps, nat=nat) as g:
             # A pass now, while the connection lives: the entries and the NAT entry stay.
             g.run()

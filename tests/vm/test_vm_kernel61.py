@@ -18,13 +18,15 @@ import pytest
 
 from test_netns_datapath import POD1, POD2, ct_lines, find, node_config, topo  # noqa: F401 (topo: fixture)
 from traffic import LiveConnection, start_server, udp_once
-from tuplet import _libbpf as C
-from tuplet import config, datapath, netns, state
-from tuplet.errors import NotSupportedError
-from tuplet.gc import OBJ_GC
-from tuplet.libbpf import check
-from tuplet.links import AttachMode, Hook, tc_has_filter, tcx_attach
-from tuplet.objects import Collection, ObjectSpec
+from tuplet.bpf import _libbpf as C
+from tuplet.bpf.libbpf import check
+from tuplet.bpf.links import AttachMode, Hook, tc_has_filter, tcx_attach
+from tuplet.bpf.objects import Collection, ObjectSpec
+from tuplet.core.errors import NotSupportedError
+from tuplet.datapath import abi, paths
+from tuplet.datapath.abi import OBJ_GC
+from tuplet.node import apply as node_apply
+from tuplet.node import config, netns, state
 
 pytestmark = pytest.mark.vm
 
@@ -63,7 +65,7 @@ def test_kernel_is_61_without_tcx() -> None:
     ns = f"tpl-vm-{uuid.uuid4().hex[:6]}"
     subprocess.run(["ip", "netns", "add", ns], check=True)
     try:
-        with ObjectSpec.open(datapath.object_dir() / "pass.o") as spec:
+        with ObjectSpec.open(paths.object_dir() / "pass.o") as spec:
             coll = spec.load()
         with coll, netns.enter(ns):
             prog = next(iter(coll.programs.values()))
@@ -83,9 +85,9 @@ def test_objects_pass_the_61_verifier(syn_table: bool) -> None:
     lines = [f"kernel {platform.release()}, syn_table = {str(syn_table).lower()}: "
              "program, verified insns, xlated bytes, jited bytes"]
     # bpf_host.o twice: without an overlay (the DSR branch pruned) and with one (ifindex 1 stands in).
-    for obj, overlay in ((datapath.OBJ_LXC, 0), (datapath.OBJ_HOST, 0), (datapath.OBJ_HOST, 1),
-                         (datapath.OBJ_OVERLAY, 0)):
-        spec = datapath.open_object(obj, cfg, pin_root=None,   # default sizes: what apply would load
+    for obj, overlay in ((abi.OBJ_LXC, 0), (abi.OBJ_HOST, 0), (abi.OBJ_HOST, 1),
+                         (abi.OBJ_OVERLAY, 0)):
+        spec = node_apply.open_object(obj, cfg, pin_root=None,   # default sizes: what apply would load
                                     overlay_ifindex=overlay)
         with spec.load() as coll:                              # VerifierError carries the log
             sizes = prog_sizes(coll)
@@ -97,7 +99,7 @@ def test_objects_pass_the_61_verifier(syn_table: bool) -> None:
 
 def test_gc_object_passes_the_61_verifier() -> None:
     """ct_gc.o as tuplet.gc loads it for the in-kernel pass (without it, GC falls back to batch syscalls)."""
-    with ObjectSpec.open(datapath.object_dir() / OBJ_GC) as spec:
+    with ObjectSpec.open(paths.object_dir() / OBJ_GC) as spec:
         for name in spec.maps:
             if not name.startswith("."):
                 spec.set_max_entries(name, 64)   # stand-ins, as tuplet.gc makes for maps it does not collect
@@ -123,7 +125,7 @@ def _qdiscs(ns: str, ifname: str) -> list[str]:
 
 def test_auto_falls_back_to_tc_and_pods_talk(topo, pin_root) -> None:  # noqa: F811
     cfg = config.parse(node_config(topo, pin_root, "auto"))
-    datapath.apply(cfg)
+    node_apply.apply(cfg)
     try:
         st = state.load(pin_root)
         assert {a.mode for a in st.attachments} == {AttachMode.TC}, st.attachments
@@ -157,7 +159,7 @@ def test_auto_falls_back_to_tc_and_pods_talk(topo, pin_root) -> None:  # noqa: F
         find(recs, "UDP", "IN", sport=40001)
         assert {"cil_from_container", "cil_to_container"} <= set(_bpftool_progs())
     finally:
-        datapath.teardown(pin_root)
+        node_apply.teardown(pin_root)
 
     # Nothing left: no filter or clsact on the veths, no pin, no state, no program.
     assert state.load(pin_root) is None
@@ -169,7 +171,7 @@ def test_auto_falls_back_to_tc_and_pods_talk(topo, pin_root) -> None:  # noqa: F
 
 def test_forced_tcx_fails_clearly_and_changes_nothing(topo, pin_root) -> None:  # noqa: F811
     with pytest.raises(NotSupportedError, match="6.6"):
-        datapath.apply(config.parse(node_config(topo, pin_root, "tcx")))
+        node_apply.apply(config.parse(node_config(topo, pin_root, "tcx")))
     assert state.load(pin_root) is None
     assert not Path(pin_root).exists() or not any(Path(pin_root).iterdir()), list(Path(pin_root).iterdir())
     for pod in (topo.p1, topo.p2):

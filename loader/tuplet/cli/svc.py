@@ -1,0 +1,158 @@
+"""`tuplet svc`: add, change, delete and list services on a running datapath."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from typing import Any
+
+from tuplet.core.errors import ConfigError
+from tuplet.lb import writer as lb
+from tuplet.lb.model import (
+    Backend,
+    Service,
+    ServiceType,
+    check_affinity,
+    check_ipv4,
+    check_maglev_size,
+    check_name,
+    check_port,
+    check_service,
+    parse_backend,
+    protocol,
+    service_type,
+)
+
+
+def add_parser(sub: Any) -> None:
+    s = sub.add_parser("svc", help="services: ClusterIP, NodePort, LoadBalancer")
+    ssub = s.add_subparsers(dest="svc_command", required=True)
+
+    backend_help = "ADDRESS:PORT[,weight=N][,node=ADDRESS] (repeat for more backends)"
+    a = ssub.add_parser("add", help="add a service")
+    a.add_argument("name")
+    a.add_argument("--type", default="ClusterIP", choices=[t.value for t in ServiceType])
+    a.add_argument("--address", required=True, help="ClusterIP, LoadBalancer VIP, or the node address (NodePort)")
+    a.add_argument("--port", required=True)
+    a.add_argument("--protocol", default="tcp", choices=["tcp", "udp"])
+    a.add_argument("--backend", action="append", default=[], help=backend_help)
+    a.add_argument("--affinity-timeout", default=None, help="client-IP session affinity, e.g. 3h (0: off)")
+    a.add_argument("--maglev-size", default=None, help="Maglev table entries, prime (default: the node's)")
+    a.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    a.set_defaults(func=cmd_svc_add)
+
+    u = ssub.add_parser("update", help="change a service's backends or settings (atomically)")
+    u.add_argument("name")
+    u.add_argument("--backend", action="append", default=None, help="replace all backends: " + backend_help)
+    u.add_argument("--add-backend", action="append", default=[], help="add (or change) a backend")
+    u.add_argument("--remove-backend", action="append", default=[], help="remove the backend ADDRESS:PORT")
+    u.add_argument("--affinity-timeout", default=None)
+    u.add_argument("--maglev-size", default=None)
+    u.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    u.set_defaults(func=cmd_svc_update)
+
+    d = ssub.add_parser("delete", help="delete a service")
+    d.add_argument("name")
+    d.set_defaults(func=cmd_svc_delete)
+
+    ls = ssub.add_parser("list", help="services, backends and their Maglev table share")
+    ls.add_argument("name", nargs="?")
+    ls.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    ls.set_defaults(func=cmd_svc_list)
+
+
+def _pin_root(args: argparse.Namespace) -> str:
+    from tuplet.cli.main import pin_root_of
+
+    return pin_root_of(args)
+
+
+def _backends(values: list[str], flag: str) -> tuple[Backend, ...]:
+    return tuple(parse_backend(v, f"{flag} {v}") for v in values)
+
+
+def cmd_svc_add(args: argparse.Namespace) -> int:
+    s = check_service(Service(
+        name=check_name(args.name, "name"),
+        type=service_type(args.type, "--type"),
+        address=check_ipv4(args.address, "--address"),
+        port=check_port(args.port, "--port"),
+        protocol=protocol(args.protocol, "--protocol"),
+        backends=_backends(args.backend, "--backend"),
+        affinity_timeout=check_affinity(args.affinity_timeout, "--affinity-timeout")
+        if args.affinity_timeout is not None else 0,
+        maglev_size=check_maglev_size(args.maglev_size, "--maglev-size") if args.maglev_size is not None else None,
+        source="cli"), "--backend")
+    with lb.ServiceTable(_pin_root(args)) as table:
+        if s.name in table.reg.services:
+            raise ConfigError("name", f"service {s.name!r} exists already (use `tuplet svc update`)")
+        view = table.upsert(s)
+    _show(args, [view])
+    return 0
+
+
+def cmd_svc_update(args: argparse.Namespace) -> int:
+    with lb.ServiceTable(_pin_root(args)) as table:
+        old = table.get(args.name)
+        backends = list(_backends(args.backend, "--backend")) if args.backend is not None else list(old.backends)
+        for b in _backends(args.add_backend, "--add-backend"):
+            backends = [x for x in backends if x.endpoint != b.endpoint] + [b]
+        for v in args.remove_backend:
+            gone = parse_backend(v, f"--remove-backend {v}")
+            if not any(x.endpoint == gone.endpoint for x in backends):
+                raise ConfigError(f"--remove-backend {v}", f"service {old.name!r} has no backend {gone.endpoint}")
+            backends = [x for x in backends if x.endpoint != gone.endpoint]
+        new = replace(old, backends=tuple(backends))
+        if args.affinity_timeout is not None:
+            new = replace(new, affinity_timeout=check_affinity(args.affinity_timeout, "--affinity-timeout"))
+        if args.maglev_size is not None:
+            new = replace(new, maglev_size=check_maglev_size(args.maglev_size, "--maglev-size"))
+        view = table.upsert(check_service(new, "--backend"))
+    _show(args, [view])
+    return 0
+
+
+def cmd_svc_delete(args: argparse.Namespace) -> int:
+    with lb.ServiceTable(_pin_root(args)) as table:
+        table.delete(args.name)
+    print(f"deleted service {args.name}")
+    return 0
+
+
+def cmd_svc_list(args: argparse.Namespace) -> int:
+    with lb.ServiceTable(_pin_root(args)) as table:
+        names = [args.name] if args.name else table.names()
+        views = [table.view(n) for n in names]
+        draining = table.draining()
+    if args.output == "json":
+        json.dump({"services": [v.to_json() for v in views], "draining_backends": draining}, sys.stdout, indent=2)
+        print()
+        return 0
+    _show(args, views)
+    if draining:
+        print(f"draining backends (removed, still used by established flows): {', '.join(sorted(draining))}")
+    return 0
+
+
+def _show(args: argparse.Namespace, views: list[lb.ServiceView]) -> None:
+    if getattr(args, "output", "text") == "json":
+        json.dump({"services": [v.to_json() for v in views]}, sys.stdout, indent=2)
+        print()
+        return
+    if not views:
+        print("no services")
+    for v in views:
+        s = v.service
+        extra = [f"rev-nat {v.rev_nat}", f"maglev {v.maglev_size}" if v.maglev_size else "no backends"]
+        if s.affinity_timeout:
+            extra.append(f"affinity {s.affinity_timeout}s")
+        if not v.live:
+            extra.append("NOT IN DATAPATH")
+        print(f"{s.name:<20} {s.type.value:<13} {s.describe_frontend():<24} ({', '.join(extra)}; from {s.source})")
+        for b in v.backends:
+            share = 100.0 * b.slots / v.maglev_size if v.maglev_size else 0.0
+            where = f"remote via {b.backend.node}" if b.remote and b.backend.node else \
+                "remote" if b.remote else "local"
+            w = f" weight {b.backend.weight}" if b.backend.weight != 1 else ""
+            print(f"  {b.backend.endpoint:<22} id {b.id:<6} {share:6.2f}% ({b.slots} slots) {where}{w}")

@@ -1,0 +1,90 @@
+"""Reading the conntrack tables and printing them like the reference's `ct list`."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from tuplet.bpf.maps import Map
+from tuplet.datapath.abi import TUPLE_F_IN, TUPLE_F_RELATED, TUPLE_F_SERVICE
+from tuplet.datapath.layouts import CtEntry, CtTuple4, be16, be32_to_ip
+
+PROTO_NAMES = {1: "ICMP", 6: "TCP", 17: "UDP", 58: "ICMPv6"}
+
+
+@dataclass(frozen=True)
+class CtRecord:
+    """One conntrack entry, decoded."""
+
+    key: CtTuple4
+    entry: CtEntry
+    map_name: str
+
+    @property
+    def proto(self) -> str:
+        return PROTO_NAMES.get(self.key.nexthdr, str(self.key.nexthdr))
+
+    @property
+    def direction(self) -> str:
+        f = self.key.flags
+        if f & TUPLE_F_SERVICE:
+            return "SVC"
+        return "IN" if f & TUPLE_F_IN else "OUT"
+
+    @property
+    def related(self) -> bool:
+        return bool(self.key.flags & TUPLE_F_RELATED)
+
+    @property
+    def src(self) -> tuple[str, int]:
+        """The flow's original source (the key's daddr and sport)."""
+        return be32_to_ip(self.key.daddr), be16(self.key.sport)
+
+    @property
+    def dst(self) -> tuple[str, int]:
+        """The flow's original destination (the key's saddr and dport)."""
+        return be32_to_ip(self.key.saddr), be16(self.key.dport)
+
+    def line(self, now: int | None = None) -> str:
+        """The reference's one-line format; with ``now``, the remaining seconds too."""
+        e = self.entry
+        (sa, sp), (da, dp) = self.src, self.dst
+        out = f"{self.proto} {self.direction} {sa}:{sp} -> {da}:{dp} "
+        if self.related:
+            out += "related "
+        out += f"expires={e.lifetime}"
+        if now is not None:
+            out += f" (remaining: {e.lifetime - now} sec(s))"
+        names = "".join(n + " " for n in e.flag_names)
+        out += (f" Packets={e.packets} Bytes={e.bytes}"
+                f" RxFlagsSeen=0x{e.rx_flags_seen:02x} LastRxReport={e.last_rx_report}"
+                f" TxFlagsSeen=0x{e.tx_flags_seen:02x} LastTxReport={e.last_tx_report}"
+                f" Flags=0x{e.flag_word:04x} [ {names}]"
+                f" RevNAT={e.rev_nat_index} SourceSecurityID={e.src_sec_id}"
+                f" IfIndex={e.ifindex} BackendID={e.backend_id}")
+        return out
+
+    def to_json(self, now: int | None = None) -> dict[str, Any]:
+        e = self.entry
+        (sa, sp), (da, dp) = self.src, self.dst
+        rec: dict[str, Any] = {
+            "map": self.map_name, "proto": self.proto, "direction": self.direction,
+            "related": self.related, "src": sa, "sport": sp, "dst": da, "dport": dp,
+            "expires": e.lifetime, "packets": e.packets, "bytes": e.bytes,
+            "rx_flags_seen": e.rx_flags_seen, "last_rx_report": e.last_rx_report,
+            "tx_flags_seen": e.tx_flags_seen, "last_tx_report": e.last_tx_report,
+            "flags": e.flag_word, "flag_names": e.flag_names, "rev_nat": e.rev_nat_index,
+            "source_security_id": e.src_sec_id, "ifindex": e.ifindex, "backend_id": e.backend_id,
+        }
+        if now is not None:
+            rec["remaining"] = e.lifetime - now
+        return rec
+
+
+def records(m: Map) -> Iterator[CtRecord]:
+    """Every entry of one CT map, read in batches."""
+    for k, v in m.items():
+        yield CtRecord(CtTuple4.from_buffer_copy(k), CtEntry.from_buffer_copy(v), m.name)
+
+
+def sort_key(r: CtRecord) -> tuple[Any, ...]:
+    return (r.proto, r.src, r.dst, r.direction, r.related)

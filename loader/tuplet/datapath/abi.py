@@ -1,0 +1,82 @@
+"""The datapath's ABI as user space sees it: every object, program and pinned map name,
+and every flag value the BPF programs and Python share.
+
+Each constant is defined here once. ``tests/test_abi.py`` checks every one against the
+built objects: map and program names against what the objects declare, flag values
+against the enums of their BTF (``bpf/lib/*_types.h`` and ``ct_gc.c`` name them in enums
+for that reason). A pinned map's name carries its layout version (``_vN``): a changed
+key or value layout gets a new name, so an old pin can never be misread.
+"""
+from __future__ import annotations
+
+from typing import Final
+
+from tuplet.bpf.links import Hook
+
+# --- objects and programs ---------------------------------------------------------------------
+
+OBJ_LXC: Final = "bpf_lxc.o"          # pod side: cil_from_container, cil_to_container
+OBJ_HOST: Final = "bpf_host.o"        # node NIC: cil_from_netdev, cil_to_netdev
+OBJ_OVERLAY: Final = "bpf_overlay.o"  # Geneve device: cil_from_overlay
+OBJ_GC: Final = "ct_gc.o"             # the in-kernel GC walker, run with BPF_PROG_TEST_RUN
+GC_PROGRAM: Final = "tpl_ct_gc"
+
+#: (program, hook) per endpoint: packets leaving the pod enter the host-side veth.
+LXC_HOOKS: Final = (("cil_from_container", Hook.INGRESS), ("cil_to_container", Hook.EGRESS))
+#: (program, hook) per node device: what enters the node, what leaves it.
+NETDEV_HOOKS: Final = (("cil_from_netdev", Hook.INGRESS), ("cil_to_netdev", Hook.EGRESS))
+#: (program, hook) on the overlay (Geneve) device: DSR flows arriving from an LB node.
+OVERLAY_HOOKS: Final = (("cil_from_overlay", Hook.INGRESS),)
+
+# --- pinned maps ------------------------------------------------------------------------------
+
+CT_MAP_TCP: Final = "tpl_ct4_v1"
+CT_MAP_ANY: Final = "tpl_ct_any4_v1"
+CT_MAP_SYN: Final = "tpl_ct4_syn_v1"     # TCP entries until their connection is established
+CT_MAPS: Final = (CT_MAP_TCP, CT_MAP_ANY, CT_MAP_SYN)
+NAT_MAP: Final = "tpl_nat4_v1"
+EP_MAP: Final = "tpl_ep4_v1"
+METRICS_MAP: Final = "tpl_metrics_v2"
+EVENTS_MAP: Final = "tpl_ct_events_v1"
+SIGNAL_MAP: Final = "tpl_signals_v1"
+
+SERVICES_MAP: Final = "tpl_lb4_services_v1"
+BACKENDS_MAP: Final = "tpl_lb4_backends_v1"
+REV_NAT_MAP: Final = "tpl_lb4_reverse_nat_v1"
+MAGLEV_MAP: Final = "tpl_lb4_maglev_v2"
+AFFINITY_MAP: Final = "tpl_lb4_affinity_v1"
+LB_MAPS: Final = (SERVICES_MAP, BACKENDS_MAP, REV_NAT_MAP, MAGLEV_MAP, AFFINITY_MAP)
+
+#: Every map the datapath pins, by the object that declares it first.
+PINNED_MAPS: Final = {
+    OBJ_LXC: (*CT_MAPS, NAT_MAP, EP_MAP, METRICS_MAP, EVENTS_MAP, SIGNAL_MAP, *LB_MAPS),
+}
+
+# --- conntrack tuple flags (enum ct_tuple_flag, conntrack_types.h) ----------------------------
+
+TUPLE_F_OUT: Final = 0
+TUPLE_F_IN: Final = 1
+TUPLE_F_RELATED: Final = 2
+TUPLE_F_SERVICE: Final = 4
+
+# --- services (enum lb_svc_flag, lb_backend_flag, lb_bank in lb_map.h) ------------------------
+
+LB_SVC_F_EXTERNAL: Final = 1
+LB_SVC_F_NODEPORT: Final = 2
+LB_SVC_F_LOADBALANCER: Final = 4
+LB_SVC_F_AFFINITY: Final = 8
+LB_BACKEND_F_REMOTE: Final = 1
+#: Slot numbers of bank 1 start here.
+LB_BANK_STRIDE: Final = 0x8000
+
+# --- verdict counters (metrics.h) -------------------------------------------------------------
+
+#: A counter's key is direction * REASON_SLOTS + reason (enum tpl_reason's TPL_REASON_SLOTS).
+REASON_SLOTS: Final = 256
+
+# --- the GC program's arguments (enum gc_selector in ct_gc.c) ---------------------------------
+
+GC_SELECTOR: Final = {CT_MAP_TCP: 0, CT_MAP_ANY: 1, CT_MAP_SYN: 2}
+GC_SELECT_NAT: Final = 3
+#: Walk and count only; delete nothing.
+GC_WALK_ONLY: Final = 0x80000000

@@ -1,0 +1,218 @@
+"""Python views of the structs the datapath shares with user space.
+
+Defined once here and checked against the BTF of the built objects by
+``tests/test_layouts.py`` (sizes, offsets, bitfield positions), so the C and
+Python sides cannot drift apart silently.
+"""
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import socket
+
+# ct_entry flag word bits, in order, with the names `ct list` prints.
+CT_FLAG_BITS: tuple[tuple[str, str], ...] = (
+    ("rx_closing", "RxClosing"),
+    ("tx_closing", "TxClosing"),
+    ("reserved1", ""),
+    ("lb_loopback", "LBLoopback"),
+    ("seen_non_syn", "SeenNonSyn"),
+    ("node_port", "NodePort"),
+    ("proxy_redirect", "ProxyRedirect"),
+    ("dsr_internal", "DSRInternal"),
+    ("from_l7lb", "FromL7LB"),
+    ("reserved2", ""),
+    ("from_tunnel", "FromTunnel"),
+)
+
+
+class CtTuple4(ctypes.Structure):
+    """struct ipv4_ct_tuple: addresses name the reply direction, ports the original."""
+
+    _pack_ = 1
+    _fields_ = [
+        ("daddr", ctypes.c_uint32),   # network byte order
+        ("saddr", ctypes.c_uint32),
+        ("dport", ctypes.c_uint16),   # network byte order
+        ("sport", ctypes.c_uint16),
+        ("nexthdr", ctypes.c_uint8),
+        ("flags", ctypes.c_uint8),
+    ]
+
+    @classmethod
+    def make(cls, daddr: str, saddr: str, dport: int, sport: int, nexthdr: int, flags: int) -> "CtTuple4":
+        return cls(ip_to_be32(daddr), ip_to_be32(saddr), socket.htons(dport), socket.htons(sport),
+                   nexthdr, flags)
+
+
+class CtEntry(ctypes.Structure):
+    """struct ct_entry (56 bytes)."""
+
+    _fields_ = [
+        ("reserved0", ctypes.c_uint64),
+        ("backend_id", ctypes.c_uint64),
+        ("packets", ctypes.c_uint64),
+        ("bytes", ctypes.c_uint64),
+        ("lifetime", ctypes.c_uint32),
+        *[(name, ctypes.c_uint16, 1) for name, _ in CT_FLAG_BITS],
+        ("reserved3", ctypes.c_uint16, 5),
+        ("rev_nat_index", ctypes.c_uint16),
+        ("ifindex", ctypes.c_uint16),
+        ("tx_flags_seen", ctypes.c_uint8),
+        ("rx_flags_seen", ctypes.c_uint8),
+        ("src_sec_id", ctypes.c_uint32),
+        ("last_tx_report", ctypes.c_uint32),
+        ("last_rx_report", ctypes.c_uint32),
+    ]
+
+    @property
+    def flag_word(self) -> int:
+        """The flag bits as the 16-bit word `ct list` prints."""
+        raw = bytes(self)[CT_FLAGS_OFFSET:CT_FLAGS_OFFSET + 2]
+        return int.from_bytes(raw, "little")
+
+    @property
+    def flag_names(self) -> list[str]:
+        return [label for name, label in CT_FLAG_BITS if label and getattr(self, name)]
+
+
+CT_FLAGS_OFFSET = CtEntry.lifetime.offset + 4
+
+
+class EndpointInfo(ctypes.Structure):
+    """struct endpoint_info: value of the endpoint map, keyed by the pod's be32 address."""
+
+    _fields_ = [
+        ("ifindex", ctypes.c_uint32),
+        ("sec_id", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+    ]
+
+
+class Nat4Entry(ctypes.Structure):
+    """struct nat4_entry: value of the NAT map (40 bytes)."""
+
+    _fields_ = [
+        ("created", ctypes.c_uint64),
+        ("needs_ct", ctypes.c_uint64),
+        ("reserved", ctypes.c_uint64 * 2),
+        ("to_addr", ctypes.c_uint32),   # network byte order
+        ("to_port", ctypes.c_uint16),   # network byte order
+        ("pad", ctypes.c_uint16),
+    ]
+
+
+class TplSignal(ctypes.Structure):
+    """struct tpl_signal: one record of the datapath's signal ring buffer."""
+
+    _fields_ = [
+        ("ktime_ns", ctypes.c_uint64),
+        ("kind", ctypes.c_uint32),
+        ("arg", ctypes.c_uint32),
+        ("cpu", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+    ]
+
+
+class MetricsValue(ctypes.Structure):
+    """struct metrics_value: one CPU's counters of one reason and direction."""
+
+    _fields_ = [("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64)]
+
+
+def ip_to_be32(addr: str) -> int:
+    """An IPv4 address as the u32 whose in-memory bytes are in network order."""
+    return int.from_bytes(ipaddress.IPv4Address(addr).packed, "little")
+
+
+def be32_to_ip(v: int) -> str:
+    return str(ipaddress.IPv4Address(v.to_bytes(4, "little")))
+
+
+def be16(v: int) -> int:
+    """A port as stored (network order in memory) to host order, and back."""
+    return socket.ntohs(v)
+
+
+# --- services (bpf/lib/lb_map.h) ----------------------------------------------------------------
+
+
+class Lb4Key(ctypes.Structure):
+    """struct lb4_key: a service (slot 0) or one of its backend slots."""
+
+    _fields_ = [
+        ("address", ctypes.c_uint32),     # network byte order
+        ("dport", ctypes.c_uint16),       # network byte order
+        ("backend_slot", ctypes.c_uint16),
+        ("proto", ctypes.c_uint8),
+        ("scope", ctypes.c_uint8),
+        ("pad", ctypes.c_uint16),
+    ]
+
+    @classmethod
+    def make(cls, address: str, port: int, proto: int, slot: int = 0) -> "Lb4Key":
+        return cls(ip_to_be32(address), socket.htons(port), slot, proto, 0, 0)
+
+
+class Lb4Service(ctypes.Structure):
+    """struct lb4_service: slot 0 describes the service, other slots hold a backend id."""
+
+    _fields_ = [
+        ("backend_id", ctypes.c_uint32),
+        ("affinity_timeout", ctypes.c_uint32),
+        ("maglev_size", ctypes.c_uint32),
+        ("count", ctypes.c_uint16),
+        ("rev_nat_index", ctypes.c_uint16),
+        ("flags", ctypes.c_uint8),
+        ("bank", ctypes.c_uint8),
+        ("pad", ctypes.c_uint16),
+    ]
+
+
+class Lb4Backend(ctypes.Structure):
+    """struct lb4_backend."""
+
+    _fields_ = [
+        ("address", ctypes.c_uint32),     # network byte order
+        ("port", ctypes.c_uint16),        # network byte order
+        ("proto", ctypes.c_uint8),
+        ("flags", ctypes.c_uint8),
+        ("node_addr", ctypes.c_uint32),   # network byte order
+    ]
+
+
+class Lb4ReverseNat(ctypes.Structure):
+    """struct lb4_reverse_nat: what a service's replies are rewritten to come from."""
+
+    _fields_ = [
+        ("address", ctypes.c_uint32),
+        ("port", ctypes.c_uint16),
+        ("pad", ctypes.c_uint16),
+    ]
+
+
+class Lb4MaglevKey(ctypes.Structure):
+    """struct lb4_maglev_key: a service's Maglev table for one bank."""
+
+    _fields_ = [
+        ("rev_nat_index", ctypes.c_uint16),
+        ("bank", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8),
+    ]
+
+
+class Lb4AffinityKey(ctypes.Structure):
+    """struct lb4_affinity_key."""
+
+    _fields_ = [
+        ("client", ctypes.c_uint32),
+        ("rev_nat_index", ctypes.c_uint16),
+        ("pad", ctypes.c_uint16),
+    ]
+
+
+class LbAffinityVal(ctypes.Structure):
+    """struct lb_affinity_val."""
+
+    _fields_ = [("last_used", ctypes.c_uint32), ("backend_id", ctypes.c_uint32)]

@@ -1,0 +1,195 @@
+"""`make demo`: a node, three pods and an outside client in network namespaces, real
+traffic, services, the CT table.
+
+Builds the topology, applies a node configuration (TCX where the kernel has it) with a
+ClusterIP and a LoadBalancer service, opens a real TCP connection and sends UDP and ICMP
+between two pods, then connects to the ClusterIP from a pod and to the LoadBalancer VIP
+from outside the node (each answer says which backend served it and from which address
+the reply came), prints `tuplet svc list`, `tuplet ct list` and `tuplet metrics`, and
+removes everything again, also on Ctrl-C.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+from tuplet.agent import log as logmod
+from tuplet.cli import main as cli
+from tuplet.lab.topology import Topology
+
+PIN_ROOT = "/sys/fs/bpf/tuplet/demo"
+POD1, POD2, POD3 = "10.64.0.36", "10.64.0.64", "10.64.0.98"
+CLUSTER_IP, LB_VIP, NODE_IP, EXT = "10.68.174.146", "172.190.0.17", "172.191.0.254", "172.191.0.1"
+
+# Answers every connection with its name; runs in each backend pod.
+NAMED = textwrap.dedent("""
+    import socket, sys, threading
+    name = sys.argv[1]
+    t = socket.socket(); t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    t.bind(("0.0.0.0", 9000)); t.listen(64)
+    print("ready", flush=True)
+    def serve(c):
+        with c:
+            c.recv(1024); c.sendall(name.encode())
+    while True:
+        c, _ = t.accept(); threading.Thread(target=serve, args=(c,), daemon=True).start()
+""")
+
+# Connects n times; prints who answered and the address the reply came from.
+ASK = textwrap.dedent("""
+    import socket, sys
+    dst, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    for i in range(n):
+        with socket.create_connection((dst, port), timeout=5) as s:
+            s.sendall(b"hi"); name = s.recv(1024).decode()
+            print(f"  connection {i + 1}: answered by {name}, reply from {s.getpeername()[0]}:{s.getpeername()[1]}")
+""")
+
+SERVER = textwrap.dedent("""
+    import socket, sys
+    t = socket.socket(); t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    t.bind(("0.0.0.0", 8000)); t.listen()
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(("0.0.0.0", 5353))
+    print("ready", flush=True)
+    c, _ = t.accept(); c.sendall(c.recv(1024).upper()); c.close()
+    data, peer = u.recvfrom(1024); u.sendto(data[::-1], peer)
+""")
+
+CLIENT = textwrap.dedent(f"""
+    import socket
+    s = socket.create_connection(("{POD2}", 8000), timeout=5)
+    s.sendall(b"hello over tcp"); print("tcp reply:", s.recv(1024).decode()); s.close()
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(5)
+    u.sendto(b"hello over udp", ("{POD2}", 5353)); print("udp reply:", u.recvfrom(1024)[0].decode())
+""")
+
+
+def step(text: str) -> None:
+    print(f"\n==> {text}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="tuplet-demo", description=__doc__)
+    ap.add_argument("--attach-mode", choices=["auto", "tcx", "tc"], default="auto")
+    ap.add_argument("--keep", action="store_true", help="leave the topology and datapath up (Enter to clean up)")
+    args = ap.parse_args(argv)
+    logmod.configure("warning")
+    main_pid = os.getpid()
+
+    def on_term(*_: object) -> None:
+        if os.getpid() == main_pid:  # never in a forked helper
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    Topology.cleanup_stale("tpl-demo")
+    cli.main(["--pin-root", PIN_ROOT, "teardown"]) if Path(PIN_ROOT).exists() else None
+
+    with Topology(prefix="tpl-demo") as topo, tempfile.TemporaryDirectory() as tmp:
+        try:
+            step("topology: node namespace with three pods on veth pairs, an outside client on eth0")
+            node = topo.add_node("node")
+            p1 = topo.add_pod(node, "pod1", POD1)
+            p2 = topo.add_pod(node, "pod2", POD2)
+            p3 = topo.add_pod(node, "pod3", POD3)
+            ext = topo.add_external(node, "ext", EXT, node_ip=NODE_IP, node_ifname="eth0")
+            topo.add_service_range(node, "10.68.0.0/16")
+            topo.run(ext, ["ip", "route", "add", f"{LB_VIP}/32", "via", NODE_IP], check=True)
+            cfg = Path(tmp) / "node.toml"
+            cfg.write_text(textwrap.dedent(f"""
+                [node]
+                name = "demo"
+                netns = "{node.netns}"
+                pin_root = "{PIN_ROOT}"
+                attach_mode = "{args.attach_mode}"
+
+                [[endpoints]]
+                name = "pod1"
+                ifname = "{p1.host_ifname}"
+                ipv4 = "{POD1}"
+                identity = 3096
+
+                [[endpoints]]
+                name = "pod2"
+                ifname = "{p2.host_ifname}"
+                ipv4 = "{POD2}"
+                identity = 4122
+
+                [[endpoints]]
+                name = "pod3"
+                ifname = "{p3.host_ifname}"
+                ipv4 = "{POD3}"
+
+                [[devices]]
+                ifname = "eth0"
+
+                [lb]
+                maglev_table_size = 1021
+
+                [[services]]
+                name = "web"
+                type = "ClusterIP"
+                address = "{CLUSTER_IP}"
+                port = 80
+                backends = ["{POD2}:9000", "{POD3}:9000"]
+
+                [[services]]
+                name = "web-lb"
+                type = "LoadBalancer"
+                address = "{LB_VIP}"
+                port = 80
+                backends = ["{POD2}:9000", "{POD3}:9000"]
+            """))
+            print(cfg.read_text())
+            step(f"tuplet apply {cfg.name}")
+            if cli.main(["apply", str(cfg)]) != 0:
+                return 1
+            cli.main(["--pin-root", PIN_ROOT, "status"])
+
+            step(f"traffic: TCP and UDP from pod1 ({POD1}) to pod2 ({POD2}), then ping")
+            server = topo.popen(p2, [sys.executable, "-c", SERVER], stdout=subprocess.PIPE, text=True)
+            assert server.stdout is not None
+            if server.stdout.readline().strip() != "ready":
+                print("server did not start", file=sys.stderr)
+                return 1
+            topo.run(p1, [sys.executable, "-c", CLIENT], check=True, timeout=20)
+            server.wait(timeout=10)
+            topo.run(p1, ["ping", "-c", "2", "-i", "0.2", POD2], check=True, timeout=10)
+            time.sleep(0.2)
+
+            for pod, name in ((p2, "pod2"), (p3, "pod3")):
+                srv = topo.popen(pod, [sys.executable, "-c", NAMED, name], stdout=subprocess.PIPE, text=True)
+                assert srv.stdout is not None
+                if srv.stdout.readline().strip() != "ready":
+                    print("backend server did not start", file=sys.stderr)
+                    return 1
+            step(f"ClusterIP: pod1 connects to {CLUSTER_IP}:80 four times (backends pod2, pod3)")
+            topo.run(p1, [sys.executable, "-c", ASK, CLUSTER_IP, "80", "4"], check=True, timeout=30)
+            step(f"LoadBalancer: the outside client connects to {LB_VIP}:80 four times through eth0")
+            topo.run(ext, [sys.executable, "-c", ASK, LB_VIP, "80", "4"], check=True, timeout=30)
+            step("tuplet svc list")
+            cli.main(["--pin-root", PIN_ROOT, "svc", "list"])
+
+            step("tuplet ct list --time-diff")
+            cli.main(["--pin-root", PIN_ROOT, "ct", "list", "--time-diff"])
+            step("tuplet metrics")
+            cli.main(["--pin-root", PIN_ROOT, "metrics"])
+            if args.keep:
+                input(f"\nTopology up (namespaces {node.netns}, {p1.netns}, {p2.netns}); Enter to clean up. ")
+        except KeyboardInterrupt:
+            print("\ninterrupted: cleaning up", file=sys.stderr)
+            return 130
+        finally:
+            step("cleanup: tuplet teardown, namespaces removed")
+            cli.main(["--pin-root", PIN_ROOT, "teardown"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
