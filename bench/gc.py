@@ -33,7 +33,8 @@ sys.path.insert(0, str(ROOT / "loader"))
 from tuplet.agent import log  # noqa: E402
 from tuplet.bpf import _libbpf as C  # noqa: E402
 from tuplet.bpf.maps import Map  # noqa: E402
-from tuplet.conntrack.gc import CtGc, Method, value_dtype  # noqa: E402
+from tuplet.conntrack.entries import value_dtype  # noqa: E402
+from tuplet.conntrack.gc import CtGc, Method  # noqa: E402
 from tuplet.datapath.abi import (
     CT_MAP_TCP,  # noqa: E402
     OBJ_LXC,  # noqa: E402

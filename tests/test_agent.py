@@ -15,7 +15,7 @@ import pytest
 
 from agent_harness import AgentProc
 from traffic import LiveConnection, start_server
-from tuplet.agent import service as agentmod
+from tuplet.agent import report
 from tuplet.bpf.links import pinned_link_prog_id
 from tuplet.bpf.maps import Map
 from tuplet.conntrack import records as ct
@@ -120,7 +120,7 @@ def test_ready_watchdog_metrics_reload_and_stop(topo, agents, pin_root, tmp_path
     assert conn.roundtrip("four") == "four"
     entry = ct_entry_of(pin_root, conn.sport)
     assert entry is not None and entry.entry.packets >= 8
-    assert agentmod.read_agent_state(pin_root) is None
+    assert report.read_agent_state(pin_root) is None
     conn.close()
 
 

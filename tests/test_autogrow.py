@@ -25,7 +25,7 @@ from tuplet.datapath import abi, clock
 from tuplet.datapath.abi import CT_MAP_ANY, CT_MAP_SYN, CT_MAP_TCP, NAT_MAP
 from tuplet.datapath.layouts import CtEntry
 from tuplet.node import apply as node_apply
-from tuplet.node import config
+from tuplet.node import config, sizes
 
 CAPS = {CT_MAP_TCP: 4096, CT_MAP_ANY: 4096, CT_MAP_SYN: 1024, NAT_MAP: 4096}
 
@@ -125,17 +125,17 @@ def test_failed_grow_is_retried_later() -> None:
 def test_keep_grown_takes_the_larger_of_configured_and_pinned() -> None:
     cfg = config.parse('[node]\npin_root = "/sys/fs/bpf/tuplet/x"\n[conntrack]\ntcp_max = 4096\n'
                        'any_max = 4096\nmap_dynamic_size_ratio = 0.0\nauto_grow = true\n')
-    same, kept = pressure.keep_grown(cfg, {CT_MAP_TCP: 4096, CT_MAP_ANY: 2048})
+    same, kept = sizes.keep_grown(cfg, {CT_MAP_TCP: 4096, CT_MAP_ANY: 2048})
     assert kept == [] and same.conntrack.sizing().tcp.entries == 4096
     # NAT follows the CT sizes without dynamic sizing: (8192 + 4096) * 2 / 3.
-    eff, kept = pressure.keep_grown(cfg, {CT_MAP_TCP: 8192, CT_MAP_ANY: 4096, NAT_MAP: 5461})
+    eff, kept = sizes.keep_grown(cfg, {CT_MAP_TCP: 8192, CT_MAP_ANY: 4096, NAT_MAP: 5461})
     assert kept == [(CT_MAP_TCP, 4096, 8192)]
     s = eff.conntrack.sizing()
     assert (s.tcp.entries, s.any.entries, s.nat.entries) == (8192, 4096, 8192)
     assert eff.conntrack.syn_entries(s) == 1024
-    eff, kept = pressure.keep_grown(cfg, {NAT_MAP: 16384})
+    eff, kept = sizes.keep_grown(cfg, {NAT_MAP: 16384})
     assert kept == [(NAT_MAP, 5461, 16384)] and eff.conntrack.sizing().nat.entries == 16384
-    grown = pressure.with_sizes(cfg, {CT_MAP_ANY: 8192})
+    grown = sizes.with_sizes(cfg, {CT_MAP_ANY: 8192})
     assert grown.conntrack.any_max == 8192 and grown.conntrack.tcp_max == 4096
 
 

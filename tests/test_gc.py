@@ -129,9 +129,9 @@ def test_nat_key_matches_the_datapath_helper(lxc: LxcHarness) -> None:
     """The numpy NAT key derivation and the BPF one (nat4_key_for_ct) agree."""
     import numpy as np
 
-    from tuplet.conntrack.gc import _Layout, nat_keys_for
+    from tuplet.conntrack.entries import EntryLayout, nat_keys_for
     m, nat = lxc.coll.maps[CT_MAP_TCP], lxc.coll.maps[NAT_MAP]
-    lay = _Layout.of(m)
+    lay = EntryLayout.of(m)
     now = lxc.now()
     keys = [CtTuple4.make(A, CLIENT, 40000 + i, 8080, 6, TUPLE_F_OUT) for i in range(50)]
     for k in keys:

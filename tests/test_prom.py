@@ -18,7 +18,7 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
 from lxc_harness import LxcHarness, tcp, udp
-from tuplet.agent import prom
+from tuplet.agent import collector, gc_metrics, http
 from tuplet.bpf import _libbpf as C
 from tuplet.bpf.libbpf import check, cstr
 from tuplet.bpf.maps import Map
@@ -64,7 +64,7 @@ def samples(text: str) -> Samples:
             for fam in text_string_to_metric_families(text) for s in fam.samples}
 
 
-def scrape_http(server: prom.MetricsServer, host: str = "127.0.0.1") -> tuple[str, Samples]:
+def scrape_http(server: http.MetricsServer, host: str = "127.0.0.1") -> tuple[str, Samples]:
     h = f"[{host}]" if ":" in host else host
     body = urllib.request.urlopen(f"http://{h}:{server.port}/metrics", timeout=10).read().decode()
     return body, samples(body)
@@ -95,8 +95,8 @@ def test_scrape_over_http_reports_what_the_maps_hold(dp: LxcHarness, pin_root: s
         t.upsert(Service("web", ServiceType.CLUSTER_IP, VIP, 80, backends=(Backend(B, 8080),), source="cli"))
 
     reg = CollectorRegistry()
-    reg.register(prom.DatapathCollector(pin_root))
-    server = prom.serve("127.0.0.1:0", reg)
+    reg.register(collector.DatapathCollector(pin_root))
+    server = http.serve("127.0.0.1:0", reg)
     assert server is not None and server.port > 0 and server.address == f"127.0.0.1:{server.port}"
     try:
         body, got = scrape_http(server)
@@ -105,8 +105,8 @@ def test_scrape_over_http_reports_what_the_maps_hold(dp: LxcHarness, pin_root: s
 
     # Fill levels: every pinned hash map, equal to what the maps hold now.
     reported = {dict(k[1])["map_name"] for k in got if k[0] == "tuplet_bpf_map_entries"}
-    assert reported == set(prom.PRESSURE_MAPS)
-    for name in prom.PRESSURE_MAPS:
+    assert reported == set(collector.PRESSURE_MAPS)
+    for name in collector.PRESSURE_MAPS:
         count, cap = pinned_count(pin_root, name)
         assert got[m("tuplet_bpf_map_entries", map_name=name)] == count, name
         assert got[m("tuplet_bpf_map_capacity", map_name=name)] == cap, name
@@ -146,17 +146,17 @@ def test_insert_failures_counted_from_their_drop_reason(dp: LxcHarness, pin_root
     per_cpu = bytes(mm.value_buf_size)
     one = (3).to_bytes(8, "little") + (180).to_bytes(8, "little")
     for direction in (0, 1):     # egress, ingress
-        idx = direction * abi.REASON_SLOTS + names[prom.INSERT_FAILED]
+        idx = direction * abi.REASON_SLOTS + names[collector.INSERT_FAILED]
         mm.update(idx, one + per_cpu[len(one):])
     got = scrape(_registry(pin_root))
     assert got[m("tuplet_datapath_conntrack_insert_failures_total")] == 6
-    assert got[m("tuplet_drop_count_total", reason=prom.INSERT_FAILED, direction="ingress")] == 3
-    assert got[m("tuplet_drop_bytes_total", reason=prom.INSERT_FAILED, direction="egress")] == 180
+    assert got[m("tuplet_drop_count_total", reason=collector.INSERT_FAILED, direction="ingress")] == 3
+    assert got[m("tuplet_drop_bytes_total", reason=collector.INSERT_FAILED, direction="egress")] == 180
 
 
 def _registry(pin_root: str, **kw: object) -> CollectorRegistry:
     reg = CollectorRegistry()
-    reg.register(prom.DatapathCollector(pin_root, **kw))  # type: ignore[arg-type]
+    reg.register(collector.DatapathCollector(pin_root, **kw))  # type: ignore[arg-type]
     return reg
 
 
@@ -206,13 +206,13 @@ def test_missing_pins_are_left_out(pin_root: str) -> None:
 
 def test_registries_are_separate_and_detect_duplicates(pin_root: str) -> None:
     a, b = CollectorRegistry(), CollectorRegistry()
-    prom.GcMetrics(a)
-    prom.GcMetrics(b)                             # another agent (or test) side by side
-    a.register(prom.DatapathCollector(pin_root))
+    gc_metrics.GcMetrics(a)
+    gc_metrics.GcMetrics(b)                             # another agent (or test) side by side
+    a.register(collector.DatapathCollector(pin_root))
     with pytest.raises(ValueError, match="Duplicated"):
-        a.register(prom.DatapathCollector(pin_root))
+        a.register(collector.DatapathCollector(pin_root))
     with pytest.raises(ValueError, match="Duplicated"):
-        prom.GcMetrics(a)
+        gc_metrics.GcMetrics(a)
 
 
 # --- GC metrics -------------------------------------------------------------------------------
@@ -225,15 +225,15 @@ def test_a_real_gc_pass_feeds_the_gc_metrics(dp: LxcHarness, pin_root: str) -> N
     dp.egress(udp(A, 5000, B, 53))                 # 60 s: expired
 
     reg = CollectorRegistry()
-    gm = prom.GcMetrics(reg)
-    reg.register(prom.DatapathCollector(pin_root, count_max_age=0))
+    gm = gc_metrics.GcMetrics(reg)
+    reg.register(collector.DatapathCollector(pin_root, count_max_age=0))
     maps = [open_pinned(pin_root, CT_MAP_TCP), open_pinned(pin_root, CT_MAP_ANY), open_pinned(pin_root, CT_MAP_SYN)]
     nat = open_pinned(pin_root, NAT_MAP)
     try:
         with CtGc(maps, nat=nat) as gc:
             runner = GcRunner(gc, GcSchedule(), on_pass=gm.observe)
             rep = runner.run_pass("start")
-            server = prom.serve("127.0.0.1:0", reg)
+            server = http.serve("127.0.0.1:0", reg)
             assert server is not None
             try:
                 _, got = scrape_http(server)
@@ -275,7 +275,7 @@ def test_a_real_gc_pass_feeds_the_gc_metrics(dp: LxcHarness, pin_root: str) -> N
 
 def test_a_failed_pass_counts_as_uncompleted() -> None:
     reg = CollectorRegistry()
-    prom.GcMetrics(reg).failed(duration=0.5)
+    gc_metrics.GcMetrics(reg).failed(duration=0.5)
     got = scrape(reg)
     for proto in ("TCP", "non-TCP"):
         lab = {"family": "ipv4", "protocol": proto, "status": "uncompleted"}
@@ -291,7 +291,7 @@ def test_a_failed_pass_counts_as_uncompleted() -> None:
     ("", None),
 ])
 def test_serve_addresses(value: str, want: tuple[str, int] | None) -> None:
-    assert prom.parse_addr(value) == want
+    assert http.parse_addr(value) == want
 
 
 @pytest.mark.parametrize("value, why", [
@@ -301,15 +301,15 @@ def test_serve_addresses(value: str, want: tuple[str, int] | None) -> None:
 ])
 def test_malformed_serve_addresses_name_the_flag(value: str, why: str) -> None:
     with pytest.raises(ConfigError) as e:
-        prom.parse_addr(value)
+        http.parse_addr(value)
     assert e.value.key == "--prometheus-serve-addr"
     assert str(e.value).startswith("--prometheus-serve-addr: ") and repr(value) in str(e.value) and why in str(e.value)
     with pytest.raises(ConfigError):
-        prom.serve(value, CollectorRegistry())
+        http.serve(value, CollectorRegistry())
 
 
 def test_empty_address_disables_the_endpoint() -> None:
-    assert prom.serve("", CollectorRegistry()) is None
+    assert http.serve("", CollectorRegistry()) is None
 
 
 def _has_ipv6_loopback() -> bool:
@@ -323,8 +323,8 @@ def _has_ipv6_loopback() -> bool:
 
 def test_all_addresses_and_stop(pin_root: str) -> None:
     reg = CollectorRegistry()
-    prom.GcMetrics(reg).interval.set(42)
-    server = prom.serve(":0", reg)
+    gc_metrics.GcMetrics(reg).interval.set(42)
+    server = http.serve(":0", reg)
     assert server is not None and server.address == f":{server.port}"
     try:
         assert scrape_http(server)[1][m("tuplet_datapath_conntrack_gc_interval_seconds")] == 42
@@ -339,7 +339,7 @@ def test_all_addresses_and_stop(pin_root: str) -> None:
 
 @pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback")
 def test_ipv6_address() -> None:
-    server = prom.serve("[::1]:0", CollectorRegistry())
+    server = http.serve("[::1]:0", CollectorRegistry())
     assert server is not None
     try:
         assert server.address == f"[::1]:{server.port}"
@@ -354,7 +354,7 @@ def test_busy_port_says_which_address() -> None:
         s.listen()
         port = s.getsockname()[1]
         with pytest.raises(TupletError) as e:
-            prom.serve(f"127.0.0.1:{port}", CollectorRegistry())
+            http.serve(f"127.0.0.1:{port}", CollectorRegistry())
     assert not isinstance(e.value, ConfigError)
     assert f"127.0.0.1:{port}" in str(e.value) and "EADDRINUSE" in str(e.value)
     assert "--prometheus-serve-addr" in str(e.value)
@@ -389,8 +389,8 @@ def test_promql_name_parser() -> None:
 def exported_names() -> set[str]:
     """Sample names the agent's metrics can carry, from the families themselves."""
     reg = CollectorRegistry()
-    prom.GcMetrics(reg)
-    fams = [*reg.collect(), *prom.DatapathCollector("/nonexistent").describe()]
+    gc_metrics.GcMetrics(reg)
+    fams = [*reg.collect(), *collector.DatapathCollector("/nonexistent").describe()]
     suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"], "gauge": [""]}
     return {f.name + s for f in fams for s in suffixes[f.type]}
 

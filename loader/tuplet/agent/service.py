@@ -31,136 +31,26 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import structlog
 from prometheus_client import CollectorRegistry
 
-from tuplet.agent import prom
+from tuplet.agent import collector, gc_metrics, http
+from tuplet.agent.gcloop import GcLoop
+from tuplet.agent.notify import Notifier, watchdog_interval
+from tuplet.agent.report import agent_state_path
 from tuplet.conntrack import pressure
-from tuplet.conntrack.gc import CtGc
-from tuplet.conntrack.runner import GcRunner, PassReport
-from tuplet.conntrack.schedule import GcSchedule
+from tuplet.conntrack.runner import PassReport
 from tuplet.core.errors import ConfigError, TupletError
-from tuplet.datapath import abi, paths
-from tuplet.datapath import events as ct_events
-from tuplet.datapath.abi import SIGNAL_MAP
-from tuplet.datapath.signals import SignalReader
 from tuplet.node import apply as node_apply
 from tuplet.node import config as configmod
+from tuplet.node import sizes
 
 log = structlog.get_logger("tuplet.agent")
 
 DEFAULT_CONFIG = "/etc/tuplet/tuplet.toml"
 DEFAULT_PROM_ADDR = ":9962"
-
-
-class Notifier:
-    """sd_notify over $NOTIFY_SOCKET (no-op without it), with the sdnotify package."""
-
-    def __init__(self) -> None:
-        import sdnotify
-
-        self._n = sdnotify.SystemdNotifier() if os.environ.get("NOTIFY_SOCKET") else None
-
-    def __call__(self, *lines: str) -> None:
-        if self._n is not None:
-            self._n.notify("\n".join(lines))
-
-
-def watchdog_interval() -> float | None:
-    """Half the WatchdogSec systemd asked for, or None."""
-    usec = os.environ.get("WATCHDOG_USEC")
-    pid = os.environ.get("WATCHDOG_PID")
-    if not usec or (pid and pid != str(os.getpid())):
-        return None
-    try:
-        return max(int(usec) / 2e6, 0.05)
-    except ValueError:
-        return None
-
-
-def agent_state_path(pin_root: str) -> Path:
-    """What the running agent reports to `tuplet status`."""
-    return paths.agent_path(pin_root)
-
-
-def read_agent_state(pin_root: str) -> dict[str, Any] | None:
-    """The agent's report, or None when no agent runs for pin_root."""
-    try:
-        d = json.loads(agent_state_path(pin_root).read_text(encoding="utf-8"))
-        os.kill(int(d["pid"]), 0)
-    except (FileNotFoundError, ValueError, KeyError, ProcessLookupError):
-        return None
-    except PermissionError:
-        pass
-    return d
-
-
-@dataclass
-class GcLoop:
-    """GC over the pinned CT maps in a thread; rebuilt on every (re)load."""
-
-    pin_root: str
-    cfg: configmod.Conntrack
-    on_pass: Callable[[PassReport], None]
-    on_fail: Callable[[], None] | None = None
-    thread: threading.Thread | None = None
-    stop_event: threading.Event = field(default_factory=threading.Event)
-    runner: GcRunner | None = None
-    error: BaseException | None = None
-    _closers: list[Any] = field(default_factory=list)
-
-    def start(self) -> None:
-        maps = [self._keep(paths.open_pinned(self.pin_root, n)) for n in abi.CT_MAPS]
-        nat = self._keep(paths.open_pinned(self.pin_root, abi.NAT_MAP)) \
-            if os.path.exists(os.path.join(self.pin_root, abi.NAT_MAP)) else None
-        gc = self._keep(CtGc(maps, nat=nat, count_nat=True))
-        obj = str(paths.object_dir() / abi.OBJ_LXC)
-        reader = None
-        if os.path.exists(os.path.join(self.pin_root, SIGNAL_MAP)):
-            ring = self._keep(paths.open_pinned(self.pin_root, SIGNAL_MAP))
-            reader = self._keep(SignalReader(ring, obj))
-        probe = None
-        if os.path.exists(os.path.join(self.pin_root, abi.EVENTS_MAP)):
-            try:
-                names = ct_events.event_names(obj)
-                events = self._keep(paths.open_pinned(self.pin_root, abi.EVENTS_MAP))
-                probe = lambda: ct_events.read(events, names)   # noqa: E731
-            except (TupletError, OSError, KeyError, ValueError) as e:
-                log.warning("gc: no conntrack event counters, evictions not estimated", error=str(e))
-        schedule = GcSchedule(fixed=self.cfg.gc_interval, maximum=self.cfg.gc_max_interval)
-        self.runner = GcRunner(gc, schedule, signals=reader, on_pass=self.on_pass, probe=probe)
-        self.thread = threading.Thread(target=self._run, name="tuplet-gc", daemon=True)
-        self.thread.start()
-
-    def _keep(self, obj: Any) -> Any:
-        self._closers.append(obj)
-        return obj
-
-    def _run(self) -> None:
-        assert self.runner is not None
-        try:
-            self.runner.run_pass("start")
-            self.runner.serve(self.stop_event)
-        except BaseException as e:   # reported by alive() and the main loop
-            self.error = e
-            log.error("gc stopped", error=str(e), error_type=type(e).__name__)
-            if self.on_fail is not None:
-                self.on_fail()
-
-    def alive(self) -> bool:
-        return self.thread is not None and self.thread.is_alive()
-
-    def stop(self) -> None:
-        self.stop_event.set()
-        if self.thread is not None:
-            self.thread.join(timeout=30)
-        for obj in reversed(self._closers):
-            obj.__exit__(None, None, None) if hasattr(obj, "__exit__") else obj.close()
-        self._closers.clear()
 
 
 class Agent:
@@ -173,9 +63,9 @@ class Agent:
         self.cfg: configmod.NodeConfig | None = None
         self.gc: GcLoop | None = None
         self.registry = CollectorRegistry()
-        self.gc_metrics = prom.GcMetrics(self.registry)
-        self.collector: prom.DatapathCollector | None = None
-        self.server: prom.MetricsServer | None = None
+        self.gc_metrics = gc_metrics.GcMetrics(self.registry)
+        self.collector: collector.DatapathCollector | None = None
+        self.server: http.MetricsServer | None = None
         self.started = time.time()
         self.reloads = 0
         self.last_reload: dict[str, Any] | None = None
@@ -201,7 +91,7 @@ class Agent:
         ``grow``: tables to make this big."""
         eff = cfg
         if cfg.conntrack.auto_grow:
-            eff, kept = pressure.keep_grown(cfg, pressure.pinned_sizes(cfg.pin_root))
+            eff, kept = sizes.keep_grown(cfg, pressure.pinned_sizes(cfg.pin_root))
             for table, configured, pinned in kept:
                 if grow and table in grow:
                     continue
@@ -210,7 +100,7 @@ class Agent:
                                    "(auto-grow may have grown it); set auto_grow = false to apply a smaller "
                                    "size")
         if grow:
-            eff = pressure.with_sizes(eff, grow)
+            eff = sizes.with_sizes(eff, grow)
         return node_apply.apply(eff)
 
     # --- life cycle -----------------------------------------------------------------------------
@@ -223,10 +113,10 @@ class Agent:
         self.autogrow.configure(cfg.conntrack.auto_grow, cfg.conntrack.auto_grow_max)
         log.info("datapath applied", config=self.config_path, pin_root=cfg.pin_root,
                  attachments=len(res.attachments), reused_pins=len(res.reused_pins))
-        self.collector = prom.DatapathCollector(cfg.pin_root)
+        self.collector = collector.DatapathCollector(cfg.pin_root)
         self.registry.register(self.collector)
         self._start_gc(cfg)
-        self.server = prom.serve(self.prom_addr, self.registry)
+        self.server = http.serve(self.prom_addr, self.registry)
         if self.server is not None:
             log.info("metrics served", address=self.server.address)
         self._save_state()

@@ -9,12 +9,10 @@ import ctypes
 import errno
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
-
-if TYPE_CHECKING:
-    from tuplet.bpf.btf import Btf
+from typing import Iterator
 
 from tuplet.bpf import _libbpf as C
+from tuplet.bpf.btf import Btf
 from tuplet.bpf.fd import Fd
 from tuplet.bpf.libbpf import check, cstr, opts
 from tuplet.core.errors import NotFoundError, TupletError
@@ -23,6 +21,14 @@ PERCPU_TYPES = {C.BPF_MAP_TYPE_PERCPU_HASH, C.BPF_MAP_TYPE_PERCPU_ARRAY,
                 C.BPF_MAP_TYPE_LRU_PERCPU_HASH}
 BATCH_TYPES_WITH_BUCKETS = {C.BPF_MAP_TYPE_HASH, C.BPF_MAP_TYPE_LRU_HASH,
                             C.BPF_MAP_TYPE_PERCPU_HASH, C.BPF_MAP_TYPE_LRU_PERCPU_HASH}
+
+HASH_TYPES = {C.BPF_MAP_TYPE_HASH, C.BPF_MAP_TYPE_LRU_HASH, C.BPF_MAP_TYPE_PERCPU_HASH,
+              C.BPF_MAP_TYPE_LRU_PERCPU_HASH, C.BPF_MAP_TYPE_HASH_OF_MAPS}
+#: Update flags (``Map.update``): any, only a new key, only an existing key.
+ANY, NOEXIST, EXIST = C.BPF_ANY, C.BPF_NOEXIST, C.BPF_EXIST
+ARRAY, RINGBUF = C.BPF_MAP_TYPE_ARRAY, C.BPF_MAP_TYPE_RINGBUF
+#: Map flag: the map may be an inner map of map-in-maps with other max_entries.
+F_INNER_MAP = C.BPF_F_INNER_MAP
 
 MAP_TYPE_NAMES = {getattr(C, n): n[len("BPF_MAP_TYPE_"):].lower()
                   for n in dir(C) if n.startswith("BPF_MAP_TYPE_") and isinstance(getattr(C, n), int)}
@@ -54,6 +60,11 @@ class MapInfo:
     @property
     def type_name(self) -> str:
         return MAP_TYPE_NAMES.get(self.type, str(self.type))
+
+    @property
+    def is_hash(self) -> bool:
+        """A hash map (entries come and go; an array is always full)."""
+        return self.type in HASH_TYPES
 
 
 class Map:
@@ -89,13 +100,33 @@ class Map:
 
     @classmethod
     def create(cls, map_type: int, name: str, key_size: int, value_size: int, max_entries: int, *,
-               flags: int = 0, btf_fd: int = 0, btf_key_type_id: int = 0, btf_value_type_id: int = 0) -> "Map":
-        """A new map not tied to any object (e.g. an inner map of a map-in-map)."""
-        o = opts(C.bpf_map_create_opts, map_flags=flags, btf_fd=btf_fd, btf_key_type_id=btf_key_type_id,
-                 btf_value_type_id=btf_value_type_id)
-        fd = check(C.bpf_map_create(map_type, cstr(name[:15]), key_size, value_size, max_entries,
-                                    ctypes.byref(o)), f"map {name}", "create")
+               flags: int = 0, btf_of: "Map | None" = None, btf_key_type_id: int = 0,
+               btf_value_type_id: int = 0) -> "Map":
+        """A new map not tied to any object (e.g. an inner map of a map-in-map). With
+        ``btf_of``, it carries that map's BTF, with these key and value type ids."""
+        btf_fd = -1
+        if btf_of is not None and btf_of.info.btf_id:
+            btf_fd = check(C.bpf_btf_get_fd_by_id(btf_of.info.btf_id),
+                           f"BTF id {btf_of.info.btf_id} of {btf_of.what}", "open")
+        try:
+            o = opts(C.bpf_map_create_opts, map_flags=flags, btf_fd=max(btf_fd, 0),
+                     btf_key_type_id=btf_key_type_id if btf_fd >= 0 else 0,
+                     btf_value_type_id=btf_value_type_id if btf_fd >= 0 else 0)
+            fd = check(C.bpf_map_create(map_type, cstr(name[:15]), key_size, value_size, max_entries,
+                                        ctypes.byref(o)), f"map {name}", "create")
+        finally:
+            if btf_fd >= 0:
+                os.close(btf_fd)
         return cls(fd, name)
+
+    def create_like(self, max_entries: int) -> "Map":
+        """A new, empty map like this one (type, key/value size, flags, BTF) with another size."""
+        i = self.info
+        return Map.create(i.type, i.name or self.name, i.key_size, i.value_size, max_entries, flags=i.flags,
+                          btf_of=self, btf_key_type_id=i.btf_key_type_id, btf_value_type_id=i.btf_value_type_id)
+
+    def pin(self, path: str) -> None:
+        check(C.bpf_obj_pin(self.fd, cstr(path)), self.what, f"pin at {path}")
 
     @property
     def fd(self) -> int:
@@ -115,8 +146,6 @@ class Map:
 
     def btf(self) -> "Btf":
         """The BTF the map was created with (from the kernel, by id)."""
-        from tuplet.bpf.btf import Btf
-
         if not self.info.btf_id:
             raise NotFoundError(self.what, "get BTF", errno.ENOENT, "map has no BTF")
         b = C.btf__load_from_kernel_by_id(self.info.btf_id)
@@ -160,6 +189,25 @@ class Map:
                 return None
             check(ret, self.what, "lookup")
         return v.raw
+
+    def lookup_into(self, key: bytes, buf: ctypes.Array[ctypes.c_char]) -> bool:
+        """Look key up into ``buf`` (a value-sized buffer the caller reuses); False if absent."""
+        ret = C.bpf_map_lookup_elem(self.fd, key, buf)
+        if ret < 0:
+            if ctypes.get_errno() == errno.ENOENT:
+                return False
+            check(ret, self.what, "lookup")
+        return True
+
+    def insert(self, key: bytes | ctypes.Structure | int, value: bytes | ctypes.Structure) -> bool:
+        """Add key only if it is not there (BPF_NOEXIST); False when it was."""
+        try:
+            self.update(key, value, NOEXIST)
+            return True
+        except TupletError as e:
+            if e.errno == errno.EEXIST:
+                return False
+            raise
 
     def update(self, key: bytes | ctypes.Structure | int, value: bytes | ctypes.Structure,
                flags: int = 0) -> None:

@@ -40,6 +40,13 @@ class Program:
         check(fd, f"pinned program {path}", "open")
         return cls(fd, path.rsplit("/", 1)[-1])
 
+    @classmethod
+    def from_id(cls, prog_id: int, name: str = "") -> "Program":
+        """The loaded program with this id (its own fd)."""
+        fd = C.bpf_prog_get_fd_by_id(prog_id)
+        check(fd, f"program id {prog_id}", "open")
+        return cls(fd, name or f"id {prog_id}")
+
     @property
     def fd(self) -> int:
         return self._owned.fd if self._owned is not None else self._fd

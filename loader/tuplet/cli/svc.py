@@ -7,12 +7,14 @@ import sys
 from dataclasses import replace
 from typing import Any
 
+from tuplet.cli.common import pin_root_of
 from tuplet.core.errors import ConfigError
 from tuplet.lb import writer as lb
 from tuplet.lb.model import (
     Backend,
     Service,
     ServiceType,
+    ServiceView,
     check_affinity,
     check_ipv4,
     check_maglev_size,
@@ -62,12 +64,6 @@ def add_parser(sub: Any) -> None:
     ls.set_defaults(func=cmd_svc_list)
 
 
-def _pin_root(args: argparse.Namespace) -> str:
-    from tuplet.cli.main import pin_root_of
-
-    return pin_root_of(args)
-
-
 def _backends(values: list[str], flag: str) -> tuple[Backend, ...]:
     return tuple(parse_backend(v, f"{flag} {v}") for v in values)
 
@@ -84,7 +80,7 @@ def cmd_svc_add(args: argparse.Namespace) -> int:
         if args.affinity_timeout is not None else 0,
         maglev_size=check_maglev_size(args.maglev_size, "--maglev-size") if args.maglev_size is not None else None,
         source="cli"), "--backend")
-    with lb.ServiceTable(_pin_root(args)) as table:
+    with lb.ServiceTable(pin_root_of(args)) as table:
         if s.name in table.reg.services:
             raise ConfigError("name", f"service {s.name!r} exists already (use `tuplet svc update`)")
         view = table.upsert(s)
@@ -93,7 +89,7 @@ def cmd_svc_add(args: argparse.Namespace) -> int:
 
 
 def cmd_svc_update(args: argparse.Namespace) -> int:
-    with lb.ServiceTable(_pin_root(args)) as table:
+    with lb.ServiceTable(pin_root_of(args)) as table:
         old = table.get(args.name)
         backends = list(_backends(args.backend, "--backend")) if args.backend is not None else list(old.backends)
         for b in _backends(args.add_backend, "--add-backend"):
@@ -114,14 +110,14 @@ def cmd_svc_update(args: argparse.Namespace) -> int:
 
 
 def cmd_svc_delete(args: argparse.Namespace) -> int:
-    with lb.ServiceTable(_pin_root(args)) as table:
+    with lb.ServiceTable(pin_root_of(args)) as table:
         table.delete(args.name)
     print(f"deleted service {args.name}")
     return 0
 
 
 def cmd_svc_list(args: argparse.Namespace) -> int:
-    with lb.ServiceTable(_pin_root(args)) as table:
+    with lb.ServiceTable(pin_root_of(args)) as table:
         names = [args.name] if args.name else table.names()
         views = [table.view(n) for n in names]
         draining = table.draining()
@@ -135,7 +131,7 @@ def cmd_svc_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _show(args: argparse.Namespace, views: list[lb.ServiceView]) -> None:
+def _show(args: argparse.Namespace, views: list[ServiceView]) -> None:
     if getattr(args, "output", "text") == "json":
         json.dump({"services": [v.to_json() for v in views]}, sys.stdout, indent=2)
         print()

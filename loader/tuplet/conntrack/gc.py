@@ -37,9 +37,9 @@ from pathlib import Path
 import numpy as np
 import structlog
 
-from tuplet.bpf import _libbpf as C
 from tuplet.bpf.maps import Map
 from tuplet.bpf.objects import Collection, ObjectSpec
+from tuplet.conntrack.entries import EntryLayout, nat_keys_for
 from tuplet.core.errors import TupletError
 from tuplet.datapath.abi import (
     GC_PROGRAM,
@@ -48,9 +48,9 @@ from tuplet.datapath.abi import (
     GC_WALK_ONLY,
     NAT_MAP,
     OBJ_GC,
-    TUPLE_F_OUT,
 )
 from tuplet.datapath.clock import monotonic_now
+from tuplet.datapath.paths import object_dir
 
 log = structlog.get_logger("tuplet.gc")
 
@@ -121,50 +121,6 @@ class GcResult:
 
 # --- layouts from BTF -------------------------------------------------------------------------
 
-def value_dtype(m: Map) -> np.dtype:
-    """numpy dtype of a CT map's values, from the BTF the map was created with."""
-    dt = m.btf().numpy_dtype(m.info.btf_value_type_id)
-    if dt.itemsize != m.value_size or "lifetime" not in (dt.names or ()):
-        raise TupletError(m.what, "gc", detail=f"value layout from BTF ({dt.itemsize} bytes) "
-                          f"does not match the map ({m.value_size} bytes) or lacks a lifetime")
-    return dt
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """Where expiry and NAT ownership live in a CT map's key and value."""
-
-    key: np.dtype
-    value: np.dtype
-    owner_bits: str      # storage field of the dsr_internal/node_port bitfields
-    owner_mask: int
-
-    @classmethod
-    def of(cls, m: Map) -> "_Layout":
-        btf = m.btf()
-        value = value_dtype(m)
-        key = btf.numpy_dtype(m.info.btf_key_type_id)
-        need = {"daddr", "saddr", "dport", "sport", "nexthdr", "flags"}
-        if key.itemsize != m.key_size or not need <= set(key.names or ()):
-            raise TupletError(m.what, "gc", detail="key layout from BTF is not a conntrack tuple")
-        bits = {b.name: b for b in btf.struct_layout(m.info.btf_value_type_id).bitfields}
-        owners = [bits[n] for n in ("dsr_internal", "node_port") if n in bits]
-        if len(owners) != 2 or owners[0].storage != owners[1].storage:
-            raise TupletError(m.what, "gc", detail="value layout lacks the dsr_internal/node_port flags")
-        mask = sum(((1 << b.bit_size) - 1) << b.shift for b in owners)
-        return cls(key, value, owners[0].storage, mask)
-
-
-def nat_keys_for(keys: np.ndarray, values: np.ndarray, layout: _Layout) -> np.ndarray:
-    """NAT keys owned by these CT entries (as bpf/lib/nat_map.h's nat4_key_for_ct)."""
-    own = (keys["flags"] == TUPLE_F_OUT) & ((values[layout.owner_bits] & layout.owner_mask) != 0)
-    k = keys[own]
-    nat = np.zeros(len(k), layout.key)
-    nat["saddr"], nat["sport"] = k["saddr"], k["dport"]     # the backend's reply to the original source
-    nat["daddr"], nat["dport"] = k["daddr"], k["sport"]
-    nat["nexthdr"], nat["flags"] = k["nexthdr"], TUPLE_F_OUT
-    return nat
-
 
 # --- the collector ----------------------------------------------------------------------------
 
@@ -181,14 +137,14 @@ class CtGc:
         self.chunk = chunk
         self.count_nat = count_nat and nat is not None
         self._nat_in_kernel: bool | None = None   # None: not tried yet
-        self._layouts = {m.name: _Layout.of(m) for m in ct_maps}
+        self._layouts = {m.name: EntryLayout.of(m) for m in ct_maps}
         self._coll: Collection | None = None
         want = Method(method)
         if want is Method.BATCH:
             self.method = Method.BATCH
             return
         try:
-            self._coll = self._load_kernel(Path(obj_dir) if obj_dir else _object_dir())
+            self._coll = self._load_kernel(Path(obj_dir) if obj_dir else object_dir())
             self.method = Method.KERNEL
         except TupletError as e:
             if want is Method.KERNEL:
@@ -296,17 +252,16 @@ class CtGc:
                 return stats
             token = nxt
 
-    def _recheck_and_delete(self, m: Map, lay: _Layout, keys: np.ndarray, values: np.ndarray,
+    def _recheck_and_delete(self, m: Map, lay: EntryLayout, keys: np.ndarray, values: np.ndarray,
                             now: int, stats: MapGcStats) -> int:
         """Look each candidate up again; delete, in batches, those still expired."""
         ks = m.key_size
         raw = keys.tobytes()
         val = ctypes.create_string_buffer(m.value_size)
         off = lay.value.fields["lifetime"][1]
-        lookup, fd = C.bpf_map_lookup_elem, m.fd
         still = np.zeros(len(keys), bool)
         for i in range(len(keys)):
-            if lookup(fd, raw[i * ks:(i + 1) * ks], val) == 0 and \
+            if m.lookup_into(raw[i * ks:(i + 1) * ks], val) and \
                     int.from_bytes(val.raw[off:off + 4], "little") < now:
                 still[i] = True
         stats.kept_refreshed += int(len(keys) - still.sum())
@@ -327,11 +282,6 @@ class CtGc:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _object_dir() -> Path:
-    from tuplet.datapath.paths import object_dir
-    return object_dir()
 
 
 def gc_pass(maps: list[Map], now: int | None = None, chunk: int = DEFAULT_CHUNK, nat: Map | None = None,

@@ -49,20 +49,17 @@ Evictions (an estimate)
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import structlog
 
+from tuplet.bpf.maps import Map
+from tuplet.conntrack.gc import GcResult
 from tuplet.conntrack.sizing import LIMIT_MAX
 from tuplet.datapath.abi import CT_MAP_ANY, CT_MAP_SYN, CT_MAP_TCP, NAT_MAP
-
-if TYPE_CHECKING:
-    from tuplet.conntrack.gc import GcResult
-    from tuplet.node.config import NodeConfig
 
 log = structlog.get_logger("tuplet.pressure")
 
@@ -70,8 +67,6 @@ log = structlog.get_logger("tuplet.pressure")
 MAIN_TABLES = (CT_MAP_TCP, CT_MAP_ANY, NAT_MAP)
 #: Reported only: full under a SYN flood by design.
 HANDSHAKE_TABLE = CT_MAP_SYN
-#: The [conntrack] key that sizes each main table.
-SIZE_KEYS = {CT_MAP_TCP: "tcp_max", CT_MAP_ANY: "any_max", NAT_MAP: "nat_max"}
 
 PRESSURE_FILL = 0.90
 GROW_FILL = 0.90
@@ -197,8 +192,6 @@ class AutoGrow:
 
 def pinned_sizes(pin_root: str) -> dict[str, int]:
     """max_entries of the main tables pinned under pin_root."""
-    from tuplet.bpf.maps import Map
-
     out = {}
     for t in MAIN_TABLES:
         path = os.path.join(pin_root, t)
@@ -206,33 +199,6 @@ def pinned_sizes(pin_root: str) -> dict[str, int]:
             with Map.from_pin(path) as m:
                 out[t] = m.max_entries
     return out
-
-
-def with_sizes(cfg: NodeConfig, sizes: Mapping[str, int]) -> NodeConfig:
-    """cfg with these main tables' sizes set explicitly. Tables sized from
-    others (NAT from the CT tables without dynamic sizing, the handshake table from the
-    TCP table without syn_max) follow their rule."""
-    if not sizes:
-        return cfg
-    over = {SIZE_KEYS[t]: n for t, n in sizes.items()}
-    return dataclasses.replace(cfg, conntrack=dataclasses.replace(cfg.conntrack, **over))
-
-
-def keep_grown(cfg: NodeConfig, pinned: Mapping[str, int]) -> tuple[NodeConfig, list[tuple[str, int, int]]]:
-    """cfg with each main table at max(configured, pinned): ``(cfg, [(table, configured, pinned)])``
-    for the tables the configuration would have shrunk."""
-    kept: list[tuple[str, int, int]] = []
-    sizing = cfg.conntrack.sizing()
-    cur = {CT_MAP_TCP: sizing.tcp.entries, CT_MAP_ANY: sizing.any.entries}
-    for t in (CT_MAP_TCP, CT_MAP_ANY):
-        if pinned.get(t, 0) > cur[t]:
-            kept.append((t, cur[t], pinned[t]))
-    cfg = with_sizes(cfg, {t: p for t, _, p in kept})
-    nat = cfg.conntrack.sizing().nat.entries   # may follow the CT sizes
-    if pinned.get(NAT_MAP, 0) > nat:
-        kept.append((NAT_MAP, nat, pinned[NAT_MAP]))
-        cfg = with_sizes(cfg, {NAT_MAP: pinned[NAT_MAP]})
-    return cfg, kept
 
 
 # --- evictions --------------------------------------------------------------------------------

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
 import os
 import time
 from dataclasses import dataclass, field
@@ -42,12 +41,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import structlog
 
-from tuplet.bpf import _libbpf as C
-from tuplet.bpf.libbpf import check, cstr
 from tuplet.bpf.links import Attachment, attach, attached_prog_id
 from tuplet.bpf.maps import Map, MapInfo, possible_cpus
 from tuplet.bpf.objects import MapSpec, ObjectSpec
 from tuplet.bpf.programs import Program
+from tuplet.conntrack.entries import EntryLayout, nat_keys_for
+from tuplet.conntrack.keyset import KeySet
 from tuplet.core.errors import TupletError
 from tuplet.datapath.abi import CT_MAP_ANY, CT_MAP_SYN, CT_MAP_TCP, CT_MAPS, NAT_MAP
 from tuplet.datapath.layouts import CtEntry, Nat4Entry
@@ -78,51 +77,6 @@ class Resized:
     duration_s: float = 0.0
 
 
-class KeySet:
-    """A set of packed map keys in numpy: sorted 64-bit hashes beside the keys themselves.
-
-    Membership is exact (the key is compared at the hash's place); two keys of the set
-    with the same hash only make one of them look absent.
-    """
-
-    def __init__(self, key_size: int, parts: list[bytes]) -> None:
-        self.key_size = key_size
-        raw = b"".join(parts)
-        h = key_hashes(raw, key_size)
-        order = np.argsort(h)
-        self.hashes = h[order]
-        self.keys = np.frombuffer(raw, dtype=f"S{key_size}")[order]
-
-    def __len__(self) -> int:
-        return len(self.hashes)
-
-    def contains(self, raw: bytes) -> np.ndarray:
-        """For each packed key of raw: is it in the set?"""
-        h = key_hashes(raw, self.key_size)
-        if not len(self.hashes):
-            return np.zeros(len(h), bool)
-        order = np.argsort(h)   # sorted needles: each search starts where the last ended
-        idx = np.empty(len(h), np.intp)
-        idx[order] = np.minimum(np.searchsorted(self.hashes, h[order]), len(self.hashes) - 1)
-        return (self.hashes[idx] == h) & (self.keys[idx] == np.frombuffer(raw, dtype=f"S{self.key_size}"))
-
-
-_MIX = np.uint64(0x9E3779B97F4A7C15)
-
-
-def key_hashes(raw: bytes, key_size: int) -> np.ndarray:
-    """A 64-bit hash of each packed key (vectorised; sorts and searches far faster than bytes)."""
-    n = len(raw) // key_size
-    words = -(-key_size // 8)
-    buf = np.zeros((n, words * 8), np.uint8)
-    buf[:, :key_size] = np.frombuffer(raw, np.uint8, n * key_size).reshape(n, key_size)
-    h = np.zeros(n, np.uint64)
-    for col in buf.view("<u8").T:
-        h = (h ^ col) * _MIX
-        h ^= h >> np.uint64(29)
-    return h
-
-
 @dataclass
 class _Table:
     name: str
@@ -139,23 +93,6 @@ def only_size_differs(spec: MapSpec, info: MapInfo) -> bool:
     """True when a pinned map matches the spec in everything but max_entries."""
     return (spec.type, spec.key_size, spec.value_size, spec.flags) == \
         (info.type, info.key_size, info.value_size, info.flags) and spec.max_entries != info.max_entries
-
-
-def create_like(old: Map, max_entries: int) -> Map:
-    """A new, empty map like ``old`` (type, key/value size, flags, BTF) with another size."""
-    info = old.info
-    btf_fd = -1
-    if info.btf_id:
-        btf_fd = C.bpf_btf_get_fd_by_id(info.btf_id)
-        check(btf_fd, f"BTF id {info.btf_id} of map {old.name}", "open")
-    try:
-        return Map.create(info.type, info.name or old.name, info.key_size, info.value_size, max_entries,
-                          flags=info.flags, btf_fd=max(btf_fd, 0),
-                          btf_key_type_id=info.btf_key_type_id if btf_fd >= 0 else 0,
-                          btf_value_type_id=info.btf_value_type_id if btf_fd >= 0 else 0)
-    finally:
-        if btf_fd >= 0:
-            os.close(btf_fd)
 
 
 def _field(values: bytes, stride: int, offset: int, dtype: str) -> np.ndarray:
@@ -200,7 +137,7 @@ class Resizer:
                         old.close()
                         continue
                     try:
-                        new = create_like(old, ms.max_entries)
+                        new = old.create_like(ms.max_entries)
                     except BaseException:
                         old.close()
                         raise
@@ -235,11 +172,10 @@ class Resizer:
         for a in attachments:
             try:
                 pid = attached_prog_id(a)
-                fd = C.bpf_prog_get_fd_by_id(pid) if pid else -1
+                if pid:
+                    self._saved[(a.ifname, a.hook.value, a.mode.value)] = Program.from_id(pid, a.program)
             except (TupletError, OSError):
                 continue
-            if fd >= 0:
-                self._saved[(a.ifname, a.hook.value, a.mode.value)] = Program(fd, a.program)
 
     def _first_copy(self, t: _Table) -> None:
         old, new = t.old, t.new
@@ -292,8 +228,6 @@ class Resizer:
 
     def _owned_nat_keys(self, key_size: int) -> KeySet | None:
         """NAT keys owned by the CT entries the datapath will have (None: not known)."""
-        from tuplet.conntrack.gc import _Layout, nat_keys_for
-
         out = []
         try:
             for name in CT_MAPS:
@@ -306,7 +240,7 @@ class Resizer:
                         if not os.path.exists(pin):
                             continue
                         m = stack.enter_context(Map.from_pin(pin))
-                    lay = _Layout.of(m)
+                    lay = EntryLayout.of(m)
                     for keys, vals, c in m.batches(CHUNK):
                         k = np.frombuffer(keys, dtype=lay.key, count=c)
                         v = np.frombuffer(vals, dtype=lay.value, count=c)
@@ -364,25 +298,15 @@ class Resizer:
                 key = keys[i * ks:(i + 1) * ks]
                 if t.new.lookup(key) is not None:
                     continue   # the new programs have it already: theirs is newer
-                if self._insert_new(t.new, key, vals[i * vs:(i + 1) * vs]):
+                if t.new.insert(key, vals[i * vs:(i + 1) * vs]):
                     copied += 1
         return copied
-
-    @staticmethod
-    def _insert_new(m: Map, key: bytes, value: bytes) -> bool:
-        try:
-            m.update(key, value, C.BPF_NOEXIST)
-            return True
-        except TupletError as e:
-            if e.errno == errno.EEXIST:
-                return False
-            raise
 
     def _replace_pin(self, t: _Table) -> None:
         tmp = os.path.join(self.pin_root, TMP_PREFIX + t.name)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)   # left by an interrupted run
-        check(C.bpf_obj_pin(t.new.fd, cstr(tmp)), f"map {t.name}", f"pin at {tmp}")
+        t.new.pin(tmp)
         try:
             os.rename(tmp, t.pin)   # atomic: readers of the pin see the old map or the new one
         except OSError as e:
@@ -390,7 +314,7 @@ class Resizer:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(t.pin)
             try:
-                check(C.bpf_obj_pin(t.new.fd, cstr(t.pin)), f"map {t.name}", f"pin at {t.pin}")
+                t.new.pin(t.pin)
             finally:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp)
@@ -424,7 +348,7 @@ class Resizer:
         for t in self.tables.values():
             try:
                 back = sum(1 for key, val in t.new.items(CHUNK)
-                           if t.old.lookup(key) is None and self._insert_new(t.old, key, val))
+                           if t.old.lookup(key) is None and t.old.insert(key, val))
             except TupletError as e:
                 log.error("resize: copying back failed", map=t.name, error=str(e))
                 continue

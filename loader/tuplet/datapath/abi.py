@@ -47,11 +47,6 @@ MAGLEV_MAP: Final = "tpl_lb4_maglev_v2"
 AFFINITY_MAP: Final = "tpl_lb4_affinity_v1"
 LB_MAPS: Final = (SERVICES_MAP, BACKENDS_MAP, REV_NAT_MAP, MAGLEV_MAP, AFFINITY_MAP)
 
-#: Every map the datapath pins, by the object that declares it first.
-PINNED_MAPS: Final = {
-    OBJ_LXC: (*CT_MAPS, NAT_MAP, EP_MAP, METRICS_MAP, EVENTS_MAP, SIGNAL_MAP, *LB_MAPS),
-}
-
 # --- conntrack tuple flags (enum ct_tuple_flag, conntrack_types.h) ----------------------------
 
 TUPLE_F_OUT: Final = 0

@@ -2,18 +2,13 @@
 entries inserted per table, promotions out of the handshake table, refused inserts."""
 from __future__ import annotations
 
-from functools import lru_cache
-
-from tuplet.bpf.btf import load_btf_from_elf
 from tuplet.bpf.maps import Map
+from tuplet.datapath import enums
 
 
-@lru_cache(maxsize=4)
 def event_names(obj_path: str) -> dict[int, str]:
     """Event indices to names (``insert_syn``, ``promoted``...) from the object's BTF."""
-    btf = load_btf_from_elf(obj_path)
-    return {v: k.removeprefix("CT_EV_").lower() for k, v in btf.enum_values("ct_event").items()
-            if k != "CT_EV_MAX"}
+    return enums.object_names(obj_path, enums.CT_EVENTS)
 
 
 def read(m: Map, names: dict[int, str]) -> dict[str, int]:

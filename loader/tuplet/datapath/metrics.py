@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 
-from tuplet.bpf.btf import load_btf_from_elf
 from tuplet.bpf.maps import Map
+from tuplet.datapath import enums
 from tuplet.datapath.abi import REASON_SLOTS
 from tuplet.datapath.layouts import MetricsValue
 
@@ -22,20 +21,14 @@ class Counter:
         return self.reason.startswith("DROP_")
 
 
-@lru_cache(maxsize=4)
 def reason_names(obj_path: str) -> dict[int, str]:
     """Reason values to names (``PASS_CT_NEW``, ``DROP_CT_INSERT_FAILED``...) from BTF."""
-    btf = load_btf_from_elf(obj_path)
-    return {v: k.removeprefix("TPL_") for k, v in btf.enum_values("tpl_reason").items()
-            if not k.endswith(("_BASE", "_SLOTS"))}
+    return enums.object_names(obj_path, enums.REASONS)
 
 
-@lru_cache(maxsize=4)
 def direction_names(obj_path: str) -> dict[int, str]:
     """Metric directions to names (``egress``, ``ingress``, ``netdev_ingress``...) from BTF."""
-    btf = load_btf_from_elf(obj_path)
-    return {v: k.removeprefix("TPL_METRIC_").lower() for k, v in btf.enum_values("tpl_metric_dir").items()
-            if k != "TPL_METRIC_DIRS"}
+    return enums.object_names(obj_path, enums.DIRECTIONS)
 
 
 def read(m: Map, names: dict[int, str], directions: dict[int, str] | None = None) -> list[Counter]:

@@ -283,3 +283,30 @@ def check_unique(services: tuple[Service, ...] | list[Service], key: str = "serv
 
 def with_backends(s: Service, backends: tuple[Backend, ...], key: str = "backends") -> Service:
     return check_service(replace(s, backends=backends), key)
+
+
+@dataclass(frozen=True)
+class BackendShare:
+    backend: Backend
+    id: int
+    slots: int            # Maglev table entries owned
+    remote: bool
+
+
+@dataclass(frozen=True)
+class ServiceView:
+    """A service as the datapath has it now (for `tuplet svc list`)."""
+
+    service: Service
+    rev_nat: int
+    bank: int
+    maglev_size: int
+    live: bool            # slot 0 is present
+    backends: list[BackendShare]
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.service.to_json(), "rev_nat_index": self.rev_nat, "bank": self.bank,
+                "maglev_size": self.maglev_size, "live": self.live,
+                "backends": [{**b.backend.to_json(), "id": b.id, "maglev_slots": b.slots,
+                              "share": b.slots / self.maglev_size if self.maglev_size else 0.0,
+                              "remote": b.remote} for b in self.backends]}

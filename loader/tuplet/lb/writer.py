@@ -29,20 +29,18 @@ import fcntl
 import json
 import os
 import socket
-from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import numpy as np
 import structlog
 
-from tuplet.bpf import _libbpf as C
 from tuplet.bpf.maps import Map
 from tuplet.core.errors import ConfigError, NotFoundError, TupletError
 from tuplet.datapath import paths
 from tuplet.datapath.abi import (
     AFFINITY_MAP,
     BACKENDS_MAP,
-    CT_MAPS,
+    EP_MAP,
     LB_BACKEND_F_REMOTE,
     LB_BANK_STRIDE,
     LB_MAPS,
@@ -53,11 +51,8 @@ from tuplet.datapath.abi import (
     MAGLEV_MAP,
     REV_NAT_MAP,
     SERVICES_MAP,
-    TUPLE_F_SERVICE,
 )
 from tuplet.datapath.layouts import (
-    CtEntry,
-    CtTuple4,
     Lb4AffinityKey,
     Lb4Backend,
     Lb4Key,
@@ -66,81 +61,20 @@ from tuplet.datapath.layouts import (
     Lb4Service,
     ip_to_be32,
 )
-from tuplet.lb import maglev
-from tuplet.lb.model import Backend, Service, ServiceType
-from tuplet.node import state
+from tuplet.datapath.paths import is_pinned, open_pinned
+from tuplet.lb import maglev, maglev_map
+from tuplet.lb.draining import backend_ids_in_use
+from tuplet.lb.model import Backend, BackendShare, Service, ServiceType, ServiceView
+from tuplet.lb.registry import Registry, backend_key
 
 log = structlog.get_logger("tuplet.lb")
 
 
 MAX_REV_NAT = 0xFFFF
 MAX_BACKEND_ID = 0xFFFFFFFF
-REGISTRY_VERSION = 1
 
 TYPE_FLAGS = {ServiceType.CLUSTER_IP: 0, ServiceType.NODE_PORT: LB_SVC_F_EXTERNAL | LB_SVC_F_NODEPORT,
               ServiceType.LOAD_BALANCER: LB_SVC_F_EXTERNAL | LB_SVC_F_LOADBALANCER}
-
-
-def backend_key(b: Backend, protocol: str) -> str:
-    """Backends are shared between services by address, port and protocol."""
-    return f"{b.endpoint}/{protocol}"
-
-
-@dataclass
-class Registry:
-    """What was programmed: services by name, backend ids by backend_key."""
-
-    services: dict[str, Service] = field(default_factory=dict)
-    rev_nat: dict[str, int] = field(default_factory=dict)          # service name -> index
-    backends: dict[str, int] = field(default_factory=dict)         # backend_key -> id
-    default_maglev_size: int = maglev.DEFAULT_M                    # [lb] maglev_table_size at apply
-
-    def to_json(self) -> dict[str, Any]:
-        return {"version": REGISTRY_VERSION, "default_maglev_size": self.default_maglev_size,
-                "services": {n: {**s.to_json(), "rev_nat": self.rev_nat[n]} for n, s in self.services.items()},
-                "backends": self.backends}
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "Registry":
-        if d.get("version") != REGISTRY_VERSION:
-            raise TupletError("service registry", "read", detail=f"unknown version {d.get('version')!r}")
-        r = cls()
-        for name, sd in d.get("services", {}).items():
-            r.services[name] = Service.from_json(sd)
-            r.rev_nat[name] = int(sd["rev_nat"])
-        r.backends = {k: int(v) for k, v in d.get("backends", {}).items()}
-        r.default_maglev_size = int(d.get("default_maglev_size", maglev.DEFAULT_M))
-        return r
-
-    def referenced_backends(self) -> set[str]:
-        return {backend_key(b, s.protocol) for s in self.services.values() for b in s.backends}
-
-
-@dataclass(frozen=True)
-class BackendShare:
-    backend: Backend
-    id: int
-    slots: int            # Maglev table entries owned
-    remote: bool
-
-
-@dataclass(frozen=True)
-class ServiceView:
-    """A service as the datapath has it now (for `tuplet svc list`)."""
-
-    service: Service
-    rev_nat: int
-    bank: int
-    maglev_size: int
-    live: bool            # slot 0 is present
-    backends: list[BackendShare]
-
-    def to_json(self) -> dict[str, Any]:
-        return {**self.service.to_json(), "rev_nat_index": self.rev_nat, "bank": self.bank,
-                "maglev_size": self.maglev_size, "live": self.live,
-                "backends": [{**b.backend.to_json(), "id": b.id, "maglev_slots": b.slots,
-                              "share": b.slots / self.maglev_size if self.maglev_size else 0.0,
-                              "remote": b.remote} for b in self.backends]}
 
 
 class ServiceTable:
@@ -154,10 +88,8 @@ class ServiceTable:
         self.path = paths.services_path(pin_root)
         self._lock_file: Any = None
         self.maps: dict[str, Map] = {}
-        if local_addrs is None:
-            st = state.load(pin_root)
-            local_addrs = set(st.endpoints) if st else set()
-        self.local_addrs = local_addrs
+        self._given_local_addrs = local_addrs
+        self.local_addrs: set[str] = set(local_addrs or ())
         self.reg = Registry()
 
     # --- open / close ------------------------------------------------------------------------
@@ -170,6 +102,8 @@ class ServiceTable:
                 raise NotFoundError(f"pinned map {path}", "open",
                                     detail="no services datapath under this pin root (run `tuplet apply` first)")
             self.maps[name] = Map.from_pin(path)
+        if self._given_local_addrs is None:
+            self.local_addrs = local_endpoints(self.pin_root)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock_file = open(self.path.with_suffix(".lock"), "w")
         fcntl.flock(self._lock_file, fcntl.LOCK_EX)
@@ -220,25 +154,13 @@ class ServiceTable:
     def names(self) -> list[str]:
         return sorted(self.reg.services)
 
-    def _maglev_table(self, rev_nat: int, bank: int) -> np.ndarray:
-        """The live Maglev table of one bank (backend ids), or an empty array."""
-        raw = self.maps[MAGLEV_MAP].lookup(Lb4MaglevKey(rev_nat, bank, 0))
-        if raw is None:
-            return np.zeros(0, np.uint32)
-        inner_id = int.from_bytes(raw[:4], "little")
-        with Map.from_id(inner_id, "maglev") as inner:
-            out = np.zeros(inner.max_entries, np.uint32)
-            for keys, vals, _ in inner.batches():
-                out[np.frombuffer(keys, np.uint32)] = np.frombuffer(vals, np.uint32)
-        return out
-
     def view(self, name: str) -> ServiceView:
         s = self.get(name)
         live = self._slot0(s)
         rev_nat = live.rev_nat_index if live else self.reg.rev_nat[name]
         bank = live.bank if live else 0
         m = live.maglev_size if live else 0
-        table = self._maglev_table(rev_nat, bank) if live else np.zeros(0, np.uint32)
+        table = maglev_map.read_table(self.maps[MAGLEV_MAP], rev_nat, bank) if live else np.zeros(0, np.uint32)
         ids, counts = np.unique(table, return_counts=True)
         owned = dict(zip(ids.tolist(), counts.tolist()))
         shares = []
@@ -426,26 +348,7 @@ class ServiceTable:
     # --- helpers ----------------------------------------------------------------------------------
 
     def _put_maglev(self, rev_nat: int, bank: int, table: np.ndarray) -> None:
-        """A new inner table of len(table) entries, filled, then put under (rev_nat, bank).
-
-        The inner table borrows the backend map's BTF (its key type is __u32, as are the
-        table's keys and values) so `bpftool map dump` prints it as numbers. The outer
-        map itself has none: BTF is not supported on map-in-map types.
-        """
-        be = self.maps[BACKENDS_MAP]
-        btf_fd = C.bpf_btf_get_fd_by_id(be.info.btf_id) if be.info.btf_id else -1
-        u32 = be.info.btf_key_type_id if btf_fd >= 0 else 0
-        try:
-            inner = Map.create(C.BPF_MAP_TYPE_ARRAY, f"tpl_maglev_{rev_nat}", 4, 4, len(table),
-                               flags=C.BPF_F_INNER_MAP, btf_fd=max(btf_fd, 0), btf_key_type_id=u32,
-                               btf_value_type_id=u32)
-        finally:
-            if btf_fd >= 0:
-                os.close(btf_fd)
-        with inner:
-            keys = np.arange(len(table), dtype=np.uint32)
-            inner.update_batch(keys.tobytes(), table.astype(np.uint32).tobytes(), len(table))
-            self.maps[MAGLEV_MAP].update(Lb4MaglevKey(rev_nat, bank, 0), inner.fd.to_bytes(4, "little"))
+        maglev_map.put_table(self.maps[MAGLEV_MAP], self.maps[BACKENDS_MAP], rev_nat, bank, table)
 
     def _clear_bank(self, s: Service, bank: int, rev_nat: int) -> None:
         """Delete every backend slot of one bank of s, and that bank's Maglev table."""
@@ -471,31 +374,12 @@ class ServiceTable:
         if stale:
             aff.delete_batch(b"".join(stale), len(stale))
 
-    def _ct_backend_ids(self) -> set[int]:
-        """Backend ids named by conntrack entries of service flows."""
-        used: set[int] = set()
-        off = CtEntry.backend_id.offset
-        flags_at = CtTuple4.flags.offset
-        for name in CT_MAPS:
-            path = os.path.join(self.pin_root, name)
-            if not os.path.exists(path):
-                continue
-            with Map.from_pin(path) as ct:
-                ks, vs = ct.key_size, ct.value_buf_size
-                for keys, vals, n in ct.batches():
-                    k = np.frombuffer(keys, np.uint8).reshape(n, ks)
-                    v = np.frombuffer(vals, np.uint8).reshape(n, vs)
-                    svc = (k[:, flags_at] & TUPLE_F_SERVICE) != 0
-                    ids = v[svc, off:off + 8].copy().view(np.uint64).ravel()
-                    used.update(int(i) for i in np.unique(ids))
-        return used
-
     def _prune_backends(self) -> list[str]:
         """Delete backends no service has and no service flow uses."""
         orphans = self.draining()
         if not orphans:
             return []
-        used = self._ct_backend_ids()
+        used = backend_ids_in_use(self.pin_root)
         gone = [k for k, bid in orphans.items() if bid not in used]
         for k in gone:
             self.maps[BACKENDS_MAP].delete(self.reg.backends.pop(k))
@@ -505,24 +389,18 @@ class ServiceTable:
         return gone
 
 
+def local_endpoints(pin_root: str) -> set[str]:
+    """The node's pod addresses: the keys of the pinned endpoint map (a backend at one of
+    them is local; any other is remote)."""
+    if not is_pinned(pin_root, EP_MAP):
+        return set()
+    with open_pinned(pin_root, EP_MAP) as ep:
+        return {socket.inet_ntoa(key) for key in ep.keys()}
+
+
 def services_of(table: ServiceTable) -> Iterator[ServiceView]:
     for name in table.names():
         yield table.view(name)
-
-
-def check_config(pin_root: str, services: tuple[Service, ...]) -> None:
-    """Refuse, before anything changes, configuration services whose address, port and
-    protocol belong to a service added with `tuplet svc` under another name."""
-    try:
-        reg = Registry.from_json(json.loads(paths.services_path(pin_root).read_text(encoding="utf-8")))
-    except (FileNotFoundError, ValueError, KeyError, TypeError):
-        return
-    names = {s.name for s in services}
-    for i, s in enumerate(services):
-        for other in reg.services.values():
-            if other.name not in names and other.source != "config" and other.frontend == s.frontend:
-                raise ConfigError(f"services[{i}]", f"{s.describe_frontend()} is already service {other.name!r} "
-                                                   "(added with `tuplet svc`; delete it first)")
 
 
 def sync_config(pin_root: str, services: tuple[Service, ...], local_addrs: set[str],

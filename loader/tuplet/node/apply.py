@@ -38,8 +38,9 @@ from tuplet.datapath.abi import (
 )
 from tuplet.datapath.layouts import EndpointInfo, ip_to_be32
 from tuplet.datapath.paths import object_dir
+from tuplet.lb import registry
 from tuplet.lb import writer as lb
-from tuplet.node import overlay, state
+from tuplet.node import netns, overlay, state
 from tuplet.node.config import NodeConfig
 
 log = structlog.get_logger("tuplet.datapath")
@@ -73,8 +74,6 @@ def open_object(name: str, cfg: NodeConfig, pin_root: str | None, sizing: Sizing
 @contextlib.contextmanager
 def in_node_netns(name: str | None) -> Iterator[None]:
     if name:
-        from tuplet.node import netns
-
         with netns.enter(name):
             yield
     else:
@@ -110,7 +109,7 @@ def _apply(cfg: NodeConfig) -> ApplyResult:
         raise NotFoundError(f"interface{'s' if len(missing) > 1 else ''} {', '.join(missing)}", "apply",
                             detail=f"not found in {where}; nothing was changed")
 
-    lb.check_config(pin_root, cfg.services)
+    registry.check_config(pin_root, cfg.services)
     overlay_ifindex = 0
     if cfg.overlay:
         # Before anything else changes: without Geneve support this fails and nothing was done.
@@ -228,8 +227,6 @@ def teardown(pin_root: str, netns_name: str | None = None, keep_maps: bool = Fal
     st = state.load(pin_root)
     ns = netns_name or (st.netns if st else None)
     removed: list[Attachment] = []
-    from tuplet.node import netns
-
     if ns and not netns.exists(ns):
         ns = None  # the namespace (and every device in it) is gone already
     with in_node_netns(ns):

@@ -1,0 +1,87 @@
+"""The agent's GC thread: one :class:`~tuplet.conntrack.runner.GcRunner` over the pinned
+CT and NAT maps, its schedule, the datapath's signal ring and event counters; rebuilt on
+every (re)load."""
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import structlog
+
+from tuplet.conntrack.gc import CtGc
+from tuplet.conntrack.runner import GcRunner, PassReport
+from tuplet.conntrack.schedule import GcSchedule
+from tuplet.core.errors import TupletError
+from tuplet.datapath import abi, paths
+from tuplet.datapath import events as ct_events
+from tuplet.datapath.abi import SIGNAL_MAP
+from tuplet.datapath.signals import SignalReader
+from tuplet.node import config as configmod
+
+log = structlog.get_logger("tuplet.agent")
+
+
+@dataclass
+class GcLoop:
+    """GC over the pinned CT maps in a thread; rebuilt on every (re)load."""
+
+    pin_root: str
+    cfg: configmod.Conntrack
+    on_pass: Callable[[PassReport], None]
+    on_fail: Callable[[], None] | None = None
+    thread: threading.Thread | None = None
+    stop_event: threading.Event = field(default_factory=threading.Event)
+    runner: GcRunner | None = None
+    error: BaseException | None = None
+    _closers: list[Any] = field(default_factory=list)
+
+    def start(self) -> None:
+        maps = [self._keep(paths.open_pinned(self.pin_root, n)) for n in abi.CT_MAPS]
+        nat = self._keep(paths.open_pinned(self.pin_root, abi.NAT_MAP)) \
+            if os.path.exists(os.path.join(self.pin_root, abi.NAT_MAP)) else None
+        gc = self._keep(CtGc(maps, nat=nat, count_nat=True))
+        obj = str(paths.object_dir() / abi.OBJ_LXC)
+        reader = None
+        if os.path.exists(os.path.join(self.pin_root, SIGNAL_MAP)):
+            ring = self._keep(paths.open_pinned(self.pin_root, SIGNAL_MAP))
+            reader = self._keep(SignalReader(ring, obj))
+        probe = None
+        if os.path.exists(os.path.join(self.pin_root, abi.EVENTS_MAP)):
+            try:
+                names = ct_events.event_names(obj)
+                events = self._keep(paths.open_pinned(self.pin_root, abi.EVENTS_MAP))
+                probe = lambda: ct_events.read(events, names)   # noqa: E731
+            except (TupletError, OSError, KeyError, ValueError) as e:
+                log.warning("gc: no conntrack event counters, evictions not estimated", error=str(e))
+        schedule = GcSchedule(fixed=self.cfg.gc_interval, maximum=self.cfg.gc_max_interval)
+        self.runner = GcRunner(gc, schedule, signals=reader, on_pass=self.on_pass, probe=probe)
+        self.thread = threading.Thread(target=self._run, name="tuplet-gc", daemon=True)
+        self.thread.start()
+
+    def _keep(self, obj: Any) -> Any:
+        self._closers.append(obj)
+        return obj
+
+    def _run(self) -> None:
+        assert self.runner is not None
+        try:
+            self.runner.run_pass("start")
+            self.runner.serve(self.stop_event)
+        except BaseException as e:   # reported by alive() and the main loop
+            self.error = e
+            log.error("gc stopped", error=str(e), error_type=type(e).__name__)
+            if self.on_fail is not None:
+                self.on_fail()
+
+    def alive(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        if self.thread is not None:
+            self.thread.join(timeout=30)
+        for obj in reversed(self._closers):
+            obj.__exit__(None, None, None) if hasattr(obj, "__exit__") else obj.close()
+        self._closers.clear()

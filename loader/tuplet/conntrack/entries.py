@@ -1,0 +1,58 @@
+"""Conntrack and NAT entries as numpy arrays: dtypes from the BTF the maps were created
+with, where expiry and NAT ownership live, and which NAT entry a CT entry owns (the
+numpy form of bpf/lib/nat_map.h's nat4_key_for_ct). Used by GC's batch method and by
+the live resize."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from tuplet.bpf.maps import Map
+from tuplet.core.errors import TupletError
+from tuplet.datapath.abi import TUPLE_F_OUT
+
+
+def value_dtype(m: Map) -> np.dtype:
+    """numpy dtype of a CT map's values, from the BTF the map was created with."""
+    dt = m.btf().numpy_dtype(m.info.btf_value_type_id)
+    if dt.itemsize != m.value_size or "lifetime" not in (dt.names or ()):
+        raise TupletError(m.what, "gc", detail=f"value layout from BTF ({dt.itemsize} bytes) "
+                          f"does not match the map ({m.value_size} bytes) or lacks a lifetime")
+    return dt
+
+
+@dataclass(frozen=True)
+class EntryLayout:
+    """Where expiry and NAT ownership live in a CT map's key and value."""
+
+    key: np.dtype
+    value: np.dtype
+    owner_bits: str      # storage field of the dsr_internal/node_port bitfields
+    owner_mask: int
+
+    @classmethod
+    def of(cls, m: Map) -> "EntryLayout":
+        btf = m.btf()
+        value = value_dtype(m)
+        key = btf.numpy_dtype(m.info.btf_key_type_id)
+        need = {"daddr", "saddr", "dport", "sport", "nexthdr", "flags"}
+        if key.itemsize != m.key_size or not need <= set(key.names or ()):
+            raise TupletError(m.what, "gc", detail="key layout from BTF is not a conntrack tuple")
+        bits = {b.name: b for b in btf.struct_layout(m.info.btf_value_type_id).bitfields}
+        owners = [bits[n] for n in ("dsr_internal", "node_port") if n in bits]
+        if len(owners) != 2 or owners[0].storage != owners[1].storage:
+            raise TupletError(m.what, "gc", detail="value layout lacks the dsr_internal/node_port flags")
+        mask = sum(((1 << b.bit_size) - 1) << b.shift for b in owners)
+        return cls(key, value, owners[0].storage, mask)
+
+
+def nat_keys_for(keys: np.ndarray, values: np.ndarray, layout: EntryLayout) -> np.ndarray:
+    """NAT keys owned by these CT entries (as bpf/lib/nat_map.h's nat4_key_for_ct)."""
+    own = (keys["flags"] == TUPLE_F_OUT) & ((values[layout.owner_bits] & layout.owner_mask) != 0)
+    k = keys[own]
+    nat = np.zeros(len(k), layout.key)
+    nat["saddr"], nat["sport"] = k["saddr"], k["dport"]     # the backend's reply to the original source
+    nat["daddr"], nat["dport"] = k["daddr"], k["sport"]
+    nat["nexthdr"], nat["flags"] = k["nexthdr"], TUPLE_F_OUT
+    return nat
