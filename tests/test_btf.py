@@ -1,11 +1,14 @@
-"""Tests of tuplet.btf: BTF of tiny BPF objects compiled here, the kernel's BTF, bad input."""
+"""Tests of tuplet.btf: BTF of tiny BPF objects compiled here, the kernel's BTF, errors."""
 from __future__ import annotations
 
+import ctypes
+import re
 import shutil
 import struct
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -15,8 +18,9 @@ try:
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "loader"))
 
-from tuplet.btf import (Btf, BtfError, BtfNotFoundError, CompositeType, EnumType, IntType,
-                        Kind, load_btf_from_elf)
+from tuplet.btf import (Btf, BtfArray, BtfEnum, BtfError, BtfMember, BtfNotFoundError,
+                        BtfVarSecinfo, Kind, load_btf_from_elf)
+from tuplet.errors import NotFoundError
 
 VMLINUX = Path("/sys/kernel/btf/vmlinux")
 
@@ -139,8 +143,9 @@ def obj(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def btf(obj: Path) -> Btf:
-    return load_btf_from_elf(obj)
+def btf(obj: Path) -> Iterator[Btf]:
+    with load_btf_from_elf(obj) as b:
+        yield b
 
 
 # --- Compiled objects. ---
@@ -223,7 +228,7 @@ def test_enum(btf: Btf) -> None:
                       "REASON_DROP_INVALID": 128, "REASON_SLOTS": 256}
     assert btf.enum_values("enum reason") == values
     t = btf.find("reason", Kind.ENUM)
-    assert isinstance(t, EnumType) and t.size == 4 and not t.signed
+    assert t.kind == Kind.ENUM and t.size == 4 and not t.signed
     assert btf.sizeof(t.id) == 4
 
 
@@ -286,9 +291,9 @@ def test_lookup_and_resolve(btf: Btf) -> None:
     t = btf.find("entry_t")
     assert t.kind == Kind.TYPEDEF
     st = btf.resolve("entry_t")
-    assert isinstance(st, CompositeType) and st.name == "entry" and st.kind == Kind.STRUCT
+    assert st.name == "entry" and st.kind == Kind.STRUCT
     u8 = btf.resolve("__be16")
-    assert isinstance(u8, IntType) and u8.size == 2 and not u8.signed
+    assert u8.kind == Kind.INT and u8.size == 2 and not u8.signed
     assert btf.find("ct_map", "var").kind == Kind.VAR
     assert btf.type_name(btf.find("__be32").id) == "__be32"
     with pytest.raises(BtfNotFoundError):
@@ -310,10 +315,11 @@ def test_lookup_and_resolve(btf: Btf) -> None:
 # --- The kernel's BTF. ---
 
 @pytest.fixture(scope="module")
-def vmlinux() -> Btf:
+def vmlinux() -> Iterator[Btf]:
     if not VMLINUX.exists():
         pytest.skip(f"{VMLINUX} does not exist (kernel built without CONFIG_DEBUG_INFO_BTF)")
-    return Btf.from_file(VMLINUX)
+    with Btf.from_file(VMLINUX) as b:
+        yield b
 
 
 def test_vmlinux_iphdr(vmlinux: Btf) -> None:
@@ -333,9 +339,9 @@ def test_vmlinux_enums(vmlinux: Btf) -> None:
     assert "BPF_TCX_INGRESS" in attach and attach["BPF_CGROUP_INET_INGRESS"] == 0
     assert vmlinux.enum_values("bpf_map_type")["BPF_MAP_TYPE_HASH"] == 1
     assert vmlinux.enum_values("rpm_status")["RPM_INVALID"] == -1  # signed (kind_flag) ENUM
-    enum64 = [t for t in vmlinux.types if t.kind == Kind.ENUM64]
-    assert enum64 and all(isinstance(t, EnumType) and t.size == 8 for t in enum64)
-    perf_txn = next(dict(t.values) for t in enum64 if "PERF_TXN_ABORT_MASK" in dict(t.values))
+    enum64 = [t for t in map(vmlinux.__getitem__, range(len(vmlinux))) if t.kind == Kind.ENUM64]
+    assert enum64 and all(t.size == 8 for t in enum64)
+    perf_txn = next(v for v in map(vmlinux.enum_values, (t.id for t in enum64)) if "PERF_TXN_ABORT_MASK" in v)
     assert perf_txn["PERF_TXN_ABORT_MASK"] == 0xFFFFFFFF00000000
 
 
@@ -359,7 +365,7 @@ def _tiny_blob() -> bytes:
 def test_tiny_blob() -> None:
     btf = Btf.from_bytes(_tiny_blob())
     t = btf.find("int")
-    assert isinstance(t, IntType) and t.signed and t.bits == 32 and btf.sizeof("int") == 4
+    assert t.kind == Kind.INT and t.signed and t.bits == 32 and btf.sizeof("int") == 4
 
 
 def test_blob_kinds() -> None:
@@ -386,31 +392,92 @@ def test_blob_kinds() -> None:
     assert btf.sizeof("double") == 8 and btf.find("double").kind == Kind.FLOAT
 
 
-@pytest.mark.parametrize("data, match", [
-    (b"", "truncated"),
-    (b"\x9f\xeb\x01", "truncated"),
-    (b"\x00" * 32, "bad magic"),
-    (_header(0, 1, magic=0x1234) + b"\0", "bad magic"),
-    (_header(0, 1, version=2) + b"\0", "version"),
-    (_tiny_blob()[:-3], "truncated"),
-    (_header(16, 5) + struct.pack("<III", 1, 1 << 24, 4) + b"\0int\0", "truncated"),
-    (_header(12, 1) + struct.pack("<III", 0, 31 << 24, 0) + b"\0", "unknown kind"),
-    (_header(12, 1) + struct.pack("<III", 99, 8 << 24, 0) + b"\0", "string offset"),
+@pytest.mark.parametrize("data", [
+    b"",
+    b"\x9f\xeb\x01",
+    b"\x00" * 32,
+    _header(0, 1, magic=0x1234) + b"\0",
+    _tiny_blob()[:-3],
+    _header(12, 1) + struct.pack("<III", 0, 31 << 24, 0) + b"\0",
 ])
-def test_malformed(data: bytes, match: str) -> None:
-    with pytest.raises(BtfError, match=match):
+def test_blob_rejected_by_libbpf(data: bytes) -> None:
+    with pytest.raises(BtfError, match="BTF blob: parse: EINVAL"):
         Btf.from_bytes(data)
 
 
-def test_elf_errors(tmp_path: Path, obj: Path) -> None:
+# --- Errors from libbpf and from a closed Btf. ---
+
+def test_file_errors(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.o"
+    with pytest.raises(BtfNotFoundError, match=f"BTF of {re.escape(str(missing))}: parse: ENOENT") as e:
+        load_btf_from_elf(missing)
+    assert isinstance(e.value, NotFoundError) and e.value.errno == 2
     junk = tmp_path / "junk.o"
     junk.write_bytes(b"not an elf file at all" * 4)
-    with pytest.raises(BtfError, match="not an ELF"):
+    with pytest.raises(BtfError, match=f"BTF of {re.escape(str(junk))}: parse: .*failed to get EHDR"):
         load_btf_from_elf(junk)
-    cut = tmp_path / "cut.o"
-    cut.write_bytes(obj.read_bytes()[:200])
-    with pytest.raises(BtfError, match="truncated"):
-        load_btf_from_elf(cut)
     plain = _compile(tmp_path, "int x = 1;\n", debug=False)
-    with pytest.raises(BtfNotFoundError, match="no .BTF"):
+    with pytest.raises(BtfNotFoundError, match=r"parse: ENOENT.*failed to find '\.BTF' ELF section"):
         load_btf_from_elf(plain)
+    with pytest.raises(BtfNotFoundError, match="ENOENT"):
+        Btf.from_file(missing)
+
+
+def test_lookup_errors(btf: Btf) -> None:
+    with pytest.raises(BtfNotFoundError, match=r"BTF of .*t\.bpf\.o: find struct nope: no such type"):
+        btf.find("struct nope")
+    with pytest.raises(BtfNotFoundError, match="find no_such_name: no such type"):
+        btf.enum_values("no_such_name")
+    with pytest.raises(BtfNotFoundError, match="no such type"):
+        btf[-1]
+    with pytest.raises(BtfError, match="unknown kind 'nokind'"):
+        btf.find("tuple", "nokind")
+    with pytest.raises(BtfError, match="has no size"):
+        btf.sizeof(0)  # void
+    with pytest.raises(BtfError, match="not a DATASEC"):
+        btf.datasec_vars("tuple")
+
+
+def test_use_after_close(obj: Path) -> None:
+    b = load_btf_from_elf(obj)
+    t = b.find("tuple")
+    assert not b.closed and len(b) > 1
+    with b:
+        pass
+    assert b.closed
+    b.close()  # idempotent
+    assert t.name == "tuple"  # a BtfType is a copy
+    for use in (lambda: b[t.id], lambda: b.find("tuple"), lambda: len(b), lambda: b.struct_layout("tuple"),
+                lambda: b.enum_values("reason"), lambda: b.numpy_dtype(t.id)):
+        with pytest.raises(BtfError, match=r"BTF of .*: read: used after close"):
+            use()
+
+
+# struct btf_type (generated bindings) and the records after it, vs the kernel uapi header.
+RECORDS = [("btf_type", None), ("btf_array", BtfArray), ("btf_member", BtfMember),
+           ("btf_enum", BtfEnum), ("btf_var_secinfo", BtfVarSecinfo), ("btf_enum64", None)]
+
+
+def test_record_layouts_match_uapi(tmp_path: Path) -> None:
+    import tuplet._libbpf as C
+    cc = shutil.which("gcc") or shutil.which("cc") or shutil.which("clang")
+    if cc is None or not Path("/usr/include/linux/btf.h").exists():
+        pytest.skip("no C compiler or no linux/btf.h")
+    classes = {name: cls or getattr(C, name) for name, cls in RECORDS}
+    lines = ["#include <stdio.h>", "#include <stddef.h>", "#include <linux/btf.h>", "int main(void) {"]
+    for name, cls in classes.items():
+        lines.append(f'printf("{name} %zu\\n", sizeof(struct {name}));')
+        for field, *_ in cls._fields_:
+            if not field.startswith("_"):
+                lines.append(f'printf("{name}.{field} %zu\\n", offsetof(struct {name}, {field}));')
+    (tmp_path / "sizes.c").write_text("\n".join(lines + ["return 0; }"]) + "\n")
+    subprocess.run([cc, "-o", str(tmp_path / "sizes"), str(tmp_path / "sizes.c")], check=True)
+    got = dict(line.split() for line in subprocess.run([str(tmp_path / "sizes")], check=True,
+                                                       capture_output=True, text=True).stdout.splitlines())
+    want = {}
+    for name, cls in classes.items():
+        want[name] = str(ctypes.sizeof(cls))
+        for field, *_ in cls._fields_:
+            if not field.startswith("_"):
+                want[f"{name}.{field}"] = str(getattr(cls, field).offset)
+    assert got == want

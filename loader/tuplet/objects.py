@@ -21,7 +21,7 @@ from pathlib import Path
 import structlog
 
 from . import _libbpf as C
-from .btf import Btf, DataSecType, EnumType, IntType, VarType
+from .btf import Btf, BtfNotFoundError, Kind
 from .errors import IncompatiblePinError, NotFoundError, TupletError, VerifierError
 from .libbpf import check, check_ptr, clear_messages, cstr, opts, recent_messages
 from .maps import Map, map_info
@@ -58,17 +58,14 @@ class GlobalVar:
 def datasec_var(btf: Btf, section: str, name: str) -> GlobalVar:
     """Find a global variable of a data section (``.rodata``, ``.bss``) in BTF."""
     try:
-        sec = btf.find(section)
-    except TupletError:
+        sec = btf.find(section, Kind.DATASEC)
+    except BtfNotFoundError:
         raise NotFoundError(f"section {section}", "find", errno.ENOENT, "the object has no such section") from None
-    assert isinstance(sec, DataSecType)
-    for type_id, offset, size in sec.vars:
-        var = btf[type_id]
-        if isinstance(var, VarType) and var.name == name:
-            t = btf.resolve(var.type)
-            signed = isinstance(t, (IntType, EnumType)) and t.signed
-            return GlobalVar(name, offset, size, signed)
-    known = sorted(btf[t].name for t, _, _ in sec.vars)
+    found = [(btf[type_id], offset, size) for type_id, offset, size in btf.datasec_vars(sec.id)]
+    for var, offset, size in found:
+        if var.kind == Kind.VAR and var.name == name:
+            return GlobalVar(name, offset, size, btf.resolve(var.type).signed)
+    known = sorted(var.name for var, _, _ in found)
     raise NotFoundError(f"{section} variable {name}", "find", errno.ENOENT, f"known: {', '.join(known)}")
 
 
