@@ -21,6 +21,7 @@ except ImportError:
 from tuplet.btf import (Btf, BtfArray, BtfEnum, BtfError, BtfMember, BtfNotFoundError,
                         BtfVarSecinfo, Kind, load_btf_from_elf)
 from tuplet.errors import NotFoundError
+from tuplet.objects import ObjectSpec, datasec_var
 
 VMLINUX = Path("/sys/kernel/btf/vmlinux")
 
@@ -451,6 +452,23 @@ def test_use_after_close(obj: Path) -> None:
                 lambda: b.enum_values("reason"), lambda: b.numpy_dtype(t.id)):
         with pytest.raises(BtfError, match=r"BTF of .*: read: used after close"):
             use()
+
+
+def test_object_btf_borrowed(obj: Path) -> None:
+    """ObjectSpec.btf is libbpf's BTF of the opened object, unusable once the object is closed."""
+    spec = ObjectSpec.open(obj)
+    b = spec.btf
+    assert b.struct_layout("tuple").size == 14 and b.enum_values("reason")["REASON_SLOTS"] == 256
+    var = datasec_var(b, ".bss", "odd_global")
+    assert var.size == 3 and not var.signed
+    with pytest.raises(NotFoundError, match="known: .*reason_global"):
+        datasec_var(b, ".bss", "nope")
+    with pytest.raises(NotFoundError, match="section .data"):
+        datasec_var(b, ".data", "x")
+    spec.close()
+    assert b.closed and spec.btf is b
+    with pytest.raises(BtfError, match=f"BTF of object {re.escape(str(obj))}: read: used after close"):
+        b.find("tuple")
 
 
 # struct btf_type (generated bindings) and the records after it, vs the kernel uapi header.

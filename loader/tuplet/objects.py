@@ -142,12 +142,15 @@ class ObjectSpec:
 
     @property
     def btf(self) -> Btf:
-        """The object's BTF as libbpf fixed it up at open (data sections sized)."""
+        """The object's BTF as libbpf fixed it up at open (data sections sized), owned by the
+        object: closed with the spec, or with the collection it loads into."""
         if self._btf is None:
-            b = check_ptr(C.bpf_object__btf(self._obj), f"object {self.path}", "get BTF")
-            size = ctypes.c_uint32()
-            raw = check_ptr(C.btf__raw_data(b, ctypes.byref(size)), f"object {self.path}", "raw BTF")
-            self._btf = Btf.from_bytes(ctypes.string_at(raw, size.value))
+            if self._obj is None:
+                raise TupletError(f"object {self.path}", "get BTF", detail="already loaded or closed")
+            b = C.bpf_object__btf(self._obj)
+            if not b:
+                raise BtfNotFoundError(f"object {self.path}", "get BTF", errno.ENOENT, "no .BTF (build with -g)")
+            self._btf = Btf(b, f"BTF of object {self.path}", owned=False)
         return self._btf
 
     # --- configuration before load -----------------------------------------------------------
@@ -256,6 +259,8 @@ class ObjectSpec:
     def close(self) -> None:
         if self._obj is not None:
             obj, self._obj = self._obj, None
+            if self._btf is not None:
+                self._btf.close()
             C.bpf_object__close(obj)
 
     def __enter__(self) -> "ObjectSpec":
@@ -322,6 +327,7 @@ class Collection:
     def close(self) -> None:
         if self._obj is not None:
             obj, self._obj = self._obj, None
+            self.btf.close()
             C.bpf_object__close(obj)
 
     def __enter__(self) -> "Collection":
