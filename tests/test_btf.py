@@ -1,11 +1,14 @@
-"""Tests of tuplet.btf: BTF of tiny BPF objects compiled here, the kernel's BTF, bad input."""
+"""Tests of tuplet.bpf.btf: BTF of tiny BPF objects compiled here, the kernel's BTF, errors."""
 from __future__ import annotations
 
+import ctypes
+import re
 import shutil
 import struct
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -15,7 +18,20 @@ try:
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "loader"))
 
-from tuplet.bpf.btf import Btf, BtfError, BtfNotFoundError, CompositeType, EnumType, IntType, Kind, load_btf_from_elf
+from tuplet.bpf.btf import (
+    Btf,
+    BtfArray,
+    BtfEnum,
+    BtfError,
+    BtfMember,
+    BtfNotFoundError,
+    BtfVarSecinfo,
+    Kind,
+    load_btf_from_elf,
+)
+from tuplet.bpf.btf_layout import numpy_dtype, struct_layout
+from tuplet.bpf.objects import ObjectSpec, datasec_var
+from tuplet.core.errors import NotFoundError
 
 VMLINUX = Path("/sys/kernel/btf/vmlinux")
 
@@ -138,14 +154,15 @@ def obj(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def btf(obj: Path) -> Btf:
-    return load_btf_from_elf(obj)
+def btf(obj: Path) -> Iterator[Btf]:
+    with load_btf_from_elf(obj) as b:
+        yield b
 
 
 # --- Compiled objects. ---
 
 def test_packed_tuple(btf: Btf) -> None:
-    lay = btf.struct_layout("tuple")
+    lay = struct_layout(btf, "tuple")
     assert lay.name == "struct tuple" and lay.size == 14 and btf.sizeof("tuple") == 14
     got = [(m.name, m.offset_bytes, m.size_bytes, m.bit_offset, m.bit_size, m.type_name)
            for m in lay.members]
@@ -158,21 +175,21 @@ def test_packed_tuple(btf: Btf) -> None:
         ("flags", 13, 1, 104, 0, "__u8"),
     ]
     assert lay.bitfields == ()
-    dt = btf.numpy_dtype("tuple")
+    dt = numpy_dtype(btf, "tuple")
     assert dt.itemsize == 14
     assert dt.names == ("daddr", "saddr", "dport", "sport", "nexthdr", "flags")
     assert [dt.fields[n][1] for n in dt.names] == [0, 4, 8, 10, 12, 13]
     assert dt["daddr"] == np.dtype("<u4") and dt["dport"] == np.dtype("<u2")
     assert dt["flags"] == np.dtype("u1")
 
-    be = btf.numpy_dtype("tuple", be_typedefs=True)
+    be = numpy_dtype(btf, "tuple", be_typedefs=True)
     assert be["daddr"] == np.dtype(">u4") and be["sport"] == np.dtype(">u2")
     rec = np.frombuffer(bytes([10, 0, 0, 1]) + bytes(4) + b"\x00\x50" + bytes(4), dtype=be)[0]
     assert rec["daddr"] == 0x0A000001 and rec["dport"] == 80
 
 
 def test_bitfield_entry(btf: Btf) -> None:
-    lay = btf.struct_layout("struct entry")
+    lay = struct_layout(btf, "struct entry")
     assert lay.size == 56
     names = [m.name for m in lay.members]
     assert names[:6] == ["reserved0", "backend_id", "packets", "bytes", "lifetime", "rx_closing"]
@@ -194,7 +211,7 @@ def test_bitfield_entry(btf: Btf) -> None:
     assert {bf.storage for bf in lay.bitfields} == {"_bits_36"}
     assert [bf.shift for bf in lay.bitfields] == list(range(11)) + [11]
 
-    dt = btf.numpy_dtype("entry")
+    dt = numpy_dtype(btf, "entry")
     assert dt.itemsize == 56
     assert "rx_closing" not in dt.names
     assert dt.fields["_bits_36"] == (np.dtype("<u2"), 36)
@@ -213,7 +230,7 @@ def test_bitfield_entry(btf: Btf) -> None:
     assert by_name["reserved3"].extract(0xFFFF) == 31
 
     # A typedef of the struct gives the same layout.
-    assert btf.struct_layout("entry_t").members == lay.members
+    assert struct_layout(btf, "entry_t").members == lay.members
 
 
 def test_enum(btf: Btf) -> None:
@@ -222,12 +239,12 @@ def test_enum(btf: Btf) -> None:
                       "REASON_DROP_INVALID": 128, "REASON_SLOTS": 256}
     assert btf.enum_values("enum reason") == values
     t = btf.find("reason", Kind.ENUM)
-    assert isinstance(t, EnumType) and t.size == 4 and not t.signed
+    assert t.kind == Kind.ENUM and t.size == 4 and not t.signed
     assert btf.sizeof(t.id) == 4
 
 
 def test_nested_anonymous_union(btf: Btf) -> None:
-    lay = btf.struct_layout("event")
+    lay = struct_layout(btf, "event")
     m = {x.name: x for x in lay.members}
     assert [x.name for x in lay.members] == [
         "kind", "addr", "addr_bytes", "lo", "hi", "in", "stamp", "why", "delta", "other", "data"]
@@ -243,7 +260,7 @@ def test_nested_anonymous_union(btf: Btf) -> None:
     assert m["data"].offset_bytes == 37 and m["data"].size_bytes == 0
     assert lay.size == btf.sizeof("struct event") == 40
 
-    dt = btf.numpy_dtype("event")
+    dt = numpy_dtype(btf, "event")
     assert dt.itemsize == 40
     assert dt.fields["addr"] == (np.dtype("<u4"), 4)
     assert dt.fields["addr_bytes"] == (np.dtype(("u1", (4,))), 4)
@@ -268,13 +285,13 @@ def test_nested_anonymous_union(btf: Btf) -> None:
 
 
 def test_packed_straddling_bitfield(btf: Btf) -> None:
-    lay = btf.struct_layout("odd")
+    lay = struct_layout(btf, "odd")
     assert lay.size == 3
     b, c = lay.member("b"), lay.member("c")
     assert (b.bit_offset, b.bit_size, b.offset_bytes, b.size_bytes) == (8, 12, 1, 2)
     assert (c.bit_offset, c.bit_size) == (20, 4)
     assert {bf.storage for bf in lay.bitfields} == {"_bits_1"}
-    dt = btf.numpy_dtype("odd")
+    dt = numpy_dtype(btf, "odd")
     assert dt.itemsize == 3 and dt.fields["_bits_1"] == (np.dtype("<u2"), 1)
     rec = np.frombuffer(bytes([7, 0x34, 0x92]), dtype=dt)
     bfs = {bf.name: bf for bf in lay.bitfields}
@@ -285,9 +302,9 @@ def test_lookup_and_resolve(btf: Btf) -> None:
     t = btf.find("entry_t")
     assert t.kind == Kind.TYPEDEF
     st = btf.resolve("entry_t")
-    assert isinstance(st, CompositeType) and st.name == "entry" and st.kind == Kind.STRUCT
+    assert st.name == "entry" and st.kind == Kind.STRUCT
     u8 = btf.resolve("__be16")
-    assert isinstance(u8, IntType) and u8.size == 2 and not u8.signed
+    assert u8.kind == Kind.INT and u8.size == 2 and not u8.signed
     assert btf.find("ct_map", "var").kind == Kind.VAR
     assert btf.type_name(btf.find("__be32").id) == "__be32"
     with pytest.raises(BtfNotFoundError):
@@ -295,34 +312,35 @@ def test_lookup_and_resolve(btf: Btf) -> None:
     with pytest.raises(BtfNotFoundError):
         btf.find("tuple", Kind.UNION)
     with pytest.raises(BtfError, match="not a struct"):
-        btf.struct_layout("reason")
+        struct_layout(btf, "reason")
     with pytest.raises(BtfError, match="not an enum"):
         btf.enum_values("tuple")
     with pytest.raises(BtfError, match="not a struct"):
-        btf.numpy_dtype("__u32")
+        numpy_dtype(btf, "__u32")
     with pytest.raises(BtfNotFoundError):
         btf[len(btf)]
     with pytest.raises(BtfNotFoundError):
-        btf.struct_layout("tuple").member("nope")
+        struct_layout(btf, "tuple").member("nope")
 
 
 # --- The kernel's BTF. ---
 
 @pytest.fixture(scope="module")
-def vmlinux() -> Btf:
+def vmlinux() -> Iterator[Btf]:
     if not VMLINUX.exists():
         pytest.skip(f"{VMLINUX} does not exist (kernel built without CONFIG_DEBUG_INFO_BTF)")
-    return Btf.from_file(VMLINUX)
+    with Btf.from_file(VMLINUX) as b:
+        yield b
 
 
 def test_vmlinux_iphdr(vmlinux: Btf) -> None:
-    lay = vmlinux.struct_layout("iphdr")
+    lay = struct_layout(vmlinux, "iphdr")
     assert lay.size == 20
     ihl, version = lay.member("ihl"), lay.member("version")
     assert (ihl.bit_offset, ihl.bit_size, version.bit_offset, version.bit_size) == (0, 4, 4, 4)
     assert lay.member("protocol").offset_bytes == 9
     assert lay.member("saddr").offset_bytes == 12 and lay.member("daddr").offset_bytes == 16
-    dt = vmlinux.numpy_dtype("iphdr")
+    dt = numpy_dtype(vmlinux, "iphdr")
     assert dt.itemsize == 20 and dt.fields["daddr"][1] == 16
     assert vmlinux.sizeof("struct ethhdr") == 14
 
@@ -332,15 +350,15 @@ def test_vmlinux_enums(vmlinux: Btf) -> None:
     assert "BPF_TCX_INGRESS" in attach and attach["BPF_CGROUP_INET_INGRESS"] == 0
     assert vmlinux.enum_values("bpf_map_type")["BPF_MAP_TYPE_HASH"] == 1
     assert vmlinux.enum_values("rpm_status")["RPM_INVALID"] == -1  # signed (kind_flag) ENUM
-    enum64 = [t for t in vmlinux.types if t.kind == Kind.ENUM64]
-    assert enum64 and all(isinstance(t, EnumType) and t.size == 8 for t in enum64)
-    perf_txn = next(dict(t.values) for t in enum64 if "PERF_TXN_ABORT_MASK" in dict(t.values))
+    enum64 = [t for t in map(vmlinux.__getitem__, range(len(vmlinux))) if t.kind == Kind.ENUM64]
+    assert enum64 and all(t.size == 8 for t in enum64)
+    perf_txn = next(v for v in map(vmlinux.enum_values, (t.id for t in enum64)) if "PERF_TXN_ABORT_MASK" in v)
     assert perf_txn["PERF_TXN_ABORT_MASK"] == 0xFFFFFFFF00000000
 
 
 def test_vmlinux_big_structs(vmlinux: Btf) -> None:
     for name in ("sk_buff", "task_struct", "bpf_attr"):
-        assert vmlinux.numpy_dtype(name).itemsize == vmlinux.sizeof(name) > 0
+        assert numpy_dtype(vmlinux, name).itemsize == vmlinux.sizeof(name) > 0
 
 
 # --- Malformed input. ---
@@ -358,7 +376,7 @@ def _tiny_blob() -> bytes:
 def test_tiny_blob() -> None:
     btf = Btf.from_bytes(_tiny_blob())
     t = btf.find("int")
-    assert isinstance(t, IntType) and t.signed and t.bits == 32 and btf.sizeof("int") == 4
+    assert t.kind == Kind.INT and t.signed and t.bits == 32 and btf.sizeof("int") == 4
 
 
 def test_blob_kinds() -> None:
@@ -375,7 +393,7 @@ def test_blob_kinds() -> None:
         struct.pack("<III", 20, 16 << 24, 8),                     # [5] FLOAT double
     ])
     btf = Btf.from_bytes(_header(len(types), len(strings)) + types + strings)
-    lay = btf.struct_layout("s")
+    lay = struct_layout(btf, "s")
     y = lay.member("y")
     assert (y.bit_offset, y.bit_size, y.offset_bytes, y.size_bytes) == (9, 3, 1, 1)
     (bf,) = lay.bitfields
@@ -385,31 +403,109 @@ def test_blob_kinds() -> None:
     assert btf.sizeof("double") == 8 and btf.find("double").kind == Kind.FLOAT
 
 
-@pytest.mark.parametrize("data, match", [
-    (b"", "truncated"),
-    (b"\x9f\xeb\x01", "truncated"),
-    (b"\x00" * 32, "bad magic"),
-    (_header(0, 1, magic=0x1234) + b"\0", "bad magic"),
-    (_header(0, 1, version=2) + b"\0", "version"),
-    (_tiny_blob()[:-3], "truncated"),
-    (_header(16, 5) + struct.pack("<III", 1, 1 << 24, 4) + b"\0int\0", "truncated"),
-    (_header(12, 1) + struct.pack("<III", 0, 31 << 24, 0) + b"\0", "unknown kind"),
-    (_header(12, 1) + struct.pack("<III", 99, 8 << 24, 0) + b"\0", "string offset"),
+@pytest.mark.parametrize("data", [
+    b"",
+    b"\x9f\xeb\x01",
+    b"\x00" * 32,
+    _header(0, 1, magic=0x1234) + b"\0",
+    _tiny_blob()[:-3],
+    _header(12, 1) + struct.pack("<III", 0, 31 << 24, 0) + b"\0",
 ])
-def test_malformed(data: bytes, match: str) -> None:
-    with pytest.raises(BtfError, match=match):
+def test_blob_rejected_by_libbpf(data: bytes) -> None:
+    with pytest.raises(BtfError, match="BTF blob: parse: EINVAL"):
         Btf.from_bytes(data)
 
 
-def test_elf_errors(tmp_path: Path, obj: Path) -> None:
+# --- Errors from libbpf and from a closed Btf. ---
+
+def test_file_errors(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.o"
+    with pytest.raises(BtfNotFoundError, match=f"BTF of {re.escape(str(missing))}: parse: ENOENT") as e:
+        load_btf_from_elf(missing)
+    assert isinstance(e.value, NotFoundError) and e.value.errno == 2
     junk = tmp_path / "junk.o"
     junk.write_bytes(b"not an elf file at all" * 4)
-    with pytest.raises(BtfError, match="not an ELF"):
+    with pytest.raises(BtfError, match=f"BTF of {re.escape(str(junk))}: parse: .*failed to get EHDR"):
         load_btf_from_elf(junk)
-    cut = tmp_path / "cut.o"
-    cut.write_bytes(obj.read_bytes()[:200])
-    with pytest.raises(BtfError, match="truncated"):
-        load_btf_from_elf(cut)
     plain = _compile(tmp_path, "int x = 1;\n", debug=False)
-    with pytest.raises(BtfNotFoundError, match="no .BTF"):
+    with pytest.raises(BtfNotFoundError, match=r"parse: ENOENT.*failed to find '\.BTF' ELF section"):
         load_btf_from_elf(plain)
+    with pytest.raises(BtfNotFoundError, match="ENOENT"):
+        Btf.from_file(missing)
+
+
+def test_lookup_errors(btf: Btf) -> None:
+    with pytest.raises(BtfNotFoundError, match=r"BTF of .*t\.bpf\.o: find struct nope: no such type"):
+        btf.find("struct nope")
+    with pytest.raises(BtfNotFoundError, match="find no_such_name: no such type"):
+        btf.enum_values("no_such_name")
+    with pytest.raises(BtfNotFoundError, match="no such type"):
+        btf[-1]
+    with pytest.raises(BtfError, match="unknown kind 'nokind'"):
+        btf.find("tuple", "nokind")
+    with pytest.raises(BtfError, match="has no size"):
+        btf.sizeof(0)  # void
+    with pytest.raises(BtfError, match="not a DATASEC"):
+        btf.datasec_vars("tuple")
+
+
+def test_use_after_close(obj: Path) -> None:
+    b = load_btf_from_elf(obj)
+    t = b.find("tuple")
+    assert not b.closed and len(b) > 1
+    with b:
+        pass
+    assert b.closed
+    b.close()  # idempotent
+    assert t.name == "tuple"  # a BtfType is a copy
+    for use in (lambda: b[t.id], lambda: b.find("tuple"), lambda: len(b), lambda: struct_layout(b, "tuple"),
+                lambda: b.enum_values("reason"), lambda: numpy_dtype(b, t.id)):
+        with pytest.raises(BtfError, match=r"BTF of .*: read: used after close"):
+            use()
+
+
+def test_object_btf_borrowed(obj: Path) -> None:
+    """ObjectSpec.btf is libbpf's BTF of the opened object, unusable once the object is closed."""
+    spec = ObjectSpec.open(obj)
+    b = spec.btf
+    assert struct_layout(b, "tuple").size == 14 and b.enum_values("reason")["REASON_SLOTS"] == 256
+    var = datasec_var(b, ".bss", "odd_global")
+    assert var.size == 3 and not var.signed
+    with pytest.raises(NotFoundError, match="known: .*reason_global"):
+        datasec_var(b, ".bss", "nope")
+    with pytest.raises(NotFoundError, match="section .data"):
+        datasec_var(b, ".data", "x")
+    spec.close()
+    assert b.closed and spec.btf is b
+    with pytest.raises(BtfError, match=f"BTF of object {re.escape(str(obj))}: read: used after close"):
+        b.find("tuple")
+
+
+# struct btf_type (generated bindings) and the records after it, vs the kernel uapi header.
+RECORDS = [("btf_type", None), ("btf_array", BtfArray), ("btf_member", BtfMember),
+           ("btf_enum", BtfEnum), ("btf_var_secinfo", BtfVarSecinfo), ("btf_enum64", None)]
+
+
+def test_record_layouts_match_uapi(tmp_path: Path) -> None:
+    import tuplet.bpf._libbpf as C
+    cc = shutil.which("gcc") or shutil.which("cc") or shutil.which("clang")
+    if cc is None or not Path("/usr/include/linux/btf.h").exists():
+        pytest.skip("no C compiler or no linux/btf.h")
+    classes = {name: cls or getattr(C, name) for name, cls in RECORDS}
+    lines = ["#include <stdio.h>", "#include <stddef.h>", "#include <linux/btf.h>", "int main(void) {"]
+    for name, cls in classes.items():
+        lines.append(f'printf("{name} %zu\\n", sizeof(struct {name}));')
+        for field, *_ in cls._fields_:
+            if not field.startswith("_"):
+                lines.append(f'printf("{name}.{field} %zu\\n", offsetof(struct {name}, {field}));')
+    (tmp_path / "sizes.c").write_text("\n".join(lines + ["return 0; }"]) + "\n")
+    subprocess.run([cc, "-o", str(tmp_path / "sizes"), str(tmp_path / "sizes.c")], check=True)
+    got = dict(line.split() for line in subprocess.run([str(tmp_path / "sizes")], check=True,
+                                                       capture_output=True, text=True).stdout.splitlines())
+    want = {}
+    for name, cls in classes.items():
+        want[name] = str(ctypes.sizeof(cls))
+        for field, *_ in cls._fields_:
+            if not field.startswith("_"):
+                want[f"{name}.{field}"] = str(getattr(cls, field).offset)
+    assert got == want

@@ -6,6 +6,7 @@ import ctypes
 import pytest
 
 from tuplet.bpf.btf import load_btf_from_elf
+from tuplet.bpf.btf_layout import struct_layout
 from tuplet.datapath import abi
 from tuplet.datapath.abi import OBJ_LXC
 from tuplet.datapath.layouts import (
@@ -49,7 +50,7 @@ def bit_offset(cls: type[ctypes.Structure], name: str) -> tuple[int, int]:
                                        (Lb4MaglevKey, "lb4_maglev_key"), (Lb4AffinityKey, "lb4_affinity_key"),
                                        (LbAffinityVal, "lb_affinity_val")])
 def test_struct_matches_btf(btf, cls, cname) -> None:
-    layout = btf.struct_layout(cname)
+    layout = struct_layout(btf, cname)
     assert ctypes.sizeof(cls) == layout.size
     py_names = [f[0] for f in cls._fields_]
     assert py_names == [m.name for m in layout.members]
@@ -58,7 +59,7 @@ def test_struct_matches_btf(btf, cls, cname) -> None:
 
 
 def test_ct_flag_bits_in_order(btf) -> None:
-    layout = btf.struct_layout("ct_entry")
+    layout = struct_layout(btf, "ct_entry")
     lifetime_end = layout.member("lifetime").bit_offset + 32
     for i, (name, _) in enumerate(CT_FLAG_BITS):
         assert layout.member(name).bit_offset == lifetime_end + i

@@ -145,18 +145,10 @@ class Map:
         return self.info.max_entries
 
     def btf(self) -> "Btf":
-        """The BTF the map was created with (from the kernel, by id)."""
+        """The BTF the map was created with (libbpf loads it from the kernel, by id)."""
         if not self.info.btf_id:
             raise NotFoundError(self.what, "get BTF", errno.ENOENT, "map has no BTF")
-        b = C.btf__load_from_kernel_by_id(self.info.btf_id)
-        if not b:
-            check(-ctypes.get_errno(), self.what, "load BTF")
-        try:
-            size = ctypes.c_uint32()
-            raw = C.btf__raw_data(b, ctypes.byref(size))
-            return Btf.from_bytes(ctypes.string_at(raw, size.value))
-        finally:
-            C.btf__free(b)
+        return Btf.from_kernel(self.info.btf_id, f"BTF of {self.what}")
 
     def close(self) -> None:
         if self._fd is not None:

@@ -21,7 +21,7 @@ from pathlib import Path
 import structlog
 
 from tuplet.bpf import _libbpf as C
-from tuplet.bpf.btf import Btf, DataSecType, EnumType, IntType, VarType
+from tuplet.bpf.btf import Btf, BtfNotFoundError, Kind
 from tuplet.bpf.libbpf import check, check_ptr, clear_messages, cstr, opts, recent_messages
 from tuplet.bpf.maps import Map
 from tuplet.bpf.programs import Program
@@ -58,17 +58,14 @@ class GlobalVar:
 def datasec_var(btf: Btf, section: str, name: str) -> GlobalVar:
     """Find a global variable of a data section (``.rodata``, ``.bss``) in BTF."""
     try:
-        sec = btf.find(section)
-    except TupletError:
+        sec = btf.find(section, Kind.DATASEC)
+    except BtfNotFoundError:
         raise NotFoundError(f"section {section}", "find", errno.ENOENT, "the object has no such section") from None
-    assert isinstance(sec, DataSecType)
-    for type_id, offset, size in sec.vars:
-        var = btf[type_id]
-        if isinstance(var, VarType) and var.name == name:
-            t = btf.resolve(var.type)
-            signed = isinstance(t, (IntType, EnumType)) and t.signed
-            return GlobalVar(name, offset, size, signed)
-    known = sorted(btf[t].name for t, _, _ in sec.vars)
+    found = [(btf[type_id], offset, size) for type_id, offset, size in btf.datasec_vars(sec.id)]
+    for var, offset, size in found:
+        if var.kind == Kind.VAR and var.name == name:
+            return GlobalVar(name, offset, size, btf.resolve(var.type).signed)
+    known = sorted(var.name for var, _, _ in found)
     raise NotFoundError(f"{section} variable {name}", "find", errno.ENOENT, f"known: {', '.join(known)}")
 
 
@@ -145,12 +142,15 @@ class ObjectSpec:
 
     @property
     def btf(self) -> Btf:
-        """The object's BTF as libbpf fixed it up at open (data sections sized)."""
+        """The object's BTF as libbpf fixed it up at open (data sections sized), owned by the
+        object: closed with the spec, or with the collection it loads into."""
         if self._btf is None:
-            b = check_ptr(C.bpf_object__btf(self._obj), f"object {self.path}", "get BTF")
-            size = ctypes.c_uint32()
-            raw = check_ptr(C.btf__raw_data(b, ctypes.byref(size)), f"object {self.path}", "raw BTF")
-            self._btf = Btf.from_bytes(ctypes.string_at(raw, size.value))
+            if self._obj is None:
+                raise TupletError(f"object {self.path}", "get BTF", detail="already loaded or closed")
+            b = C.bpf_object__btf(self._obj)
+            if not b:
+                raise BtfNotFoundError(f"object {self.path}", "get BTF", errno.ENOENT, "no .BTF (build with -g)")
+            self._btf = Btf(b, f"BTF of object {self.path}", owned=False)
         return self._btf
 
     # --- configuration before load -----------------------------------------------------------
@@ -259,6 +259,8 @@ class ObjectSpec:
     def close(self) -> None:
         if self._obj is not None:
             obj, self._obj = self._obj, None
+            if self._btf is not None:
+                self._btf.close()
             C.bpf_object__close(obj)
 
     def __enter__(self) -> "ObjectSpec":
@@ -325,6 +327,7 @@ class Collection:
     def close(self) -> None:
         if self._obj is not None:
             obj, self._obj = self._obj, None
+            self.btf.close()
             C.bpf_object__close(obj)
 
     def __enter__(self) -> "Collection":

@@ -8,14 +8,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tuplet.bpf.btf import Btf
+from tuplet.bpf.btf_layout import numpy_dtype, struct_layout
 from tuplet.bpf.maps import Map
 from tuplet.core.errors import TupletError
 from tuplet.datapath.abi import TUPLE_F_OUT
 
 
-def value_dtype(m: Map) -> np.dtype:
+def value_dtype(m: Map, btf: Btf | None = None) -> np.dtype:
     """numpy dtype of a CT map's values, from the BTF the map was created with."""
-    dt = m.btf().numpy_dtype(m.info.btf_value_type_id)
+    if btf is None:
+        with m.btf() as own:
+            return value_dtype(m, own)
+    dt = numpy_dtype(btf, m.info.btf_value_type_id)
     if dt.itemsize != m.value_size or "lifetime" not in (dt.names or ()):
         raise TupletError(m.what, "gc", detail=f"value layout from BTF ({dt.itemsize} bytes) "
                           f"does not match the map ({m.value_size} bytes) or lacks a lifetime")
@@ -33,13 +38,13 @@ class EntryLayout:
 
     @classmethod
     def of(cls, m: Map) -> "EntryLayout":
-        btf = m.btf()
-        value = value_dtype(m)
-        key = btf.numpy_dtype(m.info.btf_key_type_id)
+        with m.btf() as btf:
+            value = value_dtype(m, btf)
+            key = numpy_dtype(btf, m.info.btf_key_type_id)
+            bits = {b.name: b for b in struct_layout(btf, m.info.btf_value_type_id).bitfields}
         need = {"daddr", "saddr", "dport", "sport", "nexthdr", "flags"}
         if key.itemsize != m.key_size or not need <= set(key.names or ()):
             raise TupletError(m.what, "gc", detail="key layout from BTF is not a conntrack tuple")
-        bits = {b.name: b for b in btf.struct_layout(m.info.btf_value_type_id).bitfields}
         owners = [bits[n] for n in ("dsr_internal", "node_port") if n in bits]
         if len(owners) != 2 or owners[0].storage != owners[1].storage:
             raise TupletError(m.what, "gc", detail="value layout lacks the dsr_internal/node_port flags")

@@ -62,7 +62,8 @@ def map_names(m: Map, spec: EnumSpec, obj_path: str) -> dict[int, str]:
     """``spec``'s names from the BTF the map was created with, else from the object (an
     empty table, numbers printed, when neither has them)."""
     try:
-        return spec.names(m.btf())
+        with m.btf() as btf:
+            return spec.names(btf)
     except (TupletError, KeyError, ValueError) as e:
         log.debug("enum names not in the map's BTF, using the object's", map=m.name, enum=spec.enum,
                   error=str(e))
