@@ -31,7 +31,7 @@ Q := @
 msg = @printf '  %-8s %s\n' "$(1)" "$(2)";
 endif
 
-.PHONY: build deps venv test test-host demo bindings clean vmlinux bench install uninstall bench-services bench-resize \
+.PHONY: build deps venv lint test test-host demo bindings clean vmlinux bench install uninstall bench-services bench-resize \
         bench-flood vm-deps vm-test
 build: $(BPF_PROGS) $(BENCH_PROGS)
 
@@ -72,12 +72,20 @@ $(BUILD)/%.o: bench/%.bpf.c $(BPF_HDRS) vmlinux/vmlinux.h | $(BUILD)/.deps
 -include ci/bindings.mk
 bindings: venv
 
-# The whole suite: the host tests, then the vm-marked ones in a Linux 6.1 VM (vm-test).
-test: test-host
+# The whole suite: lint, the host tests, then the vm-marked ones in a Linux 6.1 VM (vm-test).
+test: lint test-host
 	$(MAKE) --no-print-directory vm-test
 
 test-host: build venv $(BUILD)/loadgen $(BUILD)/synflood
 	$(VENV_PY) -m pytest $(PYTEST_ARGS)
+
+# The layer contract (import-linter), no imports inside functions or cycles, strict types, pyflakes.
+lint: venv
+	$(call msg,LINT,ruff mypy import-linter check_imports)
+	$(Q)$(VENV)/bin/ruff check -q loader tests bench ci
+	$(Q)$(VENV)/bin/mypy
+	$(Q)$(VENV)/bin/lint-imports --no-cache
+	$(Q)$(VENV_PY) ci/check_imports.py
 
 demo: build venv
 	$(VENV_PY) -m tuplet.lab.demo

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import numpy as np
@@ -461,3 +462,57 @@ def test_a_failed_grow_is_logged_and_the_datapath_runs_on(pin_root, tmp_path, mo
     finally:
         ag.shutdown()
         node_apply.teardown(pin_root)
+
+
+def test_a_reload_failing_with_any_error_keeps_the_agent_and_datapath(pin_root, tmp_path, monkeypatch) -> None:
+    """SIGHUP's apply raising something other than TupletError (an OSError, a netlink error)
+    is a failed reload like any other: logged, recorded, GC running again on the old datapath."""
+    from tuplet.agent import service as agentmod
+
+    cfg = tmp_path / "tuplet.toml"
+    cfg.write_text(agent_config(pin_root, auto_grow=False))
+    ag = agentmod.Agent(str(cfg), lambda c: c, "", notify=lambda *a: None)
+    try:
+        ag.start()
+        before = pinned(pin_root)
+
+        def boom(_cfg):
+            raise OSError(16, "Device or resource busy")
+        monkeypatch.setattr(node_apply, "apply", boom)
+        with capture_logs() as logs:
+            assert ag.reload() is False
+        failed = [e for e in logs if e["event"] == "reload failed"]
+        assert len(failed) == 1 and "busy" in failed[0]["error"] and failed[0]["error_type"] == "OSError"
+        assert ag.last_reload is not None and ag.last_reload["ok"] is False
+        assert ag.gc is not None and ag.gc.alive()
+        assert pinned(pin_root) == before
+    finally:
+        ag.shutdown()
+        node_apply.teardown(pin_root)
+
+
+def test_gc_loop_keeps_the_fds_of_a_thread_that_does_not_stop() -> None:
+    """Closing a map fd under a GC pass still running would let the next open reuse the
+    number: stop() gives up after its timeout and leaves the fds open."""
+    from tuplet.agent.gcloop import GcLoop
+
+    closed: list[str] = []
+
+    class Held:
+        def close(self) -> None:
+            closed.append("map")
+
+    release = threading.Event()
+    loop = GcLoop("/nonexistent", config.Conntrack(), on_pass=lambda rep: None)
+    loop.thread = threading.Thread(target=release.wait, daemon=True)
+    loop.thread.start()
+    loop._keep(Held())
+    try:
+        assert loop.stop(timeout=0.2) is False
+        assert closed == []
+    finally:
+        release.set()
+        loop.thread.join()
+    done = GcLoop("/nonexistent", config.Conntrack(), on_pass=lambda rep: None)
+    done._keep(Held())
+    assert done.stop() is True and closed == ["map"]

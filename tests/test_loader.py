@@ -1,13 +1,17 @@
 """The loader on real objects: errors, pins, constants, batch map operations."""
 from __future__ import annotations
 
+import errno
 import os
+import re
+import shlex
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from tuplet.bpf.objects import ObjectSpec
+from tuplet.cli.main import parser as cli_parser
 from tuplet.core.errors import IncompatiblePinError, NotFoundError, TupletError, VerifierError
 from tuplet.datapath.abi import CT_MAP_ANY, CT_MAP_TCP, OBJ_LXC
 from tuplet.datapath.layouts import CtEntry, CtTuple4
@@ -85,6 +89,12 @@ def test_incompatible_pin_is_refused_untouched(pin_root: str) -> None:
     assert exc.value.path == f"{pin_root}/{CT_MAP_TCP}"
     with lxc_spec(pin_root).load() as coll:
         assert coll.maps[CT_MAP_TCP].lookup(key) is not None
+    # The command the error suggests exists, with these arguments, and names this pin root.
+    hint = re.search(r"`(tuplet [^`]+)`", str(exc.value))
+    assert hint, str(exc.value)
+    args = shlex.split(hint.group(1))[1:]
+    assert cli_parser().parse_args(args).pin_root == pin_root
+    assert args[-1] == "teardown"
 
 
 def test_batches_read_everything_and_grow_on_enospc() -> None:
@@ -102,3 +112,23 @@ def test_batches_read_everything_and_grow_on_enospc() -> None:
         assert m.delete_batch(keys, 100) == 99
         assert m.count() == n - 100
         assert m.clear() == n - 100 and m.count() == 0
+
+
+def test_maps_and_programs_of_a_closed_collection_refuse_use() -> None:
+    """A Map or Program handed out by a Collection borrows its fd: after the collection
+    closes, the number may name something else, so every use must fail, never act on it."""
+    coll = lxc_spec().load()
+    m, prog = coll.maps[CT_MAP_TCP], coll.programs["cil_from_container"]
+    number = m.fd
+    coll.close()
+    reused = os.open("/dev/null", os.O_RDONLY)   # the lowest free number: likely the map's old one
+    try:
+        key = CtTuple4.make("10.0.0.1", "10.0.0.2", 80, 1234, 6, 0)
+        for use in (lambda: m.lookup(key), lambda: m.update(key, CtEntry(lifetime=1)), lambda: m.count(),
+                    lambda: prog.test_run(bytes(64))):
+            with pytest.raises(TupletError, match="closed") as exc:
+                use()
+            assert exc.value.errno == errno.EBADF
+        assert reused != number or os.path.samefile(f"/proc/self/fd/{reused}", "/dev/null")
+    finally:
+        os.close(reused)

@@ -22,6 +22,9 @@ from tuplet.node import config as configmod
 
 log = structlog.get_logger("tuplet.agent")
 
+#: Seconds ``stop`` waits for the GC thread.
+STOP_TIMEOUT = 30.0
+
 
 @dataclass
 class GcLoop:
@@ -65,7 +68,8 @@ class GcLoop:
         return obj
 
     def _run(self) -> None:
-        assert self.runner is not None
+        if self.runner is None:
+            return
         try:
             self.runner.run_pass("start")
             self.runner.serve(self.stop_event)
@@ -78,10 +82,19 @@ class GcLoop:
     def alive(self) -> bool:
         return self.thread is not None and self.thread.is_alive()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = STOP_TIMEOUT) -> bool:
+        """Stop the thread, then close what it used. A thread still running after ``timeout``
+        (a pass in the middle of a syscall) keeps its fds: closing them under it would let the
+        next open reuse the numbers, and the pass would act on another map. False then."""
         self.stop_event.set()
         if self.thread is not None:
-            self.thread.join(timeout=30)
+            self.thread.join(timeout=timeout)
+            if self.thread.is_alive():
+                log.error("gc thread did not stop; its maps stay open", timeout_s=timeout,
+                          open=len(self._closers))
+                self._closers = []   # the thread may still use them: leak rather than reuse
+                return False
         for obj in reversed(self._closers):
             obj.__exit__(None, None, None) if hasattr(obj, "__exit__") else obj.close()
         self._closers.clear()
+        return True

@@ -18,7 +18,7 @@ def agent_state_path(pin_root: str) -> Path:
 def read_agent_state(pin_root: str) -> dict[str, Any] | None:
     """The agent's report, or None when no agent runs for pin_root."""
     try:
-        d = json.loads(agent_state_path(pin_root).read_text(encoding="utf-8"))
+        d: dict[str, Any] = json.loads(agent_state_path(pin_root).read_text(encoding="utf-8"))
         os.kill(int(d["pid"]), 0)
     except (FileNotFoundError, ValueError, KeyError, ProcessLookupError):
         return None

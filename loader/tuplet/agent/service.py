@@ -127,6 +127,10 @@ class Agent:
         self.gc = GcLoop(cfg.pin_root, cfg.conntrack, on_pass=self._on_gc_pass, on_fail=self.gc_metrics.failed)
         self.gc.start()
 
+    def _stop_gc(self) -> None:
+        if self.gc is not None:
+            self.gc.stop()
+
     def _on_gc_pass(self, rep: PassReport) -> None:
         """In the GC thread, after every pass: metrics, evictions, auto-grow decisions."""
         self.gc_metrics.observe(rep)
@@ -177,8 +181,7 @@ class Agent:
             return True
         sizes = {g.map: g.new_entries for g in todo}
         self.notify(f"STATUS=growing {', '.join(f'{g.map} {g.old_entries} -> {g.new_entries}' for g in todo)}")
-        assert self.gc is not None
-        self.gc.stop()
+        self._stop_gc()
         try:
             res = self._apply(cfg, grow=sizes)
         except Exception as e:   # the old tables and programs stay: the datapath runs on
@@ -211,7 +214,8 @@ class Agent:
 
     def reload(self) -> bool:
         """SIGHUP: apply the configuration again; False (datapath untouched) if it is bad."""
-        assert self.cfg is not None
+        if self.cfg is None:
+            raise TupletError("agent", "reload", detail="the agent has not started")
         try:
             cfg = self.load_config()
             for key in ("pin_root", "netns"):
@@ -225,12 +229,11 @@ class Agent:
             self.notify("READY=1", f"STATUS=reload rejected: {e}")
             return False
         self.notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
-        assert self.gc is not None
-        self.gc.stop()
+        self._stop_gc()
         try:
             res = self._apply(cfg)
-        except TupletError as e:
-            log.error("reload failed", config=self.config_path, error=str(e))
+        except Exception as e:   # anything (a netlink or OS error too): the datapath as it was runs on
+            log.error("reload failed", config=self.config_path, error=str(e), error_type=type(e).__name__)
             self.last_reload = {"at": time.time(), "ok": False, "error": str(e)}
             self._start_gc(self.cfg)
             self._save_state()
@@ -240,8 +243,7 @@ class Agent:
         self.autogrow.configure(cfg.conntrack.auto_grow, cfg.conntrack.auto_grow_max)
         self.reloads += 1
         self._start_gc(cfg)
-        resized = [dataclasses.asdict(r) if dataclasses.is_dataclass(r) else r
-                   for r in getattr(res, "resized", [])]
+        resized = [dataclasses.asdict(r) for r in res.resized]
         self.last_reload = {"at": time.time(), "ok": True, "resized": resized}
         log.info("reloaded", config=self.config_path, attachments=len(res.attachments), resized=resized)
         self._save_state()

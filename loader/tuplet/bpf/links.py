@@ -63,7 +63,7 @@ class Attachment:
 
     @classmethod
     def from_json(cls, d: dict[str, object]) -> "Attachment":
-        return cls(ifname=str(d["ifname"]), ifindex=int(d["ifindex"]),  # type: ignore[arg-type]
+        return cls(ifname=str(d["ifname"]), ifindex=int(str(d["ifindex"])),
                    hook=Hook(d["hook"]), program=str(d["program"]), mode=AttachMode(d["mode"]),
                    link_pin=str(d.get("link_pin", "")), created_clsact=bool(d.get("created_clsact")))
 
@@ -209,7 +209,7 @@ def tc_has_filter(ifname: str, hook: Hook) -> bool:
         return False
     h = _tc_hook(ifindex_of(ifname), hook)
     o = opts(C.bpf_tc_opts, handle=TC_HANDLE, priority=TC_PRIORITY)
-    return C.bpf_tc_query(ctypes.byref(h), ctypes.byref(o)) == 0
+    return bool(C.bpf_tc_query(ctypes.byref(h), ctypes.byref(o)) == 0)
 
 
 def attached_prog_id(att: Attachment) -> int:

@@ -13,7 +13,7 @@ from typing import Iterator
 
 from tuplet.bpf import _libbpf as C
 from tuplet.bpf.btf import Btf
-from tuplet.bpf.fd import Fd
+from tuplet.bpf.fd import Fd, Lifetime
 from tuplet.bpf.libbpf import check, cstr, opts
 from tuplet.core.errors import NotFoundError, TupletError
 
@@ -36,7 +36,7 @@ MAP_TYPE_NAMES = {getattr(C, n): n[len("BPF_MAP_TYPE_"):].lower()
 
 def possible_cpus() -> int:
     """Number of possible CPUs, the per-CPU value count the kernel uses."""
-    n = C.libbpf_num_possible_cpus()
+    n = int(C.libbpf_num_possible_cpus())
     if n <= 0:
         raise TupletError("possible CPUs", "count", -n)
     return n
@@ -68,11 +68,11 @@ class MapInfo:
 
 
 class Map:
-    """A map held by fd. Owns the fd unless created with ``owned=False``."""
+    """A map held by fd: its own, or one borrowed from a loaded collection (``borrowed_from``),
+    unusable once that collection is closed."""
 
-    def __init__(self, fd: int, name: str = "", owned: bool = True) -> None:
-        self._fd = Fd(fd, f"map {name}") if owned else None
-        self._raw_fd = fd
+    def __init__(self, fd: int, name: str = "", borrowed_from: Lifetime | None = None) -> None:
+        self._fd = Fd(fd, f"map {name}", borrowed_from)
         self.info = map_info(fd)
         self.name = name or self.info.name
         self.what = f"map {self.name}"
@@ -130,7 +130,7 @@ class Map:
 
     @property
     def fd(self) -> int:
-        return self._fd.fd if self._fd is not None else self._raw_fd
+        return self._fd.fd
 
     @property
     def key_size(self) -> int:
@@ -151,8 +151,7 @@ class Map:
         return Btf.from_kernel(self.info.btf_id, f"BTF of {self.what}")
 
     def close(self) -> None:
-        if self._fd is not None:
-            self._fd.close()
+        self._fd.close()
 
     def __enter__(self) -> "Map":
         return self
@@ -162,7 +161,7 @@ class Map:
 
     # --- single-key operations -----------------------------------------------------------------
 
-    def _key(self, key: bytes | ctypes.Structure | int) -> ctypes.Array:
+    def _key(self, key: bytes | ctypes.Structure | int) -> ctypes.Array[ctypes.c_char]:
         if isinstance(key, int):
             key = key.to_bytes(self.key_size, "little")
         raw = bytes(key)

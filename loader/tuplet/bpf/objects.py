@@ -22,6 +22,7 @@ import structlog
 
 from tuplet.bpf import _libbpf as C
 from tuplet.bpf.btf import Btf, BtfNotFoundError, Kind
+from tuplet.bpf.fd import Lifetime
 from tuplet.bpf.libbpf import check, check_ptr, clear_messages, cstr, opts, recent_messages
 from tuplet.bpf.maps import Map
 from tuplet.bpf.programs import Program
@@ -73,7 +74,7 @@ class ObjectSpec:
     """An opened, not yet loaded BPF object."""
 
     def __init__(self, obj: ctypes.c_void_p, path: str, pin_root: str | None) -> None:
-        self._obj = obj
+        self._obj: ctypes.c_void_p | None = obj
         self.path = path
         self.pin_root = pin_root
         self._btf: Btf | None = None
@@ -93,7 +94,6 @@ class ObjectSpec:
         obj = C.bpf_object__open_file(cstr(p), ctypes.byref(o))
         check_ptr(obj, f"object {p}", "open")
         spec = cls(obj, p, pin_root)
-        spec._root_keepalive = root  # libbpf copies it, but be safe
         if pin_root is None:
             for m in spec._maps():
                 C.bpf_map__set_pin_path(m, None)
@@ -101,16 +101,22 @@ class ObjectSpec:
 
     # --- inspection --------------------------------------------------------------------------
 
+    def _handle(self) -> ctypes.c_void_p:
+        """The libbpf object; a closed (or loaded) spec raises instead of touching freed memory."""
+        if self._obj is None:
+            raise TupletError(f"object {self.path}", "use", errno.EBADF, "the spec is closed (or was loaded)")
+        return self._obj
+
     def _maps(self) -> list[ctypes.c_void_p]:
         out = []
-        m = C.bpf_object__next_map(self._obj, None)
+        m = C.bpf_object__next_map(self._handle(), None)
         while m:
             out.append(m)
-            m = C.bpf_object__next_map(self._obj, m)
+            m = C.bpf_object__next_map(self._handle(), m)
         return out
 
     def _map(self, name: str) -> ctypes.c_void_p:
-        m = C.bpf_object__find_map_by_name(self._obj, cstr(name))
+        m: ctypes.c_void_p | None = C.bpf_object__find_map_by_name(self._handle(), cstr(name))
         if not m:
             raise NotFoundError(f"object {self.path}", f"find map {name}", errno.ENOENT)
         return m
@@ -134,10 +140,10 @@ class ObjectSpec:
     @property
     def program_names(self) -> list[str]:
         names = []
-        p = C.bpf_object__next_program(self._obj, None)
+        p = C.bpf_object__next_program(self._handle(), None)
         while p:
             names.append(C.bpf_program__name(p).decode())
-            p = C.bpf_object__next_program(self._obj, p)
+            p = C.bpf_object__next_program(self._handle(), p)
         return names
 
     @property
@@ -186,14 +192,14 @@ class ObjectSpec:
         except OverflowError:
             raise TupletError(f"{section} {name}", "set",
                               detail=f"{value} does not fit in {var.size} byte(s)") from None
-        ctypes.memmove(ctypes.cast(data, ctypes.c_void_p).value + var.offset, raw, var.size)
+        ctypes.memmove(_address(data) + var.offset, raw, var.size)
 
     def get_const(self, name: str) -> int:
         var = datasec_var(self.btf, ".rodata", name)
         size = ctypes.c_size_t()
         data = check_ptr(C.bpf_map__initial_value(self._section_map(".rodata"), ctypes.byref(size)),
                          "map .rodata", "initial value")
-        raw = ctypes.string_at(ctypes.cast(data, ctypes.c_void_p).value + var.offset, var.size)
+        raw = ctypes.string_at(_address(data) + var.offset, var.size)
         return int.from_bytes(raw, "little", signed=var.signed)
 
     def _section_map(self, section: str) -> ctypes.c_void_p:
@@ -229,16 +235,16 @@ class ObjectSpec:
         if self.pin_root:
             Path(self.pin_root).mkdir(parents=True, exist_ok=True)
         reused = self.check_pins()
-        logs: dict[str, ctypes.Array] = {}
-        p = C.bpf_object__next_program(self._obj, None)
+        logs: dict[str, ctypes.Array[ctypes.c_char]] = {}
+        p = C.bpf_object__next_program(self._handle(), None)
         while p:
             buf = ctypes.create_string_buffer(VERIFIER_LOG_SIZE)
             logs[C.bpf_program__name(p).decode()] = buf
             check(C.bpf_program__set_log_buf(p, buf, VERIFIER_LOG_SIZE), f"object {self.path}", "set log buffer")
-            p = C.bpf_object__next_program(self._obj, p)
+            p = C.bpf_object__next_program(self._handle(), p)
         clear_messages()
         ctypes.set_errno(0)
-        ret = C.bpf_object__load(self._obj)
+        ret = C.bpf_object__load(self._handle())
         if ret < 0:
             err = -ret if ret > -4096 else ctypes.get_errno()
             failed = [(name, buf.value.decode(errors="replace")) for name, buf in logs.items() if buf.value]
@@ -270,6 +276,14 @@ class ObjectSpec:
         self.close()
 
 
+def _address(ptr: ctypes.c_void_p | int) -> int:
+    """A non-NULL pointer's address."""
+    addr = ctypes.cast(ptr, ctypes.c_void_p).value
+    if not addr:
+        raise TupletError("pointer", "use", errno.EFAULT, "NULL")
+    return addr
+
+
 def pin_differences(spec: MapSpec, pinned: Map) -> list[str]:
     """What differs between a map spec and a pinned map (empty: compatible)."""
     info = pinned.info
@@ -287,21 +301,22 @@ class Collection:
     """A loaded object: its maps and programs. Closing it releases fds, not pins."""
 
     def __init__(self, obj: ctypes.c_void_p, path: str, btf: Btf) -> None:
-        self._obj = obj
+        self._obj: ctypes.c_void_p | None = obj
         self.path = path
         self.btf = btf
         self.reused_pins: list[str] = []
         self.maps: dict[str, Map] = {}
         self.programs: dict[str, Program] = {}
+        self._lifetime = Lifetime(f"object {path}")
         m = C.bpf_object__next_map(obj, None)
         while m:
             name = C.bpf_map__name(m).decode()
-            self.maps[name] = Map(C.bpf_map__fd(m), name, owned=False)
+            self.maps[name] = Map(C.bpf_map__fd(m), name, self._lifetime)
             m = C.bpf_object__next_map(obj, m)
         p = C.bpf_object__next_program(obj, None)
         while p:
             name = C.bpf_program__name(p).decode()
-            self.programs[name] = Program(C.bpf_program__fd(p), name, owned=False)
+            self.programs[name] = Program(C.bpf_program__fd(p), name, self._lifetime)
             p = C.bpf_object__next_program(obj, p)
 
     def section_map(self, section: str) -> Map:
@@ -327,6 +342,7 @@ class Collection:
     def close(self) -> None:
         if self._obj is not None:
             obj, self._obj = self._obj, None
+            self._lifetime.end()   # maps and programs handed out refuse to be used from now on
             self.btf.close()
             C.bpf_object__close(obj)
 

@@ -5,7 +5,7 @@ import ctypes
 from dataclasses import dataclass
 
 from tuplet.bpf import _libbpf as C
-from tuplet.bpf.fd import Fd
+from tuplet.bpf.fd import Fd, Lifetime
 from tuplet.bpf.libbpf import check, cstr, opts
 
 
@@ -26,11 +26,11 @@ class ProgramInfo:
 
 
 class Program:
-    """A loaded program held by fd (owned by its collection unless ``owned=True``)."""
+    """A loaded program held by fd: its own, or one borrowed from a loaded collection
+    (``borrowed_from``), unusable once that collection is closed."""
 
-    def __init__(self, fd: int, name: str, owned: bool = True) -> None:
-        self._owned = Fd(fd, f"program {name}") if owned else None
-        self._fd = fd
+    def __init__(self, fd: int, name: str, borrowed_from: Lifetime | None = None) -> None:
+        self._fd = Fd(fd, f"program {name}", borrowed_from)
         self.name = name
         self.what = f"program {name}"
 
@@ -49,7 +49,7 @@ class Program:
 
     @property
     def fd(self) -> int:
-        return self._owned.fd if self._owned is not None else self._fd
+        return self._fd.fd
 
     def info(self) -> ProgramInfo:
         info = C.bpf_prog_info()
@@ -73,5 +73,4 @@ class Program:
         return TestRun(retval=o.retval, duration_ns=o.duration, data=data_out.raw[: o.data_size_out])
 
     def close(self) -> None:
-        if self._owned is not None:
-            self._owned.close()
+        self._fd.close()

@@ -15,15 +15,12 @@ from tuplet.node import options
 
 def cmd_apply(args: argparse.Namespace) -> int:
     cfg = options.merge_flags(configmod.load(args.file), args)
-    changes = {}
     if args.attach_mode:
-        changes["attach_mode"] = AttachMode(args.attach_mode)
+        cfg = dataclasses.replace(cfg, attach_mode=AttachMode(args.attach_mode))
     if args.netns:
-        changes["netns"] = args.netns
+        cfg = dataclasses.replace(cfg, netns=args.netns)
     if args.pin_root:
-        changes["pin_root"] = args.pin_root
-    if changes:
-        cfg = dataclasses.replace(cfg, **changes)
+        cfg = dataclasses.replace(cfg, pin_root=args.pin_root)
     res = node_apply.apply(cfg)
     modes = ", ".join(sorted({a.mode.value for a in res.attachments})) or "none"
     print(f"applied {cfg.source}: {res.endpoints} endpoint(s), {len(res.attachments)} attachment(s) "

@@ -28,7 +28,7 @@ def _ct_maps(args: argparse.Namespace) -> list[str]:
 def cmd_ct_list(args: argparse.Namespace) -> int:
     root = pin_root_of(args)
     now = clock.monotonic_now() if args.time_diff else None
-    recs = []
+    recs: list[ct.CtRecord] = []
     for name in _ct_maps(args):
         with paths.open_pinned(root, name) as m:
             recs.extend(ct.records(m))

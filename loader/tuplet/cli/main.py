@@ -14,8 +14,7 @@ from tuplet.node import options
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
     logmod.configure(args.log_level or ("info" if args.command == "agent" else "warning"), args.log_format)
     try:
         return int(args.func(args) or 0)
@@ -36,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
 
-def _parser() -> argparse.ArgumentParser:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tuplet", description="eBPF connection tracking datapath for Linux nodes")
     p.add_argument("--pin-root", default=None, help=f"bpffs directory of the datapath (default {DEFAULT_PIN_ROOT}, "
                    "or node.pin_root of --config)")

@@ -47,7 +47,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("  none")
     print("Tables:")
     for t in tables:
-        fill = 100.0 * t["entries"] / t["max_entries"]
+        fill = 100.0 * int(t["entries"]) / int(t["max_entries"])
         print(f"  {t['map']:<16} {t['entries']:>9} / {t['max_entries']:<9} ({fill:.1f}%)")
     if sz and not verbose:
         print(f"BPF Maps:     {sz.summary()}")

@@ -36,6 +36,14 @@ class EntryLayout:
     owner_bits: str      # storage field of the dsr_internal/node_port bitfields
     owner_mask: int
 
+    @property
+    def lifetime_offset(self) -> int:
+        """Where the lifetime (u32 seconds) is in a value."""
+        fields = self.value.fields
+        if fields is None or "lifetime" not in fields:
+            raise TupletError("CT value layout", "read", detail="no lifetime field")
+        return int(fields["lifetime"][1])
+
     @classmethod
     def of(cls, m: Map) -> "EntryLayout":
         with m.btf() as btf:

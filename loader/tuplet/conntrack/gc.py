@@ -181,8 +181,7 @@ class CtGc:
             s = self._kernel_map(m, now) if self.method is Method.KERNEL else self._batch_map(m, now)
             s.duration = time.perf_counter() - t
             res.maps.append(s)
-        if self.count_nat:
-            assert self.nat is not None
+        if self.count_nat and self.nat is not None:
             res.nat_entries, res.nat_max_entries = self.nat_count(), self.nat.max_entries
         res.duration = time.perf_counter() - t0
         for s in res.maps:
@@ -195,7 +194,8 @@ class CtGc:
 
     def nat_count(self) -> int:
         """Entries of the NAT table: a walk in the kernel where the GC program can, else batch lookups."""
-        assert self.nat is not None
+        if self.nat is None:
+            raise TupletError("NAT table", "count", detail="this collector has none")
         if self._coll is not None and self._nat_in_kernel is not False:
             try:
                 n = self._run_program(GC_SELECT_NAT | GC_WALK_ONLY, 0)[0]
@@ -212,7 +212,8 @@ class CtGc:
 
     def _run_program(self, selector: int, now: int) -> tuple[int, int, int]:
         """Run tpl_ct_gc once; returns (alive, deleted, nat_deleted) as it counted them."""
-        assert self._coll is not None, "needs the kernel method"
+        if self._coll is None:
+            raise TupletError(f"program {GC_PROGRAM}", "gc", detail="not loaded (the batch method has none)")
         pkt = bytes(_ARGS_OFF) + _ARGS.pack(now, selector, 0, 0, 0, 0)
         r = self._coll.programs[GC_PROGRAM].test_run(pkt, out_size=len(pkt))
         if r.retval != 0:
@@ -240,11 +241,11 @@ class CtGc:
         while True:
             count, nxt = m.lookup_batch(buf, token)
             if count:
-                values = np.frombuffer(buf.values, dtype=lay.value, count=count)
+                values = np.frombuffer(buf.values.raw, dtype=lay.value, count=count)
                 expired = values["lifetime"] < now
                 deleted = 0
                 if expired.any():
-                    keys = np.frombuffer(buf.keys, dtype=lay.key, count=count)[expired].copy()
+                    keys = np.frombuffer(buf.keys.raw, dtype=lay.key, count=count)[expired].copy()
                     deleted = self._recheck_and_delete(m, lay, keys, values[expired].copy(), now, stats)
                 stats.deleted += deleted
                 stats.alive += count - deleted
@@ -258,7 +259,7 @@ class CtGc:
         ks = m.key_size
         raw = keys.tobytes()
         val = ctypes.create_string_buffer(m.value_size)
-        off = lay.value.fields["lifetime"][1]
+        off = lay.lifetime_offset
         still = np.zeros(len(keys), bool)
         for i in range(len(keys)):
             if m.lookup_into(raw[i * ks:(i + 1) * ks], val) and \

@@ -32,7 +32,8 @@ class KeySet:
         order = np.argsort(h)   # sorted needles: each search starts where the last ended
         idx = np.empty(len(h), np.intp)
         idx[order] = np.minimum(np.searchsorted(self.hashes, h[order]), len(self.hashes) - 1)
-        return (self.hashes[idx] == h) & (self.keys[idx] == np.frombuffer(raw, dtype=f"S{self.key_size}"))
+        found: np.ndarray = (self.hashes[idx] == h) & (self.keys[idx] == np.frombuffer(raw, dtype=f"S{self.key_size}"))
+        return found
 
 
 _MIX = np.uint64(0x9E3779B97F4A7C15)

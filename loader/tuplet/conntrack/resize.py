@@ -224,7 +224,8 @@ class Resizer:
         owned = self._owned_nat_keys(t.old.key_size)
         if owned is not None:
             rank = rank + np.where(owned.contains(keys), np.uint64(_OWNED), np.uint64(0))
-        return rank
+        out: np.ndarray = rank
+        return out
 
     def _owned_nat_keys(self, key_size: int) -> KeySet | None:
         """NAT keys owned by the CT entries the datapath will have (None: not known)."""

@@ -110,8 +110,7 @@ class GcSchedule:
     @property
     def interval(self) -> float:
         """The interval until the next pass, as things stand."""
-        if self.pressured:
-            assert self._pressure_delay is not None
+        if self.pressured and self._pressure_delay is not None:
             return self._pressure_delay
         return self.regular_interval
 

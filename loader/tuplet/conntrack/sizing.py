@@ -99,8 +99,11 @@ class Sizing:
 
     @classmethod
     def from_json(cls, d: dict[str, object]) -> "Sizing":
-        tcp, any_, nat = (MapSize(**m) for m in d["maps"])  # type: ignore[union-attr]
-        return cls(tcp, any_, nat, float(d["ratio"]), int(d["mem_total"]), bool(d["dynamic"]))  # type: ignore[arg-type]
+        maps = d["maps"]
+        if not isinstance(maps, list) or len(maps) != 3:
+            raise TypeError("sizing: 'maps' is not a list of three tables")
+        tcp, any_, nat = (MapSize(**m) for m in maps)
+        return cls(tcp, any_, nat, float(str(d["ratio"])), int(str(d["mem_total"])), bool(d["dynamic"]))
 
     def display_order(self) -> tuple[MapSize, MapSize, MapSize]:
         """The maps in the order the reference's status lists them."""

@@ -79,5 +79,5 @@ class IncompatiblePinError(TupletError):
             f"pinned map {path}", "reuse",
             detail="incompatible with the map being loaded ("
             + "; ".join(differences)
-            + "). Remove it with `tuplet teardown --purge-maps` (its entries are lost) "
-            "or load with a matching configuration.")
+            + f"). Remove the datapath and its maps with `tuplet --pin-root {os.path.dirname(path)} teardown` "
+            "(their entries are lost), or load with a matching configuration.")

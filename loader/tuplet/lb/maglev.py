@@ -304,7 +304,8 @@ def build_index_table(backends: Sequence[Backend], m: int = DEFAULT_M,
     if not order:
         return np.zeros(0, np.uint32)
     owner = _fill(m, offsets, skips, _round_turns(w, m))
-    return np.asarray(order, np.uint32)[owner]
+    out: np.ndarray[tuple[int], np.dtype[np.uint32]] = np.asarray(order, np.uint32)[owner]
+    return out
 
 
 def _all_ids(backends: Sequence[Backend]) -> bool:
@@ -333,7 +334,7 @@ def build_table(backends: Sequence[Backend], m: int = DEFAULT_M,
     if ids:
         for b in backends:
             if not 0 <= int(b) <= MAX_ID:
-                raise ValueError(f"Maglev backend id {b} is outside [0, {MAX_ID}]")
+                raise ValueError(f"Maglev backend id {b!r} is outside [0, {MAX_ID}]")
     table = build_index_table(backends, m, weights)
     if ids and table.size:
         return np.asarray([int(b) for b in backends], np.uint32)[table]

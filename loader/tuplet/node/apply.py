@@ -17,7 +17,7 @@ from typing import Iterator
 import structlog
 
 from tuplet.bpf import bpffs
-from tuplet.bpf.links import Attachment, AttachMode, attach, detach, ifindex_of, tc_destroy_clsact
+from tuplet.bpf.links import Attachment, AttachMode, Hook, attach, detach, ifindex_of, tc_destroy_clsact
 from tuplet.bpf.objects import Collection, ObjectSpec
 from tuplet.conntrack import resize
 from tuplet.conntrack.sizing import Sizing
@@ -139,7 +139,8 @@ def _apply(cfg: NodeConfig) -> ApplyResult:
         if any(p.endswith(abi.SERVICES_MAP) for p in new_pins):
             paths.services_path(pin_root).unlink(missing_ok=True)   # describes service maps that are gone
         _sync_endpoints(lxc, cfg)
-        plan = [(lxc, ep.ifname, LXC_HOOKS) for ep in cfg.endpoints]
+        plan: list[tuple[Collection, str, tuple[tuple[str, Hook], ...]]] = [
+            (lxc, ep.ifname, LXC_HOOKS) for ep in cfg.endpoints]
         plan += [(host, dev.ifname, NETDEV_HOOKS) for dev in cfg.devices]
         if cfg.overlay:
             plan.append((colls[2], cfg.overlay.device, OVERLAY_HOOKS))
@@ -213,7 +214,7 @@ def _sync_endpoints(coll: Collection, cfg: NodeConfig) -> None:
             epmap.delete(key)
 
 
-def _remove_attachments(atts: list[Attachment], keep_clsact: set[str] = frozenset()) -> None:
+def _remove_attachments(atts: list[Attachment], keep_clsact: frozenset[str] | set[str] = frozenset()) -> None:
     """Detach; then remove the clsact qdiscs tuplet created that nothing of tuplet's still uses."""
     for a in atts:
         with contextlib.suppress(NotFoundError):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+from typing import Any
 
 import structlog
 from pyroute2 import IPRoute
@@ -20,7 +21,7 @@ from tuplet.core.errors import NotSupportedError, TupletError
 log = structlog.get_logger("tuplet.overlay")
 
 
-def _geneve_info(link) -> tuple[str | None, bool]:
+def _geneve_info(link: Any) -> tuple[str | None, bool]:
     info = link.get_attr("IFLA_LINKINFO")
     if not info:
         return None, False

@@ -18,8 +18,10 @@ def with_sizes(cfg: NodeConfig, sizes: Mapping[str, int]) -> NodeConfig:
     TCP table without syn_max) follow their rule."""
     if not sizes:
         return cfg
-    over = {TABLE_KEYS[t]: n for t, n in sizes.items()}
-    return dataclasses.replace(cfg, conntrack=dataclasses.replace(cfg.conntrack, **over))
+    ct = cfg.conntrack
+    for table, n in sizes.items():
+        ct = dataclasses.replace(ct, **{TABLE_KEYS[table]: n})  # type: ignore[arg-type]
+    return dataclasses.replace(cfg, conntrack=ct)
 
 
 def keep_grown(cfg: NodeConfig, pinned: Mapping[str, int]) -> tuple[NodeConfig, list[tuple[str, int, int]]]:
