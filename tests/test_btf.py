@@ -89,7 +89,7 @@ enum reason {
 	REASON_REPLY = 2,
 	REASON_DROP_BASE = 128,
 	REASON_DROP_INVALID = 128,
-	REASON_SLOTS = 256,
+	TPL_REASON_SLOTS = 256,
 };
 
 struct inner {
@@ -236,7 +236,7 @@ def test_bitfield_entry(btf: Btf) -> None:
 def test_enum(btf: Btf) -> None:
     values = btf.enum_values("reason")
     assert values == {"REASON_PASS": 0, "REASON_REPLY": 2, "REASON_DROP_BASE": 128,
-                      "REASON_DROP_INVALID": 128, "REASON_SLOTS": 256}
+                      "REASON_DROP_INVALID": 128, "TPL_REASON_SLOTS": 256}
     assert btf.enum_values("enum reason") == values
     t = btf.find("reason", Kind.ENUM)
     assert t.kind == Kind.ENUM and t.size == 4 and not t.signed
@@ -468,7 +468,7 @@ def test_object_btf_borrowed(obj: Path) -> None:
     """ObjectSpec.btf is libbpf's BTF of the opened object, unusable once the object is closed."""
     spec = ObjectSpec.open(obj)
     b = spec.btf
-    assert struct_layout(b, "tuple").size == 14 and b.enum_values("reason")["REASON_SLOTS"] == 256
+    assert struct_layout(b, "tuple").size == 14 and b.enum_values("reason")["TPL_REASON_SLOTS"] == 256
     var = datasec_var(b, ".bss", "odd_global")
     assert var.size == 3 and not var.signed
     with pytest.raises(NotFoundError, match="known: .*reason_global"):

@@ -208,7 +208,7 @@ class FuzzHarness:
 
     # --- running ----------------------------------------------------------------------------
 
-    _RAW_REASONS = {i: i for i in range(abi.REASON_SLOTS)}
+    _RAW_REASONS = {i: i for i in range(abi.TPL_REASON_SLOTS)}
 
     def _counts(self) -> dict[tuple[int, str], int]:
         # Raw reason numbers: a name is checked against the running object's enum.

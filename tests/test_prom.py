@@ -146,7 +146,7 @@ def test_insert_failures_counted_from_their_drop_reason(dp: LxcHarness, pin_root
     per_cpu = bytes(mm.value_buf_size)
     one = (3).to_bytes(8, "little") + (180).to_bytes(8, "little")
     for direction in (0, 1):     # egress, ingress
-        idx = direction * abi.REASON_SLOTS + names[collector.INSERT_FAILED]
+        idx = direction * abi.TPL_REASON_SLOTS + names[collector.INSERT_FAILED]
         mm.update(idx, one + per_cpu[len(one):])
     got = scrape(_registry(pin_root))
     assert got[m("tuplet_datapath_conntrack_insert_failures_total")] == 6

@@ -43,7 +43,7 @@ from tuplet.conntrack.entries import EntryLayout, nat_keys_for
 from tuplet.core.errors import TupletError
 from tuplet.datapath.abi import (
     GC_PROGRAM,
-    GC_SELECT_NAT,
+    GC_MAP_NAT,
     GC_SELECTOR,
     GC_WALK_ONLY,
     NAT_MAP,
@@ -198,7 +198,7 @@ class CtGc:
             raise TupletError("NAT table", "count", detail="this collector has none")
         if self._coll is not None and self._nat_in_kernel is not False:
             try:
-                n = self._run_program(GC_SELECT_NAT | GC_WALK_ONLY, 0)[0]
+                n = self._run_program(GC_MAP_NAT | GC_WALK_ONLY, 0)[0]
                 self._nat_in_kernel = True
                 return n
             except TupletError as e:

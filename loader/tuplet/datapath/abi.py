@@ -64,14 +64,18 @@ LB_BACKEND_F_REMOTE: Final = 1
 #: Slot numbers of bank 1 start here.
 LB_BANK_STRIDE: Final = 0x8000
 
-# --- verdict counters (metrics.h) -------------------------------------------------------------
+# --- verdict counters (enum tpl_reason, reasons.h) --------------------------------------------
 
-#: A counter's key is direction * REASON_SLOTS + reason (enum tpl_reason's TPL_REASON_SLOTS).
-REASON_SLOTS: Final = 256
+#: A counter's key is direction * TPL_REASON_SLOTS + reason.
+TPL_REASON_SLOTS: Final = 256
 
-# --- the GC program's arguments (enum gc_selector in ct_gc.c) ---------------------------------
+# --- the GC program's arguments (enum gc_map_sel, gc_map_arg in ct_gc.c) ----------------------
 
-GC_SELECTOR: Final = {CT_MAP_TCP: 0, CT_MAP_ANY: 1, CT_MAP_SYN: 2}
-GC_SELECT_NAT: Final = 3
+GC_MAP_TCP: Final = 0
+GC_MAP_ANY: Final = 1
+GC_MAP_SYN: Final = 2
+#: The NAT table: counted only (with GC_WALK_ONLY); NAT entries go with their CT entry.
+GC_MAP_NAT: Final = 3
 #: Walk and count only; delete nothing.
 GC_WALK_ONLY: Final = 0x80000000
+GC_SELECTOR: Final = {CT_MAP_TCP: GC_MAP_TCP, CT_MAP_ANY: GC_MAP_ANY, CT_MAP_SYN: GC_MAP_SYN}

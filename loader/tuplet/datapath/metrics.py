@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from tuplet.bpf.maps import Map
 from tuplet.datapath import enums
-from tuplet.datapath.abi import REASON_SLOTS
+from tuplet.datapath.abi import TPL_REASON_SLOTS
 from tuplet.datapath.layouts import MetricsValue
 
 
@@ -44,7 +44,7 @@ def read(m: Map, names: dict[int, str], directions: dict[int, str] | None = None
             packets += v.packets
             bytes_ += v.bytes
         if packets:
-            d, r = divmod(idx, REASON_SLOTS)
+            d, r = divmod(idx, TPL_REASON_SLOTS)
             out.append(Counter(names.get(r, f"reason_{r}"), directions.get(d, str(d)),
                                packets, bytes_))
     return out
