@@ -35,7 +35,7 @@ static __always_inline enum tpl_reason lxc_track4(struct __sk_buff *skb, enum ct
 
 	ret = pkt4_parse(skb, &p, PKT_PROTO(IPPROTO_TCP) | PKT_PROTO(IPPROTO_UDP) | PKT_PROTO(IPPROTO_ICMP),
 			 TPL_PASS_UNTRACKED_PROTO);
-	if (ret)
+	if (tpl_has_verdict(ret))
 		return ret;
 
 	if (dir == CT_EGRESS) {
@@ -44,7 +44,7 @@ static __always_inline enum tpl_reason lxc_track4(struct __sk_buff *skb, enum ct
 		if (svc) {
 			rev_nat = svc->rev_nat_index;
 			ret = lb4_local(skb, &p, &key, svc, LB_SELECT_RANDOM, false, &be);
-			if (ret)
+			if (tpl_has_verdict(ret))
 				return ret;
 		}
 	}
@@ -53,7 +53,7 @@ static __always_inline enum tpl_reason lxc_track4(struct __sk_buff *skb, enum ct
 	if (ret == CT_REPLY && st.rev_nat_index && dir == CT_INGRESS) {
 		int nat = lb4_rev_nat(skb, &p, st.rev_nat_index);
 
-		if (nat)
+		if (tpl_has_verdict(nat))
 			return nat;
 	}
 	if (ret != CT_NEW)
@@ -71,9 +71,7 @@ static __always_inline enum tpl_reason lxc_track4(struct __sk_buff *skb, enum ct
 	if (dir == CT_INGRESS && (skb->mark & TPL_MARK_MASK) == TPL_MARK_FROM_TUNNEL)
 		st.from_tunnel = 1;
 	ret = ct_create4(&tuple, dir, &st, p.tcp_flags, skb->len);
-	if (ret)
-		return ret;
-	return TPL_PASS_CT_NEW;
+	return tpl_verdict_or(ret, TPL_PASS_CT_NEW);
 }
 
 SEC("tc")

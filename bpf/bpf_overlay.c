@@ -30,7 +30,7 @@ static __always_inline enum tpl_reason overlay_track4(struct __sk_buff *skb)
 	int ret = pkt4_parse(skb, &p, PKT_PROTO(IPPROTO_TCP) | PKT_PROTO(IPPROTO_UDP),
 			     TPL_PASS_OVERLAY_UNTRACKED);
 
-	if (ret)
+	if (tpl_has_verdict(ret))
 		return ret;
 	return overlay_dsr4(skb, &p);
 }

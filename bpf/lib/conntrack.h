@@ -430,7 +430,7 @@ static __always_inline enum tpl_reason ct_status_reason(int status)
 
 /* Create the entry for tuple (as left by ct_lookup4) and, for endpoint
  * traffic, its related-ICMP entry. New TCP entries go to the handshake table
- * (ct_syn_table) and get their twin on promotion. Returns 0 or
+ * (ct_syn_table) and get their twin on promotion. Returns TPL_CONTINUE or
  * TPL_DROP_CT_INSERT_FAILED.
  */
 static __always_inline int ct_create4(const struct ipv4_ct_tuple *tuple, enum ct_dir dir,
@@ -469,7 +469,7 @@ static __always_inline int ct_create4(const struct ipv4_ct_tuple *tuple, enum ct
 	/* Endpoint traffic only: service, NodePort and DSR entries have no related twin. */
 	if (dir != CT_SERVICE && !st->node_port && !st->dsr_internal && !syn)
 		ct_create_related4(tuple, &entry, now);
-	return 0;
+	return TPL_CONTINUE;
 }
 
 #endif

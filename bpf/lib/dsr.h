@@ -81,18 +81,19 @@ static __always_inline int dsr_encap4(struct __sk_buff *skb, const struct pkt4 *
 }
 
 /* Backend node: the DSR option of the packet, if any. It must be the only
- * option. Returns 1 with opt filled; 0 when the packet carries no options,
- * no tunnel metadata at all (BPF_PROG_TEST_RUN) or one ignorable unknown
- * option; else a drop reason.
+ * option. Returns TPL_CONTINUE with *found set and opt filled, *found clear
+ * when the packet carries no options, no tunnel metadata at all
+ * (BPF_PROG_TEST_RUN) or one ignorable unknown option; else a drop reason.
  */
-static __always_inline int dsr_read_opt4(struct __sk_buff *skb, struct dsr_opt4 *opt)
+static __always_inline int dsr_read_opt4(struct __sk_buff *skb, struct dsr_opt4 *opt, bool *found)
 {
 	long n = bpf_skb_get_tunnel_opt(skb, opt, sizeof(*opt));
 
+	*found = false;
 	if (n == -ENOMEM)                    /* more option bytes than the DSR option */
 		return TPL_DROP_DSR_OPT_NOT_ALONE;
 	if (n < 0)                           /* no tunnel metadata or no options */
-		return 0;
+		return TPL_CONTINUE;
 	if (n < 4)
 		return TPL_DROP_DSR_OPT_MALFORMED;
 	if (opt->opt_class != bpf_htons(DSR_OPT_CLASS) || opt->type != DSR_OPT_TYPE) {
@@ -101,7 +102,7 @@ static __always_inline int dsr_read_opt4(struct __sk_buff *skb, struct dsr_opt4 
 		/* An unknown option the sender marked as ignorable: ignore it,
 		 * as long as it is the only one.
 		 */
-		return (__u32)((opt->length & 0x1f) + 1) * 4 == n ? 0 : TPL_DROP_DSR_OPT_NOT_ALONE;
+		return (__u32)((opt->length & 0x1f) + 1) * 4 == n ? TPL_CONTINUE : TPL_DROP_DSR_OPT_NOT_ALONE;
 	}
 	/* The kernel checks the options' total length only: ours must say 2
 	 * words and fill the 12 bytes (more than 12 was -ENOMEM above).
@@ -110,7 +111,8 @@ static __always_inline int dsr_read_opt4(struct __sk_buff *skb, struct dsr_opt4 
 		return TPL_DROP_DSR_OPT_MALFORMED;
 	if (!opt->addr || !opt->port)
 		return TPL_DROP_DSR_OPT_MALFORMED;
-	return 1;
+	*found = true;
+	return TPL_CONTINUE;
 }
 
 #endif

@@ -197,7 +197,7 @@ static __always_inline int lb4_local(struct __sk_buff *skb, struct pkt4 *p, cons
 		st.backend_id = id;
 		st.rev_nat_index = rev_nat;
 		ret = ct_create4(&t, CT_SERVICE, &st, tcp_flags, skb->len);
-		if (ret)
+		if (tpl_has_verdict(ret))
 			return ret;
 	}
 	if (svc->flags & LB_SVC_F_AFFINITY)
@@ -206,7 +206,9 @@ static __always_inline int lb4_local(struct __sk_buff *skb, struct pkt4 *p, cons
 	return pkt4_dnat(skb, p, be->address, be->port);
 }
 
-/* Rewrite a reply's source back to the service address the client used. */
+/* Rewrite a reply's source back to the service address the client used.
+ * Returns TPL_CONTINUE or a drop reason.
+ */
 static __always_inline int lb4_rev_nat(struct __sk_buff *skb, struct pkt4 *p, __u16 rev_nat_index)
 {
 	struct lb4_reverse_nat *nat = bpf_map_lookup_elem(&tpl_lb4_reverse_nat_v1, &rev_nat_index);

@@ -37,7 +37,7 @@ static __always_inline enum tpl_reason nodeport_lb4(struct __sk_buff *skb, struc
 	rev_nat = svc->rev_nat_index;
 
 	ret = lb4_local(skb, p, &key, svc, LB_SELECT_MAGLEV, !overlay_ifindex, &be);
-	if (ret)
+	if (tpl_has_verdict(ret))
 		return ret;
 	/* Remote backend: the CT_SERVICE entry is all this node keeps. */
 	if (overlay_ifindex && (be.flags & LB_BACKEND_F_REMOTE))
@@ -55,7 +55,7 @@ static __always_inline enum tpl_reason nodeport_lb4(struct __sk_buff *skb, struc
 	st.ifindex = skb->ifindex;
 	st.src_sec_id = endpoint_identity4(p->saddr);
 	ret = ct_create4(&tuple, CT_EGRESS, &st, p->tcp_flags, skb->len);
-	return ret ? ret : TPL_PASS_CT_NEW;
+	return tpl_verdict_or(ret, TPL_PASS_CT_NEW);
 }
 
 /* A packet leaving the node on its NIC: the reply of a NodePort flow (it hits
@@ -98,12 +98,12 @@ static __always_inline enum tpl_reason nodeport_rev_nat4(struct __sk_buff *skb, 
 		if (!nat)
 			return TPL_DROP_REV_NAT_MISSING;
 		ret = pkt4_snat(skb, p, nat->to_addr, nat->to_port);
-		return ret ? ret : TPL_PASS_CT_REPLY;
+		return tpl_verdict_or(ret, TPL_PASS_CT_REPLY);
 	}
 	if (!rev_nat)
 		return TPL_PASS_CT_REPLY;
 	ret = lb4_rev_nat(skb, p, rev_nat);
-	return ret ? ret : TPL_PASS_CT_REPLY;
+	return tpl_verdict_or(ret, TPL_PASS_CT_REPLY);
 }
 
 /* Backend node, a packet the Geneve device decapsulated: a DSR flow's first
@@ -118,15 +118,16 @@ static __always_inline enum tpl_reason overlay_dsr4(struct __sk_buff *skb, struc
 	struct nat4_entry nat = {};
 	struct ct_state st = {};
 	struct dsr_opt4 opt = {};
-	int has_opt, ret;
+	bool has_opt;
+	int ret;
 
-	has_opt = dsr_read_opt4(skb, &opt);
-	if (has_opt >= TPL_DROP_BASE)
-		return has_opt;
+	ret = dsr_read_opt4(skb, &opt, &has_opt);
+	if (tpl_has_verdict(ret))
+		return ret;
 	ret = ct_lookup4(&tuple, p, CT_EGRESS, skb->len, &st);
 	if (ret != CT_NEW)
 		return ct_status_reason(ret);
-	if (has_opt != 1)
+	if (!has_opt)
 		return TPL_PASS_OVERLAY_UNTRACKED;
 	if (p->proto == IPPROTO_TCP && (p->tcp_flags & TCP_FLAG_RST))
 		return TPL_PASS_CT_UNTRACKED_RST;
@@ -135,7 +136,7 @@ static __always_inline enum tpl_reason overlay_dsr4(struct __sk_buff *skb, struc
 	st.dsr_internal = 1;
 	st.src_sec_id = endpoint_identity4(p->saddr);
 	ret = ct_create4(&tuple, CT_EGRESS, &st, p->tcp_flags, skb->len);
-	if (ret)
+	if (tpl_has_verdict(ret))
 		return ret;
 	nat4_key_for_ct(&tuple, &nk);
 	nat.created = tpl_now();

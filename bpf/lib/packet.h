@@ -88,7 +88,9 @@ static __always_inline int pkt_ensure(struct __sk_buff *skb, __u32 len, void **d
 	return 0;
 }
 
-/* Returns 1 for IPv4 (pkt filled), 0 for another ethertype, or a drop reason. */
+/* Returns TPL_CONTINUE for IPv4 (p filled), else the verdict reason:
+ * TPL_PASS_NOT_IPV4 for another ethertype, or a drop reason.
+ */
 static __always_inline int pkt4_parse_l3(struct __sk_buff *skb, struct pkt4 *p)
 {
 	void *data, *data_end;
@@ -102,7 +104,7 @@ static __always_inline int pkt4_parse_l3(struct __sk_buff *skb, struct pkt4 *p)
 	if ((void *)(eth + 1) > data_end)
 		return TPL_DROP_INVALID_L3;
 	if (eth->h_proto != bpf_htons(ETH_P_IP))
-		return 0;
+		return TPL_PASS_NOT_IPV4;
 
 	if (pkt_ensure(skb, ETH_HLEN + sizeof(struct iphdr), &data, &data_end) < 0)
 		return TPL_DROP_INVALID_L3;
@@ -122,10 +124,10 @@ static __always_inline int pkt4_parse_l3(struct __sk_buff *skb, struct pkt4 *p)
 	p->l3_off = ETH_HLEN;
 	p->l4_off = ETH_HLEN + ihl;
 	p->fragment = (bpf_ntohs(ip->frag_off) & IP_OFFMASK) != 0;
-	return 1;
+	return TPL_CONTINUE;
 }
 
-/* Fills ports, TCP flags and ICMP type/id. Returns 0 or a drop reason. */
+/* Fills ports, TCP flags and ICMP type/id. Returns TPL_CONTINUE or a drop reason. */
 static __always_inline int pkt4_parse_l4(struct __sk_buff *skb, struct pkt4 *p)
 {
 	__u32 off = p->l4_off;
@@ -149,7 +151,7 @@ static __always_inline int pkt4_parse_l4(struct __sk_buff *skb, struct pkt4 *p)
 		p->sport = th->source;
 		p->dport = th->dest;
 		p->tcp_flags = ((__u8 *)th)[13];
-		return 0;
+		return TPL_CONTINUE;
 	}
 	case IPPROTO_UDP: {
 		struct udphdr *uh;
@@ -161,7 +163,7 @@ static __always_inline int pkt4_parse_l4(struct __sk_buff *skb, struct pkt4 *p)
 			return TPL_DROP_CT_INVALID_HDR;
 		p->sport = uh->source;
 		p->dport = uh->dest;
-		return 0;
+		return TPL_CONTINUE;
 	}
 	case IPPROTO_ICMP: {
 		struct icmphdr *ih;
@@ -173,16 +175,16 @@ static __always_inline int pkt4_parse_l4(struct __sk_buff *skb, struct pkt4 *p)
 			return TPL_DROP_CT_INVALID_HDR;
 		p->icmp_type = ih->type;
 		p->icmp_id = ih->un.echo.id;
-		return 0;
+		return TPL_CONTINUE;
 	}
 	}
-	return 0;
+	return TPL_CONTINUE;
 }
 
 #define PKT_PROTO(p) (1U << (p))
 
 /* Parse an IPv4 packet up to L4 for a program that tracks the protocols in
- * `protos` (PKT_PROTO bits). Returns 0 with p filled, else the verdict
+ * `protos` (PKT_PROTO bits). Returns TPL_CONTINUE with p filled, else the verdict
  * reason: not IPv4, a non-first fragment, `untracked` for another protocol,
  * or a malformed header.
  */
@@ -191,9 +193,7 @@ static __always_inline int pkt4_parse(struct __sk_buff *skb, struct pkt4 *p, __u
 {
 	int ret = pkt4_parse_l3(skb, p);
 
-	if (ret == 0)
-		return TPL_PASS_NOT_IPV4;
-	if (ret != 1)
+	if (tpl_has_verdict(ret))
 		return ret;
 	if (p->fragment)
 		return TPL_PASS_FRAGMENT;
