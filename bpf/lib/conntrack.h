@@ -148,15 +148,37 @@ static __always_inline void ct_account(struct ct_entry *e, __u32 len)
 	__sync_fetch_and_add(&e->bytes, len);
 }
 
+/* A flow's identity: what an entry says about whose flow it is and where it
+ * goes, as opposed to its state (lifetime, flags, counters). The one list of
+ * those fields, copied between struct ct_state and struct ct_entry (which
+ * name them alike) in either direction, or from entry to entry: a macro
+ * because the two are different types, and ct_entry's flags are bitfields.
+ */
+#define ct_identity_copy(dst, src)				\
+	do {							\
+		(dst)->backend_id = (src)->backend_id;		\
+		(dst)->src_sec_id = (src)->src_sec_id;		\
+		(dst)->rev_nat_index = (src)->rev_nat_index;	\
+		(dst)->ifindex = (src)->ifindex;		\
+		(dst)->from_tunnel = (src)->from_tunnel;	\
+		(dst)->dsr_internal = (src)->dsr_internal;	\
+		(dst)->node_port = (src)->node_port;		\
+	} while (0)
+
+/* Whether map entry e (other CPUs may write it) has entry id's identity. */
+static __always_inline bool ct_identity_same(const struct ct_entry *e, const struct ct_entry *id)
+{
+	return READ_ONCE(e->rev_nat_index) == id->rev_nat_index &&
+	       READ_ONCE(e->src_sec_id) == id->src_sec_id &&
+	       READ_ONCE(e->backend_id) == id->backend_id &&
+	       READ_ONCE(e->ifindex) == id->ifindex &&
+	       e->from_tunnel == id->from_tunnel && e->dsr_internal == id->dsr_internal &&
+	       e->node_port == id->node_port;
+}
+
 static __always_inline void ct_state_fill(struct ct_state *st, const struct ct_entry *e)
 {
-	st->backend_id = e->backend_id;
-	st->src_sec_id = e->src_sec_id;
-	st->rev_nat_index = e->rev_nat_index;
-	st->ifindex = e->ifindex;
-	st->from_tunnel = e->from_tunnel;
-	st->dsr_internal = e->dsr_internal;
-	st->node_port = e->node_port;
+	ct_identity_copy(st, e);
 	st->closing = ct_entry_closing(e);
 }
 
@@ -229,11 +251,7 @@ static __always_inline void ct_create_related4(const struct ipv4_ct_tuple *tuple
 	 * reconnect-storm path).
 	 */
 	rel = bpf_map_lookup_elem(&tpl_ct_any4_v1, &icmp);
-	if (rel && READ_ONCE(rel->rev_nat_index) == entry->rev_nat_index &&
-	    READ_ONCE(rel->src_sec_id) == entry->src_sec_id &&
-	    READ_ONCE(rel->backend_id) == entry->backend_id &&
-	    READ_ONCE(rel->ifindex) == entry->ifindex &&
-	    rel->from_tunnel == entry->from_tunnel && rel->dsr_internal == entry->dsr_internal) {
+	if (rel && ct_identity_same(rel, entry)) {
 		if (READ_ONCE(rel->lifetime) != entry->lifetime)
 			WRITE_ONCE(rel->lifetime, entry->lifetime);
 		return;
@@ -286,12 +304,7 @@ static __always_inline void ct_settle4(const struct ipv4_ct_tuple *t, struct ct_
 	 * opening packet's flags in the entry's own direction.
 	 */
 	now = tpl_now();
-	twin.backend_id = copy.backend_id;
-	twin.src_sec_id = copy.src_sec_id;
-	twin.rev_nat_index = copy.rev_nat_index;
-	twin.ifindex = copy.ifindex;
-	twin.from_tunnel = copy.from_tunnel;
-	twin.dsr_internal = copy.dsr_internal;
+	ct_identity_copy(&twin, &copy);
 	if (t->flags & TUPLE_F_IN) {
 		f = copy.rx_flags_seen;
 		twin.rx_flags_seen = (f & TCP_FLAG_SYN) ? TCP_FLAG_SYN : f;
@@ -442,13 +455,7 @@ static __always_inline int ct_create4(const struct ipv4_ct_tuple *tuple, enum ct
 	struct ct_entry entry = {};
 	__u32 now = tpl_now();
 
-	entry.backend_id = st->backend_id;
-	entry.src_sec_id = st->src_sec_id;
-	entry.rev_nat_index = st->rev_nat_index;
-	entry.ifindex = st->ifindex;
-	entry.from_tunnel = st->from_tunnel;
-	entry.dsr_internal = st->dsr_internal;
-	entry.node_port = st->node_port;
+	ct_identity_copy(&entry, st);
 	if (ct_accounting) {
 		entry.packets = 1;
 		entry.bytes = len;
