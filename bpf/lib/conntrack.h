@@ -341,6 +341,21 @@ static __always_inline void ct_tuple_reverse4(struct ipv4_ct_tuple *t)
 	t->sport = p;
 }
 
+/* The key under which p's packet is a reply of a tracked flow: its own
+ * addresses, its ports swapped (addresses name the reply direction, ports the
+ * original one: conntrack_types.h). ct_tuple_reverse4() of it is the key of
+ * the packet as its flow's original direction.
+ */
+static __always_inline void ct_tuple_reply4(struct ipv4_ct_tuple *t, const struct pkt4 *p, __u8 flags)
+{
+	t->daddr = p->daddr;
+	t->saddr = p->saddr;
+	t->dport = p->sport;
+	t->sport = p->dport;
+	t->nexthdr = p->proto;
+	t->flags = flags;
+}
+
 /* One lookup: on a hit, update the entry for this packet and report `status`. */
 static __always_inline int __ct_lookup4(void *map, bool in_syn, const struct ipv4_ct_tuple *tuple,
 					bool is_tcp, enum ct_dir dir, enum ct_action action, __u8 flags,
@@ -369,12 +384,8 @@ static __always_inline int ct_lookup4(struct ipv4_ct_tuple *tuple, const struct 
 	void *map = ct_map4(p->proto);
 	int ret;
 
-	tuple->daddr = p->daddr;
-	tuple->saddr = p->saddr;
-	tuple->nexthdr = p->proto;
-	/* Reply-candidate ports: a reply's ports are the original's swapped. */
-	tuple->dport = p->sport;
-	tuple->sport = p->dport;
+	/* Reply candidate first (flags are set per lookup below). */
+	ct_tuple_reply4(tuple, p, 0);
 
 	if (is_tcp) {
 		flags = p->tcp_flags;

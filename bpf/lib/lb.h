@@ -136,20 +136,13 @@ static __always_inline bool lb4_rebalance_due(const struct ct_entry *e, __u32 no
  * grace, or a flow whose backend is gone, then DNAT. With local_only (a node
  * without [overlay], so no DSR), a backend on another node is refused before
  * any state is made.
- * Returns 0 or a drop reason; *be gets the backend.
+ * Returns TPL_CONTINUE or a drop reason; *be gets the backend.
  */
 static __always_inline int lb4_local(struct __sk_buff *skb, struct pkt4 *p, const struct lb4_key *key,
 				     const struct lb4_service *svc, enum lb_select how, bool local_only,
 				     struct lb4_backend *be)
 {
-	struct ipv4_ct_tuple t = {
-		.daddr = p->saddr,
-		.saddr = p->daddr,
-		.dport = p->dport,
-		.sport = p->sport,
-		.nexthdr = p->proto,
-		.flags = TUPLE_F_SERVICE,
-	};
+	struct ipv4_ct_tuple t;
 	bool is_tcp = p->proto == IPPROTO_TCP;
 	__u8 tcp_flags = is_tcp ? p->tcp_flags : 0;
 	enum ct_action action = is_tcp ? ct_tcp_action(tcp_flags) : ACTION_UNSPEC;
@@ -163,6 +156,9 @@ static __always_inline int lb4_local(struct __sk_buff *skb, struct pkt4 *p, cons
 	if (!svc->count)
 		return TPL_DROP_NO_SERVICE_BACKEND;
 
+	/* The client's tuple to the service address, in its own direction. */
+	ct_tuple_reply4(&t, p, TUPLE_F_SERVICE);
+	ct_tuple_reverse4(&t);
 	e = ct_find4(&t, &in_syn);
 	if (e) {
 		bool rebalance = action == ACTION_CREATE && lb4_rebalance_due(e, now);

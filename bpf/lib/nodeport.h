@@ -65,14 +65,7 @@ static __always_inline enum tpl_reason nodeport_lb4(struct __sk_buff *skb, struc
  */
 static __always_inline enum tpl_reason nodeport_rev_nat4(struct __sk_buff *skb, struct pkt4 *p)
 {
-	struct ipv4_ct_tuple t = {
-		.daddr = p->daddr,
-		.saddr = p->saddr,
-		.dport = p->sport,
-		.sport = p->dport,
-		.nexthdr = p->proto,
-		.flags = TUPLE_F_OUT,
-	};
+	struct ipv4_ct_tuple t;
 	bool is_tcp = p->proto == IPPROTO_TCP;
 	__u8 tcp_flags = is_tcp ? p->tcp_flags : 0;
 	struct ipv4_ct_tuple nk;
@@ -84,6 +77,8 @@ static __always_inline enum tpl_reason nodeport_rev_nat4(struct __sk_buff *skb, 
 
 	if (p->proto != IPPROTO_TCP && p->proto != IPPROTO_UDP)
 		return TPL_PASS_NETDEV_UNTRACKED;
+	/* The reply of the flow's CT_EGRESS entry. */
+	ct_tuple_reply4(&t, p, TUPLE_F_OUT);
 	e = ct_find4(&t, &in_syn);
 	if (!e || !(e->node_port || e->dsr_internal))
 		return TPL_PASS_NETDEV_UNTRACKED;
