@@ -61,9 +61,9 @@ static __always_inline enum tpl_reason lxc_track4(struct __sk_buff *skb, enum ct
 
 	if (tuple.flags & TUPLE_F_RELATED)
 		return TPL_PASS_ICMP_UNRELATED;
-	/* A reset for a flow we do not know ends nothing: do not track it. */
-	if (p.proto == IPPROTO_TCP && (p.tcp_flags & TCP_FLAG_RST))
-		return TPL_PASS_CT_UNTRACKED_RST;
+	ret = ct_may_create4(&p);
+	if (tpl_has_verdict(ret))
+		return ret;
 
 	st.src_sec_id = endpoint_identity4(p.saddr);
 	st.rev_nat_index = rev_nat;

@@ -452,6 +452,17 @@ static __always_inline enum tpl_reason ct_status_reason(int status)
 	return TPL_PASS_CT_NEW;
 }
 
+/* Whether p's packet, which found no entry, may create one. A reset for a
+ * flow we do not know ends nothing: it is not tracked. Returns TPL_CONTINUE
+ * or TPL_PASS_CT_UNTRACKED_RST.
+ */
+static __always_inline int ct_may_create4(const struct pkt4 *p)
+{
+	if (p->proto == IPPROTO_TCP && (p->tcp_flags & TCP_FLAG_RST))
+		return TPL_PASS_CT_UNTRACKED_RST;
+	return TPL_CONTINUE;
+}
+
 /* Create the entry for tuple (as left by ct_lookup4) and, for endpoint
  * traffic, its related-ICMP entry. New TCP entries go to the handshake table
  * (ct_syn_table) and get their twin on promotion. Returns TPL_CONTINUE or

@@ -46,8 +46,9 @@ static __always_inline enum tpl_reason nodeport_lb4(struct __sk_buff *skb, struc
 	ret = ct_lookup4(&tuple, p, CT_EGRESS, skb->len, &st);
 	if (ret != CT_NEW)
 		return ct_status_reason(ret);
-	if (p->proto == IPPROTO_TCP && (p->tcp_flags & TCP_FLAG_RST))
-		return TPL_PASS_CT_UNTRACKED_RST;
+	ret = ct_may_create4(p);
+	if (tpl_has_verdict(ret))
+		return ret;
 
 	__builtin_memset(&st, 0, sizeof(st));
 	st.rev_nat_index = rev_nat;
@@ -124,8 +125,9 @@ static __always_inline enum tpl_reason overlay_dsr4(struct __sk_buff *skb, struc
 		return ct_status_reason(ret);
 	if (!has_opt)
 		return TPL_PASS_OVERLAY_UNTRACKED;
-	if (p->proto == IPPROTO_TCP && (p->tcp_flags & TCP_FLAG_RST))
-		return TPL_PASS_CT_UNTRACKED_RST;
+	ret = ct_may_create4(p);
+	if (tpl_has_verdict(ret))
+		return ret;
 
 	__builtin_memset(&st, 0, sizeof(st));
 	st.dsr_internal = 1;
