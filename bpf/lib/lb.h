@@ -130,6 +130,19 @@ static __always_inline bool lb4_rebalance_due(const struct ct_entry *e, __u32 no
 	return ct_entry_closing(e) && closed_at + ct_service_close_rebalance <= now;
 }
 
+/* Whether a flow may go to backend be (NULL: gone). With local_only (a node
+ * without [overlay], so no DSR), a backend on another node may not. Returns
+ * TPL_CONTINUE or a drop reason.
+ */
+static __always_inline int lb4_backend_usable(const struct lb4_backend *be, bool local_only)
+{
+	if (!be)
+		return TPL_DROP_NO_SERVICE_BACKEND;
+	if (local_only && (be->flags & LB_BACKEND_F_REMOTE))
+		return TPL_DROP_REMOTE_BACKEND;
+	return TPL_CONTINUE;
+}
+
 /* Steer p's packet to a backend of svc: find or create the flow's CT_SERVICE
  * entry (client tuple to the service address, holding backend id and
  * rev-NAT index), choose a backend for a new flow, a reopened flow past the
@@ -150,7 +163,7 @@ static __always_inline int lb4_local(struct __sk_buff *skb, struct pkt4 *p, cons
 	struct lb4_backend *found = NULL;
 	__u32 now = tpl_now(), id = 0;
 	struct ct_entry *e;
-	bool in_syn;
+	bool in_syn, chosen;
 	int ret;
 
 	if (!svc->count)
@@ -168,28 +181,25 @@ static __always_inline int lb4_local(struct __sk_buff *skb, struct pkt4 *p, cons
 			id = READ_ONCE(e->backend_id);
 			found = lb4_lookup_backend(id);
 		}
-		if (!found) {
-			id = lb4_select_backend(key, svc, p, how, now);
-			found = lb4_lookup_backend(id);
-			if (!found)
-				return TPL_DROP_NO_SERVICE_BACKEND;
-			if (local_only && (found->flags & LB_BACKEND_F_REMOTE))
-				return TPL_DROP_REMOTE_BACKEND;
+	}
+	/* A new flow, a reopened one past the grace, or one whose backend is gone. */
+	chosen = !found;
+	if (chosen) {
+		id = lb4_select_backend(key, svc, p, how, now);
+		found = lb4_lookup_backend(id);
+	}
+	ret = lb4_backend_usable(found, local_only);
+	if (tpl_has_verdict(ret))
+		return ret;
+	if (e) {
+		if (chosen) {
 			WRITE_ONCE(e->backend_id, id);
 			WRITE_ONCE(e->rev_nat_index, rev_nat);
-		} else if (local_only && (found->flags & LB_BACKEND_F_REMOTE)) {
-			return TPL_DROP_REMOTE_BACKEND;
 		}
 		ct_settle4(&t, e, in_syn);
 	} else {
 		struct ct_state st = {};
 
-		id = lb4_select_backend(key, svc, p, how, now);
-		found = lb4_lookup_backend(id);
-		if (!found)
-			return TPL_DROP_NO_SERVICE_BACKEND;
-		if (local_only && (found->flags & LB_BACKEND_F_REMOTE))
-			return TPL_DROP_REMOTE_BACKEND;
 		st.backend_id = id;
 		st.rev_nat_index = rev_nat;
 		ret = ct_create4(&t, CT_SERVICE, &st, tcp_flags, skb->len);
