@@ -20,7 +20,6 @@
 #include "lib/nat_map.h"
 #include "lib/lb.h"
 #include "lib/dsr.h"
-#include "lib/nodeport.h"
 
 char LICENSE[] SEC("license") = "GPL";
 
@@ -32,7 +31,7 @@ static __always_inline enum tpl_reason overlay_track4(struct __sk_buff *skb)
 
 	if (tpl_has_verdict(ret))
 		return ret;
-	return overlay_dsr4(skb, &p);
+	return dsr_backend4(skb, &p);
 }
 
 SEC("tc")

@@ -23,6 +23,8 @@
 #include "packet.h"
 #include "conntrack.h"
 #include "nat_map.h"
+#include "endpoint.h"
+#include "time.h"
 
 #define DSR_OPT_CLASS 0x014B
 #define DSR_OPT_TYPE 0x81        /* critical bit (0x80) set */
@@ -113,6 +115,48 @@ static __always_inline int dsr_read_opt4(struct __sk_buff *skb, struct dsr_opt4 
 		return TPL_DROP_DSR_OPT_MALFORMED;
 	*found = true;
 	return TPL_CONTINUE;
+}
+
+/* Backend node, a packet the Geneve device decapsulated: a DSR flow's first
+ * packet (with the option) gets its CT_EGRESS entry with DSRInternal, whose
+ * NAT entry says which service address the reply must come from; later
+ * packets refresh it. Returns a pass reason (the caller marks the packet as
+ * from the tunnel) or a drop reason.
+ */
+static __always_inline enum tpl_reason dsr_backend4(struct __sk_buff *skb, struct pkt4 *p)
+{
+	struct ipv4_ct_tuple tuple = {}, nk;
+	struct nat4_entry nat = {};
+	struct ct_state st = {};
+	struct dsr_opt4 opt = {};
+	bool has_opt;
+	int ret;
+
+	ret = dsr_read_opt4(skb, &opt, &has_opt);
+	if (tpl_has_verdict(ret))
+		return ret;
+	ret = ct_lookup4(&tuple, p, CT_EGRESS, skb->len, &st);
+	if (ret != CT_NEW)
+		return ct_status_reason(ret);
+	if (!has_opt)
+		return TPL_PASS_OVERLAY_UNTRACKED;
+	ret = ct_may_create4(p);
+	if (tpl_has_verdict(ret))
+		return ret;
+
+	__builtin_memset(&st, 0, sizeof(st));
+	st.dsr_internal = 1;
+	st.src_sec_id = endpoint_identity4(p->saddr);
+	ret = ct_create4(&tuple, CT_EGRESS, &st, p->tcp_flags, skb->len);
+	if (tpl_has_verdict(ret))
+		return ret;
+	nat4_key_for_ct(&tuple, &nk);
+	nat.created = tpl_now();
+	nat.to_addr = opt.addr;
+	nat.to_port = opt.port;
+	if (bpf_map_update_elem(&tpl_nat4_v1, &nk, &nat, BPF_ANY) < 0)
+		return TPL_DROP_NAT_INSERT_FAILED;
+	return TPL_PASS_CT_NEW;
 }
 
 #endif
