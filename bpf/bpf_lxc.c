@@ -18,7 +18,7 @@
 #include "lib/conntrack.h"
 #include "lib/nat_map.h"
 #include "lib/lb.h"
-#include "lib/dsr.h"
+#include "lib/mark.h"
 
 char LICENSE[] SEC("license") = "GPL";
 
@@ -68,7 +68,7 @@ static __always_inline enum tpl_reason lxc_track4(struct __sk_buff *skb, enum ct
 	st.src_sec_id = endpoint_identity4(p.saddr);
 	st.rev_nat_index = rev_nat;
 	/* Delivered by cil_from_overlay (a DSR flow's backend node). */
-	if (dir == CT_INGRESS && (skb->mark & TPL_MARK_MASK) == TPL_MARK_FROM_TUNNEL)
+	if (dir == CT_INGRESS && tpl_mark_is(skb, TPL_MARK_FROM_TUNNEL))
 		st.from_tunnel = 1;
 	ret = ct_create4(&tuple, dir, &st, p.tcp_flags, skb->len);
 	return tpl_verdict_or(ret, TPL_PASS_CT_NEW);

@@ -20,8 +20,13 @@
 #include "lib/nat_map.h"
 #include "lib/lb.h"
 #include "lib/dsr.h"
+#include "lib/mark.h"
 
 char LICENSE[] SEC("license") = "GPL";
+
+#ifndef PACKET_HOST
+#define PACKET_HOST 0            /* skb->pkt_type (linux/if_packet.h; not in vmlinux.h) */
+#endif
 
 static __always_inline enum tpl_reason overlay_track4(struct __sk_buff *skb)
 {
@@ -42,7 +47,7 @@ int cil_from_overlay(struct __sk_buff *skb)
 	if (reason < TPL_DROP_BASE) {
 		/* The inner frame's destination MAC is the LB node's: take it as ours. */
 		bpf_skb_change_type(skb, PACKET_HOST);
-		skb->mark = TPL_MARK_FROM_TUNNEL;   /* one 32-bit store: the verifier refuses narrower */
+		tpl_mark_set(skb, TPL_MARK_FROM_TUNNEL);
 	}
 	return tpl_verdict(skb, reason, TPL_METRIC_NETDEV_INGRESS);
 }

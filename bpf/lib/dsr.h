@@ -31,16 +31,8 @@
 #define DSR_OPT_LEN 2            /* body length in 4-byte words */
 #define GENEVE_OPT_CRITICAL 0x80
 
-/* skb->mark of a packet cil_from_overlay let through to a pod. */
-#define TPL_MARK_FROM_TUNNEL 0x0e5d0000
-#define TPL_MARK_MASK 0xffff0000
-
 #ifndef ENOMEM
 #define ENOMEM 12
-#endif
-
-#ifndef PACKET_HOST
-#define PACKET_HOST 0
 #endif
 
 struct dsr_opt4 {
