@@ -26,10 +26,15 @@
 #include "endpoint.h"
 #include "time.h"
 
+#define GENEVE_OPT_CRITICAL 0x80 /* type bit: drop the packet if the option is not understood */
+#define GENEVE_OPT_LEN_MASK 0x1f /* length byte: low 5 bits, body length in words; high 3 reserved */
+#define GENEVE_OPT_WORD 4        /* option lengths count 4-byte words */
+#define GENEVE_OPT_HDR_LEN 4     /* class, type, length */
+
 #define DSR_OPT_CLASS 0x014B
-#define DSR_OPT_TYPE 0x81        /* critical bit (0x80) set */
-#define DSR_OPT_LEN 2            /* body length in 4-byte words */
-#define GENEVE_OPT_CRITICAL 0x80
+#define DSR_OPT_TYPE (GENEVE_OPT_CRITICAL | 0x01)
+#define DSR_OPT_LEN 2            /* body length in words */
+#define DSR_TUNNEL_TTL 64        /* outer IPv4 TTL, the kernel's default */
 
 #ifndef ENOMEM
 #define ENOMEM 12
@@ -63,7 +68,7 @@ static __always_inline int dsr_encap4(struct __sk_buff *skb, const struct pkt4 *
 	if (!node_addr)                      /* a remote backend without node=: nowhere to send it */
 		return TPL_DROP_REMOTE_BACKEND;
 	key.remote_ipv4 = bpf_ntohl(node_addr);
-	key.tunnel_ttl = 64;
+	key.tunnel_ttl = DSR_TUNNEL_TTL;
 	if (bpf_skb_set_tunnel_key(skb, &key, sizeof(key), BPF_F_ZERO_CSUM_TX) < 0)
 		return TPL_DROP_DSR_ENCAP;
 	if (p->proto != IPPROTO_TCP ||
@@ -88,7 +93,7 @@ static __always_inline int dsr_read_opt4(struct __sk_buff *skb, struct dsr_opt4 
 		return TPL_DROP_DSR_OPT_NOT_ALONE;
 	if (n < 0)                           /* no tunnel metadata or no options */
 		return TPL_CONTINUE;
-	if (n < 4)
+	if (n < GENEVE_OPT_HDR_LEN)
 		return TPL_DROP_DSR_OPT_MALFORMED;
 	if (opt->opt_class != bpf_htons(DSR_OPT_CLASS) || opt->type != DSR_OPT_TYPE) {
 		if (opt->type & GENEVE_OPT_CRITICAL)
@@ -96,12 +101,13 @@ static __always_inline int dsr_read_opt4(struct __sk_buff *skb, struct dsr_opt4 
 		/* An unknown option the sender marked as ignorable: ignore it,
 		 * as long as it is the only one.
 		 */
-		return (__u32)((opt->length & 0x1f) + 1) * 4 == n ? TPL_CONTINUE : TPL_DROP_DSR_OPT_NOT_ALONE;
+		return (__u32)((opt->length & GENEVE_OPT_LEN_MASK) + 1) * GENEVE_OPT_WORD == n ?
+		       TPL_CONTINUE : TPL_DROP_DSR_OPT_NOT_ALONE;
 	}
 	/* The kernel checks the options' total length only: ours must say 2
 	 * words and fill the 12 bytes (more than 12 was -ENOMEM above).
 	 */
-	if ((opt->length & 0x1f) != DSR_OPT_LEN || n != sizeof(*opt))
+	if ((opt->length & GENEVE_OPT_LEN_MASK) != DSR_OPT_LEN || n != sizeof(*opt))
 		return TPL_DROP_DSR_OPT_MALFORMED;
 	if (!opt->addr || !opt->port)
 		return TPL_DROP_DSR_OPT_MALFORMED;

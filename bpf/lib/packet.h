@@ -13,6 +13,13 @@
 #define ETH_P_IP 0x0800
 #define IP_MF 0x2000
 #define IP_OFFMASK 0x1fff
+#define IPV4_IHL_UNIT 4          /* ihl counts 4-byte words */
+#define IPV4_MAX_HLEN 60         /* ihl 15: header with the most options */
+
+/* The byte of struct tcphdr that holds the flags (CWR..FIN, TCP_FLAG_*):
+ * read whole, as the bitfields would take eight loads.
+ */
+#define TCP_FLAGS_OFF 13
 
 #define TCP_FLAG_FIN 0x01
 #define TCP_FLAG_SYN 0x02
@@ -111,7 +118,7 @@ static __always_inline int pkt4_parse_l3(struct __sk_buff *skb, struct pkt4 *p)
 	ip = data + ETH_HLEN;
 	if ((void *)(ip + 1) > data_end)
 		return TPL_DROP_INVALID_L3;
-	ihl = ip->ihl * 4;
+	ihl = ip->ihl * IPV4_IHL_UNIT;
 	if (ip->version != 4 || ihl < sizeof(struct iphdr))
 		return TPL_DROP_INVALID_L3;
 	/* The datagram may be shorter than the frame (Ethernet padding), never longer. */
@@ -134,7 +141,7 @@ static __always_inline int pkt4_parse_l4(struct __sk_buff *skb, struct pkt4 *p)
 	void *data, *data_end;
 
 	/* l4_off is ETH_HLEN + 20..60: bounded for the verifier. */
-	if (off > ETH_HLEN + 60)
+	if (off > ETH_HLEN + IPV4_MAX_HLEN)
 		return TPL_DROP_INVALID_L3;
 
 	switch (p->proto) {
@@ -150,7 +157,7 @@ static __always_inline int pkt4_parse_l4(struct __sk_buff *skb, struct pkt4 *p)
 			return TPL_DROP_CT_INVALID_HDR;
 		p->sport = th->source;
 		p->dport = th->dest;
-		p->tcp_flags = ((__u8 *)th)[13];
+		p->tcp_flags = ((__u8 *)th)[TCP_FLAGS_OFF];
 		return TPL_CONTINUE;
 	}
 	case IPPROTO_UDP: {
@@ -181,7 +188,9 @@ static __always_inline int pkt4_parse_l4(struct __sk_buff *skb, struct pkt4 *p)
 	return TPL_CONTINUE;
 }
 
+/* A set of IPv4 protocols as bits of a __u32: protocols below PKT_PROTO_MAX. */
 #define PKT_PROTO(p) (1U << (p))
+#define PKT_PROTO_MAX 32
 
 /* Parse an IPv4 packet up to L4 for a program that tracks the protocols in
  * `protos` (PKT_PROTO bits). Returns TPL_CONTINUE with p filled, else the verdict
@@ -197,7 +206,7 @@ static __always_inline int pkt4_parse(struct __sk_buff *skb, struct pkt4 *p, __u
 		return ret;
 	if (p->fragment)
 		return TPL_PASS_FRAGMENT;
-	if (p->proto >= 32 || !(protos & PKT_PROTO(p->proto)))
+	if (p->proto >= PKT_PROTO_MAX || !(protos & PKT_PROTO(p->proto)))
 		return untracked;
 	return pkt4_parse_l4(skb, p);
 }
