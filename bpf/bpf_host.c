@@ -14,9 +14,6 @@
 #include "lib/reasons.h"
 #include "lib/metrics.h"
 #include "lib/packet.h"
-#include "lib/conntrack.h"
-#include "lib/nat_map.h"
-#include "lib/lb.h"
 #include "lib/nodeport.h"
 
 char LICENSE[] SEC("license") = "GPL";

@@ -11,16 +11,16 @@
  * dropped with a counted reason.
  */
 #include "lib/compiler.h"
-#include "lib/config.h"
 #include "lib/reasons.h"
 #include "lib/metrics.h"
 #include "lib/packet.h"
-#include "lib/endpoint.h"
-#include "lib/conntrack.h"
-#include "lib/nat_map.h"
-#include "lib/lb.h"
 #include "lib/dsr.h"
 #include "lib/mark.h"
+/* Unused here, but every program object defines every shared map, so that
+ * each can be loaded and sized alone (datapath.open_object, the tests'
+ * harnesses).
+ */
+#include "lib/lb_map.h"
 
 char LICENSE[] SEC("license") = "GPL";
 

@@ -11,6 +11,7 @@
  * deleted is a few instructions, not a batch.
  */
 #include "lib/compiler.h"
+#include "lib/conntrack_types.h"
 #include "lib/conntrack_map.h"
 #include "lib/nat_map.h"
 

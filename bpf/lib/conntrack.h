@@ -12,6 +12,7 @@
 #include "compiler.h"
 #include "config.h"
 #include "time.h"
+#include "reasons.h"
 #include "packet.h"
 #include "conntrack_types.h"
 #include "conntrack_map.h"

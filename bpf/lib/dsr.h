@@ -18,13 +18,13 @@
 #define TUPLET_DSR_H
 
 #include "compiler.h"
-#include "config.h"
 #include "reasons.h"
+#include "time.h"
 #include "packet.h"
+#include "endpoint.h"
+#include "conntrack_types.h"
 #include "conntrack.h"
 #include "nat_map.h"
-#include "endpoint.h"
-#include "time.h"
 
 #define GENEVE_OPT_CRITICAL 0x80 /* type bit: drop the packet if the option is not understood */
 #define GENEVE_OPT_LEN_MASK 0x1f /* length byte: low 5 bits, body length in words; high 3 reserved */

@@ -9,9 +9,11 @@
 #include "compiler.h"
 #include "config.h"
 #include "time.h"
+#include "reasons.h"
 #include "packet.h"
 #include "hash.h"
 #include "lb_map.h"
+#include "conntrack_types.h"
 #include "conntrack.h"
 #include "l4_rewrite.h"
 

@@ -9,10 +9,14 @@
 #define TUPLET_NODEPORT_H
 
 #include "compiler.h"
+#include "config.h"
 #include "reasons.h"
 #include "packet.h"
+#include "l4_rewrite.h"
 #include "endpoint.h"
+#include "conntrack_types.h"
 #include "conntrack.h"
+#include "lb_map.h"
 #include "lb.h"
 #include "nat_map.h"
 #include "dsr.h"
