@@ -14,14 +14,11 @@
 #include "lib/reasons.h"
 #include "lib/metrics.h"
 #include "lib/packet.h"
-#include "lib/conntrack.h"
-#include "lib/nat_map.h"
-#include "lib/lb.h"
 #include "lib/nodeport.h"
 
 char LICENSE[] SEC("license") = "GPL";
 
-/* Parse; returns 0 with p filled for a TCP/UDP first fragment, else the reason. */
+/* Parse; returns TPL_CONTINUE with p filled for a TCP/UDP first fragment, else the reason. */
 static __always_inline int netdev_parse4(struct __sk_buff *skb, struct pkt4 *p)
 {
 	return pkt4_parse(skb, p, PKT_PROTO(IPPROTO_TCP) | PKT_PROTO(IPPROTO_UDP), TPL_PASS_NETDEV_UNTRACKED);
@@ -33,7 +30,7 @@ int cil_from_netdev(struct __sk_buff *skb)
 	struct pkt4 p = {};
 	int ret = netdev_parse4(skb, &p);
 
-	if (!ret)
+	if (!tpl_has_verdict(ret))
 		ret = nodeport_lb4(skb, &p);
 	if (overlay_ifindex && ret == TPL_PASS_DSR_REDIRECT) {
 		tpl_verdict(skb, ret, TPL_METRIC_NETDEV_INGRESS);
@@ -48,7 +45,7 @@ int cil_to_netdev(struct __sk_buff *skb)
 	struct pkt4 p = {};
 	int ret = netdev_parse4(skb, &p);
 
-	if (!ret)
+	if (!tpl_has_verdict(ret))
 		ret = nodeport_rev_nat4(skb, &p);
 	return tpl_verdict(skb, ret, TPL_METRIC_NETDEV_EGRESS);
 }

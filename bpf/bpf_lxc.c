@@ -10,15 +10,20 @@
  * dropped with a counted reason, anything that is not IPv4 passes untouched.
  */
 #include "lib/compiler.h"
-#include "lib/config.h"
 #include "lib/reasons.h"
 #include "lib/metrics.h"
 #include "lib/packet.h"
 #include "lib/endpoint.h"
+#include "lib/conntrack_types.h"
 #include "lib/conntrack.h"
-#include "lib/nat_map.h"
+#include "lib/lb_map.h"
 #include "lib/lb.h"
-#include "lib/dsr.h"
+#include "lib/mark.h"
+/* Unused here, but every program object defines every shared map, so that
+ * each can be loaded and sized alone (datapath.open_object, the tests'
+ * harnesses).
+ */
+#include "lib/nat_map.h"
 
 char LICENSE[] SEC("license") = "GPL";
 
@@ -35,7 +40,7 @@ static __always_inline enum tpl_reason lxc_track4(struct __sk_buff *skb, enum ct
 
 	ret = pkt4_parse(skb, &p, PKT_PROTO(IPPROTO_TCP) | PKT_PROTO(IPPROTO_UDP) | PKT_PROTO(IPPROTO_ICMP),
 			 TPL_PASS_UNTRACKED_PROTO);
-	if (ret)
+	if (tpl_has_verdict(ret))
 		return ret;
 
 	if (dir == CT_EGRESS) {
@@ -44,7 +49,7 @@ static __always_inline enum tpl_reason lxc_track4(struct __sk_buff *skb, enum ct
 		if (svc) {
 			rev_nat = svc->rev_nat_index;
 			ret = lb4_local(skb, &p, &key, svc, LB_SELECT_RANDOM, false, &be);
-			if (ret)
+			if (tpl_has_verdict(ret))
 				return ret;
 		}
 	}
@@ -53,7 +58,7 @@ static __always_inline enum tpl_reason lxc_track4(struct __sk_buff *skb, enum ct
 	if (ret == CT_REPLY && st.rev_nat_index && dir == CT_INGRESS) {
 		int nat = lb4_rev_nat(skb, &p, st.rev_nat_index);
 
-		if (nat)
+		if (tpl_has_verdict(nat))
 			return nat;
 	}
 	if (ret != CT_NEW)
@@ -61,19 +66,17 @@ static __always_inline enum tpl_reason lxc_track4(struct __sk_buff *skb, enum ct
 
 	if (tuple.flags & TUPLE_F_RELATED)
 		return TPL_PASS_ICMP_UNRELATED;
-	/* A reset for a flow we do not know ends nothing: do not track it. */
-	if (p.proto == IPPROTO_TCP && (p.tcp_flags & TCP_FLAG_RST))
-		return TPL_PASS_CT_UNTRACKED_RST;
+	ret = ct_may_create4(&p);
+	if (tpl_has_verdict(ret))
+		return ret;
 
 	st.src_sec_id = endpoint_identity4(p.saddr);
 	st.rev_nat_index = rev_nat;
 	/* Delivered by cil_from_overlay (a DSR flow's backend node). */
-	if (dir == CT_INGRESS && (skb->mark & TPL_MARK_MASK) == TPL_MARK_FROM_TUNNEL)
+	if (dir == CT_INGRESS && tpl_mark_is(skb, TPL_MARK_FROM_TUNNEL))
 		st.from_tunnel = 1;
 	ret = ct_create4(&tuple, dir, &st, p.tcp_flags, skb->len);
-	if (ret)
-		return ret;
-	return TPL_PASS_CT_NEW;
+	return tpl_verdict_or(ret, TPL_PASS_CT_NEW);
 }
 
 SEC("tc")

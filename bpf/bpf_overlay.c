@@ -11,18 +11,22 @@
  * dropped with a counted reason.
  */
 #include "lib/compiler.h"
-#include "lib/config.h"
 #include "lib/reasons.h"
 #include "lib/metrics.h"
 #include "lib/packet.h"
-#include "lib/endpoint.h"
-#include "lib/conntrack.h"
-#include "lib/nat_map.h"
-#include "lib/lb.h"
 #include "lib/dsr.h"
-#include "lib/nodeport.h"
+#include "lib/mark.h"
+/* Unused here, but every program object defines every shared map, so that
+ * each can be loaded and sized alone (datapath.open_object, the tests'
+ * harnesses).
+ */
+#include "lib/lb_map.h"
 
 char LICENSE[] SEC("license") = "GPL";
+
+#ifndef PACKET_HOST
+#define PACKET_HOST 0            /* skb->pkt_type (linux/if_packet.h; not in vmlinux.h) */
+#endif
 
 static __always_inline enum tpl_reason overlay_track4(struct __sk_buff *skb)
 {
@@ -30,9 +34,9 @@ static __always_inline enum tpl_reason overlay_track4(struct __sk_buff *skb)
 	int ret = pkt4_parse(skb, &p, PKT_PROTO(IPPROTO_TCP) | PKT_PROTO(IPPROTO_UDP),
 			     TPL_PASS_OVERLAY_UNTRACKED);
 
-	if (ret)
+	if (tpl_has_verdict(ret))
 		return ret;
-	return overlay_dsr4(skb, &p);
+	return dsr_backend4(skb, &p);
 }
 
 SEC("tc")
@@ -43,7 +47,7 @@ int cil_from_overlay(struct __sk_buff *skb)
 	if (reason < TPL_DROP_BASE) {
 		/* The inner frame's destination MAC is the LB node's: take it as ours. */
 		bpf_skb_change_type(skb, PACKET_HOST);
-		skb->mark = TPL_MARK_FROM_TUNNEL;   /* one 32-bit store: the verifier refuses narrower */
+		tpl_mark_set(skb, TPL_MARK_FROM_TUNNEL);
 	}
 	return tpl_verdict(skb, reason, TPL_METRIC_NETDEV_INGRESS);
 }

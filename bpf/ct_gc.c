@@ -11,11 +11,13 @@
  * deleted is a few instructions, not a batch.
  */
 #include "lib/compiler.h"
+#include "lib/conntrack_types.h"
 #include "lib/conntrack_map.h"
 #include "lib/nat_map.h"
 
 char LICENSE[] SEC("license") = "GPL";
 
+/* gc_args.map: which map to walk (tuplet/gc.py _MAP_SELECTOR), */
 enum gc_map_sel {
 	GC_MAP_TCP = 0,
 	GC_MAP_ANY = 1,
@@ -23,10 +25,19 @@ enum gc_map_sel {
 	GC_MAP_NAT = 3,          /* count only (GC_WALK_ONLY): NAT entries go with their CT entry */
 };
 
-/* Or'ed into gc_args.map: visit every entry and count it, read and delete
- * nothing (what the walk alone costs; bench/gc.py reports it).
- */
-#define GC_WALK_ONLY 0x80000000U
+/* and how. */
+enum gc_map_arg {
+	/* Or'ed into the selector: visit every entry and count it, read and
+	 * delete nothing (what the walk alone costs; bench/gc.py reports it).
+	 */
+	GC_WALK_ONLY = 0x80000000U,
+	/* Count the NAT entries: the only thing the NAT map is walked for. */
+	GC_NAT_COUNT = GC_MAP_NAT | GC_WALK_ONLY,
+};
+
+/* Anchor the enums in BTF so the agent can check its copies (tuplet/gc.py). */
+const volatile enum gc_map_sel gc_map_sel_names __attribute__((unused)) = 0;
+const volatile enum gc_map_arg gc_map_arg_names __attribute__((unused)) = 0;
 
 /* The run's buffer after a 14-byte Ethernet header (which it ignores). */
 struct gc_args {

@@ -12,6 +12,7 @@
 #include "compiler.h"
 #include "config.h"
 #include "time.h"
+#include "reasons.h"
 #include "packet.h"
 #include "conntrack_types.h"
 #include "conntrack_map.h"
@@ -148,15 +149,37 @@ static __always_inline void ct_account(struct ct_entry *e, __u32 len)
 	__sync_fetch_and_add(&e->bytes, len);
 }
 
+/* A flow's identity: what an entry says about whose flow it is and where it
+ * goes, as opposed to its state (lifetime, flags, counters). The one list of
+ * those fields, copied between struct ct_state and struct ct_entry (which
+ * name them alike) in either direction, or from entry to entry: a macro
+ * because the two are different types, and ct_entry's flags are bitfields.
+ */
+#define ct_identity_copy(dst, src)				\
+	do {							\
+		(dst)->backend_id = (src)->backend_id;		\
+		(dst)->src_sec_id = (src)->src_sec_id;		\
+		(dst)->rev_nat_index = (src)->rev_nat_index;	\
+		(dst)->ifindex = (src)->ifindex;		\
+		(dst)->from_tunnel = (src)->from_tunnel;	\
+		(dst)->dsr_internal = (src)->dsr_internal;	\
+		(dst)->node_port = (src)->node_port;		\
+	} while (0)
+
+/* Whether map entry e (other CPUs may write it) has entry id's identity. */
+static __always_inline bool ct_identity_same(const struct ct_entry *e, const struct ct_entry *id)
+{
+	return READ_ONCE(e->rev_nat_index) == id->rev_nat_index &&
+	       READ_ONCE(e->src_sec_id) == id->src_sec_id &&
+	       READ_ONCE(e->backend_id) == id->backend_id &&
+	       READ_ONCE(e->ifindex) == id->ifindex &&
+	       e->from_tunnel == id->from_tunnel && e->dsr_internal == id->dsr_internal &&
+	       e->node_port == id->node_port;
+}
+
 static __always_inline void ct_state_fill(struct ct_state *st, const struct ct_entry *e)
 {
-	st->backend_id = e->backend_id;
-	st->src_sec_id = e->src_sec_id;
-	st->rev_nat_index = e->rev_nat_index;
-	st->ifindex = e->ifindex;
-	st->from_tunnel = e->from_tunnel;
-	st->dsr_internal = e->dsr_internal;
-	st->node_port = e->node_port;
+	ct_identity_copy(st, e);
 	st->closing = ct_entry_closing(e);
 }
 
@@ -229,11 +252,7 @@ static __always_inline void ct_create_related4(const struct ipv4_ct_tuple *tuple
 	 * reconnect-storm path).
 	 */
 	rel = bpf_map_lookup_elem(&tpl_ct_any4_v1, &icmp);
-	if (rel && READ_ONCE(rel->rev_nat_index) == entry->rev_nat_index &&
-	    READ_ONCE(rel->src_sec_id) == entry->src_sec_id &&
-	    READ_ONCE(rel->backend_id) == entry->backend_id &&
-	    READ_ONCE(rel->ifindex) == entry->ifindex &&
-	    rel->from_tunnel == entry->from_tunnel && rel->dsr_internal == entry->dsr_internal) {
+	if (rel && ct_identity_same(rel, entry)) {
 		if (READ_ONCE(rel->lifetime) != entry->lifetime)
 			WRITE_ONCE(rel->lifetime, entry->lifetime);
 		return;
@@ -286,12 +305,7 @@ static __always_inline void ct_settle4(const struct ipv4_ct_tuple *t, struct ct_
 	 * opening packet's flags in the entry's own direction.
 	 */
 	now = tpl_now();
-	twin.backend_id = copy.backend_id;
-	twin.src_sec_id = copy.src_sec_id;
-	twin.rev_nat_index = copy.rev_nat_index;
-	twin.ifindex = copy.ifindex;
-	twin.from_tunnel = copy.from_tunnel;
-	twin.dsr_internal = copy.dsr_internal;
+	ct_identity_copy(&twin, &copy);
 	if (t->flags & TUPLE_F_IN) {
 		f = copy.rx_flags_seen;
 		twin.rx_flags_seen = (f & TCP_FLAG_SYN) ? TCP_FLAG_SYN : f;
@@ -328,6 +342,21 @@ static __always_inline void ct_tuple_reverse4(struct ipv4_ct_tuple *t)
 	t->sport = p;
 }
 
+/* The key under which p's packet is a reply of a tracked flow: its own
+ * addresses, its ports swapped (addresses name the reply direction, ports the
+ * original one: conntrack_types.h). ct_tuple_reverse4() of it is the key of
+ * the packet as its flow's original direction.
+ */
+static __always_inline void ct_tuple_reply4(struct ipv4_ct_tuple *t, const struct pkt4 *p, __u8 flags)
+{
+	t->daddr = p->daddr;
+	t->saddr = p->saddr;
+	t->dport = p->sport;
+	t->sport = p->dport;
+	t->nexthdr = p->proto;
+	t->flags = flags;
+}
+
 /* One lookup: on a hit, update the entry for this packet and report `status`. */
 static __always_inline int __ct_lookup4(void *map, bool in_syn, const struct ipv4_ct_tuple *tuple,
 					bool is_tcp, enum ct_dir dir, enum ct_action action, __u8 flags,
@@ -356,12 +385,8 @@ static __always_inline int ct_lookup4(struct ipv4_ct_tuple *tuple, const struct 
 	void *map = ct_map4(p->proto);
 	int ret;
 
-	tuple->daddr = p->daddr;
-	tuple->saddr = p->saddr;
-	tuple->nexthdr = p->proto;
-	/* Reply-candidate ports: a reply's ports are the original's swapped. */
-	tuple->dport = p->sport;
-	tuple->sport = p->dport;
+	/* Reply candidate first (flags are set per lookup below). */
+	ct_tuple_reply4(tuple, p, 0);
 
 	if (is_tcp) {
 		flags = p->tcp_flags;
@@ -428,9 +453,20 @@ static __always_inline enum tpl_reason ct_status_reason(int status)
 	return TPL_PASS_CT_NEW;
 }
 
+/* Whether p's packet, which found no entry, may create one. A reset for a
+ * flow we do not know ends nothing: it is not tracked. Returns TPL_CONTINUE
+ * or TPL_PASS_CT_UNTRACKED_RST.
+ */
+static __always_inline int ct_may_create4(const struct pkt4 *p)
+{
+	if (p->proto == IPPROTO_TCP && (p->tcp_flags & TCP_FLAG_RST))
+		return TPL_PASS_CT_UNTRACKED_RST;
+	return TPL_CONTINUE;
+}
+
 /* Create the entry for tuple (as left by ct_lookup4) and, for endpoint
  * traffic, its related-ICMP entry. New TCP entries go to the handshake table
- * (ct_syn_table) and get their twin on promotion. Returns 0 or
+ * (ct_syn_table) and get their twin on promotion. Returns TPL_CONTINUE or
  * TPL_DROP_CT_INSERT_FAILED.
  */
 static __always_inline int ct_create4(const struct ipv4_ct_tuple *tuple, enum ct_dir dir,
@@ -442,13 +478,7 @@ static __always_inline int ct_create4(const struct ipv4_ct_tuple *tuple, enum ct
 	struct ct_entry entry = {};
 	__u32 now = tpl_now();
 
-	entry.backend_id = st->backend_id;
-	entry.src_sec_id = st->src_sec_id;
-	entry.rev_nat_index = st->rev_nat_index;
-	entry.ifindex = st->ifindex;
-	entry.from_tunnel = st->from_tunnel;
-	entry.dsr_internal = st->dsr_internal;
-	entry.node_port = st->node_port;
+	ct_identity_copy(&entry, st);
 	if (ct_accounting) {
 		entry.packets = 1;
 		entry.bytes = len;
@@ -469,7 +499,7 @@ static __always_inline int ct_create4(const struct ipv4_ct_tuple *tuple, enum ct
 	/* Endpoint traffic only: service, NodePort and DSR entries have no related twin. */
 	if (dir != CT_SERVICE && !st->node_port && !st->dsr_internal && !syn)
 		ct_create_related4(tuple, &entry, now);
-	return 0;
+	return TPL_CONTINUE;
 }
 
 #endif

@@ -5,6 +5,7 @@
 #ifndef TUPLET_CONNTRACK_MAP_H
 #define TUPLET_CONNTRACK_MAP_H
 
+#include "compiler.h"
 #include "conntrack_types.h"
 
 #define CT_MAP_SIZE_TCP 524288

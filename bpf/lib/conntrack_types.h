@@ -9,10 +9,12 @@
 #include "compiler.h"
 
 /* Tuple flags (key.flags). */
-#define TUPLE_F_OUT 0
-#define TUPLE_F_IN 1
-#define TUPLE_F_RELATED 2
-#define TUPLE_F_SERVICE 4
+enum ct_tuple_flag {
+	TUPLE_F_OUT = 0,
+	TUPLE_F_IN = 1,
+	TUPLE_F_RELATED = 2,
+	TUPLE_F_SERVICE = 4,
+};
 
 /* Address fields name the reply direction, port fields the original one:
  * a flow 10.0.0.1:1000 -> 10.0.0.2:80 is stored as daddr=10.0.0.1,
@@ -55,5 +57,8 @@ struct ct_entry {
 	__u32 last_rx_report;
 };
 ASSERT_SIZE(struct ct_entry, 56);
+
+/* Anchors the enum in the object's BTF so the agent can check its copy. */
+const volatile enum ct_tuple_flag ct_tuple_flag_names __attribute__((unused)) = 0;
 
 #endif

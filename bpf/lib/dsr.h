@@ -18,27 +18,26 @@
 #define TUPLET_DSR_H
 
 #include "compiler.h"
-#include "config.h"
 #include "reasons.h"
+#include "time.h"
 #include "packet.h"
+#include "endpoint.h"
+#include "conntrack_types.h"
 #include "conntrack.h"
 #include "nat_map.h"
 
-#define DSR_OPT_CLASS 0x014B
-#define DSR_OPT_TYPE 0x81        /* critical bit (0x80) set */
-#define DSR_OPT_LEN 2            /* body length in 4-byte words */
-#define GENEVE_OPT_CRITICAL 0x80
+#define GENEVE_OPT_CRITICAL 0x80 /* type bit: drop the packet if the option is not understood */
+#define GENEVE_OPT_LEN_MASK 0x1f /* length byte: low 5 bits, body length in words; high 3 reserved */
+#define GENEVE_OPT_WORD 4        /* option lengths count 4-byte words */
+#define GENEVE_OPT_HDR_LEN 4     /* class, type, length */
 
-/* skb->mark of a packet cil_from_overlay let through to a pod. */
-#define TPL_MARK_FROM_TUNNEL 0x0e5d0000
-#define TPL_MARK_MASK 0xffff0000
+#define DSR_OPT_CLASS 0x014B
+#define DSR_OPT_TYPE (GENEVE_OPT_CRITICAL | 0x01)
+#define DSR_OPT_LEN 2            /* body length in words */
+#define DSR_TUNNEL_TTL 64        /* outer IPv4 TTL, the kernel's default */
 
 #ifndef ENOMEM
 #define ENOMEM 12
-#endif
-
-#ifndef PACKET_HOST
-#define PACKET_HOST 0
 #endif
 
 struct dsr_opt4 {
@@ -69,7 +68,7 @@ static __always_inline int dsr_encap4(struct __sk_buff *skb, const struct pkt4 *
 	if (!node_addr)                      /* a remote backend without node=: nowhere to send it */
 		return TPL_DROP_REMOTE_BACKEND;
 	key.remote_ipv4 = bpf_ntohl(node_addr);
-	key.tunnel_ttl = 64;
+	key.tunnel_ttl = DSR_TUNNEL_TTL;
 	if (bpf_skb_set_tunnel_key(skb, &key, sizeof(key), BPF_F_ZERO_CSUM_TX) < 0)
 		return TPL_DROP_DSR_ENCAP;
 	if (p->proto != IPPROTO_TCP ||
@@ -81,19 +80,20 @@ static __always_inline int dsr_encap4(struct __sk_buff *skb, const struct pkt4 *
 }
 
 /* Backend node: the DSR option of the packet, if any. It must be the only
- * option. Returns 1 with opt filled; 0 when the packet carries no options,
- * no tunnel metadata at all (BPF_PROG_TEST_RUN) or one ignorable unknown
- * option; else a drop reason.
+ * option. Returns TPL_CONTINUE with *found set and opt filled, *found clear
+ * when the packet carries no options, no tunnel metadata at all
+ * (BPF_PROG_TEST_RUN) or one ignorable unknown option; else a drop reason.
  */
-static __always_inline int dsr_read_opt4(struct __sk_buff *skb, struct dsr_opt4 *opt)
+static __always_inline int dsr_read_opt4(struct __sk_buff *skb, struct dsr_opt4 *opt, bool *found)
 {
 	long n = bpf_skb_get_tunnel_opt(skb, opt, sizeof(*opt));
 
+	*found = false;
 	if (n == -ENOMEM)                    /* more option bytes than the DSR option */
 		return TPL_DROP_DSR_OPT_NOT_ALONE;
 	if (n < 0)                           /* no tunnel metadata or no options */
-		return 0;
-	if (n < 4)
+		return TPL_CONTINUE;
+	if (n < GENEVE_OPT_HDR_LEN)
 		return TPL_DROP_DSR_OPT_MALFORMED;
 	if (opt->opt_class != bpf_htons(DSR_OPT_CLASS) || opt->type != DSR_OPT_TYPE) {
 		if (opt->type & GENEVE_OPT_CRITICAL)
@@ -101,16 +101,60 @@ static __always_inline int dsr_read_opt4(struct __sk_buff *skb, struct dsr_opt4 
 		/* An unknown option the sender marked as ignorable: ignore it,
 		 * as long as it is the only one.
 		 */
-		return (__u32)((opt->length & 0x1f) + 1) * 4 == n ? 0 : TPL_DROP_DSR_OPT_NOT_ALONE;
+		return (__u32)((opt->length & GENEVE_OPT_LEN_MASK) + 1) * GENEVE_OPT_WORD == n ?
+		       TPL_CONTINUE : TPL_DROP_DSR_OPT_NOT_ALONE;
 	}
 	/* The kernel checks the options' total length only: ours must say 2
 	 * words and fill the 12 bytes (more than 12 was -ENOMEM above).
 	 */
-	if ((opt->length & 0x1f) != DSR_OPT_LEN || n != sizeof(*opt))
+	if ((opt->length & GENEVE_OPT_LEN_MASK) != DSR_OPT_LEN || n != sizeof(*opt))
 		return TPL_DROP_DSR_OPT_MALFORMED;
 	if (!opt->addr || !opt->port)
 		return TPL_DROP_DSR_OPT_MALFORMED;
-	return 1;
+	*found = true;
+	return TPL_CONTINUE;
+}
+
+/* Backend node, a packet the Geneve device decapsulated: a DSR flow's first
+ * packet (with the option) gets its CT_EGRESS entry with DSRInternal, whose
+ * NAT entry says which service address the reply must come from; later
+ * packets refresh it. Returns a pass reason (the caller marks the packet as
+ * from the tunnel) or a drop reason.
+ */
+static __always_inline enum tpl_reason dsr_backend4(struct __sk_buff *skb, struct pkt4 *p)
+{
+	struct ipv4_ct_tuple tuple = {}, nk;
+	struct nat4_entry nat = {};
+	struct ct_state st = {};
+	struct dsr_opt4 opt = {};
+	bool has_opt;
+	int ret;
+
+	ret = dsr_read_opt4(skb, &opt, &has_opt);
+	if (tpl_has_verdict(ret))
+		return ret;
+	ret = ct_lookup4(&tuple, p, CT_EGRESS, skb->len, &st);
+	if (ret != CT_NEW)
+		return ct_status_reason(ret);
+	if (!has_opt)
+		return TPL_PASS_OVERLAY_UNTRACKED;
+	ret = ct_may_create4(p);
+	if (tpl_has_verdict(ret))
+		return ret;
+
+	__builtin_memset(&st, 0, sizeof(st));
+	st.dsr_internal = 1;
+	st.src_sec_id = endpoint_identity4(p->saddr);
+	ret = ct_create4(&tuple, CT_EGRESS, &st, p->tcp_flags, skb->len);
+	if (tpl_has_verdict(ret))
+		return ret;
+	nat4_key_for_ct(&tuple, &nk);
+	nat.created = tpl_now();
+	nat.to_addr = opt.addr;
+	nat.to_port = opt.port;
+	if (bpf_map_update_elem(&tpl_nat4_v1, &nk, &nat, BPF_ANY) < 0)
+		return TPL_DROP_NAT_INSERT_FAILED;
+	return TPL_PASS_CT_NEW;
 }
 
 #endif

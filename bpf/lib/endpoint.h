@@ -8,6 +8,8 @@
 /* Reserved identity of anything that is not a known endpoint. */
 #define TPL_IDENTITY_WORLD 2
 
+#define EP_MAP_SIZE 65536
+
 struct endpoint_info {
 	__u32 ifindex;   /* host-side veth */
 	__u32 sec_id;    /* security identity shown as SourceSecurityID */
@@ -20,7 +22,7 @@ struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__type(key, __be32);
 	__type(value, struct endpoint_info);
-	__uint(max_entries, 65536);
+	__uint(max_entries, EP_MAP_SIZE);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } tpl_ep4_v1 SEC(".maps");

@@ -26,7 +26,7 @@ static __always_inline int l4_csum_off(__u8 proto)
 }
 
 /* Rewrite the source (to_src) or destination address and port of p's packet.
- * Returns 0, or TPL_DROP_NAT_REWRITE when the kernel refused a store.
+ * Returns TPL_CONTINUE, or TPL_DROP_NAT_REWRITE when the kernel refused a store.
  */
 static __always_inline int pkt4_rewrite(struct __sk_buff *skb, struct pkt4 *p, bool to_src,
 					__be32 addr, __be16 port)
@@ -63,7 +63,7 @@ static __always_inline int pkt4_rewrite(struct __sk_buff *skb, struct pkt4 *p, b
 		p->daddr = addr;
 		p->dport = port;
 	}
-	return 0;
+	return TPL_CONTINUE;
 }
 
 static __always_inline int pkt4_dnat(struct __sk_buff *skb, struct pkt4 *p, __be32 addr, __be16 port)

@@ -9,9 +9,11 @@
 #include "compiler.h"
 #include "config.h"
 #include "time.h"
+#include "reasons.h"
 #include "packet.h"
 #include "hash.h"
 #include "lb_map.h"
+#include "conntrack_types.h"
 #include "conntrack.h"
 #include "l4_rewrite.h"
 
@@ -130,26 +132,32 @@ static __always_inline bool lb4_rebalance_due(const struct ct_entry *e, __u32 no
 	return ct_entry_closing(e) && closed_at + ct_service_close_rebalance <= now;
 }
 
+/* Whether a flow may go to backend be (NULL: gone). With local_only (a node
+ * without [overlay], so no DSR), a backend on another node may not. Returns
+ * TPL_CONTINUE or a drop reason.
+ */
+static __always_inline int lb4_backend_usable(const struct lb4_backend *be, bool local_only)
+{
+	if (!be)
+		return TPL_DROP_NO_SERVICE_BACKEND;
+	if (local_only && (be->flags & LB_BACKEND_F_REMOTE))
+		return TPL_DROP_REMOTE_BACKEND;
+	return TPL_CONTINUE;
+}
+
 /* Steer p's packet to a backend of svc: find or create the flow's CT_SERVICE
  * entry (client tuple to the service address, holding backend id and
  * rev-NAT index), choose a backend for a new flow, a reopened flow past the
  * grace, or a flow whose backend is gone, then DNAT. With local_only (a node
  * without [overlay], so no DSR), a backend on another node is refused before
  * any state is made.
- * Returns 0 or a drop reason; *be gets the backend.
+ * Returns TPL_CONTINUE or a drop reason; *be gets the backend.
  */
 static __always_inline int lb4_local(struct __sk_buff *skb, struct pkt4 *p, const struct lb4_key *key,
 				     const struct lb4_service *svc, enum lb_select how, bool local_only,
 				     struct lb4_backend *be)
 {
-	struct ipv4_ct_tuple t = {
-		.daddr = p->saddr,
-		.saddr = p->daddr,
-		.dport = p->dport,
-		.sport = p->sport,
-		.nexthdr = p->proto,
-		.flags = TUPLE_F_SERVICE,
-	};
+	struct ipv4_ct_tuple t;
 	bool is_tcp = p->proto == IPPROTO_TCP;
 	__u8 tcp_flags = is_tcp ? p->tcp_flags : 0;
 	enum ct_action action = is_tcp ? ct_tcp_action(tcp_flags) : ACTION_UNSPEC;
@@ -157,12 +165,15 @@ static __always_inline int lb4_local(struct __sk_buff *skb, struct pkt4 *p, cons
 	struct lb4_backend *found = NULL;
 	__u32 now = tpl_now(), id = 0;
 	struct ct_entry *e;
-	bool in_syn;
+	bool in_syn, chosen;
 	int ret;
 
 	if (!svc->count)
 		return TPL_DROP_NO_SERVICE_BACKEND;
 
+	/* The client's tuple to the service address, in its own direction. */
+	ct_tuple_reply4(&t, p, TUPLE_F_SERVICE);
+	ct_tuple_reverse4(&t);
 	e = ct_find4(&t, &in_syn);
 	if (e) {
 		bool rebalance = action == ACTION_CREATE && lb4_rebalance_due(e, now);
@@ -172,32 +183,29 @@ static __always_inline int lb4_local(struct __sk_buff *skb, struct pkt4 *p, cons
 			id = READ_ONCE(e->backend_id);
 			found = lb4_lookup_backend(id);
 		}
-		if (!found) {
-			id = lb4_select_backend(key, svc, p, how, now);
-			found = lb4_lookup_backend(id);
-			if (!found)
-				return TPL_DROP_NO_SERVICE_BACKEND;
-			if (local_only && (found->flags & LB_BACKEND_F_REMOTE))
-				return TPL_DROP_REMOTE_BACKEND;
+	}
+	/* A new flow, a reopened one past the grace, or one whose backend is gone. */
+	chosen = !found;
+	if (chosen) {
+		id = lb4_select_backend(key, svc, p, how, now);
+		found = lb4_lookup_backend(id);
+	}
+	ret = lb4_backend_usable(found, local_only);
+	if (tpl_has_verdict(ret))
+		return ret;
+	if (e) {
+		if (chosen) {
 			WRITE_ONCE(e->backend_id, id);
 			WRITE_ONCE(e->rev_nat_index, rev_nat);
-		} else if (local_only && (found->flags & LB_BACKEND_F_REMOTE)) {
-			return TPL_DROP_REMOTE_BACKEND;
 		}
 		ct_settle4(&t, e, in_syn);
 	} else {
 		struct ct_state st = {};
 
-		id = lb4_select_backend(key, svc, p, how, now);
-		found = lb4_lookup_backend(id);
-		if (!found)
-			return TPL_DROP_NO_SERVICE_BACKEND;
-		if (local_only && (found->flags & LB_BACKEND_F_REMOTE))
-			return TPL_DROP_REMOTE_BACKEND;
 		st.backend_id = id;
 		st.rev_nat_index = rev_nat;
 		ret = ct_create4(&t, CT_SERVICE, &st, tcp_flags, skb->len);
-		if (ret)
+		if (tpl_has_verdict(ret))
 			return ret;
 	}
 	if (svc->flags & LB_SVC_F_AFFINITY)
@@ -206,7 +214,9 @@ static __always_inline int lb4_local(struct __sk_buff *skb, struct pkt4 *p, cons
 	return pkt4_dnat(skb, p, be->address, be->port);
 }
 
-/* Rewrite a reply's source back to the service address the client used. */
+/* Rewrite a reply's source back to the service address the client used.
+ * Returns TPL_CONTINUE or a drop reason.
+ */
 static __always_inline int lb4_rev_nat(struct __sk_buff *skb, struct pkt4 *p, __u16 rev_nat_index)
 {
 	struct lb4_reverse_nat *nat = bpf_map_lookup_elem(&tpl_lb4_reverse_nat_v1, &rev_nat_index);

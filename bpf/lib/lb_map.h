@@ -17,8 +17,12 @@
 #define LB_SERVICE_MAP_SIZE 65536
 #define LB_BACKEND_MAP_SIZE 65536
 #define LB_AFFINITY_MAP_SIZE 65536
-/* Slot numbers of bank 1 start here (bank 0: 1..count, bank 1: 0x8001..). */
-#define LB_BANK_STRIDE 0x8000
+/* Slot numbers of bank 1 start here (bank 0: 1..count, bank 1: 0x8001..).
+ * An enum so that the agent can check its copy against the object's BTF.
+ */
+enum lb_bank {
+	LB_BANK_STRIDE = 0x8000,
+};
 
 /* Service flags (slot 0). */
 enum lb_svc_flag {
@@ -147,8 +151,9 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } tpl_lb4_affinity_v1 SEC(".maps");
 
-/* Anchor the flag enums in BTF so the agent reads their names and values. */
+/* Anchor the enums in BTF so the agent reads their names and values. */
 const volatile enum lb_svc_flag lb_svc_flag_names __attribute__((unused)) = 0;
 const volatile enum lb_backend_flag lb_backend_flag_names __attribute__((unused)) = 0;
+const volatile enum lb_bank lb_bank_names __attribute__((unused)) = 0;
 
 #endif

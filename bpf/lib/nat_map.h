@@ -14,6 +14,7 @@
 #ifndef TUPLET_NAT_MAP_H
 #define TUPLET_NAT_MAP_H
 
+#include "compiler.h"
 #include "conntrack_types.h"
 
 #define NAT_MAP_SIZE 524288

@@ -1,16 +1,22 @@
 /* SPDX-License-Identifier: GPL-2.0 */
-/* NodePort and LoadBalancer services on the node's NIC: Maglev selection,
- * DNAT to a local backend with a CT_EGRESS entry (NodePort flag, rev-NAT
- * index), and the reply's reverse NAT on its way out of the node.
+/* NodePort and LoadBalancer services on the node's NIC, the LB node's side:
+ * Maglev selection, DNAT to a local backend with a CT_EGRESS entry (NodePort
+ * flag, rev-NAT index) or to a remote one over DSR (dsr_encap4), and the
+ * reply's reverse NAT on its way out of the node. The backend node's side of
+ * DSR is in dsr.h.
  */
 #ifndef TUPLET_NODEPORT_H
 #define TUPLET_NODEPORT_H
 
 #include "compiler.h"
+#include "config.h"
 #include "reasons.h"
 #include "packet.h"
+#include "l4_rewrite.h"
 #include "endpoint.h"
+#include "conntrack_types.h"
 #include "conntrack.h"
+#include "lb_map.h"
 #include "lb.h"
 #include "nat_map.h"
 #include "dsr.h"
@@ -37,7 +43,7 @@ static __always_inline enum tpl_reason nodeport_lb4(struct __sk_buff *skb, struc
 	rev_nat = svc->rev_nat_index;
 
 	ret = lb4_local(skb, p, &key, svc, LB_SELECT_MAGLEV, !overlay_ifindex, &be);
-	if (ret)
+	if (tpl_has_verdict(ret))
 		return ret;
 	/* Remote backend: the CT_SERVICE entry is all this node keeps. */
 	if (overlay_ifindex && (be.flags & LB_BACKEND_F_REMOTE))
@@ -46,8 +52,9 @@ static __always_inline enum tpl_reason nodeport_lb4(struct __sk_buff *skb, struc
 	ret = ct_lookup4(&tuple, p, CT_EGRESS, skb->len, &st);
 	if (ret != CT_NEW)
 		return ct_status_reason(ret);
-	if (p->proto == IPPROTO_TCP && (p->tcp_flags & TCP_FLAG_RST))
-		return TPL_PASS_CT_UNTRACKED_RST;
+	ret = ct_may_create4(p);
+	if (tpl_has_verdict(ret))
+		return ret;
 
 	__builtin_memset(&st, 0, sizeof(st));
 	st.rev_nat_index = rev_nat;
@@ -55,7 +62,7 @@ static __always_inline enum tpl_reason nodeport_lb4(struct __sk_buff *skb, struc
 	st.ifindex = skb->ifindex;
 	st.src_sec_id = endpoint_identity4(p->saddr);
 	ret = ct_create4(&tuple, CT_EGRESS, &st, p->tcp_flags, skb->len);
-	return ret ? ret : TPL_PASS_CT_NEW;
+	return tpl_verdict_or(ret, TPL_PASS_CT_NEW);
 }
 
 /* A packet leaving the node on its NIC: the reply of a NodePort flow (it hits
@@ -65,14 +72,7 @@ static __always_inline enum tpl_reason nodeport_lb4(struct __sk_buff *skb, struc
  */
 static __always_inline enum tpl_reason nodeport_rev_nat4(struct __sk_buff *skb, struct pkt4 *p)
 {
-	struct ipv4_ct_tuple t = {
-		.daddr = p->daddr,
-		.saddr = p->saddr,
-		.dport = p->sport,
-		.sport = p->dport,
-		.nexthdr = p->proto,
-		.flags = TUPLE_F_OUT,
-	};
+	struct ipv4_ct_tuple t;
 	bool is_tcp = p->proto == IPPROTO_TCP;
 	__u8 tcp_flags = is_tcp ? p->tcp_flags : 0;
 	struct ipv4_ct_tuple nk;
@@ -84,6 +84,8 @@ static __always_inline enum tpl_reason nodeport_rev_nat4(struct __sk_buff *skb, 
 
 	if (p->proto != IPPROTO_TCP && p->proto != IPPROTO_UDP)
 		return TPL_PASS_NETDEV_UNTRACKED;
+	/* The reply of the flow's CT_EGRESS entry. */
+	ct_tuple_reply4(&t, p, TUPLE_F_OUT);
 	e = ct_find4(&t, &in_syn);
 	if (!e || !(e->node_port || e->dsr_internal))
 		return TPL_PASS_NETDEV_UNTRACKED;
@@ -98,52 +100,12 @@ static __always_inline enum tpl_reason nodeport_rev_nat4(struct __sk_buff *skb, 
 		if (!nat)
 			return TPL_DROP_REV_NAT_MISSING;
 		ret = pkt4_snat(skb, p, nat->to_addr, nat->to_port);
-		return ret ? ret : TPL_PASS_CT_REPLY;
+		return tpl_verdict_or(ret, TPL_PASS_CT_REPLY);
 	}
 	if (!rev_nat)
 		return TPL_PASS_CT_REPLY;
 	ret = lb4_rev_nat(skb, p, rev_nat);
-	return ret ? ret : TPL_PASS_CT_REPLY;
-}
-
-/* Backend node, a packet the Geneve device decapsulated: a DSR flow's first
- * packet (with the option) gets its CT_EGRESS entry with DSRInternal, whose
- * NAT entry says which service address the reply must come from; later
- * packets refresh it. Returns a pass reason (the caller marks the packet as
- * from the tunnel) or a drop reason.
- */
-static __always_inline enum tpl_reason overlay_dsr4(struct __sk_buff *skb, struct pkt4 *p)
-{
-	struct ipv4_ct_tuple tuple = {}, nk;
-	struct nat4_entry nat = {};
-	struct ct_state st = {};
-	struct dsr_opt4 opt = {};
-	int has_opt, ret;
-
-	has_opt = dsr_read_opt4(skb, &opt);
-	if (has_opt >= TPL_DROP_BASE)
-		return has_opt;
-	ret = ct_lookup4(&tuple, p, CT_EGRESS, skb->len, &st);
-	if (ret != CT_NEW)
-		return ct_status_reason(ret);
-	if (has_opt != 1)
-		return TPL_PASS_OVERLAY_UNTRACKED;
-	if (p->proto == IPPROTO_TCP && (p->tcp_flags & TCP_FLAG_RST))
-		return TPL_PASS_CT_UNTRACKED_RST;
-
-	__builtin_memset(&st, 0, sizeof(st));
-	st.dsr_internal = 1;
-	st.src_sec_id = endpoint_identity4(p->saddr);
-	ret = ct_create4(&tuple, CT_EGRESS, &st, p->tcp_flags, skb->len);
-	if (ret)
-		return ret;
-	nat4_key_for_ct(&tuple, &nk);
-	nat.created = tpl_now();
-	nat.to_addr = opt.addr;
-	nat.to_port = opt.port;
-	if (bpf_map_update_elem(&tpl_nat4_v1, &nk, &nat, BPF_ANY) < 0)
-		return TPL_DROP_NAT_INSERT_FAILED;
-	return TPL_PASS_CT_NEW;
+	return tpl_verdict_or(ret, TPL_PASS_CT_REPLY);
 }
 
 #endif

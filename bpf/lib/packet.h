@@ -13,6 +13,13 @@
 #define ETH_P_IP 0x0800
 #define IP_MF 0x2000
 #define IP_OFFMASK 0x1fff
+#define IPV4_IHL_UNIT 4          /* ihl counts 4-byte words */
+#define IPV4_MAX_HLEN 60         /* ihl 15: header with the most options */
+
+/* The byte of struct tcphdr that holds the flags (CWR..FIN, TCP_FLAG_*):
+ * read whole, as the bitfields would take eight loads.
+ */
+#define TCP_FLAGS_OFF 13
 
 #define TCP_FLAG_FIN 0x01
 #define TCP_FLAG_SYN 0x02
@@ -88,7 +95,9 @@ static __always_inline int pkt_ensure(struct __sk_buff *skb, __u32 len, void **d
 	return 0;
 }
 
-/* Returns 1 for IPv4 (pkt filled), 0 for another ethertype, or a drop reason. */
+/* Returns TPL_CONTINUE for IPv4 (p filled), else the verdict reason:
+ * TPL_PASS_NOT_IPV4 for another ethertype, or a drop reason.
+ */
 static __always_inline int pkt4_parse_l3(struct __sk_buff *skb, struct pkt4 *p)
 {
 	void *data, *data_end;
@@ -102,14 +111,14 @@ static __always_inline int pkt4_parse_l3(struct __sk_buff *skb, struct pkt4 *p)
 	if ((void *)(eth + 1) > data_end)
 		return TPL_DROP_INVALID_L3;
 	if (eth->h_proto != bpf_htons(ETH_P_IP))
-		return 0;
+		return TPL_PASS_NOT_IPV4;
 
 	if (pkt_ensure(skb, ETH_HLEN + sizeof(struct iphdr), &data, &data_end) < 0)
 		return TPL_DROP_INVALID_L3;
 	ip = data + ETH_HLEN;
 	if ((void *)(ip + 1) > data_end)
 		return TPL_DROP_INVALID_L3;
-	ihl = ip->ihl * 4;
+	ihl = ip->ihl * IPV4_IHL_UNIT;
 	if (ip->version != 4 || ihl < sizeof(struct iphdr))
 		return TPL_DROP_INVALID_L3;
 	/* The datagram may be shorter than the frame (Ethernet padding), never longer. */
@@ -122,17 +131,17 @@ static __always_inline int pkt4_parse_l3(struct __sk_buff *skb, struct pkt4 *p)
 	p->l3_off = ETH_HLEN;
 	p->l4_off = ETH_HLEN + ihl;
 	p->fragment = (bpf_ntohs(ip->frag_off) & IP_OFFMASK) != 0;
-	return 1;
+	return TPL_CONTINUE;
 }
 
-/* Fills ports, TCP flags and ICMP type/id. Returns 0 or a drop reason. */
+/* Fills ports, TCP flags and ICMP type/id. Returns TPL_CONTINUE or a drop reason. */
 static __always_inline int pkt4_parse_l4(struct __sk_buff *skb, struct pkt4 *p)
 {
 	__u32 off = p->l4_off;
 	void *data, *data_end;
 
 	/* l4_off is ETH_HLEN + 20..60: bounded for the verifier. */
-	if (off > ETH_HLEN + 60)
+	if (off > ETH_HLEN + IPV4_MAX_HLEN)
 		return TPL_DROP_INVALID_L3;
 
 	switch (p->proto) {
@@ -148,8 +157,8 @@ static __always_inline int pkt4_parse_l4(struct __sk_buff *skb, struct pkt4 *p)
 			return TPL_DROP_CT_INVALID_HDR;
 		p->sport = th->source;
 		p->dport = th->dest;
-		p->tcp_flags = ((__u8 *)th)[13];
-		return 0;
+		p->tcp_flags = ((__u8 *)th)[TCP_FLAGS_OFF];
+		return TPL_CONTINUE;
 	}
 	case IPPROTO_UDP: {
 		struct udphdr *uh;
@@ -161,7 +170,7 @@ static __always_inline int pkt4_parse_l4(struct __sk_buff *skb, struct pkt4 *p)
 			return TPL_DROP_CT_INVALID_HDR;
 		p->sport = uh->source;
 		p->dport = uh->dest;
-		return 0;
+		return TPL_CONTINUE;
 	}
 	case IPPROTO_ICMP: {
 		struct icmphdr *ih;
@@ -173,16 +182,18 @@ static __always_inline int pkt4_parse_l4(struct __sk_buff *skb, struct pkt4 *p)
 			return TPL_DROP_CT_INVALID_HDR;
 		p->icmp_type = ih->type;
 		p->icmp_id = ih->un.echo.id;
-		return 0;
+		return TPL_CONTINUE;
 	}
 	}
-	return 0;
+	return TPL_CONTINUE;
 }
 
+/* A set of IPv4 protocols as bits of a __u32: protocols below PKT_PROTO_MAX. */
 #define PKT_PROTO(p) (1U << (p))
+#define PKT_PROTO_MAX 32
 
 /* Parse an IPv4 packet up to L4 for a program that tracks the protocols in
- * `protos` (PKT_PROTO bits). Returns 0 with p filled, else the verdict
+ * `protos` (PKT_PROTO bits). Returns TPL_CONTINUE with p filled, else the verdict
  * reason: not IPv4, a non-first fragment, `untracked` for another protocol,
  * or a malformed header.
  */
@@ -191,13 +202,11 @@ static __always_inline int pkt4_parse(struct __sk_buff *skb, struct pkt4 *p, __u
 {
 	int ret = pkt4_parse_l3(skb, p);
 
-	if (ret == 0)
-		return TPL_PASS_NOT_IPV4;
-	if (ret != 1)
+	if (tpl_has_verdict(ret))
 		return ret;
 	if (p->fragment)
 		return TPL_PASS_FRAGMENT;
-	if (p->proto >= 32 || !(protos & PKT_PROTO(p->proto)))
+	if (p->proto >= PKT_PROTO_MAX || !(protos & PKT_PROTO(p->proto)))
 		return untracked;
 	return pkt4_parse_l4(skb, p);
 }

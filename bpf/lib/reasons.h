@@ -51,4 +51,23 @@ enum tpl_metric_dir {
 	TPL_METRIC_DIRS = 4,
 };
 
+/* A helper that may decide a packet's fate returns int: a reason (enum
+ * tpl_reason, 0..TPL_REASON_SLOTS-1) when it decided, or TPL_CONTINUE when the
+ * caller goes on. TPL_CONTINUE is negative, outside the enum's range, so "go
+ * on" can never be read as a verdict (0 is TPL_PASS_CT_NEW). Test it with
+ * tpl_has_verdict(), never against 0.
+ */
+#define TPL_CONTINUE (-1)
+
+static __always_inline bool tpl_has_verdict(int ret)
+{
+	return ret != TPL_CONTINUE;
+}
+
+/* The helper's verdict if it gave one, else `otherwise`. */
+static __always_inline enum tpl_reason tpl_verdict_or(int ret, enum tpl_reason otherwise)
+{
+	return tpl_has_verdict(ret) ? ret : otherwise;
+}
+
 #endif

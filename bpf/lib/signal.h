@@ -30,10 +30,11 @@ struct tpl_signal {
 ASSERT_SIZE(struct tpl_signal, 24);
 
 #define TPL_SIGNAL_INTERVAL_NS 1000000000ULL
+#define TPL_SIGNAL_RING_SIZE 4096          /* bytes; a page, room for 170 records */
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 4096);
+	__uint(max_entries, TPL_SIGNAL_RING_SIZE);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } tpl_signals_v1 SEC(".maps");
 
