@@ -46,7 +46,7 @@ class GcMetrics:
                               "GC passes by what started them (start, interval, early: a fill-up signal, "
                               "pressure: a table at least 90% full after the previous pass)",
                               ("reason",), registry=registry)
-        # Table pressure (tuplet.pressure).
+        # Table pressure (tuplet.conntrack.pressure).
         self.fill = Gauge("tuplet_datapath_conntrack_gc_table_fill_ratio",
                           "Entries alive after the last GC pass / max_entries, per table (expired entries "
                           "collected, unlike tuplet_bpf_map_pressure); what early GC and auto-grow decide on",

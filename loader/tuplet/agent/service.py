@@ -11,7 +11,7 @@ its schedule and on datapath signals, serves Prometheus metrics, and then waits:
   place (pinned programs and maps keep forwarding and tracking); `tuplet teardown`
   removes it.
 
-Table pressure (:mod:`tuplet.pressure`): every GC pass reports each table's fill; a main
+Table pressure (:mod:`tuplet.conntrack.pressure`): every GC pass reports each table's fill; a main
 table at least 90% full brings the next pass forward. With ``[conntrack] auto_grow``,
 a table that stays full (90% after three passes in a row, 95% after one) is grown x2 up
 to ``auto_grow_max``: the GC thread decides, the main loop applies (like a reload: GC

@@ -1,4 +1,4 @@
-"""Struct layouts and numpy dtypes derived from BTF (read with :mod:`tuplet.btf`).
+"""Struct layouts and numpy dtypes derived from BTF (read with :mod:`tuplet.bpf.btf`).
 
 Bitfield decoding assumes little-endian data, as on x86-64 and BPF objects built for it.
 """

@@ -1,7 +1,7 @@
 """BPF maps by file descriptor: lookups, updates, deletes and batch iteration.
 
 Keys and values are raw bytes (or anything supporting the buffer protocol, such as
-ctypes structures and numpy arrays); :mod:`tuplet.layouts` gives them meaning.
+ctypes structures and numpy arrays); :mod:`tuplet.datapath.layouts` gives them meaning.
 """
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ instead of a whole pass.
 With ``count_nat`` a pass also counts the NAT table's entries (GC deletes NAT entries
 only with their owners, so it does not walk it otherwise): in the kernel when
 ``tpl_ct_gc`` has a walk-only selector for it, else with batch lookups. The pass's
-result then has every table's fill (entries / max_entries) for :mod:`tuplet.pressure`.
+result then has every table's fill (entries / max_entries) for :mod:`tuplet.conntrack.pressure`.
 """
 from __future__ import annotations
 
@@ -42,8 +42,8 @@ from tuplet.bpf.objects import Collection, ObjectSpec
 from tuplet.conntrack.entries import EntryLayout, nat_keys_for
 from tuplet.core.errors import TupletError
 from tuplet.datapath.abi import (
-    GC_PROGRAM,
     GC_MAP_NAT,
+    GC_PROGRAM,
     GC_SELECTOR,
     GC_WALK_ONLY,
     NAT_MAP,

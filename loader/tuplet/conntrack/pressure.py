@@ -13,7 +13,7 @@ Main tables and the handshake table
     its LRU recycles it) so its fill is reported but drives nothing: no early passes,
     no growth.
 
-Early GC (:mod:`tuplet.gc_schedule`)
+Early GC (:mod:`tuplet.conntrack.schedule`)
     A main table at least ``PRESSURE_FILL`` (90%) full after a pass brings the next
     pass forward to 10 s, backing off while passes free little.
 
@@ -37,7 +37,7 @@ Grown sizes stay
 
 Evictions (an estimate)
     The datapath counts the entries it inserts per table and the promotions out of the
-    handshake table (:mod:`tuplet.ct_events`); LRU evictions happen inside the kernel
+    handshake table (:mod:`tuplet.datapath.events`); LRU evictions happen inside the kernel
     and are counted nowhere. Between two passes of one GC loop, per table::
 
         evicted = alive_before + inserted - promoted_out - (alive_after + deleted_by_gc)

@@ -4,9 +4,9 @@ The runner waits on two things at once: the time the schedule says the next pass
 due, and the datapath's signal ring buffer. A CT_FILL_UP signal (a conntrack insert
 failed) asks for an early pass, which the schedule rate-limits. Every pass feeds its
 result back to the schedule (the adaptive interval, and the pressure rule: a main table
-at least 90% full brings the next pass forward, see :mod:`tuplet.gc_schedule`) and to
+at least 90% full brings the next pass forward, see :mod:`tuplet.conntrack.schedule`) and to
 ``on_pass``. ``probe`` (optional) is read just before and just after each pass (the
-datapath's conntrack event counters, for :class:`tuplet.pressure.EvictionEstimate`).
+datapath's conntrack event counters, for :class:`tuplet.conntrack.pressure.EvictionEstimate`).
 """
 from __future__ import annotations
 

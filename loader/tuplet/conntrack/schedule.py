@@ -21,7 +21,7 @@ allowed at most once per ``early_min_gap`` seconds (default 10 s), so a flood of
 signals cannot turn GC into a busy loop; they do not change the adaptive interval
 other than by their own result, like any pass.
 
-Pressure (:mod:`tuplet.pressure`): when a pass leaves a main table (TCP or non-TCP
+Pressure (:mod:`tuplet.conntrack.pressure`): when a pass leaves a main table (TCP or non-TCP
 conntrack, NAT) at least 90% full, the next pass is due after ``FLOOR`` (10 s) instead,
 or after the regular interval when that is shorter. 10 s is the adaptive schedule's own
 shortest interval and the early-pass gap: pressure makes GC run as often as a churning

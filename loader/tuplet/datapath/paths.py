@@ -55,10 +55,10 @@ def state_path(pin_root: str) -> Path:
 
 
 def services_path(pin_root: str) -> Path:
-    """The service registry of the datapath under pin_root (:mod:`tuplet.lb`)."""
+    """The service registry of the datapath under pin_root (:mod:`tuplet.lb.writer`)."""
     return state_path(pin_root).with_suffix(".services.json")
 
 
 def agent_path(pin_root: str) -> Path:
-    """What the running agent reports to `tuplet status` (:mod:`tuplet.agent`)."""
+    """What the running agent reports to `tuplet status` (:mod:`tuplet.agent.service`)."""
     return state_path(pin_root).with_suffix(".agent.json")

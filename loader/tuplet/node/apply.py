@@ -4,7 +4,7 @@ them to its devices, program its endpoints, and remove it all again.
 ``apply`` is all-or-nothing: configuration, interfaces and pinned maps are
 checked before anything changes, and a failure while attaching undoes what this
 run attached and the pins it created. A conntrack or NAT table whose configured
-size changed is resized live (:mod:`tuplet.resize`).
+size changed is resized live (:mod:`tuplet.conntrack.resize`).
 """
 from __future__ import annotations
 

@@ -21,7 +21,7 @@
     [overlay]                       # optional: DSR over Geneve (needs the geneve module)
     device = "tpl_geneve0"          # collect-metadata Geneve device, created or adopted
 
-    [[services]]                    # see tuplet.services for every key
+    [[services]]                    # see tuplet.lb.model for every key
     name = "web"
     type = "ClusterIP"
     address = "10.68.174.146"
@@ -43,7 +43,7 @@
     ...
 
 Each [conntrack] key has a command-line flag with the reference's name
-(:mod:`tuplet.options`).
+(:mod:`tuplet.node.options`).
 
 Every key is checked: unknown keys, wrong types and bad values raise
 :class:`~tuplet.errors.ConfigError` naming the key, before anything is changed.
