@@ -8,7 +8,7 @@ from typing import Sequence
 from tuplet.agent import log as logmod
 from tuplet.bpf.bpffs import DEFAULT_PIN_ROOT
 from tuplet.bpf.links import AttachMode
-from tuplet.cli import apply, ct, status, svc
+from tuplet.cli import apply, ct, endpoint, ipcache, status, svc
 from tuplet.core.errors import ConfigError, TupletError, VerifierError
 from tuplet.node import options
 
@@ -93,6 +93,8 @@ def _parser() -> argparse.ArgumentParser:
     s.set_defaults(func=status.cmd_status)
 
     svc.add_parser(sub)
+    endpoint.add_parser(sub)
+    ipcache.add_parser(sub)
 
     m = sub.add_parser("metrics", help="datapath verdicts and drop reasons")
     m.add_argument("-o", "--output", choices=["text", "json"], default="text")
