@@ -253,6 +253,12 @@ def find(pin_root: str, *, name: str | None = None, owner: str | None = None) ->
     return None
 
 
+def find_datapath(pin_root: str) -> NodeState | None:
+    """The node state when a datapath is applied under pin_root, else None."""
+    st = state.load(pin_root)
+    return st if st is not None and paths.is_pinned(pin_root, abi.EP_MAP) else None
+
+
 def listing(pin_root: str) -> list[EndpointRecord]:
     st = state.load(pin_root)
     return sorted(st.all_endpoints(), key=lambda e: e.name) if st else []
