@@ -128,8 +128,8 @@ def _datapath_error(e: TupletError) -> CniError:
 
 
 def cmd_add(req: Request) -> dict[str, Any]:
-    prev = req.conf.get("prevResult")
-    ifname, ipv4 = host_side(prev)
+    prev: dict[str, Any] = req.conf.get("prevResult") or {}
+    ifname, ipv4 = host_side(req.conf.get("prevResult"))
     rec = EndpointRecord(req.name, ifname, ipv4, _identity(req.conf), source="cni", owner=req.owner)
     existing = endpoints.find(req.pin_root, owner=req.owner)
     if existing and existing.phase == PHASE_READY and (existing.ifname, existing.ipv4) == (ifname, ipv4):

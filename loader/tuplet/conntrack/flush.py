@@ -22,7 +22,7 @@ from typing import Iterable
 import numpy as np
 import structlog
 
-from tuplet.bpf.maps import Map
+from tuplet.bpf.maps import BatchBuffers, Map
 from tuplet.conntrack.entries import EntryLayout, nat_keys_for
 
 log = structlog.get_logger("tuplet.flush")
@@ -82,9 +82,9 @@ class Flusher:
                  longest_step_ms=round(res.longest_step_s * 1000, 3), duration_s=round(res.duration_s, 4))
         return res
 
-    def _timed_lookup(self, m: Map, buf: object, token: bytes | None, res: FlushResult) -> tuple[int, bytes | None]:
+    def _timed_lookup(self, m: Map, buf: BatchBuffers, token: bytes | None, res: FlushResult) -> tuple[int, bytes | None]:
         t = time.perf_counter()
-        out = m.lookup_batch(buf, token)   # type: ignore[arg-type]
+        out = m.lookup_batch(buf, token)
         res.longest_step_s = max(res.longest_step_s, time.perf_counter() - t)
         res.chunks += 1
         return out
@@ -103,13 +103,13 @@ class Flusher:
         while True:
             count, token = self._timed_lookup(m, buf, token, res)
             if count:
-                keys = np.frombuffer(buf.keys, dtype=lay.key, count=count)
+                keys = np.frombuffer(memoryview(buf.keys), dtype=lay.key, count=count)
                 hit = np.ones(count, bool) if want is None else \
                     np.isin(keys["saddr"], want) | np.isin(keys["daddr"], want)
                 if hit.any():
                     doomed = keys[hit].copy()
                     if self.nat is not None and want is not None:
-                        values = np.frombuffer(buf.values, dtype=lay.value, count=count)[hit].copy()
+                        values = np.frombuffer(memoryview(buf.values), dtype=lay.value, count=count)[hit].copy()
                         nat = nat_keys_for(doomed, values, lay)
                         if len(nat):
                             res.nat_deleted += self._timed_delete(self.nat, nat.tobytes(), len(nat), res)
