@@ -31,8 +31,8 @@ Q := @
 msg = @printf '  %-8s %s\n' "$(1)" "$(2)";
 endif
 
-.PHONY: build deps venv lint test test-host demo bindings clean vmlinux bench install uninstall bench-services bench-resize \
-        bench-flood vm-deps vm-test
+.PHONY: build deps venv lint test test-host demo bindings clean vmlinux bench install uninstall bench-services \
+        bench-resize bench-flood vm-deps vm-test cni-deps bench-endpoints
 build: $(BPF_PROGS) $(BENCH_PROGS)
 
 # System packages (Debian 12). Skipped when every tool is already there.
@@ -76,7 +76,7 @@ bindings: venv
 test: lint test-host
 	$(MAKE) --no-print-directory vm-test
 
-test-host: build venv $(BUILD)/loadgen $(BUILD)/synflood
+test-host: build venv cni-deps $(BUILD)/loadgen $(BUILD)/synflood
 	$(VENV_PY) -m pytest $(PYTEST_ARGS)
 
 # The layer contract (import-linter), no imports inside functions or cycles, strict types, pyflakes.
@@ -116,6 +116,8 @@ PREFIX      ?= /usr/local
 LIBDIR      := $(PREFIX)/lib/tuplet
 SYSTEMD_DIR ?= /etc/systemd/system
 ETC_DIR     ?= /etc/tuplet
+CNI_BIN_DIR ?= /opt/cni/bin
+CNI_CONF_DIR ?= /etc/cni/net.d
 install: build | $(BUILD)/.deps
 	$(call msg,INSTALL,$(LIBDIR) $(PREFIX)/bin/tuplet $(SYSTEMD_DIR)/tuplet.service)
 	$(Q)install -d $(LIBDIR)/bpf $(PREFIX)/bin $(SYSTEMD_DIR) $(ETC_DIR)
@@ -125,6 +127,9 @@ install: build | $(BUILD)/.deps
 	$(Q)rm -rf $(BUILD)/lib $(BUILD)/bdist.*   # setuptools' staging: stale modules would be installed too
 	$(Q)$(LIBDIR)/venv/bin/python -m pip install -q --disable-pip-version-check -c requirements.txt .
 	$(Q)ln -sf $(LIBDIR)/venv/bin/tuplet $(PREFIX)/bin/tuplet
+	$(Q)install -d $(CNI_BIN_DIR) $(CNI_CONF_DIR)
+	$(Q)ln -sf $(LIBDIR)/venv/bin/tuplet-cni $(CNI_BIN_DIR)/tuplet-cni
+	$(Q)install -m 0644 examples/tuplet-cni.conflist $(LIBDIR)/tuplet-cni.conflist.example
 	$(Q)sed -e 's,@BINDIR@,$(PREFIX)/bin,g' -e 's,@OBJDIR@,$(LIBDIR)/bpf,g' -e 's,@DOCDIR@,$(LIBDIR),g' \
 	     systemd/tuplet.service > $(SYSTEMD_DIR)/tuplet.service
 	$(Q)[ -e $(ETC_DIR)/tuplet.toml ] || install -m 0644 examples/node.toml $(ETC_DIR)/tuplet.toml
@@ -132,8 +137,19 @@ install: build | $(BUILD)/.deps
 	@echo "installed; start with: systemctl enable --now tuplet"
 
 uninstall:
-	rm -rf $(LIBDIR) $(PREFIX)/bin/tuplet $(SYSTEMD_DIR)/tuplet.service
+	rm -rf $(LIBDIR) $(PREFIX)/bin/tuplet $(SYSTEMD_DIR)/tuplet.service $(CNI_BIN_DIR)/tuplet-cni
 	if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
+
+# What the podman/CNI tests need (tests/test_podman.py skips, saying so, without them).
+CNI_PKGS := podman runc containernetworking-plugins busybox-static
+cni-deps:
+	$(Q)if ! command -v podman >/dev/null || ! command -v runc >/dev/null || [ ! -x /usr/lib/cni/ptp ] \
+	     || [ ! -x /bin/busybox ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(CNI_PKGS) >/dev/null; \
+	fi
+
+bench-endpoints: build venv
+	$(VENV_PY) bench/endpoints.py
 
 # VM tests: the `vm`-marked tests of tests/vm inside Debian's 6.1 kernel (no TCX: legacy TC), booted with
 # virtme-ng under software emulation (KVM hangs on these machines). The guest sees this tree read-only and runs

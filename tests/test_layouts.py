@@ -14,6 +14,8 @@ from tuplet.datapath.layouts import (
     CtEntry,
     CtTuple4,
     EndpointInfo,
+    IpcacheInfo,
+    IpcacheKey,
     Lb4AffinityKey,
     Lb4Backend,
     Lb4Key,
@@ -43,7 +45,8 @@ def bit_offset(cls: type[ctypes.Structure], name: str) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize("cls,cname", [(CtTuple4, "ipv4_ct_tuple"), (CtEntry, "ct_entry"),
-                                       (EndpointInfo, "endpoint_info"), (MetricsValue, "metrics_value"),
+                                       (EndpointInfo, "endpoint_info"),
+                                       (IpcacheKey, "ipcache_key"), (IpcacheInfo, "ipcache_info"), (MetricsValue, "metrics_value"),
                                        (Nat4Entry, "nat4_entry"), (TplSignal, "tpl_signal"),
                                        (Lb4Key, "lb4_key"), (Lb4Service, "lb4_service"),
                                        (Lb4Backend, "lb4_backend"), (Lb4ReverseNat, "lb4_reverse_nat"),

@@ -4,6 +4,7 @@
 #define TUPLET_ENDPOINT_H
 
 #include "compiler.h"
+#include "ipcache.h"
 
 /* Reserved identity of anything that is not a known endpoint. */
 #define TPL_IDENTITY_WORLD 2
@@ -32,12 +33,18 @@ static __always_inline struct endpoint_info *endpoint_lookup4(__be32 addr)
 	return bpf_map_lookup_elem(&tpl_ep4_v1, &addr);
 }
 
-/* Identity of an address: the endpoint's, or world for anything else. */
+/* Identity of an address: a local endpoint's, else the ipcache's (a remote
+ * pod), else world.
+ */
 static __always_inline __u32 endpoint_identity4(__be32 addr)
 {
 	struct endpoint_info *ep = endpoint_lookup4(addr);
+	struct ipcache_info *rc;
 
-	return ep ? ep->sec_id : TPL_IDENTITY_WORLD;
+	if (ep)
+		return ep->sec_id;
+	rc = ipcache_lookup4(addr);
+	return rc ? rc->sec_id : TPL_IDENTITY_WORLD;
 }
 
 #endif

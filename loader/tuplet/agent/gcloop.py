@@ -3,6 +3,7 @@ CT and NAT maps, its schedule, the datapath's signal ring and event counters; re
 every (re)load."""
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from dataclasses import dataclass, field
@@ -10,6 +11,7 @@ from typing import Any, Callable
 
 import structlog
 
+from tuplet.bpf.maps import Map
 from tuplet.conntrack.gc import CtGc
 from tuplet.conntrack.runner import GcRunner, PassReport
 from tuplet.conntrack.schedule import GcSchedule
@@ -39,12 +41,42 @@ class GcLoop:
     runner: GcRunner | None = None
     error: BaseException | None = None
     _closers: list[Any] = field(default_factory=list)
+    _ids: dict[str, int] = field(default_factory=dict)
+    _gc_maps: list[Map] = field(default_factory=list)
+
+    def _open_gc(self) -> tuple[CtGc, list[Map]]:
+        maps = [paths.open_pinned(self.pin_root, n) for n in abi.CT_MAPS]
+        if os.path.exists(os.path.join(self.pin_root, abi.NAT_MAP)):
+            maps.append(paths.open_pinned(self.pin_root, abi.NAT_MAP))
+        nat = maps[-1] if len(maps) > len(abi.CT_MAPS) else None
+        return CtGc(maps[:len(abi.CT_MAPS)], nat=nat, count_nat=True), maps
+
+    def _pinned_ids(self) -> dict[str, int]:
+        out = {}
+        for n in (*abi.CT_MAPS, abi.NAT_MAP):
+            with contextlib.suppress(TupletError):
+                with Map.from_pin(os.path.join(self.pin_root, n)) as m:
+                    out[n] = m.info.id
+        return out
+
+    def _follow_pins(self) -> None:
+        """Before every pass: a pinned table replaced under the agent (`tuplet apply`
+        resized it) is collected from now on, not the unpinned old one."""
+        now = self._pinned_ids()
+        if now == self._ids or self.runner is None:
+            return
+        changed = sorted(n for n in now if self._ids.get(n) != now[n])
+        gc, maps = self._open_gc()
+        old_gc, old_maps = self.runner.gc, self._gc_maps
+        self.runner.gc, self._gc_maps, self._ids = gc, maps, now
+        old_gc.close()
+        for m in old_maps:
+            m.close()
+        log.warning("gc: pinned map replaced, collecting the new one", maps=changed)
 
     def start(self) -> None:
-        maps = [self._keep(paths.open_pinned(self.pin_root, n)) for n in abi.CT_MAPS]
-        nat = self._keep(paths.open_pinned(self.pin_root, abi.NAT_MAP)) \
-            if os.path.exists(os.path.join(self.pin_root, abi.NAT_MAP)) else None
-        gc = self._keep(CtGc(maps, nat=nat, count_nat=True))
+        self._ids = self._pinned_ids()
+        gc, self._gc_maps = self._open_gc()
         obj = str(paths.object_dir() / abi.OBJ_LXC)
         reader = None
         if os.path.exists(os.path.join(self.pin_root, SIGNAL_MAP)):
@@ -59,7 +91,8 @@ class GcLoop:
             except (TupletError, OSError, KeyError, ValueError) as e:
                 log.warning("gc: no conntrack event counters, evictions not estimated", error=str(e))
         schedule = GcSchedule(fixed=self.cfg.gc_interval, maximum=self.cfg.gc_max_interval)
-        self.runner = GcRunner(gc, schedule, signals=reader, on_pass=self.on_pass, probe=probe)
+        self.runner = GcRunner(gc, schedule, signals=reader, on_pass=self.on_pass, probe=probe,
+                               before_pass=self._follow_pins)
         self.thread = threading.Thread(target=self._run, name="tuplet-gc", daemon=True)
         self.thread.start()
 
@@ -91,9 +124,14 @@ class GcLoop:
             self.thread.join(timeout=timeout)
             if self.thread.is_alive():
                 log.error("gc thread did not stop; its maps stay open", timeout_s=timeout,
-                          open=len(self._closers))
-                self._closers = []   # the thread may still use them: leak rather than reuse
+                          open=len(self._closers) + len(self._gc_maps))
+                self._closers, self._gc_maps = [], []   # the thread may still use them: leak rather than reuse
                 return False
+        if self.runner is not None:
+            self.runner.gc.close()
+        for m in self._gc_maps:
+            m.close()
+        self._gc_maps = []
         for obj in reversed(self._closers):
             obj.__exit__(None, None, None) if hasattr(obj, "__exit__") else obj.close()
         self._closers.clear()

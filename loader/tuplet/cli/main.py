@@ -8,7 +8,7 @@ from typing import Sequence
 from tuplet.agent import log as logmod
 from tuplet.bpf.bpffs import DEFAULT_PIN_ROOT
 from tuplet.bpf.links import AttachMode
-from tuplet.cli import apply, ct, status, svc
+from tuplet.cli import apply, ct, endpoint, ipcache, status, svc
 from tuplet.core.errors import ConfigError, TupletError, VerifierError
 from tuplet.node import options
 
@@ -92,6 +92,8 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=status.cmd_status)
 
     svc.add_parser(sub)
+    endpoint.add_parser(sub)
+    ipcache.add_parser(sub)
 
     m = sub.add_parser("metrics", help="datapath verdicts and drop reasons")
     m.add_argument("-o", "--output", choices=["text", "json"], default="text")

@@ -11,11 +11,12 @@ from typing import Any
 
 from tuplet.agent.report import read_agent_state
 from tuplet.cli.common import pin_root_of
+from tuplet.cli.endpoint import describe as describe_endpoints
 from tuplet.conntrack.schedule import EARLY_MIN_GAP, describe_settings
 from tuplet.conntrack.sizing import Sizing
 from tuplet.datapath import abi, metrics, paths
 from tuplet.datapath import events as ct_events
-from tuplet.node import state
+from tuplet.node import endpoints, state
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -28,12 +29,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         with paths.open_pinned(root, name) as m:
             tables.append({"map": name, "entries": m.count(), "max_entries": m.max_entries})
     atts = [a.to_json() for a in st.attachments] if st else []
+    eps = endpoints.listing(root)
     sz = Sizing.from_json(st.sizing) if st and st.sizing else None
     gc_cfg = _gc_settings(st.gc if st else None)
     agent = read_agent_state(root)
     verbose = bool(args.verbose or args.status_verbose)
     if args.output == "json":
         json.dump({"pin_root": root, "netns": st.netns if st else None, "attachments": atts,
+                   "endpoints": [e.to_json() for e in eps],
                    "tables": tables, "sizing": sz.to_json() if sz else None, "gc": gc_cfg, "agent": agent},
                   sys.stdout, indent=2)
         print()
@@ -45,6 +48,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  {a['ifname']:<16} {a['hook']:<8} {a['program']:<20} {str(a['mode']).upper()}")
     if not atts:
         print("  none")
+    print("Endpoints:")
+    print("\n".join(describe_endpoints(eps, endpoints.map_entries(root))) or "  none")
     print("Tables:")
     for t in tables:
         fill = 100.0 * int(t["entries"]) / int(t["max_entries"])

@@ -25,6 +25,7 @@ from tuplet.lb.model import (
     protocol,
     service_type,
 )
+from tuplet.node.lock import node_lock
 
 
 def add_parser(sub: Any) -> None:
@@ -80,7 +81,8 @@ def cmd_svc_add(args: argparse.Namespace) -> int:
         if args.affinity_timeout is not None else 0,
         maglev_size=check_maglev_size(args.maglev_size, "--maglev-size") if args.maglev_size is not None else None,
         source="cli"), "--backend")
-    with lb.ServiceTable(pin_root_of(args)) as table:
+    root = pin_root_of(args)
+    with node_lock(root), lb.ServiceTable(root) as table:
         if s.name in table.reg.services:
             raise ConfigError("name", f"service {s.name!r} exists already (use `tuplet svc update`)")
         view = table.upsert(s)
@@ -89,7 +91,8 @@ def cmd_svc_add(args: argparse.Namespace) -> int:
 
 
 def cmd_svc_update(args: argparse.Namespace) -> int:
-    with lb.ServiceTable(pin_root_of(args)) as table:
+    root = pin_root_of(args)
+    with node_lock(root), lb.ServiceTable(root) as table:
         old = table.get(args.name)
         backends = list(_backends(args.backend, "--backend")) if args.backend is not None else list(old.backends)
         for b in _backends(args.add_backend, "--add-backend"):
@@ -110,7 +113,8 @@ def cmd_svc_update(args: argparse.Namespace) -> int:
 
 
 def cmd_svc_delete(args: argparse.Namespace) -> int:
-    with lb.ServiceTable(pin_root_of(args)) as table:
+    root = pin_root_of(args)
+    with node_lock(root), lb.ServiceTable(root) as table:
         table.delete(args.name)
     print(f"deleted service {args.name}")
     return 0

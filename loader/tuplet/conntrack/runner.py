@@ -54,8 +54,10 @@ class GcRunner:
     def __init__(self, gc: CtGc, schedule: Schedule, signals: SignalReader | None = None,
                  on_pass: Callable[[PassReport], None] | None = None,
                  clock: Callable[[], float] = time.monotonic, max_wait: float = MAX_WAIT,
-                 probe: Callable[[], Mapping[str, int]] | None = None) -> None:
+                 probe: Callable[[], Mapping[str, int]] | None = None,
+                 before_pass: Callable[[], None] | None = None) -> None:
         self.gc = gc
+        self.before_pass = before_pass   # e.g. the agent swapping in maps `apply` replaced
         self.schedule = schedule
         self.signals = signals
         self.on_pass = on_pass
@@ -75,6 +77,8 @@ class GcRunner:
             return None
 
     def run_pass(self, reason: str) -> PassReport:
+        if self.before_pass is not None:
+            self.before_pass()
         before = self._read_probe()
         res = self.gc.run()
         after = self._read_probe() if before is not None else None

@@ -28,6 +28,10 @@ NETDEV_HOOKS: Final = (("cil_from_netdev", Hook.INGRESS), ("cil_to_netdev", Hook
 #: (program, hook) on the overlay (Geneve) device: DSR flows arriving from an LB node.
 OVERLAY_HOOKS: Final = (("cil_from_overlay", Hook.INGRESS),)
 
+#: Directory under the pin root where apply pins the pod programs, so an endpoint added
+#: live (`tuplet endpoint add`, the CNI plugin) gets the programs the node runs.
+PROGS_DIR: Final = "progs"
+
 # --- pinned maps ------------------------------------------------------------------------------
 
 CT_MAP_TCP: Final = "tpl_ct4_v1"
@@ -36,6 +40,7 @@ CT_MAP_SYN: Final = "tpl_ct4_syn_v1"     # TCP entries until their connection is
 CT_MAPS: Final = (CT_MAP_TCP, CT_MAP_ANY, CT_MAP_SYN)
 NAT_MAP: Final = "tpl_nat4_v1"
 EP_MAP: Final = "tpl_ep4_v1"
+IPCACHE_MAP: Final = "tpl_ipcache4_v1"   # LPM trie: remote IPv4 prefix -> identity (ipcache.h)
 METRICS_MAP: Final = "tpl_metrics_v2"
 EVENTS_MAP: Final = "tpl_ct_events_v1"
 SIGNAL_MAP: Final = "tpl_signals_v1"
@@ -46,6 +51,11 @@ REV_NAT_MAP: Final = "tpl_lb4_reverse_nat_v1"
 MAGLEV_MAP: Final = "tpl_lb4_maglev_v2"
 AFFINITY_MAP: Final = "tpl_lb4_affinity_v1"
 LB_MAPS: Final = (SERVICES_MAP, BACKENDS_MAP, REV_NAT_MAP, MAGLEV_MAP, AFFINITY_MAP)
+
+# --- identities (endpoint.h) ------------------------------------------------------------------
+
+#: Reserved identity of an address that is neither a local endpoint nor in the ipcache.
+IDENTITY_WORLD: Final = 2
 
 # --- conntrack tuple flags (enum ct_tuple_flag, conntrack_types.h) ----------------------------
 

@@ -90,6 +90,24 @@ class EndpointInfo(ctypes.Structure):
     ]
 
 
+class IpcacheKey(ctypes.Structure):
+    """struct ipcache_key: LPM trie key of the ipcache (prefix length, be32 address)."""
+
+    _fields_ = [
+        ("prefixlen", ctypes.c_uint32),
+        ("addr", ctypes.c_uint32),      # network byte order
+    ]
+
+
+class IpcacheInfo(ctypes.Structure):
+    """struct ipcache_info: the identity of the pods behind a prefix."""
+
+    _fields_ = [
+        ("sec_id", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+    ]
+
+
 class Nat4Entry(ctypes.Structure):
     """struct nat4_entry: value of the NAT map (40 bytes)."""
 

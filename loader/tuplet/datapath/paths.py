@@ -62,3 +62,8 @@ def services_path(pin_root: str) -> Path:
 def agent_path(pin_root: str) -> Path:
     """What the running agent reports to `tuplet status` (:mod:`tuplet.agent.service`)."""
     return state_path(pin_root).with_suffix(".agent.json")
+
+
+def lock_path(pin_root: str) -> Path:
+    """The node lock of the datapath under pin_root (:mod:`tuplet.node.lock`)."""
+    return state_path(pin_root).with_suffix(".lock")

@@ -12,22 +12,23 @@ import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import structlog
 
 from tuplet.bpf import bpffs
-from tuplet.bpf.links import Attachment, AttachMode, Hook, attach, detach, ifindex_of, tc_destroy_clsact
+from tuplet.bpf.links import Attachment, AttachMode, Hook, attach, ifindex_of
+from tuplet.bpf.maps import Map
 from tuplet.bpf.objects import Collection, ObjectSpec
 from tuplet.conntrack import resize
 from tuplet.conntrack.sizing import Sizing
-from tuplet.core.errors import NotFoundError, TupletError
+from tuplet.core.errors import ConfigError, NotFoundError, TupletError
 from tuplet.datapath import abi, paths
 from tuplet.datapath.abi import (
     CT_MAP_ANY,
     CT_MAP_SYN,
     CT_MAP_TCP,
     EP_MAP,
+    IPCACHE_MAP,
     LXC_HOOKS,
     NAT_MAP,
     NETDEV_HOOKS,
@@ -35,13 +36,16 @@ from tuplet.datapath.abi import (
     OBJ_LXC,
     OBJ_OVERLAY,
     OVERLAY_HOOKS,
+    PROGS_DIR,
 )
 from tuplet.datapath.layouts import EndpointInfo, ip_to_be32
 from tuplet.datapath.paths import object_dir
 from tuplet.lb import registry
 from tuplet.lb import writer as lb
-from tuplet.node import netns, overlay, state
-from tuplet.node.config import NodeConfig
+from tuplet.node import endpoints, ipcache, netns, overlay, state
+from tuplet.node.config import Endpoint, NodeConfig
+from tuplet.node.hooks import remove_attachments
+from tuplet.node.lock import node_lock
 
 log = structlog.get_logger("tuplet.datapath")
 
@@ -71,13 +75,7 @@ def open_object(name: str, cfg: NodeConfig, pin_root: str | None, sizing: Sizing
     return spec
 
 
-@contextlib.contextmanager
-def in_node_netns(name: str | None) -> Iterator[None]:
-    if name:
-        with netns.enter(name):
-            yield
-    else:
-        yield
+in_node_netns = netns.maybe_enter
 
 
 @dataclass
@@ -89,20 +87,23 @@ class ApplyResult:
 
 
 def apply(cfg: NodeConfig) -> ApplyResult:
-    """Make the node's datapath match cfg."""
-    with in_node_netns(cfg.netns):
-        return _apply(cfg)
-
-
-def _apply(cfg: NodeConfig) -> ApplyResult:
+    """Make the node's datapath match cfg (under the node lock)."""
     pin_root = str(bpffs.ensure_pin_root(cfg.pin_root))
+    with node_lock(pin_root), in_node_netns(cfg.netns):
+        return _apply(cfg, pin_root)
+
+
+def _apply(cfg: NodeConfig, pin_root: str) -> ApplyResult:
     old = state.load(pin_root) or state.NodeState(pin_root=pin_root, netns=cfg.netns)
+    if paths.is_pinned(pin_root, EP_MAP):
+        endpoints.recover(old)   # live endpoint commands a SIGKILL interrupted
+    live = [e for e in old.live.values() if e.phase == state.PHASE_READY]
+    _check_live_clash(cfg, live)
+    live_here = [e for e in live if _exists(e.ifname)]
 
     missing = []
     for ifname in [e.ifname for e in cfg.endpoints] + [d.ifname for d in cfg.devices]:
-        try:
-            ifindex_of(ifname)
-        except NotFoundError:
+        if not _exists(ifname):
             missing.append(ifname)
     if missing:
         where = f"network namespace {cfg.netns}" if cfg.netns else "this network namespace"
@@ -138,9 +139,11 @@ def _apply(cfg: NodeConfig) -> ApplyResult:
         lxc, host = colls[:2]
         if any(p.endswith(abi.SERVICES_MAP) for p in new_pins):
             paths.services_path(pin_root).unlink(missing_ok=True)   # describes service maps that are gone
-        _sync_endpoints(lxc, cfg)
+        _sync_endpoints(lxc, cfg, live)
+        ipcache.sync_config(coll_map(colls, IPCACHE_MAP), cfg.ipcache, old.ipcache)
         plan: list[tuple[Collection, str, tuple[tuple[str, Hook], ...]]] = [
             (lxc, ep.ifname, LXC_HOOKS) for ep in cfg.endpoints]
+        plan += [(lxc, ep.ifname, LXC_HOOKS) for ep in live_here]   # live ones get this build's programs
         plan += [(host, dev.ifname, NETDEV_HOOKS) for dev in cfg.devices]
         if cfg.overlay:
             plan.append((colls[2], cfg.overlay.device, OVERLAY_HOOKS))
@@ -156,7 +159,7 @@ def _apply(cfg: NodeConfig) -> ApplyResult:
     except BaseException:
         undo = resizer.rollback(attachments, made)   # programs that ran before back, if swapped
         with contextlib.suppress(TupletError, OSError):
-            _remove_attachments(list(reversed(made + undo)))
+            remove_attachments(list(reversed(made + undo)))
         for p in new_pins:
             with contextlib.suppress(OSError):
                 os.unlink(p)
@@ -169,13 +172,14 @@ def _apply(cfg: NodeConfig) -> ApplyResult:
     finally:
         for spec in specs:
             spec.close()
+    _pin_programs(colls[0], pin_root)
     for coll in colls:
         coll.close()
 
     # Attachments this configuration no longer has, or now has in the other mode (the new
     # one is in place already, so the hook is never without a program).
     keep = {(a.ifname, a.hook, a.mode) for a in attachments}
-    _remove_attachments([a for a in old.attachments if (a.ifname, a.hook, a.mode) not in keep],
+    remove_attachments([a for a in old.attachments if (a.ifname, a.hook, a.mode) not in keep],
                         keep_clsact={a.ifname for a in attachments if a.mode is AttachMode.TC})
     created = {a.ifname for a in [*old.attachments, *attachments] if a.created_clsact}
     for a in attachments:
@@ -186,7 +190,12 @@ def _apply(cfg: NodeConfig) -> ApplyResult:
                                endpoints={e.ipv4: e.ifname for e in cfg.endpoints},
                                sizing=sizing.to_json(),
                                gc={"interval": cfg.conntrack.gc_interval,
-                                   "max_interval": cfg.conntrack.gc_max_interval}))
+                                   "max_interval": cfg.conntrack.gc_max_interval},
+                               attach_mode=cfg.attach_mode.value,
+                               configured=[state.EndpointRecord(e.name, e.ifname, e.ipv4, e.identity)
+                                           for e in cfg.endpoints],
+                               live={e.name: e for e in live},
+                               ipcache=[c.prefix for c in cfg.ipcache]))
     log.info("applied", node=cfg.name, endpoints=len(cfg.endpoints), attachments=len(attachments),
              services={k: len(v) for k, v in services.items() if v},
              modes=sorted({a.mode.value for a in attachments}), reused_pins=len(reused),
@@ -200,13 +209,53 @@ def _pin_paths(coll: Collection, pin_root: str) -> list[str]:
             and "." not in name]
 
 
-def _sync_endpoints(coll: Collection, cfg: NodeConfig) -> None:
-    """Make the endpoint map hold exactly the configured endpoints."""
+def _exists(ifname: str) -> bool:
+    try:
+        ifindex_of(ifname)
+        return True
+    except NotFoundError:
+        return False
+
+
+def coll_map(colls: list[Collection], name: str) -> Map | None:
+    """The map ``name`` of the first collection that has it."""
+    return next((c.maps[name] for c in colls if name in c.maps), None)
+
+
+def _check_live_clash(cfg: NodeConfig, live: list[state.EndpointRecord]) -> None:
+    """Refuse, before anything changes, configured endpoints that take a live one's place."""
+    for i, e in enumerate(cfg.endpoints):
+        for other in live:
+            for attr in ("name", "ifname", "ipv4"):
+                if getattr(e, attr) == getattr(other, attr):
+                    raise ConfigError(f"endpoints[{i}].{attr}",
+                                      f"{getattr(e, attr)} is live endpoint {other.name!r} (added with "
+                                      f"`tuplet endpoint add` or the CNI plugin; delete it first)")
+
+
+def _pin_programs(lxc: Collection, pin_root: str) -> None:
+    """Pin the pod programs (replacing the previous pins atomically) for live endpoints."""
+    d = Path(pin_root) / PROGS_DIR
+    d.mkdir(exist_ok=True)
+    for prog, _hook in LXC_HOOKS:
+        tmp = d / f"new-{prog}"
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        lxc.programs[prog].pin(str(tmp))
+        os.rename(tmp, d / prog)
+
+
+def _sync_endpoints(coll: Collection, cfg: NodeConfig, live: list[state.EndpointRecord]) -> None:
+    """Make the endpoint map hold exactly the configured endpoints and the live ones."""
     epmap = coll.maps[EP_MAP]
-    wanted = {}
-    for ep in cfg.endpoints:
-        wanted[ip_to_be32(ep.ipv4).to_bytes(4, "little")] = EndpointInfo(
-            ifindex=ifindex_of(ep.ifname), sec_id=ep.identity)
+    wanted: dict[bytes, EndpointInfo] = {}
+    endpoints: list[Endpoint | state.EndpointRecord] = [*cfg.endpoints, *live]
+    for ep in endpoints:
+        try:
+            ifindex = ifindex_of(ep.ifname)
+        except NotFoundError:   # a live endpoint whose device went: keep what the map says
+            ifindex = EndpointInfo.from_buffer_copy(epmap.lookup(_ep_key(ep.ipv4)) or bytes(16)).ifindex
+        wanted[_ep_key(ep.ipv4)] = EndpointInfo(ifindex=ifindex, sec_id=ep.identity)
     for key, info in wanted.items():
         epmap.update(key, info)
     for key in list(epmap.keys()):
@@ -214,17 +263,18 @@ def _sync_endpoints(coll: Collection, cfg: NodeConfig) -> None:
             epmap.delete(key)
 
 
-def _remove_attachments(atts: list[Attachment], keep_clsact: frozenset[str] | set[str] = frozenset()) -> None:
-    """Detach; then remove the clsact qdiscs tuplet created that nothing of tuplet's still uses."""
-    for a in atts:
-        with contextlib.suppress(NotFoundError):
-            detach(a)
-    for ifname in sorted({a.ifname for a in atts if a.created_clsact} - set(keep_clsact)):
-        tc_destroy_clsact(ifname)
+def _ep_key(ipv4: str) -> bytes:
+    return ip_to_be32(ipv4).to_bytes(4, "little")
 
 
 def teardown(pin_root: str, netns_name: str | None = None, keep_maps: bool = False) -> list[Attachment]:
-    """Detach everything tuplet attached under pin_root and (unless keep_maps) unpin its maps."""
+    """Detach everything tuplet attached under pin_root (live endpoints too) and (unless
+    keep_maps) unpin its maps. Holds the node lock."""
+    with node_lock(pin_root):
+        return _teardown(pin_root, netns_name, keep_maps)
+
+
+def _teardown(pin_root: str, netns_name: str | None, keep_maps: bool) -> list[Attachment]:
     st = state.load(pin_root)
     ns = netns_name or (st.netns if st else None)
     removed: list[Attachment] = []
@@ -232,7 +282,9 @@ def teardown(pin_root: str, netns_name: str | None = None, keep_maps: bool = Fal
         ns = None  # the namespace (and every device in it) is gone already
     with in_node_netns(ns):
         removed = list(st.attachments) if st else []
-        _remove_attachments(removed)
+        remove_attachments(removed)
+        if st and paths.is_pinned(pin_root, EP_MAP):
+            endpoints.recover(st)   # a live endpoint a killed command left half attached
     links_dir = Path(pin_root) / "links"
     if links_dir.exists():
         bpffs.remove_tree(links_dir)   # pinned links tuplet has no record of

@@ -28,6 +28,10 @@
     port = 80
     backends = ["10.64.0.98:8000", "10.64.0.64:8000"]
 
+    [[ipcache]]                     # remote pods: prefix -> identity (SourceSecurityID)
+    prefix = "10.65.0.0/24"
+    identity = 3096
+
     [conntrack]                     # all optional; reference defaults
     tcp_max = 524288                # explicit size; unset: a share of node memory
     any_max = 262144
@@ -63,6 +67,8 @@ from tuplet.core.durations import parse_duration
 from tuplet.core.errors import ConfigError
 from tuplet.lb.maglev import DEFAULT_M
 from tuplet.lb.model import Service, check_maglev_size, parse_services
+from tuplet.node.ipcache import IpcacheEntry
+from tuplet.node.ipcache import parse_config as parse_ipcache
 
 IFNAMSIZ = 16
 MAP_MIN, MAP_MAX = 1024, 1 << 24
@@ -158,6 +164,7 @@ class NodeConfig:
     lb: Lb = field(default_factory=Lb)
     services: tuple[Service, ...] = ()
     overlay: Overlay | None = None
+    ipcache: tuple[IpcacheEntry, ...] = ()
     source: str = ""
 
 
@@ -175,7 +182,7 @@ def parse(text: str, source: str = "<string>") -> NodeConfig:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError("", f"{source}: not valid TOML: {e}") from None
-    _only(doc, "", {"node", "endpoints", "devices", "conntrack", "lb", "services", "overlay"})
+    _only(doc, "", {"node", "endpoints", "devices", "conntrack", "lb", "services", "overlay", "ipcache"})
     node = _table(doc, "node")
     _only(node, "node", {"name", "netns", "pin_root", "attach_mode"})
 
@@ -222,7 +229,8 @@ def parse(text: str, source: str = "<string>") -> NodeConfig:
     return NodeConfig(name=_str(node, "node.name", "node"), netns=netns, pin_root=pin_root,
                       attach_mode=attach_mode, endpoints=endpoints, devices=devices,
                       conntrack=_conntrack(_table(doc, "conntrack")), lb=Lb(maglev_table_size=m),
-                      services=services, overlay=overlay, source=source)
+                      services=services, overlay=overlay, ipcache=parse_ipcache(_array(doc, "ipcache")),
+                      source=source)
 
 
 # --- sections -----------------------------------------------------------------------------------

@@ -117,3 +117,13 @@ def read_sysctl(key: str) -> str:
     """Read /proc/sys/<key> in the current network namespace."""
     with open("/proc/sys/" + key.replace(".", "/"), encoding="ascii") as f:
         return f.read().strip()
+
+
+@contextlib.contextmanager
+def maybe_enter(name: str | None) -> Iterator[None]:
+    """:func:`enter` the namespace ``name``; with None, stay where the thread is."""
+    if name:
+        with enter(name):
+            yield
+    else:
+        yield

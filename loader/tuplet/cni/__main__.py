@@ -1,0 +1,5 @@
+import sys
+
+from tuplet.cni.plugin import main
+
+sys.exit(main())

@@ -1,0 +1,273 @@
+"""Live endpoints: pods added to and removed from a running datapath, one at a time,
+without reloading anything (`tuplet endpoint`, the CNI plugin).
+
+Add attaches the pod programs ``apply`` pinned under ``<pin root>/progs`` to the pod's
+host-side veth (TCX, or legacy TC as the node's attachments) and writes the endpoint
+map; no other device is touched. Delete detaches, removes the endpoint, then deletes
+the conntrack entries of its address and the NAT entries they own
+(:mod:`tuplet.conntrack.flush`).
+
+Every step runs under the node lock, and the node state records the endpoint *before*
+the datapath changes (phase ``adding`` / ``deleting``). A command killed between two
+steps leaves such a record; the next command under the lock (any endpoint command,
+``apply``, the CNI plugin) finds it first and undoes the add (detach both hooks, remove
+the map entry if it is this endpoint's) or finishes the delete (detach, remove, flush
+again), and reports it.
+"""
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import re
+from contextlib import ExitStack
+from dataclasses import dataclass
+
+import structlog
+
+from tuplet.bpf.links import (
+    Attachment,
+    AttachMode,
+    attach,
+    has_clsact,
+    ifindex_of,
+    link_pin_path,
+    tc_has_filter,
+)
+from tuplet.bpf.programs import Program
+from tuplet.conntrack.flush import Flusher, FlushResult
+from tuplet.core.crash import crashpoint
+from tuplet.core.errors import ConfigError, NotFoundError, TupletError
+from tuplet.datapath import abi, paths
+from tuplet.datapath.layouts import EndpointInfo, ip_to_be32
+from tuplet.node import netns, state
+from tuplet.node.hooks import remove_attachments
+from tuplet.node.lock import node_lock
+from tuplet.node.state import PHASE_ADDING, PHASE_DELETING, PHASE_READY, EndpointRecord, NodeState
+
+log = structlog.get_logger("tuplet.endpoints")
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+
+
+class EndpointConflictError(ConfigError):
+    """The name, interface or address of a new endpoint is taken (``holder`` has it)."""
+
+    def __init__(self, key: str, detail: str, holder: EndpointRecord) -> None:
+        self.holder = holder
+        super().__init__(key, detail)
+
+
+@dataclass
+class Recovered:
+    """A live endpoint a killed command left half done, and what this command did about it."""
+
+    record: EndpointRecord
+    action: str                   # "add undone" | "delete finished"
+    flushed: FlushResult | None = None
+
+    def describe(self) -> str:
+        extra = f"; deleted {self.flushed.describe()}" if self.flushed else ""
+        return f"endpoint {self.record.name}: an interrupted command left it half done: {self.action}{extra}"
+
+
+@dataclass
+class Deleted:
+    record: EndpointRecord
+    flushed: FlushResult
+    recovered: list[Recovered]
+
+
+def _key(ipv4: str) -> bytes:
+    return ip_to_be32(ipv4).to_bytes(4, "little")
+
+
+def _load(pin_root: str) -> NodeState:
+    st = state.load(pin_root)
+    if st is None or not paths.is_pinned(pin_root, abi.EP_MAP):
+        raise NotFoundError(f"datapath under {pin_root}", "find",
+                            detail="not applied (run `tuplet apply` first)")
+    return st
+
+
+def _ct_flush(pin_root: str, ipv4: str) -> FlushResult:
+    with ExitStack() as stack:
+        maps = [stack.enter_context(paths.open_pinned(pin_root, n)) for n in abi.CT_MAPS
+                if paths.is_pinned(pin_root, n)]
+        nat = stack.enter_context(paths.open_pinned(pin_root, abi.NAT_MAP)) \
+            if paths.is_pinned(pin_root, abi.NAT_MAP) else None
+        return Flusher(maps, nat).flush([ipv4])
+
+
+def _detach_endpoint(st: NodeState, rec: EndpointRecord) -> None:
+    """Take the pod programs off rec's device, whatever the state recorded (a killed add
+    may have attached without recording it), and remove rec's endpoint map entry."""
+    recorded = [a for a in st.attachments if a.ifname == rec.ifname]
+    guess: list[Attachment] = []
+    for prog, hook in abi.LXC_HOOKS:
+        pin = link_pin_path(st.pin_root, rec.ifname, hook)
+        if os.path.exists(pin) and not any(a.link_pin == pin for a in recorded):
+            guess.append(Attachment(rec.ifname, 0, hook, prog, AttachMode.TCX, pin))
+        with contextlib.suppress(TupletError):
+            if tc_has_filter(rec.ifname, hook) and not any(a.mode is AttachMode.TC and a.hook is hook
+                                                           for a in recorded):
+                guess.append(Attachment(rec.ifname, 0, hook, prog, AttachMode.TC,
+                                        created_clsact=not rec.had_clsact))
+    atts = recorded + guess
+    for a in atts:
+        if a.mode is AttachMode.TC and not rec.had_clsact:
+            a.created_clsact = True
+    remove_attachments(atts)
+    st.attachments = [a for a in st.attachments if a.ifname != rec.ifname]
+    with paths.open_pinned(st.pin_root, abi.EP_MAP) as ep:
+        ep.delete(_key(rec.ipv4))   # the address is rec's: no other record may hold it
+
+
+def recover(st: NodeState) -> list[Recovered]:
+    """Undo interrupted adds and finish interrupted deletes (caller holds the lock, in the
+    node's namespace). Saves the state when it changed anything."""
+    done: list[Recovered] = []
+    for rec in [r for r in st.live.values() if r.phase != PHASE_READY]:
+        _detach_endpoint(st, rec)
+        if rec.phase == PHASE_DELETING:
+            flushed = _ct_flush(st.pin_root, rec.ipv4)
+            done.append(Recovered(rec, "delete finished", flushed))
+        else:
+            done.append(Recovered(rec, "add undone"))
+        del st.live[rec.name]
+        state.save(st)
+        log.warning("interrupted endpoint command recovered", endpoint=rec.name, action=done[-1].action)
+    return done
+
+
+def _check_new(st: NodeState, rec: EndpointRecord) -> None:
+    if not NAME_RE.match(rec.name):
+        raise ConfigError("name", f"{rec.name!r} is not a valid endpoint name (letters, digits, '_.:-')")
+    try:
+        addr = ipaddress.IPv4Address(rec.ipv4)
+    except ValueError:
+        raise ConfigError("--ipv4", f"{rec.ipv4!r} is not an IPv4 address") from None
+    if addr.is_unspecified or addr.is_multicast or addr.is_loopback:
+        raise ConfigError("--ipv4", f"{rec.ipv4} cannot be a pod address")
+    rec.ipv4 = str(addr)
+    if not 0 <= rec.identity <= 0xFFFFFFFF:
+        raise ConfigError("--identity", f"must be between 0 and 4294967295, got {rec.identity}")
+    for other in st.all_endpoints():
+        where = f"endpoint {other.name!r} (from {other.source})"
+        if other.name == rec.name:
+            raise EndpointConflictError("name", f"{rec.name!r} is taken by {where}", other)
+        if other.ifname == rec.ifname:
+            raise EndpointConflictError("--ifname", f"interface {rec.ifname} is taken by {where}", other)
+        if other.ipv4 == rec.ipv4:
+            raise EndpointConflictError("--ipv4", f"address {rec.ipv4} is taken by {where}", other)
+    devs = {a.ifname for a in st.attachments if a.program not in dict(abi.LXC_HOOKS)}
+    if rec.ifname in devs:
+        raise ConfigError("--ifname", f"interface {rec.ifname} is a node device of this datapath")
+
+
+def add(pin_root: str, rec: EndpointRecord) -> tuple[EndpointRecord, list[Recovered]]:
+    """Attach the pod programs to rec.ifname and program its endpoint entry."""
+    with node_lock(pin_root):
+        st = _load(pin_root)
+        with netns.maybe_enter(st.netns):
+            recovered = recover(st)
+            _check_new(st, rec)
+            ifindex = ifindex_of(rec.ifname)
+            progs = {p: os.path.join(pin_root, abi.PROGS_DIR, p) for p, _ in abi.LXC_HOOKS}
+            missing = [p for p in progs.values() if not os.path.exists(p)]
+            if missing:
+                raise NotFoundError(f"pinned program {missing[0]}", "open",
+                                    detail="the datapath was applied by an older tuplet: run `tuplet apply` again")
+            rec.phase = PHASE_ADDING
+            rec.had_clsact = has_clsact(ifindex)
+            st.live[rec.name] = rec
+            state.save(st)
+            crashpoint("endpoint-add-recorded")
+            made: list[Attachment] = []
+            try:
+                with paths.open_pinned(pin_root, abi.EP_MAP) as ep:
+                    ep.update(_key(rec.ipv4), EndpointInfo(ifindex=ifindex, sec_id=rec.identity))
+                crashpoint("endpoint-add-mapped")
+                mode = AttachMode(st.attach_mode)
+                for prog_name, hook in abi.LXC_HOOKS:
+                    prog = Program.from_pin(progs[prog_name])
+                    try:
+                        made.append(attach(prog, rec.ifname, hook, pin_root, mode))
+                    finally:
+                        prog.close()
+                    crashpoint(f"endpoint-add-attached-{hook.value}")
+                for a in made:
+                    a.created_clsact = a.mode is AttachMode.TC and not rec.had_clsact
+            except BaseException:
+                _detach_endpoint(st, rec)
+                del st.live[rec.name]
+                state.save(st)
+                raise
+            rec.phase = PHASE_READY
+            st.attachments += made
+            state.save(st)
+    log.info("endpoint added", endpoint=rec.name, ifname=rec.ifname, ipv4=rec.ipv4, identity=rec.identity,
+             source=rec.source, modes=sorted({a.mode.value for a in made}))
+    return rec, recovered
+
+
+def delete(pin_root: str, name: str, missing_ok: bool = False) -> Deleted | None:
+    """Detach and remove a live endpoint, then flush its conntrack and NAT entries."""
+    with node_lock(pin_root):
+        st = _load(pin_root)
+        with netns.maybe_enter(st.netns):
+            recovered = recover(st)
+            rec = st.live.get(name)
+            if rec is None:
+                conf = [e for e in st.configured if e.name == name]
+                if conf:
+                    raise ConfigError("name", f"endpoint {name!r} is from the node file: remove it there "
+                                              "and run `tuplet apply`")
+                finished = [r for r in recovered if r.record.name == name and r.flushed is not None]
+                if finished:   # this delete was interrupted before: finished now
+                    return Deleted(finished[0].record, finished[0].flushed or FlushResult(), recovered)
+                if missing_ok:
+                    return None
+                raise NotFoundError(f"endpoint {name}", "delete", detail="no such live endpoint")
+            rec.phase = PHASE_DELETING
+            state.save(st)
+            crashpoint("endpoint-delete-marked")
+            _detach_endpoint(st, rec)
+            crashpoint("endpoint-delete-detached")
+            flushed = _ct_flush(pin_root, rec.ipv4)
+            crashpoint("endpoint-delete-flushed")
+            del st.live[name]
+            state.save(st)
+    log.info("endpoint deleted", endpoint=name, ifname=rec.ifname, ipv4=rec.ipv4,
+             ct_deleted=flushed.deleted, nat_deleted=flushed.nat_deleted)
+    return Deleted(rec, flushed, recovered)
+
+
+def find(pin_root: str, *, name: str | None = None, owner: str | None = None) -> EndpointRecord | None:
+    st = state.load(pin_root)
+    if st is None:
+        return None
+    for e in st.all_endpoints():
+        if (name is not None and e.name == name) or (owner is not None and e.owner == owner):
+            return e
+    return None
+
+
+def find_datapath(pin_root: str) -> NodeState | None:
+    """The node state when a datapath is applied under pin_root, else None."""
+    st = state.load(pin_root)
+    return st if st is not None and paths.is_pinned(pin_root, abi.EP_MAP) else None
+
+
+def listing(pin_root: str) -> list[EndpointRecord]:
+    st = state.load(pin_root)
+    return sorted(st.all_endpoints(), key=lambda e: e.name) if st else []
+
+
+def map_entries(pin_root: str) -> dict[str, EndpointInfo]:
+    """The endpoint map as the datapath sees it: address -> entry."""
+    if not paths.is_pinned(pin_root, abi.EP_MAP):
+        return {}
+    with paths.open_pinned(pin_root, abi.EP_MAP) as ep:
+        return {str(ipaddress.IPv4Address(k)): EndpointInfo.from_buffer_copy(v) for k, v in ep.items()}
+
