@@ -90,7 +90,7 @@ PROGRAMS = [
 TCP_P, UDP_P, ICMP_P = 6, 17, 1
 ETH_HLEN = 14
 TUPLE_F_ALL = TUPLE_F_OUT | TUPLE_F_IN | TUPLE_F_RELATED | TUPLE_F_SERVICE
-WORLD = 2            # TPL_IDENTITY_WORLD (endpoint.h): the identity of a non-endpoint source
+WORLD = abi.TPL_IDENTITY_WORLD   # the identity of a non-endpoint source
 LIFETIMES = ("ct_lifetime_tcp", "ct_lifetime_nontcp", "ct_service_lifetime_tcp",
              "ct_service_lifetime_nontcp", "ct_syn_timeout", "ct_close_timeout")
 # Reasons whose packets the programs promise to leave as they are (bpf_lxc.c, bpf_host.c).

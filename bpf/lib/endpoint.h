@@ -6,8 +6,11 @@
 #include "compiler.h"
 #include "ipcache.h"
 
-/* Reserved identity of anything that is not a known endpoint. */
-#define TPL_IDENTITY_WORLD 2
+/* Reserved identities. An enum anchored in BTF, so the agent can check its copy. */
+enum tpl_identity {
+	TPL_IDENTITY_WORLD = 2,   /* anything that is not a known endpoint or ipcache prefix */
+};
+const volatile enum tpl_identity tpl_identity_names __attribute__((unused)) = 0;
 
 #define EP_MAP_SIZE 65536
 

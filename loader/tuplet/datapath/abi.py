@@ -55,7 +55,7 @@ LB_MAPS: Final = (SERVICES_MAP, BACKENDS_MAP, REV_NAT_MAP, MAGLEV_MAP, AFFINITY_
 # --- identities (endpoint.h) ------------------------------------------------------------------
 
 #: Reserved identity of an address that is neither a local endpoint nor in the ipcache.
-IDENTITY_WORLD: Final = 2
+TPL_IDENTITY_WORLD: Final = 2
 
 # --- conntrack tuple flags (enum ct_tuple_flag, conntrack_types.h) ----------------------------
 
