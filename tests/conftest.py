@@ -13,12 +13,25 @@ sys.path.insert(0, str(ROOT / "loader"))
 
 from lxc_harness import LxcHarness  # noqa: E402
 from tuplet.bpf import bpffs  # noqa: E402
+from tuplet.datapath import clock  # noqa: E402
 from tuplet.datapath.paths import object_dir  # noqa: E402
 
 TEST_PIN_BASE = "/sys/fs/bpf/tuplet/test"
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--datapath-clock", type=int, default=None, metavar="SECONDS",
+                     help="run with the datapath's clock (programs, GC, tuplet subprocesses) reading SECONDS "
+                          "now, through the test clock offset: e.g. 5 (a node booted seconds ago) or "
+                          "4294967000 (just before the u32 wrap). `make test` runs the clock-marked tests "
+                          "with a near-zero clock.")
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    start = config.getoption("--datapath-clock")
+    if start is not None:
+        # In the environment: tuplet commands and agents the tests start use the same clock.
+        os.environ[clock.TEST_OFFSET_ENV] = str(clock.offset_for(start))
     if os.geteuid() != 0:
         pytest.exit("tuplet's tests load BPF programs and create namespaces: run them as root", 2)
     missing = [o for o in ("bpf_lxc.o",) if not (object_dir() / o).exists()]

@@ -48,6 +48,7 @@ from tuplet.bpf.programs import Program
 from tuplet.conntrack.entries import EntryLayout, nat_keys_for
 from tuplet.conntrack.keyset import KeySet
 from tuplet.core.errors import TupletError
+from tuplet.datapath import clock
 from tuplet.datapath.abi import CT_MAP_ANY, CT_MAP_SYN, CT_MAP_TCP, CT_MAPS, NAT_MAP
 from tuplet.datapath.layouts import CtEntry, Nat4Entry
 
@@ -217,7 +218,9 @@ class Resizer:
         if t.name in CT_MAPS:
             if vs != ctypes.sizeof(CtEntry):
                 raise TupletError(f"map {t.name}", "resize", detail=f"value is {vs} bytes, not a ct_entry")
-            return _field(vals, vs, CtEntry.lifetime.offset, "<u4").astype(np.uint64)
+            # Seconds left, as a signed difference: lifetimes are u32 and may wrap.
+            left = _field(vals, vs, CtEntry.lifetime.offset, "<u4") - np.uint32(clock.monotonic_now())
+            return left.astype(np.int32).astype(np.int64)
         if vs != ctypes.sizeof(Nat4Entry):
             raise TupletError(f"map {t.name}", "resize", detail=f"value is {vs} bytes, not a nat4_entry")
         rank = np.minimum(_field(vals, vs, Nat4Entry.created.offset, "<u8"), _OWNED - 1)
