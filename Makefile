@@ -82,6 +82,7 @@ CLOCK_NEAR_ZERO ?= 5
 test-host: build venv $(BUILD)/loadgen $(BUILD)/synflood
 	$(VENV_PY) -m pytest $(PYTEST_ARGS)
 	$(VENV_PY) -m pytest -m clock --datapath-clock $(CLOCK_NEAR_ZERO) $(PYTEST_ARGS)
+	$(VENV_PY) -m pytest --agent-confined tests/test_agent.py   # the agent within systemd/tuplet.service's limits
 
 demo: build venv
 	$(VENV_PY) -m tuplet.lab.demo
