@@ -47,6 +47,7 @@ from tuplet.bpf.objects import MapSpec, ObjectSpec
 from tuplet.bpf.programs import Program
 from tuplet.conntrack.entries import EntryLayout, nat_keys_for
 from tuplet.conntrack.keyset import KeySet
+from tuplet.core import crashpoints
 from tuplet.core.errors import TupletError
 from tuplet.datapath import clock
 from tuplet.datapath.abi import CT_MAP_ANY, CT_MAP_SYN, CT_MAP_TCP, CT_MAPS, NAT_MAP
@@ -100,6 +101,23 @@ def _field(values: bytes, stride: int, offset: int, dtype: str) -> np.ndarray:
     """One field of every packed value (a strided view, no copy)."""
     n = len(values) // stride
     return np.ndarray((n,), dtype=dtype, buffer=values, offset=offset, strides=(stride,))
+
+
+def remove_stray_pins(pin_root: str) -> list[str]:
+    """Remove the temporary pins (``resize-*``) of a resize that was killed before its rename.
+
+    Such a pin names a map the datapath may run on: a program holds it, and the next
+    ``apply`` attaches programs on the pinned maps again (live entries copied as usual)."""
+    gone = []
+    with contextlib.suppress(FileNotFoundError):
+        for name in sorted(os.listdir(pin_root)):
+            if name.startswith(TMP_PREFIX):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(pin_root, name))
+                gone.append(name)
+    if gone:
+        log.warning("resize: temporary pins of an interrupted resize removed", pins=gone)
+    return gone
 
 
 class Resizer:
@@ -310,6 +328,7 @@ class Resizer:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)   # left by an interrupted run
         t.new.pin(tmp)
+        crashpoints.point("resize.tmp-pinned")
         try:
             os.rename(tmp, t.pin)   # atomic: readers of the pin see the old map or the new one
         except OSError as e:

@@ -21,6 +21,7 @@ from tuplet.bpf.links import Attachment, AttachMode, attach, detach, ifindex_of,
 from tuplet.bpf.objects import Collection, ObjectSpec
 from tuplet.conntrack import resize
 from tuplet.conntrack.sizing import Sizing
+from tuplet.core import crashpoints
 from tuplet.core.errors import NotFoundError, TupletError
 from tuplet.datapath import abi, clock, paths
 from tuplet.datapath.abi import (
@@ -98,6 +99,7 @@ def apply(cfg: NodeConfig) -> ApplyResult:
 def _apply(cfg: NodeConfig) -> ApplyResult:
     pin_root = str(bpffs.ensure_pin_root(cfg.pin_root))
     old = state.load(pin_root) or state.NodeState(pin_root=pin_root, netns=cfg.netns)
+    resize.remove_stray_pins(pin_root)   # a resize killed before its rename
 
     missing = []
     for ifname in [e.ifname for e in cfg.endpoints] + [d.ifname for d in cfg.devices]:
@@ -134,6 +136,7 @@ def _apply(cfg: NodeConfig) -> ApplyResult:
             reused += [p for p in coll.reused_pins if p not in new_pins and p not in reused]
             new_pins += [p for p in _pin_paths(coll, pin_root)
                          if p not in coll.reused_pins and p not in resizer.pins]
+        crashpoints.point("apply.loaded")
         resizer.copy()           # live entries into the new maps, just before the swap
         resizer.save_programs(old.attachments)
         lxc, host = colls[:2]
@@ -151,6 +154,7 @@ def _apply(cfg: NodeConfig) -> ApplyResult:
                 if not existed:
                     made.append(att)
                 attachments.append(att)
+        crashpoints.point("apply.attached")
         services = lb.sync_config(pin_root, cfg.services, {e.ipv4 for e in cfg.endpoints},
                                   cfg.lb.maglev_table_size)
     except BaseException:
@@ -181,7 +185,9 @@ def _apply(cfg: NodeConfig) -> ApplyResult:
     for a in attachments:
         if a.mode is AttachMode.TC and a.ifname in created:
             a.created_clsact = True
+    crashpoints.point("apply.swapped")
     resized = resizer.finish()   # old programs are off every hook now: late entries, then the pins
+    crashpoints.point("apply.before-state")
     state.save(state.NodeState(pin_root=pin_root, netns=cfg.netns, attachments=attachments,
                                endpoints={e.ipv4: e.ifname for e in cfg.endpoints},
                                sizing=sizing.to_json(),
