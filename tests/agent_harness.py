@@ -13,6 +13,12 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
+import confine
+
+#: Set (by ``pytest --agent-confined``) to a unit file: the agent runs under that unit's
+#: capability bounding set and read-only root (tests/confine.py).
+CONFINE_ENV = "TUPLET_TEST_CONFINE_UNIT"
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -30,9 +36,12 @@ class AgentProc:
         self.port = free_port()
         env = {**os.environ, "NOTIFY_SOCKET": self.sock_path, "WATCHDOG_USEC": str(watchdog_usec)}
         self.log = open(tmp / f"agent-{time.monotonic_ns()}.log", "w+")
-        self.proc = subprocess.Popen([sys.executable, "-m", "tuplet.cli", "--config", str(cfg), "--log-format",
-                                      "json", "agent", "--prometheus-serve-addr", f"127.0.0.1:{self.port}"],
-                                     env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        cmd = [sys.executable, "-m", "tuplet.cli", "--config", str(cfg), "--log-format", "json", "agent",
+               "--prometheus-serve-addr", f"127.0.0.1:{self.port}"]
+        self.unit = Path(env[CONFINE_ENV]) if env.get(CONFINE_ENV) else None
+        if self.unit:
+            cmd = confine.command(self.unit, cmd)
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         self.messages: list[str] = []
 
     def wait_for(self, text: str, timeout: float = 60) -> list[str]:
@@ -48,10 +57,25 @@ class AgentProc:
             got.append(msg)
             self.messages.append(msg)
             if text in msg.split("\n"):
+                if text == "READY=1":
+                    self.check_confined()
                 return got
             if self.proc.poll() is not None:
                 break
         raise AssertionError(f"no {text!r} from the agent (got {got}); log:\n{self.logs()}")
+
+    def check_confined(self) -> None:
+        """Under --agent-confined: the running agent has exactly the unit's capabilities and a read-only root."""
+        if self.unit is None:
+            return
+        status = dict(line.split(":\t", 1) for line in
+                      Path(f"/proc/{self.proc.pid}/status").read_text().splitlines() if ":\t" in line)
+        want = confine.capability_mask(confine.capabilities(self.unit))
+        assert int(status["CapBnd"], 16) == want and int(status["CapEff"], 16) == want, status
+        assert status["NoNewPrivs"].strip() == "1", status
+        root = [line.split() for line in Path(f"/proc/{self.proc.pid}/mountinfo").read_text().splitlines()
+                if line.split()[4] == "/"]
+        assert root and all("ro" in r[5].split(",") for r in root), root
 
     def logs(self) -> str:
         self.log.flush()

@@ -11,14 +11,33 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "loader"))
 
+from agent_harness import CONFINE_ENV  # noqa: E402
 from lxc_harness import LxcHarness  # noqa: E402
 from tuplet.bpf import bpffs  # noqa: E402
+from tuplet.datapath import clock  # noqa: E402
 from tuplet.datapath.paths import object_dir  # noqa: E402
 
 TEST_PIN_BASE = "/sys/fs/bpf/tuplet/test"
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--datapath-clock", type=int, default=None, metavar="SECONDS",
+                     help="run with the datapath's clock (programs, GC, tuplet subprocesses) reading SECONDS "
+                          "now, through the test clock offset: e.g. 5 (a node booted seconds ago) or "
+                          "4294967000 (just before the u32 wrap). `make test` runs the clock-marked tests "
+                          "with a near-zero clock.")
+    parser.addoption("--agent-confined", action="store_true",
+                     help="run `tuplet agent` (tests/agent_harness.py) with exactly systemd/tuplet.service's "
+                          "capability bounding set and a read-only root apart from its ReadWritePaths")
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    start = config.getoption("--datapath-clock")
+    if start is not None:
+        # In the environment: tuplet commands and agents the tests start use the same clock.
+        os.environ[clock.TEST_OFFSET_ENV] = str(clock.offset_for(start))
+    if config.getoption("--agent-confined"):
+        os.environ[CONFINE_ENV] = str(ROOT / "systemd" / "tuplet.service")
     if os.geteuid() != 0:
         pytest.exit("tuplet's tests load BPF programs and create namespaces: run them as root", 2)
     missing = [o for o in ("bpf_lxc.o",) if not (object_dir() / o).exists()]

@@ -1,6 +1,7 @@
 """Run the pod-side programs on crafted packets (BPF_PROG_TEST_RUN) and read their maps."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from scapy.layers.inet import ICMP, IP, TCP, UDP
@@ -9,7 +10,7 @@ from scapy.packet import Packet, Raw
 
 from tuplet.bpf.objects import Collection
 from tuplet.conntrack.records import CtRecord, records
-from tuplet.datapath import metrics
+from tuplet.datapath import clock, metrics
 from tuplet.datapath.abi import CT_MAP_ANY, CT_MAP_SYN, CT_MAP_TCP, EP_MAP, METRICS_MAP, NAT_MAP, OBJ_LXC
 from tuplet.datapath.layouts import CtEntry, CtTuple4, EndpointInfo, ip_to_be32
 from tuplet.datapath.paths import object_dir
@@ -99,13 +100,13 @@ class LxcHarness:
     # --- clock and maps --------------------------------------------------------------------
 
     def now(self) -> int:
-        """The datapath's clock as the programs see it (with the test offset)."""
-        import time
-        return int(time.clock_gettime(time.CLOCK_MONOTONIC)) + self.coll.get_global(".bss", "clock_offset_sec")
+        """The datapath's clock as the programs see it (with the test offset; a u32, it may wrap)."""
+        return (int(time.clock_gettime(time.CLOCK_MONOTONIC)) + self.coll.get_global(".bss", clock.OFFSET_VAR)) \
+            % clock.U32
 
     def advance(self, seconds: int) -> None:
-        off = self.coll.get_global(".bss", "clock_offset_sec")
-        self.coll.set_global(".bss", "clock_offset_sec", off + seconds)
+        off = self.coll.get_global(".bss", clock.OFFSET_VAR)
+        self.coll.set_global(".bss", clock.OFFSET_VAR, (off + seconds) % clock.U32)
 
     def entries(self) -> list[CtRecord]:
         """Every entry, established TCP, handshake-table TCP and non-TCP (as `ct list`)."""

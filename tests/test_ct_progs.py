@@ -10,6 +10,8 @@ from scapy.packet import Raw
 from lxc_harness import MAC_A, MAC_B, TC_ACT_OK, TC_ACT_SHOT, LxcHarness, icmp_echo, icmp_error, tcp, udp
 from tuplet.datapath.abi import TUPLE_F_IN, TUPLE_F_OUT, TUPLE_F_RELATED
 
+pytestmark = pytest.mark.clock   # again with a near-zero clock in `make test`
+
 POD1, POD2 = "10.64.0.36", "10.64.0.64"
 SP, DP = 54260, 8000
 TCP_P, UDP_P, ICMP_P = 6, 17, 1

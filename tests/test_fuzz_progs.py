@@ -46,7 +46,7 @@ from lb_harness import (
 )
 from lxc_harness import MAC_A, MAC_B, TC_ACT_OK, TC_ACT_SHOT
 from tuplet.core.errors import TupletError
-from tuplet.datapath import abi, metrics
+from tuplet.datapath import abi, clock, metrics
 from tuplet.datapath.abi import (
     CT_MAP_ANY,
     CT_MAP_SYN,
@@ -74,6 +74,8 @@ from tuplet.datapath.layouts import (
 from tuplet.datapath.paths import object_dir
 from tuplet.node.apply import open_object
 from tuplet.node.config import NodeConfig
+
+pytestmark = pytest.mark.clock   # again with a near-zero clock in `make test`
 
 # Every (object, program) fuzzed (the harness loads any further object on the same maps;
 # the single-packet tests are parametrised over this list and the sequences' single-packet
@@ -195,13 +197,13 @@ class FuzzHarness:
     def advance(self, seconds: int) -> None:
         """Every object has its own .bss clock offset: move them together."""
         for c in self.colls.values():
-            c.set_global(".bss", "clock_offset_sec", c.get_global(".bss", "clock_offset_sec") + seconds)
+            c.set_global(".bss", clock.OFFSET_VAR, (c.get_global(".bss", clock.OFFSET_VAR) + seconds) % clock.U32)
 
     def reset(self) -> None:
         for m in [*self.ct_maps, self.lb.coll.maps[AFFINITY], *([self.nat_map] if self.nat_map else [])]:
             m.clear()
         for c in self.colls.values():
-            c.set_global(".bss", "clock_offset_sec", 0)
+            c.set_global(".bss", clock.OFFSET_VAR, clock.test_offset())   # the session's clock
         self.runs = 0
         self.max_len = 0
         self.t0 = self.now()

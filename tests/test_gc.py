@@ -22,6 +22,8 @@ from tuplet.datapath.abi import (
 )
 from tuplet.datapath.layouts import CtEntry, CtTuple4, Nat4Entry, ip_to_be32
 
+pytestmark = pytest.mark.clock   # again with a near-zero clock in `make test`
+
 A, B = "10.64.0.36", "10.64.0.64"
 CLIENT, VIP = "192.0.2.10", "172.16.0.10"
 METHODS = [Method.KERNEL, Method.BATCH]

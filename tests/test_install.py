@@ -2,6 +2,7 @@
 and an installed `tuplet` that finds its objects without the source tree."""
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -23,7 +24,7 @@ def installed(tmp_path_factory) -> Path:
 def test_files_and_unit(installed: Path) -> None:
     unit = (installed / "systemd/tuplet.service").read_text()
     assert f"ExecStart={installed}/usr/bin/tuplet --config /etc/tuplet/tuplet.toml" in unit
-    assert "Type=notify" in unit and "WatchdogSec=" in unit and "@" not in unit.replace("@.service", "")
+    assert "Type=notify" in unit and "WatchdogSec=" in unit and not re.search(r"@[A-Z]+@", unit)
     assert (installed / "etc/tuplet.toml").exists()
     objects = {p.name for p in (installed / "usr/lib/tuplet/bpf").iterdir()}
     assert {"bpf_lxc.o", "bpf_host.o", "bpf_overlay.o", "ct_gc.o"} <= objects, objects
@@ -31,6 +32,24 @@ def test_files_and_unit(installed: Path) -> None:
         v = subprocess.run(["systemd-analyze", "verify", str(installed / "systemd/tuplet.service")],
                            capture_output=True, text=True, timeout=60)
         assert v.returncode == 0, v.stderr
+
+
+#: issue 15: the unit's exposure (0 = locked down, 10 = unsafe) at most this.
+MAX_EXPOSURE = 3.5
+
+
+def test_unit_is_hardened(installed: Path) -> None:
+    """`systemd-analyze security --offline=yes` on the unit as installed (placeholders filled)."""
+    r = subprocess.run(["systemd-analyze", "security", "--offline=yes", "--no-pager",
+                        str(installed / "systemd/tuplet.service")], capture_output=True, text=True, timeout=60)
+    m = re.search(r"Overall exposure level for tuplet\.service: (\d+\.\d)", r.stdout)
+    assert m, r.stdout + r.stderr
+    assert float(m[1]) <= MAX_EXPOSURE, r.stdout
+    unit = (installed / "systemd/tuplet.service").read_text()
+    for line in ("NoNewPrivileges=yes", "ProtectSystem=strict", "ReadWritePaths=/sys/fs/bpf /run/tuplet",
+                 "ProtectHome=yes", "PrivateTmp=yes", "RestrictAddressFamilies=AF_UNIX AF_NETLINK AF_INET AF_INET6",
+                 "SystemCallArchitectures=native"):
+        assert line in unit.splitlines(), line
 
 
 def test_installed_tuplet_runs_from_its_own_venv(installed: Path, tmp_path: Path) -> None:

@@ -13,6 +13,8 @@ from lb_harness import F_EXTERNAL, F_LOADBALANCER, F_NODEPORT, LbHarness, Svc, c
 from lxc_harness import TC_ACT_OK, TC_ACT_SHOT
 from tuplet.datapath.abi import CT_MAP_SYN, CT_MAP_TCP, TUPLE_F_OUT, TUPLE_F_SERVICE
 
+pytestmark = pytest.mark.clock   # again with a near-zero clock in `make test`
+
 POD1, POD2, POD3 = "10.64.0.36", "10.64.0.98", "10.64.0.64"
 VIP, VPORT = "10.68.174.146", 80
 SP, BP = 59530, 8000

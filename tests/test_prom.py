@@ -26,7 +26,7 @@ from tuplet.conntrack.gc import CtGc
 from tuplet.conntrack.runner import GcRunner
 from tuplet.conntrack.schedule import GcSchedule
 from tuplet.core.errors import ConfigError, TupletError
-from tuplet.datapath import abi, metrics
+from tuplet.datapath import abi, clock, metrics
 from tuplet.datapath.abi import CT_MAP_ANY, CT_MAP_SYN, CT_MAP_TCP, METRICS_MAP, NAT_MAP, OBJ_LXC
 from tuplet.datapath.paths import object_dir, open_pinned
 from tuplet.lb import writer as lb
@@ -217,9 +217,11 @@ def test_registries_are_separate_and_detect_duplicates(pin_root: str) -> None:
 
 # --- GC metrics -------------------------------------------------------------------------------
 
-def test_a_real_gc_pass_feeds_the_gc_metrics(dp: LxcHarness, pin_root: str) -> None:
-    # The datapath's clock 100 s behind: entries with short lifetimes are already expired for GC.
-    dp.coll.set_global(".bss", "clock_offset_sec", (1 << 32) - 100)
+@pytest.mark.clock
+def test_a_real_gc_pass_feeds_the_gc_metrics(dp: LxcHarness, pin_root: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # GC's clock 100 s ahead of the datapath's: entries with short lifetimes are already expired
+    # for it. (Not the datapath's 100 s behind: on a node booted a minute ago that wraps.)
+    monkeypatch.setenv(clock.TEST_OFFSET_ENV, str(clock.test_offset() + 100))
     established(dp, 1000)                          # TCP established: alive; related ICMP: expired
     dp.egress(tcp(A, 1001, B, 80, "S"))            # SYN only, 60 s, handshake table: expired
     dp.egress(udp(A, 5000, B, 53))                 # 60 s: expired

@@ -21,7 +21,7 @@ from tuplet.node import apply as node_apply
 from tuplet.node import config, netns, state
 from two_pods import POD2, node_config_text, two_pods
 
-pytestmark = pytest.mark.netns
+pytestmark = [pytest.mark.netns, pytest.mark.clock]
 
 MODES = ["tcx", "tc"]
 

@@ -113,7 +113,7 @@ static __always_inline void __ct_update_timeout(struct ct_entry *e, __u32 timeou
 		last = READ_ONCE(e->last_tx_report);
 	}
 	seen |= acc;
-	if (last + ct_report_interval < now || acc != seen) {
+	if (tpl_time_after(now, last + ct_report_interval) || acc != seen) {
 		if (dir == CT_INGRESS) {
 			WRITE_ONCE(e->rx_flags_seen, seen);
 			WRITE_ONCE(e->last_rx_report, now);

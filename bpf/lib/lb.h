@@ -88,7 +88,7 @@ static __always_inline __u32 lb4_affinity_backend(const struct lb4_service *svc,
 
 	lb4_affinity_key(&k, svc, client);
 	v = bpf_map_lookup_elem(&tpl_lb4_affinity_v1, &k);
-	if (!v || READ_ONCE(v->last_used) + svc->affinity_timeout < now)
+	if (!v || tpl_time_after(now, READ_ONCE(v->last_used) + svc->affinity_timeout))
 		return 0;
 	return READ_ONCE(v->backend_id);
 }
@@ -129,7 +129,7 @@ static __always_inline bool lb4_rebalance_due(const struct ct_entry *e, __u32 no
 {
 	__u32 closed_at = READ_ONCE(e->lifetime) - ct_close_timeout;
 
-	return ct_entry_closing(e) && closed_at + ct_service_close_rebalance <= now;
+	return ct_entry_closing(e) && !tpl_time_after(closed_at + ct_service_close_rebalance, now);
 }
 
 /* Whether a flow may go to backend be (NULL: gone). With local_only (a node

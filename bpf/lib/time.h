@@ -19,4 +19,13 @@ static __always_inline __u32 tpl_now(void)
 	return (__u32)(bpf_ktime_get_coarse_ns() / NSEC_PER_SEC) + clock_offset_sec;
 }
 
+/* a is later than b on the u32 clock, also across its wrap (as the kernel's
+ * time_after): lifetimes and stamps are compared this way, never with a plain <
+ * on the raw values.
+ */
+static __always_inline bool tpl_time_after(__u32 a, __u32 b)
+{
+	return (__s32)(a - b) > 0;
+}
+
 #endif

@@ -180,6 +180,17 @@ class ObjectSpec:
         """Set a ``const volatile`` global (in .rodata) before load."""
         self._set_global(".rodata", name, value)
 
+    def set_initial(self, section: str, name: str, value: int) -> None:
+        """Set the initial value of a writable global (``.bss``/``.data``) before load."""
+        self._set_global(section, name, value)
+
+    def has_global(self, section: str, name: str) -> bool:
+        try:
+            datasec_var(self.btf, section, name)
+        except NotFoundError:
+            return False
+        return True
+
     def _set_global(self, section: str, name: str, value: int) -> None:
         var = datasec_var(self.btf, section, name)
         m = self._section_map(section)

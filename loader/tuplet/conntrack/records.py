@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 from tuplet.bpf.maps import Map
+from tuplet.datapath import clock
 from tuplet.datapath.abi import TUPLE_F_IN, TUPLE_F_RELATED, TUPLE_F_SERVICE
 from tuplet.datapath.layouts import CtEntry, CtTuple4, be16, be32_to_ip
 
@@ -53,7 +54,7 @@ class CtRecord:
             out += "related "
         out += f"expires={e.lifetime}"
         if now is not None:
-            out += f" (remaining: {e.lifetime - now} sec(s))"
+            out += f" (remaining: {clock.diff(e.lifetime, now)} sec(s))"
         names = "".join(n + " " for n in e.flag_names)
         out += (f" Packets={e.packets} Bytes={e.bytes}"
                 f" RxFlagsSeen=0x{e.rx_flags_seen:02x} LastRxReport={e.last_rx_report}"
@@ -76,7 +77,7 @@ class CtRecord:
             "source_security_id": e.src_sec_id, "ifindex": e.ifindex, "backend_id": e.backend_id,
         }
         if now is not None:
-            rec["remaining"] = e.lifetime - now
+            rec["remaining"] = clock.diff(e.lifetime, now)
         return rec
 
 

@@ -47,7 +47,9 @@ from tuplet.bpf.objects import MapSpec, ObjectSpec
 from tuplet.bpf.programs import Program
 from tuplet.conntrack.entries import EntryLayout, nat_keys_for
 from tuplet.conntrack.keyset import KeySet
+from tuplet.core import crashpoints
 from tuplet.core.errors import TupletError
+from tuplet.datapath import clock
 from tuplet.datapath.abi import CT_MAP_ANY, CT_MAP_SYN, CT_MAP_TCP, CT_MAPS, NAT_MAP
 from tuplet.datapath.layouts import CtEntry, Nat4Entry
 
@@ -99,6 +101,23 @@ def _field(values: bytes, stride: int, offset: int, dtype: str) -> np.ndarray:
     """One field of every packed value (a strided view, no copy)."""
     n = len(values) // stride
     return np.ndarray((n,), dtype=dtype, buffer=values, offset=offset, strides=(stride,))
+
+
+def remove_stray_pins(pin_root: str) -> list[str]:
+    """Remove the temporary pins (``resize-*``) of a resize that was killed before its rename.
+
+    Such a pin names a map the datapath may run on: a program holds it, and the next
+    ``apply`` attaches programs on the pinned maps again (live entries copied as usual)."""
+    gone = []
+    with contextlib.suppress(FileNotFoundError):
+        for name in sorted(os.listdir(pin_root)):
+            if name.startswith(TMP_PREFIX):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(pin_root, name))
+                gone.append(name)
+    if gone:
+        log.warning("resize: temporary pins of an interrupted resize removed", pins=gone)
+    return gone
 
 
 class Resizer:
@@ -217,7 +236,9 @@ class Resizer:
         if t.name in CT_MAPS:
             if vs != ctypes.sizeof(CtEntry):
                 raise TupletError(f"map {t.name}", "resize", detail=f"value is {vs} bytes, not a ct_entry")
-            return _field(vals, vs, CtEntry.lifetime.offset, "<u4").astype(np.uint64)
+            # Seconds left, as a signed difference: lifetimes are u32 and may wrap.
+            left = _field(vals, vs, CtEntry.lifetime.offset, "<u4") - np.uint32(clock.monotonic_now())
+            return left.astype(np.int32).astype(np.int64)
         if vs != ctypes.sizeof(Nat4Entry):
             raise TupletError(f"map {t.name}", "resize", detail=f"value is {vs} bytes, not a nat4_entry")
         rank = np.minimum(_field(vals, vs, Nat4Entry.created.offset, "<u8"), _OWNED - 1)
@@ -308,6 +329,7 @@ class Resizer:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)   # left by an interrupted run
         t.new.pin(tmp)
+        crashpoints.point("resize.tmp-pinned")
         try:
             os.rename(tmp, t.pin)   # atomic: readers of the pin see the old map or the new one
         except OSError as e:

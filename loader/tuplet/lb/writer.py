@@ -35,6 +35,7 @@ import numpy as np
 import structlog
 
 from tuplet.bpf.maps import Map
+from tuplet.core import crashpoints
 from tuplet.core.errors import ConfigError, NotFoundError, TupletError
 from tuplet.datapath import paths
 from tuplet.datapath.abi import (
@@ -62,7 +63,7 @@ from tuplet.datapath.layouts import (
     ip_to_be32,
 )
 from tuplet.datapath.paths import is_pinned, open_pinned
-from tuplet.lb import maglev, maglev_map
+from tuplet.lb import maglev, maglev_map, recovery
 from tuplet.lb.draining import backend_ids_in_use
 from tuplet.lb.model import Backend, BackendShare, Service, ServiceType, ServiceView
 from tuplet.lb.registry import Registry, backend_key
@@ -116,6 +117,7 @@ class ServiceTable:
             raise TupletError(str(self.path), "read", detail=f"service registry is damaged: {e}") from None
         if self._default_m is not None:
             self.reg.default_maglev_size = self._default_m
+        recovery.recover(self)   # what a writer killed mid-write left
         return self
 
     @property
@@ -131,6 +133,7 @@ class ServiceTable:
             m.close()
         self.maps.clear()
         if self._lock_file is not None:
+            recovery.mark_clean(self.path)   # every write finished or was undone
             self._lock_file.close()   # releases the lock
             self._lock_file = None
 
@@ -230,6 +233,7 @@ class ServiceTable:
         added_ids: dict[str, int] = {}
         written_slots: list[Lb4Key] = []
         maglev_written = False
+        recovery.mark_dirty(self.path)
         try:
             # 1. Backends.
             ids: dict[str, int] = {}
@@ -257,6 +261,7 @@ class ServiceTable:
             # 3. Reverse NAT.
             self.maps[REV_NAT_MAP].update(rev_nat.to_bytes(2, "little"),
                                           Lb4ReverseNat(ip_to_be32(s.address), socket.htons(s.port), 0))
+            crashpoints.point("lb.bank-written")
             # 4. Commit.
             flags = TYPE_FLAGS[s.type] | (LB_SVC_F_AFFINITY if s.affinity_timeout else 0)
             svc_map.update(Lb4Key.make(s.address, s.port, s.proto),
@@ -274,6 +279,7 @@ class ServiceTable:
                 if live is None:
                     self.maps[REV_NAT_MAP].delete(rev_nat.to_bytes(2, "little"))
             raise
+        crashpoints.point("lb.committed")
         self.reg.services[s.name] = s
         self.reg.rev_nat[s.name] = rev_nat
         self.reg.backends.update(added_ids)
@@ -293,6 +299,7 @@ class ServiceTable:
         s = self.get(name)
         live = self._slot0(s)
         rev_nat = live.rev_nat_index if live else self.reg.rev_nat[name]
+        recovery.mark_dirty(self.path)
         self.maps[SERVICES_MAP].delete(Lb4Key.make(s.address, s.port, s.proto))   # the commit
         del self.reg.services[name]
         del self.reg.rev_nat[name]

@@ -21,8 +21,9 @@ from tuplet.bpf.maps import Map
 from tuplet.bpf.objects import Collection, ObjectSpec
 from tuplet.conntrack import resize
 from tuplet.conntrack.sizing import Sizing
+from tuplet.core import crashpoints
 from tuplet.core.errors import ConfigError, NotFoundError, TupletError
-from tuplet.datapath import abi, paths
+from tuplet.datapath import abi, clock, paths
 from tuplet.datapath.abi import (
     CT_MAP_ANY,
     CT_MAP_SYN,
@@ -67,6 +68,7 @@ def open_object(name: str, cfg: NodeConfig, pin_root: str | None, sizing: Sizing
         spec.set_const("ct_report_flags", ct.report_flags)
         spec.set_const("ct_accounting", int(ct.accounting))
         spec.set_const("ct_syn_table", int(ct.syn_table))
+        clock.apply_test_offset(spec)   # tests only: their clock reads near zero
         if overlay_ifindex:
             spec.set_const("overlay_ifindex", overlay_ifindex)
     except BaseException:
@@ -95,6 +97,7 @@ def apply(cfg: NodeConfig) -> ApplyResult:
 
 def _apply(cfg: NodeConfig, pin_root: str) -> ApplyResult:
     old = state.load(pin_root) or state.NodeState(pin_root=pin_root, netns=cfg.netns)
+    resize.remove_stray_pins(pin_root)   # a resize killed before its rename
     if paths.is_pinned(pin_root, EP_MAP):
         endpoints.recover(old)   # live endpoint commands a SIGKILL interrupted
     live = [e for e in old.live.values() if e.phase == state.PHASE_READY]
@@ -134,6 +137,7 @@ def _apply(cfg: NodeConfig, pin_root: str) -> ApplyResult:
             reused += [p for p in coll.reused_pins if p not in new_pins and p not in reused]
             new_pins += [p for p in _pin_paths(coll, pin_root)
                          if p not in coll.reused_pins and p not in resizer.pins]
+        crashpoints.point("apply.loaded")
         resizer.copy()           # live entries into the new maps, just before the swap
         resizer.save_programs(old.attachments)
         lxc, host = colls[:2]
@@ -154,6 +158,7 @@ def _apply(cfg: NodeConfig, pin_root: str) -> ApplyResult:
                 if not existed:
                     made.append(att)
                 attachments.append(att)
+        crashpoints.point("apply.attached")
         services = lb.sync_config(pin_root, cfg.services, {e.ipv4 for e in cfg.endpoints},
                                   cfg.lb.maglev_table_size)
     except BaseException:
@@ -185,7 +190,9 @@ def _apply(cfg: NodeConfig, pin_root: str) -> ApplyResult:
     for a in attachments:
         if a.mode is AttachMode.TC and a.ifname in created:
             a.created_clsact = True
+    crashpoints.point("apply.swapped")
     resized = resizer.finish()   # old programs are off every hook now: late entries, then the pins
+    crashpoints.point("apply.before-state")
     state.save(state.NodeState(pin_root=pin_root, netns=cfg.netns, attachments=attachments,
                                endpoints={e.ipv4: e.ifname for e in cfg.endpoints},
                                sizing=sizing.to_json(),

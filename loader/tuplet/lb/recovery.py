@@ -1,0 +1,81 @@
+"""Service writes interrupted by a crash: found and undone when the next writer opens the table.
+
+A ``ServiceTable`` marks the registry dirty (``<registry>.dirty``) before its first map
+write and clears the mark when it closes; only a process killed mid-write leaves it. The
+registry is saved only after a write committed (slot 0), so it holds the last completed
+state. The next writer, holding the lock, then brings the maps back to it:
+
+* slot-0 entries of services the registry does not have (a new service killed between
+  its commit and the save) go, with their backend slots, Maglev tables and reverse NAT;
+* every registered service is written again from the registry (the bank a killed update
+  wrote, or committed, is replaced by the registry's backends);
+* backend entries with an id the registry does not know (added by a killed write) go.
+"""
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Protocol
+
+import structlog
+
+from tuplet.bpf.maps import Map
+from tuplet.datapath.abi import BACKENDS_MAP, MAGLEV_MAP, REV_NAT_MAP, SERVICES_MAP
+from tuplet.datapath.layouts import Lb4Key, Lb4MaglevKey, Lb4Service, ip_to_be32
+from tuplet.lb.model import Service
+from tuplet.lb.registry import Registry
+
+log = structlog.get_logger("tuplet.lb")
+
+
+class Table(Protocol):
+    """What recovery needs of a ServiceTable (open, locked)."""
+    path: Path
+    maps: dict[str, Map]
+    reg: Registry
+
+    def upsert(self, s: Service) -> object: ...
+
+
+def dirty_path(registry: Path) -> Path:
+    return registry.with_suffix(".dirty")
+
+
+def mark_dirty(registry: Path) -> None:
+    """Before a map write: a crash from here on is repaired by the next writer."""
+    registry.parent.mkdir(parents=True, exist_ok=True)
+    dirty_path(registry).touch()
+
+
+def mark_clean(registry: Path) -> None:
+    dirty_path(registry).unlink(missing_ok=True)
+
+
+def recover(t: Table) -> None:
+    """Undo what an interrupted writer left, if one did (see the module docstring)."""
+    if not dirty_path(t.path).exists():
+        return
+    svc_map = t.maps[SERVICES_MAP]
+    known = {(ip_to_be32(s.address), socket.htons(s.port), s.proto) for s in t.reg.services.values()}
+    keys = [Lb4Key.from_buffer_copy(raw) for raw in svc_map.keys()]
+    orphans = {(k.address, k.dport, k.proto) for k in keys if (k.address, k.dport, k.proto) not in known}
+    for k in keys:
+        front = (k.address, k.dport, k.proto)
+        if front not in orphans:
+            continue
+        if k.backend_slot == 0:
+            raw = svc_map.lookup(k)
+            if raw is not None:
+                rev_nat = Lb4Service.from_buffer_copy(raw).rev_nat_index
+                for bank in (0, 1):
+                    t.maps[MAGLEV_MAP].delete(Lb4MaglevKey(rev_nat, bank, 0))
+                t.maps[REV_NAT_MAP].delete(rev_nat.to_bytes(2, "little"))
+        svc_map.delete(k)
+    for s in list(t.reg.services.values()):
+        t.upsert(s)
+    ids = set(t.reg.backends.values())
+    stray = [raw for raw in t.maps[BACKENDS_MAP].keys() if int.from_bytes(raw, "little") not in ids]
+    for raw in stray:
+        t.maps[BACKENDS_MAP].delete(raw)
+    log.warning("service writes of a killed process undone", orphan_services=len(orphans),
+                services_rewritten=len(t.reg.services), stray_backends=len(stray))
