@@ -43,7 +43,7 @@ static __always_inline enum tpl_reason lxc_track4(struct __sk_buff *skb, enum ct
 
 		if (svc) {
 			rev_nat = svc->rev_nat_index;
-			ret = lb4_local(skb, &p, &key, svc, LB_SELECT_RANDOM, false, &be);
+			ret = lb4_local(skb, &p, &key, svc, LB_SELECT_HASH, false, &be);
 			if (ret)
 				return ret;
 		}

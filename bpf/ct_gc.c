@@ -198,7 +198,8 @@ static long fn##_step(__u64 i, struct gc_keys_ctx *c)			\
 	e = bpf_map_lookup_elem(&map, &r.key);				\
 	if (!e)								\
 		v = GC_V_GONE;						\
-	else if (READ_ONCE(e->lifetime) != r.seen || r.seen >= c->a->now) \
+	else if (!gc_test_unprotected &&				\
+		 (READ_ONCE(e->lifetime) != r.seen || r.seen >= c->a->now)) \
 		v = GC_V_REFRESHED;					\
 	else								\
 		v = gc_delete_if_unchanged(&map, &r.key, e, r.seen);	\

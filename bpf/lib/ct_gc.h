@@ -33,9 +33,16 @@ __u32 gc_walk_only = 0;
 const volatile __u64 gc_test_stall_ns = 0;
 const volatile __u32 gc_test_unprotected = 0;
 
+/* Eight clock reads a step: bpf_loop's 1 << 23 steps then last well beyond any stall a test asks for. */
 static long gc_stall_step(__u64 i, __u64 *deadline)
 {
-	return bpf_ktime_get_ns() >= *deadline;
+	__u64 t = 0;
+	int k;
+
+#pragma unroll
+	for (k = 0; k < 8; k++)
+		t = bpf_ktime_get_ns();
+	return t >= *deadline;
 }
 
 static __always_inline void gc_test_stall(void)

@@ -33,7 +33,7 @@ import structlog
 
 from tuplet.bpf.maps import Map
 from tuplet.conntrack.entries import EntryLayout
-from tuplet.conntrack.gc_progs import REC_DTYPE, IterPass, KeyDeleter, TestSwitches, load_on
+from tuplet.conntrack.gc_progs import REC_DTYPE, IterPass, KeyDeleter, GcSwitches, load_on
 from tuplet.core.errors import TupletError
 from tuplet.datapath.abi import (
     GC_ITER_PROGRAM,
@@ -128,7 +128,7 @@ class CtGc:
 
     def __init__(self, ct_maps: list[Map], nat: Map | None = None, method: Method | str = Method.AUTO,
                  chunk: int = DEFAULT_CHUNK, obj_dir: str | Path | None = None, count_nat: bool = False,
-                 slice_entries: int = DEFAULT_SLICE, switches: TestSwitches = TestSwitches()) -> None:
+                 slice_entries: int = DEFAULT_SLICE, switches: GcSwitches = GcSwitches()) -> None:
         self.ct_maps = ct_maps
         self.nat = nat
         self.chunk = chunk

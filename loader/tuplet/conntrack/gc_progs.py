@@ -46,14 +46,14 @@ _WALK_ARGS = struct.Struct("<II4Q")
 
 
 @dataclass(frozen=True)
-class TestSwitches:
+class GcSwitches:
     """Test-only load-time switches of the GC programs (both zero in production)."""
 
     stall_ns: int = 0          # spin between the verdict and the final re-check
     unprotected: bool = False  # delete without the final re-check
 
 
-def load_on(obj: Path, ct_maps: list[Map], nat: Map | None, switches: TestSwitches) -> Collection:
+def load_on(obj: Path, ct_maps: list[Map], nat: Map | None, switches: GcSwitches) -> Collection:
     """Load a GC object reusing the datapath's maps (the others shrunk to stand-ins)."""
     spec = ObjectSpec.open(obj)
     try:
