@@ -22,11 +22,19 @@ static __always_inline int gc_iter(struct bpf_iter__bpf_map_elem *ctx, void *map
 	__u8 v = GC_V_COUNTED;
 	__u32 seen;
 
+	struct ipv4_ct_tuple k;
+
 	if (!key || !e)
 		return 0;
 	if (!gc_walk_only) {
 		seen = READ_ONCE(e->lifetime);
-		v = seen >= gc_now ? GC_V_ALIVE : gc_delete_if_unchanged(map, key, e, seen);
+		if (seen >= gc_now) {
+			v = GC_V_ALIVE;
+		} else {
+			/* 6.1 passes no read-only iterator buffer to a helper: the key goes by the stack. */
+			__builtin_memcpy(&k, key, sizeof(k));
+			v = gc_delete_if_unchanged(map, &k, e, seen);
+		}
 	}
 	bpf_seq_write(ctx->meta->seq, &v, sizeof(v));
 	return 0;
