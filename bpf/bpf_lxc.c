@@ -48,7 +48,7 @@ static __always_inline enum tpl_reason lxc_track4(struct __sk_buff *skb, enum ct
 
 		if (svc) {
 			rev_nat = svc->rev_nat_index;
-			ret = lb4_local(skb, &p, &key, svc, LB_SELECT_RANDOM, false, &be);
+			ret = lb4_local(skb, &p, &key, svc, LB_SELECT_HASH, false, &be);
 			if (tpl_has_verdict(ret))
 				return ret;
 		}

@@ -6,14 +6,26 @@
  * walks one conntrack map with bpf_for_each_map_elem and deletes the entries
  * whose lifetime is below `now`, together with the NAT entries they own.
  *
- * The lifetime is read and the entry deleted in the same callback, so the
- * window in which the datapath can refresh an entry that is about to be
- * deleted is a few instructions, not a batch.
+ * tpl_ct_gc walks a whole map in one run (the kernel does not preempt it):
+ * bench/gc.py keeps it as the walk floor. A pass uses the sliced programs
+ * below instead (README, "Garbage collection"):
+ *
+ * - bpf/ct_gc_iter.c: iter/bpf_map_elem programs, read in small slices (a
+ *   separate object: some kernels refuse them, and then the pass falls back).
+ * - tpl_ct_gc_keys: the batch fallback's deleter, run with BPF_PROG_TEST_RUN
+ *   on a few keys read with BPF_MAP_LOOKUP_BATCH and the lifetime user space
+ *   saw for each.
+ *
+ * Both delete an entry only if its lifetime, re-read as the last step before
+ * bpf_map_delete_elem, is still the one judged expired (the datapath refreshes
+ * the lifetime of every entry it uses), and delete the owned NAT entry only
+ * after the conntrack entry is gone.
  */
 #include "lib/compiler.h"
 #include "lib/conntrack_types.h"
 #include "lib/conntrack_map.h"
 #include "lib/nat_map.h"
+#include "lib/ct_gc.h"
 
 char LICENSE[] SEC("license") = "GPL";
 
@@ -148,6 +160,107 @@ int tpl_ct_gc(struct __sk_buff *skb)
 	args.nat_deleted = ctx.nat_deleted;
 	args.delete_failed = ctx.delete_failed;
 	if (bpf_skb_store_bytes(skb, GC_ARGS_OFF, &args, sizeof(args), 0) < 0)
+		return -1;
+	return 0;
+}
+
+/* tpl_ct_gc_keys' buffer after the Ethernet header: gc_keys_args, then
+ * `count` records, each a key and the lifetime user space read with it.
+ */
+struct gc_keys_args {
+	__u32 map;               /* in: enum gc_map_sel */
+	__u32 count;             /* in: records that follow, at most GC_KEYS_MAX */
+	__u32 now;               /* in */
+	__u32 pad;
+	__u32 verdicts[6];       /* out: records per enum gc_verdict */
+};
+ASSERT_SIZE(struct gc_keys_args, 40);
+
+struct gc_key_rec {
+	struct ipv4_ct_tuple key;
+	__u16 pad;
+	__u32 seen;              /* the lifetime judged expired */
+};
+ASSERT_SIZE(struct gc_key_rec, 20);
+
+/* Records one run of tpl_ct_gc_keys takes: bounds the run's time. */
+enum gc_keys_limit {
+	GC_KEYS_MAX = 128,
+};
+const volatile enum gc_keys_limit gc_keys_limit_names __attribute__((unused)) = 0;
+#define GC_KEYS_OFF (GC_ARGS_OFF + sizeof(struct gc_keys_args))
+
+struct gc_keys_ctx {
+	struct __sk_buff *skb;
+	struct gc_keys_args *a;
+	int err;
+};
+
+/* One record per bpf_loop step (a bounded C loop costs 6.1's verifier a state per
+ * iteration and counter value); one step function per map, as for the walkers.
+ */
+#define GC_KEYS_DELETER(fn, map)						\
+static long fn##_step(__u64 i, struct gc_keys_ctx *c)			\
+{									\
+	struct gc_key_rec r;						\
+	struct ct_entry *e;						\
+	__u8 v;								\
+									\
+	if (i >= GC_KEYS_MAX || bpf_skb_load_bytes(c->skb, GC_KEYS_OFF + i * sizeof(r), &r, sizeof(r)) < 0) { \
+		c->err = -1;						\
+		return 1;						\
+	}								\
+	e = bpf_map_lookup_elem(&map, &r.key);				\
+	if (!e)								\
+		v = GC_V_GONE;						\
+	else if (!gc_test_unprotected &&				\
+		 (READ_ONCE(e->lifetime) != r.seen || r.seen >= c->a->now)) \
+		v = GC_V_REFRESHED;					\
+	else								\
+		v = gc_delete_if_unchanged(&map, &r.key, e, r.seen);	\
+	if (v < GC_V_COUNTED)						\
+		c->a->verdicts[v]++;					\
+	return 0;							\
+}									\
+static __noinline int fn(struct __sk_buff *skb, struct gc_keys_args *a)	\
+{									\
+	struct gc_keys_ctx c = { .skb = skb, .a = a };			\
+									\
+	if (!skb || !a || a->count > GC_KEYS_MAX)			\
+		return -1;						\
+	bpf_loop(a->count, fn##_step, &c, 0);				\
+	return c.err;							\
+}
+
+GC_KEYS_DELETER(gc_keys_tcp, tpl_ct4_v1)
+GC_KEYS_DELETER(gc_keys_any, tpl_ct_any4_v1)
+GC_KEYS_DELETER(gc_keys_syn, tpl_ct4_syn_v1)
+
+SEC("tc")
+int tpl_ct_gc_keys(struct __sk_buff *skb)
+{
+	struct gc_keys_args a;
+	int ret;
+
+	if (bpf_skb_load_bytes(skb, GC_ARGS_OFF, &a, sizeof(a)) < 0)
+		return -1;
+	__builtin_memset(a.verdicts, 0, sizeof(a.verdicts));
+	switch (a.map) {
+	case GC_MAP_TCP:
+		ret = gc_keys_tcp(skb, &a);
+		break;
+	case GC_MAP_ANY:
+		ret = gc_keys_any(skb, &a);
+		break;
+	case GC_MAP_SYN:
+		ret = gc_keys_syn(skb, &a);
+		break;
+	default:
+		return -1;
+	}
+	if (ret < 0)
+		return -1;
+	if (bpf_skb_store_bytes(skb, GC_ARGS_OFF, &a, sizeof(a), 0) < 0)
 		return -1;
 	return 0;
 }

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from two_pods import node_config_text, two_pods
 from tuplet.bpf.links import attached_prog_id
 from tuplet.bpf.maps import Map
 from tuplet.conntrack import resize
@@ -22,6 +21,7 @@ from tuplet.datapath import abi, clock, paths
 from tuplet.datapath.layouts import CtEntry, CtTuple4, Lb4Key, Lb4Service
 from tuplet.node import apply as node_apply
 from tuplet.node import state
+from two_pods import node_config_text, two_pods
 
 pytestmark = pytest.mark.netns
 

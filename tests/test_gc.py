@@ -29,6 +29,22 @@ CLIENT, VIP = "192.0.2.10", "172.16.0.10"
 METHODS = [Method.KERNEL, Method.BATCH]
 
 
+@pytest.fixture(autouse=True)
+def _needs_iterators(request: pytest.FixtureRequest, lxc: LxcHarness) -> None:
+    """Skip the kernel method's cases where this kernel refuses iter/bpf_map_elem programs."""
+    if request.node.callspec.params.get("method") if hasattr(request.node, "callspec") else None:
+        if request.node.callspec.params["method"] is Method.KERNEL and not iterators_work(lxc):
+            pytest.skip("this kernel refuses iter/bpf_map_elem programs (the batch method covers it)")
+
+
+def iterators_work(h: LxcHarness) -> bool:
+    try:
+        CtGc([h.coll.maps[CT_MAP_TCP]], method=Method.KERNEL).close()
+        return True
+    except TupletError:
+        return False
+
+
 def established(h: LxcHarness, sport: int) -> None:
     h.egress(tcp(A, sport, B, 80, "S"))
     h.ingress(tcp(B, 80, A, sport, "SA"))
@@ -142,7 +158,7 @@ def test_nat_key_matches_the_datapath_helper(lxc: LxcHarness) -> None:
                         np.frombuffer(b"".join(bytes(CtEntry(dsr_internal=1)) for _ in keys), lay.value), lay)
     for w in want:
         nat.update(w.tobytes(), Nat4Entry())
-    r = gc_pass([m], nat=nat, method=Method.KERNEL, now=now)
+    r = gc_pass([m], nat=nat, now=now)
     assert r.nat_deleted == 50 and nat.count() == 0
 
 
@@ -190,7 +206,7 @@ def test_gc_refuses_a_map_without_lifetime() -> None:
         h.close()
 
 
-def test_kernel_method_refuses_unknown_maps_and_auto_falls_back(lxc: LxcHarness) -> None:
+def test_gc_refuses_unknown_maps(lxc: LxcHarness) -> None:
     from tuplet.bpf import _libbpf as C
     from tuplet.bpf.libbpf import opts
     from tuplet.bpf.maps import Map as M
@@ -204,21 +220,16 @@ def test_kernel_method_refuses_unknown_maps_and_auto_falls_back(lxc: LxcHarness)
     os.close(btf_fd)
     assert fd >= 0
     with M(fd, "other_ct") as other:
-        with pytest.raises(TupletError, match="in-kernel pass knows only"):
-            CtGc([other], method=Method.KERNEL)
-        now = lxc.now()
-        other.update(CtTuple4.make(A, B, 80, 1, 6, 0), CtEntry(lifetime=now - 1))
-        other.update(CtTuple4.make(A, B, 80, 2, 6, 0), CtEntry(lifetime=now + 1))
-        r = gc_pass([other], now=now)          # auto: falls back to batch operations
-        assert r.method == "batch" and (r.deleted, r.alive) == (1, 1)
+        for method in (Method.KERNEL, Method.BATCH, Method.AUTO):   # every delete is in the kernel
+            with pytest.raises(TupletError, match="GC knows only"):
+                CtGc([other], method=method)
 
 
 def test_kernel_pass_reuses_the_datapath_maps(lxc: LxcHarness) -> None:
     """The GC program works on the very maps the datapath writes, not on copies."""
     established(lxc, 3000)
     m = lxc.coll.maps[CT_MAP_TCP]
-    with CtGc([m, lxc.coll.maps[CT_MAP_ANY]], method=Method.KERNEL) as g:
-        assert g.method is Method.KERNEL
+    with CtGc([m, lxc.coll.maps[CT_MAP_ANY]]) as g:
         r1 = g.run(now=lxc.now())
         assert r1.deleted == 0 and r1.maps[0].alive == 1
         r2 = g.run(now=lxc.now() + 9000)

@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: GPL-2.0 */
-/* Service load balancing: service lookup, backend selection (random slot,
- * Maglev, client-IP affinity), the CT_SERVICE entry that pins a flow to its
+/* Service load balancing: service lookup, backend selection (a slot by flow
+ * hash, Maglev, client-IP affinity), the CT_SERVICE entry that pins a flow to its
  * backend, DNAT to the backend and reverse NAT of the replies.
  */
 #ifndef TUPLET_LB_H
@@ -18,7 +18,7 @@
 #include "l4_rewrite.h"
 
 enum lb_select {
-	LB_SELECT_RANDOM = 0,   /* a random slot: ClusterIP from a pod, as the reference */
+	LB_SELECT_HASH = 0,     /* a slot by flow hash: ClusterIP from a pod */
 	LB_SELECT_MAGLEV = 1,   /* Maglev over the flow hash: the same backend on every node */
 };
 
@@ -41,16 +41,29 @@ static __always_inline struct lb4_backend *lb4_lookup_backend(__u32 id)
 	return id ? bpf_map_lookup_elem(&tpl_lb4_backends_v1, &id) : NULL;
 }
 
-/* A random backend slot of the service's current bank. */
-static __always_inline __u32 lb4_select_random(const struct lb4_key *key, const struct lb4_service *svc)
+/* Test-only (0 in production): pick ClusterIP slots at random, as the reference
+ * does, so a race test and the GC soak can show what the flow hash protects.
+ */
+const volatile __u32 lb_test_random_slot = 0;
+
+/* The slot of the service's current bank that the flow's hash picks. The reference
+ * picks at random; by hash, a flow whose CT_SERVICE entry was lost (evicted by
+ * the LRU, deleted by GC) gets the same backend back on its next packet while
+ * the service's backend set is unchanged.
+ */
+static __always_inline __u32 lb4_select_hash(const struct lb4_key *key, const struct lb4_service *svc,
+					     const struct pkt4 *p)
 {
 	struct lb4_key slot_key = *key;
 	struct lb4_service *slot;
 	__u16 count = svc->count;
+	__u32 h;
 
 	if (!count)
 		return 0;
-	slot_key.backend_slot = (bpf_get_prandom_u32() % count) + 1 + (svc->bank ? LB_BANK_STRIDE : 0);
+	h = lb_test_random_slot ? bpf_get_prandom_u32()
+				: tpl_flow_hash4(p->saddr, p->daddr, p->sport, p->dport, p->proto);
+	slot_key.backend_slot = (h % count) + 1 + (svc->bank ? LB_BANK_STRIDE : 0);
 	slot = bpf_map_lookup_elem(&tpl_lb4_services_v1, &slot_key);
 	return slot ? slot->backend_id : 0;
 }
@@ -118,7 +131,7 @@ static __always_inline __u32 lb4_select_backend(const struct lb4_key *key, const
 		if (id && lb4_lookup_backend(id))
 			return id;
 	}
-	return how == LB_SELECT_MAGLEV ? lb4_select_maglev(svc, p) : lb4_select_random(key, svc);
+	return how == LB_SELECT_MAGLEV ? lb4_select_maglev(svc, p) : lb4_select_hash(key, svc, p);
 }
 
 /* A closed service flow whose SYN comes later than the rebalance grace after

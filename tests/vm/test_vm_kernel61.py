@@ -24,7 +24,7 @@ from tuplet.bpf.links import AttachMode, Hook, tc_has_filter, tcx_attach
 from tuplet.bpf.objects import Collection, ObjectSpec
 from tuplet.core.errors import NotSupportedError
 from tuplet.datapath import abi, paths
-from tuplet.datapath.abi import OBJ_GC
+from tuplet.datapath.abi import OBJ_GC, OBJ_GC_ITER
 from tuplet.node import apply as node_apply
 from tuplet.node import config, netns, state
 
@@ -97,17 +97,19 @@ def test_objects_pass_the_61_verifier(syn_table: bool) -> None:
     report(lines)
 
 
-def test_gc_object_passes_the_61_verifier() -> None:
-    """ct_gc.o as tuplet.gc loads it for the in-kernel pass (without it, GC falls back to batch syscalls)."""
-    with ObjectSpec.open(paths.object_dir() / OBJ_GC) as spec:
+@pytest.mark.parametrize("obj", [OBJ_GC, OBJ_GC_ITER])
+def test_gc_object_passes_the_61_verifier(obj: str) -> None:
+    """The GC objects as tuplet.conntrack.gc loads them: the batch deleter (ct_gc.o) and the
+    sliced iterator (ct_gc_iter.o; where a kernel refuses it GC uses the batch method)."""
+    with ObjectSpec.open(paths.object_dir() / obj) as spec:
         for name in spec.maps:
-            if not name.startswith("."):
+            if "." not in name:                  # not a data section (ct_gc.bss, ...)
                 spec.set_max_entries(name, 64)   # stand-ins, as tuplet.gc makes for maps it does not collect
         with spec.load() as coll:
             sizes = prog_sizes(coll)
     assert sizes
     report([f"kernel {platform.release()}: program, verified insns, xlated bytes, jited bytes"] +
-           [f"  {OBJ_GC:12} {name:24} {v:7} {x:7} {j:7}" for name, (v, x, j) in sorted(sizes.items())])
+           [f"  {obj:12} {name:24} {v:7} {x:7} {j:7}" for name, (v, x, j) in sorted(sizes.items())])
 
 
 # --- (c) pods through the legacy TC fallback -----------------------------------------------------

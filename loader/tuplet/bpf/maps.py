@@ -313,11 +313,11 @@ class Map:
             start += 1  # skip the key that was already gone
         return deleted
 
-    def clear(self) -> int:
-        """Delete every entry. Returns how many were deleted."""
+    def clear(self, chunk: int = 2048) -> int:
+        """Delete every entry, a chunk read and deleted at a time (each system call handles
+        at most ``chunk`` entries, so none holds the CPU long). Returns how many were deleted."""
         total = 0
-        pending = [(k, c) for k, _, c in self.batches()]
-        for keys, count in pending:
+        for keys, _, count in self.batches(chunk):
             total += self.delete_batch(keys, count)
         return total
 

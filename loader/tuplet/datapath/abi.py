@@ -19,7 +19,9 @@ OBJ_LXC: Final = "bpf_lxc.o"          # pod side: cil_from_container, cil_to_con
 OBJ_HOST: Final = "bpf_host.o"        # node NIC: cil_from_netdev, cil_to_netdev
 OBJ_OVERLAY: Final = "bpf_overlay.o"  # Geneve device: cil_from_overlay
 OBJ_GC: Final = "ct_gc.o"             # the in-kernel GC walker, run with BPF_PROG_TEST_RUN
-GC_PROGRAM: Final = "tpl_ct_gc"
+GC_PROGRAM: Final = "tpl_ct_gc"             # one run walks a whole map: bench/gc.py's floor only
+OBJ_GC_ITER: Final = "ct_gc_iter.o"   # the sliced pass: iter/bpf_map_elem programs
+GC_KEYS_PROGRAM: Final = "tpl_ct_gc_keys"   # the batch fallback's deleter
 
 #: (program, hook) per endpoint: packets leaving the pod enter the host-side veth.
 LXC_HOOKS: Final = (("cil_from_container", Hook.INGRESS), ("cil_to_container", Hook.EGRESS))
@@ -89,3 +91,18 @@ GC_MAP_NAT: Final = 3
 #: Walk and count only; delete nothing.
 GC_WALK_ONLY: Final = 0x80000000
 GC_SELECTOR: Final = {CT_MAP_TCP: GC_MAP_TCP, CT_MAP_ANY: GC_MAP_ANY, CT_MAP_SYN: GC_MAP_SYN}
+# The sliced pass (bpf/lib/ct_gc.h): iterator program per CT map, its globals, its
+# test-only switches, the deleter's record limit, and the verdict bytes.
+GC_ITER_PROGRAM: Final = {CT_MAP_TCP: "tpl_gc_iter_tcp", CT_MAP_ANY: "tpl_gc_iter_any",
+                          CT_MAP_SYN: "tpl_gc_iter_syn"}
+GC_VAR_NOW: Final = "gc_now"
+GC_VAR_WALK_ONLY: Final = "gc_walk_only"
+GC_TEST_STALL_NS: Final = "gc_test_stall_ns"
+GC_TEST_UNPROTECTED: Final = "gc_test_unprotected"
+GC_KEYS_MAX: Final = 128
+GC_V_ALIVE: Final = 0
+GC_V_DELETED: Final = 1
+GC_V_DELETED_NAT: Final = 2
+GC_V_REFRESHED: Final = 3
+GC_V_GONE: Final = 4
+GC_V_COUNTED: Final = 5

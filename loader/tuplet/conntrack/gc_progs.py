@@ -1,0 +1,133 @@
+"""The GC pass's BPF programs, loaded on the datapath's own maps.
+
+``IterPass`` (bpf/ct_gc_iter.c): one ``iter/bpf_map_elem`` program per CT map, read in
+slices of ``slice_entries`` bytes (one verdict byte per visited entry), so one ``read()``
+visits at most that many entries before the CPU is given back.
+
+``KeyDeleter`` (bpf/ct_gc.c's ``tpl_ct_gc_keys``): run with BPF_PROG_TEST_RUN on up to
+``GC_KEYS_MAX`` (key, lifetime seen) records; deletes each entry whose lifetime is still
+the one seen (re-read as the last step before the delete), then the NAT entry it owned.
+
+Both take the test-only switches (``const volatile``, zero in production): a stall
+between judging an entry expired and the final re-check, and a pass without the re-check.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tuplet.bpf.iter import MapIterLink
+from tuplet.bpf.maps import Map
+from tuplet.bpf.objects import Collection, ObjectSpec
+from tuplet.core.errors import TupletError
+from tuplet.datapath.abi import (
+    GC_ITER_PROGRAM,
+    GC_KEYS_MAX,
+    GC_KEYS_PROGRAM,
+    GC_PROGRAM,
+    GC_SELECTOR,
+    GC_TEST_STALL_NS,
+    GC_TEST_UNPROTECTED,
+    GC_VAR_NOW,
+    GC_VAR_WALK_ONLY,
+    GC_WALK_ONLY,
+    NAT_MAP,
+)
+
+# struct gc_keys_args and struct gc_key_rec in bpf/ct_gc.c, after a 14-byte Ethernet header.
+_ETH = 14
+_KEYS_ARGS = struct.Struct("<IIII6I")
+REC_DTYPE = np.dtype([("key", "V14"), ("pad", "<u2"), ("seen", "<u4")])
+# struct gc_args (the one-run walk), after the Ethernet header.
+_WALK_ARGS = struct.Struct("<II4Q")
+
+
+@dataclass(frozen=True)
+class GcSwitches:
+    """Test-only load-time switches of the GC programs (both zero in production)."""
+
+    stall_ns: int = 0          # spin between the verdict and the final re-check
+    unprotected: bool = False  # delete without the final re-check
+
+
+def load_on(obj: Path, ct_maps: list[Map], nat: Map | None, switches: GcSwitches) -> Collection:
+    """Load a GC object reusing the datapath's maps (the others shrunk to stand-ins)."""
+    spec = ObjectSpec.open(obj)
+    try:
+        given = {m.name: m for m in ct_maps}
+        if nat is not None:
+            given[NAT_MAP] = nat
+        for name in spec.maps:
+            if name in given:
+                spec.reuse_map(name, given[name])
+            elif "." not in name:          # not a data section (ct_gc.bss, ...)
+                spec.set_max_entries(name, 64)
+        spec.set_const(GC_TEST_STALL_NS, switches.stall_ns)
+        spec.set_const(GC_TEST_UNPROTECTED, int(switches.unprotected))
+        return spec.load()
+    finally:
+        spec.close()
+
+
+class IterPass:
+    """The sliced in-kernel pass: iterator programs, one link per CT map."""
+
+    def __init__(self, coll: Collection, ct_maps: list[Map], slice_entries: int) -> None:
+        self.coll = coll
+        self.slice_entries = slice_entries
+        self.links: dict[str, MapIterLink] = {}
+        try:
+            for m in ct_maps:
+                self.links[m.name] = MapIterLink(coll.programs[GC_ITER_PROGRAM[m.name]], m)
+        except Exception:
+            self.close()
+            raise
+
+    def run(self, m: Map, now: int, walk_only: bool = False) -> np.ndarray:
+        """One iteration over ``m``: counts per verdict (index = enum gc_verdict)."""
+        self.coll.set_global(".bss", GC_VAR_NOW, now)
+        self.coll.set_global(".bss", GC_VAR_WALK_ONLY, int(walk_only))
+        counts = np.zeros(8, np.int64)
+        for chunk in self.links[m.name].slices(self.slice_entries):
+            counts += np.bincount(np.frombuffer(chunk, np.uint8), minlength=8)[:8]
+        return counts
+
+    def close(self) -> None:
+        for link in self.links.values():
+            link.close()
+        self.links.clear()
+        self.coll.close()
+
+
+class KeyDeleter:
+    """``tpl_ct_gc_keys``: the re-checking delete of the batch method (and the one-run walk)."""
+
+    def __init__(self, coll: Collection) -> None:
+        self.coll = coll
+
+    def delete(self, m: Map, recs: np.ndarray, now: int) -> np.ndarray:
+        """Records (REC_DTYPE) judged expired: counts per verdict."""
+        counts = np.zeros(8, np.int64)
+        prog = self.coll.programs[GC_KEYS_PROGRAM]
+        for s in range(0, len(recs), GC_KEYS_MAX):
+            part = recs[s:s + GC_KEYS_MAX]
+            pkt = bytes(_ETH) + _KEYS_ARGS.pack(GC_SELECTOR[m.name], len(part), now, 0, *([0] * 6)) + part.tobytes()
+            r = prog.test_run(pkt, out_size=len(pkt))
+            if r.retval != 0:
+                raise TupletError(f"program {GC_KEYS_PROGRAM}", "gc", detail=f"returned {r.retval} on {m.name}")
+            counts[:6] += _KEYS_ARGS.unpack_from(r.data, _ETH)[4:]
+        return counts
+
+    def walk_once(self, selector: int) -> int:
+        """The whole map in one run, visiting only (a benchmark floor; holds its CPU throughout)."""
+        pkt = bytes(_ETH) + _WALK_ARGS.pack(0, selector | GC_WALK_ONLY, 0, 0, 0, 0)
+        r = self.coll.programs[GC_PROGRAM].test_run(pkt, out_size=len(pkt))
+        if r.retval != 0:
+            raise TupletError(f"program {GC_PROGRAM}", "gc", detail=f"returned {r.retval}")
+        return int(_WALK_ARGS.unpack_from(r.data, _ETH)[2])
+
+    def close(self) -> None:
+        self.coll.close()
