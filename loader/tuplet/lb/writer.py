@@ -29,7 +29,7 @@ import fcntl
 import json
 import os
 import socket
-from typing import Any, Iterator
+from typing import Any, Collection, Iterator
 
 import numpy as np
 import structlog
@@ -204,11 +204,13 @@ class ServiceTable:
                 return i
         raise TupletError("reverse-NAT indices", "allocate", detail=f"all {MAX_REV_NAT} are in use")
 
-    def _check_frontend(self, s: Service) -> None:
+    def _check_frontend(self, s: Service, replacing: Collection[str] = (), hint: str = "") -> None:
+        """Refuse s when another service (not s itself, nor one of ``replacing``) has its
+        address, port and protocol."""
         for other in self.reg.services.values():
-            if other.name != s.name and other.frontend == s.frontend:
+            if other.name != s.name and other.name not in replacing and other.frontend == s.frontend:
                 raise ConfigError(f"services.{s.name}", f"{s.describe_frontend()} is already service "
-                                                       f"{other.name!r}")
+                                                       f"{other.name!r}{hint}")
 
     def upsert(self, s: Service) -> ServiceView:
         """Add service s, or change it to s (same name). Its address, port and protocol
@@ -317,7 +319,7 @@ class ServiceTable:
         names them. Also refreshes every backend's local/remote flag. Returns what changed."""
         wanted = {s.name: s for s in services}
         for s in services:
-            self._check_frontend_except(s, wanted)
+            self._check_frontend(s, wanted, " (added with `tuplet svc`)")
         done: dict[str, list[str]] = {"added": [], "updated": [], "deleted": [], "unchanged": []}
         for name in [n for n, s in self.reg.services.items() if s.source == "config" and n not in wanted]:
             self.delete(name)
@@ -336,12 +338,6 @@ class ServiceTable:
             self.upsert(s)
             done["added" if old is None else "updated"].append(s.name)
         return done
-
-    def _check_frontend_except(self, s: Service, replacing: dict[str, Service]) -> None:
-        for other in self.reg.services.values():
-            if other.name not in replacing and other.frontend == s.frontend:
-                raise ConfigError(f"services.{s.name}", f"{s.describe_frontend()} is already service "
-                                                       f"{other.name!r} (added with `tuplet svc`)")
 
     def _flags_current(self, s: Service) -> bool:
         be_map = self.maps[BACKENDS_MAP]
