@@ -259,6 +259,20 @@ class Map:
                 check(ret, self.what, "batch lookup")
             return count.value, (None if err == errno.ENOENT else out_tok.raw)
 
+    def lookup_chunks(self, buf: "BatchBuffers") -> Iterator[int]:
+        """Walk the whole map, one BPF_MAP_LOOKUP_BATCH of at most ``buf.n`` entries per
+        step, into ``buf`` (reused: read it before asking for the next step). Yields each
+        step's count (never 0). Every chunked reader of this project (GC, flushes, resize,
+        :meth:`batches`, :meth:`clear`) walks a map through this loop.
+        """
+        token: bytes | None = None
+        while True:
+            count, token = self.lookup_batch(buf, token)
+            if count:
+                yield count
+            if token is None:
+                return
+
     def batches(self, chunk: int = 8192) -> Iterator[tuple[bytes, bytes, int]]:
         """Read the whole map with BPF_MAP_LOOKUP_BATCH.
 
@@ -267,13 +281,8 @@ class Map:
         result still yielded.
         """
         buf = self.batch_buffers(max(1, chunk))
-        token: bytes | None = None
-        while True:
-            c, token = self.lookup_batch(buf, token)
-            if c:
-                yield buf.keys.raw[: c * self.key_size], buf.values.raw[: c * self.value_buf_size], c
-            if token is None:
-                return
+        for c in self.lookup_chunks(buf):
+            yield buf.keys.raw[: c * self.key_size], buf.values.raw[: c * self.value_buf_size], c
 
     def items(self, chunk: int = 8192) -> Iterator[tuple[bytes, bytes]]:
         """All (key, value) pairs, read in batches."""

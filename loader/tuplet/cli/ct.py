@@ -11,6 +11,7 @@ from contextlib import ExitStack
 
 from tuplet.cli.common import pin_root_of
 from tuplet.conntrack import records as ct
+from tuplet.conntrack.flush import flush_pinned
 from tuplet.conntrack.gc import CtGc
 from tuplet.conntrack.runner import GcRunner, PassReport
 from tuplet.conntrack.schedule import GcSchedule
@@ -95,14 +96,7 @@ def _gc_follow(args: argparse.Namespace, root: str, collector: CtGc, stack: Exit
 
 
 def cmd_ct_flush(args: argparse.Namespace) -> int:
-    root = pin_root_of(args)
-    total = 0
-    for name in abi.CT_MAPS:
-        with paths.open_pinned(root, name) as m:
-            total += m.clear()
-    nat = 0
-    if os.path.exists(os.path.join(root, abi.NAT_MAP)):
-        with paths.open_pinned(root, abi.NAT_MAP) as m:
-            nat = m.clear()
-    print(f"flushed {total} conntrack entries and {nat} NAT entries")
+    res = flush_pinned(pin_root_of(args))
+    print(f"flushed {res.describe()} in {res.duration_s * 1000:.0f} ms, {res.chunks} chunk(s), "
+          f"longest system call {res.longest_step_s * 1000:.2f} ms")
     return 0

@@ -14,22 +14,26 @@ Entries of other flows stay, expired or not (GC collects those).
 """
 from __future__ import annotations
 
+import os
 import socket
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 import structlog
 
 from tuplet.bpf.maps import BatchBuffers, Map
 from tuplet.conntrack.entries import EntryLayout, nat_keys_for
+from tuplet.datapath import abi, paths
 
 log = structlog.get_logger("tuplet.flush")
 
 #: Entries per batch lookup and delete: small enough that one system call stays far
-#: below a millisecond.
-CHUNK = 2048
+#: below a millisecond (bench/endpoints.py: the longest single call with 1,024 is
+#: ~0.3 ms on a 1 Mi table).
+CHUNK = 1024
 
 
 @dataclass
@@ -38,7 +42,14 @@ class FlushResult:
     nat_deleted: int = 0
     chunks: int = 0
     longest_step_s: float = 0.0    # longest single batch lookup or delete
-    duration_s: float = 0.0
+    longest_step: str = ""         # which one it was ("lookup MAP" / "delete MAP")
+    longest_cpu_s: float = 0.0     # most CPU time one call used (thread time: the wall time
+    duration_s: float = 0.0        # above also counts time the task was off the CPU)
+
+    def note(self, what: str, seconds: float, cpu_s: float) -> None:
+        if seconds > self.longest_step_s:
+            self.longest_step_s, self.longest_step = seconds, what
+        self.longest_cpu_s = max(self.longest_cpu_s, cpu_s)
 
     @property
     def ct_deleted(self) -> int:
@@ -46,7 +57,9 @@ class FlushResult:
 
     def to_json(self) -> dict[str, object]:
         return {"deleted": self.deleted, "ct_deleted": self.ct_deleted, "nat_deleted": self.nat_deleted,
-                "chunks": self.chunks, "longest_step_s": self.longest_step_s, "duration_s": self.duration_s}
+                "chunks": self.chunks, "longest_step_s": self.longest_step_s, "longest_step": self.longest_step,
+                "longest_cpu_s": self.longest_cpu_s,
+                "duration_s": self.duration_s}
 
     def describe(self) -> str:
         per = ", ".join(f"{n} {c}" for n, c in self.deleted.items())
@@ -59,71 +72,86 @@ def be32_array(addrs: Iterable[str]) -> np.ndarray:
 
 
 class Flusher:
-    """Deletes matching entries of CT maps (and the NAT entries they own) chunk by chunk."""
+    """Deletes matching entries of CT maps (and the NAT entries they own) chunk by chunk.
 
-    def __init__(self, ct_maps: list[Map], nat: Map | None = None, chunk: int = CHUNK) -> None:
+    The one chunked delete of the project: `tuplet ct flush` (every entry) and an
+    endpoint's delete (its addresses) both run it. Between two chunks the flusher gives
+    the CPU away (``os.sched_yield``), so a task sharing the CPU waits for at most one
+    system call.
+    """
+
+    def __init__(self, ct_maps: list[Map], nat: Map | None = None, chunk: int = CHUNK,
+                 yield_cpu: bool = True) -> None:
         self.ct_maps = ct_maps
         self.nat = nat
         self.chunk = max(1, chunk)
+        self.yield_cpu = yield_cpu
         self._layouts = {m.name: EntryLayout.of(m) for m in ct_maps}
 
     def flush(self, addrs: Iterable[str] | None = None) -> FlushResult:
-        """Delete the entries with one of ``addrs`` as either address (None: every entry)."""
+        """Delete the entries with one of ``addrs`` as either address (None: every entry,
+        and the whole NAT table)."""
         want = None if addrs is None else be32_array(addrs)
         res = FlushResult()
         t0 = time.perf_counter()
         for m in self.ct_maps:
             res.deleted[m.name] = self._flush_map(m, want, res)
         if want is None and self.nat is not None:
-            res.nat_deleted += self._clear(self.nat, res)
+            res.nat_deleted += sum(self._delete(self.nat, buf.keys.raw[:count * self.nat.key_size], count, res)
+                                   for buf, count in self._chunks(self.nat, res))
         res.duration_s = time.perf_counter() - t0
         log.info("conntrack flushed", addresses=None if addrs is None else sorted(addrs) or [],
                  deleted=res.deleted, nat_deleted=res.nat_deleted, chunks=res.chunks,
-                 longest_step_ms=round(res.longest_step_s * 1000, 3), duration_s=round(res.duration_s, 4))
+                 longest_step_ms=round(res.longest_step_s * 1000, 3), longest_step=res.longest_step,
+                 duration_s=round(res.duration_s, 4))
         return res
 
-    def _timed_lookup(self, m: Map, buf: BatchBuffers, token: bytes | None, res: FlushResult) -> tuple[int, bytes | None]:
-        t = time.perf_counter()
-        out = m.lookup_batch(buf, token)
-        res.longest_step_s = max(res.longest_step_s, time.perf_counter() - t)
-        res.chunks += 1
-        return out
+    def _chunks(self, m: Map, res: FlushResult) -> Iterator[tuple[BatchBuffers, int]]:
+        """``m`` a batch lookup at a time (each one timed), the CPU given away between."""
+        buf = m.batch_buffers(self.chunk)
+        steps = m.lookup_chunks(buf)
+        while True:
+            t, c = time.perf_counter(), time.thread_time()
+            count = next(steps, 0)
+            res.note(f"lookup {m.name}", time.perf_counter() - t, time.thread_time() - c)
+            if not count:
+                return
+            res.chunks += 1
+            yield buf, count
+            if self.yield_cpu:
+                os.sched_yield()
 
-    def _timed_delete(self, m: Map, keys: bytes, count: int, res: FlushResult) -> int:
-        t = time.perf_counter()
+    def _delete(self, m: Map, keys: bytes, count: int, res: FlushResult) -> int:
+        t, c = time.perf_counter(), time.thread_time()
         n = m.delete_batch(keys, count)
-        res.longest_step_s = max(res.longest_step_s, time.perf_counter() - t)
+        res.note(f"delete {m.name}", time.perf_counter() - t, time.thread_time() - c)
         return n
 
     def _flush_map(self, m: Map, want: np.ndarray | None, res: FlushResult) -> int:
         lay = self._layouts[m.name]
-        buf = m.batch_buffers(self.chunk)
-        token: bytes | None = None
         deleted = 0
-        while True:
-            count, token = self._timed_lookup(m, buf, token, res)
-            if count:
-                keys = np.frombuffer(memoryview(buf.keys), dtype=lay.key, count=count)
-                hit = np.ones(count, bool) if want is None else \
-                    np.isin(keys["saddr"], want) | np.isin(keys["daddr"], want)
-                if hit.any():
-                    doomed = keys[hit].copy()
-                    if self.nat is not None and want is not None:
-                        values = np.frombuffer(memoryview(buf.values), dtype=lay.value, count=count)[hit].copy()
-                        nat = nat_keys_for(doomed, values, lay)
-                        if len(nat):
-                            res.nat_deleted += self._timed_delete(self.nat, nat.tobytes(), len(nat), res)
-                    deleted += self._timed_delete(m, doomed.tobytes(), len(doomed), res)
-            if token is None:
-                return deleted
+        for buf, count in self._chunks(m, res):
+            keys = np.frombuffer(memoryview(buf.keys), dtype=lay.key, count=count)
+            hit = np.ones(count, bool) if want is None else \
+                np.isin(keys["saddr"], want) | np.isin(keys["daddr"], want)
+            if not hit.any():
+                continue
+            doomed = keys[hit].copy()
+            if self.nat is not None and want is not None:
+                values = np.frombuffer(memoryview(buf.values), dtype=lay.value, count=count)[hit].copy()
+                nat = nat_keys_for(doomed, values, lay)
+                if len(nat):
+                    res.nat_deleted += self._delete(self.nat, nat.tobytes(), len(nat), res)
+            deleted += self._delete(m, doomed.tobytes(), len(doomed), res)
+        return deleted
 
-    def _clear(self, m: Map, res: FlushResult) -> int:
-        buf = m.batch_buffers(self.chunk)
-        token: bytes | None = None
-        deleted = 0
-        while True:
-            count, token = self._timed_lookup(m, buf, token, res)
-            if count:
-                deleted += self._timed_delete(m, buf.keys.raw[:count * m.key_size], count, res)
-            if token is None:
-                return deleted
+
+def flush_pinned(pin_root: str, addrs: Iterable[str] | None = None, chunk: int = CHUNK) -> FlushResult:
+    """Flush the pinned CT tables of ``pin_root`` (and its NAT table): the entries of
+    ``addrs``, or everything (None)."""
+    with ExitStack() as stack:
+        maps = [stack.enter_context(paths.open_pinned(pin_root, n)) for n in abi.CT_MAPS
+                if paths.is_pinned(pin_root, n)]
+        nat = stack.enter_context(paths.open_pinned(pin_root, abi.NAT_MAP)) \
+            if paths.is_pinned(pin_root, abi.NAT_MAP) else None
+        return Flusher(maps, nat, chunk=chunk).flush(addrs)

@@ -197,22 +197,17 @@ class CtGc:
         lay = self._layouts[m.name]
         counts = np.zeros(8, np.int64)
         buf = m.batch_buffers(self.chunk)
-        token: bytes | None = None
-        while True:
-            count, nxt = m.lookup_batch(buf, token)
-            if count:
-                values = np.frombuffer(memoryview(buf.values), dtype=lay.value, count=count)
-                expired = values["lifetime"] < now
-                n = int(expired.sum())
-                counts[GC_V_ALIVE] += count - n
-                if n:
-                    recs = np.zeros(n, REC_DTYPE)
-                    recs["key"] = np.frombuffer(memoryview(buf.keys), dtype=f"V{m.key_size}", count=count)[expired]
-                    recs["seen"] = values["lifetime"][expired]
-                    counts += self._deleter.delete(m, recs, now)
-            if nxt is None:
-                return counts
-            token = nxt
+        for count in m.lookup_chunks(buf):
+            values = np.frombuffer(memoryview(buf.values), dtype=lay.value, count=count)
+            expired = values["lifetime"] < now
+            n = int(expired.sum())
+            counts[GC_V_ALIVE] += count - n
+            if n:
+                recs = np.zeros(n, REC_DTYPE)
+                recs["key"] = np.frombuffer(memoryview(buf.keys), dtype=f"V{m.key_size}", count=count)[expired]
+                recs["seen"] = values["lifetime"][expired]
+                counts += self._deleter.delete(m, recs, now)
+        return counts
 
     def close(self) -> None:
         if self._iter is not None:

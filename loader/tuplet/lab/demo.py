@@ -6,7 +6,9 @@ ClusterIP and a LoadBalancer service, opens a real TCP connection and sends UDP 
 between two pods, then connects to the ClusterIP from a pod and to the LoadBalancer VIP
 from outside the node (each answer says which backend served it and from which address
 the reply came), prints `tuplet svc list`, `tuplet ct list` and `tuplet metrics`, and
-removes everything again, also on Ctrl-C.
+then adds a fourth pod live (`tuplet endpoint add`), shows the entries its traffic makes,
+deletes it (`tuplet endpoint delete`) and shows they went, and removes everything again,
+also on Ctrl-C.
 """
 from __future__ import annotations
 
@@ -22,10 +24,12 @@ from pathlib import Path
 
 from tuplet.agent import log as logmod
 from tuplet.cli import main as cli
+from tuplet.conntrack import records as ct
+from tuplet.datapath import abi, paths
 from tuplet.lab.topology import Topology
 
 PIN_ROOT = "/sys/fs/bpf/tuplet/demo"
-POD1, POD2, POD3 = "10.64.0.36", "10.64.0.64", "10.64.0.98"
+POD1, POD2, POD3, POD4 = "10.64.0.36", "10.64.0.64", "10.64.0.98", "10.64.0.120"
 CLUSTER_IP, LB_VIP, NODE_IP, EXT = "10.68.174.146", "172.190.0.17", "172.191.0.254", "172.191.0.1"
 
 # Answers every connection with its name; runs in each backend pod.
@@ -75,6 +79,17 @@ def step(text: str) -> None:
     print(f"\n==> {text}", flush=True)
 
 
+def show_entries_of(addr: str) -> None:
+    """The CT entries with ``addr`` as either address, as `tuplet ct list` prints them."""
+    lines = []
+    for name in abi.CT_MAPS:
+        with paths.open_pinned(PIN_ROOT, name) as m:
+            lines += [r.line() for r in ct.records(m) if addr in (r.src[0], r.dst[0])]
+    print(f"{len(lines)} entries with {addr}")
+    for line in sorted(lines):
+        print(f"  {line}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="tuplet-demo", description=__doc__)
     ap.add_argument("--attach-mode", choices=["auto", "tcx", "tc"], default="auto")
@@ -98,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             p1 = topo.add_pod(node, "pod1", POD1)
             p2 = topo.add_pod(node, "pod2", POD2)
             p3 = topo.add_pod(node, "pod3", POD3)
+            p4 = topo.add_pod(node, "pod4", POD4)     # not in the node file: added live below
             ext = topo.add_external(node, "ext", EXT, node_ip=NODE_IP, node_ifname="eth0")
             topo.add_service_range(node, "10.68.0.0/16")
             topo.run(ext, ["ip", "route", "add", f"{LB_VIP}/32", "via", NODE_IP], check=True)
@@ -180,6 +196,20 @@ def main(argv: list[str] | None = None) -> int:
             cli.main(["--pin-root", PIN_ROOT, "ct", "list", "--time-diff"])
             step("tuplet metrics")
             cli.main(["--pin-root", PIN_ROOT, "metrics"])
+
+            step(f"a pod comes: tuplet endpoint add pod4 --ifname {p4.host_ifname} --ipv4 {POD4} --identity 5000")
+            if cli.main(["--pin-root", PIN_ROOT, "endpoint", "add", "pod4", "--ifname", p4.host_ifname,
+                         "--ipv4", POD4, "--identity", "5000"]) != 0:
+                return 1
+            cli.main(["--pin-root", PIN_ROOT, "endpoint", "list"])
+            step(f"pod4 connects to pod2 ({POD2}:9000) and pings pod1: its entries appear")
+            topo.run(p4, [sys.executable, "-c", ASK, POD2, "9000", "1"], check=True, timeout=30)
+            topo.run(p4, ["ping", "-c", "1", POD1], check=True, timeout=10)
+            show_entries_of(POD4)
+            step("the pod goes: tuplet endpoint delete pod4 (detaches, flushes its entries and only those)")
+            if cli.main(["--pin-root", PIN_ROOT, "endpoint", "delete", "pod4"]) != 0:
+                return 1
+            show_entries_of(POD4)
             if args.keep:
                 input(f"\nTopology up (namespaces {node.netns}, {p1.netns}, {p2.netns}); Enter to clean up. ")
         except KeyboardInterrupt:

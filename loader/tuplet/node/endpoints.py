@@ -20,7 +20,6 @@ import contextlib
 import ipaddress
 import os
 import re
-from contextlib import ExitStack
 from dataclasses import dataclass
 
 import structlog
@@ -35,7 +34,7 @@ from tuplet.bpf.links import (
     tc_has_filter,
 )
 from tuplet.bpf.programs import Program
-from tuplet.conntrack.flush import Flusher, FlushResult
+from tuplet.conntrack.flush import FlushResult, flush_pinned
 from tuplet.core.crash import crashpoint
 from tuplet.core.errors import ConfigError, NotFoundError, TupletError
 from tuplet.datapath import abi, paths
@@ -90,15 +89,6 @@ def _load(pin_root: str) -> NodeState:
     return st
 
 
-def _ct_flush(pin_root: str, ipv4: str) -> FlushResult:
-    with ExitStack() as stack:
-        maps = [stack.enter_context(paths.open_pinned(pin_root, n)) for n in abi.CT_MAPS
-                if paths.is_pinned(pin_root, n)]
-        nat = stack.enter_context(paths.open_pinned(pin_root, abi.NAT_MAP)) \
-            if paths.is_pinned(pin_root, abi.NAT_MAP) else None
-        return Flusher(maps, nat).flush([ipv4])
-
-
 def _detach_endpoint(st: NodeState, rec: EndpointRecord) -> None:
     """Take the pod programs off rec's device, whatever the state recorded (a killed add
     may have attached without recording it), and remove rec's endpoint map entry."""
@@ -130,7 +120,7 @@ def recover(st: NodeState) -> list[Recovered]:
     for rec in [r for r in st.live.values() if r.phase != PHASE_READY]:
         _detach_endpoint(st, rec)
         if rec.phase == PHASE_DELETING:
-            flushed = _ct_flush(st.pin_root, rec.ipv4)
+            flushed = flush_pinned(st.pin_root, [rec.ipv4])
             done.append(Recovered(rec, "delete finished", flushed))
         else:
             done.append(Recovered(rec, "add undone"))
@@ -234,7 +224,7 @@ def delete(pin_root: str, name: str, missing_ok: bool = False) -> Deleted | None
             crashpoint("endpoint-delete-marked")
             _detach_endpoint(st, rec)
             crashpoint("endpoint-delete-detached")
-            flushed = _ct_flush(pin_root, rec.ipv4)
+            flushed = flush_pinned(pin_root, [rec.ipv4])
             crashpoint("endpoint-delete-flushed")
             del st.live[name]
             state.save(st)

@@ -7,9 +7,10 @@ from `tuplet ipcache add/delete`, which ``apply`` leaves alone. Changes hold the
 """
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import structlog
 
@@ -106,28 +107,32 @@ def sync_config(m: Map | None, entries: Sequence[IpcacheEntry], previous: Sequen
             m.delete(key_of(p))
 
 
-def add(pin_root: str, prefix: str, identity: int) -> IpcacheEntry:
-    prefix = parse_prefix(prefix, "prefix")
-    identity = parse_identity(identity, "--identity")
+@contextlib.contextmanager
+def _cli_prefix(pin_root: str, prefix: str, change: str) -> Iterator[Map]:
+    """The ipcache map, under the node lock, for a change of a prefix the node file does
+    not own (``change``: what to do in the file instead)."""
     with node_lock(pin_root):
         st = state.load(pin_root)
         if st is not None and prefix in st.ipcache:
-            raise ConfigError("prefix", f"{prefix} is from the node file ([[ipcache]]): change it there")
+            raise ConfigError("prefix", f"{prefix} is from the node file ([[ipcache]]): {change} it there")
         with paths.open_pinned(pin_root, IPCACHE_MAP) as m:
-            m.update(key_of(prefix), IpcacheInfo(sec_id=identity))
+            yield m
+
+
+def add(pin_root: str, prefix: str, identity: int) -> IpcacheEntry:
+    prefix = parse_prefix(prefix, "prefix")
+    identity = parse_identity(identity, "--identity")
+    with _cli_prefix(pin_root, prefix, "change") as m:
+        m.update(key_of(prefix), IpcacheInfo(sec_id=identity))
     log.info("ipcache entry set", prefix=prefix, identity=identity)
     return IpcacheEntry(prefix, identity, "cli")
 
 
 def delete(pin_root: str, prefix: str) -> None:
     prefix = parse_prefix(prefix, "prefix")
-    with node_lock(pin_root):
-        st = state.load(pin_root)
-        if st is not None and prefix in st.ipcache:
-            raise ConfigError("prefix", f"{prefix} is from the node file ([[ipcache]]): remove it there")
-        with paths.open_pinned(pin_root, IPCACHE_MAP) as m:
-            if not m.delete(key_of(prefix)):
-                raise NotFoundError(f"ipcache prefix {prefix}", "delete", detail="not in the ipcache")
+    with _cli_prefix(pin_root, prefix, "remove") as m:
+        if not m.delete(key_of(prefix)):
+            raise NotFoundError(f"ipcache prefix {prefix}", "delete", detail="not in the ipcache")
     log.info("ipcache entry deleted", prefix=prefix)
 
 
