@@ -1,4 +1,4 @@
-"""`tuplet ct`: list, collect and flush the conntrack tables."""
+"""`tuplet ct`: collect and flush the conntrack tables (list and delete: ct_query.py)."""
 from __future__ import annotations
 
 import argparse
@@ -10,36 +10,14 @@ import threading
 from contextlib import ExitStack
 
 from tuplet.cli.common import pin_root_of
-from tuplet.conntrack import records as ct
 from tuplet.conntrack.gc import CtGc
 from tuplet.conntrack.runner import GcRunner, PassReport
 from tuplet.conntrack.schedule import GcSchedule
-from tuplet.datapath import abi, clock, paths
+from tuplet.datapath import abi, paths
 from tuplet.datapath.abi import SIGNAL_MAP
 from tuplet.datapath.signals import SignalReader
 from tuplet.node import config as configmod
 from tuplet.node import options
-
-
-def _ct_maps(args: argparse.Namespace) -> list[str]:
-    return {"all": list(abi.CT_MAPS), "tcp": [abi.CT_MAP_TCP], "any": [abi.CT_MAP_ANY]}[args.map]
-
-
-def cmd_ct_list(args: argparse.Namespace) -> int:
-    root = pin_root_of(args)
-    now = clock.monotonic_now() if args.time_diff else None
-    recs: list[ct.CtRecord] = []
-    for name in _ct_maps(args):
-        with paths.open_pinned(root, name) as m:
-            recs.extend(ct.records(m))
-    recs.sort(key=ct.sort_key)
-    if args.output == "json":
-        json.dump([r.to_json(now) for r in recs], sys.stdout, indent=2)
-        print()
-    else:
-        for r in recs:
-            print(r.line(now))
-    return 0
 
 
 def cmd_ct_gc(args: argparse.Namespace) -> int:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import structlog
@@ -26,6 +26,9 @@ from tuplet.bpf.maps import BatchBuffers, Map
 from tuplet.conntrack.entries import EntryLayout, nat_keys_for
 
 log = structlog.get_logger("tuplet.flush")
+
+#: Which entries of a chunk to delete: (map name, keys, values) -> boolean mask.
+Match = Callable[[str, np.ndarray, np.ndarray], np.ndarray]
 
 #: Entries per batch lookup and delete: small enough that one system call stays far
 #: below a millisecond.
@@ -82,6 +85,18 @@ class Flusher:
                  longest_step_ms=round(res.longest_step_s * 1000, 3), duration_s=round(res.duration_s, 4))
         return res
 
+    def flush_matching(self, match: Match, what: str = "") -> FlushResult:
+        """Delete the entries ``match`` selects per chunk, and the NAT entries they own."""
+        res = FlushResult()
+        t0 = time.perf_counter()
+        for m in self.ct_maps:
+            res.deleted[m.name] = self._flush_map(m, None, res, match)
+        res.duration_s = time.perf_counter() - t0
+        log.info("conntrack entries deleted", filter=what, deleted=res.deleted, nat_deleted=res.nat_deleted,
+                 chunks=res.chunks, longest_step_ms=round(res.longest_step_s * 1000, 3),
+                 duration_s=round(res.duration_s, 4))
+        return res
+
     def _timed_lookup(self, m: Map, buf: BatchBuffers, token: bytes | None, res: FlushResult) -> tuple[int, bytes | None]:
         t = time.perf_counter()
         out = m.lookup_batch(buf, token)
@@ -95,7 +110,7 @@ class Flusher:
         res.longest_step_s = max(res.longest_step_s, time.perf_counter() - t)
         return n
 
-    def _flush_map(self, m: Map, want: np.ndarray | None, res: FlushResult) -> int:
+    def _flush_map(self, m: Map, want: np.ndarray | None, res: FlushResult, match: Match | None = None) -> int:
         lay = self._layouts[m.name]
         buf = m.batch_buffers(self.chunk)
         token: bytes | None = None
@@ -104,11 +119,15 @@ class Flusher:
             count, token = self._timed_lookup(m, buf, token, res)
             if count:
                 keys = np.frombuffer(memoryview(buf.keys), dtype=lay.key, count=count)
-                hit = np.ones(count, bool) if want is None else \
-                    np.isin(keys["saddr"], want) | np.isin(keys["daddr"], want)
+                if match is not None:
+                    values_all = np.frombuffer(memoryview(buf.values), dtype=lay.value, count=count)
+                    hit = match(m.name, keys, values_all)
+                else:
+                    hit = np.ones(count, bool) if want is None else \
+                        np.isin(keys["saddr"], want) | np.isin(keys["daddr"], want)
                 if hit.any():
                     doomed = keys[hit].copy()
-                    if self.nat is not None and want is not None:
+                    if self.nat is not None and (want is not None or match is not None):
                         values = np.frombuffer(memoryview(buf.values), dtype=lay.value, count=count)[hit].copy()
                         nat = nat_keys_for(doomed, values, lay)
                         if len(nat):
