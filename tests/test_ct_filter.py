@@ -119,7 +119,7 @@ def test_flush_matching_deletes_the_selection_and_its_nat(lxc: LxcHarness) -> No
     res = Flusher(maps, nat=lxc.coll.maps[NAT_MAP], chunk=2).flush_matching(
         lambda name, k, v: flt.mask(layouts[name], k, v))
     after = flows(lxc, CtFilter())
-    doomed = {f for f in before if f":1001 ->" in f}
+    doomed = {f for f in before if ":1001 ->" in f}
     assert f"TCP OUT {A}:1001 -> {B}:80" in doomed
     assert before - after == doomed
     assert res.ct_deleted == len(doomed) and res.nat_deleted == 0

@@ -57,12 +57,12 @@ def test_list_filters_on_live_traffic(traffic, pin_root, capsys) -> None:
 
     rc, out, _ = run(capsys, pin_root, "list", "-s", POD2, "-p", "udp", "--type", "OUT", "-o", "extended")
     assert out.splitlines() == [out.splitlines()[0]] and out.startswith(
-        f"ipv4     2 udp      17 ") and f"src={POD2} dst={POD1} sport=40002 dport=9000 packets=2 " in out
+        "ipv4     2 udp      17 ") and f"src={POD2} dst={POD1} sport=40002 dport=9000 packets=2 " in out
 
     rc, out, _ = run(capsys, pin_root, "list", "--sport", str(conn.sport), "--state", "established")
     lines = out.splitlines()
     assert {ln.split(" ")[1] for ln in lines} == {"OUT", "IN"}
-    assert all(ln.startswith(f"TCP ") and f"{POD1}:{conn.sport} -> {POD2}:8000" in ln for ln in lines)
+    assert all(ln.startswith("TCP ") and f"{POD1}:{conn.sport} -> {POD2}:8000" in ln for ln in lines)
 
     rc, out, _ = run(capsys, pin_root, "list", "-d", "10.64.0.0/26", "-c")    # POD2 (.64) is outside /26
     expected = len([r for r in every if r["dst"] == POD1])
