@@ -98,3 +98,15 @@ def test_delete_by_filter_keeps_the_rest(traffic, pin_root, capsys) -> None:
     assert int(out) == total - 2
     rc, out, _ = run(capsys, pin_root, "delete", "--all", "-o", "json")
     assert rc == 0 and json.loads(out)["ct_deleted"] >= total - 2
+
+
+def test_stats_on_live_traffic(traffic, pin_root, capsys) -> None:
+    rc, out, _ = run(capsys, pin_root, "stats", "-o", "json")
+    d = json.loads(out)
+    t = d["total"]
+    # 1 TCP connection + 2 UDP flows, each new on the sender's and the receiver's program
+    assert rc == 0 and t["new"] >= 6 and t["found"] > 0 and t["promoted"] >= 2 and t["insert"] >= 6
+    assert sum(c["found"] for c in d["cpus"]) == t["found"]
+    assert d["evicted_estimate"] is None      # no agent here
+    rc, out, _ = run(capsys, pin_root, "stats")
+    assert rc == 0 and "cpu=0" in out and "\ntotal  found=" in out and "evicted: no estimate" in out

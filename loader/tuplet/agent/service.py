@@ -72,6 +72,7 @@ class Agent:
         self.gc_last: dict[str, Any] | None = None
         self.autogrow = pressure.AutoGrow()
         self.evictions = pressure.EvictionEstimate()
+        self.evicted_total: dict[str, int] = {}   # estimated LRU evictions per table (`ct stats`)
         self.pressure_last: dict[str, Any] | None = None
         self.grown: list[dict[str, Any]] = []          # tables auto-grow grew, for status
         self._grow_requests: list[pressure.Grow] = []
@@ -143,6 +144,8 @@ class Agent:
             self.evictions.restart()   # new GC loop: the maps may be new ones
         evicted = self.evictions.observe(r, rep.events_before, rep.events_after)
         self.gc_metrics.evictions(evicted)
+        for name, n in evicted.items():
+            self.evicted_total[name] = self.evicted_total.get(name, 0) + n
         grows = self.autogrow.observe(rep.fill, pressure.capacities(r))
         if rep.pressure or evicted:
             log.info("table pressure", fill={k: round(v, 4) for k, v in rep.fill.items()},
@@ -288,7 +291,7 @@ class Agent:
              "last_reload": self.last_reload, "gc": self.gc_last,
              "gc_settings": {"interval": self.cfg.conntrack.gc_interval,
                              "max_interval": self.cfg.conntrack.gc_max_interval},
-             "pressure": self.pressure_last, "grown": self.grown,
+             "pressure": self.pressure_last, "grown": self.grown, "evicted": self.evicted_total,
              "metrics": self.server.address if self.server else None}
         p = agent_state_path(self.cfg.pin_root)
         with self._state_lock:

@@ -78,6 +78,9 @@ def parser() -> argparse.ArgumentParser:
                          "a failed insert, until interrupted")
     options.add_flags(cg, options.GC_FLAG_KEYS)
     cg.set_defaults(func=ct.cmd_ct_gc)
+    cs = csub.add_parser("stats", help="per-CPU conntrack counters (conntrack -S)")
+    cs.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    cs.set_defaults(func=ct.cmd_ct_stats)
     cf = csub.add_parser("flush", help="delete every conntrack entry")
     cf.set_defaults(func=ct.cmd_ct_flush)
 
