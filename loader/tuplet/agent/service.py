@@ -55,8 +55,10 @@ DEFAULT_PROM_ADDR = ":9962"
 
 class Agent:
     def __init__(self, config_path: str, overrides: Callable[[configmod.NodeConfig], configmod.NodeConfig],
-                 prom_addr: str, notify: Callable[..., None] | None = None) -> None:
+                 prom_addr: str, notify: Callable[..., None] | None = None,
+                 node_exporter_compat: bool = True) -> None:
         self.config_path = config_path
+        self.node_exporter_compat = node_exporter_compat
         self.overrides = overrides
         self.prom_addr = prom_addr
         self.notify = notify or Notifier()
@@ -114,7 +116,7 @@ class Agent:
         self.autogrow.configure(cfg.conntrack.auto_grow, cfg.conntrack.auto_grow_max)
         log.info("datapath applied", config=self.config_path, pin_root=cfg.pin_root,
                  attachments=len(res.attachments), reused_pins=len(res.reused_pins))
-        self.collector = collector.DatapathCollector(cfg.pin_root)
+        self.collector = collector.DatapathCollector(cfg.pin_root, node_exporter_compat=self.node_exporter_compat)
         self.registry.register(self.collector)
         self._start_gc(cfg)
         self.server = http.serve(self.prom_addr, self.registry)
@@ -302,10 +304,10 @@ class Agent:
 
 
 def run_agent(config_path: str, overrides: Callable[[configmod.NodeConfig], configmod.NodeConfig],
-              prom_addr: str) -> int:
+              prom_addr: str, node_exporter_compat: bool = True) -> int:
     """The `tuplet agent` command. Returns the exit status; raises ConfigError for a bad
     configuration on start (the CLI prints it and exits 2)."""
-    agent = Agent(config_path, overrides, prom_addr)
+    agent = Agent(config_path, overrides, prom_addr, node_exporter_compat=node_exporter_compat)
     for s in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
         signal.signal(s, agent.on_signal)
     try:

@@ -57,6 +57,8 @@ def parser() -> argparse.ArgumentParser:
     ag = sub.add_parser("agent", help="run the node agent (systemd service): apply, GC, metrics, reload on SIGHUP")
     ag.add_argument("--prometheus-serve-addr", default=None,
                     help="address of the metrics endpoint (default :9962; empty disables)")
+    ag.add_argument("--metrics-node-exporter-compat", type=apply.parse_bool, default=True, metavar="true|false",
+                    help="also export node_exporter's node_nf_conntrack_* for the CT tables (default true)")
     options.add_flags(ag)
     ag.set_defaults(func=apply.cmd_agent)
 
