@@ -31,7 +31,7 @@ Q := @
 msg = @printf '  %-8s %s\n' "$(1)" "$(2)";
 endif
 
-.PHONY: build deps venv lint test test-host demo bindings clean vmlinux bench install uninstall bench-services \
+.PHONY: prom-deps build deps venv lint test test-host demo bindings clean vmlinux bench install uninstall bench-services \
         bench-resize bench-flood vm-deps vm-test cni-deps bench-endpoints
 build: $(BPF_PROGS) $(BENCH_PROGS)
 
@@ -79,7 +79,7 @@ test: lint test-host
 # Then the clock-sensitive tests again with the datapath's clock reading a few seconds (a node just
 # booted: no "now - N" may go below zero, no lifetime comparison may assume a large clock).
 CLOCK_NEAR_ZERO ?= 5
-test-host: build venv cni-deps $(BUILD)/loadgen $(BUILD)/synflood
+test-host: build venv cni-deps prom-deps $(BUILD)/loadgen $(BUILD)/synflood
 	$(VENV_PY) -m pytest $(PYTEST_ARGS)
 	$(VENV_PY) -m pytest -m clock --datapath-clock $(CLOCK_NEAR_ZERO) $(PYTEST_ARGS)
 	$(VENV_PY) -m pytest --agent-confined tests/test_agent.py   # the agent within systemd/tuplet.service's limits
@@ -151,6 +151,13 @@ cni-deps:
 	$(Q)if ! command -v podman >/dev/null || ! command -v runc >/dev/null || [ ! -x /usr/lib/cni/ptp ] \
 	     || [ ! -x /bin/busybox ]; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(CNI_PKGS) >/dev/null; \
+	fi
+
+# promtool and the Prometheus server: alert rule unit tests (tests/test_alert_rules.py).
+PROM_PKGS := prometheus
+prom-deps:
+	$(Q)if ! command -v promtool >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(PROM_PKGS) >/dev/null; \
 	fi
 
 bench-endpoints: build venv

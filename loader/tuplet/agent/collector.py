@@ -23,7 +23,9 @@ import structlog
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
+from tuplet.agent import node_compat
 from tuplet.bpf.maps import Map
+from tuplet.conntrack import stats as ctstats
 from tuplet.core.errors import TupletError
 from tuplet.datapath import abi, enums, metrics
 from tuplet.datapath import events as ct_events
@@ -116,8 +118,11 @@ class DatapathCollector:
     """
 
     def __init__(self, pin_root: str, count_max_age: float = DEFAULT_COUNT_MAX_AGE,
-                 obj_path: str | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 obj_path: str | None = None, clock: Callable[[], float] = time.monotonic,
+                 node_exporter_compat: bool = True) -> None:
         self.pin_root = pin_root
+        self.node_exporter_compat = node_exporter_compat
+        self._caps: dict[str, int] = {}
         self.count_max_age = count_max_age
         self.obj_path = obj_path
         self.clock = clock
@@ -128,6 +133,8 @@ class DatapathCollector:
     def describe(self) -> Iterator[Metric]:
         """The families without samples (lets the registry detect clashing names)."""
         yield from _Families.make(self.count_max_age).all()
+        if self.node_exporter_compat:
+            yield from node_compat.describe()
 
     def collect(self) -> Iterator[Metric]:
         fams = _Families.make(self.count_max_age)
@@ -136,7 +143,9 @@ class DatapathCollector:
                 self._map_fill(name, fams)
             self._verdicts(fams)
             self._ct_events(fams)
+            compat = self._node_compat() if self.node_exporter_compat else []
         yield from fams.all()
+        yield from compat
 
     def _open(self, name: str) -> Map | None:
         path = os.path.join(self.pin_root, name)
@@ -166,6 +175,7 @@ class DatapathCollector:
                     return
                 self._counts[name] = cached
             cap = m.max_entries
+        self._caps[name] = cap
         fams.entries.add_metric([name], cached.entries)
         fams.capacity.add_metric([name], cap)
         fams.pressure.add_metric([name], cached.entries / cap if cap else 0.0)
@@ -206,6 +216,24 @@ class DatapathCollector:
             fams.forwards.add_metric([direction], packets)
             fams.forward_bytes.add_metric([direction], bytes_)
         fams.insert_failures.add_metric([], failed)
+
+    def _node_compat(self) -> list[Metric]:
+        """node_nf_conntrack_* from this scrape's counts and the per-CPU counters."""
+        entries = {n: (c.entries, self._caps[n]) for n, c in self._counts.items()
+                   if n in node_compat.TABLES and n in self._caps}
+        mm, em = self._open(METRICS_MAP), self._open(abi.EVENTS_MAP)
+        try:
+            reasons = self._names(mm, enums.REASONS) if mm else {}
+            evnames = self._names(em, enums.CT_EVENTS) if em else {}
+            total = ctstats.collect(mm, reasons, em, evnames)[1] if mm or em else None
+        except TupletError as e:
+            log.warning("metrics: cannot read counters for node_nf_conntrack_stat_*", error=str(e))
+            total = None
+        finally:
+            for m in (mm, em):
+                if m is not None:
+                    m.close()
+        return list(node_compat.families(entries, total))
 
     def _ct_events(self, fams: _Families) -> None:
         m = self._open(abi.EVENTS_MAP)

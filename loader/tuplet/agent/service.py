@@ -55,8 +55,10 @@ DEFAULT_PROM_ADDR = ":9962"
 
 class Agent:
     def __init__(self, config_path: str, overrides: Callable[[configmod.NodeConfig], configmod.NodeConfig],
-                 prom_addr: str, notify: Callable[..., None] | None = None) -> None:
+                 prom_addr: str, notify: Callable[..., None] | None = None,
+                 node_exporter_compat: bool = True) -> None:
         self.config_path = config_path
+        self.node_exporter_compat = node_exporter_compat
         self.overrides = overrides
         self.prom_addr = prom_addr
         self.notify = notify or Notifier()
@@ -72,6 +74,7 @@ class Agent:
         self.gc_last: dict[str, Any] | None = None
         self.autogrow = pressure.AutoGrow()
         self.evictions = pressure.EvictionEstimate()
+        self.evicted_total: dict[str, int] = {}   # estimated LRU evictions per table (`ct stats`)
         self.pressure_last: dict[str, Any] | None = None
         self.grown: list[dict[str, Any]] = []          # tables auto-grow grew, for status
         self._grow_requests: list[pressure.Grow] = []
@@ -113,7 +116,7 @@ class Agent:
         self.autogrow.configure(cfg.conntrack.auto_grow, cfg.conntrack.auto_grow_max)
         log.info("datapath applied", config=self.config_path, pin_root=cfg.pin_root,
                  attachments=len(res.attachments), reused_pins=len(res.reused_pins))
-        self.collector = collector.DatapathCollector(cfg.pin_root)
+        self.collector = collector.DatapathCollector(cfg.pin_root, node_exporter_compat=self.node_exporter_compat)
         self.registry.register(self.collector)
         self._start_gc(cfg)
         self.server = http.serve(self.prom_addr, self.registry)
@@ -143,6 +146,8 @@ class Agent:
             self.evictions.restart()   # new GC loop: the maps may be new ones
         evicted = self.evictions.observe(r, rep.events_before, rep.events_after)
         self.gc_metrics.evictions(evicted)
+        for name, n in evicted.items():
+            self.evicted_total[name] = self.evicted_total.get(name, 0) + n
         grows = self.autogrow.observe(rep.fill, pressure.capacities(r))
         if rep.pressure or evicted:
             log.info("table pressure", fill={k: round(v, 4) for k, v in rep.fill.items()},
@@ -288,7 +293,7 @@ class Agent:
              "last_reload": self.last_reload, "gc": self.gc_last,
              "gc_settings": {"interval": self.cfg.conntrack.gc_interval,
                              "max_interval": self.cfg.conntrack.gc_max_interval},
-             "pressure": self.pressure_last, "grown": self.grown,
+             "pressure": self.pressure_last, "grown": self.grown, "evicted": self.evicted_total,
              "metrics": self.server.address if self.server else None}
         p = agent_state_path(self.cfg.pin_root)
         with self._state_lock:
@@ -299,10 +304,10 @@ class Agent:
 
 
 def run_agent(config_path: str, overrides: Callable[[configmod.NodeConfig], configmod.NodeConfig],
-              prom_addr: str) -> int:
+              prom_addr: str, node_exporter_compat: bool = True) -> int:
     """The `tuplet agent` command. Returns the exit status; raises ConfigError for a bad
     configuration on start (the CLI prints it and exits 2)."""
-    agent = Agent(config_path, overrides, prom_addr)
+    agent = Agent(config_path, overrides, prom_addr, node_exporter_compat=node_exporter_compat)
     for s in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
         signal.signal(s, agent.on_signal)
     try:

@@ -42,7 +42,17 @@ def cmd_agent(args: argparse.Namespace) -> int:
                 cfg = dataclasses.replace(cfg, pin_root=args.pin_root)
         return cfg
 
-    return agent.run_agent(path, overrides, addr)
+    return agent.run_agent(path, overrides, addr, node_exporter_compat=args.metrics_node_exporter_compat)
+
+
+def parse_bool(text: str) -> bool:
+    """An argparse type: true/false (also 1/0, yes/no)."""
+    t = text.strip().lower()
+    if t in ("true", "1", "yes", "on"):
+        return True
+    if t in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"must be true or false, got {text!r}")
 
 
 def cmd_teardown(args: argparse.Namespace) -> int:

@@ -1,4 +1,4 @@
-"""`tuplet ct`: list, collect and flush the conntrack tables."""
+"""`tuplet ct`: collect and flush the conntrack tables (list and delete: ct_query.py)."""
 from __future__ import annotations
 
 import argparse
@@ -9,38 +9,19 @@ import sys
 import threading
 from contextlib import ExitStack
 
+from tuplet.agent.report import read_agent_state
 from tuplet.cli.common import pin_root_of
-from tuplet.conntrack import records as ct
+from tuplet.conntrack import stats as ctstats
 from tuplet.conntrack.flush import flush_pinned
 from tuplet.conntrack.gc import CtGc
 from tuplet.conntrack.runner import GcRunner, PassReport
 from tuplet.conntrack.schedule import GcSchedule
-from tuplet.datapath import abi, clock, paths
+from tuplet.core.errors import NotFoundError
+from tuplet.datapath import abi, enums, paths
 from tuplet.datapath.abi import SIGNAL_MAP
 from tuplet.datapath.signals import SignalReader
 from tuplet.node import config as configmod
 from tuplet.node import options
-
-
-def _ct_maps(args: argparse.Namespace) -> list[str]:
-    return {"all": list(abi.CT_MAPS), "tcp": [abi.CT_MAP_TCP], "any": [abi.CT_MAP_ANY]}[args.map]
-
-
-def cmd_ct_list(args: argparse.Namespace) -> int:
-    root = pin_root_of(args)
-    now = clock.monotonic_now() if args.time_diff else None
-    recs: list[ct.CtRecord] = []
-    for name in _ct_maps(args):
-        with paths.open_pinned(root, name) as m:
-            recs.extend(ct.records(m))
-    recs.sort(key=ct.sort_key)
-    if args.output == "json":
-        json.dump([r.to_json(now) for r in recs], sys.stdout, indent=2)
-        print()
-    else:
-        for r in recs:
-            print(r.line(now))
-    return 0
 
 
 def cmd_ct_gc(args: argparse.Namespace) -> int:
@@ -99,4 +80,40 @@ def cmd_ct_flush(args: argparse.Namespace) -> int:
     res = flush_pinned(pin_root_of(args))
     print(f"flushed {res.describe()} in {res.duration_s * 1000:.0f} ms, {res.chunks} chunk(s), "
           f"longest system call {res.longest_step_s * 1000:.2f} ms")
+    return 0
+
+
+def cmd_ct_stats(args: argparse.Namespace) -> int:
+    """Per-CPU counters like `conntrack -S`, the total, drops by reason, evictions (agent)."""
+    root = pin_root_of(args)
+    obj = str(paths.object_dir() / abi.OBJ_LXC)
+    with ExitStack() as stack:
+        mm = (stack.enter_context(paths.open_pinned(root, abi.METRICS_MAP))
+              if os.path.exists(os.path.join(root, abi.METRICS_MAP)) else None)
+        em = (stack.enter_context(paths.open_pinned(root, abi.EVENTS_MAP))
+              if os.path.exists(os.path.join(root, abi.EVENTS_MAP)) else None)
+        if mm is None and em is None:
+            raise NotFoundError(f"pin root {root}", "ct stats", detail="no datapath counters pinned "
+                                "(tpl_metrics_v2, tpl_ct_events_v1): is the datapath applied?")
+        reasons = enums.map_names(mm, enums.REASONS, obj) if mm else {}
+        evnames = enums.map_names(em, enums.CT_EVENTS, obj) if em else {}
+        cpus, total = ctstats.collect(mm, reasons, em, evnames)
+    agent = read_agent_state(root)
+    evicted = agent.get("evicted") if agent else None
+    if args.output == "json":
+        json.dump({"cpus": [c.to_json() for c in cpus], "total": total.to_json(),
+                   "evicted_estimate": evicted, "no_counterpart": list(ctstats.NO_COUNTERPART)},
+                  sys.stdout, indent=2)
+        print()
+        return 0
+    for c in cpus:
+        print(c.line())
+    print(total.line())
+    for reason, n in sorted(total.drops.items()):
+        print(f"drop {reason}={n}")
+    if evicted is None:
+        print("evicted: no estimate (the agent is not running; it estimates LRU evictions per GC pass)")
+    else:
+        print("evicted (estimate since the agent's GC loop started): "
+              + (" ".join(f"{k}={v}" for k, v in sorted(evicted.items())) or "none"))
     return 0

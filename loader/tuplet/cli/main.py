@@ -8,7 +8,7 @@ from typing import Sequence
 from tuplet.agent import log as logmod
 from tuplet.bpf.bpffs import DEFAULT_PIN_ROOT
 from tuplet.bpf.links import AttachMode
-from tuplet.cli import apply, ct, endpoint, ipcache, status, svc
+from tuplet.cli import apply, ct, ct_query, endpoint, ipcache, status, svc
 from tuplet.core.errors import ConfigError, TupletError, VerifierError
 from tuplet.node import options
 
@@ -57,6 +57,8 @@ def parser() -> argparse.ArgumentParser:
     ag = sub.add_parser("agent", help="run the node agent (systemd service): apply, GC, metrics, reload on SIGHUP")
     ag.add_argument("--prometheus-serve-addr", default=None,
                     help="address of the metrics endpoint (default :9962; empty disables)")
+    ag.add_argument("--metrics-node-exporter-compat", type=apply.parse_bool, default=True, metavar="true|false",
+                    help="also export node_exporter's node_nf_conntrack_* for the CT tables (default true)")
     options.add_flags(ag)
     ag.set_defaults(func=apply.cmd_agent)
 
@@ -67,11 +69,7 @@ def parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("ct", help="conntrack tables")
     csub = c.add_subparsers(dest="ct_command", required=True)
-    cl = csub.add_parser("list", help="print every conntrack entry")
-    cl.add_argument("--time-diff", action="store_true", help="also print the seconds until each entry expires")
-    cl.add_argument("-o", "--output", choices=["text", "json"], default="text")
-    cl.add_argument("--map", choices=["all", "tcp", "any"], default="all", help="which table")
-    cl.set_defaults(func=ct.cmd_ct_list)
+    ct_query.add_parsers(csub)
     cg = csub.add_parser("gc", help="run one garbage-collection pass and print what it did")
     cg.add_argument("-o", "--output", choices=["text", "json"], default="text")
     cg.add_argument("--method", choices=["auto", "kernel", "batch"], default="auto",
@@ -82,6 +80,9 @@ def parser() -> argparse.ArgumentParser:
                          "a failed insert, until interrupted")
     options.add_flags(cg, options.GC_FLAG_KEYS)
     cg.set_defaults(func=ct.cmd_ct_gc)
+    cs = csub.add_parser("stats", help="per-CPU conntrack counters (conntrack -S)")
+    cs.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    cs.set_defaults(func=ct.cmd_ct_stats)
     cf = csub.add_parser("flush", help="delete every conntrack entry")
     cf.set_defaults(func=ct.cmd_ct_flush)
 

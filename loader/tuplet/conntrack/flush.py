@@ -19,7 +19,7 @@ import socket
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import structlog
@@ -29,6 +29,9 @@ from tuplet.conntrack.entries import EntryLayout, nat_keys_for
 from tuplet.datapath import abi, paths
 
 log = structlog.get_logger("tuplet.flush")
+
+#: Which entries of a chunk to delete: (map name, keys, values) -> boolean mask.
+Match = Callable[[str, np.ndarray, np.ndarray], np.ndarray]
 
 #: Entries per batch lookup and delete: small enough that one system call stays far
 #: below a millisecond (bench/endpoints.py: the longest single call with 1,024 is
@@ -71,6 +74,16 @@ def be32_array(addrs: Iterable[str]) -> np.ndarray:
     return np.array([int.from_bytes(socket.inet_aton(a), "little") for a in addrs], dtype=np.uint32)
 
 
+def address_match(addrs: Iterable[str]) -> Match:
+    """Entries with one of ``addrs`` as either address."""
+    want = be32_array(addrs)
+
+    def match(_map: str, keys: np.ndarray, _values: np.ndarray) -> np.ndarray:
+        hit: np.ndarray = np.isin(keys["saddr"], want) | np.isin(keys["daddr"], want)
+        return hit
+    return match
+
+
 class Flusher:
     """Deletes matching entries of CT maps (and the NAT entries they own) chunk by chunk.
 
@@ -91,18 +104,30 @@ class Flusher:
     def flush(self, addrs: Iterable[str] | None = None) -> FlushResult:
         """Delete the entries with one of ``addrs`` as either address (None: every entry,
         and the whole NAT table)."""
-        want = None if addrs is None else be32_array(addrs)
+        match = None if addrs is None else address_match(addrs)
         res = FlushResult()
         t0 = time.perf_counter()
         for m in self.ct_maps:
-            res.deleted[m.name] = self._flush_map(m, want, res)
-        if want is None and self.nat is not None:
+            res.deleted[m.name] = self._flush_map(m, match, res)
+        if match is None and self.nat is not None:
             res.nat_deleted += sum(self._delete(self.nat, buf.keys.raw[:count * self.nat.key_size], count, res)
                                    for buf, count in self._chunks(self.nat, res))
         res.duration_s = time.perf_counter() - t0
         log.info("conntrack flushed", addresses=None if addrs is None else sorted(addrs) or [],
                  deleted=res.deleted, nat_deleted=res.nat_deleted, chunks=res.chunks,
                  longest_step_ms=round(res.longest_step_s * 1000, 3), longest_step=res.longest_step,
+                 duration_s=round(res.duration_s, 4))
+        return res
+
+    def flush_matching(self, match: Match, what: str = "") -> FlushResult:
+        """Delete the entries ``match`` selects per chunk, and the NAT entries they own."""
+        res = FlushResult()
+        t0 = time.perf_counter()
+        for m in self.ct_maps:
+            res.deleted[m.name] = self._flush_map(m, match, res)
+        res.duration_s = time.perf_counter() - t0
+        log.info("conntrack entries deleted", filter=what, deleted=res.deleted, nat_deleted=res.nat_deleted,
+                 chunks=res.chunks, longest_step_ms=round(res.longest_step_s * 1000, 3),
                  duration_s=round(res.duration_s, 4))
         return res
 
@@ -127,19 +152,19 @@ class Flusher:
         res.note(f"delete {m.name}", time.perf_counter() - t, time.thread_time() - c)
         return n
 
-    def _flush_map(self, m: Map, want: np.ndarray | None, res: FlushResult) -> int:
+    def _flush_map(self, m: Map, match: Match | None, res: FlushResult) -> int:
+        """Delete the entries of ``m`` that ``match`` selects (None: every entry)."""
         lay = self._layouts[m.name]
         deleted = 0
         for buf, count in self._chunks(m, res):
             keys = np.frombuffer(memoryview(buf.keys), dtype=lay.key, count=count)
-            hit = np.ones(count, bool) if want is None else \
-                np.isin(keys["saddr"], want) | np.isin(keys["daddr"], want)
+            values = np.frombuffer(memoryview(buf.values), dtype=lay.value, count=count)
+            hit = np.ones(count, bool) if match is None else match(m.name, keys, values)
             if not hit.any():
                 continue
             doomed = keys[hit].copy()
-            if self.nat is not None and want is not None:
-                values = np.frombuffer(memoryview(buf.values), dtype=lay.value, count=count)[hit].copy()
-                nat = nat_keys_for(doomed, values, lay)
+            if self.nat is not None and match is not None:   # all entries: flush() empties the NAT table
+                nat = nat_keys_for(doomed, values[hit].copy(), lay)
                 if len(nat):
                     res.nat_deleted += self._delete(self.nat, nat.tobytes(), len(nat), res)
             deleted += self._delete(m, doomed.tobytes(), len(doomed), res)

@@ -1,0 +1,173 @@
+"""`tuplet ct list` and `tuplet ct delete` with conntrack-tools' filters (-L and -D).
+
+Both stream: a table is read a chunk at a time, filtered with numpy and printed (or
+deleted) before the next chunk is read, so memory stays bounded on any table size.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from contextlib import ExitStack
+from typing import Any
+
+import numpy as np
+
+from tuplet.cli.common import pin_root_of
+from tuplet.conntrack import ctfilter, listing
+from tuplet.conntrack.ctfilter import CtFilter, FilterLayout
+from tuplet.conntrack.flush import Flusher
+from tuplet.core.errors import ConfigError
+from tuplet.datapath import abi, clock, paths
+from tuplet.lb.registry import Registry
+from tuplet.node import state as statemod
+
+MAP_CHOICES = {"all": list(abi.CT_MAPS), "tcp": [abi.CT_MAP_TCP, abi.CT_MAP_SYN], "any": [abi.CT_MAP_ANY]}
+
+
+def add_filter_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("filters (as conntrack's; all given must match)")
+    g.add_argument("-s", "--src", "--orig-src", dest="src", help="original source address or prefix")
+    g.add_argument("-d", "--dst", "--orig-dst", dest="dst", help="original destination address or prefix")
+    g.add_argument("-p", "--proto", help="tcp, udp, icmp or a number")
+    g.add_argument("--sport", "--orig-port-src", dest="sport", help="original source port")
+    g.add_argument("--dport", "--orig-port-dst", dest="dport", help="original destination port")
+    g.add_argument("--type", dest="ct_type", help="OUT (a pod sent), IN (a pod received) or SVC (service flow)")
+    g.add_argument("--state", help="syn, established or closing (TCP entries)")
+    g.add_argument("--endpoint", help="entries with this endpoint's address on either side")
+    g.add_argument("--service", help="entries of this service's flows (its rev-NAT index)")
+    p.add_argument("--map", choices=list(MAP_CHOICES), default="all",
+                   help="which tables (tcp: established and handshake)")
+
+
+def build_filter(args: argparse.Namespace, root: str) -> CtFilter:
+    """The filter of the command line; a bad value is a ConfigError naming its flag."""
+    kw: dict[str, Any] = {}
+    if args.src is not None:
+        kw["src"] = ctfilter.parse_net("--src", args.src)
+    if args.dst is not None:
+        kw["dst"] = ctfilter.parse_net("--dst", args.dst)
+    if args.proto is not None:
+        kw["proto"] = ctfilter.parse_proto("--proto", args.proto)
+    if args.sport is not None:
+        kw["sport"] = ctfilter.parse_port("--sport", args.sport)
+    if args.dport is not None:
+        kw["dport"] = ctfilter.parse_port("--dport", args.dport)
+    if args.ct_type is not None:
+        kw["type"] = ctfilter.parse_type("--type", args.ct_type)
+    if args.state is not None:
+        kw["state"] = ctfilter.parse_state("--state", args.state)
+    if args.endpoint is not None:
+        kw["addrs"] = (_endpoint_addr(root, args.endpoint),)
+    if args.service is not None:
+        kw["rev_nat"] = _service_rev_nat(root, args.service)
+    return CtFilter(**kw)
+
+
+def _endpoint_addr(root: str, name: str) -> str:
+    st = statemod.load(root)
+    eps = st.all_endpoints() if st else []
+    for e in eps:
+        if e.name == name:
+            return e.ipv4
+    known = ", ".join(sorted(e.name for e in eps)) or "none"
+    raise ConfigError("--endpoint", f"no endpoint named {name!r} on this node (known: {known})")
+
+
+def _service_rev_nat(root: str, name: str) -> int:
+    try:
+        reg = Registry.from_json(json.loads(paths.services_path(root).read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        reg = Registry()
+    if name not in reg.rev_nat:
+        known = ", ".join(sorted(reg.rev_nat)) or "none"
+        raise ConfigError("--service", f"no service named {name!r} (known: {known})")
+    return reg.rev_nat[name]
+
+
+def _present(root: str, names: list[str]) -> list[str]:
+    return [n for n in names if os.path.exists(os.path.join(root, n))]
+
+
+def cmd_ct_list(args: argparse.Namespace) -> int:
+    root = pin_root_of(args)
+    flt = build_filter(args, root)
+    want_now = args.time_diff or args.output == "extended"
+    now = clock.monotonic_now() if want_now else None
+    out = sys.stdout
+    total = 0
+    first = True
+    if args.output == "json" and not args.count:
+        out.write("[")
+    for name in _present(root, MAP_CHOICES[args.map]):
+        with paths.open_pinned(root, name) as m:
+            for chunk in listing.matching(m, flt):
+                total += len(chunk)
+                if args.count:
+                    continue
+                for r in chunk.records():
+                    if args.output == "json":
+                        out.write(("\n  " if first else ",\n  ") + json.dumps(r.to_json(now)))
+                        first = False
+                    elif args.output == "extended":
+                        out.write(listing.extended_line(r, now or 0) + "\n")
+                    else:
+                        out.write(r.line(now) + "\n")
+    if args.count:
+        print(total)
+    elif args.output == "json":
+        out.write("\n]\n" if not first else "]\n")
+    else:
+        print(f"tuplet: {total} flow entries have been shown.", file=sys.stderr)
+    return 0
+
+
+def cmd_ct_delete(args: argparse.Namespace) -> int:
+    root = pin_root_of(args)
+    flt = build_filter(args, root)
+    if flt.empty and not args.all:
+        raise ConfigError("ct delete", "refusing to delete every entry without a filter: give a filter "
+                          "(-s, -d, -p, --sport, --dport, --type, --state, --endpoint, --service) or --all")
+    names = _present(root, MAP_CHOICES[args.map])
+    with ExitStack() as stack:
+        maps = [stack.enter_context(paths.open_pinned(root, n)) for n in names]
+        maps = [m for m in maps if not listing.skip_map(m.name, flt)]
+        nat = (stack.enter_context(paths.open_pinned(root, abi.NAT_MAP))
+               if os.path.exists(os.path.join(root, abi.NAT_MAP)) else None)
+        layouts = {m.name: FilterLayout.of(m) for m in maps}
+
+        def match(name: str, keys: np.ndarray, values: np.ndarray) -> np.ndarray:
+            return flt.mask(layouts[name], keys, values)
+
+        res = Flusher(maps, nat=nat).flush_matching(match, what=_describe(args))
+    if args.output == "json":
+        json.dump(res.to_json(), sys.stdout, indent=2)
+        print()
+    else:
+        print(f"deleted {res.describe()}")
+    return 0
+
+
+def _describe(args: argparse.Namespace) -> str:
+    parts = [f"{k}={v}" for k, v in (("src", args.src), ("dst", args.dst), ("proto", args.proto),
+                                     ("sport", args.sport), ("dport", args.dport), ("type", args.ct_type),
+                                     ("state", args.state), ("endpoint", args.endpoint),
+                                     ("service", args.service)) if v is not None]
+    return " ".join(parts) or "all"
+
+
+def add_parsers(csub: Any) -> None:
+    cl = csub.add_parser("list", help="print the conntrack entries (conntrack -L), filtered")
+    cl.add_argument("--time-diff", action="store_true", help="also print the seconds until each entry expires")
+    cl.add_argument("-o", "--output", choices=["text", "json", "extended"], default="text",
+                    help="extended: /proc/net/nf_conntrack lines")
+    cl.add_argument("-c", "--count", action="store_true", help="print only the number of matching entries")
+    add_filter_flags(cl)
+    cl.set_defaults(func=cmd_ct_list)
+    cd = csub.add_parser("delete", help="delete the matching conntrack entries and the NAT entries they own "
+                                        "(conntrack -D)")
+    cd.add_argument("--all", action="store_true", help="allow an empty filter (every entry)")
+    cd.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    add_filter_flags(cd)
+    cd.set_defaults(func=cmd_ct_delete)

@@ -1,0 +1,140 @@
+"""The `ct list`/`ct delete` filter (tuplet.conntrack.ctfilter) over real CT maps: entries
+written with known fields, and entries the programs created from packets."""
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from lxc_harness import LxcHarness, tcp, udp
+from tuplet.conntrack import listing
+from tuplet.conntrack.ctfilter import CtFilter, FilterLayout, parse_net, parse_port, parse_proto
+from tuplet.conntrack.flush import Flusher
+from tuplet.core.errors import ConfigError
+from tuplet.datapath.abi import (
+    CT_MAP_ANY,
+    CT_MAP_SYN,
+    CT_MAP_TCP,
+    NAT_MAP,
+    TUPLE_F_IN,
+    TUPLE_F_OUT,
+    TUPLE_F_RELATED,
+    TUPLE_F_SERVICE,
+)
+from tuplet.datapath.layouts import CtEntry, CtTuple4, Nat4Entry
+
+A, B, C = "10.64.0.36", "10.64.0.64", "10.65.1.7"
+VIP = "172.16.0.10"
+
+
+def put(h: LxcHarness, table: str, src: str, sport: int, dst: str, dport: int, proto: int, flags: int,
+        **entry: int) -> None:
+    """An entry for the flow src:sport -> dst:dport (the key names the reply's addresses)."""
+    e = CtEntry(lifetime=h.now() + 100, **entry)
+    h.coll.maps[table].update(CtTuple4.make(src, dst, dport, sport, proto, flags), e)
+
+
+@pytest.fixture
+def filled(lxc: LxcHarness) -> LxcHarness:
+    put(lxc, CT_MAP_TCP, A, 1000, B, 80, 6, TUPLE_F_OUT, seen_non_syn=1)                # established
+    put(lxc, CT_MAP_TCP, A, 1000, B, 80, 6, TUPLE_F_IN, seen_non_syn=1)
+    put(lxc, CT_MAP_TCP, A, 1001, B, 80, 6, TUPLE_F_OUT, seen_non_syn=1, tx_closing=1)  # closing
+    put(lxc, CT_MAP_SYN, C, 2000, B, 443, 6, TUPLE_F_OUT)                               # syn
+    put(lxc, CT_MAP_TCP, A, 3000, VIP, 80, 6, TUPLE_F_SERVICE, seen_non_syn=1, rev_nat_index=7)
+    put(lxc, CT_MAP_TCP, A, 3000, B, 8080, 6, TUPLE_F_OUT, seen_non_syn=1, rev_nat_index=7)
+    put(lxc, CT_MAP_ANY, A, 5353, C, 53, 17, TUPLE_F_OUT)
+    put(lxc, CT_MAP_ANY, A, 1000, B, 80, 1, TUPLE_F_OUT | TUPLE_F_RELATED)
+    return lxc
+
+
+def flows(h: LxcHarness, flt: CtFilter, tables=(CT_MAP_TCP, CT_MAP_SYN, CT_MAP_ANY)) -> set[str]:
+    out = set()
+    for t in tables:
+        for chunk in listing.matching(h.coll.maps[t], flt, chunk=2):   # several chunks per table
+            out |= {r.line().split(" expires=")[0] for r in chunk.records()}
+    return out
+
+
+def test_each_filter_selects_exactly_its_entries(filled: LxcHarness) -> None:
+    everything = flows(filled, CtFilter())
+    assert len(everything) == 8
+    assert flows(filled, CtFilter(src=ipaddress.IPv4Network("10.65.0.0/16"))) == {
+        f"TCP OUT {C}:2000 -> {B}:443"}
+    assert flows(filled, CtFilter(dst=parse_net("-d", C))) == {f"UDP OUT {A}:5353 -> {C}:53"}
+    assert flows(filled, CtFilter(proto=1)) == {f"ICMP OUT {A}:1000 -> {B}:80 related"}
+    assert flows(filled, CtFilter(sport=1000, proto=6)) == {f"TCP OUT {A}:1000 -> {B}:80",
+                                                             f"TCP IN {A}:1000 -> {B}:80"}
+    assert flows(filled, CtFilter(dport=8080)) == {f"TCP OUT {A}:3000 -> {B}:8080"}
+    assert flows(filled, CtFilter(type="IN")) == {f"TCP IN {A}:1000 -> {B}:80"}
+    assert flows(filled, CtFilter(type="SVC")) == {f"TCP SVC {A}:3000 -> {VIP}:80"}
+    assert flows(filled, CtFilter(state="syn")) == {f"TCP OUT {C}:2000 -> {B}:443"}
+    assert flows(filled, CtFilter(state="closing")) == {f"TCP OUT {A}:1001 -> {B}:80"}
+    assert len(flows(filled, CtFilter(state="established"))) == 4
+    assert flows(filled, CtFilter(rev_nat=7)) == {f"TCP SVC {A}:3000 -> {VIP}:80",
+                                                  f"TCP OUT {A}:3000 -> {B}:8080"}
+    assert flows(filled, CtFilter(addrs=(C,))) == {f"TCP OUT {C}:2000 -> {B}:443",
+                                                   f"UDP OUT {A}:5353 -> {C}:53"}
+    # conditions combine (AND), and a combination nothing has selects nothing
+    assert flows(filled, CtFilter(src=parse_net("-s", A), dport=80, type="OUT", proto=6)) == {
+        f"TCP OUT {A}:1000 -> {B}:80", f"TCP OUT {A}:1001 -> {B}:80"}
+    assert flows(filled, CtFilter(proto=17, state="established")) == set()
+
+
+def test_whole_tables_skipped_only_when_nothing_can_match() -> None:
+    assert listing.skip_map(CT_MAP_TCP, CtFilter(proto=17))
+    assert listing.skip_map(CT_MAP_ANY, CtFilter(state="syn"))
+    assert listing.skip_map(CT_MAP_ANY, CtFilter(proto=6))
+    assert not listing.skip_map(CT_MAP_SYN, CtFilter(src=parse_net("-s", A)))
+    assert not listing.skip_map(CT_MAP_ANY, CtFilter(proto=1))
+
+
+def test_extended_lines_read_like_proc_nf_conntrack(filled: LxcHarness) -> None:
+    now = filled.now()
+    recs = [r for c in listing.matching(filled.coll.maps[CT_MAP_TCP], CtFilter(sport=1000, type="OUT"))
+            for r in c.records()]
+    line = listing.extended_line(recs[0], now)
+    assert line == (f"ipv4     2 tcp      6 100 ESTABLISHED src={A} dst={B} sport=1000 dport=80 packets=0 "
+                    f"bytes=0 src={B} dst={A} sport=80 dport=1000 [ASSURED] mark=0 zone=0 use=1 dir=OUT")
+    syn = [r for c in listing.matching(filled.coll.maps[CT_MAP_SYN], CtFilter()) for r in c.records()]
+    assert " SYN_SENT " in listing.extended_line(syn[0], now) and "[UNREPLIED]" in listing.extended_line(syn[0], now)
+    udp_ = [r for c in listing.matching(filled.coll.maps[CT_MAP_ANY], CtFilter(proto=17)) for r in c.records()]
+    assert listing.extended_line(udp_[0], now).startswith(f"ipv4     2 udp      17 100 src={A} dst={C} sport=5353")
+
+
+def test_flush_matching_deletes_the_selection_and_its_nat(lxc: LxcHarness) -> None:
+    """Entries from real packets; a NodePort-owned entry takes its NAT entry along."""
+    for sport in (1000, 1001):
+        lxc.egress(tcp(A, sport, B, 80, "S"))
+        lxc.ingress(tcp(B, 80, A, sport, "SA"))
+        lxc.egress(tcp(A, sport, B, 80, "A"))
+    lxc.egress(udp(A, 4000, B, 53))
+    put(lxc, CT_MAP_TCP, C, 7000, B, 80, 6, TUPLE_F_OUT, seen_non_syn=1, node_port=1)
+    nat_key = CtTuple4.make(C, B, 7000, 80, 6, TUPLE_F_OUT)    # nat4_key_for_ct: reply B:80 -> C:7000
+    lxc.coll.maps[NAT_MAP].update(nat_key, Nat4Entry())
+    maps = [lxc.coll.maps[n] for n in (CT_MAP_TCP, CT_MAP_SYN, CT_MAP_ANY)]
+    layouts = {m.name: FilterLayout.of(m) for m in maps}
+    before = flows(lxc, CtFilter())
+    flt = CtFilter(sport=1001)
+
+    res = Flusher(maps, nat=lxc.coll.maps[NAT_MAP], chunk=2).flush_matching(
+        lambda name, k, v: flt.mask(layouts[name], k, v))
+    after = flows(lxc, CtFilter())
+    doomed = {f for f in before if ":1001 ->" in f}
+    assert f"TCP OUT {A}:1001 -> {B}:80" in doomed
+    assert before - after == doomed
+    assert res.ct_deleted == len(doomed) and res.nat_deleted == 0
+
+    flt = CtFilter(src=parse_net("-s", C))
+    res = Flusher(maps, nat=lxc.coll.maps[NAT_MAP]).flush_matching(lambda name, k, v: flt.mask(layouts[name], k, v))
+    assert res.ct_deleted == 1 and res.nat_deleted == 1
+    assert lxc.coll.maps[NAT_MAP].lookup(nat_key) is None
+    assert f"UDP OUT {A}:4000 -> {B}:53" in flows(lxc, CtFilter())
+
+
+@pytest.mark.parametrize("fn,flag,text", [(parse_net, "--src", "10.0.0.300"), (parse_net, "--dst", "fe80::1"),
+                                          (parse_port, "--sport", "70000"), (parse_port, "--dport", "http"),
+                                          (parse_proto, "--proto", "sctpx")])
+def test_bad_values_name_their_flag(fn, flag: str, text: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        fn(flag, text)
+    assert str(e.value).startswith(f"{flag}: must be") and repr(text) in str(e.value)
