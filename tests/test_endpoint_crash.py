@@ -11,15 +11,16 @@ import pytest
 from endpoint_harness import POD3, records, three_pods_applied, tuplet, with_addr
 from traffic import start_server, tcp_once
 from tuplet.bpf.links import Hook, tc_has_filter
+from tuplet.core import crashpoints
 from tuplet.datapath import abi, paths
 from tuplet.node import netns, state
 from two_pods import POD1
 
 pytestmark = pytest.mark.netns
 
-ADD_POINTS = ["endpoint-add-recorded", "endpoint-add-mapped", "endpoint-add-attached-ingress",
-              "endpoint-add-attached-egress"]
-DELETE_POINTS = ["endpoint-delete-marked", "endpoint-delete-detached", "endpoint-delete-flushed"]
+ADD_POINTS = ["endpoint.add-recorded", "endpoint.add-mapped", "endpoint.add-attached-ingress",
+              "endpoint.add-attached-egress"]
+DELETE_POINTS = ["endpoint.delete-marked", "endpoint.delete-detached", "endpoint.delete-flushed"]
 
 
 @pytest.fixture
@@ -44,7 +45,7 @@ def in_map(pin_root: str) -> bool:
 
 @pytest.mark.parametrize("point", ADD_POINTS)
 def test_killed_add(topo, pin_root, point) -> None:
-    r = tuplet(pin_root, *add_args(topo), env={"TUPLET_TEST_CRASH_AT": point}, check=False)
+    r = tuplet(pin_root, *add_args(topo), env={crashpoints.ENV: point}, check=False)
     assert r.returncode == -signal.SIGKILL
     assert state.load(pin_root).live["pod3"].phase == "adding"
     out = tuplet(pin_root, *add_args(topo)).stdout      # the next command repairs, then adds
@@ -65,7 +66,7 @@ def test_killed_delete(topo, pin_root, point) -> None:
         srv.kill()
         srv.wait()
     assert with_addr(records(pin_root), POD3)
-    r = tuplet(pin_root, "endpoint", "delete", "pod3", env={"TUPLET_TEST_CRASH_AT": point}, check=False)
+    r = tuplet(pin_root, "endpoint", "delete", "pod3", env={crashpoints.ENV: point}, check=False)
     assert r.returncode == -signal.SIGKILL
     assert state.load(pin_root).live["pod3"].phase == "deleting"
     listed = tuplet(pin_root, "endpoint", "list").stdout

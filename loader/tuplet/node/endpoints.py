@@ -35,7 +35,7 @@ from tuplet.bpf.links import (
 )
 from tuplet.bpf.programs import Program
 from tuplet.conntrack.flush import FlushResult, flush_pinned
-from tuplet.core.crash import crashpoint
+from tuplet.core import crashpoints
 from tuplet.core.errors import ConfigError, NotFoundError, TupletError
 from tuplet.datapath import abi, paths
 from tuplet.datapath.layouts import EndpointInfo, ip_to_be32
@@ -172,12 +172,12 @@ def add(pin_root: str, rec: EndpointRecord) -> tuple[EndpointRecord, list[Recove
             rec.had_clsact = has_clsact(ifindex)
             st.live[rec.name] = rec
             state.save(st)
-            crashpoint("endpoint-add-recorded")
+            crashpoints.point("endpoint.add-recorded")
             made: list[Attachment] = []
             try:
                 with paths.open_pinned(pin_root, abi.EP_MAP) as ep:
                     ep.update(_key(rec.ipv4), EndpointInfo(ifindex=ifindex, sec_id=rec.identity))
-                crashpoint("endpoint-add-mapped")
+                crashpoints.point("endpoint.add-mapped")
                 mode = AttachMode(st.attach_mode)
                 for prog_name, hook in abi.LXC_HOOKS:
                     prog = Program.from_pin(progs[prog_name])
@@ -185,7 +185,7 @@ def add(pin_root: str, rec: EndpointRecord) -> tuple[EndpointRecord, list[Recove
                         made.append(attach(prog, rec.ifname, hook, pin_root, mode))
                     finally:
                         prog.close()
-                    crashpoint(f"endpoint-add-attached-{hook.value}")
+                    crashpoints.point(f"endpoint.add-attached-{hook.value}")
                 for a in made:
                     a.created_clsact = a.mode is AttachMode.TC and not rec.had_clsact
             except BaseException:
@@ -221,11 +221,11 @@ def delete(pin_root: str, name: str, missing_ok: bool = False) -> Deleted | None
                 raise NotFoundError(f"endpoint {name}", "delete", detail="no such live endpoint")
             rec.phase = PHASE_DELETING
             state.save(st)
-            crashpoint("endpoint-delete-marked")
+            crashpoints.point("endpoint.delete-marked")
             _detach_endpoint(st, rec)
-            crashpoint("endpoint-delete-detached")
+            crashpoints.point("endpoint.delete-detached")
             flushed = flush_pinned(pin_root, [rec.ipv4])
-            crashpoint("endpoint-delete-flushed")
+            crashpoints.point("endpoint.delete-flushed")
             del st.live[name]
             state.save(st)
     log.info("endpoint deleted", endpoint=name, ifname=rec.ifname, ipv4=rec.ipv4,
