@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def installed(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("install")
     r = subprocess.run(["make", "-C", str(ROOT), "install", f"PREFIX={d}/usr", f"SYSTEMD_DIR={d}/systemd",
-                        f"ETC_DIR={d}/etc"], capture_output=True, text=True, timeout=600)
+                        f"ETC_DIR={d}/etc", f"CNI_BIN_DIR={d}/cni/bin"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     return d
 
@@ -26,6 +26,7 @@ def test_files_and_unit(installed: Path) -> None:
     assert f"ExecStart={installed}/usr/bin/tuplet --config /etc/tuplet/tuplet.toml" in unit
     assert "Type=notify" in unit and "WatchdogSec=" in unit and not re.search(r"@[A-Z]+@", unit)
     assert (installed / "etc/tuplet.toml").exists()
+    assert (installed / "cni/bin/tuplet-cni").resolve() == installed / "usr/lib/tuplet/venv/bin/tuplet-cni"
     objects = {p.name for p in (installed / "usr/lib/tuplet/bpf").iterdir()}
     assert {"bpf_lxc.o", "bpf_host.o", "bpf_overlay.o", "ct_gc.o"} <= objects, objects
     if shutil.which("systemd-analyze"):
