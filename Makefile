@@ -77,11 +77,14 @@ test: lint test-host
 	$(MAKE) --no-print-directory vm-test
 
 # Then the clock-sensitive tests again with the datapath's clock reading a few seconds (a node just
-# booted: no "now - N" may go below zero, no lifetime comparison may assume a large clock).
+# booted: no "now - N" may go below zero, no lifetime comparison may assume a large clock), and
+# once more just before the u32 wrap (lifetimes and "now" on either side of 2^32).
 CLOCK_NEAR_ZERO ?= 5
+CLOCK_NEAR_WRAP ?= 4294967000
 test-host: build venv cni-deps $(BUILD)/loadgen $(BUILD)/synflood
 	$(VENV_PY) -m pytest $(PYTEST_ARGS)
 	$(VENV_PY) -m pytest -m clock --datapath-clock $(CLOCK_NEAR_ZERO) $(PYTEST_ARGS)
+	$(VENV_PY) -m pytest -m clock --datapath-clock $(CLOCK_NEAR_WRAP) $(PYTEST_ARGS)
 	$(VENV_PY) -m pytest --agent-confined tests/test_agent.py   # the agent within systemd/tuplet.service's limits
 
 # The layer contract (import-linter), no imports inside functions or cycles, strict types, pyflakes.

@@ -48,7 +48,7 @@ from tuplet.datapath.abi import (
     OBJ_GC,
     OBJ_GC_ITER,
 )
-from tuplet.datapath.clock import monotonic_now
+from tuplet.datapath.clock import U32, monotonic_now
 from tuplet.datapath.paths import object_dir
 
 log = structlog.get_logger("tuplet.gc")
@@ -157,7 +157,7 @@ class CtGc:
     def run(self, now: int | None = None) -> GcResult:
         """One pass over every map."""
         t0 = time.perf_counter()
-        now = monotonic_now() if now is None else now
+        now = monotonic_now() if now is None else now % U32   # a u32 clock value, wrapped
         res = GcResult(self.method.value)
         for m in self.ct_maps:
             t = time.perf_counter()
