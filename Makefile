@@ -32,7 +32,7 @@ msg = @printf '  %-8s %s\n' "$(1)" "$(2)";
 endif
 
 .PHONY: build deps venv lint test test-host demo bindings clean vmlinux bench install uninstall bench-services \
-        bench-resize bench-flood vm-deps vm-test cni-deps bench-endpoints
+        bench-resize bench-flood vm-deps vm-test cni-deps bench-endpoints bench-churn
 build: $(BPF_PROGS) $(BENCH_PROGS)
 
 # System packages (Debian 12). Skipped when every tool is already there.
@@ -117,6 +117,10 @@ $(BUILD)/synflood: bench/synflood.c | $(BUILD)/.deps
 
 bench-flood: build venv $(BUILD)/loadgen $(BUILD)/synflood
 	$(VENV_PY) bench/flood.py $(BENCH_ARGS)
+
+# GC churn soak (minutes; not part of the tests): connections broken by GC, with and without its protection.
+bench-churn: build venv $(BUILD)/loadgen
+	$(VENV_PY) bench/churn.py $(BENCH_ARGS)
 
 # The agent as a systemd service: a venv with tuplet in $(LIBDIR), the objects beside it,
 # `tuplet` in $(PREFIX)/bin, the unit, and /etc/tuplet/tuplet.toml when there is none.
