@@ -35,6 +35,7 @@ from tuplet.core.errors import TupletError
 from tuplet.datapath.abi import (
     CT_MAP_ANY,
     CT_MAP_TCP,
+    GC_STALL_NONE,
     GC_STALL_RELEASED,
     GC_STALL_TIMED_OUT,
     GC_TEST_STALL_MAX_NS,
@@ -74,7 +75,7 @@ def service_entry(h: LbHarness, sport: int):  # type: ignore[no-untyped-def]
 
 
 STALL_NS = GC_TEST_STALL_MAX_NS   # the GC program waits at most 8 ms for the refresh
-ATTEMPTS = 5
+ATTEMPTS = 10   # the host lands the first; the 6.1 VM (software emulation) about every other
 
 
 @contextmanager
@@ -144,7 +145,10 @@ def until_it_lands(attempt: Callable[[], Race | None]) -> None:
         r = attempt()
         if r is None:
             return
-        assert r.outcome == GC_STALL_TIMED_OUT, f"stall outcome {r.outcome}"
+        # Missed: the stall timed out (GC_STALL_TIMED_OUT), or timed out while release()
+        # rewrote .bss and put the outcome back to GC_STALL_NONE (a released stall writes
+        # its outcome only after the release, so that one is never lost).
+        assert r.outcome in (GC_STALL_TIMED_OUT, GC_STALL_NONE), f"stall outcome {r.outcome}"
         missed.append(r.took_ms)
     pytest.fail(f"the refresh never landed inside the {STALL_NS / 1e6:.0f} ms stall in {ATTEMPTS} attempts "
                 f"(packet + release took {', '.join(f'{m:.1f}' for m in missed)} ms)")
