@@ -31,8 +31,8 @@ Q := @
 msg = @printf '  %-8s %s\n' "$(1)" "$(2)";
 endif
 
-.PHONY: prom-deps build deps venv lint test test-host demo bindings clean vmlinux bench install uninstall bench-services \
-        bench-resize bench-flood vm-deps vm-test cni-deps bench-endpoints
+.PHONY: prom-deps build deps venv lint test test-host demo bindings clean vmlinux bench install uninstall \
+        bench-services bench-resize bench-flood vm-deps vm-test cni-deps bench-endpoints bench-churn
 build: $(BPF_PROGS) $(BENCH_PROGS)
 
 # System packages (Debian 12). Skipped when every tool is already there.
@@ -77,11 +77,14 @@ test: lint test-host
 	$(MAKE) --no-print-directory vm-test
 
 # Then the clock-sensitive tests again with the datapath's clock reading a few seconds (a node just
-# booted: no "now - N" may go below zero, no lifetime comparison may assume a large clock).
+# booted: no "now - N" may go below zero, no lifetime comparison may assume a large clock), and
+# once more just before the u32 wrap (lifetimes and "now" on either side of 2^32).
 CLOCK_NEAR_ZERO ?= 5
+CLOCK_NEAR_WRAP ?= 4294967000
 test-host: build venv cni-deps prom-deps $(BUILD)/loadgen $(BUILD)/synflood
 	$(VENV_PY) -m pytest $(PYTEST_ARGS)
 	$(VENV_PY) -m pytest -m clock --datapath-clock $(CLOCK_NEAR_ZERO) $(PYTEST_ARGS)
+	$(VENV_PY) -m pytest -m clock --datapath-clock $(CLOCK_NEAR_WRAP) $(PYTEST_ARGS)
 	$(VENV_PY) -m pytest --agent-confined tests/test_agent.py   # the agent within systemd/tuplet.service's limits
 
 # The layer contract (import-linter), no imports inside functions or cycles, strict types, pyflakes.
@@ -114,6 +117,10 @@ $(BUILD)/synflood: bench/synflood.c | $(BUILD)/.deps
 
 bench-flood: build venv $(BUILD)/loadgen $(BUILD)/synflood
 	$(VENV_PY) bench/flood.py $(BENCH_ARGS)
+
+# GC churn soak (minutes; not part of the tests): connections broken by GC, with and without its protection.
+bench-churn: build venv $(BUILD)/loadgen
+	$(VENV_PY) bench/churn.py $(BENCH_ARGS)
 
 # The agent as a systemd service: a venv with tuplet in $(LIBDIR), the objects beside it,
 # `tuplet` in $(PREFIX)/bin, the unit, and /etc/tuplet/tuplet.toml when there is none.

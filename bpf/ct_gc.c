@@ -53,7 +53,7 @@ const volatile enum gc_map_arg gc_map_arg_names __attribute__((unused)) = 0;
 
 /* The run's buffer after a 14-byte Ethernet header (which it ignores). */
 struct gc_args {
-	__u32 now;               /* in: delete entries with lifetime < now */
+	__u32 now;               /* in: delete entries whose lifetime is before now (wrap-safe) */
 	__u32 map;               /* in: enum gc_map_sel */
 	__u64 alive;             /* out */
 	__u64 deleted;           /* out */
@@ -84,7 +84,7 @@ static long gc_entry(struct bpf_map *map, struct ipv4_ct_tuple *key, struct ct_e
 {
 	struct ipv4_ct_tuple nat = {};
 
-	if (READ_ONCE(e->lifetime) >= ctx->now) {
+	if (!gc_expired(READ_ONCE(e->lifetime), ctx->now)) {
 		ctx->alive++;
 		return 0;
 	}
@@ -214,7 +214,7 @@ static long fn##_step(__u64 i, struct gc_keys_ctx *c)			\
 	if (!e)								\
 		v = GC_V_GONE;						\
 	else if (!gc_test_unprotected &&				\
-		 (READ_ONCE(e->lifetime) != r.seen || r.seen >= c->a->now)) \
+		 (READ_ONCE(e->lifetime) != r.seen || !gc_expired(r.seen, c->a->now))) \
 		v = GC_V_REFRESHED;					\
 	else								\
 		v = gc_delete_if_unchanged(&map, &r.key, e, r.seen);	\

@@ -28,7 +28,7 @@ static __always_inline int gc_iter(struct bpf_iter__bpf_map_elem *ctx, void *map
 		return 0;
 	if (!gc_walk_only) {
 		seen = READ_ONCE(e->lifetime);
-		if (seen >= gc_now) {
+		if (!gc_expired(seen, gc_now)) {
 			v = GC_V_ALIVE;
 		} else {
 			/* 6.1 passes no read-only iterator buffer to a helper: the key goes by the stack. */

@@ -85,6 +85,12 @@ class LbHarness(LxcHarness):
         return {(c.reason, c.direction): c.packets
                 for c in metrics.read(self.coll.maps["tpl_metrics_v2"], self.names, self.dirs)}
 
+    def run_raw(self, prog: str, packet: bytes) -> bytes:
+        """Run one packet, nothing else (no counter reads): the packet as the program left it.
+        For steps that must be quick (tests/test_gc_race.py's refresh inside the GC stall)."""
+        coll = self.host if prog in self.host.programs else self.coll
+        return coll.programs[prog].test_run(packet).data
+
     def run_out(self, prog: str, packet: bytes) -> tuple[Verdict, bytes]:
         """Run one packet; the verdict and the packet as the program left it."""
         before = self._counts()

@@ -9,6 +9,7 @@ from scapy.packet import Raw
 
 from lxc_harness import MAC_A, MAC_B, TC_ACT_OK, TC_ACT_SHOT, LxcHarness, icmp_echo, icmp_error, tcp, udp
 from tuplet.datapath.abi import TUPLE_F_IN, TUPLE_F_OUT, TUPLE_F_RELATED
+from tuplet.datapath.clock import diff
 
 pytestmark = pytest.mark.clock   # again with a near-zero clock in `make test`
 
@@ -58,13 +59,13 @@ def test_tcp_whole_life_matches_seed(seedlike: LxcHarness) -> None:
     e, i = both(h, POD1, SP, POD2, DP, "A")
     assert (e.reason, i.reason) == ("PASS_CT_ESTABLISHED", "PASS_CT_ESTABLISHED")
     o = out_entry(h)
-    assert o.seen_non_syn == 1 and o.lifetime - h.now() in (7999, 8000)   # established timeout
+    assert o.seen_non_syn == 1 and diff(o.lifetime, h.now()) in (7999, 8000)   # established timeout
 
     both(h, POD1, SP, POD2, DP, "PA", b"GET / HTTP/1.0\r\n\r\n")
     both(h, POD2, DP, POD1, SP, "PA", b"HTTP/1.0 200 OK\r\n\r\n")
     both(h, POD1, SP, POD2, DP, "FA")
     o = out_entry(h)
-    assert (o.tx_closing, o.rx_closing) == (1, 0) and o.lifetime - h.now() >= 7999  # half closed: alive
+    assert (o.tx_closing, o.rx_closing) == (1, 0) and diff(o.lifetime, h.now()) >= 7999  # half closed: alive
     ii = in_entry(h)
     assert (ii.tx_closing, ii.rx_closing) == (0, 1)
     both(h, POD2, DP, POD1, SP, "FA")
@@ -75,7 +76,7 @@ def test_tcp_whole_life_matches_seed(seedlike: LxcHarness) -> None:
     assert set(recs) == {("OUT", "TCP", False), ("IN", "TCP", False), ("OUT", "ICMP", True), ("IN", "ICMP", True)}
     out, inn = recs[("OUT", "TCP", False)], recs[("IN", "TCP", False)]
     t = out.entry.last_tx_report
-    assert t0 <= t <= t1
+    assert diff(t, t0) >= 0 and diff(t1, t) >= 0
     # The seed's line (node-a), with this run's clock.
     assert out.line() == (
         f"TCP OUT 10.64.0.36:54260 -> 10.64.0.64:8000 expires={t + 10} Packets=0 Bytes=0 "
@@ -111,7 +112,7 @@ def test_syn_after_close_reopens(lxc: LxcHarness) -> None:
     lxc.ingress(tcp(POD2, DP, POD1, SP, "FA"))
     o = out_entry(lxc)
     assert (o.tx_closing, o.rx_closing) == (1, 1)
-    assert o.lifetime - lxc.now() in (9, 10)
+    assert diff(o.lifetime, lxc.now()) in (9, 10)
 
     lxc.advance(5)
     v = lxc.egress(tcp(POD1, SP, POD2, DP, "S"))
@@ -119,7 +120,7 @@ def test_syn_after_close_reopens(lxc: LxcHarness) -> None:
     o = out_entry(lxc)
     assert (o.tx_closing, o.rx_closing, o.seen_non_syn) == (0, 0, 0)
     assert o.tx_flags_seen == 0x02 and o.rx_flags_seen == 0
-    assert o.lifetime - lxc.now() in (59, 60)
+    assert diff(o.lifetime, lxc.now()) in (59, 60)
     assert o.packets == 1
 
 
@@ -131,20 +132,20 @@ def test_lifetimes_follow_the_clock(lxc: LxcHarness) -> None:
     lxc.advance(1000)
     lxc.egress(tcp(POD1, SP, POD2, DP, "PA", b"x"))
     after = out_entry(lxc).lifetime
-    assert after - before in (1000, 1001)
-    assert after - lxc.now() in (7999, 8000)
+    assert diff(after, before) in (1000, 1001)
+    assert diff(after, lxc.now()) in (7999, 8000)
 
 
 def test_configured_timeouts_apply() -> None:
     h = LxcHarness.load(consts={"ct_syn_timeout": 7, "ct_lifetime_tcp": 333, "ct_lifetime_nontcp": 44})
     try:
         h.egress(tcp(POD1, SP, POD2, DP, "S"))
-        assert out_entry(h).lifetime - h.now() in (6, 7)
+        assert diff(out_entry(h).lifetime, h.now()) in (6, 7)
         h.egress(tcp(POD1, SP, POD2, DP, "A"))
-        assert out_entry(h).lifetime - h.now() in (332, 333)
+        assert diff(out_entry(h).lifetime, h.now()) in (332, 333)
         h.egress(udp(POD1, 5000, POD2, 53))
         u = h.entry(POD1, POD2, 53, 5000, UDP_P, TUPLE_F_OUT)
-        assert u.lifetime - h.now() in (43, 44)
+        assert diff(u.lifetime, h.now()) in (43, 44)
     finally:
         h.close()
 
@@ -155,7 +156,7 @@ def test_rst_before_handshake_closes_both(lxc: LxcHarness) -> None:
     assert v.reason == "PASS_CT_REPLY"
     o = out_entry(lxc)
     assert (o.tx_closing, o.rx_closing) == (1, 1)
-    assert o.lifetime - lxc.now() in (9, 10)
+    assert diff(o.lifetime, lxc.now()) in (9, 10)
 
 
 def test_rst_after_handshake_closes_its_direction(lxc: LxcHarness) -> None:
@@ -169,7 +170,7 @@ def test_rst_after_handshake_closes_its_direction(lxc: LxcHarness) -> None:
     lxc.egress(tcp(POD1, SP, POD2, DP, "R"))
     o = out_entry(lxc)
     assert (o.tx_closing, o.rx_closing) == (1, 1)
-    assert o.lifetime - lxc.now() in (9, 10)
+    assert diff(o.lifetime, lxc.now()) in (9, 10)
 
 
 def test_rst_without_entry_is_not_tracked(lxc: LxcHarness) -> None:
@@ -183,7 +184,7 @@ def test_udp_flow_and_reply(lxc: LxcHarness) -> None:
     v = lxc.egress(udp(POD1, 40000, POD2, 53))
     assert v.reason == "PASS_CT_NEW"
     u = lxc.entry(POD1, POD2, 53, 40000, UDP_P, TUPLE_F_OUT)
-    assert u is not None and u.src_sec_id == 77 and u.lifetime - lxc.now() in (59, 60)
+    assert u is not None and u.src_sec_id == 77 and diff(u.lifetime, lxc.now()) in (59, 60)
     assert lxc.entry(POD1, POD2, 0, 0, ICMP_P, TUPLE_F_OUT | TUPLE_F_RELATED) is not None
     assert lxc.egress(udp(POD1, 40000, POD2, 53)).reason == "PASS_CT_ESTABLISHED"
     assert lxc.ingress(udp(POD2, 53, POD1, 40000)).reason == "PASS_CT_REPLY"

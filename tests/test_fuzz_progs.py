@@ -277,6 +277,11 @@ def check_maps(h: FuzzHarness, kinds: Counter | None = None) -> None:
     config.h); each problem found is reported with the entry."""
     now = h.now()
     to = h.timeouts
+
+    def during(t: int) -> bool:
+        """A time of this example (u32 seconds, compared across the wrap)."""
+        return clock.diff(t, h.t0) >= -SLACK and clock.diff(t, now) <= SLACK
+
     maps = h.lb.coll.maps
     backends = {int.from_bytes(k, "little"): Lb4Backend.from_buffer_copy(v) for k, v in maps[BACKENDS].items()}
     rev_nats = {Lb4Service.from_buffer_copy(v).rev_nat_index
@@ -352,11 +357,12 @@ def check_maps(h: FuzzHarness, kinds: Counter | None = None) -> None:
             else:
                 longest = max(to["ct_syn_timeout"], to["ct_close_timeout"],
                               to["ct_service_lifetime_tcp"] if service else to["ct_lifetime_tcp"])
-            need(e.lifetime <= now + longest + SLACK, f"lifetime {e.lifetime - now}s ahead, bound {longest}s")
-            need(e.lifetime >= h.t0 - SLACK + min(to.values()), "lifetime before the example began")
+            ahead = clock.diff(e.lifetime, now)
+            need(ahead <= longest + SLACK, f"lifetime {ahead}s ahead, bound {longest}s")
+            need(clock.diff(e.lifetime, h.t0) >= min(to.values()) - SLACK, "lifetime before the example began")
             for last in (e.last_tx_report, e.last_rx_report):
-                need(last == 0 or h.t0 - SLACK <= last <= now + SLACK, f"report time {last} outside the example")
-                need(last <= e.lifetime, "reported after its lifetime")   # __ct_update_timeout writes both
+                need(last == 0 or during(last), f"report time {last} outside the example")
+                need(last == 0 or clock.diff(e.lifetime, last) >= 0, "reported after its lifetime")   # both written
             # Counters (ct_accounting): each run adds at most one packet of its length to an
             # entry; an entry counts the packet that made it, a related twin starts at zero.
             if h.accounting:
@@ -383,7 +389,7 @@ def check_maps(h: FuzzHarness, kinds: Counter | None = None) -> None:
                 bad.append("key not an OUT TCP/UDP tuple")
             if e is None or not (e.node_port or e.dsr_internal):
                 bad.append("no owning CT_EGRESS entry with NodePort/DSRInternal")
-            if not h.t0 - SLACK <= v.created <= now + SLACK:
+            if not during(v.created):
                 bad.append(f"created {v.created} outside the example")
             if bad:
                 problems.append(f"NAT {be32_to_ip(k.saddr)}:{be16(k.sport)} -> {be32_to_ip(k.daddr)}:"
@@ -392,7 +398,7 @@ def check_maps(h: FuzzHarness, kinds: Counter | None = None) -> None:
     # Affinity (lb.h, lb4_affinity_update): a backend that existed, a time of this example.
     for raw_k, raw_v in maps[AFFINITY].items():
         v = LbAffinityVal.from_buffer_copy(raw_v)
-        if v.backend_id not in backends or not h.t0 - SLACK <= v.last_used <= now + SLACK:
+        if v.backend_id not in backends or not during(v.last_used):
             problems.append(f"affinity {raw_k.hex()}: backend {v.backend_id} last_used {v.last_used}")
 
     assert not problems, f"map invariants broken after {h.last}:\n" + "\n".join(problems)

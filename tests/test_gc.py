@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import socket
 
 import pytest
 
@@ -234,3 +235,21 @@ def test_kernel_pass_reuses_the_datapath_maps(lxc: LxcHarness) -> None:
         assert r1.deleted == 0 and r1.maps[0].alive == 1
         r2 = g.run(now=lxc.now() + 9000)
         assert r2.maps[0].deleted == 1 and m.count() == 0
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("now", [(1 << 32) - 20, 5], ids=["before-wrap", "after-wrap"])
+def test_expiry_is_judged_across_the_u32_wrap(lxc: LxcHarness, method: Method, now: int) -> None:
+    """Lifetimes straddling the u32 wrap: 30 s ahead of now alive and 1..15 s behind
+    expired, whichever side of 2^32 either lies (a plain < on the raw values deletes the
+    live ones before the wrap and keeps the dead ones after it)."""
+    m = lxc.coll.maps[CT_MAP_TCP]
+    ahead = {i: (now + 30 + i) % (1 << 32) for i in range(1, 16)}
+    behind = {100 + i: (now - i) % (1 << 32) for i in range(1, 16)}
+    for sport, lifetime in {**ahead, **behind}.items():
+        m.update(CtTuple4.make(A, B, 80, sport, 6, 0), CtEntry(lifetime=lifetime))
+    with CtGc([m], method=method) as g:
+        r = g.run(now=now)
+    left = {CtTuple4.from_buffer_copy(k).sport for k in m.keys()}
+    assert r.maps[0].deleted == len(behind) and r.maps[0].alive == len(ahead)
+    assert left == {socket.htons(p) for p in ahead}

@@ -9,6 +9,7 @@
 #include "compiler.h"
 #include "conntrack_map.h"
 #include "nat_map.h"
+#include "time.h"
 
 /* Verdicts: one byte per visited entry in the iterator's output, counted by the agent. */
 enum gc_verdict {
@@ -22,42 +23,81 @@ enum gc_verdict {
 /* Anchored in BTF so the agent can check its copy (tuplet/datapath/abi.py). */
 const volatile enum gc_verdict gc_verdict_names __attribute__((unused)) = 0;
 
-/* Set by the agent before each pass (.bss): entries with lifetime < gc_now expire. */
+/* Set by the agent before each pass (.bss): entries whose lifetime is before gc_now expire. */
 __u32 gc_now = 0;
 /* Set by the agent before a walk-only iteration (bench: the sliced walk floor). */
 __u32 gc_walk_only = 0;
 
-/* Test-only (0 in production, so the verifier drops the code): spin this many
- * ns between judging an entry expired and the final re-check, so a test can
- * refresh the entry in between; and skip the re-check (the unprotected pass
- * the race tests and the soak compare against).
+/* Expired: the lifetime is before now on the u32 clock, across its wrap (never a plain <). */
+static __always_inline bool gc_expired(__u32 lifetime, __u32 now)
+{
+	return tpl_time_after(now, lifetime);
+}
+
+/* Test-only (0 in production, so the verifier drops the code): a stall between
+ * judging an entry expired and the final re-check, so a test can refresh the entry in
+ * between; and skipping the re-check (the unprotected pass the race tests and the soak
+ * compare against). gc_test_stall_ns is the most the stall may spin, capped at
+ * GC_TEST_STALL_MAX_NS: even a test run holds its CPU for less than 10 ms.
  */
 const volatile __u64 gc_test_stall_ns = 0;
 const volatile __u32 gc_test_unprotected = 0;
 
-/* Eight clock reads a step: bpf_loop's 1 << 23 steps then last well beyond any stall a test asks for. */
-static long gc_stall_step(__u64 i, __u64 *deadline)
-{
-	__u64 t = 0;
-	int k;
+enum gc_test_limit {
+	GC_TEST_STALL_MAX_NS = 8000000,
+};
 
-#pragma unroll
-	for (k = 0; k < 8; k++)
-		t = bpf_ktime_get_ns();
-	return t >= *deadline;
+/* How the last armed stall ended (gc_test_outcome). */
+enum gc_stall_outcome {
+	GC_STALL_NONE = 0,
+	GC_STALL_RELEASED = 1,   /* the test released it (it had refreshed the entry) */
+	GC_STALL_TIMED_OUT = 2,  /* GC_TEST_STALL_MAX_NS (or gc_test_stall_ns) passed first */
+};
+const volatile enum gc_test_limit gc_test_limit_names __attribute__((unused)) = 0;
+const volatile enum gc_stall_outcome gc_stall_outcome_names __attribute__((unused)) = 0;
+
+/* The handshake with a racing test (.bss, used only when gc_test_stall_ns is set): the
+ * test sets gc_test_armed; the first entry judged expired while armed disarms it, sets
+ * gc_test_judged and spins until the test sets gc_test_released or the time runs out,
+ * and gc_test_outcome says which. One stall per arming, so a run stalls at most once.
+ */
+__u32 gc_test_armed = 0;
+__u32 gc_test_judged = 0;
+__u32 gc_test_released = 0;
+__u32 gc_test_outcome = 0;
+
+struct gc_stall {
+	__u64 deadline;
+	__u32 released;
+};
+
+static long gc_stall_step(__u64 i, struct gc_stall *st)
+{
+	if (READ_ONCE(gc_test_released)) {
+		st->released = 1;
+		return 1;
+	}
+	return bpf_ktime_get_ns() >= st->deadline;
 }
 
 static __always_inline void gc_test_stall(void)
 {
-	__u64 deadline;
+	struct gc_stall st = {};
+	__u64 ns = gc_test_stall_ns;
 
-	if (!gc_test_stall_ns)
+	if (!ns || !READ_ONCE(gc_test_armed))
 		return;
-	deadline = bpf_ktime_get_ns() + gc_test_stall_ns;
-	bpf_loop(1 << 23, gc_stall_step, &deadline, 0);
+	if (ns > GC_TEST_STALL_MAX_NS)
+		ns = GC_TEST_STALL_MAX_NS;
+	WRITE_ONCE(gc_test_armed, 0);
+	WRITE_ONCE(gc_test_judged, 1);
+	st.deadline = bpf_ktime_get_ns() + ns;
+	/* Each step reads the clock: 1 << 23 steps outlast GC_TEST_STALL_MAX_NS. */
+	bpf_loop(1 << 23, gc_stall_step, &st, 0);
+	WRITE_ONCE(gc_test_outcome, st.released ? GC_STALL_RELEASED : GC_STALL_TIMED_OUT);
 }
 
-/* Delete `key` from `map` if its lifetime is still `seen` (< now), then the
+/* Delete `key` from `map` if its lifetime is still `seen` (expired), then the
  * NAT entry it owned. `e` points at the live value.
  */
 static __always_inline __u8 gc_delete_if_unchanged(void *map, const struct ipv4_ct_tuple *key,

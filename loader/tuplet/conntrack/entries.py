@@ -15,6 +15,15 @@ from tuplet.core.errors import TupletError
 from tuplet.datapath.abi import TUPLE_F_OUT
 
 
+def expired(lifetimes: np.ndarray, now: int) -> np.ndarray:
+    """Which lifetimes are before ``now`` on the u32 clock, across its wrap: the signed
+    32-bit difference ``now - lifetime`` is positive (bpf/lib/ct_gc.h's gc_expired; never a
+    plain ``<`` on the raw values, which near the wrap calls fresh entries expired)."""
+    ahead = (np.uint32(now % (1 << 32)) - lifetimes.astype(np.uint32, copy=False)).view(np.int32)
+    out: np.ndarray = ahead > 0
+    return out
+
+
 def value_dtype(m: Map, btf: Btf | None = None) -> np.dtype:
     """numpy dtype of a CT map's values, from the BTF the map was created with."""
     if btf is None:

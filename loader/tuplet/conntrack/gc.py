@@ -32,8 +32,8 @@ import numpy as np
 import structlog
 
 from tuplet.bpf.maps import Map
-from tuplet.conntrack.entries import EntryLayout
-from tuplet.conntrack.gc_progs import REC_DTYPE, GcSwitches, IterPass, KeyDeleter, load_on
+from tuplet.conntrack.entries import EntryLayout, expired
+from tuplet.conntrack.gc_progs import REC_DTYPE, GcSwitches, IterPass, KeyDeleter, StallGate, load_on
 from tuplet.core.errors import TupletError
 from tuplet.datapath.abi import (
     GC_ITER_PROGRAM,
@@ -48,7 +48,7 @@ from tuplet.datapath.abi import (
     OBJ_GC,
     OBJ_GC_ITER,
 )
-from tuplet.datapath.clock import monotonic_now
+from tuplet.datapath.clock import U32, monotonic_now
 from tuplet.datapath.paths import object_dir
 
 log = structlog.get_logger("tuplet.gc")
@@ -157,7 +157,7 @@ class CtGc:
     def run(self, now: int | None = None) -> GcResult:
         """One pass over every map."""
         t0 = time.perf_counter()
-        now = monotonic_now() if now is None else now
+        now = monotonic_now() if now is None else now % U32   # a u32 clock value, wrapped
         res = GcResult(self.method.value)
         for m in self.ct_maps:
             t = time.perf_counter()
@@ -182,6 +182,10 @@ class CtGc:
             raise TupletError("gc", "count NAT entries", detail="no NAT map given")
         return sum(c for _, _, c in self.nat.batches(self.chunk))
 
+    def stall_gate(self) -> StallGate:
+        """The handshake of the test-only stall (GcSwitches.stall_ns) of the method in use."""
+        return StallGate(self._iter.coll if self._iter is not None else self._deleter.coll)
+
     def walk_only(self, m: Map) -> int:
         """Visit every entry of ``m`` in one program run, nothing else (a benchmark floor)."""
         return self._deleter.walk_once(GC_SELECTOR[m.name])
@@ -199,13 +203,13 @@ class CtGc:
         buf = m.batch_buffers(self.chunk)
         for count in m.lookup_chunks(buf):
             values = np.frombuffer(memoryview(buf.values), dtype=lay.value, count=count)
-            expired = values["lifetime"] < now
-            n = int(expired.sum())
+            stale = expired(values["lifetime"], now)
+            n = int(stale.sum())
             counts[GC_V_ALIVE] += count - n
             if n:
                 recs = np.zeros(n, REC_DTYPE)
-                recs["key"] = np.frombuffer(memoryview(buf.keys), dtype=f"V{m.key_size}", count=count)[expired]
-                recs["seen"] = values["lifetime"][expired]
+                recs["key"] = np.frombuffer(memoryview(buf.keys), dtype=f"V{m.key_size}", count=count)[stale]
+                recs["seen"] = values["lifetime"][stale]
                 counts += self._deleter.delete(m, recs, now)
         return counts
 

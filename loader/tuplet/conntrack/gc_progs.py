@@ -29,6 +29,10 @@ from tuplet.datapath.abi import (
     GC_KEYS_PROGRAM,
     GC_PROGRAM,
     GC_SELECTOR,
+    GC_TEST_ARMED,
+    GC_TEST_JUDGED,
+    GC_TEST_OUTCOME,
+    GC_TEST_RELEASED,
     GC_TEST_STALL_NS,
     GC_TEST_UNPROTECTED,
     GC_VAR_NOW,
@@ -49,8 +53,34 @@ _WALK_ARGS = struct.Struct("<II4Q")
 class GcSwitches:
     """Test-only load-time switches of the GC programs (both zero in production)."""
 
-    stall_ns: int = 0          # spin between the verdict and the final re-check
+    stall_ns: int = 0          # most a stall spins between verdict and re-check (C caps it at 8 ms)
     unprotected: bool = False  # delete without the final re-check
+
+
+class StallGate:
+    """The test stall's handshake with a racing test (bpf/lib/ct_gc.h, ``.bss``).
+
+    ``arm()`` before a pass; the first entry the pass judges expired sets ``judged()`` and
+    spins (at most ``GcSwitches.stall_ns``, capped at 8 ms) until ``release()``;
+    ``outcome()`` then says whether the release came in time (GC_STALL_RELEASED) or the
+    stall timed out (GC_STALL_TIMED_OUT)."""
+
+    def __init__(self, coll: Collection) -> None:
+        self.coll = coll
+
+    def arm(self) -> None:
+        for name in (GC_TEST_JUDGED, GC_TEST_RELEASED, GC_TEST_OUTCOME):
+            self.coll.set_global(".bss", name, 0)
+        self.coll.set_global(".bss", GC_TEST_ARMED, 1)
+
+    def judged(self) -> bool:
+        return self.coll.get_global(".bss", GC_TEST_JUDGED) != 0
+
+    def release(self) -> None:
+        self.coll.set_global(".bss", GC_TEST_RELEASED, 1)
+
+    def outcome(self) -> int:
+        return self.coll.get_global(".bss", GC_TEST_OUTCOME)
 
 
 def load_on(obj: Path, ct_maps: list[Map], nat: Map | None, switches: GcSwitches) -> Collection:

@@ -99,6 +99,15 @@ GC_VAR_NOW: Final = "gc_now"
 GC_VAR_WALK_ONLY: Final = "gc_walk_only"
 GC_TEST_STALL_NS: Final = "gc_test_stall_ns"
 GC_TEST_UNPROTECTED: Final = "gc_test_unprotected"
+#: The test stall's handshake (.bss, bpf/lib/ct_gc.h) and its cap (enum gc_test_limit).
+GC_TEST_ARMED: Final = "gc_test_armed"
+GC_TEST_JUDGED: Final = "gc_test_judged"
+GC_TEST_RELEASED: Final = "gc_test_released"
+GC_TEST_OUTCOME: Final = "gc_test_outcome"
+GC_TEST_STALL_MAX_NS: Final = 8_000_000
+GC_STALL_NONE: Final = 0
+GC_STALL_RELEASED: Final = 1
+GC_STALL_TIMED_OUT: Final = 2
 GC_KEYS_MAX: Final = 128
 GC_V_ALIVE: Final = 0
 GC_V_DELETED: Final = 1
