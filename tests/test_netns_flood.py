@@ -77,7 +77,9 @@ def flooded(bed: flood.Bed, pin_root: str, syn_table: bool):
             # The flood went through tuplet on pod2's veth and reached pod2: it was a flood.
             assert sent["sent"] == FLOOD
             assert ingress_packets(pin_root) - counted >= FLOOD
-            assert bed.snmp(bed.server)["TcpInSegs"] - syns_in >= FLOOD
+            # ...and reached pod2's TCP. tuplet counted every SYN above; between its veth and TCP the
+            # kernel may drop a few under load (the per-CPU backlog), which says nothing of tuplet.
+            assert bed.snmp(bed.server)["TcpInSegs"] - syns_in >= FLOOD * 0.99
             failed = held.roundtrip(3.0)
         finally:
             held.close()
