@@ -8,6 +8,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from traffic import start_server, tcp_once
 from tuplet.conntrack import records as ct
 from tuplet.datapath import abi, paths
 from tuplet.lab.topology import Topology
@@ -59,3 +60,13 @@ def records(pin_root: str) -> list[ct.CtRecord]:
 
 def with_addr(recs: list[ct.CtRecord], addr: str) -> list[ct.CtRecord]:
     return [r for r in recs if addr in (r.src[0], r.dst[0])]
+
+
+def tcp_exchange(topo: Topology, pod, addr: str, port: int = 8000) -> None:
+    """One TCP connection from ``pod`` to a server started on pod1 for it."""
+    srv = start_server(topo, topo.p1, port)
+    try:
+        tcp_once(topo, pod, addr, port)
+    finally:
+        srv.kill()
+        srv.wait()

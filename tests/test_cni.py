@@ -8,8 +8,7 @@ import sys
 
 import pytest
 
-from endpoint_harness import POD3, ROOT, records, three_pods_applied, with_addr
-from traffic import start_server, tcp_once
+from endpoint_harness import POD3, ROOT, records, tcp_exchange, three_pods_applied, with_addr
 from tuplet.node import state
 from two_pods import POD1
 
@@ -54,12 +53,7 @@ def test_add_check_del(topo, pin_root) -> None:
     assert cni("CHECK", conf(pin_root, prev)) == (0, None)
     (rec,) = [e for e in state.load(pin_root).live.values()]
     assert (rec.source, rec.ifname, rec.ipv4, rec.identity) == ("cni", topo.p3.host_ifname, POD3, 7000)
-    srv = start_server(topo, topo.p1, 8000)
-    try:
-        tcp_once(topo, topo.p3, POD1, 8000)
-    finally:
-        srv.kill()
-        srv.wait()
+    tcp_exchange(topo, topo.p3, POD1)
     mine = with_addr(records(pin_root), POD3)
     assert mine and {r.entry.src_sec_id for r in mine if r.src[0] == POD3 and r.direction == "OUT"} == {7000}
     assert cni("DEL", conf(pin_root, prev)) == (0, None)

@@ -8,8 +8,7 @@ import socket
 
 import pytest
 
-from endpoint_harness import POD3, records, three_pods_applied, tuplet, with_addr
-from traffic import start_server, tcp_once
+from endpoint_harness import POD3, records, tcp_exchange, three_pods_applied, tuplet, with_addr
 from tuplet.bpf.links import Hook, tc_has_filter
 from tuplet.core import crashpoints
 from tuplet.datapath import abi, paths
@@ -59,12 +58,7 @@ def test_killed_add(topo, pin_root, point) -> None:
 @pytest.mark.parametrize("point", DELETE_POINTS)
 def test_killed_delete(topo, pin_root, point) -> None:
     tuplet(pin_root, *add_args(topo))
-    srv = start_server(topo, topo.p1, 8000)
-    try:
-        tcp_once(topo, topo.p3, POD1, 8000)
-    finally:
-        srv.kill()
-        srv.wait()
+    tcp_exchange(topo, topo.p3, POD1)
     assert with_addr(records(pin_root), POD3)
     r = tuplet(pin_root, "endpoint", "delete", "pod3", env={crashpoints.ENV: point}, check=False)
     assert r.returncode == -signal.SIGKILL

@@ -10,7 +10,7 @@ import json
 import os
 import sys
 from contextlib import ExitStack
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -41,23 +41,22 @@ def add_filter_flags(p: argparse.ArgumentParser) -> None:
                    help="which tables (tcp: established and handshake)")
 
 
+#: CtFilter field, the argparse attribute, its flag, and the parser that names the flag on a bad value.
+_PARSED: tuple[tuple[str, str, str, Callable[[str, str], Any]], ...] = (
+    ("src", "src", "--src", ctfilter.parse_net), ("dst", "dst", "--dst", ctfilter.parse_net),
+    ("proto", "proto", "--proto", ctfilter.parse_proto), ("sport", "sport", "--sport", ctfilter.parse_port),
+    ("dport", "dport", "--dport", ctfilter.parse_port), ("type", "ct_type", "--type", ctfilter.parse_type),
+    ("state", "state", "--state", ctfilter.parse_state),
+)
+
+
 def build_filter(args: argparse.Namespace, root: str) -> CtFilter:
     """The filter of the command line; a bad value is a ConfigError naming its flag."""
     kw: dict[str, Any] = {}
-    if args.src is not None:
-        kw["src"] = ctfilter.parse_net("--src", args.src)
-    if args.dst is not None:
-        kw["dst"] = ctfilter.parse_net("--dst", args.dst)
-    if args.proto is not None:
-        kw["proto"] = ctfilter.parse_proto("--proto", args.proto)
-    if args.sport is not None:
-        kw["sport"] = ctfilter.parse_port("--sport", args.sport)
-    if args.dport is not None:
-        kw["dport"] = ctfilter.parse_port("--dport", args.dport)
-    if args.ct_type is not None:
-        kw["type"] = ctfilter.parse_type("--type", args.ct_type)
-    if args.state is not None:
-        kw["state"] = ctfilter.parse_state("--state", args.state)
+    for field, attr, flag, parse in _PARSED:
+        value = getattr(args, attr)
+        if value is not None:
+            kw[field] = parse(flag, value)
     if args.endpoint is not None:
         kw["addrs"] = (_endpoint_addr(root, args.endpoint),)
     if args.service is not None:
