@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from socklb_harness import PEER_SERVER, ask, make_cgroup, remove_cgroup
-from tuplet.bpf.links import CgroupHook, cgroup_link_pin_path, cgroup_id
+from socklb_harness import PEER_SERVER, ask, in_cgroup, make_cgroup, remove_cgroup
+from tuplet.bpf.links import CgroupHook, cgroup_id, cgroup_link_pin_path
 from tuplet.datapath import abi, paths
 from tuplet.lab.topology import Topology
 from tuplet.node import apply as node_apply
@@ -141,3 +141,99 @@ def test_tcp_and_udp_through_socket_lb(topo, applied, pin_root, cg) -> None:
     # Per socket: the reverse entries, keyed by socket cookie.
     with paths.open_pinned(pin_root, abi.SOCK_REV_NAT_MAP) as m:
         assert len(list(m.keys())) >= 2
+
+
+def test_affinity_is_per_network_namespace(topo, applied, pin_root, cg) -> None:
+    applied(services(affinity=True))
+    for mode, port in (("tcp", 80), ("udp", 53)):
+        answers = ask(topo, topo.client, mode, VIP, port, n=12, cg=cg)
+        assert len({a[0] for a in answers}) == 1 and answers[0][0] in ("back1", "back2"), answers
+        assert {a[2] for a in answers} == {f"{VIP}:{port}"}
+    with paths.open_pinned(pin_root, abi.SOCK_AFFINITY_MAP) as m:
+        assert len(list(m.keys())) == 2            # one per service, for the client's namespace
+    with paths.open_pinned(pin_root, abi.AFFINITY_MAP) as m:
+        assert list(m.keys()) == []                # the per-packet path (client address) saw nothing
+
+
+def test_socket_lb_and_per_packet_at_once_then_off(topo, applied, pin_root, cg) -> None:
+    applied()
+    # client: in the cgroup (socket LB); client2: outside it (per-packet LB).
+    a1 = ask(topo, topo.client, "tcp", VIP, 80, n=6, cg=cg)
+    a2 = ask(topo, topo.client2, "tcp", VIP, 80, n=6)
+    for answers, client in ((a1, CLIENT), (a2, CLIENT2)):
+        assert {a[2] for a in answers} == {f"{VIP}:80"} and {a[1].split(":")[0] for a in answers} == {client}
+    lines = ct_list(pin_root)
+    svc = flows(lines, "TCP", "SVC")
+    assert len(svc) == 6 and all(ln.split()[2].startswith(f"{CLIENT2}:") and ln.split()[4] == f"{VIP}:80"
+                                 for ln in svc), svc
+    outs = flows(lines, "TCP", "OUT")
+    assert sum(ln.split()[2].startswith(f"{CLIENT}:") for ln in outs) == 6
+    assert all("RevNAT=0" in ln for ln in outs if ln.split()[2].startswith(f"{CLIENT}:"))
+    assert all("RevNAT=0" not in ln for ln in outs if ln.split()[2].startswith(f"{CLIENT2}:"))
+    # Off: the links go, and the client in the cgroup is load-balanced per packet again.
+    applied(socket_lb=False)
+    assert socklb.attached_cgroup_ids(pin_root) == set()
+    assert not any(Path(cgroup_link_pin_path(pin_root, h)).exists() for h in CgroupHook)
+    ask(topo, topo.client, "tcp", VIP, 80, n=3, cg=cg)
+    svc = flows(ct_list(pin_root), "TCP", "SVC")
+    assert sum(ln.split()[2].startswith(f"{CLIENT}:") for ln in svc) == 3, svc
+    # And on again: re-apply attaches to the same cgroup, links updated in place.
+    applied()
+    applied()
+    assert socklb.attached_cgroup_ids(pin_root) == {cgroup_id(str(cg))}
+
+
+def test_service_without_backends_refuses_connect(topo, applied, cg) -> None:
+    applied(services(backends=()))
+    assert ask(topo, topo.client, "tcp", VIP, 80, n=1, cg=cg) == [["error", "PermissionError"]]
+
+
+def test_udp_backend_removed(topo, applied, cg) -> None:
+    """Without bpf_sock_destroy (Linux 6.5+, not used here): an unconnected UDP socket's next
+    sendto() picks a current backend; a connected UDP socket stays with the removed backend
+    (draining) until it reconnects, and gets ECONNREFUSED once that backend is gone."""
+    applied()
+    script = textwrap.dedent(f"""
+        import socket, sys, time
+        socks = []
+        for i in range(16):
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3)
+            s.connect(("{VIP}", 53)); socks.append(s)
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(3)
+        def rt(s):
+            try:
+                s.send(b"x"); return s.recv(100).decode().split()[0]
+            except OSError as e:
+                return type(e).__name__
+        print(" ".join(rt(s) for s in socks), flush=True)
+        sys.stdin.readline()
+        print(" ".join(rt(s) for s in socks), flush=True)
+        answers = set()
+        for i in range(8):
+            u.sendto(b"x", ("{VIP}", 53)); answers.add(u.recvfrom(100)[0].decode().split()[0])
+        print(" ".join(sorted(answers)), flush=True)
+        sys.stdin.readline()
+        print(" ".join(rt(s) for s in socks), flush=True)
+    """)
+    argv = in_cgroup(cg, topo.client.netns, [sys.executable, "-c", script])
+    p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdin is not None and p.stdout is not None
+        before = p.stdout.readline().split()
+        assert set(before) == {"back1", "back2"}, before
+        applied(services(backends=(BACK1,)))
+        p.stdin.write("\n")
+        p.stdin.flush()
+        assert p.stdout.readline().split() == before      # connected sockets keep their backend
+        assert p.stdout.readline().split() == ["back1"]   # a new datagram: current backends only
+        topo.servers["back2"].kill()
+        topo.servers["back2"].wait()
+        p.stdin.write("\n")
+        p.stdin.flush()
+        after = p.stdout.readline().split()
+        # The removed backend's sockets fail (port unreachable; ICMP rate limiting may make it a timeout).
+        for b, a in zip(before, after):
+            assert a == "back1" if b == "back1" else a in ("ConnectionRefusedError", "TimeoutError"), after
+    finally:
+        p.kill()
+        p.wait()
