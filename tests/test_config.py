@@ -56,12 +56,21 @@ def test_duration_rendering() -> None:
     ("[conntrack]\nreport_flags = 300", "conntrack.report_flags"),
     ("[conntrack]\naccounting = \"yes\"", "conntrack.accounting"),
     ("endpoints = 3", "endpoints"),
+    ("[lb]\nsocket_lb = 1", "lb.socket_lb"),
+    ("[lb]\nsocket_lb_cgroup = \"unified/x\"", "lb.socket_lb_cgroup"),
+    ("[lb]\nsocket_lb_cgroup = \"/sys/fs/cgroup/../x\"", "lb.socket_lb_cgroup"),
 ])
 def test_bad_values_name_their_key(text: str, key: str) -> None:
     with pytest.raises(ConfigError) as exc:
         config.parse(text)
     assert exc.value.key == key
     assert key in str(exc.value)
+
+
+def test_socket_lb_keys() -> None:
+    assert config.parse("").lb.socket_lb is False   # off unless configured (it attaches to a cgroup)
+    lb = config.parse("[lb]\nsocket_lb = true\nsocket_lb_cgroup = \"/sys/fs/cgroup/unified/k8s\"").lb
+    assert (lb.socket_lb, lb.socket_lb_cgroup) == (True, "/sys/fs/cgroup/unified/k8s")
 
 
 def test_not_toml() -> None:
