@@ -463,14 +463,15 @@ def one_mode(t: Topology, node: Node, client: Pod, servers: list[Server], setup:
                     st.failures.append(f"tuplet counted {new} new connections, CRR completed {done['crr']}")
                 st.checks.append(f"no SVC CT entries, {rev} socket reverse-NAT entries, new connections {new} "
                                  f"(CRR {done['crr']})")
-            elif svc[abi.CT_MAP_TCP] == 0:
-                st.failures.append(f"no TCP service entries in tuplet's CT: {svc}")
-            if "udp_rr" in metrics_run and svc[abi.CT_MAP_ANY] == 0:
-                st.failures.append(f"no UDP service entries in tuplet's CT: {svc}")
-            if new < done["crr"]:
-                st.failures.append(f"tuplet counted {new} new connections, CRR completed {done['crr']}")
-            st.checks.append(f"SVC CT entries tcp={svc[abi.CT_MAP_TCP]} any={svc[abi.CT_MAP_ANY]}, "
-                             f"new connections {new} (CRR {done['crr']}), drops {drops or 0}")
+            else:
+                if svc[abi.CT_MAP_TCP] == 0:
+                    st.failures.append(f"no TCP service entries in tuplet's CT: {svc}")
+                if "udp_rr" in metrics_run and svc[abi.CT_MAP_ANY] == 0:
+                    st.failures.append(f"no UDP service entries in tuplet's CT: {svc}")
+                if new < done["crr"]:
+                    st.failures.append(f"tuplet counted {new} new connections, CRR completed {done['crr']}")
+                st.checks.append(f"SVC CT entries tcp={svc[abi.CT_MAP_TCP]} any={svc[abi.CT_MAP_ANY]}, "
+                                 f"new connections {new} (CRR {done['crr']}), drops {drops or 0}")
             if drops:
                 log_note(f"tuplet drops in this round: {drops}")
     finally:
