@@ -7,8 +7,8 @@ import pytest
 
 from tuplet.bpf.links import AttachMode
 from tuplet.core.durations import format_duration, parse_duration
-from tuplet.core.errors import ConfigError
-from tuplet.node import config
+from tuplet.core.errors import ConfigError, NotSupportedError
+from tuplet.node import config, socklb
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,3 +76,14 @@ def test_socket_lb_keys() -> None:
 def test_not_toml() -> None:
     with pytest.raises(ConfigError, match="not valid TOML"):
         config.parse("[node\n")
+
+
+def test_socket_lb_default_cgroup_is_the_cgroup2_mount(tmp_path: Path) -> None:
+    mounts = tmp_path / "mounts"
+    mounts.write_text("cgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\n"
+                      "cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0\n")
+    assert socklb.cgroup2_root(str(mounts)) == "/sys/fs/cgroup/unified"
+    assert socklb.resolve_cgroup("/sys/fs/cgroup/unified/pods") == "/sys/fs/cgroup/unified/pods"
+    mounts.write_text("cgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\n")
+    with pytest.raises(NotSupportedError, match="socket_lb = false"):
+        socklb.cgroup2_root(str(mounts))
