@@ -19,7 +19,11 @@ client pod runs ``build/loadgen crr|rr|udp_rr`` against:
             (nothing is masqueraded for pod-to-service traffic). nf_conntrack tracks the
             connections. Only the nat table is modelled: kube-proxy's filter-table rules
             (KUBE-FORWARD, KUBE-FIREWALL...) would add to this mode's cost.
-  tuplet    the same ClusterIP in tuplet's datapath (``node_apply.apply``), no nat table.
+  tuplet    the same ClusterIP in tuplet's datapath (``node_apply.apply``), no nat table:
+            per-packet LB (``[lb] socket_lb = false``): DNAT and a CT_SERVICE entry per flow.
+  tuplet-sock  tuplet with socket LB (``[lb] socket_lb = true`` on the bench's own cgroup,
+            ``/sys/fs/cgroup/unified/tuplet-test-*``, which only the client processes join):
+            connect()/sendto() to the ClusterIP go straight to a backend, no per-packet NAT.
 
 Switching modes: the nat table is deleted (``nft delete table ip nat`` with the nf_tables
 backend, so conntrack is not even hooked in direct and tuplet mode) and nf_conntrack is
@@ -43,7 +47,8 @@ two ends of a connection.
 
 Path checks, so the benchmark cannot measure the wrong path: in every mode both backends
 accept connections and the servers count at least the transactions the client completed;
-in direct mode there is neither a KUBE- nat rule nor a tuplet pin root; in iptables mode the
+in direct mode there is neither a KUBE- nat rule nor a tuplet pin root; in tuplet-sock mode tuplet's
+CT tables hold no service entry but the client's OUT entries, and the socket reverse-NAT map holds entries; in iptables mode the
 KUBE-SEP DNAT rules matched at least as many connections as CRR completed (and the UDP
 flows), with tuplet's pin root gone; in tuplet mode there is no KUBE- nat rule, tuplet's CT
 tables hold service (SVC) entries for TCP and UDP after the round, and its counters saw at
@@ -81,6 +86,7 @@ sys.path.insert(0, str(ROOT / "loader"))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import report  # noqa: E402  (bench/report.py)
+from socklb_harness import in_cgroup, make_cgroup, remove_cgroup  # noqa: E402  (tests/socklb_harness.py)
 from tuplet.agent import log  # noqa: E402
 from tuplet.datapath import (
     abi,
@@ -99,7 +105,8 @@ BACKENDS = (BACK1, BACK2)
 POD_CIDR = "10.64.0.0/16"
 SVC_RANGE = "10.68.0.0/16"
 VIP, SVC_PORT, BACKEND_PORT = "10.68.174.146", 80, 8000
-MODES = ("direct", "iptables", "tuplet")
+SOCK_MODE = "tuplet-sock"
+MODES = ("direct", "iptables", "tuplet", SOCK_MODE)
 #: With --single-lru: tuplet with one TCP table (``syn_table = false``, the reference's layout),
 #: to measure what the handshake table costs per connection.
 LRU_MODE = "tuplet-lru"
@@ -286,7 +293,10 @@ def loadgen(t: Topology, client: Pod, kind: str, targets: str, port: int, second
             concurrency: int) -> tuple[float, int, int]:
     """(transactions per second, transactions, errors) of one loadgen client run."""
     argv = [*pin(), str(LOADGEN), kind, targets, str(port), f"{seconds:g}", str(concurrency), str(MSG_SIZE)]
-    r = t.run(client, argv, capture_output=True, text=True, timeout=seconds + 60)
+    assert not t.closed
+    # In every mode the client runs in the bench's cgroup (only tuplet-sock attaches programs there).
+    r = subprocess.run(in_cgroup(CGROUP, client.netns, argv), capture_output=True, text=True,
+                       timeout=seconds + 60)
     if r.returncode != 0:
         raise RuntimeError(f"{shlex.join(argv)} failed ({r.returncode}): {r.stderr.strip()}")
     kv = dict(item.split("=") for item in r.stdout.split())
@@ -295,6 +305,7 @@ def loadgen(t: Topology, client: Pod, kind: str, targets: str, port: int, second
 
 
 PIN_CPUS: str | None = None
+CGROUP: Path | None = None
 
 
 def pin() -> list[str]:
@@ -361,13 +372,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             sysctl("net.ipv4.ip_local_port_range", "1024 65535")
         servers = [Server(t, pods["back1"]), Server(t, pods["back2"])]
         setup = node_config(node, pods, protos)
+        assert CGROUP is not None
+        sock_setup = dataclasses.replace(setup, lb=dataclasses.replace(setup.lb, socket_lb=True,
+                                                                        socket_lb_cgroup=str(CGROUP)))
         info["services_via"] = "[[services]] config"
         try:
             nat_remove(t, node)
             for rnd in range(args.rounds):
                 order = modes[rnd % len(modes):] + modes[:rnd % len(modes)]
                 for mode in order:
-                    one_mode(t, node, client, servers, setup, protos, metrics_run, mode, stats[mode], args)
+                    one_mode(t, node, client, servers, sock_setup if mode == SOCK_MODE else setup, protos,
+                             metrics_run, mode, stats[mode], args)
                 if not args.json:
                     done = ", ".join(f"{m} {stats[m].samples['crr'][-1]:.0f}" for m in modes)
                     print(f"  round {rnd + 1}/{args.rounds}: CRR/s {done}", file=sys.stderr, flush=True)
@@ -389,7 +404,7 @@ def one_mode(t: Topology, node: Node, client: Pod, servers: list[Server], setup:
         # Enter the mode: exactly one of (nothing, nat table, tuplet) on the path.
         if mode == "iptables":
             nat_install(t, node, protos)
-        elif mode == "tuplet":
+        elif mode in ("tuplet", SOCK_MODE):
             node_apply.apply(setup)
         elif mode == LRU_MODE:
             node_apply.apply(dataclasses.replace(
@@ -439,14 +454,24 @@ def one_mode(t: Topology, node: Node, client: Pod, servers: list[Server], setup:
             svc = tuplet_ct_service_entries()
             new = tuplet_new_connections()
             drops = tuplet_drops()
-            if svc[abi.CT_MAP_TCP] == 0:
-                st.failures.append(f"no TCP service entries in tuplet's CT: {svc}")
-            if "udp_rr" in metrics_run and svc[abi.CT_MAP_ANY] == 0:
-                st.failures.append(f"no UDP service entries in tuplet's CT: {svc}")
-            if new < done["crr"]:
-                st.failures.append(f"tuplet counted {new} new connections, CRR completed {done['crr']}")
-            st.checks.append(f"SVC CT entries tcp={svc[abi.CT_MAP_TCP]} any={svc[abi.CT_MAP_ANY]}, "
-                             f"new connections {new} (CRR {done['crr']}), drops {drops or 0}")
+            if mode == SOCK_MODE:
+                with paths.open_pinned(PIN_ROOT, abi.SOCK_REV_NAT_MAP) as m:
+                    rev = sum(1 for _ in m.keys())
+                if any(svc.values()) or rev == 0:
+                    st.failures.append(f"socket LB: service entries {svc}, socket reverse-NAT entries {rev}")
+                if new < done["crr"]:
+                    st.failures.append(f"tuplet counted {new} new connections, CRR completed {done['crr']}")
+                st.checks.append(f"no SVC CT entries, {rev} socket reverse-NAT entries, new connections {new} "
+                                 f"(CRR {done['crr']})")
+            else:
+                if svc[abi.CT_MAP_TCP] == 0:
+                    st.failures.append(f"no TCP service entries in tuplet's CT: {svc}")
+                if "udp_rr" in metrics_run and svc[abi.CT_MAP_ANY] == 0:
+                    st.failures.append(f"no UDP service entries in tuplet's CT: {svc}")
+                if new < done["crr"]:
+                    st.failures.append(f"tuplet counted {new} new connections, CRR completed {done['crr']}")
+                st.checks.append(f"SVC CT entries tcp={svc[abi.CT_MAP_TCP]} any={svc[abi.CT_MAP_ANY]}, "
+                                 f"new connections {new} (CRR {done['crr']}), drops {drops or 0}")
             if drops:
                 log_note(f"tuplet drops in this round: {drops}")
     finally:
@@ -484,6 +509,9 @@ def summarize(info: dict[str, Any], args: argparse.Namespace, argv: list[str]) -
         "tuplet_vs_iptables": {m: ratio(med["tuplet"][m], med["iptables"][m]) for m in metrics_run},
         "tuplet_vs_iptables_paired": {m: paired("tuplet", "iptables", m) for m in metrics_run},
     }
+    if SOCK_MODE in stats:
+        out["tuplet_sock_vs_direct_paired"] = {m: paired(SOCK_MODE, "direct", m) for m in metrics_run}
+        out["tuplet_sock_vs_iptables_paired"] = {m: paired(SOCK_MODE, "iptables", m) for m in metrics_run}
     if LRU_MODE in stats:
         out["tuplet_vs_single_lru_paired"] = {m: paired("tuplet", LRU_MODE, m) for m in metrics_run}
     for mode in modes:
@@ -525,17 +553,22 @@ def print_table(res: dict[str, Any]) -> None:
     print("tuplet/iptables: " + ", ".join(
         f"{LABELS[m].removesuffix('/s')} {tv[m]:.2f} (paired by round {tp[m]:.2f})" for m in metrics_run
         if tv[m] is not None and tp[m] is not None))
+    for key, label in (("tuplet_sock_vs_direct_paired", "direct"), ("tuplet_sock_vs_iptables_paired", "iptables")):
+        if key in res:
+            print(f"{SOCK_MODE}/{label} (paired by round): " + ", ".join(
+                f"{LABELS[m].removesuffix('/s')} {res[key][m]:.3f}" for m in metrics_run if res[key][m] is not None))
     errs = {f"{mode}/{m}": res["modes"][mode][m]["errors"] for mode in res["modes"] for m in metrics_run
             if res["modes"][mode][m]["errors"]}
     if errs:
         print(f"client errors (failed transactions): {errs}")
-    for m, runs in res["modes"]["tuplet"].get("bpf_stats", {}).items():
-        progs = sorted({name for r in runs for name in r["programs"]})
-        parts = [f"{name} {statistics.median(r['programs'][name]['runs_per_tx'] for r in runs if name in r['programs']):.1f}"
-                 f" runs x {statistics.median(r['programs'][name]['ns_per_run'] for r in runs if name in r['programs']):.0f} ns"
-                 for name in progs]
-        total = statistics.median(r["bpf_ns_per_tx"] for r in runs)
-        print(f"tuplet BPF per {LABELS[m].removesuffix('/s')} transaction: {', '.join(parts)}; {total:.0f} ns in all")
+    for mode in [md for md in res["modes"] if md.startswith("tuplet")]:
+        for m, runs in res["modes"][mode].get("bpf_stats", {}).items():
+            progs = sorted({name for r in runs for name in r["programs"]})
+            parts = [f"{name} {statistics.median(r['programs'][name]['runs_per_tx'] for r in runs if name in r['programs']):.1f}"
+                     f" runs x {statistics.median(r['programs'][name]['ns_per_run'] for r in runs if name in r['programs']):.0f} ns"
+                     for name in progs]
+            total = statistics.median(r["bpf_ns_per_tx"] for r in runs)
+            print(f"{mode} BPF per {LABELS[m].removesuffix('/s')} transaction: {', '.join(parts)}; {total:.0f} ns in all")
     if "tuplet_vs_single_lru_paired" in res:
         sl = res["tuplet_vs_single_lru_paired"]
         print("tuplet/tuplet-lru (the handshake table's cost, paired by round): " + ", ".join(
@@ -582,17 +615,19 @@ def main() -> int:
         if not shutil.which(tool):
             print(f"{tool} missing (apt-get install iptables)", file=sys.stderr)
             return 2
-    global PIN_CPUS
+    global PIN_CPUS, CGROUP
     PIN_CPUS = None if args.cpus == "all" else args.cpus
     log.configure("warning")
     t0 = time.monotonic()
     stats_file = Path("/proc/sys/kernel/bpf_stats_enabled")
     stats_was = stats_file.read_text().strip() if args.bpf_stats else None
+    CGROUP = make_cgroup()
     try:
         if args.bpf_stats:
             stats_file.write_text("1")
         res = summarize(run(args), args, [sys.argv[0], *sys.argv[1:]])
     finally:
+        remove_cgroup(CGROUP)
         if stats_was is not None:
             stats_file.write_text(stats_was)
     res["wall_seconds"] = round(time.monotonic() - t0, 1)

@@ -13,7 +13,7 @@ from tuplet.bpf.objects import ObjectSpec
 from tuplet.datapath import abi
 from tuplet.datapath.paths import object_dir
 
-OBJECTS = (abi.OBJ_LXC, abi.OBJ_HOST, abi.OBJ_OVERLAY, abi.OBJ_GC, abi.OBJ_GC_ITER)
+OBJECTS = (abi.OBJ_LXC, abi.OBJ_HOST, abi.OBJ_OVERLAY, abi.OBJ_SOCK, abi.OBJ_GC, abi.OBJ_GC_ITER)
 
 
 @lru_cache(maxsize=None)
@@ -52,7 +52,7 @@ def test_every_map_name_is_a_map_of_the_objects_and_every_pinned_map_is_named() 
 
 def test_program_names_are_in_their_objects() -> None:
     for obj, hooks in ((abi.OBJ_LXC, abi.LXC_HOOKS), (abi.OBJ_HOST, abi.NETDEV_HOOKS),
-                       (abi.OBJ_OVERLAY, abi.OVERLAY_HOOKS)):
+                       (abi.OBJ_OVERLAY, abi.OVERLAY_HOOKS), (abi.OBJ_SOCK, abi.SOCK_HOOKS)):
         assert {p for p, _ in hooks} <= declared(obj)[1], obj
     assert {abi.GC_PROGRAM, abi.GC_KEYS_PROGRAM} <= declared(abi.OBJ_GC)[1]
     assert set(abi.GC_ITER_PROGRAM.values()) <= declared(abi.OBJ_GC_ITER)[1]

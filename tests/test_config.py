@@ -7,8 +7,8 @@ import pytest
 
 from tuplet.bpf.links import AttachMode
 from tuplet.core.durations import format_duration, parse_duration
-from tuplet.core.errors import ConfigError
-from tuplet.node import config
+from tuplet.core.errors import ConfigError, NotSupportedError
+from tuplet.node import config, socklb
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,6 +56,9 @@ def test_duration_rendering() -> None:
     ("[conntrack]\nreport_flags = 300", "conntrack.report_flags"),
     ("[conntrack]\naccounting = \"yes\"", "conntrack.accounting"),
     ("endpoints = 3", "endpoints"),
+    ("[lb]\nsocket_lb = 1", "lb.socket_lb"),
+    ("[lb]\nsocket_lb_cgroup = \"unified/x\"", "lb.socket_lb_cgroup"),
+    ("[lb]\nsocket_lb_cgroup = \"/sys/fs/cgroup/../x\"", "lb.socket_lb_cgroup"),
 ])
 def test_bad_values_name_their_key(text: str, key: str) -> None:
     with pytest.raises(ConfigError) as exc:
@@ -64,6 +67,23 @@ def test_bad_values_name_their_key(text: str, key: str) -> None:
     assert key in str(exc.value)
 
 
+def test_socket_lb_keys() -> None:
+    assert config.parse("").lb.socket_lb is False   # off unless configured (it attaches to a cgroup)
+    lb = config.parse("[lb]\nsocket_lb = true\nsocket_lb_cgroup = \"/sys/fs/cgroup/unified/k8s\"").lb
+    assert (lb.socket_lb, lb.socket_lb_cgroup) == (True, "/sys/fs/cgroup/unified/k8s")
+
+
 def test_not_toml() -> None:
     with pytest.raises(ConfigError, match="not valid TOML"):
         config.parse("[node\n")
+
+
+def test_socket_lb_default_cgroup_is_the_cgroup2_mount(tmp_path: Path) -> None:
+    mounts = tmp_path / "mounts"
+    mounts.write_text("cgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\n"
+                      "cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0\n")
+    assert socklb.cgroup2_root(str(mounts)) == "/sys/fs/cgroup/unified"
+    assert socklb.resolve_cgroup("/sys/fs/cgroup/unified/pods") == "/sys/fs/cgroup/unified/pods"
+    mounts.write_text("cgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\n")
+    with pytest.raises(NotSupportedError, match="socket_lb = false"):
+        socklb.cgroup2_root(str(mounts))

@@ -13,6 +13,7 @@
 #include "packet.h"
 #include "hash.h"
 #include "lb_map.h"
+#include "lb_select.h"
 #include "conntrack_types.h"
 #include "conntrack.h"
 #include "l4_rewrite.h"
@@ -36,16 +37,6 @@ static __always_inline struct lb4_service *lb4_lookup_service(struct lb4_key *ke
 	return bpf_map_lookup_elem(&tpl_lb4_services_v1, key);
 }
 
-static __always_inline struct lb4_backend *lb4_lookup_backend(__u32 id)
-{
-	return id ? bpf_map_lookup_elem(&tpl_lb4_backends_v1, &id) : NULL;
-}
-
-/* Test-only (0 in production): pick ClusterIP slots at random, as the reference
- * does, so a race test and the GC soak can show what the flow hash protects.
- */
-const volatile __u32 lb_test_random_slot = 0;
-
 /* The slot of the service's current bank that the flow's hash picks. The reference
  * picks at random; by hash, a flow whose CT_SERVICE entry was lost (evicted by
  * the LRU, deleted by GC) gets the same backend back on its next packet while
@@ -54,18 +45,7 @@ const volatile __u32 lb_test_random_slot = 0;
 static __always_inline __u32 lb4_select_hash(const struct lb4_key *key, const struct lb4_service *svc,
 					     const struct pkt4 *p)
 {
-	struct lb4_key slot_key = *key;
-	struct lb4_service *slot;
-	__u16 count = svc->count;
-	__u32 h;
-
-	if (!count)
-		return 0;
-	h = lb_test_random_slot ? bpf_get_prandom_u32()
-				: tpl_flow_hash4(p->saddr, p->daddr, p->sport, p->dport, p->proto);
-	slot_key.backend_slot = (h % count) + 1 + (svc->bank ? LB_BANK_STRIDE : 0);
-	slot = bpf_map_lookup_elem(&tpl_lb4_services_v1, &slot_key);
-	return slot ? slot->backend_id : 0;
+	return lb4_select_slot(key, svc, tpl_flow_hash4(p->saddr, p->daddr, p->sport, p->dport, p->proto));
 }
 
 /* The backend the service's Maglev table holds for this flow. */

@@ -15,6 +15,10 @@ echo "vm-guest: kernel $(uname -r) up after ${started%.*} s; $(nproc) CPUs, $(aw
 
 # bpffs is not mounted in the guest; /run and /tmp are the guest's own.
 mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf || { echo "vm-guest: cannot mount bpffs"; exit 2; }
+# Socket LB's tests need cgroup v2 (a cgroup of their own below its root).
+grep -q ' cgroup2 ' /proc/self/mounts || mount -t cgroup2 none /sys/fs/cgroup \
+    || echo "vm-guest: cannot mount cgroup2 (socket LB tests will fail)"
+grep ' cgroup2 ' /proc/self/mounts | sed 's/^/vm-guest: /'
 # Temporary files on the guest's tmpfs: 9p (the shared OUT_DIR) cannot truncate an unlinked file, which
 # pytest's output capture does.
 tmp=$(mktemp -d /var/tmp/tpl-vm.XXXXXX)

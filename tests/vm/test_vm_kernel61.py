@@ -112,6 +112,16 @@ def test_gc_object_passes_the_61_verifier(obj: str) -> None:
            [f"  {obj:12} {name:24} {v:7} {x:7} {j:7}" for name, (v, x, j) in sorted(sizes.items())])
 
 
+def test_sock_object_passes_the_61_verifier() -> None:
+    """Socket LB's cgroup programs (bpf_sock.o), loaded as apply loads them."""
+    with ObjectSpec.open(paths.object_dir() / abi.OBJ_SOCK) as spec:
+        with spec.load() as coll:
+            sizes = prog_sizes(coll)
+    assert set(sizes) == {p for p, _ in abi.SOCK_HOOKS}
+    report([f"kernel {platform.release()}: program, verified insns, xlated bytes, jited bytes"] +
+           [f"  {abi.OBJ_SOCK:12} {name:24} {v:7} {x:7} {j:7}" for name, (v, x, j) in sorted(sizes.items())])
+
+
 # --- (c) pods through the legacy TC fallback -----------------------------------------------------
 
 def _bpftool_progs() -> list[str]:

@@ -1,10 +1,15 @@
-"""Attaching programs to network devices: TCX links, legacy TC as fallback.
+"""Attaching programs: to network devices (TCX links, legacy TC as fallback) and to
+cgroups (cgroup links, for socket LB).
 
 TCX (Linux 6.6+) attaches through ``bpf_link_create`` with the TCX attach types;
 the link is pinned so the attachment outlives the process, and a newer program
 replaces the old one atomically with ``bpf_link_update``. On kernels without TCX
 the same program goes into a clsact qdisc as a direct-action cls_bpf filter
 (libbpf's tc API), replaced atomically with ``BPF_TC_F_REPLACE``.
+
+A cgroup program is attached with ``bpf_link_create`` on the cgroup's directory fd
+(links are multi-attach: other programs on the cgroup stay), pinned the same way and
+updated in place while the cgroup is the same one.
 """
 from __future__ import annotations
 
@@ -35,6 +40,21 @@ TC_PRIORITY = 0x7470 & 0xFFFF
 class Hook(str, Enum):
     INGRESS = "ingress"
     EGRESS = "egress"
+
+
+class CgroupHook(str, Enum):
+    """Socket-address hooks of a cgroup (IPv4), by the libbpf section suffix."""
+
+    CONNECT4 = "connect4"
+    SENDMSG4 = "sendmsg4"
+    RECVMSG4 = "recvmsg4"
+    GETPEERNAME4 = "getpeername4"
+
+
+_CGROUP_ATTACH_TYPE = {CgroupHook.CONNECT4: C.BPF_CGROUP_INET4_CONNECT,
+                       CgroupHook.SENDMSG4: C.BPF_CGROUP_UDP4_SENDMSG,
+                       CgroupHook.RECVMSG4: C.BPF_CGROUP_UDP4_RECVMSG,
+                       CgroupHook.GETPEERNAME4: C.BPF_CGROUP_INET4_GETPEERNAME}
 
 
 class AttachMode(str, Enum):
@@ -142,6 +162,84 @@ def tcx_detach(att: Attachment) -> None:
             os.close(fd)
         os.unlink(att.link_pin)
     log.info("tcx detached", ifname=att.ifname, hook=att.hook.value)
+
+
+# --- cgroup links -------------------------------------------------------------------------------
+
+def cgroup_link_pin_path(pin_root: str, hook: CgroupHook) -> str:
+    return os.path.join(pin_root, "links", f"cgroup-{hook.value}")
+
+
+def cgroup_id(cgroup: str) -> int:
+    """The kernel's id of a cgroup v2 directory (its inode number on cgroup2)."""
+    try:
+        return os.stat(cgroup).st_ino
+    except OSError as e:
+        raise NotFoundError(f"cgroup {cgroup}", "open", e.errno or 0, "not a cgroup v2 directory") from None
+
+
+def pinned_cgroup_link(pin: str) -> tuple[int, int]:
+    """(program id, cgroup id) of a pinned cgroup link; (0, 0) when nothing is pinned there."""
+    if not os.path.exists(pin):
+        return 0, 0
+    fd = C.bpf_obj_get(cstr(pin))
+    check(fd, f"link {pin}", "open")
+    try:
+        info = C.bpf_link_info()
+        size = ctypes.c_uint32(ctypes.sizeof(info))
+        check(C.bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)), f"link {pin}", "get info")
+        return int(info.prog_id), int(info._anon0.cgroup.cgroup_id)
+    finally:
+        os.close(fd)
+
+
+def cgroup_attach(prog: Program, cgroup: str, hook: CgroupHook, pin_root: str) -> str:
+    """Attach prog to a cgroup v2 directory's hook with a link pinned under pin_root; a link
+    pinned there already on the same cgroup is updated in place (atomically), one on another
+    cgroup is detached first. Returns the pin."""
+    pin = cgroup_link_pin_path(pin_root, hook)
+    if os.path.exists(pin):
+        _, on = pinned_cgroup_link(pin)
+        if on == cgroup_id(cgroup):
+            fd = C.bpf_obj_get(cstr(pin))
+            check(fd, f"link {pin}", "open")
+            try:
+                check(C.bpf_link_update(fd, prog.fd, None), f"cgroup link {hook.value}", "update")
+            finally:
+                os.close(fd)
+            log.info("cgroup link updated", cgroup=cgroup, hook=hook.value, program=prog.name)
+            return pin
+        cgroup_detach(pin)
+    try:
+        cg = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as e:
+        raise NotFoundError(f"cgroup {cgroup}", "open", e.errno or 0, "not a cgroup v2 directory") from None
+    try:
+        o = opts(C.bpf_link_create_opts)
+        ctypes.set_errno(0)
+        fd = C.bpf_link_create(prog.fd, cg, _CGROUP_ATTACH_TYPE[hook], ctypes.byref(o))
+        check(fd, f"cgroup {cgroup}", f"attach {hook.value}")
+    finally:
+        os.close(cg)
+    try:
+        Path(pin).parent.mkdir(parents=True, exist_ok=True)
+        check(C.bpf_obj_pin(fd, cstr(pin)), f"cgroup link {hook.value}", f"pin at {pin}")
+    finally:
+        os.close(fd)  # the pin holds the link now
+    log.info("cgroup attached", cgroup=cgroup, hook=hook.value, program=prog.name, pin=pin)
+    return pin
+
+
+def cgroup_detach(pin: str) -> None:
+    """Detach and unpin a pinned cgroup link (nothing pinned: nothing to do)."""
+    if not os.path.exists(pin):
+        return
+    fd = C.bpf_obj_get(cstr(pin))
+    if fd >= 0:
+        C.bpf_link_detach(fd)  # explicit: also detaches if someone else holds the link
+        os.close(fd)
+    os.unlink(pin)
+    log.info("cgroup link detached", pin=pin)
 
 
 # --- legacy TC ----------------------------------------------------------------------------------

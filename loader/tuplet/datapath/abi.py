@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from typing import Final
 
-from tuplet.bpf.links import Hook
+from tuplet.bpf.links import CgroupHook, Hook
 
 # --- objects and programs ---------------------------------------------------------------------
 
 OBJ_LXC: Final = "bpf_lxc.o"          # pod side: cil_from_container, cil_to_container
 OBJ_HOST: Final = "bpf_host.o"        # node NIC: cil_from_netdev, cil_to_netdev
 OBJ_OVERLAY: Final = "bpf_overlay.o"  # Geneve device: cil_from_overlay
+OBJ_SOCK: Final = "bpf_sock.o"        # socket LB: cgroup connect4/sendmsg4/recvmsg4/getpeername4
 OBJ_GC: Final = "ct_gc.o"             # the in-kernel GC walker, run with BPF_PROG_TEST_RUN
 GC_PROGRAM: Final = "tpl_ct_gc"             # one run walks a whole map: bench/gc.py's floor only
 OBJ_GC_ITER: Final = "ct_gc_iter.o"   # the sliced pass: iter/bpf_map_elem programs
@@ -29,6 +30,11 @@ LXC_HOOKS: Final = (("cil_from_container", Hook.INGRESS), ("cil_to_container", H
 NETDEV_HOOKS: Final = (("cil_from_netdev", Hook.INGRESS), ("cil_to_netdev", Hook.EGRESS))
 #: (program, hook) on the overlay (Geneve) device: DSR flows arriving from an LB node.
 OVERLAY_HOOKS: Final = (("cil_from_overlay", Hook.INGRESS),)
+
+#: (program, hook) on the socket-LB cgroup ([lb] socket_lb_cgroup).
+SOCK_HOOKS: Final = (("cil_sock4_connect", CgroupHook.CONNECT4), ("cil_sock4_sendmsg", CgroupHook.SENDMSG4),
+                     ("cil_sock4_recvmsg", CgroupHook.RECVMSG4),
+                     ("cil_sock4_getpeername", CgroupHook.GETPEERNAME4))
 
 #: Directory under the pin root where apply pins the pod programs, so an endpoint added
 #: live (`tuplet endpoint add`, the CNI plugin) gets the programs the node runs.
@@ -53,6 +59,10 @@ REV_NAT_MAP: Final = "tpl_lb4_reverse_nat_v1"
 MAGLEV_MAP: Final = "tpl_lb4_maglev_v2"
 AFFINITY_MAP: Final = "tpl_lb4_affinity_v1"
 LB_MAPS: Final = (SERVICES_MAP, BACKENDS_MAP, REV_NAT_MAP, MAGLEV_MAP, AFFINITY_MAP)
+#: Socket LB (sock_lb_map.h): (socket cookie, backend) -> service address, for recvmsg and
+#: getpeername; affinity keyed by network-namespace cookie.
+SOCK_REV_NAT_MAP: Final = "tpl_lb4_sock_rev_nat_v1"
+SOCK_AFFINITY_MAP: Final = "tpl_lb4_sock_affinity_v1"
 
 # --- identities (endpoint.h) ------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import structlog
 
 from tuplet.bpf import bpffs
-from tuplet.bpf.links import Attachment, AttachMode, Hook, attach, ifindex_of
+from tuplet.bpf.links import Attachment, AttachMode, Hook, attach, cgroup_detach, ifindex_of
 from tuplet.bpf.maps import Map
 from tuplet.bpf.objects import Collection, ObjectSpec
 from tuplet.conntrack import resize
@@ -43,7 +43,7 @@ from tuplet.datapath.layouts import EndpointInfo, ip_to_be32
 from tuplet.datapath.paths import object_dir
 from tuplet.lb import registry
 from tuplet.lb import writer as lb
-from tuplet.node import endpoints, ipcache, netns, overlay, state
+from tuplet.node import endpoints, ipcache, netns, overlay, socklb, state
 from tuplet.node.config import Endpoint, NodeConfig
 from tuplet.node.hooks import remove_attachments
 from tuplet.node.lock import node_lock
@@ -118,8 +118,14 @@ def _apply(cfg: NodeConfig, pin_root: str) -> ApplyResult:
     if cfg.overlay:
         # Before anything else changes: without Geneve support this fails and nothing was done.
         overlay_ifindex, _ = overlay.ensure_device(cfg.overlay.device)
+    # Socket LB: the cgroup must exist before anything changes.
+    sock_cgroup = socklb.resolve_cgroup(cfg.lb.socket_lb_cgroup) if cfg.lb.socket_lb else ""
+    if sock_cgroup and not os.path.isdir(sock_cgroup):
+        raise NotFoundError(f"cgroup {sock_cgroup}", "apply", detail="[lb] socket_lb_cgroup: no such "
+                            "cgroup v2 directory; nothing was changed")
     sizing = cfg.conntrack.sizing()
     colls: list[Collection] = []
+    sock_links: list[str] = []
     new_pins: list[str] = []
     reused: list[str] = []
     made: list[Attachment] = []
@@ -158,11 +164,19 @@ def _apply(cfg: NodeConfig, pin_root: str) -> ApplyResult:
                 if not existed:
                     made.append(att)
                 attachments.append(att)
+        if sock_cgroup:   # after the pod programs: a backend's own replies are tracked first
+            sock_coll, sock_links = socklb.attach(pin_root, sock_cgroup)
+            colls.append(sock_coll)
+            new_pins += [p for p in _pin_paths(sock_coll, pin_root)
+                         if p not in sock_coll.reused_pins and p not in new_pins]
         crashpoints.point("apply.attached")
         services = lb.sync_config(pin_root, cfg.services, {e.ipv4 for e in cfg.endpoints},
                                   cfg.lb.maglev_table_size)
     except BaseException:
         undo = resizer.rollback(attachments, made)   # programs that ran before back, if swapped
+        for pin in sock_links:
+            with contextlib.suppress(TupletError, OSError):
+                cgroup_detach(pin)
         with contextlib.suppress(TupletError, OSError):
             remove_attachments(list(reversed(made + undo)))
         for p in new_pins:
@@ -180,6 +194,8 @@ def _apply(cfg: NodeConfig, pin_root: str) -> ApplyResult:
     _pin_programs(colls[0], pin_root)
     for coll in colls:
         coll.close()
+    if not sock_cgroup:
+        socklb.detach(pin_root)   # [lb] socket_lb turned off
 
     # Attachments this configuration no longer has, or now has in the other mode (the new
     # one is in place already, so the hook is never without a program).
@@ -292,6 +308,7 @@ def _teardown(pin_root: str, netns_name: str | None, keep_maps: bool) -> list[At
         remove_attachments(removed)
         if st and paths.is_pinned(pin_root, EP_MAP):
             endpoints.recover(st)   # a live endpoint a killed command left half attached
+    socklb.detach(pin_root)
     links_dir = Path(pin_root) / "links"
     if links_dir.exists():
         bpffs.remove_tree(links_dir)   # pinned links tuplet has no record of

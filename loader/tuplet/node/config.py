@@ -17,6 +17,8 @@
 
     [lb]
     maglev_table_size = 16381       # Maglev table entries per service (prime)
+    socket_lb = false               # ClusterIP translated at connect()/sendto() (cgroup programs)
+    socket_lb_cgroup = ""           # the cgroup v2 directory they attach to; "": the cgroup v2 root
 
     [overlay]                       # optional: DSR over Geneve (needs the geneve module)
     device = "tpl_geneve0"          # collect-metadata Geneve device, created or adopted
@@ -145,6 +147,8 @@ class Conntrack:
 @dataclass(frozen=True)
 class Lb:
     maglev_table_size: int = DEFAULT_M
+    socket_lb: bool = False
+    socket_lb_cgroup: str = ""      # "": the cgroup v2 root
 
 
 @dataclass(frozen=True)
@@ -209,9 +213,15 @@ def parse(text: str, source: str = "<string>") -> NodeConfig:
     if netns is not None and (not isinstance(netns, str) or not netns or "/" in netns):
         raise ConfigError("node.netns", f"must be a network namespace name, got {netns!r}")
     lb = _table(doc, "lb")
-    _only(lb, "lb", {"maglev_table_size"})
+    _only(lb, "lb", {"maglev_table_size", "socket_lb", "socket_lb_cgroup"})
     m = check_maglev_size(lb["maglev_table_size"], "lb.maglev_table_size") if "maglev_table_size" in lb \
         else DEFAULT_M
+    socket_lb = lb.get("socket_lb", False)
+    if not isinstance(socket_lb, bool):
+        raise ConfigError("lb.socket_lb", f"must be true or false, got {socket_lb!r}")
+    cgroup = lb.get("socket_lb_cgroup", "")
+    if not isinstance(cgroup, str) or (cgroup and (not cgroup.startswith("/") or ".." in Path(cgroup).parts)):
+        raise ConfigError("lb.socket_lb_cgroup", f"must be an absolute cgroup v2 directory, got {cgroup!r}")
     services = parse_services(_array(doc, "services"))
     for i, svc in enumerate(services):
         if svc.maglev_size is None and sum(1 for b in svc.backends if b.weight) > m:
@@ -228,7 +238,7 @@ def parse(text: str, source: str = "<string>") -> NodeConfig:
         overlay = Overlay(device=dev)
     return NodeConfig(name=_str(node, "node.name", "node"), netns=netns, pin_root=pin_root,
                       attach_mode=attach_mode, endpoints=endpoints, devices=devices,
-                      conntrack=_conntrack(_table(doc, "conntrack")), lb=Lb(maglev_table_size=m),
+                      conntrack=_conntrack(_table(doc, "conntrack")), lb=Lb(m, socket_lb, cgroup),
                       services=services, overlay=overlay, ipcache=parse_ipcache(_array(doc, "ipcache")),
                       source=source)
 
