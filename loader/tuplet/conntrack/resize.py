@@ -390,8 +390,10 @@ class Resizer:
                           error=str(e))
         for t in self.tables.values():
             try:
-                back = sum(1 for key, val in t.new.items(CHUNK)
-                           if t.old.lookup(key) is None and t.old.insert(key, val))
+                ks, vs = t.new.key_size, t.new.value_buf_size
+                back = sum(1 for keys, vals, c in self._batches(t.new) for i in range(c)   # not its sentinels
+                           if t.old.lookup(key := keys[i * ks:(i + 1) * ks]) is None
+                           and t.old.insert(key, vals[i * vs:(i + 1) * vs]))
             except TupletError as e:
                 log.error("resize: copying back failed", map=t.name, error=str(e))
                 continue
