@@ -14,6 +14,16 @@ enum ct_tuple_flag {
 	TUPLE_F_IN = 1,
 	TUPLE_F_RELATED = 2,
 	TUPLE_F_SERVICE = 4,
+	/* Never set by the datapath: marks the agent's sentinel entries, keys no
+	 * packet can produce (also nexthdr CT_SENTINEL_NEXTHDR, a protocol
+	 * pkt4_parse never tracks). They only bound the empty-bucket runs a batch
+	 * lookup walks (loader/tuplet/conntrack/sentinels.py).
+	 */
+	TUPLE_F_SENTINEL = 0x80,
+};
+
+enum ct_sentinel_key {
+	CT_SENTINEL_NEXTHDR = 0,
 };
 
 /* Address fields name the reply direction, port fields the original one:
@@ -60,5 +70,6 @@ ASSERT_SIZE(struct ct_entry, 56);
 
 /* Anchors the enum in the object's BTF so the agent can check its copy. */
 const volatile enum ct_tuple_flag ct_tuple_flag_names __attribute__((unused)) = 0;
+const volatile enum ct_sentinel_key ct_sentinel_key_names __attribute__((unused)) = 0;
 
 #endif

@@ -25,6 +25,7 @@ from prometheus_client.metrics_core import Metric
 
 from tuplet.agent import node_compat
 from tuplet.bpf.maps import Map
+from tuplet.conntrack import sentinels
 from tuplet.conntrack import stats as ctstats
 from tuplet.core.errors import TupletError
 from tuplet.datapath import abi, enums, metrics
@@ -169,7 +170,7 @@ class DatapathCollector:
             cached = self._counts.get(name)
             if cached is None or cached.map_id != m.info.id or now - cached.at >= self.count_max_age:
                 try:
-                    cached = _Count(m.info.id, now, m.count())
+                    cached = _Count(m.info.id, now, sentinels.count_live(m))
                 except TupletError as e:
                     log.warning("metrics: cannot count map entries", map=name, error=str(e))
                     return

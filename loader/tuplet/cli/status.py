@@ -12,6 +12,7 @@ from typing import Any
 from tuplet.agent.report import read_agent_state
 from tuplet.cli.common import pin_root_of
 from tuplet.cli.endpoint import describe as describe_endpoints
+from tuplet.conntrack import sentinels
 from tuplet.conntrack.schedule import EARLY_MIN_GAP, describe_settings
 from tuplet.conntrack.sizing import Sizing
 from tuplet.datapath import abi, metrics, paths
@@ -27,7 +28,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         if not os.path.exists(os.path.join(root, name)):
             continue
         with paths.open_pinned(root, name) as m:
-            tables.append({"map": name, "entries": m.count(), "max_entries": m.max_entries})
+            tables.append({"map": name, "entries": sentinels.count_live(m), "max_entries": m.max_entries})
     atts = [a.to_json() for a in st.attachments] if st else []
     eps = endpoints.listing(root)
     sz = Sizing.from_json(st.sizing) if st and st.sizing else None

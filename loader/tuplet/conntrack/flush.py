@@ -25,6 +25,7 @@ import numpy as np
 import structlog
 
 from tuplet.bpf.maps import BatchBuffers, Map
+from tuplet.conntrack import sentinels
 from tuplet.conntrack.entries import EntryLayout, nat_keys_for
 from tuplet.datapath import abi, paths
 
@@ -160,6 +161,7 @@ class Flusher:
             keys = np.frombuffer(memoryview(buf.keys), dtype=lay.key, count=count)
             values = np.frombuffer(memoryview(buf.values), dtype=lay.value, count=count)
             hit = np.ones(count, bool) if match is None else match(m.name, keys, values)
+            hit &= ~sentinels.mask(keys)   # never deleted: they bound the table's empty runs
             if not hit.any():
                 continue
             doomed = keys[hit].copy()

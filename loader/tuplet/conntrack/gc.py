@@ -32,6 +32,7 @@ import numpy as np
 import structlog
 
 from tuplet.bpf.maps import Map
+from tuplet.conntrack import sentinels
 from tuplet.conntrack.entries import EntryLayout, expired
 from tuplet.conntrack.gc_progs import REC_DTYPE, GcSwitches, IterPass, KeyDeleter, StallGate, load_on
 from tuplet.core.errors import TupletError
@@ -134,6 +135,7 @@ class CtGc:
         self.chunk = chunk
         self.count_nat = count_nat and nat is not None
         self._layouts = {m.name: EntryLayout.of(m) for m in ct_maps}
+        self._seen: int | None = None   # sentinels the last batch walk saw (None: not a batch walk)
         unknown = [m.name for m in ct_maps if m.name not in GC_SELECTOR]
         if unknown:
             raise TupletError(f"map {unknown[0]}", "gc", detail=f"GC knows only {', '.join(GC_SELECTOR)}")
@@ -161,8 +163,15 @@ class CtGc:
         res = GcResult(self.method.value)
         for m in self.ct_maps:
             t = time.perf_counter()
+            self._seen = None
             counts = self._iter.run(m, now) if self._iter is not None else self._batch_map(m, now)
             s = _stats(m, counts)
+            if sentinels.applies(m):
+                # The batch walk left them out (and counted them); the iterator counted them alive.
+                had = sentinels.top_up(m, s.alive if self._seen is not None else s.alive - self._expected(m),
+                                       self._seen, now)
+                if self._seen is None:
+                    s.alive -= had
             s.duration = time.perf_counter() - t
             res.maps.append(s)
         if self.count_nat and self.nat is not None:
@@ -201,17 +210,25 @@ class CtGc:
         lay = self._layouts[m.name]
         counts = np.zeros(8, np.int64)
         buf = m.batch_buffers(self.chunk)
+        seen = 0
         for count in m.lookup_chunks(buf):
             values = np.frombuffer(memoryview(buf.values), dtype=lay.value, count=count)
-            stale = expired(values["lifetime"], now)
-            n = int(stale.sum())
-            counts[GC_V_ALIVE] += count - n
+            sent = sentinels.raw_mask(memoryview(buf.keys), m.key_size, count)
+            stale = expired(values["lifetime"], now) & ~sent
+            n, k = int(stale.sum()), int(sent.sum())
+            seen += k
+            counts[GC_V_ALIVE] += count - n - k
             if n:
                 recs = np.zeros(n, REC_DTYPE)
                 recs["key"] = np.frombuffer(memoryview(buf.keys), dtype=f"V{m.key_size}", count=count)[stale]
                 recs["seen"] = values["lifetime"][stale]
                 counts += self._deleter.delete(m, recs, now)
+        self._seen = seen
         return counts
+
+    @staticmethod
+    def _expected(m: Map) -> int:
+        return sentinels.expected(m.max_entries)
 
     def close(self) -> None:
         if self._iter is not None:

@@ -5,8 +5,9 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 from tuplet.bpf.maps import Map
+from tuplet.conntrack.sentinels import READ_CHUNK
 from tuplet.datapath import clock
-from tuplet.datapath.abi import TUPLE_F_IN, TUPLE_F_RELATED, TUPLE_F_SERVICE
+from tuplet.datapath.abi import TUPLE_F_IN, TUPLE_F_RELATED, TUPLE_F_SENTINEL, TUPLE_F_SERVICE
 from tuplet.datapath.layouts import CtEntry, CtTuple4, be16, be32_to_ip
 
 PROTO_NAMES = {1: "ICMP", 6: "TCP", 17: "UDP", 58: "ICMPv6"}
@@ -82,9 +83,11 @@ class CtRecord:
 
 
 def records(m: Map) -> Iterator[CtRecord]:
-    """Every entry of one CT map, read in batches."""
-    for k, v in m.items():
-        yield CtRecord(CtTuple4.from_buffer_copy(k), CtEntry.from_buffer_copy(v), m.name)
+    """Every entry of one CT map, read in batches (not the sentinels, see conntrack.sentinels)."""
+    for k, v in m.items(READ_CHUNK):
+        key = CtTuple4.from_buffer_copy(k)
+        if not key.flags & TUPLE_F_SENTINEL:
+            yield CtRecord(key, CtEntry.from_buffer_copy(v), m.name)
 
 
 def sort_key(r: CtRecord) -> tuple[Any, ...]:

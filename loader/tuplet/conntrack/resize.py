@@ -37,6 +37,7 @@ import ctypes
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
 import structlog
@@ -45,6 +46,7 @@ from tuplet.bpf.links import Attachment, attach, attached_prog_id
 from tuplet.bpf.maps import Map, MapInfo, possible_cpus
 from tuplet.bpf.objects import MapSpec, ObjectSpec
 from tuplet.bpf.programs import Program
+from tuplet.conntrack import sentinels
 from tuplet.conntrack.entries import EntryLayout, nat_keys_for
 from tuplet.conntrack.keyset import KeySet
 from tuplet.core import crashpoints
@@ -202,14 +204,14 @@ class Resizer:
         n = inserted = 0
         if cap >= old.max_entries:
             # Everything the old map can hold fits: stream, one chunk of values in memory.
-            for keys, vals, c in old.batches(CHUNK):
+            for keys, vals, c in self._batches(old):
                 new.update_batch(keys, vals, c)
                 t.seen.append(keys)
                 n += c
             inserted = n
         else:
             kparts, vparts = [], []
-            for keys, vals, c in old.batches(CHUNK):
+            for keys, vals, c in self._batches(old):
                 kparts.append(keys)
                 vparts.append(vals)
                 n += c
@@ -227,8 +229,26 @@ class Resizer:
                 new.update_batch(keys[i * ks:(i + c) * ks], vals[i * vs:(i + c) * vs], c)
         # An LRU map may evict before it is full (per-CPU free lists): count when it could have.
         slack = 256 * possible_cpus()
-        copied = new.count() if inserted + slack > cap else inserted
+        copied = sentinels.count_live(new) if inserted + slack > cap else inserted
         t.result.copied, t.result.dropped = copied, n - copied
+        if sentinels.applies(new) and sentinels.room(new, copied):
+            sentinels.seed(new)   # the new table's own (never copied: the old ones were left out)
+
+    @staticmethod
+    def _batches(m: Map) -> Iterator[tuple[bytes, bytes, int]]:
+        """``m.batches`` without the sentinels of a CT map."""
+        ks, vs = m.key_size, m.value_buf_size
+        for keys, vals, c in m.batches(sentinels.READ_CHUNK if m.name in CT_MAPS else CHUNK):
+            if m.name not in CT_MAPS:
+                yield keys, vals, c
+                continue
+            keep = ~sentinels.raw_mask(keys, ks, c)
+            k = int(keep.sum())
+            if k == c:
+                yield keys, vals, c
+            elif k:
+                yield (np.frombuffer(keys, dtype=f"V{ks}", count=c)[keep].tobytes(),
+                       np.frombuffer(vals, dtype=f"V{vs}", count=c)[keep].tobytes(), k)
 
     def _rank(self, t: _Table, keys: bytes, vals: bytes) -> np.ndarray:
         """How recently each entry was used (higher: more recent)."""
@@ -314,7 +334,7 @@ class Resizer:
         seen = KeySet(ks, t.seen)
         t.seen = []
         copied = 0
-        for keys, vals, c in t.old.batches(CHUNK):
+        for keys, vals, c in self._batches(t.old):
             fresh = np.nonzero(~seen.contains(keys))[0]
             for i in fresh:
                 key = keys[i * ks:(i + 1) * ks]
@@ -370,8 +390,10 @@ class Resizer:
                           error=str(e))
         for t in self.tables.values():
             try:
-                back = sum(1 for key, val in t.new.items(CHUNK)
-                           if t.old.lookup(key) is None and t.old.insert(key, val))
+                ks, vs = t.new.key_size, t.new.value_buf_size
+                back = sum(1 for keys, vals, c in self._batches(t.new) for i in range(c)   # not its sentinels
+                           if t.old.lookup(key := keys[i * ks:(i + 1) * ks]) is None
+                           and t.old.insert(key, vals[i * vs:(i + 1) * vs]))
             except TupletError as e:
                 log.error("resize: copying back failed", map=t.name, error=str(e))
                 continue

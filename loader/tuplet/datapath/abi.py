@@ -9,6 +9,7 @@ key or value layout gets a new name, so an old pin can never be misread.
 """
 from __future__ import annotations
 
+import struct
 from typing import Final
 
 from tuplet.bpf.links import CgroupHook, Hook
@@ -75,6 +76,20 @@ TUPLE_F_OUT: Final = 0
 TUPLE_F_IN: Final = 1
 TUPLE_F_RELATED: Final = 2
 TUPLE_F_SERVICE: Final = 4
+
+# --- conntrack sentinel entries (TUPLE_F_SENTINEL, enum ct_sentinel_key) ----------------------
+# Keys no packet can produce: the datapath tracks only TCP, UDP and ICMP (pkt4_parse's
+# protocol masks) and sets only the flags above. The agent keeps a few of them in a large
+# CT table so no run of empty buckets is long (tuplet.conntrack.sentinels).
+
+TUPLE_F_SENTINEL: Final = 0x80
+CT_SENTINEL_NEXTHDR: Final = 0
+
+
+def ct_sentinel_key(i: int) -> bytes:
+    """Sentinel ``i``'s key, a struct ipv4_ct_tuple: daddr 0, saddr ``i``, ports 0,
+    nexthdr CT_SENTINEL_NEXTHDR, flags TUPLE_F_SENTINEL. The one definition of the shape."""
+    return struct.pack("<IIHHBB", 0, i, 0, 0, CT_SENTINEL_NEXTHDR, TUPLE_F_SENTINEL)
 
 # --- services (enum lb_svc_flag, lb_backend_flag, lb_bank in lb_map.h) ------------------------
 

@@ -19,7 +19,7 @@ from tuplet.bpf import bpffs
 from tuplet.bpf.links import Attachment, AttachMode, Hook, attach, cgroup_detach, ifindex_of
 from tuplet.bpf.maps import Map
 from tuplet.bpf.objects import Collection, ObjectSpec
-from tuplet.conntrack import resize
+from tuplet.conntrack import resize, sentinels
 from tuplet.conntrack.sizing import Sizing
 from tuplet.core import crashpoints
 from tuplet.core.errors import ConfigError, NotFoundError, TupletError
@@ -143,6 +143,10 @@ def _apply(cfg: NodeConfig, pin_root: str) -> ApplyResult:
             reused += [p for p in coll.reused_pins if p not in new_pins and p not in reused]
             new_pins += [p for p in _pin_paths(coll, pin_root)
                          if p not in coll.reused_pins and p not in resizer.pins]
+        for name in abi.CT_MAPS:   # a CT table created just now: its sentinels (resize seeds its own)
+            m = coll_map(colls, name)
+            if m is not None and os.path.join(pin_root, name) in new_pins:
+                sentinels.seed(m)
         crashpoints.point("apply.loaded")
         resizer.copy()           # live entries into the new maps, just before the swap
         resizer.save_programs(old.attachments)
