@@ -171,15 +171,17 @@ class Listener:
     def fileno(self) -> int:
         return self.rb.fileno()
 
+    def poll_raw(self, timeout_ms: int) -> np.ndarray:
+        """The matching records that arrived (numpy, :func:`rec_dtype`)."""
+        self.rb.poll(timeout_ms)
+        data, self._pending[:] = b"".join(self._pending), []
+        recs: np.ndarray = np.frombuffer(data, self.dtype, count=len(data) // _REC)
+        hit: np.ndarray = recs[self.flt.mask(self.layout, recs["tuple"], recs["entry"])]
+        return hit
+
     def poll(self, timeout_ms: int) -> Iterator[tuple[str, str, CtRecord, int]]:
         """(type, reason, record, ktime_ns) of each matching event that arrived."""
-        self.rb.poll(timeout_ms)
-        if not self._pending:
-            return
-        data, self._pending[:] = b"".join(self._pending), []
-        recs = np.frombuffer(data, self.dtype, count=len(data) // _REC)
-        hit = self.flt.mask(self.layout, recs["tuple"], recs["entry"])
-        for r in recs[hit]:
+        for r in self.poll_raw(timeout_ms):
             rec = CtRecord(CtTuple4.from_buffer_copy(r["tuple"].tobytes()),
                            CtEntry.from_buffer_copy(r["entry"].tobytes()), TABLES.get(int(r["table"]), "?"))
             yield TYPES.get(int(r["type"]), str(r["type"])), REASONS.get(int(r["reason"]), str(r["reason"])), \
