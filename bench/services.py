@@ -103,6 +103,9 @@ MODES = ("direct", "iptables", "tuplet")
 #: With --single-lru: tuplet with one TCP table (``syn_table = false``, the reference's layout),
 #: to measure what the handshake table costs per connection.
 LRU_MODE = "tuplet-lru"
+#: tuplet with a `tuplet ct events -o json` listener attached (--events), pinned to CPU 0 (off the
+#: traffic CPU): what the event ring costs the datapath.
+EVENTS_MODE = "tuplet+ev"
 METRICS = ("crr", "rr", "udp_rr")
 LABELS = {"crr": "CRR/s", "rr": "RR/s", "udp_rr": "UDP RR/s"}
 LOADGEN = ROOT / "build" / "loadgen"
@@ -338,10 +341,11 @@ class ModeStats:
     checks: list[str] = field(default_factory=list)     # what was verified
     failures: list[str] = field(default_factory=list)   # what was not
     bpf: dict[str, list[dict[str, Any]]] = field(default_factory=dict)   # --bpf-stats, per metric
+    events: list[str] = field(default_factory=list)     # --events: the listener's summary per round
 
 
 def modes_of(args: argparse.Namespace) -> tuple[str, ...]:
-    return (*MODES, LRU_MODE) if args.single_lru else MODES
+    return (*MODES, *((LRU_MODE,) if args.single_lru else ()), *((EVENTS_MODE,) if args.events else ()))
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -385,6 +389,7 @@ def one_mode(t: Topology, node: Node, client: Pod, servers: list[Server], setup:
              protos: tuple[str, ...], metrics_run: list[str], mode: str, st: ModeStats,
              args: argparse.Namespace) -> None:
     targets, port = (",".join(BACKENDS), BACKEND_PORT) if mode == "direct" else (VIP, SVC_PORT)
+    listener: subprocess.Popen[str] | None = None
     try:
         # Enter the mode: exactly one of (nothing, nat table, tuplet) on the path.
         if mode == "iptables":
@@ -394,6 +399,14 @@ def one_mode(t: Topology, node: Node, client: Pod, servers: list[Server], setup:
         elif mode == LRU_MODE:
             node_apply.apply(dataclasses.replace(
                 setup, conntrack=dataclasses.replace(setup.conntrack, syn_table=False)))
+        elif mode == EVENTS_MODE:
+            node_apply.apply(setup)
+            listener = subprocess.Popen(
+                ["taskset", "-c", "0", sys.executable, "-m", "tuplet.cli", "--pin-root", PIN_ROOT, "ct", "events",
+                 "-o", "json"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            assert listener.stderr is not None
+            if not listener.stderr.readline().startswith("listening"):
+                raise RuntimeError(f"ct events did not start: {listener.stderr.read()}")
         kube = "KUBE-" in nat_rules(t, node)
         pinned = os.path.exists(PIN_ROOT)
         if kube != (mode == "iptables") or pinned != mode.startswith("tuplet"):
@@ -450,6 +463,13 @@ def one_mode(t: Topology, node: Node, client: Pod, servers: list[Server], setup:
             if drops:
                 log_note(f"tuplet drops in this round: {drops}")
     finally:
+        if listener is not None:
+            listener.terminate()
+            _, err = listener.communicate(timeout=60)
+            summary = (err.strip().splitlines() or ["(no summary)"])[-1]
+            st.checks.append("listener attached")
+            log_note(f"events listener: {summary}")
+            st.events.append(summary)
         # Leave the mode.
         if mode == "iptables":
             nat_remove(t, node)
@@ -486,6 +506,9 @@ def summarize(info: dict[str, Any], args: argparse.Namespace, argv: list[str]) -
     }
     if LRU_MODE in stats:
         out["tuplet_vs_single_lru_paired"] = {m: paired("tuplet", LRU_MODE, m) for m in metrics_run}
+    if EVENTS_MODE in stats:
+        out["events_vs_tuplet_paired"] = {m: paired(EVENTS_MODE, "tuplet", m) for m in metrics_run}
+        out["events_listener"] = stats[EVENTS_MODE].events
     for mode in modes:
         st = stats[mode]
         out["modes"][mode] = {
@@ -540,6 +563,12 @@ def print_table(res: dict[str, Any]) -> None:
         sl = res["tuplet_vs_single_lru_paired"]
         print("tuplet/tuplet-lru (the handshake table's cost, paired by round): " + ", ".join(
             f"{LABELS[m].removesuffix('/s')} {sl[m]:.3f}" for m in metrics_run if sl[m] is not None))
+    if "events_vs_tuplet_paired" in res:
+        ev = res["events_vs_tuplet_paired"]
+        print("tuplet+ev/tuplet (an events listener attached, paired by round): " + ", ".join(
+            f"{LABELS[m].removesuffix('/s')} {ev[m]:.3f}" for m in metrics_run if ev[m] is not None))
+        for s in res["events_listener"]:
+            print(f"  listener: {s}")
     for mode in res["modes"]:
         c = res["modes"][mode]["checks"]
         state = "passed" if c["passed"] else "FAILED: " + "; ".join(c["failures"])
@@ -560,6 +589,8 @@ def main() -> int:
     ap.add_argument("--no-udp", action="store_true", help="skip UDP RR")
     ap.add_argument("--single-lru", action="store_true",
                     help=f"also run {LRU_MODE}: tuplet with one TCP table (syn_table = false)")
+    ap.add_argument("--events", action="store_true",
+                    help=f"also run {EVENTS_MODE}: tuplet with a `tuplet ct events` listener attached")
     ap.add_argument("--bpf-stats", action="store_true",
                     help="attribute tuplet's cost: enable kernel.bpf_stats_enabled and report runs and "
                          "ns per run of each program per transaction (the accounting itself slows "
