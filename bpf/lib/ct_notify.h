@@ -68,6 +68,11 @@ ASSERT_SIZE(struct ct_notify_cpu, 24);
 
 #define CT_NOTIFY_RING_SIZE (1 << 22)   /* bytes: 4 MiB, 47k records */
 #define CT_NOTIFY_WINDOW_NS 1000000000ULL
+/* Records are submitted without waking the listener (a wake-up per record is an
+ * irq_work per packet); it polls every 100 ms, and is woken once a quarter of
+ * the ring is waiting.
+ */
+#define CT_NOTIFY_WAKE_BYTES (CT_NOTIFY_RING_SIZE / 4)
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -143,7 +148,8 @@ static __noinline void ct_notify_write(const struct ipv4_ct_tuple *t, const stru
 	r->pad0 = 0;
 	r->pad1 = 0;
 	r->pad2 = 0;
-	bpf_ringbuf_submit(r, 0);
+	bpf_ringbuf_submit(r, bpf_ringbuf_query(&tpl_ct_notify_v1, BPF_RB_AVAIL_DATA) >= CT_NOTIFY_WAKE_BYTES ?
+			   BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP);
 }
 
 #define CT_NOTIFY_WHAT(type, reason, table) ((type) | ((reason) << 8) | ((table) << 16))

@@ -38,7 +38,7 @@ def cmd_ct_events(args: argparse.Namespace) -> int:
         print("listening (one listener per datapath); Ctrl-C stops", file=sys.stderr, flush=True)
         try:
             while deadline is None or time.monotonic() < deadline:
-                for kind, reason, rec, ktime in lis.poll(200):
+                for kind, reason, rec, ktime in lis.poll(100):
                     if args.output == "json":
                         out: dict[str, Any] = {"event": kind, "reason": reason, "ktime_ns": ktime, **rec.to_json()}
                         print(json.dumps(out), flush=True)

@@ -77,7 +77,7 @@ def cmd_ct_top(args: argparse.Namespace) -> int:
         with Listener(root, flt, force=args.force) as lis:
             end = time.monotonic() + args.interval
             while (left := end - time.monotonic()) > 0:
-                recs = lis.poll_raw(int(min(left, 0.2) * 1000))
+                recs = lis.poll_raw(int(min(left, 0.1) * 1000))
                 recs = recs[recs["type"] == abi.CT_NOTIFY_NEW]
                 new.add(recs["tuple"], recs["entry"])
             lost = lis.lost()

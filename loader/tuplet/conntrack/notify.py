@@ -173,7 +173,8 @@ class Listener:
 
     def poll_raw(self, timeout_ms: int) -> np.ndarray:
         """The matching records that arrived (numpy, :func:`rec_dtype`)."""
-        self.rb.poll(timeout_ms)
+        self.rb.poll(timeout_ms)      # woken when a quarter of the ring waits, else times out
+        self.rb.consume()             # the records written without a wake-up
         data, self._pending[:] = b"".join(self._pending), []
         recs: np.ndarray = np.frombuffer(data, self.dtype, count=len(data) // _REC)
         hit: np.ndarray = recs[self.flt.mask(self.layout, recs["tuple"], recs["entry"])]
