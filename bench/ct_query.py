@@ -13,6 +13,7 @@ at the end.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -27,7 +28,7 @@ from tuplet.bpf.maps import Map  # noqa: E402
 from tuplet.datapath import clock  # noqa: E402
 from tuplet.datapath.abi import CT_MAP_TCP, OBJ_LXC  # noqa: E402
 from tuplet.datapath.layouts import CtEntry  # noqa: E402
-from tuplet.node import state  # noqa: E402
+from tuplet.node import apply as node_apply  # noqa: E402
 from tuplet.node.apply import open_object  # noqa: E402
 from tuplet.node.config import NodeConfig  # noqa: E402
 
@@ -95,7 +96,9 @@ def main() -> int:
             res["commands"][name] = {"seconds": round(s, 2), "max_rss_mib": round(rss / 1024, 1)}  # type: ignore[index]
     finally:
         coll.close()
-        state.remove(PIN_ROOT)
+        node_apply.teardown(PIN_ROOT)             # unpins the maps and removes the directory
+        with contextlib.suppress(OSError):        # the bench directory, once no other run uses it
+            os.rmdir(os.path.dirname(PIN_ROOT))
     if args.json:
         print(json.dumps(res, indent=2))
     else:

@@ -106,6 +106,12 @@ def test_new_and_destroy_with_reasons_and_filters(dp, pin_root) -> None:
 
 def test_rate_limit_counts_what_it_drops_and_nothing_is_written_without_a_listener(dp, pin_root) -> None:
     topo = dp
+    only_any = Events(pin_root, "--map", "any")
+    c = LiveConnection(topo, topo.p1, POD2, 8000)
+    assert c.roundtrip("z") == "z"
+    c.close()
+    evs, _ = only_any.stop()
+    assert evs and {e["map"] for e in evs} == {abi.CT_MAP_ANY}     # the related twins only
     ev = Events(pin_root, "--rate", "2")
     for _ in range(3):
         c = LiveConnection(topo, topo.p1, POD2, 8000)

@@ -17,7 +17,7 @@ from types import FrameType
 from typing import Any
 
 from tuplet.cli.common import pin_root_of
-from tuplet.cli.ct_query import add_filter_flags, build_filter
+from tuplet.cli.ct_query import MAP_CHOICES, add_filter_flags, build_filter
 from tuplet.conntrack.notify import DEFAULT_RATE, Listener
 from tuplet.core.errors import ConfigError
 
@@ -32,6 +32,7 @@ def cmd_ct_events(args: argparse.Namespace) -> int:
     root = pin_root_of(args)
     flt = build_filter(args, root)
     deadline = time.monotonic() + args.timeout if args.timeout else None
+    tables = set(MAP_CHOICES[args.map])
     shown, reported = 0, 0
     signal.signal(signal.SIGTERM, _stop)
     with Listener(root, flt, rate=args.rate, force=args.force) as lis:
@@ -39,6 +40,8 @@ def cmd_ct_events(args: argparse.Namespace) -> int:
         try:
             while deadline is None or time.monotonic() < deadline:
                 for kind, reason, rec, ktime in lis.poll(100):
+                    if rec.map_name not in tables:
+                        continue
                     if args.output == "json":
                         out: dict[str, Any] = {"event": kind, "reason": reason, "ktime_ns": ktime, **rec.to_json()}
                         print(json.dumps(out), flush=True)
