@@ -110,6 +110,11 @@ MODES = ("direct", "iptables", "tuplet", SOCK_MODE)
 #: With --single-lru: tuplet with one TCP table (``syn_table = false``, the reference's layout),
 #: to measure what the handshake table costs per connection.
 LRU_MODE = "tuplet-lru"
+#: tuplet with a `tuplet ct events` listener attached (--events), pinned to CPU 0 (off the traffic
+#: CPU): what writing the event ring costs the datapath. The listener reads every record but, with
+#: ``-s 192.0.2.1`` (no flow here), prints none: its decoding CPU is not what is measured, and it
+#: keeps up (see "not delivered"). --events-print makes it print every event as JSON instead.
+EVENTS_MODE = "tuplet+ev"
 METRICS = ("crr", "rr", "udp_rr")
 LABELS = {"crr": "CRR/s", "rr": "RR/s", "udp_rr": "UDP RR/s"}
 LOADGEN = ROOT / "build" / "loadgen"
@@ -349,10 +354,11 @@ class ModeStats:
     checks: list[str] = field(default_factory=list)     # what was verified
     failures: list[str] = field(default_factory=list)   # what was not
     bpf: dict[str, list[dict[str, Any]]] = field(default_factory=dict)   # --bpf-stats, per metric
+    events: list[str] = field(default_factory=list)     # --events: the listener's summary per round
 
 
 def modes_of(args: argparse.Namespace) -> tuple[str, ...]:
-    return (*MODES, LRU_MODE) if args.single_lru else MODES
+    return (*MODES, *((LRU_MODE,) if args.single_lru else ()), *((EVENTS_MODE,) if args.events else ()))
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -400,6 +406,7 @@ def one_mode(t: Topology, node: Node, client: Pod, servers: list[Server], setup:
              protos: tuple[str, ...], metrics_run: list[str], mode: str, st: ModeStats,
              args: argparse.Namespace) -> None:
     targets, port = (",".join(BACKENDS), BACKEND_PORT) if mode == "direct" else (VIP, SVC_PORT)
+    listener: subprocess.Popen[str] | None = None
     try:
         # Enter the mode: exactly one of (nothing, nat table, tuplet) on the path.
         if mode == "iptables":
@@ -409,6 +416,15 @@ def one_mode(t: Topology, node: Node, client: Pod, servers: list[Server], setup:
         elif mode == LRU_MODE:
             node_apply.apply(dataclasses.replace(
                 setup, conntrack=dataclasses.replace(setup.conntrack, syn_table=False)))
+        elif mode == EVENTS_MODE:
+            node_apply.apply(setup)
+            listener = subprocess.Popen(
+                ["taskset", "-c", "0", sys.executable, "-m", "tuplet.cli", "--pin-root", PIN_ROOT, "ct", "events",
+                 "-o", "json", *([] if args.events_print else ["-s", "192.0.2.1"])],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            assert listener.stderr is not None
+            if not listener.stderr.readline().startswith("listening"):
+                raise RuntimeError(f"ct events did not start: {listener.stderr.read()}")
         kube = "KUBE-" in nat_rules(t, node)
         pinned = os.path.exists(PIN_ROOT)
         if kube != (mode == "iptables") or pinned != mode.startswith("tuplet"):
@@ -475,6 +491,13 @@ def one_mode(t: Topology, node: Node, client: Pod, servers: list[Server], setup:
             if drops:
                 log_note(f"tuplet drops in this round: {drops}")
     finally:
+        if listener is not None:
+            listener.terminate()
+            _, err = listener.communicate(timeout=60)
+            summary = (err.strip().splitlines() or ["(no summary)"])[-1]
+            st.checks.append("listener attached")
+            log_note(f"events listener: {summary}")
+            st.events.append(summary)
         # Leave the mode.
         if mode == "iptables":
             nat_remove(t, node)
@@ -514,6 +537,9 @@ def summarize(info: dict[str, Any], args: argparse.Namespace, argv: list[str]) -
         out["tuplet_sock_vs_iptables_paired"] = {m: paired(SOCK_MODE, "iptables", m) for m in metrics_run}
     if LRU_MODE in stats:
         out["tuplet_vs_single_lru_paired"] = {m: paired("tuplet", LRU_MODE, m) for m in metrics_run}
+    if EVENTS_MODE in stats:
+        out["events_vs_tuplet_paired"] = {m: paired(EVENTS_MODE, "tuplet", m) for m in metrics_run}
+        out["events_listener"] = stats[EVENTS_MODE].events
     for mode in modes:
         st = stats[mode]
         out["modes"][mode] = {
@@ -573,6 +599,12 @@ def print_table(res: dict[str, Any]) -> None:
         sl = res["tuplet_vs_single_lru_paired"]
         print("tuplet/tuplet-lru (the handshake table's cost, paired by round): " + ", ".join(
             f"{LABELS[m].removesuffix('/s')} {sl[m]:.3f}" for m in metrics_run if sl[m] is not None))
+    if "events_vs_tuplet_paired" in res:
+        ev = res["events_vs_tuplet_paired"]
+        print("tuplet+ev/tuplet (an events listener attached, paired by round): " + ", ".join(
+            f"{LABELS[m].removesuffix('/s')} {ev[m]:.3f}" for m in metrics_run if ev[m] is not None))
+        for s in res["events_listener"]:
+            print(f"  listener: {s}")
     for mode in res["modes"]:
         c = res["modes"][mode]["checks"]
         state = "passed" if c["passed"] else "FAILED: " + "; ".join(c["failures"])
@@ -593,6 +625,10 @@ def main() -> int:
     ap.add_argument("--no-udp", action="store_true", help="skip UDP RR")
     ap.add_argument("--single-lru", action="store_true",
                     help=f"also run {LRU_MODE}: tuplet with one TCP table (syn_table = false)")
+    ap.add_argument("--events", action="store_true",
+                    help=f"also run {EVENTS_MODE}: tuplet with a `tuplet ct events` listener attached")
+    ap.add_argument("--events-print", action="store_true",
+                    help=f"{EVENTS_MODE}'s listener prints every event (JSON to /dev/null) instead of none")
     ap.add_argument("--bpf-stats", action="store_true",
                     help="attribute tuplet's cost: enable kernel.bpf_stats_enabled and report runs and "
                          "ns per run of each program per transaction (the accounting itself slows "

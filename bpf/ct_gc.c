@@ -199,7 +199,7 @@ struct gc_keys_ctx {
 /* One record per bpf_loop step (a bounded C loop costs 6.1's verifier a state per
  * iteration and counter value); one step function per map, as for the walkers.
  */
-#define GC_KEYS_DELETER(fn, map)						\
+#define GC_KEYS_DELETER(fn, map, table)						\
 static long fn##_step(__u64 i, struct gc_keys_ctx *c)			\
 {									\
 	struct gc_key_rec r;						\
@@ -217,7 +217,7 @@ static long fn##_step(__u64 i, struct gc_keys_ctx *c)			\
 		 (READ_ONCE(e->lifetime) != r.seen || !gc_expired(r.seen, c->a->now))) \
 		v = GC_V_REFRESHED;					\
 	else								\
-		v = gc_delete_if_unchanged(&map, &r.key, e, r.seen);	\
+		v = gc_delete_if_unchanged(&map, &r.key, e, r.seen, table);	\
 	if (v < GC_V_COUNTED)						\
 		c->a->verdicts[v]++;					\
 	return 0;							\
@@ -232,9 +232,9 @@ static __noinline int fn(struct __sk_buff *skb, struct gc_keys_args *a)	\
 	return c.err;							\
 }
 
-GC_KEYS_DELETER(gc_keys_tcp, tpl_ct4_v1)
-GC_KEYS_DELETER(gc_keys_any, tpl_ct_any4_v1)
-GC_KEYS_DELETER(gc_keys_syn, tpl_ct4_syn_v1)
+GC_KEYS_DELETER(gc_keys_tcp, tpl_ct4_v1, CT_NOTIFY_T_TCP)
+GC_KEYS_DELETER(gc_keys_any, tpl_ct_any4_v1, CT_NOTIFY_T_ANY)
+GC_KEYS_DELETER(gc_keys_syn, tpl_ct4_syn_v1, CT_NOTIFY_T_SYN)
 
 SEC("tc")
 int tpl_ct_gc_keys(struct __sk_buff *skb)
@@ -263,4 +263,53 @@ int tpl_ct_gc_keys(struct __sk_buff *skb)
 	if (bpf_skb_store_bytes(skb, GC_ARGS_OFF, &a, sizeof(a), 0) < 0)
 		return -1;
 	return 0;
+}
+
+/* DESTROY records of user-space deletions (ct flush, endpoint removal, ct
+ * delete), built by user space (tuplet/conntrack/notify.py) and run here with
+ * BPF_PROG_TEST_RUN so they reach listeners through the same ring as the
+ * datapath's and GC's. The buffer after the 14-byte header: a __u32 count,
+ * then count struct ct_notify_rec. Returns the records written.
+ */
+#define CT_NOTIFY_EMIT_MAX 64
+#define CT_NOTIFY_EMIT_OFF (GC_ARGS_OFF + 4)
+
+struct ct_notify_emit_ctx {
+	struct __sk_buff *skb;
+	__u32 written;
+};
+
+static long ct_notify_emit_step(__u64 i, struct ct_notify_emit_ctx *c)
+{
+	struct ct_notify_rec r;
+	struct ct_notify_cpu *cpu;
+	__u32 zero = 0;
+
+	if (i >= CT_NOTIFY_EMIT_MAX ||
+	    bpf_skb_load_bytes(c->skb, CT_NOTIFY_EMIT_OFF + i * sizeof(r), &r, sizeof(r)) < 0)
+		return 1;
+	r.ktime_ns = bpf_ktime_get_ns();
+	r.type = CT_NOTIFY_DESTROY;
+	if (bpf_ringbuf_output(&tpl_ct_notify_v1, &r, sizeof(r), 0) == 0) {
+		c->written++;
+	} else {
+		cpu = bpf_map_lookup_elem(&tpl_ct_notify_lost_v1, &zero);
+		if (cpu)
+			cpu->lost++;
+	}
+	return 0;
+}
+
+SEC("tc")
+int tpl_ct_notify_emit(struct __sk_buff *skb)
+{
+	struct ct_notify_emit_ctx c = { .skb = skb };
+	__u32 count;
+
+	if (!ct_notify_on())
+		return 0;
+	if (bpf_skb_load_bytes(skb, GC_ARGS_OFF, &count, sizeof(count)) < 0 || count > CT_NOTIFY_EMIT_MAX)
+		return -1;
+	bpf_loop(count, ct_notify_emit_step, &c, 0);
+	return c.written;
 }

@@ -15,7 +15,7 @@
 
 char LICENSE[] SEC("license") = "GPL";
 
-static __always_inline int gc_iter(struct bpf_iter__bpf_map_elem *ctx, void *map)
+static __always_inline int gc_iter(struct bpf_iter__bpf_map_elem *ctx, void *map, __u32 table)
 {
 	struct ipv4_ct_tuple *key = ctx->key;
 	struct ct_entry *e = ctx->value;
@@ -33,7 +33,7 @@ static __always_inline int gc_iter(struct bpf_iter__bpf_map_elem *ctx, void *map
 		} else {
 			/* 6.1 passes no read-only iterator buffer to a helper: the key goes by the stack. */
 			__builtin_memcpy(&k, key, sizeof(k));
-			v = gc_delete_if_unchanged(map, &k, e, seen);
+			v = gc_delete_if_unchanged(map, &k, e, seen, table);
 		}
 	}
 	bpf_seq_write(ctx->meta->seq, &v, sizeof(v));
@@ -43,18 +43,18 @@ static __always_inline int gc_iter(struct bpf_iter__bpf_map_elem *ctx, void *map
 SEC("iter/bpf_map_elem")
 int tpl_gc_iter_tcp(struct bpf_iter__bpf_map_elem *ctx)
 {
-	return gc_iter(ctx, &tpl_ct4_v1);
+	return gc_iter(ctx, &tpl_ct4_v1, CT_NOTIFY_T_TCP);
 }
 
 SEC("iter/bpf_map_elem")
 int tpl_gc_iter_any(struct bpf_iter__bpf_map_elem *ctx)
 {
-	return gc_iter(ctx, &tpl_ct_any4_v1);
+	return gc_iter(ctx, &tpl_ct_any4_v1, CT_NOTIFY_T_ANY);
 }
 
 SEC("iter/bpf_map_elem")
 int tpl_gc_iter_syn(struct bpf_iter__bpf_map_elem *ctx)
 {
-	return gc_iter(ctx, &tpl_ct4_syn_v1);
+	return gc_iter(ctx, &tpl_ct4_syn_v1, CT_NOTIFY_T_SYN);
 }
 

@@ -54,7 +54,7 @@ def test_program_names_are_in_their_objects() -> None:
     for obj, hooks in ((abi.OBJ_LXC, abi.LXC_HOOKS), (abi.OBJ_HOST, abi.NETDEV_HOOKS),
                        (abi.OBJ_OVERLAY, abi.OVERLAY_HOOKS), (abi.OBJ_SOCK, abi.SOCK_HOOKS)):
         assert {p for p, _ in hooks} <= declared(obj)[1], obj
-    assert {abi.GC_PROGRAM, abi.GC_KEYS_PROGRAM} <= declared(abi.OBJ_GC)[1]
+    assert {abi.GC_PROGRAM, abi.GC_KEYS_PROGRAM, abi.NOTIFY_EMIT_PROGRAM} <= declared(abi.OBJ_GC)[1]
     assert set(abi.GC_ITER_PROGRAM.values()) <= declared(abi.OBJ_GC_ITER)[1]
     assert set(abi.GC_ITER_PROGRAM) == set(abi.CT_MAPS)
     assert set(abi.GC_SELECTOR) == set(abi.CT_MAPS)

@@ -419,7 +419,8 @@ def test_agent_without_auto_grow_grows_nothing(agent, pin_root) -> None:
     assert pinned(pin_root) == (4096, N)
     assert not any(e.get("event") in ("table grown", "table kept at its pinned size") for e in a.events())
     m = a.scrape()
-    assert not any(k[0] == "tuplet_conntrack_auto_grow_total" for k in m)
+    assert {k[1]: v for k, v in m.items() if k[0] == "tuplet_conntrack_auto_grow_total"} == \
+        {(("map_name", t),): 0 for t in pressure.MAIN_TABLES}      # exported at 0 from the start
     assert m[("tuplet_datapath_conntrack_gc_table_fill_ratio", (("map_name", CT_MAP_TCP),))] == \
         pytest.approx(N / 4096)
     assert a.proc.poll() is None

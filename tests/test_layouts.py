@@ -12,6 +12,9 @@ from tuplet.datapath.abi import OBJ_LXC
 from tuplet.datapath.layouts import (
     CT_FLAG_BITS,
     CtEntry,
+    CtNotifyCpu,
+    CtNotifyCtl,
+    CtNotifyRec,
     CtTuple4,
     EndpointInfo,
     IpcacheInfo,
@@ -48,6 +51,8 @@ def bit_offset(cls: type[ctypes.Structure], name: str) -> tuple[int, int]:
                                        (EndpointInfo, "endpoint_info"),
                                        (IpcacheKey, "ipcache_key"), (IpcacheInfo, "ipcache_info"), (MetricsValue, "metrics_value"),
                                        (Nat4Entry, "nat4_entry"), (TplSignal, "tpl_signal"),
+                                       (CtNotifyRec, "ct_notify_rec"), (CtNotifyCtl, "ct_notify_ctl"),
+                                       (CtNotifyCpu, "ct_notify_cpu"),
                                        (Lb4Key, "lb4_key"), (Lb4Service, "lb4_service"),
                                        (Lb4Backend, "lb4_backend"), (Lb4ReverseNat, "lb4_reverse_nat"),
                                        (Lb4MaglevKey, "lb4_maglev_key"), (Lb4AffinityKey, "lb4_affinity_key"),

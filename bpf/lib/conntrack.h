@@ -17,6 +17,7 @@
 #include "conntrack_types.h"
 #include "conntrack_map.h"
 #include "ct_events.h"
+#include "ct_notify.h"
 #include "signal.h"
 
 enum ct_dir {
@@ -258,8 +259,10 @@ static __always_inline void ct_create_related4(const struct ipv4_ct_tuple *tuple
 		return;
 	}
 	/* Best effort: the main entry is in, the flow works without it. */
-	if (bpf_map_update_elem(&tpl_ct_any4_v1, &icmp, entry, BPF_ANY) == 0 && !rel)
+	if (bpf_map_update_elem(&tpl_ct_any4_v1, &icmp, entry, BPF_ANY) == 0 && !rel) {
 		ct_event(CT_EV_INSERT_ANY);
+		ct_notify_new(&icmp, entry, CT_NOTIFY_R_CREATED, CT_NOTIFY_T_ANY);
+	}
 }
 
 /* Whether an entry of the handshake table belongs with the established ones:
@@ -299,6 +302,7 @@ static __always_inline void ct_settle4(const struct ipv4_ct_tuple *t, struct ct_
 	bpf_map_delete_elem(&tpl_ct4_syn_v1, t);
 	ct_event(CT_EV_PROMOTED);
 	ct_event(CT_EV_INSERT_TCP);
+	ct_notify_new(t, &copy, CT_NOTIFY_R_PROMOTED, CT_NOTIFY_T_TCP);
 	if ((t->flags & TUPLE_F_SERVICE) || copy.node_port || copy.dsr_internal)
 		return;
 	/* The twin reads as if made with the entry: its identity, and the
@@ -495,6 +499,8 @@ static __always_inline int ct_create4(const struct ipv4_ct_tuple *tuple, enum ct
 		return TPL_DROP_CT_INSERT_FAILED;
 	}
 	ct_event(syn ? CT_EV_INSERT_SYN : is_tcp ? CT_EV_INSERT_TCP : CT_EV_INSERT_ANY);
+	ct_notify_new(tuple, &entry, CT_NOTIFY_R_CREATED,
+		      syn ? CT_NOTIFY_T_SYN : is_tcp ? CT_NOTIFY_T_TCP : CT_NOTIFY_T_ANY);
 
 	/* Endpoint traffic only: service, NodePort and DSR entries have no related twin. */
 	if (dir != CT_SERVICE && !st->node_port && !st->dsr_internal && !syn)

@@ -10,6 +10,7 @@
 #include "conntrack_map.h"
 #include "nat_map.h"
 #include "time.h"
+#include "ct_notify.h"
 
 /* Verdicts: one byte per visited entry in the iterator's output, counted by the agent. */
 enum gc_verdict {
@@ -101,7 +102,7 @@ static __always_inline void gc_test_stall(void)
  * NAT entry it owned. `e` points at the live value.
  */
 static __always_inline __u8 gc_delete_if_unchanged(void *map, const struct ipv4_ct_tuple *key,
-						   struct ct_entry *e, __u32 seen)
+						   struct ct_entry *e, __u32 seen, __u32 table)
 {
 	struct ipv4_ct_tuple nat = {};
 	bool owns;
@@ -115,6 +116,7 @@ static __always_inline __u8 gc_delete_if_unchanged(void *map, const struct ipv4_
 		return GC_V_REFRESHED;
 	if (bpf_map_delete_elem(map, key) != 0)
 		return GC_V_GONE;
+	ct_notify_destroy(key, e, CT_NOTIFY_R_GC, table);
 	if (owns && bpf_map_delete_elem(&tpl_nat4_v1, &nat) == 0)
 		return GC_V_DELETED_NAT;
 	return GC_V_DELETED;

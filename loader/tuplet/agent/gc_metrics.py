@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from tuplet.conntrack.pressure import MAIN_TABLES
 from tuplet.conntrack.runner import PassReport
 from tuplet.datapath.abi import (
     CT_MAP_ANY,
@@ -57,6 +58,8 @@ class GcMetrics:
                                registry=registry)
         self.grown = Counter("tuplet_conntrack_auto_grow", "Tables the agent grew because they stayed full "
                              "([conntrack] auto_grow)", ("map_name",), registry=registry)
+        for name in MAIN_TABLES:   # at 0 from the start: increase() then counts the first grow
+            self.grown.labels(name)
 
     def observe(self, report: PassReport) -> None:
         """Record one completed pass."""

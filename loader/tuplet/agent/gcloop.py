@@ -13,6 +13,7 @@ import structlog
 
 from tuplet.bpf.maps import Map
 from tuplet.conntrack.gc import CtGc
+from tuplet.conntrack.notify import NOTIFY_MAPS
 from tuplet.conntrack.runner import GcRunner, PassReport
 from tuplet.conntrack.schedule import GcSchedule
 from tuplet.core.errors import TupletError
@@ -49,7 +50,10 @@ class GcLoop:
         if os.path.exists(os.path.join(self.pin_root, abi.NAT_MAP)):
             maps.append(paths.open_pinned(self.pin_root, abi.NAT_MAP))
         nat = maps[-1] if len(maps) > len(abi.CT_MAPS) else None
-        return CtGc(maps[:len(abi.CT_MAPS)], nat=nat, count_nat=True), maps
+        ct = maps[:len(abi.CT_MAPS)]
+        notify = [paths.open_pinned(self.pin_root, n) for n in NOTIFY_MAPS] \
+            if all(paths.is_pinned(self.pin_root, n) for n in NOTIFY_MAPS) else []
+        return CtGc(ct, nat=nat, count_nat=True, notify_maps=notify), maps + notify
 
     def _pinned_ids(self) -> dict[str, int]:
         out = {}

@@ -43,6 +43,13 @@ class RingBuffer:
         if ret < 0 and errno_of(ret) != errno.EINTR:
             check(ret, self.what, "poll")
 
+    def consume(self) -> None:
+        """Hand over every waiting record without waiting: for writers that submit without
+        a wake-up (BPF_RB_NO_WAKEUP), which poll() alone would leave unread."""
+        ret = C.ring_buffer__consume(self._handle())
+        if ret < 0:
+            check(ret, self.what, "consume")
+
     def close(self) -> None:
         if self._rb is not None:
             C.ring_buffer__free(self._rb)

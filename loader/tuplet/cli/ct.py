@@ -11,6 +11,7 @@ from contextlib import ExitStack
 
 from tuplet.agent.report import read_agent_state
 from tuplet.cli.common import pin_root_of
+from tuplet.conntrack import notify
 from tuplet.conntrack import stats as ctstats
 from tuplet.conntrack.flush import flush_pinned
 from tuplet.conntrack.gc import CtGc
@@ -31,7 +32,8 @@ def cmd_ct_gc(args: argparse.Namespace) -> int:
         maps = [stack.enter_context(paths.open_pinned(root, n)) for n in abi.CT_MAPS]
         nat = (stack.enter_context(paths.open_pinned(root, abi.NAT_MAP))
                if os.path.exists(os.path.join(root, abi.NAT_MAP)) else None)
-        collector = stack.enter_context(CtGc(maps, nat=nat, method=args.method))
+        collector = stack.enter_context(CtGc(maps, nat=nat, method=args.method,
+                                             notify_maps=notify.open_maps(root, stack)))
         if args.follow:
             return _gc_follow(args, root, collector, stack)
         res = collector.run()

@@ -18,6 +18,7 @@ from tuplet.cli.common import pin_root_of
 from tuplet.conntrack import ctfilter, listing
 from tuplet.conntrack.ctfilter import CtFilter, FilterLayout
 from tuplet.conntrack.flush import Flusher
+from tuplet.conntrack.notify import emitter_for
 from tuplet.core.errors import ConfigError
 from tuplet.datapath import abi, clock, paths
 from tuplet.lb.registry import Registry
@@ -139,7 +140,9 @@ def cmd_ct_delete(args: argparse.Namespace) -> int:
         def match(name: str, keys: np.ndarray, values: np.ndarray) -> np.ndarray:
             return flt.mask(layouts[name], keys, values)
 
-        res = Flusher(maps, nat=nat).flush_matching(match, what=_describe(args))
+        notify = emitter_for(root, stack, paths.object_dir() / abi.OBJ_GC)
+        res = Flusher(maps, nat=nat, notify=notify, reason=abi.CT_NOTIFY_R_DELETE).flush_matching(
+            match, what=_describe(args))
     if args.output == "json":
         json.dump(res.to_json(), sys.stdout, indent=2)
         print()

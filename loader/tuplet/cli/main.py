@@ -8,7 +8,7 @@ from typing import Sequence
 from tuplet.agent import log as logmod
 from tuplet.bpf.bpffs import DEFAULT_PIN_ROOT
 from tuplet.bpf.links import AttachMode
-from tuplet.cli import apply, ct, ct_query, endpoint, ipcache, status, svc
+from tuplet.cli import apply, ct, ct_events, ct_query, ct_top, endpoint, ipcache, status, svc
 from tuplet.core.errors import ConfigError, TupletError, VerifierError
 from tuplet.node import options
 
@@ -70,6 +70,8 @@ def parser() -> argparse.ArgumentParser:
     c = sub.add_parser("ct", help="conntrack tables")
     csub = c.add_subparsers(dest="ct_command", required=True)
     ct_query.add_parsers(csub)
+    ct_events.add_parser(csub)
+    ct_top.add_parser(csub)
     cg = csub.add_parser("gc", help="run one garbage-collection pass and print what it did")
     cg.add_argument("-o", "--output", choices=["text", "json"], default="text")
     cg.add_argument("--method", choices=["auto", "kernel", "batch"], default="auto",

@@ -27,12 +27,17 @@ import structlog
 from tuplet.bpf.maps import BatchBuffers, Map
 from tuplet.conntrack import sentinels
 from tuplet.conntrack.entries import EntryLayout, nat_keys_for
+from tuplet.conntrack.notify import emitter_for
 from tuplet.datapath import abi, paths
 
 log = structlog.get_logger("tuplet.flush")
 
 #: Which entries of a chunk to delete: (map name, keys, values) -> boolean mask.
 Match = Callable[[str, np.ndarray, np.ndarray], np.ndarray]
+
+#: Reports deleted entries to event listeners: (map name, keys, values, reason) -> written
+#: (:func:`tuplet.conntrack.notify.emitter_for`).
+Notify = Callable[[str, np.ndarray, np.ndarray, int], int]
 
 #: Entries per batch lookup and delete: small enough that one system call stays far
 #: below a millisecond (bench/endpoints.py: the longest single call with 1,024 is
@@ -95,8 +100,11 @@ class Flusher:
     """
 
     def __init__(self, ct_maps: list[Map], nat: Map | None = None, chunk: int = CHUNK,
-                 yield_cpu: bool = True) -> None:
+                 yield_cpu: bool = True, notify: Notify | None = None,
+                 reason: int = abi.CT_NOTIFY_R_FLUSH) -> None:
         self.ct_maps = ct_maps
+        self.notify = notify
+        self.reason = reason
         self.nat = nat
         self.chunk = max(1, chunk)
         self.yield_cpu = yield_cpu
@@ -169,16 +177,21 @@ class Flusher:
                 nat = nat_keys_for(doomed, values[hit].copy(), lay)
                 if len(nat):
                     res.nat_deleted += self._delete(self.nat, nat.tobytes(), len(nat), res)
-            deleted += self._delete(m, doomed.tobytes(), len(doomed), res)
+            n = self._delete(m, doomed.tobytes(), len(doomed), res)
+            deleted += n
+            if self.notify is not None:   # a batch delete stops at its first failure: the first n went
+                self.notify(m.name, doomed[:n], values[hit][:n], self.reason)
         return deleted
 
 
-def flush_pinned(pin_root: str, addrs: Iterable[str] | None = None, chunk: int = CHUNK) -> FlushResult:
+def flush_pinned(pin_root: str, addrs: Iterable[str] | None = None, chunk: int = CHUNK,
+                 reason: int = abi.CT_NOTIFY_R_FLUSH) -> FlushResult:
     """Flush the pinned CT tables of ``pin_root`` (and its NAT table): the entries of
-    ``addrs``, or everything (None)."""
+    ``addrs``, or everything (None). Listeners of ``ct events`` get DESTROY with ``reason``."""
     with ExitStack() as stack:
         maps = [stack.enter_context(paths.open_pinned(pin_root, n)) for n in abi.CT_MAPS
                 if paths.is_pinned(pin_root, n)]
         nat = stack.enter_context(paths.open_pinned(pin_root, abi.NAT_MAP)) \
             if paths.is_pinned(pin_root, abi.NAT_MAP) else None
-        return Flusher(maps, nat, chunk=chunk).flush(addrs)
+        notify = emitter_for(pin_root, stack, paths.object_dir() / abi.OBJ_GC)
+        return Flusher(maps, nat, chunk=chunk, notify=notify, reason=reason).flush(addrs)

@@ -129,7 +129,8 @@ class CtGc:
 
     def __init__(self, ct_maps: list[Map], nat: Map | None = None, method: Method | str = Method.AUTO,
                  chunk: int = DEFAULT_CHUNK, obj_dir: str | Path | None = None, count_nat: bool = False,
-                 slice_entries: int = DEFAULT_SLICE, switches: GcSwitches = GcSwitches()) -> None:
+                 slice_entries: int = DEFAULT_SLICE, switches: GcSwitches = GcSwitches(),
+                 notify_maps: list[Map] | None = None) -> None:
         self.ct_maps = ct_maps
         self.nat = nat
         self.chunk = chunk
@@ -141,13 +142,14 @@ class CtGc:
             raise TupletError(f"map {unknown[0]}", "gc", detail=f"GC knows only {', '.join(GC_SELECTOR)}")
         where = Path(obj_dir) if obj_dir else object_dir()
         self._iter: IterPass | None = None
-        self._deleter = KeyDeleter(load_on(where / OBJ_GC, ct_maps, nat, switches))
+        self._deleter = KeyDeleter(load_on(where / OBJ_GC, ct_maps, nat, switches, notify_maps))
         want = Method(method)
         self.method = Method.BATCH
         if want is Method.BATCH:
             return
         try:
-            self._iter = IterPass(load_on(where / OBJ_GC_ITER, ct_maps, nat, switches), ct_maps, slice_entries)
+            self._iter = IterPass(load_on(where / OBJ_GC_ITER, ct_maps, nat, switches, notify_maps),
+                                  ct_maps, slice_entries)
             self.method = Method.KERNEL
         except TupletError as e:
             if want is Method.KERNEL:

@@ -83,11 +83,13 @@ class StallGate:
         return self.coll.get_global(".bss", GC_TEST_OUTCOME)
 
 
-def load_on(obj: Path, ct_maps: list[Map], nat: Map | None, switches: GcSwitches) -> Collection:
-    """Load a GC object reusing the datapath's maps (the others shrunk to stand-ins)."""
+def load_on(obj: Path, ct_maps: list[Map], nat: Map | None, switches: GcSwitches,
+            notify_maps: list[Map] | None = None) -> Collection:
+    """Load a GC object reusing the datapath's maps (the others shrunk to stand-ins; with
+    ``notify_maps``, the pinned event ring and its flag, so deletions reach listeners)."""
     spec = ObjectSpec.open(obj)
     try:
-        given = {m.name: m for m in ct_maps}
+        given = {m.name: m for m in [*ct_maps, *(notify_maps or [])]}
         if nat is not None:
             given[NAT_MAP] = nat
         for name in spec.maps:

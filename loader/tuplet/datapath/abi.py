@@ -24,6 +24,7 @@ OBJ_GC: Final = "ct_gc.o"             # the in-kernel GC walker, run with BPF_PR
 GC_PROGRAM: Final = "tpl_ct_gc"             # one run walks a whole map: bench/gc.py's floor only
 OBJ_GC_ITER: Final = "ct_gc_iter.o"   # the sliced pass: iter/bpf_map_elem programs
 GC_KEYS_PROGRAM: Final = "tpl_ct_gc_keys"   # the batch fallback's deleter
+NOTIFY_EMIT_PROGRAM: Final = "tpl_ct_notify_emit"   # DESTROY records of user-space deletions
 
 #: (program, hook) per endpoint: packets leaving the pod enter the host-side veth.
 LXC_HOOKS: Final = (("cil_from_container", Hook.INGRESS), ("cil_to_container", Hook.EGRESS))
@@ -53,6 +54,10 @@ IPCACHE_MAP: Final = "tpl_ipcache4_v1"   # LPM trie: remote IPv4 prefix -> ident
 METRICS_MAP: Final = "tpl_metrics_v2"
 EVENTS_MAP: Final = "tpl_ct_events_v1"
 SIGNAL_MAP: Final = "tpl_signals_v1"
+# Conntrack events (bpf/lib/ct_notify.h): the ring, the listener flag, per-CPU undelivered counts.
+NOTIFY_MAP: Final = "tpl_ct_notify_v1"
+NOTIFY_CTL_MAP: Final = "tpl_ct_notify_ctl_v1"
+NOTIFY_LOST_MAP: Final = "tpl_ct_notify_lost_v1"
 
 SERVICES_MAP: Final = "tpl_lb4_services_v1"
 BACKENDS_MAP: Final = "tpl_lb4_backends_v1"
@@ -140,3 +145,16 @@ GC_V_DELETED_NAT: Final = 2
 GC_V_REFRESHED: Final = 3
 GC_V_GONE: Final = 4
 GC_V_COUNTED: Final = 5
+
+# enum ct_notify_type / ct_notify_reason / ct_notify_table (bpf/lib/ct_notify.h)
+CT_NOTIFY_NEW: Final = 1
+CT_NOTIFY_DESTROY: Final = 2
+CT_NOTIFY_R_CREATED: Final = 0
+CT_NOTIFY_R_PROMOTED: Final = 1
+CT_NOTIFY_R_GC: Final = 2
+CT_NOTIFY_R_FLUSH: Final = 3
+CT_NOTIFY_R_ENDPOINT: Final = 4
+CT_NOTIFY_R_DELETE: Final = 5
+CT_NOTIFY_T_TCP: Final = 0
+CT_NOTIFY_T_ANY: Final = 1
+CT_NOTIFY_T_SYN: Final = 2

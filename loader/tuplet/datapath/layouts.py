@@ -133,6 +133,34 @@ class TplSignal(ctypes.Structure):
     ]
 
 
+class CtNotifyRec(ctypes.Structure):
+    """struct ct_notify_rec: one conntrack event (bpf/lib/ct_notify.h)."""
+
+    _fields_ = [
+        ("ktime_ns", ctypes.c_uint64),
+        ("entry", CtEntry),
+        ("tuple", CtTuple4),
+        ("type", ctypes.c_uint8),
+        ("reason", ctypes.c_uint8),
+        ("table", ctypes.c_uint8),
+        ("pad0", ctypes.c_uint8),
+        ("pad1", ctypes.c_uint16),
+        ("pad2", ctypes.c_uint32),
+    ]
+
+
+class CtNotifyCtl(ctypes.Structure):
+    """struct ct_notify_ctl: the listener flag and the datapath's rate per CPU."""
+
+    _fields_ = [("listeners", ctypes.c_uint32), ("rate", ctypes.c_uint32)]
+
+
+class CtNotifyCpu(ctypes.Structure):
+    """struct ct_notify_cpu: one CPU's rate window and undelivered count."""
+
+    _fields_ = [("window_ns", ctypes.c_uint64), ("sent", ctypes.c_uint64), ("lost", ctypes.c_uint64)]
+
+
 class MetricsValue(ctypes.Structure):
     """struct metrics_value: one CPU's counters of one reason and direction."""
 

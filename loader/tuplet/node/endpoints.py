@@ -120,7 +120,7 @@ def recover(st: NodeState) -> list[Recovered]:
     for rec in [r for r in st.live.values() if r.phase != PHASE_READY]:
         _detach_endpoint(st, rec)
         if rec.phase == PHASE_DELETING:
-            flushed = flush_pinned(st.pin_root, [rec.ipv4])
+            flushed = flush_pinned(st.pin_root, [rec.ipv4], reason=abi.CT_NOTIFY_R_ENDPOINT)
             done.append(Recovered(rec, "delete finished", flushed))
         else:
             done.append(Recovered(rec, "add undone"))
@@ -224,7 +224,7 @@ def delete(pin_root: str, name: str, missing_ok: bool = False) -> Deleted | None
             crashpoints.point("endpoint.delete-marked")
             _detach_endpoint(st, rec)
             crashpoints.point("endpoint.delete-detached")
-            flushed = flush_pinned(pin_root, [rec.ipv4])
+            flushed = flush_pinned(pin_root, [rec.ipv4], reason=abi.CT_NOTIFY_R_ENDPOINT)
             crashpoints.point("endpoint.delete-flushed")
             del st.live[name]
             state.save(st)

@@ -1,0 +1,128 @@
+"""Who fills the table: the top sources, destinations (address:port), services and
+endpoints by entries held now (a streamed walk of the tables) and by new entries per
+second over an interval (counted from `ct events` records).
+
+Memory stays bounded on any table: each chunk is reduced with ``np.unique`` to
+(value, count) pairs, pairs are merged every ``MERGE_EVERY`` chunks, and a counter that
+grows past ``cap`` distinct values keeps its ``cap // 2`` largest. Pruning makes counts
+lower bounds, by at most the largest count it dropped (:attr:`Counter.error`); with
+fewer distinct values than ``cap`` (the usual case: 1 Mi) the counts are exact.
+"""
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import numpy as np
+
+from tuplet.bpf.maps import Map
+from tuplet.conntrack.ctfilter import CtFilter, FilterLayout, host_u16, host_u32
+from tuplet.conntrack.listing import skip_map
+
+CAP = 1 << 20
+MERGE_EVERY = 64
+CHUNK = 8192
+CATEGORIES = ("sources", "destinations", "services", "endpoints")
+
+
+@dataclass
+class Counter:
+    """Counts of uint64 values, bounded to ``cap`` distinct ones."""
+
+    cap: int = CAP
+    values: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
+    counts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    error: int = 0                      # the largest count pruned away (0: exact)
+    _parts: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+
+    def add(self, v: np.ndarray) -> None:
+        if len(v):
+            u, c = np.unique(v.astype(np.uint64), return_counts=True)
+            self._parts.append((u, c.astype(np.int64)))
+            if len(self._parts) >= MERGE_EVERY:
+                self._merge()
+
+    def _merge(self) -> None:
+        if not self._parts:
+            return
+        vals = np.concatenate([self.values, *(p[0] for p in self._parts)])
+        cnts = np.concatenate([self.counts, *(p[1] for p in self._parts)])
+        self._parts.clear()
+        u, inv = np.unique(vals, return_inverse=True)
+        self.values, self.counts = u, np.bincount(inv, weights=cnts, minlength=len(u)).astype(np.int64)
+        if len(self.values) > self.cap:
+            keep = np.argpartition(-self.counts, self.cap // 2)[:self.cap // 2]
+            dropped = np.ones(len(self.values), bool)
+            dropped[keep] = False
+            self.error = max(self.error, int(self.counts[dropped].max()))
+            self.values, self.counts = self.values[keep], self.counts[keep]
+
+    def top(self, n: int) -> list[tuple[int, int]]:
+        self._merge()
+        order = np.lexsort((self.values, -self.counts))[:n]
+        return [(int(self.values[i]), int(self.counts[i])) for i in order]
+
+
+@dataclass
+class Tally:
+    """The four counters, fed with chunks of keys and values."""
+
+    endpoints: np.ndarray                 # endpoint addresses, host order (uint32)
+    cap: int = CAP
+    total: int = 0
+    by: dict[str, Counter] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.by = {c: Counter(self.cap) for c in CATEGORIES}
+
+    def add(self, keys: np.ndarray, values: np.ndarray) -> None:
+        """keys/values: numpy records of a CT map (ct list's layout)."""
+        self.total += len(keys)
+        src = host_u32(keys["daddr"]).astype(np.uint64)     # the flow's original source
+        dst = host_u32(keys["saddr"]).astype(np.uint64)
+        self.by["sources"].add(src)
+        self.by["destinations"].add((dst << np.uint64(16)) | host_u16(keys["dport"]).astype(np.uint64))
+        rev = values["rev_nat_index"]
+        self.by["services"].add(rev[rev != 0])
+        if len(self.endpoints):
+            self.by["endpoints"].add(np.concatenate([src[np.isin(src, self.endpoints)],
+                                                     dst[np.isin(dst, self.endpoints)]]))
+
+    def top(self, n: int) -> dict[str, list[tuple[int, int]]]:
+        return {c: self.by[c].top(n) for c in CATEGORIES}
+
+
+def held(maps: Iterable[Map], flt: CtFilter, endpoints: np.ndarray, chunk: int = CHUNK, cap: int = CAP) -> Tally:
+    """Entries held now in ``maps`` (those ``flt`` selects), one batch at a time."""
+    t = Tally(endpoints, cap)
+    for m in maps:
+        if skip_map(m.name, flt):
+            continue
+        layout = FilterLayout.of(m)
+        for kraw, vraw, count in m.batches(chunk):
+            keys = np.frombuffer(kraw, dtype=layout.key, count=count)
+            values = np.frombuffer(vraw, dtype=layout.value, count=count)
+            if not flt.empty:
+                hit = flt.mask(layout, keys, values)
+                keys, values = keys[hit], values[hit]
+            t.add(keys, values)
+    return t
+
+
+def label(category: str, v: int, services: dict[int, str], endpoints: dict[int, str]) -> str:
+    if category == "sources":
+        return str(ipaddress.IPv4Address(v))
+    if category == "destinations":
+        return f"{ipaddress.IPv4Address(v >> 16)}:{v & 0xFFFF}"
+    if category == "services":
+        return f"{services.get(v, '?')} (rev-NAT {v})"
+    return f"{endpoints.get(v, '?')} {ipaddress.IPv4Address(v)}"
+
+
+def to_json(t: Tally, n: int, services: dict[int, str], endpoints: dict[int, str],
+            per_second: float = 1.0) -> dict[str, Any]:
+    return {"entries": t.total, **{c: [{"name": label(c, v, services, endpoints),
+                                        "count": round(k / per_second, 3)} for v, k in rows]
+                                   for c, rows in t.top(n).items()},
+            "exact": all(c.error == 0 for c in t.by.values())}
