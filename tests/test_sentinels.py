@@ -9,13 +9,14 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 
 from traffic import LiveConnection, start_server
 from tuplet.agent import collector
 from tuplet.bpf.maps import Map
 from tuplet.cli import main as cli
-from tuplet.conntrack import listing, sentinels
+from tuplet.conntrack import listing, sentinels, top
 from tuplet.conntrack import records as ct
 from tuplet.conntrack.ctfilter import CtFilter
 from tuplet.conntrack.flush import Flusher, flush_pinned
@@ -139,6 +140,7 @@ def visible(pin_root: str, capsys: pytest.CaptureFixture[str]) -> dict[str, obje
     with Map.from_pin(f"{pin_root}/{CT_MAP_TCP}") as m:
         listed = [r for r in ct.records(m)]
         counted = listing.count(m, CtFilter())
+        held = top.held([m], CtFilter(), np.zeros(0, np.uint32)).total
     capsys.readouterr()
     assert cli.main(["--pin-root", pin_root, "status", "-o", "json"]) == 0
     status = {t["map"]: t["entries"] for t in json.loads(capsys.readouterr().out)["tables"]}
@@ -149,7 +151,7 @@ def visible(pin_root: str, capsys: pytest.CaptureFixture[str]) -> dict[str, obje
     with Map.from_pin(f"{pin_root}/{CT_MAP_TCP}") as m:
         res = gc_pass([m], method=Method.BATCH)
     assert all(r.key.nexthdr in PROTOS for r in listed)
-    return {"list": len(listed), "count": counted, "status": status[CT_MAP_TCP], "metric": metric[CT_MAP_TCP],
+    return {"list": len(listed), "count": counted, "top": held, "status": status[CT_MAP_TCP], "metric": metric[CT_MAP_TCP],
             "cli": sum(1 for e in cli_listed if e["map"] == CT_MAP_TCP),
             "gc_alive": res.maps[0].alive, "gc_deleted": res.deleted,
             "fill": res.fill()[CT_MAP_TCP] * MI}
@@ -174,7 +176,7 @@ def test_sentinels_are_invisible_and_survive_gc_flush_and_resize(topo: Any, pin_
         procs += [c.proc for c in conns]
         for i, c in enumerate(conns):
             assert c.roundtrip(f"hi{i}") == f"hi{i}"
-        want = {"list": 6, "count": 6, "status": 6, "metric": 6, "cli": 6, "gc_alive": 6, "gc_deleted": 0,
+        want = {"list": 6, "count": 6, "top": 6, "status": 6, "metric": 6, "cli": 6, "gc_alive": 6, "gc_deleted": 0,
                 "fill": 6}
         assert visible(pin_root, capsys) == pytest.approx(want)
         assert present(pin_root) == 1024

@@ -17,12 +17,11 @@ from typing import Any, Iterable
 import numpy as np
 
 from tuplet.bpf.maps import Map
-from tuplet.conntrack.ctfilter import CtFilter, FilterLayout, host_u16, host_u32
-from tuplet.conntrack.listing import skip_map
+from tuplet.conntrack.ctfilter import CtFilter, host_u16, host_u32
+from tuplet.conntrack.listing import CHUNK, matching
 
 CAP = 1 << 20
 MERGE_EVERY = 64
-CHUNK = 8192
 CATEGORIES = ("sources", "destinations", "services", "endpoints")
 
 
@@ -97,16 +96,8 @@ def held(maps: Iterable[Map], flt: CtFilter, endpoints: np.ndarray, chunk: int =
     """Entries held now in ``maps`` (those ``flt`` selects), one batch at a time."""
     t = Tally(endpoints, cap)
     for m in maps:
-        if skip_map(m.name, flt):
-            continue
-        layout = FilterLayout.of(m)
-        for kraw, vraw, count in m.batches(chunk):
-            keys = np.frombuffer(kraw, dtype=layout.key, count=count)
-            values = np.frombuffer(vraw, dtype=layout.value, count=count)
-            if not flt.empty:
-                hit = flt.mask(layout, keys, values)
-                keys, values = keys[hit], values[hit]
-            t.add(keys, values)
+        for c in matching(m, flt, chunk):
+            t.add(c.keys, c.values)
     return t
 
 
