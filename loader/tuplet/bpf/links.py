@@ -104,6 +104,15 @@ def link_pin_path(pin_root: str, ifname: str, hook: Hook) -> str:
 
 # --- TCX ----------------------------------------------------------------------------------------
 
+def _pin_link(fd: int, pin: str, what: str) -> None:
+    """Pin a new link at ``pin`` and close its fd: from then on the pin holds the link."""
+    try:
+        Path(pin).parent.mkdir(parents=True, exist_ok=True)
+        check(C.bpf_obj_pin(fd, cstr(pin)), what, f"pin at {pin}")
+    finally:
+        os.close(fd)
+
+
 def tcx_attach(prog: Program, ifname: str, hook: Hook, pin_root: str) -> Attachment:
     """Attach with a TCX link pinned under pin_root; update the link if one is pinned already."""
     ifindex = ifindex_of(ifname)
@@ -130,11 +139,7 @@ def tcx_attach(prog: Program, ifname: str, hook: Hook, pin_root: str) -> Attachm
         if err in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUPP if hasattr(errno, "ENOTSUPP") else 524):
             raise NotSupportedError("TCX attachment", "6.6", f"bpf_link_create: {os.strerror(err)}")
         raise TupletError(f"interface {ifname}", f"tcx attach {hook.value}", err)
-    try:
-        Path(pin).parent.mkdir(parents=True, exist_ok=True)
-        check(C.bpf_obj_pin(fd, cstr(pin)), f"tcx link {ifname}/{hook.value}", f"pin at {pin}")
-    finally:
-        os.close(fd)  # the pin holds the link now
+    _pin_link(fd, pin, f"tcx link {ifname}/{hook.value}")
     log.info("tcx attached", ifname=ifname, hook=hook.value, program=prog.name, pin=pin)
     return Attachment(ifname, ifindex, hook, prog.name, AttachMode.TCX, pin)
 
@@ -221,11 +226,7 @@ def cgroup_attach(prog: Program, cgroup: str, hook: CgroupHook, pin_root: str) -
         check(fd, f"cgroup {cgroup}", f"attach {hook.value}")
     finally:
         os.close(cg)
-    try:
-        Path(pin).parent.mkdir(parents=True, exist_ok=True)
-        check(C.bpf_obj_pin(fd, cstr(pin)), f"cgroup link {hook.value}", f"pin at {pin}")
-    finally:
-        os.close(fd)  # the pin holds the link now
+    _pin_link(fd, pin, f"cgroup link {hook.value}")
     log.info("cgroup attached", cgroup=cgroup, hook=hook.value, program=prog.name, pin=pin)
     return pin
 
