@@ -41,8 +41,8 @@ def abi_constants(kind: type) -> dict[str, object]:
 
 
 def test_every_map_name_is_a_map_of_the_objects_and_every_pinned_map_is_named() -> None:
-    names = {v for k, v in abi_constants(str).items() if k.endswith("_MAP") or k.startswith("CT_MAP_")}
-    names |= set(abi.CT_MAPS) | set(abi.LB_MAPS)
+    names = {v for k, v in abi_constants(str).items() if k.endswith("_MAP") or k.startswith(("CT_MAP_", "CT6_MAP_"))}
+    names |= set(abi.CT_MAPS) | set(abi.CT6_MAPS) | set(abi.LB_MAPS)
     maps = set().union(*(declared(o)[0] for o in OBJECTS))
     assert names - maps == set(), "abi names maps no object declares"
     assert maps - names == set(), "objects declare maps abi does not name"

@@ -16,8 +16,10 @@ from tuplet.datapath.layouts import (
     CtNotifyCtl,
     CtNotifyRec,
     CtTuple4,
+    CtTuple6,
     EndpointInfo,
     IpcacheInfo,
+    Ipcache6Key,
     IpcacheKey,
     Lb4AffinityKey,
     Lb4Backend,
@@ -47,7 +49,8 @@ def bit_offset(cls: type[ctypes.Structure], name: str) -> tuple[int, int]:
     return f.offset * 8, 0
 
 
-@pytest.mark.parametrize("cls,cname", [(CtTuple4, "ipv4_ct_tuple"), (CtEntry, "ct_entry"),
+@pytest.mark.parametrize("cls,cname", [(CtTuple4, "ipv4_ct_tuple"), (CtTuple6, "ipv6_ct_tuple"),
+                                       (Ipcache6Key, "ipcache6_key"), (CtEntry, "ct_entry"),
                                        (EndpointInfo, "endpoint_info"),
                                        (IpcacheKey, "ipcache_key"), (IpcacheInfo, "ipcache_info"), (MetricsValue, "metrics_value"),
                                        (Nat4Entry, "nat4_entry"), (TplSignal, "tpl_signal"),

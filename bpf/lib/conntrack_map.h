@@ -1,5 +1,5 @@
 /* SPDX-License-Identifier: GPL-2.0 */
-/* The two conntrack tables. Sizes here are placeholders: the loader sets
+/* The conntrack tables, IPv4 and IPv6 (the same value, sized alike). Sizes here are placeholders: the loader sets
  * max_entries from configuration before load.
  */
 #ifndef TUPLET_CONNTRACK_MAP_H
@@ -39,5 +39,30 @@ struct {
 	__uint(max_entries, CT_MAP_SIZE_SYN);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } tpl_ct4_syn_v1 SEC(".maps");
+
+/* IPv6: the same three tables, keyed by struct ipv6_ct_tuple. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct ipv6_ct_tuple);
+	__type(value, struct ct_entry);
+	__uint(max_entries, CT_MAP_SIZE_TCP);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tpl_ct6_v1 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct ipv6_ct_tuple);
+	__type(value, struct ct_entry);
+	__uint(max_entries, CT_MAP_SIZE_ANY);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tpl_ct_any6_v1 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct ipv6_ct_tuple);
+	__type(value, struct ct_entry);
+	__uint(max_entries, CT_MAP_SIZE_SYN);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tpl_ct6_syn_v1 SEC(".maps");
 
 #endif

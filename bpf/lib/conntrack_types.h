@@ -7,6 +7,7 @@
 #define TUPLET_CONNTRACK_TYPES_H
 
 #include "compiler.h"
+#include "ipv6.h"
 
 /* Tuple flags (key.flags). */
 enum ct_tuple_flag {
@@ -39,6 +40,19 @@ struct ipv4_ct_tuple {
 	__u8 flags;
 } __attribute__((packed));
 ASSERT_SIZE(struct ipv4_ct_tuple, 14);
+
+/* The same key for IPv6 (the reference's struct ipv6_ct_tuple): addresses name
+ * the reply direction, ports the original one, as above.
+ */
+struct ipv6_ct_tuple {
+	union v6addr daddr;
+	union v6addr saddr;
+	__be16 dport;
+	__be16 sport;
+	__u8 nexthdr;
+	__u8 flags;
+} __attribute__((packed));
+ASSERT_SIZE(struct ipv6_ct_tuple, 38);
 
 struct ct_entry {
 	__u64 reserved0;

@@ -1,5 +1,5 @@
 /* SPDX-License-Identifier: GPL-2.0 */
-/* Local endpoints (pods) by IPv4 address, programmed by the agent. */
+/* Local endpoints (pods) by IPv4 and by IPv6 address, programmed by the agent. */
 #ifndef TUPLET_ENDPOINT_H
 #define TUPLET_ENDPOINT_H
 
@@ -47,6 +47,32 @@ static __always_inline __u32 endpoint_identity4(__be32 addr)
 	if (ep)
 		return ep->sec_id;
 	rc = ipcache_lookup4(addr);
+	return rc ? rc->sec_id : TPL_IDENTITY_WORLD;
+}
+
+/* An endpoint with an IPv6 address has it here too, with the same value. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, union v6addr);
+	__type(value, struct endpoint_info);
+	__uint(max_entries, EP_MAP_SIZE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tpl_ep6_v1 SEC(".maps");
+
+static __always_inline struct endpoint_info *endpoint_lookup6(const union v6addr *addr)
+{
+	return bpf_map_lookup_elem(&tpl_ep6_v1, addr);
+}
+
+static __always_inline __u32 endpoint_identity6(const union v6addr *addr)
+{
+	struct endpoint_info *ep = endpoint_lookup6(addr);
+	struct ipcache_info *rc;
+
+	if (ep)
+		return ep->sec_id;
+	rc = ipcache_lookup6(addr);
 	return rc ? rc->sec_id : TPL_IDENTITY_WORLD;
 }
 

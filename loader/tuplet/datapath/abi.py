@@ -48,9 +48,16 @@ CT_MAP_TCP: Final = "tpl_ct4_v1"
 CT_MAP_ANY: Final = "tpl_ct_any4_v1"
 CT_MAP_SYN: Final = "tpl_ct4_syn_v1"     # TCP entries until their connection is established
 CT_MAPS: Final = (CT_MAP_TCP, CT_MAP_ANY, CT_MAP_SYN)
+# IPv6 (struct ipv6_ct_tuple keys, the same struct ct_entry values), sized as their IPv4 twins.
+CT6_MAP_TCP: Final = "tpl_ct6_v1"
+CT6_MAP_ANY: Final = "tpl_ct_any6_v1"
+CT6_MAP_SYN: Final = "tpl_ct6_syn_v1"
+CT6_MAPS: Final = (CT6_MAP_TCP, CT6_MAP_ANY, CT6_MAP_SYN)
 NAT_MAP: Final = "tpl_nat4_v1"
 EP_MAP: Final = "tpl_ep4_v1"
+EP6_MAP: Final = "tpl_ep6_v1"            # the same endpoints by IPv6 address
 IPCACHE_MAP: Final = "tpl_ipcache4_v1"   # LPM trie: remote IPv4 prefix -> identity (ipcache.h)
+IPCACHE6_MAP: Final = "tpl_ipcache6_v1"  # LPM trie: remote IPv6 prefix -> identity
 METRICS_MAP: Final = "tpl_metrics_v2"
 EVENTS_MAP: Final = "tpl_ct_events_v1"
 SIGNAL_MAP: Final = "tpl_signals_v1"

@@ -45,6 +45,29 @@ class CtTuple4(ctypes.Structure):
                    nexthdr, flags)
 
 
+V6Addr = ctypes.c_uint8 * 16
+"""union v6addr (bpf/lib/ipv6.h): 16 bytes in network order."""
+
+
+class CtTuple6(ctypes.Structure):
+    """struct ipv6_ct_tuple: as CtTuple4, with 16-byte addresses."""
+
+    _pack_ = 1
+    _fields_ = [
+        ("daddr", V6Addr),
+        ("saddr", V6Addr),
+        ("dport", ctypes.c_uint16),   # network byte order
+        ("sport", ctypes.c_uint16),
+        ("nexthdr", ctypes.c_uint8),
+        ("flags", ctypes.c_uint8),
+    ]
+
+    @classmethod
+    def make(cls, daddr: str, saddr: str, dport: int, sport: int, nexthdr: int, flags: int) -> "CtTuple6":
+        return cls(ip6_to_bytes(daddr), ip6_to_bytes(saddr), socket.htons(dport), socket.htons(sport),
+                   nexthdr, flags)
+
+
 class CtEntry(ctypes.Structure):
     """struct ct_entry (56 bytes)."""
 
@@ -96,6 +119,15 @@ class IpcacheKey(ctypes.Structure):
     _fields_ = [
         ("prefixlen", ctypes.c_uint32),
         ("addr", ctypes.c_uint32),      # network byte order
+    ]
+
+
+class Ipcache6Key(ctypes.Structure):
+    """struct ipcache6_key: LPM trie key of the IPv6 ipcache (prefix length, address)."""
+
+    _fields_ = [
+        ("prefixlen", ctypes.c_uint32),
+        ("addr", V6Addr),
     ]
 
 
@@ -174,6 +206,15 @@ def ip_to_be32(addr: str) -> int:
 
 def be32_to_ip(v: int) -> str:
     return str(ipaddress.IPv4Address(v.to_bytes(4, "little")))
+
+
+def ip6_to_bytes(addr: str) -> V6Addr:
+    """An IPv6 address as union v6addr holds it."""
+    return V6Addr(*ipaddress.IPv6Address(addr).packed)
+
+
+def bytes_to_ip6(v: V6Addr | bytes) -> str:
+    return str(ipaddress.IPv6Address(bytes(v)))
 
 
 def be16(v: int) -> int:

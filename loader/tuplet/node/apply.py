@@ -25,6 +25,9 @@ from tuplet.core import crashpoints
 from tuplet.core.errors import ConfigError, NotFoundError, TupletError
 from tuplet.datapath import abi, clock, paths
 from tuplet.datapath.abi import (
+    CT6_MAP_ANY,
+    CT6_MAP_SYN,
+    CT6_MAP_TCP,
     CT_MAP_ANY,
     CT_MAP_SYN,
     CT_MAP_TCP,
@@ -59,7 +62,8 @@ def open_object(name: str, cfg: NodeConfig, pin_root: str | None, sizing: Sizing
     try:
         present = spec.maps
         sizes = {CT_MAP_TCP: sizing.tcp.entries, CT_MAP_ANY: sizing.any.entries, NAT_MAP: sizing.nat.entries,
-                 CT_MAP_SYN: ct.syn_entries(sizing)}
+                 CT_MAP_SYN: ct.syn_entries(sizing), CT6_MAP_TCP: sizing.tcp.entries,
+                 CT6_MAP_ANY: sizing.any.entries, CT6_MAP_SYN: ct.syn_entries(sizing)}
         for map_name, entries in sizes.items():
             if map_name in present:
                 spec.set_max_entries(map_name, entries)
