@@ -45,8 +45,11 @@ class CtTuple4(ctypes.Structure):
                    nexthdr, flags)
 
 
-V6Addr = ctypes.c_uint8 * 16
-"""union v6addr (bpf/lib/ipv6.h): 16 bytes in network order."""
+class V6Addr(ctypes.Array[ctypes.c_uint8]):
+    """union v6addr (bpf/lib/ipv6.h): 16 bytes in network order."""
+
+    _type_ = ctypes.c_uint8
+    _length_ = 16
 
 
 class CtTuple6(ctypes.Structure):
