@@ -200,9 +200,12 @@ def test_reload_resizes_tables_under_live_connections(topo, agents, pin_root, tm
         a.proc.send_signal(signal.SIGHUP)
         a.wait_for("READY=1")
         done = [e for e in a.events() if e.get("event") == "reloaded"][-1]
-        # The handshake table's default size follows (an eighth of the TCP table, 1024 at least).
+        # The handshake table's default size follows (an eighth of the TCP table, 1024 at least);
+        # the IPv6 tables are sized as their IPv4 twins.
+        syn = max(1024, size // 8)
         assert sorted((r["map"], r["new_entries"], r["dropped"]) for r in done["resized"]) == \
-            sorted([(abi.CT_MAP_TCP, size, 0), (abi.CT_MAP_SYN, max(1024, size // 8), 0)])
+            sorted([(abi.CT_MAP_TCP, size, 0), (abi.CT_MAP_SYN, syn, 0), (abi.CT6_MAP_TCP, size, 0),
+                    (abi.CT6_MAP_SYN, syn, 0)])
         assert Map.from_pin(f"{pin_root}/{abi.CT_MAP_TCP}").info.max_entries == size
         assert all(c.roundtrip(f"after {size}") == f"after {size}" for c in conns)
         assert all(ct_entry_of(pin_root, c.sport) is not None for c in conns)

@@ -14,7 +14,7 @@ from tuplet.conntrack import records as ct
 from tuplet.conntrack import resize
 from tuplet.conntrack.sizing import Sizing
 from tuplet.datapath import clock
-from tuplet.datapath.abi import CT_MAP_ANY, CT_MAP_SYN, CT_MAP_TCP, NAT_MAP
+from tuplet.datapath.abi import CT6_MAP_ANY, CT6_MAP_SYN, CT6_MAP_TCP, CT_MAP_ANY, CT_MAP_SYN, CT_MAP_TCP, NAT_MAP
 from tuplet.datapath.layouts import CtEntry, CtTuple4, Nat4Entry
 from tuplet.lb import writer as lb
 from tuplet.node import apply as node_apply
@@ -88,9 +88,13 @@ def prog_ids(topo, pin_root: str) -> dict[tuple[str, str], int]:
 
 def one(res: node_apply.ApplyResult, name: str = CT_MAP_TCP) -> resize.Resized:
     hits = [r for r in res.resized if r.map == name]
-    # The handshake table's default size follows the TCP table's (an eighth).
+    # The handshake table's default size follows the TCP table's (an eighth); each IPv6
+    # table is sized as its IPv4 twin.
+    twins = {CT_MAP_TCP: CT6_MAP_TCP, CT_MAP_ANY: CT6_MAP_ANY, CT_MAP_SYN: CT6_MAP_SYN}
+    expected = {CT_MAP_SYN, CT6_MAP_SYN} if name == CT_MAP_TCP else set()
+    expected |= {twins[name]} if name in twins else set()
     others = {r.map for r in res.resized if r.map != name}
-    assert len(hits) == 1 and others <= ({CT_MAP_SYN} if name == CT_MAP_TCP else set()), res.resized
+    assert len(hits) == 1 and others <= expected, res.resized
     return hits[0]
 
 

@@ -18,6 +18,8 @@ enum tpl_signal_kind {
 enum tpl_signal_map {
 	TPL_SIGNAL_MAP_TCP = 0,
 	TPL_SIGNAL_MAP_ANY = 1,
+	TPL_SIGNAL_MAP_TCP6 = 2,
+	TPL_SIGNAL_MAP_ANY6 = 3,
 };
 
 struct tpl_signal {

@@ -6,7 +6,7 @@
   Maps are opened on every scrape, so a map replaced behind its pin (a live resize) is
   never reported stale. Counting a hash map's entries walks it (O(entries)), so counts
   are kept for ``count_max_age`` seconds (default 5) unless the pin's map id changes.
-  Also the datapath's conntrack event counters (``tpl_ct_events_v1``: inserts per
+  Also the datapath's conntrack event counters (``tpl_ct_events_v2``: inserts per
   table, promotions out of the handshake table, refused inserts).
 
 Everything registers with a caller-given :class:`CollectorRegistry`, never the global one.

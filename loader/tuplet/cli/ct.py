@@ -96,7 +96,7 @@ def cmd_ct_stats(args: argparse.Namespace) -> int:
               if os.path.exists(os.path.join(root, abi.EVENTS_MAP)) else None)
         if mm is None and em is None:
             raise NotFoundError(f"pin root {root}", "ct stats", detail="no datapath counters pinned "
-                                "(tpl_metrics_v2, tpl_ct_events_v1): is the datapath applied?")
+                                "(tpl_metrics_v2, tpl_ct_events_v2): is the datapath applied?")
         reasons = enums.map_names(mm, enums.REASONS, obj) if mm else {}
         evnames = enums.map_names(em, enums.CT_EVENTS, obj) if em else {}
         cpus, total = ctstats.collect(mm, reasons, em, evnames)

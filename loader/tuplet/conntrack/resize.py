@@ -52,14 +52,14 @@ from tuplet.conntrack.keyset import KeySet
 from tuplet.core import crashpoints
 from tuplet.core.errors import TupletError
 from tuplet.datapath import clock
-from tuplet.datapath.abi import CT_MAP_ANY, CT_MAP_SYN, CT_MAP_TCP, CT_MAPS, NAT_MAP
+from tuplet.datapath.abi import CT6_MAPS, CT_MAP_ANY, CT_MAP_SYN, CT_MAP_TCP, CT_MAPS, NAT_MAP
 from tuplet.datapath.layouts import CtEntry, Nat4Entry
 
 log = structlog.get_logger("tuplet.resize")
 
 #: The maps ``apply`` resizes live, in the order they are copied (CT before NAT:
 #: which NAT entries to keep depends on which CT entries were kept).
-RESIZABLE = (CT_MAP_TCP, CT_MAP_ANY, CT_MAP_SYN, NAT_MAP)
+RESIZABLE = (CT_MAP_TCP, CT_MAP_ANY, CT_MAP_SYN, *CT6_MAPS, NAT_MAP)
 #: Wait after the swap before the second copy, for runs of the old programs in flight.
 SYNC_DELAY = 0.05
 #: The new map is pinned as <pin_root>/resize-<name> and renamed over the old pin.
@@ -253,7 +253,7 @@ class Resizer:
     def _rank(self, t: _Table, keys: bytes, vals: bytes) -> np.ndarray:
         """How recently each entry was used (higher: more recent)."""
         vs = t.old.value_buf_size
-        if t.name in CT_MAPS:
+        if t.name in CT_MAPS or t.name in CT6_MAPS:
             if vs != ctypes.sizeof(CtEntry):
                 raise TupletError(f"map {t.name}", "resize", detail=f"value is {vs} bytes, not a ct_entry")
             # Seconds left, as a signed difference: lifetimes are u32 and may wrap.

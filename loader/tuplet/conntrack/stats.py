@@ -1,5 +1,5 @@
 """Per-CPU conntrack statistics as `conntrack -S` shows them, from the datapath's per-CPU
-verdict counters (``tpl_metrics_v2``) and table event counters (``tpl_ct_events_v1``).
+verdict counters (``tpl_metrics_v2``) and table event counters (``tpl_ct_events_v2``).
 
 conntrack -S's columns and tuplet's nearest meaning (README "Operating tuplet"):
 
@@ -90,7 +90,7 @@ def collect(metrics_map: Map | None, reasons: dict[int, str], events_map: Map | 
                         col["invalid"] += n
     if events_map is not None:
         for idx, per in per_cpu_u64(events_map).items():
-            name = event_names.get(idx)
+            name = event_names.get(idx, "").removesuffix("6")   # both families count alike
             for c, n in enumerate(per):
                 if name in INSERT_EVENTS:
                     cpus[c].columns["insert"] += n

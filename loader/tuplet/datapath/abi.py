@@ -59,7 +59,7 @@ EP6_MAP: Final = "tpl_ep6_v1"            # the same endpoints by IPv6 address
 IPCACHE_MAP: Final = "tpl_ipcache4_v1"   # LPM trie: remote IPv4 prefix -> identity (ipcache.h)
 IPCACHE6_MAP: Final = "tpl_ipcache6_v1"  # LPM trie: remote IPv6 prefix -> identity
 METRICS_MAP: Final = "tpl_metrics_v2"
-EVENTS_MAP: Final = "tpl_ct_events_v1"
+EVENTS_MAP: Final = "tpl_ct_events_v2"
 SIGNAL_MAP: Final = "tpl_signals_v1"
 # Conntrack events (bpf/lib/ct_notify.h): the ring, the listener flag, per-CPU undelivered counts.
 NOTIFY_MAP: Final = "tpl_ct_notify_v1"
