@@ -151,9 +151,10 @@ class FuzzHarness:
                 self.dirs.update(metrics.direction_names(str(object_dir() / obj)))
             maps = self.lb.coll.maps
             self.metrics_map = maps[METRICS_MAP]
-            # Every object's conntrack tables (shared by name, so each is walked once).
+            # Every object's IPv4 conntrack tables (shared by name, so each is walked once).
             self.ct_maps = list({name: m for c in self.colls.values() for name, m in c.maps.items()
-                                 if name.startswith("tpl_ct") and m.value_size == ctypes.sizeof(CtEntry)}.values())
+                                 if name.startswith("tpl_ct") and m.value_size == ctypes.sizeof(CtEntry)
+                                 and m.key_size == ctypes.sizeof(CtTuple4)}.values())
             self.nat_map = maps.get(NAT_MAP)
             self.timeouts = {k: self.lb.coll.get_global(".rodata", k) for k in LIFETIMES}
             self.accounting = self.lb.coll.get_global(".rodata", "ct_accounting")
