@@ -3,6 +3,7 @@ and sendto(), the service address shown by getpeername() and recvfrom(), no CT_S
 affinity by network namespace, both modes at once, socket LB off, and UDP backend removal."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -11,7 +12,9 @@ from pathlib import Path
 import pytest
 
 from socklb_harness import PEER_SERVER, ask, in_cgroup, make_cgroup, remove_cgroup
-from tuplet.bpf.links import CgroupHook, cgroup_id, cgroup_link_pin_path
+from tuplet.bpf.links import CgroupHook, cgroup_detach, cgroup_id, cgroup_link_pin_path
+from tuplet.core import crashpoints
+from tuplet.core.errors import TupletError
 from tuplet.datapath import abi, paths
 from tuplet.lab.topology import Topology
 from tuplet.node import apply as node_apply
@@ -99,8 +102,9 @@ def node_config(topo, pin_root: str, cg: Path, svc: str, socket_lb: bool = True)
 def applied(topo, pin_root, cg):
     done = []
 
-    def apply(svc: str | None = None, socket_lb: bool = True) -> config.NodeConfig:
-        cfg = config.parse(node_config(topo, pin_root, cg, svc if svc is not None else services(), socket_lb))
+    def apply(svc: str | None = None, socket_lb: bool = True, cgroup: Path | None = None) -> config.NodeConfig:
+        cfg = config.parse(node_config(topo, pin_root, cgroup or cg, svc if svc is not None else services(),
+                                       socket_lb))
         node_apply.apply(cfg)
         done.append(cfg)
         return cfg
@@ -237,3 +241,64 @@ def test_udp_backend_removed(topo, applied, cg) -> None:
     finally:
         p.kill()
         p.wait()
+
+
+def test_a_failed_apply_leaves_the_old_cgroups_links(topo, applied, pin_root, cg, monkeypatch) -> None:
+    """Moving socket_lb_cgroup, re-applying on the same one, or turning socket LB off, and failing
+    midway (after some links, after all of them): the links are the ones before, on the old cgroup,
+    running the old programs, and the client there is still load-balanced at the socket."""
+    applied()
+    before = socklb.links(pin_root)
+    cg2 = make_cgroup()
+    try:
+        for where, point in (("moved", "socklb.attached-sendmsg4"), ("moved", "apply.attached"),
+                             ("same", "socklb.attached-recvmsg4"), ("same", "apply.attached"),
+                             ("off", "apply.attached")):
+            monkeypatch.setenv(crashpoints.FAIL_ENV, point)
+            with pytest.raises(TupletError, match="injected failure"):
+                applied(socket_lb=where != "off", cgroup=cg2 if where == "moved" else cg)
+            monkeypatch.delenv(crashpoints.FAIL_ENV)
+            assert socklb.links(pin_root) == before, (where, point)
+            assert not any(Path(cgroup_link_pin_path(pin_root, h, staged=True)).exists() for h in CgroupHook)
+            assert {a[0] for a in ask(topo, topo.client, "tcp", VIP, 80, n=4, cg=cg)} <= {"back1", "back2"}
+            assert not flows(ct_list(pin_root), "TCP", "SVC"), (where, point)
+        # The move itself: the new cgroup's client at the socket, the old one's per packet.
+        applied(cgroup=cg2)
+        assert socklb.attached_cgroup_ids(pin_root) == {cgroup_id(str(cg2))}
+        ask(topo, topo.client, "tcp", VIP, 80, n=2, cg=cg2)
+        assert not flows(ct_list(pin_root), "TCP", "SVC")
+        ask(topo, topo.client, "tcp", VIP, 80, n=2, cg=cg)
+        assert len(flows(ct_list(pin_root), "TCP", "SVC")) == 2
+    finally:
+        node_apply.teardown(pin_root)
+        remove_cgroup(cg2)
+
+
+def status(pin_root: str, *extra: str) -> str:
+    r = subprocess.run([sys.executable, "-m", "tuplet.cli", "--pin-root", pin_root, "status", *extra],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def test_status_shows_socket_lb(topo, applied, pin_root, cg) -> None:
+    applied()
+    links = {prog: link for prog, link in socklb.links(pin_root)}
+    text = status(pin_root)
+    assert f"Socket LB:    on, cgroup {cg} (id {cgroup_id(str(cg))})" in text, text
+    for prog, link in links.items():
+        assert link.link_id and f"{prog}" in text and f"link {link.link_id} " in text, text
+    assert "MISSING" not in text
+    js = json.loads(status(pin_root, "-o", "json"))["socket_lb"]
+    assert js["configured"] and js["cgroup"] == str(cg) and js["missing"] == []
+    assert {(ln["program"], ln["link_id"]) for ln in js["links"]} == {(p, ln.link_id) for p, ln in links.items()}
+    # A link gone behind tuplet's back: named, with what to do.
+    cgroup_detach(cgroup_link_pin_path(pin_root, CgroupHook.CONNECT4))
+    text = status(pin_root)
+    assert "MISSING:    connect4 not attached" in text and "tuplet apply" in text, text
+    assert json.loads(status(pin_root, "-o", "json"))["socket_lb"]["missing"] == ["connect4"]
+    applied(socket_lb=False)
+    text = status(pin_root)
+    assert "Socket LB:    off ([lb] socket_lb = false)" in text and "MISSING" not in text, text
+    assert json.loads(status(pin_root, "-o", "json"))["socket_lb"] == {
+        "configured": False, "cgroup": "", "cgroup_id": 0, "links": [], "missing": []}
