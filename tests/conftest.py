@@ -16,6 +16,7 @@ sys.path.insert(0, str(ROOT / "loader"))
 from agent_harness import CONFINE_ENV  # noqa: E402
 from lxc_harness import LxcHarness  # noqa: E402
 from tuplet.bpf import bpffs  # noqa: E402
+from tuplet.core.errors import NotSupportedError  # noqa: E402
 from tuplet.datapath import clock  # noqa: E402
 from tuplet.datapath.paths import object_dir  # noqa: E402
 from tuplet.node import socklb  # noqa: E402
@@ -56,8 +57,11 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 def _on_root_cgroup() -> list[str]:
     """Names of the programs attached to the cgroup v2 root itself."""
-    out = subprocess.run(["bpftool", "-j", "cgroup", "show", socklb.cgroup2_root()], capture_output=True,
-                         text=True, check=True).stdout
+    try:
+        root = socklb.cgroup2_root()
+    except NotSupportedError:
+        return []   # no cgroup v2: nothing can be attached to it
+    out = subprocess.run(["bpftool", "-j", "cgroup", "show", root], capture_output=True, text=True, check=True).stdout
     return [str(p.get("name", "")) for p in json.loads(out.strip() or "[]")]
 
 
