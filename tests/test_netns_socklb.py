@@ -192,52 +192,118 @@ def test_service_without_backends_refuses_connect(topo, applied, cg) -> None:
     assert ask(topo, topo.client, "tcp", VIP, 80, n=1, cg=cg) == [["error", "PermissionError"]]
 
 
-def test_udp_backend_removed(topo, applied, cg) -> None:
-    """Without bpf_sock_destroy (Linux 6.5+, not used here): an unconnected UDP socket's next
-    sendto() picks a current backend; a connected UDP socket stays with the removed backend
-    (draining) until it reconnects, and gets ECONNREFUSED once that backend is gone."""
+def test_udp_backend_removed(topo, applied, pin_root, cg) -> None:
+    """A backend removed from a UDP service. With bpf_sock_destroy (Linux 6.5+) the connected
+    sockets socket LB pointed at it are destroyed, in the client's own network namespace: the
+    next recv() fails with ECONNABORTED, the other backend's sockets keep working, a new socket
+    gets a live backend. Without it (6.1) they keep the removed backend (draining) until they
+    reconnect. Either way an unconnected socket's next sendto() picks a current backend, and a
+    TCP connection to the removed backend keeps working."""
     applied()
     script = textwrap.dedent(f"""
-        import socket, sys, time
+        import socket, sys
         socks = []
         for i in range(16):
             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3)
             s.connect(("{VIP}", 53)); socks.append(s)
+        tcp = [socket.create_connection(("{VIP}", 80), timeout=3) for i in range(8)]
         u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(3)
         def rt(s):
             try:
                 s.send(b"x"); return s.recv(100).decode().split()[0]
             except OSError as e:
                 return type(e).__name__
+        def first_recv(s):   # an error the kernel left on the socket, else a round trip
+            s.settimeout(0.2)
+            try:
+                s.recv(100)
+                return "data?"
+            except TimeoutError:
+                s.settimeout(3)
+                return rt(s)
+            except OSError as e:
+                return type(e).__name__
         print(" ".join(rt(s) for s in socks), flush=True)
+        print(" ".join(rt(s) for s in tcp), flush=True)
         sys.stdin.readline()
-        print(" ".join(rt(s) for s in socks), flush=True)
+        print(" ".join(first_recv(s) for s in socks), flush=True)
+        print(" ".join(rt(s) for s in tcp), flush=True)
+        fresh = []
+        for i in range(8):
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3)
+            s.connect(("{VIP}", 53)); fresh.append(rt(s))
+        print(" ".join(fresh), flush=True)
         answers = set()
         for i in range(8):
             u.sendto(b"x", ("{VIP}", 53)); answers.add(u.recvfrom(100)[0].decode().split()[0])
         print(" ".join(sorted(answers)), flush=True)
-        sys.stdin.readline()
-        print(" ".join(rt(s) for s in socks), flush=True)
     """)
     argv = in_cgroup(cg, topo.client.netns, [sys.executable, "-c", script])
     p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert p.stdin is not None and p.stdout is not None
-        before = p.stdout.readline().split()
-        assert set(before) == {"back1", "back2"}, before
+        before, tcp_before = p.stdout.readline().split(), p.stdout.readline().split()
+        assert set(before) == {"back1", "back2"} and set(tcp_before) == {"back1", "back2"}, (before, tcp_before)
         applied(services(backends=(BACK1,)))
         p.stdin.write("\n")
         p.stdin.flush()
-        assert p.stdout.readline().split() == before      # connected sockets keep their backend
-        assert p.stdout.readline().split() == ["back1"]   # a new datagram: current backends only
-        topo.servers["back2"].kill()
-        topo.servers["back2"].wait()
-        p.stdin.write("\n")
-        p.stdin.flush()
         after = p.stdout.readline().split()
-        # The removed backend's sockets fail (port unreachable; ICMP rate limiting may make it a timeout).
-        for b, a in zip(before, after):
-            assert a == "back1" if b == "back1" else a in ("ConnectionRefusedError", "TimeoutError"), after
+        if socklb.can_destroy_sockets():
+            assert after == ["back1" if b == "back1" else "ConnectionAbortedError" for b in before], after
+            assert socklb.stale_udp_sockets(pin_root) == []   # their reverse entries went with them
+        else:
+            assert after == before, after                     # they keep the removed backend
+        assert p.stdout.readline().split() == tcp_before      # TCP to the removed backend: still served
+        assert set(p.stdout.readline().split()) == {"back1"}  # new connected sockets: live backends only
+        assert p.stdout.readline().split() == ["back1"]       # a new datagram: current backends only
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_svc_update_and_delete_destroy_connected_udp_sockets(topo, applied, pin_root, cg) -> None:
+    """`tuplet svc update --remove-backend` and `tuplet svc delete` destroy the connected UDP sockets
+    of what they removed, as apply does (needs bpf_sock_destroy, Linux 6.5+)."""
+    if not socklb.can_destroy_sockets():
+        pytest.skip("the kernel has no bpf_sock_destroy (Linux 6.5+)")
+    applied()
+    script = textwrap.dedent(f"""
+        import socket, sys
+        socks = []
+        for i in range(16):
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3)
+            s.connect(("{VIP}", 53)); s.send(b"x"); socks.append((s, s.recv(100).decode().split()[0]))
+        print(" ".join(b for _s, b in socks), flush=True)
+        for step in range(2):
+            sys.stdin.readline()
+            out = []
+            for s, b in socks:
+                s.setblocking(False)
+                try:
+                    s.recv(100); out.append("data?")
+                except BlockingIOError:
+                    out.append(b)
+                except OSError as e:
+                    out.append(type(e).__name__)
+            print(" ".join(out), flush=True)
+    """)
+    p = subprocess.Popen(in_cgroup(cg, topo.client.netns, [sys.executable, "-c", script]),
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdin is not None and p.stdout is not None
+        before = p.stdout.readline().split()
+        assert set(before) == {"back1", "back2"}, before
+        for argv in (["update", "dns", "--remove-backend", f"{BACK2}:8000"], ["delete", "dns"]):
+            r = subprocess.run([sys.executable, "-m", "tuplet.cli", "--pin-root", pin_root, "svc", *argv],
+                               capture_output=True, text=True, timeout=60)
+            assert r.returncode == 0, r.stderr
+            p.stdin.write("\n")
+            p.stdin.flush()
+            after = p.stdout.readline().split()
+            if argv[0] == "update":
+                assert after == [b if b == "back1" else "ConnectionAbortedError" for b in before], after
+            else:   # the rest went with the service (an aborted socket reports its error once)
+                assert after == ["ConnectionAbortedError" if b == "back1" else "back2" for b in before], after
     finally:
         p.kill()
         p.wait()

@@ -227,6 +227,7 @@ def _apply(cfg: NodeConfig, pin_root: str) -> ApplyResult:
                                            for e in cfg.endpoints],
                                live={e.name: e for e in live},
                                ipcache=[c.prefix for c in cfg.ipcache], socket_lb_cgroup=sock_cgroup))
+    socklb.after_service_change(pin_root)   # connected UDP sockets of backends just removed
     log.info("applied", node=cfg.name, endpoints=len(cfg.endpoints), attachments=len(attachments),
              services={k: len(v) for k, v in services.items() if v},
              modes=sorted({a.mode.value for a in attachments}), reused_pins=len(reused),

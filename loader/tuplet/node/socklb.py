@@ -7,12 +7,16 @@ turning ``[lb] socket_lb`` off or ``teardown`` detaches them.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
 import structlog
 
+from tuplet.bpf.btf import Btf, BtfError, Kind
+from tuplet.bpf.iter import IterLink
 from tuplet.bpf.links import (
     CgroupHook,
     CgroupLink,
@@ -23,13 +27,26 @@ from tuplet.bpf.links import (
     cgroup_link_update,
     pinned_cgroup_link,
 )
+from tuplet.bpf.maps import Map
 from tuplet.bpf.objects import Collection, ObjectSpec
 from tuplet.bpf.programs import Program
 from tuplet.core import crashpoints
 from tuplet.core.errors import NotSupportedError, TupletError
 from tuplet.datapath import clock
-from tuplet.datapath.abi import OBJ_SOCK, SOCK_HOOKS
-from tuplet.datapath.paths import object_dir
+from tuplet.datapath.abi import (
+    BACKENDS_MAP,
+    LB_BANK_STRIDE,
+    OBJ_SOCK,
+    OBJ_SOCK_DESTROY,
+    SERVICES_MAP,
+    SOCK_DESTROY_PROGRAM,
+    SOCK_DESTROY_TARGETS,
+    SOCK_HOOKS,
+    SOCK_REV_NAT_MAP,
+)
+from tuplet.datapath.layouts import Lb4Backend, Lb4Key, Lb4Service, Lb4SockRevKey, Lb4SockRevVal
+from tuplet.datapath.paths import is_pinned, object_dir, open_pinned
+from tuplet.node import netns
 
 log = structlog.get_logger("tuplet.socklb")
 
@@ -165,3 +182,114 @@ def describe(pin_root: str, cgroup: str) -> dict[str, Any]:
     missing = [str(f["hook"]) for f in found if cgroup and (not f["link_id"] or f["cgroup_id"] != want)]
     return {"configured": bool(cgroup), "cgroup": cgroup, "cgroup_id": want,
             "links": [f for f in found if f["link_id"]], "missing": missing}
+
+
+# --- connected UDP sockets of removed backends -------------------------------------------------
+
+VMLINUX_BTF = "/sys/kernel/btf/vmlinux"
+
+
+def can_destroy_sockets() -> bool:
+    """True when the kernel has the bpf_sock_destroy kfunc (Linux 6.5+)."""
+    try:
+        with Btf.from_file(VMLINUX_BTF) as btf:
+            btf.find("bpf_sock_destroy", Kind.FUNC)
+        return True
+    except (BtfError, OSError):
+        return False
+
+
+def stale_udp_sockets(pin_root: str) -> list[Lb4SockRevKey]:
+    """The reverse-map keys (socket, backend) of sockets socket LB pointed at a backend that
+    their service no longer has: a UDP service without that backend in its current bank
+    (removed, or weight 0), or a service that is gone. A TCP service's sockets are never stale
+    (a connection to a draining backend keeps working). Read from the pinned maps."""
+    if not is_pinned(pin_root, SOCK_REV_NAT_MAP):
+        return []
+    stale: list[Lb4SockRevKey] = []
+    with open_pinned(pin_root, SOCK_REV_NAT_MAP) as rev, open_pinned(pin_root, SERVICES_MAP) as svc, \
+            open_pinned(pin_root, BACKENDS_MAP) as be:
+        live: dict[tuple[int, int, int], set[tuple[int, int]] | None] = {}
+        for k, v in rev.items():
+            key, val = Lb4SockRevKey.from_buffer_copy(k), Lb4SockRevVal.from_buffer_copy(v)
+            frontend = (val.address, val.port, val.rev_nat_index)
+            if frontend not in live:
+                live[frontend] = _udp_backends(svc, be, val)
+            backends = live[frontend]
+            if backends is not None and (key.address, key.port) not in backends:
+                stale.append(key)
+    return stale
+
+
+def _udp_backends(svc: Map, be: Map, frontend: Lb4SockRevVal) -> set[tuple[int, int]] | None:
+    """(address, port) of the backends in the current bank of the UDP service at frontend;
+    None for a TCP service's; empty when the service is gone (or another one has its address)."""
+    for proto in (socket.IPPROTO_TCP, socket.IPPROTO_UDP):
+        raw = svc.lookup(Lb4Key(frontend.address, frontend.port, 0, proto, 0, 0))
+        if raw is not None and Lb4Service.from_buffer_copy(raw).rev_nat_index == frontend.rev_nat_index:
+            break
+    else:
+        return set()
+    if proto == socket.IPPROTO_TCP:
+        return None
+    s = Lb4Service.from_buffer_copy(raw)
+    out = set()
+    base = LB_BANK_STRIDE if s.bank else 0
+    for slot in range(1, s.count + 1):
+        raw = svc.lookup(Lb4Key(frontend.address, frontend.port, base + slot, proto, 0, 0))
+        b = be.lookup(Lb4Service.from_buffer_copy(raw).backend_id) if raw is not None else None
+        if b is not None:
+            backend = Lb4Backend.from_buffer_copy(b)
+            out.add((backend.address, backend.port))
+    return out
+
+
+def destroy_stale_udp(pin_root: str) -> int:
+    """Destroy the connected UDP sockets, in every network namespace, that socket LB pointed at a
+    backend their service no longer has (:func:`stale_udp_sockets`): their next recv()/send()
+    fails with ECONNABORTED and a new socket gets a live backend. Without bpf_sock_destroy
+    (before Linux 6.5) nothing is destroyed: such a socket keeps sending to the old backend
+    until the application reconnects. Returns how many were destroyed."""
+    stale = stale_udp_sockets(pin_root)
+    if not stale:
+        return 0
+    if not can_destroy_sockets():
+        log.warning("connected UDP sockets of removed backends not destroyed: the kernel has no "
+                    "bpf_sock_destroy (Linux 6.5+); they keep the old backend until they reconnect",
+                    sockets=len(stale))
+        return 0
+    spec = ObjectSpec.open(object_dir() / OBJ_SOCK_DESTROY, pin_root=pin_root)
+    try:
+        coll = spec.load()
+    finally:
+        spec.close()
+    destroyed: list[bytes] = []
+    try:
+        targets = coll.maps[SOCK_DESTROY_TARGETS]
+        for key in stale:
+            targets.update(key, b"\x01")
+        with IterLink(coll.programs[SOCK_DESTROY_PROGRAM]) as it:
+            for ns in netns.all_namespaces():
+                try:
+                    with netns.enter_file(ns):
+                        for chunk in it.slices(ctypes.sizeof(Lb4SockRevKey) * 256):
+                            destroyed += [bytes(chunk[i:i + 16]) for i in range(0, len(chunk), 16)]
+                except netns.NetnsError:
+                    continue   # its process went, and the namespace with it
+    finally:
+        coll.close()
+    with open_pinned(pin_root, SOCK_REV_NAT_MAP) as rev:
+        for key in stale:   # destroyed, or not a connected socket of any namespace any more
+            rev.delete(key)
+    log.info("connected UDP sockets of removed backends destroyed", sockets=len(destroyed), stale=len(stale))
+    return len(destroyed)
+
+
+def after_service_change(pin_root: str) -> None:
+    """After services changed (apply, `tuplet svc update/delete`): destroy the connected UDP
+    sockets of removed backends. The change is committed already, so a failure here is logged,
+    not raised; the next change tries again."""
+    try:
+        destroy_stale_udp(pin_root)
+    except (TupletError, OSError) as e:
+        log.warning("connected UDP sockets of removed backends not destroyed", error=str(e))
