@@ -7,6 +7,7 @@ import contextlib
 import os
 import time
 from pathlib import Path
+from typing import Iterator
 
 from tuplet.node import socklb
 
@@ -37,6 +38,16 @@ def remove(cg: Path) -> None:
         except OSError:
             time.sleep(0.1)
     os.rmdir(cg)
+
+
+@contextlib.contextmanager
+def owned(name: str) -> Iterator[Path]:
+    """:func:`make` the cgroup ``name`` for the block, :func:`remove` it afterwards."""
+    cg = make(name)
+    try:
+        yield cg
+    finally:
+        remove(cg)
 
 
 def argv_in(cg: Path | None, netns: str, argv: list[str]) -> list[str]:

@@ -116,135 +116,131 @@ def main(argv: list[str] | None = None) -> int:
     Topology.cleanup_stale("tpl-demo")
     cli.main(["--pin-root", PIN_ROOT, "teardown"]) if Path(PIN_ROOT).exists() else None
 
-    cg = cgroups.make(CGROUP)
-    try:
-        with Topology(prefix="tpl-demo") as topo, tempfile.TemporaryDirectory() as tmp:
-            try:
-                step("topology: node namespace with three pods on veth pairs, an outside client on eth0")
-                node = topo.add_node("node")
-                p1 = topo.add_pod(node, "pod1", POD1)
-                p2 = topo.add_pod(node, "pod2", POD2)
-                p3 = topo.add_pod(node, "pod3", POD3)
-                p4 = topo.add_pod(node, "pod4", POD4)     # not in the node file: added live below
-                ext = topo.add_external(node, "ext", EXT, node_ip=NODE_IP, node_ifname="eth0")
-                topo.add_service_range(node, "10.68.0.0/16")
-                topo.run(ext, ["ip", "route", "add", f"{LB_VIP}/32", "via", NODE_IP], check=True)
-                cfg = Path(tmp) / "node.toml"
-                cfg.write_text(textwrap.dedent(f"""
-                    [node]
-                    name = "demo"
-                    netns = "{node.netns}"
-                    pin_root = "{PIN_ROOT}"
-                    attach_mode = "{args.attach_mode}"
+    with Topology(prefix="tpl-demo") as topo, tempfile.TemporaryDirectory() as tmp, cgroups.owned(CGROUP) as cg:
+        try:
+            step("topology: node namespace with three pods on veth pairs, an outside client on eth0")
+            node = topo.add_node("node")
+            p1 = topo.add_pod(node, "pod1", POD1)
+            p2 = topo.add_pod(node, "pod2", POD2)
+            p3 = topo.add_pod(node, "pod3", POD3)
+            p4 = topo.add_pod(node, "pod4", POD4)     # not in the node file: added live below
+            ext = topo.add_external(node, "ext", EXT, node_ip=NODE_IP, node_ifname="eth0")
+            topo.add_service_range(node, "10.68.0.0/16")
+            topo.run(ext, ["ip", "route", "add", f"{LB_VIP}/32", "via", NODE_IP], check=True)
+            cfg = Path(tmp) / "node.toml"
+            cfg.write_text(textwrap.dedent(f"""
+                [node]
+                name = "demo"
+                netns = "{node.netns}"
+                pin_root = "{PIN_ROOT}"
+                attach_mode = "{args.attach_mode}"
 
-                    [[endpoints]]
-                    name = "pod1"
-                    ifname = "{p1.host_ifname}"
-                    ipv4 = "{POD1}"
-                    identity = 3096
+                [[endpoints]]
+                name = "pod1"
+                ifname = "{p1.host_ifname}"
+                ipv4 = "{POD1}"
+                identity = 3096
 
-                    [[endpoints]]
-                    name = "pod2"
-                    ifname = "{p2.host_ifname}"
-                    ipv4 = "{POD2}"
-                    identity = 4122
+                [[endpoints]]
+                name = "pod2"
+                ifname = "{p2.host_ifname}"
+                ipv4 = "{POD2}"
+                identity = 4122
 
-                    [[endpoints]]
-                    name = "pod3"
-                    ifname = "{p3.host_ifname}"
-                    ipv4 = "{POD3}"
+                [[endpoints]]
+                name = "pod3"
+                ifname = "{p3.host_ifname}"
+                ipv4 = "{POD3}"
 
-                    [[devices]]
-                    ifname = "eth0"
+                [[devices]]
+                ifname = "eth0"
 
-                    [lb]
-                    maglev_table_size = 1021
-                    socket_lb = true
-                    socket_lb_cgroup = "{cg}"
+                [lb]
+                maglev_table_size = 1021
+                socket_lb = true
+                socket_lb_cgroup = "{cg}"
 
-                    [[services]]
-                    name = "web"
-                    type = "ClusterIP"
-                    address = "{CLUSTER_IP}"
-                    port = 80
-                    backends = ["{POD2}:9000", "{POD3}:9000"]
+                [[services]]
+                name = "web"
+                type = "ClusterIP"
+                address = "{CLUSTER_IP}"
+                port = 80
+                backends = ["{POD2}:9000", "{POD3}:9000"]
 
-                    [[services]]
-                    name = "web-lb"
-                    type = "LoadBalancer"
-                    address = "{LB_VIP}"
-                    port = 80
-                    backends = ["{POD2}:9000", "{POD3}:9000"]
-                """))
-                print(cfg.read_text())
-                step(f"tuplet apply {cfg.name}")
-                if cli.main(["apply", str(cfg)]) != 0:
+                [[services]]
+                name = "web-lb"
+                type = "LoadBalancer"
+                address = "{LB_VIP}"
+                port = 80
+                backends = ["{POD2}:9000", "{POD3}:9000"]
+            """))
+            print(cfg.read_text())
+            step(f"tuplet apply {cfg.name}")
+            if cli.main(["apply", str(cfg)]) != 0:
+                return 1
+            cli.main(["--pin-root", PIN_ROOT, "status"])
+
+            step(f"traffic: TCP and UDP from pod1 ({POD1}) to pod2 ({POD2}), then ping")
+            server = topo.popen(p2, [sys.executable, "-c", SERVER], stdout=subprocess.PIPE, text=True)
+            assert server.stdout is not None
+            if server.stdout.readline().strip() != "ready":
+                print("server did not start", file=sys.stderr)
+                return 1
+            topo.run(p1, [sys.executable, "-c", CLIENT], check=True, timeout=20)
+            server.wait(timeout=10)
+            topo.run(p1, ["ping", "-c", "2", "-i", "0.2", POD2], check=True, timeout=10)
+            time.sleep(0.2)
+
+            for pod, name in ((p2, "pod2"), (p3, "pod3")):
+                srv = topo.popen(pod, [sys.executable, "-c", NAMED, name], stdout=subprocess.PIPE, text=True)
+                assert srv.stdout is not None
+                if srv.stdout.readline().strip() != "ready":
+                    print("backend server did not start", file=sys.stderr)
                     return 1
-                cli.main(["--pin-root", PIN_ROOT, "status"])
+            ask = [sys.executable, "-c", ASK, CLUSTER_IP, "80", "4"]
+            step(f"ClusterIP through socket LB: pod1's client, in cgroup {cg}, connects to {CLUSTER_IP}:80 "
+                 "four times (backends pod2, pod3)")
+            subprocess.run(cgroups.argv_in(cg, p1.netns, ask), check=True, timeout=30)
+            print("connect() went straight to a backend (getpeername() still says the ClusterIP): only "
+                  "pod-to-backend OUT/IN entries, no SVC entry, RevNAT=0")
+            seen = show_entries_of(POD1, (80, 9000))
+            step(f"ClusterIP per packet: the same client outside that cgroup (socket LB off for it) "
+                 f"connects to {CLUSTER_IP}:80 four times")
+            topo.run(p1, ask, check=True, timeout=30)
+            print("each packet was translated by the pod's program: the seed's `TCP SVC` lines (pod to "
+                  "ClusterIP) appear beside OUT entries with RevNAT=1 (replies reverse-NATed)")
+            show_entries_of(POD1, (80, 9000), shown=seen)
+            step(f"LoadBalancer: the outside client connects to {LB_VIP}:80 four times through eth0")
+            topo.run(ext, [sys.executable, "-c", ASK, LB_VIP, "80", "4"], check=True, timeout=30)
+            step("tuplet svc list")
+            cli.main(["--pin-root", PIN_ROOT, "svc", "list"])
 
-                step(f"traffic: TCP and UDP from pod1 ({POD1}) to pod2 ({POD2}), then ping")
-                server = topo.popen(p2, [sys.executable, "-c", SERVER], stdout=subprocess.PIPE, text=True)
-                assert server.stdout is not None
-                if server.stdout.readline().strip() != "ready":
-                    print("server did not start", file=sys.stderr)
-                    return 1
-                topo.run(p1, [sys.executable, "-c", CLIENT], check=True, timeout=20)
-                server.wait(timeout=10)
-                topo.run(p1, ["ping", "-c", "2", "-i", "0.2", POD2], check=True, timeout=10)
-                time.sleep(0.2)
+            step("tuplet ct list --time-diff")
+            cli.main(["--pin-root", PIN_ROOT, "ct", "list", "--time-diff"])
+            step("tuplet metrics")
+            cli.main(["--pin-root", PIN_ROOT, "metrics"])
 
-                for pod, name in ((p2, "pod2"), (p3, "pod3")):
-                    srv = topo.popen(pod, [sys.executable, "-c", NAMED, name], stdout=subprocess.PIPE, text=True)
-                    assert srv.stdout is not None
-                    if srv.stdout.readline().strip() != "ready":
-                        print("backend server did not start", file=sys.stderr)
-                        return 1
-                ask = [sys.executable, "-c", ASK, CLUSTER_IP, "80", "4"]
-                step(f"ClusterIP through socket LB: pod1's client, in cgroup {cg}, connects to {CLUSTER_IP}:80 "
-                     "four times (backends pod2, pod3)")
-                subprocess.run(cgroups.argv_in(cg, p1.netns, ask), check=True, timeout=30)
-                print("connect() went straight to a backend (getpeername() still says the ClusterIP): only "
-                      "pod-to-backend OUT/IN entries, no SVC entry, RevNAT=0")
-                seen = show_entries_of(POD1, (80, 9000))
-                step(f"ClusterIP per packet: the same client outside that cgroup (socket LB off for it) "
-                     f"connects to {CLUSTER_IP}:80 four times")
-                topo.run(p1, ask, check=True, timeout=30)
-                print("each packet was translated by the pod's program: the seed's `TCP SVC` lines (pod to "
-                      "ClusterIP) appear beside OUT entries with RevNAT=1 (replies reverse-NATed)")
-                show_entries_of(POD1, (80, 9000), shown=seen)
-                step(f"LoadBalancer: the outside client connects to {LB_VIP}:80 four times through eth0")
-                topo.run(ext, [sys.executable, "-c", ASK, LB_VIP, "80", "4"], check=True, timeout=30)
-                step("tuplet svc list")
-                cli.main(["--pin-root", PIN_ROOT, "svc", "list"])
-
-                step("tuplet ct list --time-diff")
-                cli.main(["--pin-root", PIN_ROOT, "ct", "list", "--time-diff"])
-                step("tuplet metrics")
-                cli.main(["--pin-root", PIN_ROOT, "metrics"])
-
-                step(f"a pod comes: tuplet endpoint add pod4 --ifname {p4.host_ifname} --ipv4 {POD4} --identity 5000")
-                if cli.main(["--pin-root", PIN_ROOT, "endpoint", "add", "pod4", "--ifname", p4.host_ifname,
-                             "--ipv4", POD4, "--identity", "5000"]) != 0:
-                    return 1
-                cli.main(["--pin-root", PIN_ROOT, "endpoint", "list"])
-                step(f"pod4 connects to pod2 ({POD2}:9000) and pings pod1: its entries appear")
-                topo.run(p4, [sys.executable, "-c", ASK, POD2, "9000", "1"], check=True, timeout=30)
-                topo.run(p4, ["ping", "-c", "1", POD1], check=True, timeout=10)
-                show_entries_of(POD4)
-                step("the pod goes: tuplet endpoint delete pod4 (detaches, flushes its entries and only those)")
-                if cli.main(["--pin-root", PIN_ROOT, "endpoint", "delete", "pod4"]) != 0:
-                    return 1
-                show_entries_of(POD4)
-                if args.keep:
-                    input(f"\nTopology up (namespaces {node.netns}, {p1.netns}, {p2.netns}); Enter to clean up. ")
-            except KeyboardInterrupt:
-                print("\ninterrupted: cleaning up", file=sys.stderr)
-                return 130
-            finally:
-                step("cleanup: tuplet teardown, namespaces and the demo's cgroup removed")
-                cli.main(["--pin-root", PIN_ROOT, "teardown"])
-    finally:
-        cgroups.remove(cg)   # after the topology: its processes are gone
+            step(f"a pod comes: tuplet endpoint add pod4 --ifname {p4.host_ifname} --ipv4 {POD4} --identity 5000")
+            if cli.main(["--pin-root", PIN_ROOT, "endpoint", "add", "pod4", "--ifname", p4.host_ifname,
+                         "--ipv4", POD4, "--identity", "5000"]) != 0:
+                return 1
+            cli.main(["--pin-root", PIN_ROOT, "endpoint", "list"])
+            step(f"pod4 connects to pod2 ({POD2}:9000) and pings pod1: its entries appear")
+            topo.run(p4, [sys.executable, "-c", ASK, POD2, "9000", "1"], check=True, timeout=30)
+            topo.run(p4, ["ping", "-c", "1", POD1], check=True, timeout=10)
+            show_entries_of(POD4)
+            step("the pod goes: tuplet endpoint delete pod4 (detaches, flushes its entries and only those)")
+            if cli.main(["--pin-root", PIN_ROOT, "endpoint", "delete", "pod4"]) != 0:
+                return 1
+            show_entries_of(POD4)
+            if args.keep:
+                input(f"\nTopology up (namespaces {node.netns}, {p1.netns}, {p2.netns}); Enter to clean up. ")
+        except KeyboardInterrupt:
+            print("\ninterrupted: cleaning up", file=sys.stderr)
+            return 130
+        finally:
+            step("cleanup: tuplet teardown, namespaces and the demo's cgroup removed")
+            cli.main(["--pin-root", PIN_ROOT, "teardown"])
     return 0
 
 
