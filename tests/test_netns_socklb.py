@@ -4,6 +4,8 @@ affinity by network namespace, both modes at once, socket LB off, and UDP backen
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -309,10 +311,12 @@ def test_svc_update_and_delete_destroy_connected_udp_sockets(topo, applied, pin_
         p.wait()
 
 
-def test_a_failed_apply_leaves_the_old_cgroups_links(topo, applied, pin_root, cg, monkeypatch) -> None:
+def test_a_failed_apply_leaves_the_old_cgroups_links(topo, applied, pin_root, cg, monkeypatch,
+                                                      tmp_path) -> None:
     """Moving socket_lb_cgroup, re-applying on the same one, or turning socket LB off, and failing
     midway (after some links, after all of them): the links are the ones before, on the old cgroup,
-    running the old programs, and the client there is still load-balanced at the socket."""
+    running the old programs, and the client there is still load-balanced at the socket. Killed
+    midway, the same; the next apply completes the move."""
     applied()
     before = socklb.links(pin_root)
     cg2 = make_cgroup()
@@ -328,8 +332,18 @@ def test_a_failed_apply_leaves_the_old_cgroups_links(topo, applied, pin_root, cg
             assert not any(Path(cgroup_link_pin_path(pin_root, h, staged=True)).exists() for h in CgroupHook)
             assert {a[0] for a in ask(topo, topo.client, "tcp", VIP, 80, n=4, cg=cg)} <= {"back1", "back2"}
             assert not flows(ct_list(pin_root), "TCP", "SVC"), (where, point)
+        # Killed (SIGKILL) after the new cgroup's links were made: the old ones are in place, and
+        # the next apply detaches the staged ones before it moves.
+        cfg = tmp_path / "moved.toml"
+        cfg.write_text(node_config(topo, pin_root, cg2, services()))
+        r = subprocess.run([sys.executable, "-m", "tuplet.cli", "apply", str(cfg)], capture_output=True, text=True,
+                           timeout=120, env={**os.environ, crashpoints.ENV: "apply.attached"})
+        assert r.returncode == -signal.SIGKILL, r.stderr
+        assert socklb.links(pin_root) == before
+        assert all(Path(cgroup_link_pin_path(pin_root, h, staged=True)).exists() for h in CgroupHook)
         # The move itself: the new cgroup's client at the socket, the old one's per packet.
         applied(cgroup=cg2)
+        assert not any(Path(cgroup_link_pin_path(pin_root, h, staged=True)).exists() for h in CgroupHook)
         assert socklb.attached_cgroup_ids(pin_root) == {cgroup_id(str(cg2))}
         ask(topo, topo.client, "tcp", VIP, 80, n=2, cg=cg2)
         assert not flows(ct_list(pin_root), "TCP", "SVC")
