@@ -153,6 +153,7 @@ def node_config(t: Topology, node: Any, pods: dict[str, Any], lifetime: int) -> 
 
         [lb]
         maglev_table_size = 1021
+        socket_lb = false   # per packet; never on the root cgroup
     """)
     for name, pod in pods.items():
         text += f'\n[[endpoints]]\nname = "{name}"\nifname = "{pod.host_ifname}"\nipv4 = "{pod.ipv4}"\n'

@@ -209,6 +209,8 @@ def bench_latency(args: argparse.Namespace) -> None:
             name = "pod2"
             ifname = "{p2.host_ifname}"
             ipv4 = "10.64.0.64"
+            [lb]
+            socket_lb = false
             [conntrack]
             tcp_max = 65536
             any_max = 65536

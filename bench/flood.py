@@ -313,6 +313,9 @@ def tuplet_config(bed: Bed, pin_root: str, tcp_max: int, syn_max: int, syn_table
         ifname = "{bed.server.host_ifname}"
         ipv4 = "{SERVER}"
 
+        [lb]
+        socket_lb = false
+
         [conntrack]
         tcp_max = {tcp_max}
         any_max = {any_max}

@@ -42,6 +42,7 @@ BENCH_DIR = "/sys/fs/bpf/tuplet/bench"
 
 def node_config(pin_root: str, tcp_max: int) -> config.NodeConfig:
     return config.parse(f'[node]\nname = "bench-resize"\npin_root = "{pin_root}"\n'
+                        "[lb]\nsocket_lb = false\n"
                         f"[conntrack]\ntcp_max = {tcp_max}\nany_max = 1024\nnat_max = 1024\n")
 
 

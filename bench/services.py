@@ -233,6 +233,7 @@ def node_config(node: Node, pods: dict[str, Pod], protos: tuple[str, ...]) -> co
 
         [lb]
         maglev_table_size = 1021
+        socket_lb = false   # tuplet-sock mode turns it on, on the bench's own cgroup
     """)
     backends = ", ".join(f'"{b}:{BACKEND_PORT}"' for b in BACKENDS)
     for proto in protos:

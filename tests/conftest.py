@@ -1,7 +1,9 @@
 """Shared fixtures: built objects, BPF_PROG_TEST_RUN harness, pin roots, namespaces."""
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 import uuid
 from pathlib import Path
@@ -14,8 +16,10 @@ sys.path.insert(0, str(ROOT / "loader"))
 from agent_harness import CONFINE_ENV  # noqa: E402
 from lxc_harness import LxcHarness  # noqa: E402
 from tuplet.bpf import bpffs  # noqa: E402
+from tuplet.core.errors import NotSupportedError  # noqa: E402
 from tuplet.datapath import clock  # noqa: E402
 from tuplet.datapath.paths import object_dir  # noqa: E402
+from tuplet.node import socklb  # noqa: E402
 
 TEST_PIN_BASE = "/sys/fs/bpf/tuplet/test"
 
@@ -49,6 +53,25 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     base = Path(TEST_PIN_BASE)
     if base.exists() and not any(base.iterdir()):
         base.rmdir()
+
+
+def _on_root_cgroup() -> list[str]:
+    """Names of the programs attached to the cgroup v2 root itself."""
+    try:
+        root = socklb.cgroup2_root()
+    except NotSupportedError:
+        return []   # no cgroup v2: nothing can be attached to it
+    out = subprocess.run(["bpftool", "-j", "cgroup", "show", root], capture_output=True, text=True, check=True).stdout
+    return [str(p.get("name", "")) for p in json.loads(out.strip() or "[]")]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _root_cgroup_untouched() -> None:
+    """Socket LB is on by default and attaches to the cgroup v2 root: a test's node configuration
+    must say `socket_lb = false` or name a cgroup of the test's own. Checked after each module."""
+    yield
+    ours = [n for n in _on_root_cgroup() if n.startswith("cil_sock")]
+    assert not ours, f"a test left socket-LB programs on the cgroup v2 root: {ours}"
 
 
 @pytest.fixture

@@ -4,21 +4,15 @@ Only the test's own client processes are moved into the cgroup; the cgroup is re
 afterwards (any process of ours still in it is moved back to the root first)."""
 from __future__ import annotations
 
-import contextlib
-import os
 import subprocess
 import sys
 import textwrap
-import time
 import uuid
 from pathlib import Path
 from typing import Any
 
+from tuplet.lab import cgroups
 from tuplet.lab.topology import Pod, Topology
-from tuplet.node import socklb
-
-# Runs argv with itself moved into the cgroup $1 first.
-IN_CGROUP = 'echo $$ > "$1/cgroup.procs" && shift && exec "$@"'
 
 # Answers "<name> <peer ip>:<peer port>": who served, and whom it saw.
 PEER_SERVER = textwrap.dedent("""
@@ -64,34 +58,11 @@ CLIENT = textwrap.dedent("""
 
 
 def make_cgroup() -> Path:
-    root = Path(socklb.cgroup2_root())
-    cg = root / f"tuplet-test-{uuid.uuid4().hex[:8]}"
-    cg.mkdir()
-    return cg
+    return cgroups.make(f"tuplet-test-{uuid.uuid4().hex[:8]}")
 
 
-def remove_cgroup(cg: Path) -> None:
-    """Remove the test cgroup; processes of ours still in it go back to the root first."""
-    root = cg.parent
-    for _ in range(50):
-        with contextlib.suppress(FileNotFoundError):
-            for pid in (cg / "cgroup.procs").read_text().split():
-                with contextlib.suppress(OSError):
-                    (root / "cgroup.procs").write_text(pid)
-        try:
-            os.rmdir(cg)
-            return
-        except FileNotFoundError:
-            return
-        except OSError:
-            time.sleep(0.1)
-    os.rmdir(cg)
-
-
-def in_cgroup(cg: Path | None, netns: str, argv: list[str]) -> list[str]:
-    """argv in netns, moved into cg first (outside: `ip netns exec` mounts its own /sys)."""
-    ns = ["ip", "netns", "exec", netns, *argv]
-    return ["sh", "-c", IN_CGROUP, "sh", str(cg), *ns] if cg else ns
+remove_cgroup = cgroups.remove
+in_cgroup = cgroups.argv_in
 
 
 def ask(topo: Topology, pod: Pod | Any, mode: str, dst: str, port: int, n: int = 1,

@@ -13,7 +13,8 @@ from tuplet.bpf.objects import ObjectSpec
 from tuplet.datapath import abi
 from tuplet.datapath.paths import object_dir
 
-OBJECTS = (abi.OBJ_LXC, abi.OBJ_HOST, abi.OBJ_OVERLAY, abi.OBJ_SOCK, abi.OBJ_GC, abi.OBJ_GC_ITER)
+OBJECTS = (abi.OBJ_LXC, abi.OBJ_HOST, abi.OBJ_OVERLAY, abi.OBJ_SOCK, abi.OBJ_GC, abi.OBJ_GC_ITER,
+           abi.OBJ_SOCK_DESTROY)
 
 
 @lru_cache(maxsize=None)
@@ -57,6 +58,7 @@ def test_program_names_are_in_their_objects() -> None:
     assert {abi.GC_PROGRAM, abi.GC_KEYS_PROGRAM, abi.NOTIFY_EMIT_PROGRAM} <= declared(abi.OBJ_GC)[1]
     assert set(abi.GC_ITER_PROGRAM.values()) <= declared(abi.OBJ_GC_ITER)[1]
     assert set(abi.GC_ITER_PROGRAM) == set(abi.CT_MAPS)
+    assert abi.SOCK_DESTROY_PROGRAM in declared(abi.OBJ_SOCK_DESTROY)[1]
     assert set(abi.GC_SELECTOR) == set(abi.CT_MAPS)
 
 

@@ -24,7 +24,7 @@ Apply = Callable[[str], config.NodeConfig]
 
 
 def text(pin_root: str, conntrack: str) -> str:
-    return f'[node]\nname = "sizing"\npin_root = "{pin_root}"\n\n[conntrack]\n{conntrack}\n'
+    return f'[node]\nname = "sizing"\npin_root = "{pin_root}"\n\n[lb]\nsocket_lb = false\n\n[conntrack]\n{conntrack}\n'
 
 
 @pytest.fixture

@@ -296,6 +296,9 @@ def agent_config(pin_root: str, auto_grow: bool) -> str:
         name = "autogrow-test"
         pin_root = "{pin_root}"
 
+        [lb]
+        socket_lb = false
+
         [conntrack]
         tcp_max = 4096
         any_max = 4096

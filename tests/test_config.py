@@ -68,7 +68,8 @@ def test_bad_values_name_their_key(text: str, key: str) -> None:
 
 
 def test_socket_lb_keys() -> None:
-    assert config.parse("").lb.socket_lb is False   # off unless configured (it attaches to a cgroup)
+    assert config.parse("").lb.socket_lb is True    # on by default, as the reference
+    assert config.parse("").lb.socket_lb_cgroup == ""   # the cgroup v2 root
     lb = config.parse("[lb]\nsocket_lb = true\nsocket_lb_cgroup = \"/sys/fs/cgroup/unified/k8s\"").lb
     assert (lb.socket_lb, lb.socket_lb_cgroup) == (True, "/sys/fs/cgroup/unified/k8s")
 

@@ -8,7 +8,7 @@ import pytest
 from tuplet.bpf.btf import load_btf_from_elf
 from tuplet.bpf.btf_layout import struct_layout
 from tuplet.datapath import abi
-from tuplet.datapath.abi import OBJ_LXC
+from tuplet.datapath.abi import OBJ_LXC, OBJ_SOCK, OBJ_SOCK_DESTROY
 from tuplet.datapath.layouts import (
     CT_FLAG_BITS,
     CtEntry,
@@ -27,6 +27,8 @@ from tuplet.datapath.layouts import (
     Lb4MaglevKey,
     Lb4ReverseNat,
     Lb4Service,
+    Lb4SockRevKey,
+    Lb4SockRevVal,
     LbAffinityVal,
     MetricsValue,
     Nat4Entry,
@@ -61,6 +63,17 @@ def bit_offset(cls: type[ctypes.Structure], name: str) -> tuple[int, int]:
                                        (Lb4MaglevKey, "lb4_maglev_key"), (Lb4AffinityKey, "lb4_affinity_key"),
                                        (LbAffinityVal, "lb_affinity_val")])
 def test_struct_matches_btf(btf, cls, cname) -> None:
+    check_struct(btf, cls, cname)
+
+
+@pytest.mark.parametrize("obj", [OBJ_SOCK, OBJ_SOCK_DESTROY])
+@pytest.mark.parametrize("cls,cname", [(Lb4SockRevKey, "lb4_sock_rev_key"), (Lb4SockRevVal, "lb4_sock_rev_val")])
+def test_socket_lb_struct_matches_btf(obj, cls, cname) -> None:
+    with load_btf_from_elf(object_dir() / obj) as btf:
+        check_struct(btf, cls, cname)
+
+
+def check_struct(btf, cls, cname) -> None:
     layout = struct_layout(btf, cname)
     assert ctypes.sizeof(cls) == layout.size
     py_names = [f[0] for f in cls._fields_]

@@ -70,6 +70,7 @@ def node_config(topo, pin_root: str, services: str) -> str:
 
         [lb]
         maglev_table_size = 1021
+        socket_lb = false   # per packet; tests never attach to the root cgroup
     """) + textwrap.dedent(services)
 
 

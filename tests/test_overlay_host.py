@@ -45,13 +45,15 @@ def test_apply_without_geneve_fails_clearly_and_changes_nothing() -> None:
     try:
         subprocess.run(["ip", "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", "eth1"], check=True)
         cfg = config.parse(f'[node]\nnetns = "{ns}"\npin_root = "{pin}"\n[[devices]]\nifname = "eth0"\n'
+                           '[lb]\nsocket_lb = false\n'
                            '[overlay]\ndevice = "tpl_geneve0"\n')
         with pytest.raises(NotSupportedError, match=r"Geneve.*modprobe geneve.*remove \[overlay\]"):
             node_apply.apply(cfg)
         assert state.load(pin) is None
         assert not os.path.exists(pin) or not os.listdir(pin)
         # Without [overlay] the same node applies.
-        node_apply.apply(config.parse(f'[node]\nnetns = "{ns}"\npin_root = "{pin}"\n[[devices]]\nifname = "eth0"\n'))
+        node_apply.apply(config.parse(f'[node]\nnetns = "{ns}"\npin_root = "{pin}"\n[[devices]]\nifname = "eth0"\n'
+                                      '[lb]\nsocket_lb = false\n'))
         node_apply.teardown(pin)
     finally:
         subprocess.run(["ip", "netns", "del", ns], check=True)

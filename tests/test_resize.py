@@ -208,6 +208,7 @@ def test_failure_after_the_swap_puts_the_old_programs_back(topo, pin_root, appli
 
 def pin_only(pin_root: str, nat_max: int, tcp_max: int = 2048) -> config.NodeConfig:
     return config.parse(f'[node]\nname = "pins"\npin_root = "{pin_root}"\n\n'
+                        '[lb]\nsocket_lb = false\n'
                         f'[conntrack]\ntcp_max = {tcp_max}\nany_max = 1024\nnat_max = {nat_max}\n')
 
 

@@ -57,12 +57,11 @@ def sock_lb(pin_root):
         lxc = spec.load()
     finally:
         spec.close()
-    coll, _ = socklb.attach(pin_root, str(cg))
+    socklb.attach(pin_root, str(cg)).commit()
     try:
         yield pin_root, cg
     finally:
         socklb.detach(pin_root)
-        coll.close()
         lxc.close()
         remove_cgroup(cg)
         state.remove(pin_root)

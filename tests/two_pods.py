@@ -46,5 +46,8 @@ def node_config_text(topo: Topology, pin_root: str, name: str = "test", mode: st
         ipv4 = "{POD2}"
         {ident2}
 
+        [lb]
+        socket_lb = false   # tests never attach to the root cgroup
+
         [conntrack]
     """) + textwrap.dedent(conntrack) + "\n"

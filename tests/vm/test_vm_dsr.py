@@ -128,6 +128,8 @@ class Fabric:
             ifname = "eth0"
             [overlay]
             device = "tpl_geneve0"
+            [lb]
+            socket_lb = false
             [conntrack]
             map_dynamic_size_ratio = 0
             tcp_max = 65536

@@ -1,13 +1,18 @@
 """Socket LB on Debian's 6.1 kernel: a connect() and a sendto() to a ClusterIP from a process in
 the test's cgroup reach a backend directly, and getpeername()/recvfrom() show the service address.
-The guest script mounts cgroup v2 when the guest has none mounted."""
+A backend removed: without bpf_sock_destroy (6.5+) connected UDP sockets keep it. The guest
+script mounts cgroup v2 when the guest has none mounted."""
 from __future__ import annotations
 
 import pytest
 
 from socklb_harness import ask
 from test_netns_socklb import CLIENT, VIP, applied, cg, ct_list, topo  # noqa: F401 (fixtures)
+from test_netns_socklb import test_udp_backend_removed as udp_backend_removed
 from tuplet.bpf.links import cgroup_id
+from tuplet.bpf.objects import ObjectSpec
+from tuplet.core.errors import TupletError
+from tuplet.datapath import abi, paths
 from tuplet.node import socklb
 
 pytestmark = pytest.mark.vm
@@ -22,3 +27,14 @@ def test_connect_and_sendto_through_socket_lb(topo, applied, pin_root, cg) -> No
         assert {a[2] for a in answers} == {f"{VIP}:{port}"}
         assert {a[1].split(":")[0] for a in answers} == {CLIENT}
     assert not [ln for ln in ct_list(pin_root) if " SVC " in ln]
+
+
+def test_udp_backend_removed_without_sock_destroy(topo, applied, pin_root, cg) -> None:  # noqa: F811
+    """6.1 has no bpf_sock_destroy: the kernel refuses sock_destroy.o, so tuplet does not load it
+    (it checks the kernel's BTF), and connected UDP sockets keep the removed backend until they
+    reconnect; apply still succeeds."""
+    assert not socklb.can_destroy_sockets()
+    with ObjectSpec.open(paths.object_dir() / abi.OBJ_SOCK_DESTROY) as spec:
+        with pytest.raises(TupletError):
+            spec.load().close()
+    udp_backend_removed(topo, applied, pin_root, cg)

@@ -1,4 +1,6 @@
-"""BPF map-element iterators: an ``iter/bpf_map_elem`` program attached to one map, read in slices.
+"""BPF iterators read in slices: an ``iter/bpf_map_elem`` program attached to one map, or an
+iterator over kernel objects (``iter/udp``: the UDP sockets of the network namespace the
+iterator is opened in).
 
 The kernel runs the program once per element while a ``read()`` of the iterator's file is
 in progress and returns from ``read()`` once the bytes the program wrote fill the caller's
@@ -20,14 +22,13 @@ from tuplet.bpf.maps import Map
 from tuplet.bpf.programs import Program
 
 
-class MapIterLink:
-    """An iterator link: ``prog`` (an ``iter/bpf_map_elem`` program) bound to map ``m``."""
+class IterLink:
+    """An iterator link of ``prog``: each :meth:`slices` is one iteration."""
 
-    def __init__(self, prog: Program, m: Map) -> None:
-        info = C.bpf_iter_link_info()
-        info.map.map_fd = m.fd
-        o = opts(C.bpf_link_create_opts, iter_info=ctypes.pointer(info), iter_info_len=ctypes.sizeof(info))
-        what = f"iterator {prog.name} on map {m.name}"
+    def __init__(self, prog: Program, what: str = "", info: C.bpf_iter_link_info | None = None) -> None:
+        what = what or f"iterator {prog.name}"
+        o = opts(C.bpf_link_create_opts, iter_info=ctypes.pointer(info), iter_info_len=ctypes.sizeof(info)) \
+            if info is not None else opts(C.bpf_link_create_opts)
         fd = check(C.bpf_link_create(prog.fd, 0, C.BPF_TRACE_ITER, ctypes.byref(o)), what, "create link")
         self._link = Fd(fd, what)
         self.what = what
@@ -56,8 +57,17 @@ class MapIterLink:
     def close(self) -> None:
         self._link.close()
 
-    def __enter__(self) -> "MapIterLink":
+    def __enter__(self) -> "IterLink":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class MapIterLink(IterLink):
+    """An iterator link: ``prog`` (an ``iter/bpf_map_elem`` program) bound to map ``m``."""
+
+    def __init__(self, prog: Program, m: Map) -> None:
+        info = C.bpf_iter_link_info()
+        info.map.map_fd = m.fd
+        super().__init__(prog, f"iterator {prog.name} on map {m.name}", info)

@@ -9,7 +9,7 @@ the same program goes into a clsact qdisc as a direct-action cls_bpf filter
 
 A cgroup program is attached with ``bpf_link_create`` on the cgroup's directory fd
 (links are multi-attach: other programs on the cgroup stay), pinned the same way and
-updated in place while the cgroup is the same one.
+updated in place while the cgroup is the same one (node/socklb.py decides which).
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import socket
 from dataclasses import asdict, dataclass
 from enum import Enum
 from pathlib import Path
+from typing import NamedTuple
 
 import structlog
 from pyroute2 import IPRoute
@@ -171,8 +172,10 @@ def tcx_detach(att: Attachment) -> None:
 
 # --- cgroup links -------------------------------------------------------------------------------
 
-def cgroup_link_pin_path(pin_root: str, hook: CgroupHook) -> str:
-    return os.path.join(pin_root, "links", f"cgroup-{hook.value}")
+def cgroup_link_pin_path(pin_root: str, hook: CgroupHook, staged: bool = False) -> str:
+    """Where the link of a cgroup hook is pinned; ``staged``: a new link waiting for its apply
+    to complete (bpffs refuses dots in names)."""
+    return os.path.join(pin_root, "links", f"cgroup-{'new-' if staged else ''}{hook.value}")
 
 
 def cgroup_id(cgroup: str) -> int:
@@ -183,38 +186,43 @@ def cgroup_id(cgroup: str) -> int:
         raise NotFoundError(f"cgroup {cgroup}", "open", e.errno or 0, "not a cgroup v2 directory") from None
 
 
-def pinned_cgroup_link(pin: str) -> tuple[int, int]:
-    """(program id, cgroup id) of a pinned cgroup link; (0, 0) when nothing is pinned there."""
+class CgroupLink(NamedTuple):
+    """A pinned cgroup link: its id, the program it runs and the cgroup it is on (0s: none)."""
+
+    link_id: int
+    prog_id: int
+    cgroup_id: int
+
+
+def pinned_cgroup_link(pin: str) -> CgroupLink:
+    """The pinned cgroup link at pin; all zeros when nothing is pinned there."""
     if not os.path.exists(pin):
-        return 0, 0
+        return CgroupLink(0, 0, 0)
     fd = C.bpf_obj_get(cstr(pin))
     check(fd, f"link {pin}", "open")
     try:
         info = C.bpf_link_info()
         size = ctypes.c_uint32(ctypes.sizeof(info))
         check(C.bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)), f"link {pin}", "get info")
-        return int(info.prog_id), int(info._anon0.cgroup.cgroup_id)
+        return CgroupLink(int(info.id), int(info.prog_id), int(info._anon0.cgroup.cgroup_id))
     finally:
         os.close(fd)
 
 
-def cgroup_attach(prog: Program, cgroup: str, hook: CgroupHook, pin_root: str) -> str:
-    """Attach prog to a cgroup v2 directory's hook with a link pinned under pin_root; a link
-    pinned there already on the same cgroup is updated in place (atomically), one on another
-    cgroup is detached first. Returns the pin."""
-    pin = cgroup_link_pin_path(pin_root, hook)
-    if os.path.exists(pin):
-        _, on = pinned_cgroup_link(pin)
-        if on == cgroup_id(cgroup):
-            fd = C.bpf_obj_get(cstr(pin))
-            check(fd, f"link {pin}", "open")
-            try:
-                check(C.bpf_link_update(fd, prog.fd, None), f"cgroup link {hook.value}", "update")
-            finally:
-                os.close(fd)
-            log.info("cgroup link updated", cgroup=cgroup, hook=hook.value, program=prog.name)
-            return pin
-        cgroup_detach(pin)
+def cgroup_link_update(pin: str, prog: Program) -> None:
+    """Make the pinned cgroup link at pin run prog (atomically: no call sees neither)."""
+    fd = C.bpf_obj_get(cstr(pin))
+    check(fd, f"link {pin}", "open")
+    try:
+        check(C.bpf_link_update(fd, prog.fd, None), f"cgroup link {pin}", "update")
+    finally:
+        os.close(fd)
+    log.info("cgroup link updated", pin=pin, program=prog.name)
+
+
+def cgroup_link_create(prog: Program, cgroup: str, hook: CgroupHook, pin: str) -> None:
+    """Attach prog to a cgroup v2 directory's hook with a new link pinned at pin (links are
+    multi-attach: other programs on the cgroup, and a link at another pin, stay)."""
     try:
         cg = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as e:
@@ -228,7 +236,6 @@ def cgroup_attach(prog: Program, cgroup: str, hook: CgroupHook, pin_root: str) -
         os.close(cg)
     _pin_link(fd, pin, f"cgroup link {hook.value}")
     log.info("cgroup attached", cgroup=cgroup, hook=hook.value, program=prog.name, pin=pin)
-    return pin
 
 
 def cgroup_detach(pin: str) -> None:

@@ -17,7 +17,7 @@ from tuplet.conntrack.schedule import EARLY_MIN_GAP, describe_settings
 from tuplet.conntrack.sizing import Sizing
 from tuplet.datapath import abi, metrics, paths
 from tuplet.datapath import events as ct_events
-from tuplet.node import endpoints, state
+from tuplet.node import endpoints, socklb, state
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -34,11 +34,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     sz = Sizing.from_json(st.sizing) if st and st.sizing else None
     gc_cfg = _gc_settings(st.gc if st else None)
     agent = read_agent_state(root)
+    sock = socklb.describe(root, st.socket_lb_cgroup) if st else None
     verbose = bool(args.verbose or args.status_verbose)
     if args.output == "json":
         json.dump({"pin_root": root, "netns": st.netns if st else None, "attachments": atts,
                    "endpoints": [e.to_json() for e in eps],
-                   "tables": tables, "sizing": sz.to_json() if sz else None, "gc": gc_cfg, "agent": agent},
+                   "tables": tables, "sizing": sz.to_json() if sz else None, "gc": gc_cfg, "agent": agent,
+                   "socket_lb": sock},
                   sys.stdout, indent=2)
         print()
         return 0
@@ -49,6 +51,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  {a['ifname']:<16} {a['hook']:<8} {a['program']:<20} {str(a['mode']).upper()}")
     if not atts:
         print("  none")
+    if sock:
+        print("\n".join(_describe_socket_lb(sock)))
     print("Endpoints:")
     print("\n".join(describe_endpoints(eps, endpoints.map_entries(root))) or "  none")
     print("Tables:")
@@ -86,6 +90,21 @@ def _describe_pressure(agent: dict[str, Any] | None) -> list[str]:
     for g in (agent or {}).get("grown", [])[-3:]:
         out.append(f"  grown:      {g['map']} {g['old_entries']} -> {g['new_entries']} "
                    f"({time.time() - g['at']:.0f}s ago, {100 * g['fill']:.0f}% full, {g['trigger']})")
+    return out
+
+
+def _describe_socket_lb(sock: dict[str, Any]) -> list[str]:
+    """Socket LB: on (the cgroup, each program's link) or off, and a hint for missing links."""
+    if not sock["configured"]:
+        out = ["Socket LB:    off ([lb] socket_lb = false): ClusterIP load-balanced per packet"]
+    else:
+        out = [f"Socket LB:    on, cgroup {sock['cgroup']} (id {sock['cgroup_id']})"]
+    for link in sock["links"]:
+        out.append(f"  {link['program']:<22} {link['hook']:<12} link {link['link_id']} "
+                   f"(program {link['prog_id']}, cgroup id {link['cgroup_id']})")
+    if sock["missing"]:
+        out.append(f"  MISSING:    {', '.join(sock['missing'])} not attached to the cgroup: connect()/"
+                   "sendto() there go per packet; run `tuplet apply` again (README \"Socket LB\")")
     return out
 
 

@@ -25,6 +25,7 @@ from tuplet.lb.model import (
     protocol,
     service_type,
 )
+from tuplet.node import socklb
 from tuplet.node.lock import node_lock
 
 
@@ -108,6 +109,7 @@ def cmd_svc_update(args: argparse.Namespace) -> int:
         if args.maglev_size is not None:
             new = replace(new, maglev_size=check_maglev_size(args.maglev_size, "--maglev-size"))
         view = table.upsert(check_service(new, "--backend"))
+        socklb.after_service_change(root)
     _show(args, [view])
     return 0
 
@@ -116,6 +118,7 @@ def cmd_svc_delete(args: argparse.Namespace) -> int:
     root = pin_root_of(args)
     with node_lock(root), lb.ServiceTable(root) as table:
         table.delete(args.name)
+        socklb.after_service_change(root)
     print(f"deleted service {args.name}")
     return 0
 

@@ -272,6 +272,27 @@ class Lb4Backend(ctypes.Structure):
     ]
 
 
+class Lb4SockRevKey(ctypes.Structure):
+    """struct lb4_sock_rev_key: a socket (cookie) socket LB pointed at a backend."""
+
+    _fields_ = [
+        ("cookie", ctypes.c_uint64),
+        ("address", ctypes.c_uint32),     # backend, network byte order
+        ("port", ctypes.c_uint16),        # network byte order
+        ("pad", ctypes.c_uint16),
+    ]
+
+
+class Lb4SockRevVal(ctypes.Structure):
+    """struct lb4_sock_rev_val: the service address the application used."""
+
+    _fields_ = [
+        ("address", ctypes.c_uint32),     # network byte order
+        ("port", ctypes.c_uint16),        # network byte order
+        ("rev_nat_index", ctypes.c_uint16),
+    ]
+
+
 class Lb4ReverseNat(ctypes.Structure):
     """struct lb4_reverse_nat: what a service's replies are rewritten to come from."""
 

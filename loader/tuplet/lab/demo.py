@@ -3,9 +3,11 @@ traffic, services, the CT table.
 
 Builds the topology, applies a node configuration (TCX where the kernel has it) with a
 ClusterIP and a LoadBalancer service, opens a real TCP connection and sends UDP and ICMP
-between two pods, then connects to the ClusterIP from a pod and to the LoadBalancer VIP
-from outside the node (each answer says which backend served it and from which address
-the reply came), prints `tuplet svc list`, `tuplet ct list` and `tuplet metrics`, and
+between two pods, then connects to the ClusterIP from a pod twice, through socket LB (the pod's
+client in the demo's own cgroup, ``<cgroup v2 root>/tuplet-demo``: socket LB never attaches to
+the root cgroup here) and per packet (the same client outside that cgroup), showing the CT
+entries of each, and to the LoadBalancer VIP from outside the node (each answer says which
+backend served it and from which address the reply came), prints `tuplet svc list`, `tuplet ct list` and `tuplet metrics`, and
 then adds a fourth pod live (`tuplet endpoint add`), shows the entries its traffic makes,
 deletes it (`tuplet endpoint delete`) and shows they went, and removes everything again,
 also on Ctrl-C.
@@ -26,9 +28,11 @@ from tuplet.agent import log as logmod
 from tuplet.cli import main as cli
 from tuplet.conntrack import records as ct
 from tuplet.datapath import abi, paths
+from tuplet.lab import cgroups
 from tuplet.lab.topology import Topology
 
 PIN_ROOT = "/sys/fs/bpf/tuplet/demo"
+CGROUP = "tuplet-demo"   # below the cgroup v2 root: socket LB's programs and the demo's client
 POD1, POD2, POD3, POD4 = "10.64.0.36", "10.64.0.64", "10.64.0.98", "10.64.0.120"
 CLUSTER_IP, LB_VIP, NODE_IP, EXT = "10.68.174.146", "172.190.0.17", "172.191.0.254", "172.191.0.1"
 
@@ -79,15 +83,21 @@ def step(text: str) -> None:
     print(f"\n==> {text}", flush=True)
 
 
-def show_entries_of(addr: str) -> None:
-    """The CT entries with ``addr`` as either address, as `tuplet ct list` prints them."""
+def show_entries_of(addr: str, dports: tuple[int, ...] = (), shown: set[str] | None = None) -> set[str]:
+    """Print the CT entries with ``addr`` as either address (and one of dports as destination
+    port, when given), as `tuplet ct list` prints them, leaving out those whose flow (the line's
+    first five words) is in ``shown``. Returns the flows of all of them."""
     lines = []
     for name in abi.CT_MAPS:
         with paths.open_pinned(PIN_ROOT, name) as m:
-            lines += [r.line() for r in ct.records(m) if addr in (r.src[0], r.dst[0])]
-    print(f"{len(lines)} entries with {addr}")
-    for line in sorted(lines):
+            lines += [r.line() for r in ct.records(m)
+                      if addr in (r.src[0], r.dst[0]) and (not dports or r.dst[1] in dports)]
+    flows = {" ".join(line.split()[:5]) for line in lines}
+    new = [line for line in lines if " ".join(line.split()[:5]) not in (shown or set())]
+    print(f"{len(new)} {'new ' if shown else ''}entries with {addr}")
+    for line in sorted(new):
         print(f"  {line}")
+    return flows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     Topology.cleanup_stale("tpl-demo")
     cli.main(["--pin-root", PIN_ROOT, "teardown"]) if Path(PIN_ROOT).exists() else None
 
-    with Topology(prefix="tpl-demo") as topo, tempfile.TemporaryDirectory() as tmp:
+    with Topology(prefix="tpl-demo") as topo, tempfile.TemporaryDirectory() as tmp, cgroups.owned(CGROUP) as cg:
         try:
             step("topology: node namespace with three pods on veth pairs, an outside client on eth0")
             node = topo.add_node("node")
@@ -147,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
 
                 [lb]
                 maglev_table_size = 1021
+                socket_lb = true
+                socket_lb_cgroup = "{cg}"
 
                 [[services]]
                 name = "web"
@@ -185,8 +197,19 @@ def main(argv: list[str] | None = None) -> int:
                 if srv.stdout.readline().strip() != "ready":
                     print("backend server did not start", file=sys.stderr)
                     return 1
-            step(f"ClusterIP: pod1 connects to {CLUSTER_IP}:80 four times (backends pod2, pod3)")
-            topo.run(p1, [sys.executable, "-c", ASK, CLUSTER_IP, "80", "4"], check=True, timeout=30)
+            ask = [sys.executable, "-c", ASK, CLUSTER_IP, "80", "4"]
+            step(f"ClusterIP through socket LB: pod1's client, in cgroup {cg}, connects to {CLUSTER_IP}:80 "
+                 "four times (backends pod2, pod3)")
+            subprocess.run(cgroups.argv_in(cg, p1.netns, ask), check=True, timeout=30)
+            print("connect() went straight to a backend (getpeername() still says the ClusterIP): only "
+                  "pod-to-backend OUT/IN entries, no SVC entry, RevNAT=0")
+            seen = show_entries_of(POD1, (80, 9000))
+            step(f"ClusterIP per packet: the same client outside that cgroup (socket LB off for it) "
+                 f"connects to {CLUSTER_IP}:80 four times")
+            topo.run(p1, ask, check=True, timeout=30)
+            print("each packet was translated by the pod's program: the seed's `TCP SVC` lines (pod to "
+                  "ClusterIP) appear beside OUT entries with RevNAT=1 (replies reverse-NATed)")
+            show_entries_of(POD1, (80, 9000), shown=seen)
             step(f"LoadBalancer: the outside client connects to {LB_VIP}:80 four times through eth0")
             topo.run(ext, [sys.executable, "-c", ASK, LB_VIP, "80", "4"], check=True, timeout=30)
             step("tuplet svc list")
@@ -216,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             print("\ninterrupted: cleaning up", file=sys.stderr)
             return 130
         finally:
-            step("cleanup: tuplet teardown, namespaces removed")
+            step("cleanup: tuplet teardown, namespaces and the demo's cgroup removed")
             cli.main(["--pin-root", PIN_ROOT, "teardown"])
     return 0
 

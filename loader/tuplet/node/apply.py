@@ -16,7 +16,7 @@ from pathlib import Path
 import structlog
 
 from tuplet.bpf import bpffs
-from tuplet.bpf.links import Attachment, AttachMode, Hook, attach, cgroup_detach, ifindex_of
+from tuplet.bpf.links import Attachment, AttachMode, Hook, attach, ifindex_of
 from tuplet.bpf.maps import Map
 from tuplet.bpf.objects import Collection, ObjectSpec
 from tuplet.conntrack import resize, sentinels
@@ -129,7 +129,7 @@ def _apply(cfg: NodeConfig, pin_root: str) -> ApplyResult:
                             "cgroup v2 directory; nothing was changed")
     sizing = cfg.conntrack.sizing()
     colls: list[Collection] = []
-    sock_links: list[str] = []
+    sock: socklb.Change | None = None
     new_pins: list[str] = []
     reused: list[str] = []
     made: list[Attachment] = []
@@ -173,18 +173,16 @@ def _apply(cfg: NodeConfig, pin_root: str) -> ApplyResult:
                     made.append(att)
                 attachments.append(att)
         if sock_cgroup:   # after the pod programs: a backend's own replies are tracked first
-            sock_coll, sock_links = socklb.attach(pin_root, sock_cgroup)
-            colls.append(sock_coll)
-            new_pins += [p for p in _pin_paths(sock_coll, pin_root)
-                         if p not in sock_coll.reused_pins and p not in new_pins]
+            sock = socklb.attach(pin_root, sock_cgroup)
+            new_pins += [p for p in _pin_paths(sock.coll, pin_root)
+                         if p not in sock.coll.reused_pins and p not in new_pins]
         crashpoints.point("apply.attached")
         services = lb.sync_config(pin_root, cfg.services, {e.ipv4 for e in cfg.endpoints},
                                   cfg.lb.maglev_table_size)
     except BaseException:
         undo = resizer.rollback(attachments, made)   # programs that ran before back, if swapped
-        for pin in sock_links:
-            with contextlib.suppress(TupletError, OSError):
-                cgroup_detach(pin)
+        if sock:
+            sock.rollback()   # the old cgroup's links as they were
         with contextlib.suppress(TupletError, OSError):
             remove_attachments(list(reversed(made + undo)))
         for p in new_pins:
@@ -202,7 +200,9 @@ def _apply(cfg: NodeConfig, pin_root: str) -> ApplyResult:
     _pin_programs(colls[0], pin_root)
     for coll in colls:
         coll.close()
-    if not sock_cgroup:
+    if sock:
+        sock.commit()             # a moved socket_lb_cgroup: the old cgroup's links go now
+    else:
         socklb.detach(pin_root)   # [lb] socket_lb turned off
 
     # Attachments this configuration no longer has, or now has in the other mode (the new
@@ -226,7 +226,8 @@ def _apply(cfg: NodeConfig, pin_root: str) -> ApplyResult:
                                configured=[state.EndpointRecord(e.name, e.ifname, e.ipv4, e.identity)
                                            for e in cfg.endpoints],
                                live={e.name: e for e in live},
-                               ipcache=[c.prefix for c in cfg.ipcache]))
+                               ipcache=[c.prefix for c in cfg.ipcache], socket_lb_cgroup=sock_cgroup))
+    socklb.after_service_change(pin_root)   # connected UDP sockets of backends just removed
     log.info("applied", node=cfg.name, endpoints=len(cfg.endpoints), attachments=len(attachments),
              services={k: len(v) for k, v in services.items() if v},
              modes=sorted({a.mode.value for a in attachments}), reused_pins=len(reused),

@@ -17,7 +17,7 @@
 
     [lb]
     maglev_table_size = 16381       # Maglev table entries per service (prime)
-    socket_lb = false               # ClusterIP translated at connect()/sendto() (cgroup programs)
+    socket_lb = true                # ClusterIP translated at connect()/sendto() (cgroup programs)
     socket_lb_cgroup = ""           # the cgroup v2 directory they attach to; "": the cgroup v2 root
 
     [overlay]                       # optional: DSR over Geneve (needs the geneve module)
@@ -147,7 +147,7 @@ class Conntrack:
 @dataclass(frozen=True)
 class Lb:
     maglev_table_size: int = DEFAULT_M
-    socket_lb: bool = False
+    socket_lb: bool = True          # as the reference: ClusterIP at the socket
     socket_lb_cgroup: str = ""      # "": the cgroup v2 root
 
 
@@ -216,7 +216,7 @@ def parse(text: str, source: str = "<string>") -> NodeConfig:
     _only(lb, "lb", {"maglev_table_size", "socket_lb", "socket_lb_cgroup"})
     m = check_maglev_size(lb["maglev_table_size"], "lb.maglev_table_size") if "maglev_table_size" in lb \
         else DEFAULT_M
-    socket_lb = lb.get("socket_lb", False)
+    socket_lb = lb.get("socket_lb", True)
     if not isinstance(socket_lb, bool):
         raise ConfigError("lb.socket_lb", f"must be true or false, got {socket_lb!r}")
     cgroup = lb.get("socket_lb_cgroup", "")

@@ -77,8 +77,16 @@ def enter(name: str) -> Iterator[None]:
     """
     if not _valid_name(name):
         raise NetnsError(name, "is not a valid namespace name (a name in /run/netns, no '/')")
+    with enter_file(path(name), name):
+        yield
+
+
+@contextlib.contextmanager
+def enter_file(ns_file: str, name: str = "") -> Iterator[None]:
+    """:func:`enter` the namespace of a namespace file (``/run/netns/NAME``, ``/proc/PID/ns/net``)."""
+    name = name or ns_file
     try:
-        target = os.open(path(name), os.O_RDONLY | os.O_CLOEXEC)
+        target = os.open(ns_file, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise NetnsError(name) from None
     except OSError as e:
@@ -101,6 +109,21 @@ def enter(name: str) -> Iterator[None]:
             _setns(saved)
         finally:
             os.close(saved)
+
+
+def all_namespaces() -> list[str]:
+    """One file per network namespace a process is in or ``ip netns`` names (this one first):
+    ``/proc/PID/ns/net`` or ``/run/netns/NAME``."""
+    found: dict[tuple[int, int], str] = {}
+    pids = sorted((p for p in os.listdir("/proc") if p.isdigit()), key=int)
+    named = sorted(os.listdir(NETNS_RUN_DIR)) if os.path.isdir(NETNS_RUN_DIR) else []
+    for f in ["/proc/self/ns/net", *(f"/proc/{p}/ns/net" for p in pids), *(path(n) for n in named)]:
+        try:
+            st = os.stat(f)
+            found.setdefault((st.st_dev, st.st_ino), f)
+        except OSError:
+            continue   # gone, or a kernel thread's
+    return list(found.values())
 
 
 def sysctl(key: str, value: str | int) -> None:

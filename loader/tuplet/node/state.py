@@ -57,6 +57,7 @@ class NodeState:
     configured: list[EndpointRecord] = field(default_factory=list)
     live: dict[str, EndpointRecord] = field(default_factory=dict)   # name -> live endpoint
     ipcache: list[str] = field(default_factory=list)   # prefixes [[ipcache]] programmed at apply
+    socket_lb_cgroup: str = ""                         # the cgroup socket LB was attached to ("": off)
 
     def all_endpoints(self) -> list[EndpointRecord]:
         return [*self.configured, *self.live.values()]
@@ -67,7 +68,8 @@ class NodeState:
                 "endpoints": self.endpoints, "sizing": self.sizing, "gc": self.gc,
                 "attach_mode": self.attach_mode,
                 "configured": [e.to_json() for e in self.configured],
-                "live": [e.to_json() for e in self.live.values()], "ipcache": self.ipcache}
+                "live": [e.to_json() for e in self.live.values()], "ipcache": self.ipcache,
+                "socket_lb_cgroup": self.socket_lb_cgroup}
 
 
 def load(pin_root: str) -> NodeState | None:
@@ -82,7 +84,8 @@ def load(pin_root: str) -> NodeState | None:
                      endpoints=dict(d.get("endpoints", {})), sizing=d.get("sizing"), gc=d.get("gc"),
                      attach_mode=str(d.get("attach_mode", "auto")),
                      configured=[EndpointRecord.from_json(e) for e in d.get("configured", [])],
-                     live={e.name: e for e in live}, ipcache=[str(p) for p in d.get("ipcache", [])])
+                     live={e.name: e for e in live}, ipcache=[str(p) for p in d.get("ipcache", [])],
+                     socket_lb_cgroup=str(d.get("socket_lb_cgroup", "")))
 
 
 def save(st: NodeState) -> None:
