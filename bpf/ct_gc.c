@@ -35,6 +35,9 @@ enum gc_map_sel {
 	GC_MAP_ANY = 1,
 	GC_MAP_SYN = 2,
 	GC_MAP_NAT = 3,          /* count only (GC_WALK_ONLY): NAT entries go with their CT entry */
+	GC_MAP_TCP6 = 4,         /* the IPv6 tables (NAT-free) */
+	GC_MAP_ANY6 = 5,
+	GC_MAP_SYN6 = 6,
 };
 
 /* and how. */
@@ -72,7 +75,7 @@ struct gc_ctx {
 	__u64 delete_failed;
 };
 
-static long gc_count(struct bpf_map *map, struct ipv4_ct_tuple *key, struct ct_entry *e,
+static long gc_count(struct bpf_map *map, void *key, struct ct_entry *e,
 		     struct gc_ctx *ctx)
 {
 	ctx->alive++;
@@ -100,24 +103,42 @@ static long gc_entry(struct bpf_map *map, struct ipv4_ct_tuple *key, struct ct_e
 	return 0;
 }
 
+/* An IPv6 entry: no NAT entry to own. */
+static long gc_entry6(struct bpf_map *map, struct ipv6_ct_tuple *key, struct ct_entry *e,
+		      struct gc_ctx *ctx)
+{
+	if (!gc_expired(READ_ONCE(e->lifetime), ctx->now)) {
+		ctx->alive++;
+		return 0;
+	}
+	if (bpf_map_delete_elem(map, key) == 0)
+		ctx->deleted++;
+	else
+		ctx->delete_failed++;
+	return 0;
+}
+
 /* One walker per map, each a subprogram of its own: every bpf_for_each_map_elem
  * call instruction then sees one map. Left to itself clang merges the calls
  * into one instruction fed different maps, which 6.1's verifier rejects
  * ("tail_call abusing map_ptr"); 6.6 and later accept it.
  */
-#define GC_WALKER(fn, map)							\
+#define GC_WALKER(fn, map, entry)						\
 static __noinline int fn(struct gc_ctx *ctx, int count_only)		\
 {									\
 	if (!ctx)							\
 		return 0;						\
 	if (count_only)							\
 		return bpf_for_each_map_elem(&map, gc_count, ctx, 0);	\
-	return bpf_for_each_map_elem(&map, gc_entry, ctx, 0);		\
+	return bpf_for_each_map_elem(&map, entry, ctx, 0);		\
 }
 
-GC_WALKER(gc_walk_tcp, tpl_ct4_v1)
-GC_WALKER(gc_walk_any, tpl_ct_any4_v1)
-GC_WALKER(gc_walk_syn, tpl_ct4_syn_v1)
+GC_WALKER(gc_walk_tcp, tpl_ct4_v1, gc_entry)
+GC_WALKER(gc_walk_any, tpl_ct_any4_v1, gc_entry)
+GC_WALKER(gc_walk_syn, tpl_ct4_syn_v1, gc_entry)
+GC_WALKER(gc_walk_tcp6, tpl_ct6_v1, gc_entry6)
+GC_WALKER(gc_walk_any6, tpl_ct_any6_v1, gc_entry6)
+GC_WALKER(gc_walk_syn6, tpl_ct6_syn_v1, gc_entry6)
 
 static __noinline int gc_walk_nat(struct gc_ctx *ctx)
 {
@@ -146,6 +167,15 @@ int tpl_ct_gc(struct __sk_buff *skb)
 		break;
 	case GC_MAP_SYN:
 		gc_walk_syn(&ctx, count_only);
+		break;
+	case GC_MAP_TCP6:
+		gc_walk_tcp6(&ctx, count_only);
+		break;
+	case GC_MAP_ANY6:
+		gc_walk_any6(&ctx, count_only);
+		break;
+	case GC_MAP_SYN6:
+		gc_walk_syn6(&ctx, count_only);
 		break;
 	case GC_MAP_NAT:
 		if (!count_only)
@@ -183,6 +213,14 @@ struct gc_key_rec {
 };
 ASSERT_SIZE(struct gc_key_rec, 20);
 
+/* The same for an IPv6 table. */
+struct gc_key6_rec {
+	struct ipv6_ct_tuple key;
+	__u16 pad;
+	__u32 seen;
+};
+ASSERT_SIZE(struct gc_key6_rec, 44);
+
 /* Records one run of tpl_ct_gc_keys takes: bounds the run's time. */
 enum gc_keys_limit {
 	GC_KEYS_MAX = 128,
@@ -199,10 +237,10 @@ struct gc_keys_ctx {
 /* One record per bpf_loop step (a bounded C loop costs 6.1's verifier a state per
  * iteration and counter value); one step function per map, as for the walkers.
  */
-#define GC_KEYS_DELETER(fn, map, table)						\
+#define GC_KEYS_DELETER(fn, map, table, rec, del)				\
 static long fn##_step(__u64 i, struct gc_keys_ctx *c)			\
 {									\
-	struct gc_key_rec r;						\
+	rec r;								\
 	struct ct_entry *e;						\
 	__u8 v;								\
 									\
@@ -217,7 +255,7 @@ static long fn##_step(__u64 i, struct gc_keys_ctx *c)			\
 		 (READ_ONCE(e->lifetime) != r.seen || !gc_expired(r.seen, c->a->now))) \
 		v = GC_V_REFRESHED;					\
 	else								\
-		v = gc_delete_if_unchanged(&map, &r.key, e, r.seen, table);	\
+		v = del(&map, &r.key, e, r.seen, table);		\
 	if (v < GC_V_COUNTED)						\
 		c->a->verdicts[v]++;					\
 	return 0;							\
@@ -232,9 +270,14 @@ static __noinline int fn(struct __sk_buff *skb, struct gc_keys_args *a)	\
 	return c.err;							\
 }
 
-GC_KEYS_DELETER(gc_keys_tcp, tpl_ct4_v1, CT_NOTIFY_T_TCP)
-GC_KEYS_DELETER(gc_keys_any, tpl_ct_any4_v1, CT_NOTIFY_T_ANY)
-GC_KEYS_DELETER(gc_keys_syn, tpl_ct4_syn_v1, CT_NOTIFY_T_SYN)
+#define GC_KEYS4(fn, map, table) GC_KEYS_DELETER(fn, map, table, struct gc_key_rec, gc_delete_if_unchanged)
+#define GC_KEYS6(fn, map, table) GC_KEYS_DELETER(fn, map, table, struct gc_key6_rec, gc_delete6_if_unchanged)
+GC_KEYS4(gc_keys_tcp, tpl_ct4_v1, CT_NOTIFY_T_TCP)
+GC_KEYS4(gc_keys_any, tpl_ct_any4_v1, CT_NOTIFY_T_ANY)
+GC_KEYS4(gc_keys_syn, tpl_ct4_syn_v1, CT_NOTIFY_T_SYN)
+GC_KEYS6(gc_keys_tcp6, tpl_ct6_v1, CT_NOTIFY_T_TCP)
+GC_KEYS6(gc_keys_any6, tpl_ct_any6_v1, CT_NOTIFY_T_ANY)
+GC_KEYS6(gc_keys_syn6, tpl_ct6_syn_v1, CT_NOTIFY_T_SYN)
 
 SEC("tc")
 int tpl_ct_gc_keys(struct __sk_buff *skb)
@@ -254,6 +297,15 @@ int tpl_ct_gc_keys(struct __sk_buff *skb)
 		break;
 	case GC_MAP_SYN:
 		ret = gc_keys_syn(skb, &a);
+		break;
+	case GC_MAP_TCP6:
+		ret = gc_keys_tcp6(skb, &a);
+		break;
+	case GC_MAP_ANY6:
+		ret = gc_keys_any6(skb, &a);
+		break;
+	case GC_MAP_SYN6:
+		ret = gc_keys_syn6(skb, &a);
 		break;
 	default:
 		return -1;

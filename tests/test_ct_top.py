@@ -85,7 +85,7 @@ def test_top_new_per_second_from_events(dp: LxcHarness, pin_root) -> None:  # no
             dp.egress(tcp("10.64.0.36", 2000 + i, "10.64.0.64", 80, "S"))
         for i in range(5):
             dp.egress(tcp("10.64.0.37", 2000 + i, "10.64.0.64", 22, "S"))
-        t = top.Tally(np.zeros(0, np.uint64))
+        t = top.Tally(np.zeros(0, top.ADDR))
         recs = lis.poll_raw(100)
         t.add(recs["tuple"][recs["type"] == abi.CT_NOTIFY_NEW], recs["entry"][recs["type"] == abi.CT_NOTIFY_NEW])
         assert lis.lost() == 0

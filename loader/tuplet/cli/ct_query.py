@@ -20,11 +20,14 @@ from tuplet.conntrack.ctfilter import CtFilter, FilterLayout
 from tuplet.conntrack.flush import Flusher
 from tuplet.conntrack.notify import emitter_for
 from tuplet.core.errors import ConfigError
-from tuplet.datapath import abi, clock, paths
+from tuplet.datapath import abi, clock, cttables, paths
+from tuplet.datapath.cttables import Family, Proto
 from tuplet.lb.registry import Registry
 from tuplet.node import state as statemod
 
-MAP_CHOICES = {"all": list(abi.CT_MAPS), "tcp": [abi.CT_MAP_TCP, abi.CT_MAP_SYN], "any": [abi.CT_MAP_ANY]}
+MAP_CHOICES = {"all": list(cttables.NAMES), "tcp": list(cttables.names(protos=(Proto.TCP, Proto.SYN))),
+               "any": list(cttables.names(protos=(Proto.ANY,))),
+               **{f.value: list(cttables.names(f)) for f in Family}}
 
 
 def add_filter_flags(p: argparse.ArgumentParser) -> None:

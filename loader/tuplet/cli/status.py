@@ -15,7 +15,7 @@ from tuplet.cli.endpoint import describe as describe_endpoints
 from tuplet.conntrack import sentinels
 from tuplet.conntrack.schedule import EARLY_MIN_GAP, describe_settings
 from tuplet.conntrack.sizing import Sizing
-from tuplet.datapath import abi, metrics, paths
+from tuplet.datapath import abi, cttables, metrics, paths
 from tuplet.datapath import events as ct_events
 from tuplet.node import endpoints, state
 
@@ -23,8 +23,8 @@ from tuplet.node import endpoints, state
 def cmd_status(args: argparse.Namespace) -> int:
     root = pin_root_of(args)
     st = state.load(root)
-    tables = []
-    for name in (*abi.CT_MAPS, abi.NAT_MAP):
+    tables: list[dict[str, Any]] = []
+    for name in (*cttables.NAMES, abi.NAT_MAP):
         if not os.path.exists(os.path.join(root, name)):
             continue
         with paths.open_pinned(root, name) as m:

@@ -41,10 +41,16 @@ from tuplet.datapath.abi import (
     NAT_MAP,
 )
 
-# struct gc_keys_args and struct gc_key_rec in bpf/ct_gc.c, after a 14-byte Ethernet header.
+# struct gc_keys_args and struct gc_key_rec / gc_key6_rec in bpf/ct_gc.c, after a 14-byte
+# Ethernet header.
 _ETH = 14
 _KEYS_ARGS = struct.Struct("<IIII6I")
-REC_DTYPE = np.dtype([("key", "V14"), ("pad", "<u2"), ("seen", "<u4")])
+
+
+def rec_dtype(key_size: int) -> np.dtype:
+    """One record of tpl_ct_gc_keys for a table of ``key_size``-byte keys (gc_key_rec: 14,
+    gc_key6_rec: 38): the key, padding, the lifetime judged expired."""
+    return np.dtype([("key", f"V{key_size}"), ("pad", "<u2"), ("seen", "<u4")])
 # struct gc_args (the one-run walk), after the Ethernet header.
 _WALK_ARGS = struct.Struct("<II4Q")
 
@@ -141,7 +147,7 @@ class KeyDeleter:
         self.coll = coll
 
     def delete(self, m: Map, recs: np.ndarray, now: int) -> np.ndarray:
-        """Records (REC_DTYPE) judged expired: counts per verdict."""
+        """Records (rec_dtype(m.key_size)) judged expired: counts per verdict."""
         counts = np.zeros(8, np.int64)
         prog = self.coll.programs[GC_KEYS_PROGRAM]
         for s in range(0, len(recs), GC_KEYS_MAX):

@@ -25,7 +25,7 @@ from pathlib import Path
 from tuplet.agent import log as logmod
 from tuplet.cli import main as cli
 from tuplet.conntrack import records as ct
-from tuplet.datapath import abi, paths
+from tuplet.datapath import cttables, paths
 from tuplet.lab.topology import Topology
 
 PIN_ROOT = "/sys/fs/bpf/tuplet/demo"
@@ -82,7 +82,7 @@ def step(text: str) -> None:
 def show_entries_of(addr: str) -> None:
     """The CT entries with ``addr`` as either address, as `tuplet ct list` prints them."""
     lines = []
-    for name in abi.CT_MAPS:
+    for name in cttables.NAMES:
         with paths.open_pinned(PIN_ROOT, name) as m:
             lines += [r.line() for r in ct.records(m) if addr in (r.src[0], r.dst[0])]
     print(f"{len(lines)} entries with {addr}")

@@ -23,7 +23,7 @@ from tuplet.conntrack import resize, sentinels
 from tuplet.conntrack.sizing import Sizing
 from tuplet.core import crashpoints
 from tuplet.core.errors import ConfigError, NotFoundError, TupletError
-from tuplet.datapath import abi, clock, paths
+from tuplet.datapath import abi, clock, cttables, paths
 from tuplet.datapath.abi import (
     CT6_MAP_ANY,
     CT6_MAP_SYN,
@@ -147,7 +147,7 @@ def _apply(cfg: NodeConfig, pin_root: str) -> ApplyResult:
             reused += [p for p in coll.reused_pins if p not in new_pins and p not in reused]
             new_pins += [p for p in _pin_paths(coll, pin_root)
                          if p not in coll.reused_pins and p not in resizer.pins]
-        for name in abi.CT_MAPS:   # a CT table created just now: its sentinels (resize seeds its own)
+        for name in cttables.NAMES:   # a CT table created just now: its sentinels (resize seeds its own)
             m = coll_map(colls, name)
             if m is not None and os.path.join(pin_root, name) in new_pins:
                 sentinels.seed(m)
