@@ -17,18 +17,17 @@ import time
 
 import pytest
 
-from test_netns_datapath import applied, ct_lines  # noqa: F401 (applied: fixture)
+from test_netns_datapath import applied, ct_lines, find  # noqa: F401 (applied: fixture)
 from traffic import LiveConnection, start_server, udp_once
 from tuplet.bpf.maps import Map
-from tuplet.datapath import abi, clock, paths
-from tuplet.datapath.abi import CT6_MAP_ANY, CT6_MAP_TCP, TUPLE_F_IN, TUPLE_F_RELATED, TUPLE_F_SENTINEL
-from tuplet.datapath.layouts import CtEntry, CtTuple6, be16, bytes_to_ip6
+from tuplet.conntrack import records as ct
+from tuplet.datapath import abi, clock
+from tuplet.datapath.abi import CT6_MAP_ANY, CT6_MAP_TCP
 from tuplet.lab.topology import GATEWAY6
 from two_pods import ENDPOINT_IPV6, POD1_V6, POD2_V6, two_pods
 
 pytestmark = [pytest.mark.netns, pytest.mark.clock]
 
-TCP, UDP, ICMPV6 = 6, 17, 58
 # The pods' identities when the node file gives their IPv6 addresses; world until it can.
 POD1_ID = 3096 if ENDPOINT_IPV6 else abi.TPL_IDENTITY_WORLD
 
@@ -38,39 +37,17 @@ def topo():
     yield from two_pods(dual_stack=True)
 
 
-Entry6 = tuple[str, CtTuple6, CtEntry]     # (table, key, value)
+def ct6(pin_root: str) -> list[ct.CtRecord]:
+    return ct_lines(pin_root, abi.CT6_MAPS)
 
 
-def ct6(pin_root: str) -> list[Entry6]:
-    """Every entry of the pinned IPv6 tables (sentinels left out)."""
-    out: list[Entry6] = []
-    for name in abi.CT6_MAPS:
-        with paths.open_pinned(pin_root, name) as m:
-            for k, v in m.items():
-                key = CtTuple6.from_buffer_copy(k)
-                if not key.flags & TUPLE_F_SENTINEL:
-                    out.append((name, key, CtEntry.from_buffer_copy(v)))
-    return out
+def show(recs: list[ct.CtRecord]) -> list[str]:
+    return [f"{r.map_name}: {r.line()}" for r in recs]
 
 
-def src(key: CtTuple6) -> tuple[str, int]:
-    """The flow's original source: the key's daddr and sport (as CtRecord.src)."""
-    return bytes_to_ip6(key.daddr), be16(key.sport)
-
-
-def dst(key: CtTuple6) -> tuple[str, int]:
-    return bytes_to_ip6(key.saddr), be16(key.dport)
-
-
-def show(recs: list[Entry6]) -> list[str]:
-    return [f"{t} nh={k.nexthdr} flags={k.flags} {src(k)} -> {dst(k)} pkts={e.packets}" for t, k, e in recs]
-
-
-def find6(recs: list[Entry6], nexthdr: int, flags: int, sport: int | None = None) -> Entry6:
-    hits = [r for r in recs if r[1].nexthdr == nexthdr and r[1].flags == flags
-            and (sport is None or be16(r[1].sport) == sport)]
-    assert len(hits) == 1, show(recs)
-    return hits[0]
+def tcp_packets(pin_root: str) -> dict[tuple[str, int], int]:
+    """(direction, client port) -> packets of the entries in the IPv6 TCP table."""
+    return {(r.direction, r.src[1]): r.entry.packets for r in ct6(pin_root) if r.map_name == CT6_MAP_TCP}
 
 
 def on_link_only(addr: str) -> bool:
@@ -98,29 +75,31 @@ def test_pod_to_pod_ipv6_entries(topo, applied, pin_root, mode) -> None:  # noqa
     srv.kill()
 
     recs = ct6(pin_root)
-    for flags in (abi.TUPLE_F_OUT, TUPLE_F_IN):
-        table, key, e = find6(recs, TCP, flags, sport=conn.sport)
-        assert table == CT6_MAP_TCP and src(key) == (POD1_V6, conn.sport) and dst(key) == (POD2_V6, 8000)
-        assert (e.rx_flags_seen, e.tx_flags_seen) == (0x1b, 0x1b)
-        assert e.flag_names == ["RxClosing", "TxClosing", "SeenNonSyn"] and e.flag_word == 0x13
+    for direction in ("OUT", "IN"):
+        r = find(recs, "TCP", direction, sport=conn.sport)
+        e, line = r.entry, r.line()
+        assert r.map_name == CT6_MAP_TCP and r.dst == (POD2_V6, 8000)
+        assert line.startswith(f"TCP {direction} [{POD1_V6}]:{conn.sport} -> [{POD2_V6}]:8000 expires="), line
+        assert "RxFlagsSeen=0x1b" in line and "TxFlagsSeen=0x1b" in line, line
+        assert f"Flags=0x0013 [ RxClosing TxClosing SeenNonSyn ] RevNAT=0 SourceSecurityID={POD1_ID}" in line, line
         assert e.lifetime == max(e.last_rx_report, e.last_tx_report) + 10
-        assert e.packets >= 6 and e.src_sec_id == POD1_ID
-    for flags in (abi.TUPLE_F_OUT, TUPLE_F_IN):
-        table, key, e = find6(recs, UDP, flags, sport=40001)
-        assert table == CT6_MAP_ANY and dst(key) == (POD2_V6, 8000) and e.packets == 2
-        assert e.src_sec_id == POD1_ID
+        assert e.packets >= 6
+    for direction in ("OUT", "IN"):
+        u = find(recs, "UDP", direction, sport=40001)
+        assert u.map_name == CT6_MAP_ANY and u.dst == (POD2_V6, 8000) and u.entry.packets == 2
+        assert u.entry.src_sec_id == POD1_ID
     # ICMPv6: the echo (OUT and IN, by identifier) and the related entries of the flows.
-    echo = [r for r in recs if r[1].nexthdr == ICMPV6 and not r[1].flags & TUPLE_F_RELATED]
-    assert sorted(r[1].flags for r in echo) == [abi.TUPLE_F_OUT, TUPLE_F_IN], show(recs)
-    assert all(r[0] == CT6_MAP_ANY for r in echo)
-    find6(recs, ICMPV6, abi.TUPLE_F_OUT | TUPLE_F_RELATED)
-    find6(recs, ICMPV6, TUPLE_F_IN | TUPLE_F_RELATED)
+    echo = [r for r in recs if r.proto == "ICMPv6" and not r.related]
+    assert sorted(r.direction for r in echo) == ["IN", "OUT"], show(recs)
+    assert all(r.map_name == CT6_MAP_ANY for r in echo)
+    find(recs, "ICMPv6", "OUT", related=True)
+    find(recs, "ICMPv6", "IN", related=True)
     # Neighbour discovery ran (gateway and pods resolved) and left nothing: every entry is
     # between the two pods' addresses, and there are no others.
     assert "lladdr" in topo.run(topo.p1, ["ip", "-6", "neigh", "show", GATEWAY6], capture_output=True,
                                 text=True).stdout
-    assert not [r for r in recs if on_link_only(src(r[1])[0]) or on_link_only(dst(r[1])[0])], show(recs)
-    assert {(src(k)[0], dst(k)[0]) for _, k, _ in recs} == {(POD1_V6, POD2_V6)}, show(recs)
+    assert not [r for r in recs if on_link_only(r.src[0]) or on_link_only(r.dst[0])], show(recs)
+    assert {(r.src[0], r.dst[0]) for r in recs} == {(POD1_V6, POD2_V6)}, show(recs)
     assert len(recs) == 8, show(recs)
     # None of this traffic is in the IPv4 tables.
     assert ct_lines(pin_root) == []
@@ -204,7 +183,7 @@ def test_gc_of_ipv6_tables_keeps_live_connections(topo, applied, pin_root) -> No
     for c in conns:
         assert c.roundtrip("x") == "x"
     udp_once(topo, topo.p1, POD2_V6, 8000, 40002)
-    find6(ct6(pin_root), UDP, abi.TUPLE_F_OUT, sport=40002)
+    find(ct6(pin_root), "UDP", "OUT", sport=40002)
 
     # Two minutes on: the UDP flow (60 s) has expired, the established connections (8000 s) not.
     res = gc_later(pin_root, 120)
@@ -212,10 +191,10 @@ def test_gc_of_ipv6_tables_keeps_live_connections(topo, applied, pin_root) -> No
     assert per_map[CT6_MAP_ANY]["deleted"] >= 2, res
     assert per_map[CT6_MAP_TCP]["deleted"] == 0, res
     recs = ct6(pin_root)
-    assert not [r for r in recs if r[1].nexthdr == UDP], show(recs)
+    assert not [r for r in recs if r.proto == "UDP"], show(recs)
     for c in conns:
-        for flags in (abi.TUPLE_F_OUT, TUPLE_F_IN):
-            find6(recs, TCP, flags, sport=c.sport)
+        for direction in ("OUT", "IN"):
+            find(recs, "TCP", direction, sport=c.sport)
         assert c.roundtrip("after gc") == "after gc"
         c.close()
     srv.kill()
@@ -228,18 +207,18 @@ def test_live_resize_of_ipv6_tables_keeps_connections(topo, applied, pin_root, m
     conns = [LiveConnection(topo, topo.p1, POD2_V6, 8000) for _ in range(3)]
     for c in conns:
         assert c.roundtrip("x") == "x"
-    before = {(k.flags, be16(k.sport)): e.packets for t, k, e in ct6(pin_root) if t == CT6_MAP_TCP}
+    before = tcp_packets(pin_root)
     assert len(before) == 6, before
 
     for size in (16384, 2048):     # grow, then shrink above the live count
         applied(mode, tcp_max=size)
         with Map.from_pin(f"{pin_root}/{CT6_MAP_TCP}") as m:
             assert m.max_entries == size
-        kept = {(k.flags, be16(k.sport)): e.packets for t, k, e in ct6(pin_root) if t == CT6_MAP_TCP}
+        kept = tcp_packets(pin_root)
         assert kept.keys() == before.keys() and all(kept[k] >= before[k] for k in before), (before, kept)
         for c in conns:
             assert c.roundtrip(f"after {size}") == f"after {size}"
-        now = {(k.flags, be16(k.sport)): e.packets for t, k, e in ct6(pin_root) if t == CT6_MAP_TCP}
+        now = tcp_packets(pin_root)
         assert all(now[k] > kept[k] for k in before), (kept, now)    # the new tables are the ones used
         before = now
     for c in conns:
