@@ -97,6 +97,27 @@ SYNFLOOD = ROOT / "build" / "synflood"
 BENCH_DIR = "/sys/fs/bpf/tuplet/bench"
 NF_MAX = "/proc/sys/net/netfilter/nf_conntrack_max"
 TCP_SYN, TCP_ACK = 0x02, 0x10
+
+
+@dataclass(frozen=True)
+class Stack:
+    """What a run floods over: the pods', the external host's and the flood's addresses, and
+    the tuplet tables that track the connections (IPv4, or IPv6 with ``--ipv6``)."""
+
+    name: str
+    client: str
+    server: str
+    ext: str
+    node_ext: str
+    flood_cidr: str
+    tcp_map: str
+    syn_map: str
+
+
+IPV4 = Stack("ipv4", CLIENT, SERVER, EXT_IP, NODE_EXT_IP, FLOOD_CIDR, abi.CT_MAP_TCP, abi.CT_MAP_SYN)
+# IPv6: ULA pods and external link; the flood from 2001:2::/48 (RFC 5180 benchmarking addresses).
+IPV6 = Stack("ipv6", "fd00:10:244::24", "fd00:10:244::40", "fd00:77::2", "fd00:77::1", "2001:2::/48",
+             abi.CT6_MAP_TCP, abi.CT6_MAP_SYN)
 DELIVERY = 0.99                       # share of the flood that must reach the tracker
 
 # One process holding K connections: prints "ports P1 P2 ..."; then each stdin line
@@ -165,8 +186,8 @@ def note(text: str) -> None:
 class Held:
     """K established connections client -> server, held open by one process in the client pod."""
 
-    def __init__(self, t: Topology, client: Pod, k: int) -> None:
-        self.proc = t.popen(client, [sys.executable, "-c", HOLD, SERVER, str(PORT), str(k)],
+    def __init__(self, t: Topology, client: Pod, k: int, server: str = SERVER) -> None:
+        self.proc = t.popen(client, [sys.executable, "-c", HOLD, server, str(PORT), str(k)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         first = self.proc.stdout.readline().split()
@@ -196,9 +217,11 @@ class Held:
 
 
 class Bed:
-    """The namespaces of one run: node, client and server pods, an external host that floods."""
+    """The namespaces of one run: node, client and server pods, an external host that floods;
+    with the IPv6 stack, pods and external host are dual-stack and the flood is IPv6."""
 
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, stack: Stack = IPV4) -> None:
+        self.stack = stack
         self.t = Topology(prefix=prefix)
         try:
             self._build()
@@ -207,31 +230,33 @@ class Bed:
             raise
 
     def _build(self) -> None:
-        t = self.t
+        t, v6 = self.t, self.stack is IPV6
         self.node: Node = t.add_node("node")
-        self.client: Pod = t.add_pod(self.node, "pod1", CLIENT)
-        self.server: Pod = t.add_pod(self.node, "pod2", SERVER)
-        self.ext: External = t.add_external(self.node, "ext", EXT_IP, node_ip=NODE_EXT_IP)
+        self.client: Pod = t.add_pod(self.node, "pod1", CLIENT, ipv6=IPV6.client if v6 else None)
+        self.server: Pod = t.add_pod(self.node, "pod2", SERVER, ipv6=IPV6.server if v6 else None)
+        self.ext: External = t.add_external(self.node, "ext", EXT_IP, node_ip=NODE_EXT_IP,
+                                            ipv6=IPV6.ext if v6 else None, node_ipv6=IPV6.node_ext if v6 else None)
         # The node: the flood's sources are behind the external host (their SYN-ACKs end there);
         # no reverse-path filter (Topology sets it off; this keeps it so for the new link too).
-        self.ip(self.node, "route", "add", FLOOD_CIDR, "via", EXT_IP)
+        self.ip(self.node, "route", "add", self.stack.flood_cidr, "via", self.stack.ext)
         self.sysctl(self.node, {"net.ipv4.conf.all.rp_filter": 0, "net.ipv4.conf.default.rp_filter": 0,
                                 f"net.ipv4.conf.{self.ext.node_ifname}.rp_filter": 0})
         # The server pod: off-pod sources through one gateway (a permanent neighbour: the
-        # node's side of its veth), SYN cookies once the SYN queue is full, no rp filter.
+        # node's side of its veth; over IPv6 the pod's default gateway fe80::1), SYN cookies
+        # once the SYN queue is full (IPv6's too), no rp filter.
         self.ip(self.server, "neigh", "add", GATEWAY, "lladdr", self.server.host_mac, "dev",
                 self.server.ifname, "nud", "permanent")
         self.ip(self.server, "route", "add", FLOOD_CIDR, "via", GATEWAY, "dev", self.server.ifname, "onlink")
         self.sysctl(self.server, {"net.ipv4.tcp_syncookies": 1, "net.ipv4.conf.all.rp_filter": 0,
                                   f"net.ipv4.conf.{self.server.ifname}.rp_filter": 0})
-        self.server_proc = t.popen(self.server, [str(LOADGEN), "server", str(PORT)], stdin=subprocess.PIPE,
-                                   stdout=subprocess.PIPE, text=True)
+        self.server_proc = t.popen(self.server, [str(LOADGEN), "server6" if v6 else "server", str(PORT)],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self.server_proc.stdout is not None
         line = self.server_proc.stdout.readline().strip()
         if line != "ready":
             raise RuntimeError(f"loadgen server did not start: {line!r}")
         # The external host resolves the node once, before the flood (no packet waits for ARP).
-        self.t.run(self.ext, ["ping", "-c", "1", "-W", "2", NODE_EXT_IP], check=True, capture_output=True)
+        self.t.run(self.ext, ["ping", "-c", "1", "-W", "2", self.stack.node_ext], check=True, capture_output=True)
 
     def ip(self, host: Node | Pod | External, *argv: str) -> None:
         r = self.t.run(host, ["ip", *argv], capture_output=True, text=True)
@@ -266,7 +291,7 @@ class Bed:
         raise RuntimeError(f"no {ifname} in {host.netns}")
 
     def flood(self, count: int, seed: int) -> dict[str, Any]:
-        argv = [str(SYNFLOOD), "-n", str(count), "-s", str(seed), SERVER, str(PORT), FLOOD_CIDR]
+        argv = [str(SYNFLOOD), "-n", str(count), "-s", str(seed), self.stack.server, str(PORT), self.stack.flood_cidr]
         r = self.t.run(self.ext, argv, capture_output=True, text=True, timeout=max(60, count / 5000))
         if r.returncode != 0:
             raise RuntimeError(f"{shlex.join(argv)} failed ({r.returncode}): {r.stderr.strip()}")
@@ -333,13 +358,14 @@ class Tracked:
         return self.out is not None and self.inn is not None
 
 
-def tuplet_entries(pin_root: str, ports: list[int]) -> dict[int, Tracked]:
-    """The entries in ``tpl_ct4_v1`` of the connections CLIENT:port -> SERVER:PORT."""
+def tuplet_entries(pin_root: str, ports: list[int], stack: Stack = IPV4) -> dict[int, Tracked]:
+    """The entries in the stack's TCP table (``tpl_ct4_v1``, ``tpl_ct6_v1``) of the connections
+    client:port -> server:PORT."""
     want = set(ports)
     found: dict[tuple[int, str], ct.CtRecord] = {}
-    with paths.open_pinned(pin_root, abi.CT_MAP_TCP) as m:
+    with paths.open_pinned(pin_root, stack.tcp_map) as m:
         for r in ct.records(m):
-            if r.src[0] == CLIENT and r.src[1] in want and r.dst == (SERVER, PORT) and not r.related:
+            if r.src[0] == stack.client and r.src[1] in want and r.dst == (stack.server, PORT) and not r.related:
                 found[(r.src[1], r.direction)] = r
     return {p: Tracked(found.get((p, "OUT")), found.get((p, "IN"))) for p in ports}
 
