@@ -3,7 +3,7 @@
 
     make bench-flood       (or: .venv/bin/python bench/flood.py [--tcp-max N] [--syn-max N]
                                 [--connections K] [--factor F] [--rounds R] [--quick]
-                                [--json] [--out FILE])
+                                [--ipv6] [--json] [--out FILE])
     make bench-flood BENCH_ARGS="--quick --json"
 
 K established, idle TCP connections go from a client pod to a server pod; then a SYN flood of
@@ -49,6 +49,13 @@ reached the tracker (tuplet: packets counted by its ingress program on the serve
 nf_conntrack: SYNs admitted by the FORWARD rule plus SYNs conntrack dropped with its table
 full) and, for tuplet, the server pod (TCP segments received, no checksum error); the flood
 filled nf_conntrack's table (drops or early drops counted).
+
+``--ipv6``: the same over IPv6, tuplet's modes only. The pods and the external host are
+dual-stack (fd00:10:244::24 and ::40, fd00:77::2 with the node at ::1); the client holds its
+connections to [fd00:10:244::40]:8000 (``loadgen server6``), ``synflood`` sends IPv6 SYNs from
+random addresses in 2001:2::/48 (RFC 5180), routed by the node back to the external host; the
+server pod answers through its default gateway (one neighbour). Kept = the OUT and IN entries in
+``tpl_ct6_v1``, as above.
 
 Pins live below /sys/fs/bpf/tuplet/bench/flood-<pid> and are removed at the end; writes
 nothing else but ``--out FILE``.
@@ -515,7 +522,7 @@ def run_mode(mode: str, args: argparse.Namespace, prefix: str, seed: int,
     res = ModeResult(mode)
     pin_root = pin_root or f"{BENCH_DIR}/flood-{os.getpid()}"
     flood_n = args.factor * args.tcp_max
-    with Bed(prefix) as bed, contextlib.ExitStack() as stack:
+    with Bed(prefix, args.stack) as bed, contextlib.ExitStack() as stack:
         if mode.startswith("tuplet"):
             node_apply.apply(tuplet_config(bed, pin_root, args.tcp_max, args.syn_max, mode == "tuplet-syn"))
             stack.callback(_tuplet_down, pin_root)
@@ -529,7 +536,7 @@ def run_mode(mode: str, args: argparse.Namespace, prefix: str, seed: int,
         if pinned != mode.startswith("tuplet") or bool(rules) == mode.startswith("tuplet"):
             res.failures.append(f"wrong set-up: tuplet {'attached' if pinned else 'absent'}, FORWARD rules {rules}")
 
-        held = Held(bed.t, bed.client, args.connections)
+        held = Held(bed.t, bed.client, args.connections, bed.stack.server)
         stack.callback(held.close)
         ports = held.ports
         res.connections = len(ports)
@@ -537,7 +544,7 @@ def run_mode(mode: str, args: argparse.Namespace, prefix: str, seed: int,
         res.roundtrip_before = len(ports) - len(failed)
         time.sleep(0.3)                 # delayed ACKs: nothing of these connections is in flight
         if mode.startswith("tuplet"):
-            before = tuplet_entries(pin_root, ports)
+            before = tuplet_entries(pin_root, ports, bed.stack)
             res.tracked_before = sum(1 for v in before.values() if v.both)
             m0 = tuplet_ingress(pin_root)
         else:
@@ -558,7 +565,7 @@ def run_mode(mode: str, args: argparse.Namespace, prefix: str, seed: int,
 
         # What is left, read before the connections send anything more.
         if mode.startswith("tuplet"):
-            after = tuplet_entries(pin_root, ports)
+            after = tuplet_entries(pin_root, ports, bed.stack)
             kept = {p for p in ports if original(before[p], after[p])}
             res.detail["entries_present"] = sum(1 for v in after.values() if v.both)
             res.detail["out_kept"] = sum(1 for v in after.values() if v.out is not None)
@@ -567,8 +574,8 @@ def run_mode(mode: str, args: argparse.Namespace, prefix: str, seed: int,
             delta = {k: v - m0.get(k, 0) for k, v in counts.items() if v != m0.get(k, 0)}
             res.reached_tracker = sum(v for k, v in delta.items() if k.startswith("ingress/"))
             res.detail["tuplet_counters"] = delta
-            res.detail["tcp_table_entries"] = map_entries(pin_root, abi.CT_MAP_TCP)
-            res.detail["syn_table_entries"] = map_entries(pin_root, abi.CT_MAP_SYN)
+            res.detail["tcp_table_entries"] = map_entries(pin_root, bed.stack.tcp_map)
+            res.detail["syn_table_entries"] = map_entries(pin_root, bed.stack.syn_map)
             drops = {k: v for k, v in delta.items() if "/DROP_" in k}
             if drops:
                 note(f"{mode}: tuplet drops during the flood: {drops}")
@@ -642,7 +649,7 @@ def summarize(results: dict[str, list[ModeResult]], args: argparse.Namespace, ar
         "kernel": platform.release(), "cpus": os.cpu_count(), "command": shlex.join(argv),
         "tcp_max": args.tcp_max, "syn_max": args.syn_max, "nf_conntrack_max": args.tcp_max,
         "connections": args.connections, "factor": args.factor, "flood_syns": args.factor * args.tcp_max,
-        "flood_sources": FLOOD_CIDR, "rounds": args.rounds, "modes": {},
+        "flood_sources": args.stack.flood_cidr, "stack": args.stack.name, "rounds": args.rounds, "modes": {},
     }
     for mode, runs in results.items():
         res["modes"][mode] = {
@@ -698,6 +705,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=1, help="synflood's seed in the first round (+1 per round)")
     ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
     ap.add_argument("--quick", action="store_true", help="TCP table 4096, 1024 handshake, 200 connections, 1 round")
+    ap.add_argument("--ipv6", action="store_true",
+                    help="connections and flood over IPv6 (tuplet's modes only: the default modes then)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON only")
     ap.add_argument("--out", metavar="FILE", help="also write the JSON results to FILE")
     args = ap.parse_args()
@@ -705,9 +714,13 @@ def main() -> int:
         args.tcp_max, args.connections, args.rounds = 4096, 200, 1
     if args.syn_max is None:
         args.syn_max = max(1024, args.tcp_max // 8)
+    args.stack = IPV6 if args.ipv6 else IPV4
+    modes = [m for m in MODES if m != "nf_conntrack"] if args.ipv6 else MODES
+    if args.ipv6 and args.modes == ",".join(MODES):
+        args.modes = ",".join(modes)
     args.modes = [m for m in args.modes.split(",") if m]
-    if any(m not in MODES for m in args.modes) or not args.modes:
-        ap.error(f"--modes: a subset of {','.join(MODES)}")
+    if any(m not in modes for m in args.modes) or not args.modes:
+        ap.error(f"--modes: a subset of {','.join(modes)}" + (" (the nf_conntrack mode is IPv4 only)" if args.ipv6 else ""))
     if args.rounds < 1 or args.factor < 1 or not 1 <= args.connections <= 20000 or args.tcp_max < 1024:
         ap.error("--rounds >= 1, --factor >= 1, --connections 1..20000, --tcp-max >= 1024")
     if 2 * args.connections > args.tcp_max:
