@@ -17,6 +17,7 @@ from tuplet.conntrack.schedule import EARLY_MIN_GAP, describe_settings
 from tuplet.conntrack.sizing import Sizing
 from tuplet.datapath import abi, cttables, metrics, paths
 from tuplet.datapath import events as ct_events
+from tuplet.datapath.cttables import Family
 from tuplet.node import endpoints, state
 
 
@@ -28,7 +29,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         if not os.path.exists(os.path.join(root, name)):
             continue
         with paths.open_pinned(root, name) as m:
-            tables.append({"map": name, "entries": sentinels.count_live(m), "max_entries": m.max_entries})
+            tables.append({"map": name, "entries": sentinels.count_live(m), "max_entries": m.max_entries,
+                           **({"family": cttables.table(name).family.value} if cttables.is_ct(name) else {})})
     atts = [a.to_json() for a in st.attachments] if st else []
     eps = endpoints.listing(root)
     sz = Sizing.from_json(st.sizing) if st and st.sizing else None
@@ -59,6 +61,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"BPF Maps:     {sz.summary()}")
     elif sz:
         print("\n".join(sz.describe(verbose=True)))
+        print("    IPv6 tables: " + ", ".join(f"{t.name} as {t.v4.name}" for t in cttables.CT_TABLES
+                                              if t.family is Family.IPV6))
     if verbose and gc_cfg:
         print(f"Conntrack GC: {describe_settings(gc_cfg['interval'], gc_cfg['max_interval'])}")
     last = (agent or {}).get("gc")
