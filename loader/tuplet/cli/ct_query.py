@@ -62,18 +62,18 @@ def build_filter(args: argparse.Namespace, root: str) -> CtFilter:
         if value is not None:
             kw[field] = parse(flag, value)
     if args.endpoint is not None:
-        kw["addrs"] = (_endpoint_addr(root, args.endpoint),)
+        kw["addrs"] = _endpoint_addrs(root, args.endpoint)
     if args.service is not None:
         kw["rev_nat"] = _service_rev_nat(root, args.service)
     return CtFilter(**kw)
 
 
-def _endpoint_addr(root: str, name: str) -> str:
+def _endpoint_addrs(root: str, name: str) -> tuple[str, ...]:
     st = statemod.load(root)
     eps = st.all_endpoints() if st else []
     for e in eps:
         if e.name == name:
-            return e.ipv4
+            return e.addresses
     known = ", ".join(sorted(e.name for e in eps)) or "none"
     raise ConfigError("--endpoint", f"no endpoint named {name!r} on this node (known: {known})")
 
