@@ -329,6 +329,7 @@ class Bed:
 def tuplet_config(bed: Bed, pin_root: str, tcp_max: int, syn_max: int, syn_table: bool,
                   any_max: int | None = None) -> config.NodeConfig:
     any_max = any_max or tcp_max
+    v6 = [f'ipv6 = "{p.ipv6}"' if p.ipv6 else "" for p in (bed.client, bed.server)]
     return config.parse(textwrap.dedent(f"""
         [node]
         name = "flood"
@@ -339,11 +340,13 @@ def tuplet_config(bed: Bed, pin_root: str, tcp_max: int, syn_max: int, syn_table
         name = "pod1"
         ifname = "{bed.client.host_ifname}"
         ipv4 = "{CLIENT}"
+        {v6[0]}
 
         [[endpoints]]
         name = "pod2"
         ifname = "{bed.server.host_ifname}"
         ipv4 = "{SERVER}"
+        {v6[1]}
 
         [conntrack]
         tcp_max = {tcp_max}

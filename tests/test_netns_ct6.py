@@ -24,12 +24,11 @@ from tuplet.conntrack import records as ct
 from tuplet.datapath import abi, clock
 from tuplet.datapath.abi import CT6_MAP_ANY, CT6_MAP_TCP
 from tuplet.lab.topology import GATEWAY6
-from two_pods import ENDPOINT_IPV6, POD1_V6, POD2_V6, two_pods
+from two_pods import POD1_V6, POD2_V6, two_pods
 
 pytestmark = [pytest.mark.netns, pytest.mark.clock]
 
-# The pods' identities when the node file gives their IPv6 addresses; world until it can.
-POD1_ID = 3096 if ENDPOINT_IPV6 else abi.TPL_IDENTITY_WORLD
+POD1_ID = 3096    # pod1's identity (two_pods.node_config_text), found by its IPv6 address
 
 
 @pytest.fixture

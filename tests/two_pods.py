@@ -2,18 +2,13 @@
 on veth pairs, and the node configuration that tracks both."""
 from __future__ import annotations
 
-import dataclasses
 import textwrap
 from collections.abc import Iterator
 
 from tuplet.lab.topology import Topology
-from tuplet.node.config import Endpoint
 
 POD1, POD2 = "10.64.0.36", "10.64.0.64"
 POD1_V6, POD2_V6 = "fd00:10:244::24", "fd00:10:244::40"   # with dual_stack
-# Whether the node file takes an endpoint's IPv6 address (until it does, IPv6 is tracked without
-# endpoint entries: the pods' source identity is then world).
-ENDPOINT_IPV6 = "ipv6" in {f.name for f in dataclasses.fields(Endpoint)}
 
 
 def two_pods(dual_stack: bool = False) -> Iterator[Topology]:
@@ -34,7 +29,7 @@ def node_config_text(topo: Topology, pin_root: str, name: str = "test", mode: st
     addresses when they have them) and [conntrack]."""
     ident1 = "identity = 3096" if identities else ""
     ident2 = "identity = 4122" if identities else ""
-    v6 = [f'ipv6 = "{p.ipv6}"' if p.ipv6 and ENDPOINT_IPV6 else "" for p in (topo.p1, topo.p2)]
+    v6 = [f'ipv6 = "{p.ipv6}"' if p.ipv6 else "" for p in (topo.p1, topo.p2)]
     attach = f'attach_mode = "{mode}"' if mode else ""
     return textwrap.dedent(f"""
         [node]

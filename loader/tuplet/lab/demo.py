@@ -131,12 +131,14 @@ def main(argv: list[str] | None = None) -> int:
                 name = "pod1"
                 ifname = "{p1.host_ifname}"
                 ipv4 = "{POD1}"
+                ipv6 = "{POD1_V6}"
                 identity = 3096
 
                 [[endpoints]]
                 name = "pod2"
                 ifname = "{p2.host_ifname}"
                 ipv4 = "{POD2}"
+                ipv6 = "{POD2_V6}"
                 identity = 4122
 
                 [[endpoints]]
