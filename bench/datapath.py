@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "loader"))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from lxc_harness import tcp, udp  # noqa: E402
+from lxc_harness import LxcHarness, tcp, udp  # noqa: E402
 from tuplet.agent import log  # noqa: E402
 from tuplet.bpf.objects import ObjectSpec  # noqa: E402
 from tuplet.datapath.abi import CT6_MAP_TCP, CT_MAP_TCP, OBJ_LXC  # noqa: E402
@@ -59,6 +59,13 @@ def main() -> int:
         packets["UDP" + fam] = udp(a, 40001, b, 53, b"x" * 64)
         egress.test_run(packets["UDP" + fam])
     est = packets["established TCP"]
+    # Path check: each steady-state packet takes the established path, in both families alike.
+    harness = LxcHarness(lxc)
+    wrong = {name: v.reason for name, pkt in packets.items()
+             if (v := harness.egress(pkt)).reason != "PASS_CT_ESTABLISHED"}
+    if wrong:
+        print(f"path check failed: not the established path: {wrong}", file=sys.stderr)
+        return 1
 
     steady: dict[str, list[int]] = {"pass": [], **{name: [] for name in packets}}
     new_ns: list[int] = []
