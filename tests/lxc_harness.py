@@ -24,9 +24,11 @@ from tuplet.datapath.abi import (
     CT6_MAP_ANY,
     CT6_MAP_SYN,
     CT6_MAP_TCP,
+    CT6_MAPS,
     CT_MAP_ANY,
     CT_MAP_SYN,
     CT_MAP_TCP,
+    CT_MAPS,
     EP6_MAP,
     EP_MAP,
     METRICS_MAP,
@@ -106,13 +108,8 @@ class LxcHarness:
     def load(cls, cfg: NodeConfig | None = None, consts: dict[str, int] | None = None) -> "LxcHarness":
         cfg = cfg or NodeConfig()
         spec = open_object(OBJ_LXC, cfg, pin_root=None)
-        spec.set_max_entries(CT_MAP_TCP, 4096)
-        spec.set_max_entries(CT_MAP_ANY, 4096)
-        spec.set_max_entries(NAT_MAP, 4096)
-        spec.set_max_entries(CT_MAP_SYN, 1024)
-        spec.set_max_entries(CT6_MAP_TCP, 4096)
-        spec.set_max_entries(CT6_MAP_ANY, 4096)
-        spec.set_max_entries(CT6_MAP_SYN, 1024)
+        for name in (*CT_MAPS, *CT6_MAPS, NAT_MAP):
+            spec.set_max_entries(name, 1024 if name in (CT_MAP_SYN, CT6_MAP_SYN) else 4096)
         for k, v in (consts or {}).items():
             spec.set_const(k, v)
         return cls(spec.load())

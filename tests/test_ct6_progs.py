@@ -32,9 +32,8 @@ from tuplet.datapath.abi import (
     CT6_MAP_ANY,
     CT6_MAP_SYN,
     CT6_MAP_TCP,
-    CT_MAP_ANY,
-    CT_MAP_SYN,
-    CT_MAP_TCP,
+    CT6_MAPS,
+    CT_MAPS,
     EVENTS_MAP,
     OBJ_LXC,
     TUPLE_F_IN,
@@ -50,8 +49,6 @@ pytestmark = pytest.mark.clock   # again with a near-zero clock in `make test`
 POD1, POD2 = "fd00:10:64::24", "fd00:10:64::40"
 SP, DP = 54260, 8000
 TCP_P, UDP_P, ICMP6_P = 6, 17, 58
-CT4_MAPS = (CT_MAP_TCP, CT_MAP_SYN, CT_MAP_ANY)
-CT6_MAPS = (CT6_MAP_TCP, CT6_MAP_SYN, CT6_MAP_ANY)
 
 
 def keys(h: LxcHarness, name: str) -> set[bytes]:
@@ -63,11 +60,11 @@ def key(daddr: str, saddr: str, dport: int, sport: int, proto: int, flags: int) 
 
 
 def no_ipv4_entries(h: LxcHarness) -> bool:
-    return all(not keys(h, m) for m in CT4_MAPS)
+    return all(not keys(h, m) for m in CT_MAPS)
 
 
 def no_entries(h: LxcHarness) -> bool:
-    return all(not keys(h, m) for m in (*CT4_MAPS, *CT6_MAPS))
+    return all(not keys(h, m) for m in (*CT_MAPS, *CT6_MAPS))
 
 
 def both(h: LxcHarness, src: str, sport: int, dst: str, dport: int, flags: str, payload: bytes = b""):

@@ -40,19 +40,25 @@
 #define ICMP_TIME_EXCEEDED 11
 #define ICMP_PARAMETERPROB 12
 
-/* What the conntrack needs from one IPv4 packet. Ports are as on the wire. */
+/* The fields of struct pkt4 and pkt6 after the addresses, alike in both (PKT()
+ * names them in either). Ports are as on the wire.
+ */
+#define PKT_L4_FIELDS							\
+	__be16 sport;							\
+	__be16 dport;							\
+	__u32 l3_off;							\
+	__u32 l4_off;							\
+	__u8 proto;							\
+	__u8 tcp_flags;							\
+	__u8 icmp_type;							\
+	__u8 fragment;   /* non-first fragment: no L4 header */	\
+	__be16 icmp_id;
+
+/* What the conntrack needs from one IPv4 packet. */
 struct pkt4 {
 	__be32 saddr;
 	__be32 daddr;
-	__be16 sport;
-	__be16 dport;
-	__u32 l3_off;
-	__u32 l4_off;
-	__u8 proto;
-	__u8 tcp_flags;
-	__u8 icmp_type;
-	__u8 fragment;   /* non-first fragment: no L4 header */
-	__be16 icmp_id;
+	PKT_L4_FIELDS
 };
 
 /* The same for one IPv6 packet: proto is the transport header's next-header
@@ -61,15 +67,7 @@ struct pkt4 {
 struct pkt6 {
 	union v6addr saddr;
 	union v6addr daddr;
-	__be16 sport;
-	__be16 dport;
-	__u32 l3_off;
-	__u32 l4_off;
-	__u8 proto;
-	__u8 tcp_flags;
-	__u8 icmp_type;
-	__u8 fragment;   /* non-first fragment: no L4 header */
-	__be16 icmp_id;
+	PKT_L4_FIELDS
 };
 
 /* Address families of the family-generic functions (here and in conntrack.h). */
