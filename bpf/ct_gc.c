@@ -82,8 +82,8 @@ static long gc_count(struct bpf_map *map, void *key, struct ct_entry *e,
 	return 0;
 }
 
-static long gc_entry(struct bpf_map *map, struct ipv4_ct_tuple *key, struct ct_entry *e,
-		     struct gc_ctx *ctx)
+static long gc_entry4(struct bpf_map *map, struct ipv4_ct_tuple *key, struct ct_entry *e,
+		      struct gc_ctx *ctx)
 {
 	struct ipv4_ct_tuple nat = {};
 
@@ -123,22 +123,22 @@ static long gc_entry6(struct bpf_map *map, struct ipv6_ct_tuple *key, struct ct_
  * into one instruction fed different maps, which 6.1's verifier rejects
  * ("tail_call abusing map_ptr"); 6.6 and later accept it.
  */
-#define GC_WALKER(fn, map, entry)						\
-static __noinline int fn(struct gc_ctx *ctx, int count_only)		\
+#define GC_WALKER(sel, name, map, table, fam)				\
+static __noinline int gc_walk_##name(struct gc_ctx *ctx, int count_only) \
 {									\
 	if (!ctx)							\
 		return 0;						\
 	if (count_only)							\
 		return bpf_for_each_map_elem(&map, gc_count, ctx, 0);	\
-	return bpf_for_each_map_elem(&map, entry, ctx, 0);		\
+	return bpf_for_each_map_elem(&map, gc_entry##fam, ctx, 0);	\
 }
 
-GC_WALKER(gc_walk_tcp, tpl_ct4_v1, gc_entry)
-GC_WALKER(gc_walk_any, tpl_ct_any4_v1, gc_entry)
-GC_WALKER(gc_walk_syn, tpl_ct4_syn_v1, gc_entry)
-GC_WALKER(gc_walk_tcp6, tpl_ct6_v1, gc_entry6)
-GC_WALKER(gc_walk_any6, tpl_ct_any6_v1, gc_entry6)
-GC_WALKER(gc_walk_syn6, tpl_ct6_syn_v1, gc_entry6)
+GC_CT_TABLES(GC_WALKER)
+
+#define GC_WALK_CASE(sel, name, map, table, fam)			\
+	case sel:							\
+		gc_walk_##name(&ctx, count_only);			\
+		break;
 
 static __noinline int gc_walk_nat(struct gc_ctx *ctx)
 {
@@ -159,24 +159,7 @@ int tpl_ct_gc(struct __sk_buff *skb)
 	ctx.now = args.now;
 	count_only = !!(args.map & GC_WALK_ONLY);
 	switch (args.map & ~GC_WALK_ONLY) {
-	case GC_MAP_TCP:
-		gc_walk_tcp(&ctx, count_only);
-		break;
-	case GC_MAP_ANY:
-		gc_walk_any(&ctx, count_only);
-		break;
-	case GC_MAP_SYN:
-		gc_walk_syn(&ctx, count_only);
-		break;
-	case GC_MAP_TCP6:
-		gc_walk_tcp6(&ctx, count_only);
-		break;
-	case GC_MAP_ANY6:
-		gc_walk_any6(&ctx, count_only);
-		break;
-	case GC_MAP_SYN6:
-		gc_walk_syn6(&ctx, count_only);
-		break;
+	GC_CT_TABLES(GC_WALK_CASE)
 	case GC_MAP_NAT:
 		if (!count_only)
 			return -1;   /* NAT entries are deleted with their CT entry, never walked */
@@ -270,14 +253,15 @@ static __noinline int fn(struct __sk_buff *skb, struct gc_keys_args *a)	\
 	return c.err;							\
 }
 
-#define GC_KEYS4(fn, map, table) GC_KEYS_DELETER(fn, map, table, struct gc_key_rec, gc_delete_if_unchanged)
-#define GC_KEYS6(fn, map, table) GC_KEYS_DELETER(fn, map, table, struct gc_key6_rec, gc_delete6_if_unchanged)
-GC_KEYS4(gc_keys_tcp, tpl_ct4_v1, CT_NOTIFY_T_TCP)
-GC_KEYS4(gc_keys_any, tpl_ct_any4_v1, CT_NOTIFY_T_ANY)
-GC_KEYS4(gc_keys_syn, tpl_ct4_syn_v1, CT_NOTIFY_T_SYN)
-GC_KEYS6(gc_keys_tcp6, tpl_ct6_v1, CT_NOTIFY_T_TCP)
-GC_KEYS6(gc_keys_any6, tpl_ct_any6_v1, CT_NOTIFY_T_ANY)
-GC_KEYS6(gc_keys_syn6, tpl_ct6_syn_v1, CT_NOTIFY_T_SYN)
+#define gc_key4_rec gc_key_rec
+#define GC_KEYS(sel, name, map, table, fam)				\
+	GC_KEYS_DELETER(gc_keys_##name, map, table, struct gc_key##fam##_rec, gc_delete##fam##_if_unchanged)
+GC_CT_TABLES(GC_KEYS)
+
+#define GC_KEYS_CASE(sel, name, map, table, fam)			\
+	case sel:							\
+		ret = gc_keys_##name(skb, &a);				\
+		break;
 
 SEC("tc")
 int tpl_ct_gc_keys(struct __sk_buff *skb)
@@ -289,24 +273,7 @@ int tpl_ct_gc_keys(struct __sk_buff *skb)
 		return -1;
 	__builtin_memset(a.verdicts, 0, sizeof(a.verdicts));
 	switch (a.map) {
-	case GC_MAP_TCP:
-		ret = gc_keys_tcp(skb, &a);
-		break;
-	case GC_MAP_ANY:
-		ret = gc_keys_any(skb, &a);
-		break;
-	case GC_MAP_SYN:
-		ret = gc_keys_syn(skb, &a);
-		break;
-	case GC_MAP_TCP6:
-		ret = gc_keys_tcp6(skb, &a);
-		break;
-	case GC_MAP_ANY6:
-		ret = gc_keys_any6(skb, &a);
-		break;
-	case GC_MAP_SYN6:
-		ret = gc_keys_syn6(skb, &a);
-		break;
+	GC_CT_TABLES(GC_KEYS_CASE)
 	default:
 		return -1;
 	}

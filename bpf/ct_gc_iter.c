@@ -41,19 +41,15 @@ static __always_inline int name(struct bpf_iter__bpf_map_elem *ctx, void *map, _
 	return 0;							\
 }
 
-GC_ITER(gc_iter, struct ipv4_ct_tuple, gc_delete_if_unchanged)
+GC_ITER(gc_iter4, struct ipv4_ct_tuple, gc_delete4_if_unchanged)
 GC_ITER(gc_iter6, struct ipv6_ct_tuple, gc_delete6_if_unchanged)
 
-#define GC_ITER_PROG(prog, body, map, table)				\
+/* One program per table (GC_CT_TABLES): tpl_gc_iter_tcp ... tpl_gc_iter_syn6. */
+#define GC_ITER_PROG(sel, name, map, table, fam)			\
 SEC("iter/bpf_map_elem")						\
-int prog(struct bpf_iter__bpf_map_elem *ctx)				\
+int tpl_gc_iter_##name(struct bpf_iter__bpf_map_elem *ctx)		\
 {									\
-	return body(ctx, &map, table);					\
+	return gc_iter##fam(ctx, &map, table);				\
 }
 
-GC_ITER_PROG(tpl_gc_iter_tcp, gc_iter, tpl_ct4_v1, CT_NOTIFY_T_TCP)
-GC_ITER_PROG(tpl_gc_iter_any, gc_iter, tpl_ct_any4_v1, CT_NOTIFY_T_ANY)
-GC_ITER_PROG(tpl_gc_iter_syn, gc_iter, tpl_ct4_syn_v1, CT_NOTIFY_T_SYN)
-GC_ITER_PROG(tpl_gc_iter_tcp6, gc_iter6, tpl_ct6_v1, CT_NOTIFY_T_TCP)
-GC_ITER_PROG(tpl_gc_iter_any6, gc_iter6, tpl_ct_any6_v1, CT_NOTIFY_T_ANY)
-GC_ITER_PROG(tpl_gc_iter_syn6, gc_iter6, tpl_ct6_syn_v1, CT_NOTIFY_T_SYN)
+GC_CT_TABLES(GC_ITER_PROG)

@@ -12,6 +12,18 @@
 #include "time.h"
 #include "ct_notify.h"
 
+/* The conntrack tables GC collects, once: X(selector, short name, map, event table,
+ * family 4|6). bpf/ct_gc.c's walkers and deleters and bpf/ct_gc_iter.c's iterators are
+ * generated from it (the selectors are enum gc_map_sel in bpf/ct_gc.c).
+ */
+#define GC_CT_TABLES(X)							\
+	X(GC_MAP_TCP, tcp, tpl_ct4_v1, CT_NOTIFY_T_TCP, 4)		\
+	X(GC_MAP_ANY, any, tpl_ct_any4_v1, CT_NOTIFY_T_ANY, 4)		\
+	X(GC_MAP_SYN, syn, tpl_ct4_syn_v1, CT_NOTIFY_T_SYN, 4)		\
+	X(GC_MAP_TCP6, tcp6, tpl_ct6_v1, CT_NOTIFY_T_TCP, 6)		\
+	X(GC_MAP_ANY6, any6, tpl_ct_any6_v1, CT_NOTIFY_T_ANY, 6)	\
+	X(GC_MAP_SYN6, syn6, tpl_ct6_syn_v1, CT_NOTIFY_T_SYN, 6)
+
 /* Verdicts: one byte per visited entry in the iterator's output, counted by the agent. */
 enum gc_verdict {
 	GC_V_ALIVE = 0,
@@ -115,7 +127,7 @@ static __always_inline __u8 gc_recheck_delete(void *map, const void *key, struct
 /* Delete `key` from `map` if its lifetime is still `seen` (expired), then the
  * NAT entry it owned. `e` points at the live value.
  */
-static __always_inline __u8 gc_delete_if_unchanged(void *map, const struct ipv4_ct_tuple *key,
+static __always_inline __u8 gc_delete4_if_unchanged(void *map, const struct ipv4_ct_tuple *key,
 						   struct ct_entry *e, __u32 seen, __u32 table)
 {
 	struct ipv4_ct_tuple nat = {};
