@@ -678,9 +678,10 @@ def summarize(results: dict[str, list[ModeResult]], args: argparse.Namespace, ar
 
 
 def print_table(res: dict[str, Any]) -> None:
-    print(f"kernel {res['kernel']}, {res['cpus']} CPUs; TCP table {res['tcp_max']} entries (nf_conntrack_max the "
-          f"same), handshake table {res['syn_max']}; {res['connections']} established connections; flood "
-          f"{res['flood_syns']} SYNs ({res['factor']}x the TCP table) from {res['flood_sources']} at "
+    nf = " (nf_conntrack_max the same)" if "nf_conntrack" in res["modes"] else ""
+    print(f"kernel {res['kernel']}, {res['cpus']} CPUs; TCP table {res['tcp_max']} entries{nf}, "
+          f"handshake table {res['syn_max']}; {res['connections']} established connections; flood "
+          f"{res['flood_syns']} SYNs ({res['factor']}x the TCP table) over {res['stack']} from {res['flood_sources']} at "
           f"{res['flood_rate_min']:,.0f}-{res['flood_rate_max']:,.0f} SYN/s; {res['rounds']} round(s)")
     print(f"{'mode':<26} {'entry kept':>11} {'round-trips':>11} {'survived':>9} {'fraction':>8}")
     for mode, m in res["modes"].items():
