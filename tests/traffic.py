@@ -68,7 +68,7 @@ def start_server(topo: Topology, pod: Pod, port: int, name: str | None = None,
     """An echo server (TCP and UDP on ``port``); with ``name``, answers start with it; with
     ``family6``, on IPv6 sockets bound to ``::`` (which take IPv4 too)."""
     script = ECHO_SERVER if name is None else NAMED_SERVER
-    argv = [sys.executable, "-c", ipv6(script) if family6 else script, str(port), *([name] if name else [])]
+    argv = [sys.executable, "-c", ipv6(script) if family6 else script, str(port), *([] if name is None else [name])]
     p = topo.popen(pod, argv, stdout=subprocess.PIPE, text=True)
     assert p.stdout is not None and p.stdout.readline().strip() == "ready"
     return p
