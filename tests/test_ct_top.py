@@ -16,6 +16,7 @@ from tuplet.bpf.maps import Map
 from tuplet.cli import main as cli
 from tuplet.conntrack import top
 from tuplet.conntrack.ctfilter import CtFilter
+from tuplet.conntrack.flush import flush_pinned
 from tuplet.conntrack.notify import Listener
 from tuplet.datapath import abi, clock
 from tuplet.datapath.abi import CT_MAP_TCP
@@ -124,3 +125,17 @@ def test_top_counts_both_families_with_ipv6_labelled_as_ct_list(dp: LxcHarness, 
     assert [(r["name"], r["count"]) for r in got["services"]] == [("? (rev-NAT 9)", 70)]
     assert cli.main(["--pin-root", pin_root, "ct", "top", "-o", "json", "--src", "f00d::2"]) == 0
     assert json.loads(capsys.readouterr().out)["held"]["entries"] == 20
+
+
+def test_a_flush_with_a_listener_reports_the_ipv4_deletions_and_takes_the_ipv6_ones(dp: LxcHarness,  # noqa: F811
+                                                                                     pin_root) -> None:
+    """struct ct_notify_rec carries an IPv4 tuple: deleted IPv6 entries have no DESTROY
+    record yet (and never a mangled one), the flush still deletes them."""
+    fill(pin_root, [("10.1.0.1", "10.2.0.1", 80, 2, 0)])
+    with Map.from_pin(f"{pin_root}/{abi.CT6_MAP_TCP}") as m:
+        m.update(CtTuple6.make("f00d::1", "f00d::2", 80, 1000, 6, 0), CtEntry(lifetime=clock.monotonic_now() + 100))
+    with Listener(pin_root, CtFilter()) as lis:
+        res = flush_pinned(pin_root)
+        recs = lis.poll_raw(100)
+    assert res.deleted[CT_MAP_TCP] == 2 and res.deleted[abi.CT6_MAP_TCP] == 1
+    assert len(recs) == 2 and set(recs["type"]) == {abi.CT_NOTIFY_DESTROY}

@@ -32,9 +32,9 @@ MAP_CHOICES = {"all": list(cttables.NAMES), "tcp": list(cttables.names(protos=(P
 
 def add_filter_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("filters (as conntrack's; all given must match)")
-    g.add_argument("-s", "--src", "--orig-src", dest="src", help="original source address or prefix")
+    g.add_argument("-s", "--src", "--orig-src", dest="src", help="original source address or prefix (IPv4 or IPv6)")
     g.add_argument("-d", "--dst", "--orig-dst", dest="dst", help="original destination address or prefix")
-    g.add_argument("-p", "--proto", help="tcp, udp, icmp or a number")
+    g.add_argument("-p", "--proto", help="tcp, udp, icmp, icmpv6 or a number")
     g.add_argument("--sport", "--orig-port-src", dest="sport", help="original source port")
     g.add_argument("--dport", "--orig-port-dst", dest="dport", help="original destination port")
     g.add_argument("--type", dest="ct_type", help="OUT (a pod sent), IN (a pod received) or SVC (service flow)")
