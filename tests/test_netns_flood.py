@@ -76,12 +76,14 @@ def flooded(bed: flood.Bed, pin_root: str, syn_table: bool):
 
             after = flood.tuplet_entries(pin_root, held.ports, bed.stack)
             tcp_entries = flood.map_entries(pin_root, bed.stack.tcp_map)
-            # The flood went through tuplet on pod2's veth and reached pod2: it was a flood.
+            # The flood went through tuplet on pod2's veth and reached pod2's TCP: it was a flood.
+            # Each veth hop (external host -> node, pod2's veth -> pod2) passes the per-CPU backlog,
+            # which drops a few packets under load (seen: 1-2 of 40960 with the machine busy)
+            # before tuplet or TCP sees them, which says nothing of tuplet: as bench/flood.py,
+            # at least 99% must arrive.
             assert sent["sent"] == FLOOD
-            assert ingress_packets(pin_root) - counted >= FLOOD
-            # ...and reached pod2's TCP. tuplet counted every SYN above; between its veth and TCP the
-            # kernel may drop a few under load (the per-CPU backlog), which says nothing of tuplet.
-            assert bed.snmp(bed.server)["TcpInSegs"] - syns_in >= FLOOD * 0.99
+            assert ingress_packets(pin_root) - counted >= FLOOD * flood.DELIVERY
+            assert bed.snmp(bed.server)["TcpInSegs"] - syns_in >= FLOOD * flood.DELIVERY
             failed = held.roundtrip(3.0)
         finally:
             held.close()
