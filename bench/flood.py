@@ -3,7 +3,7 @@
 
     make bench-flood       (or: .venv/bin/python bench/flood.py [--tcp-max N] [--syn-max N]
                                 [--connections K] [--factor F] [--rounds R] [--quick]
-                                [--json] [--out FILE])
+                                [--ipv6] [--json] [--out FILE])
     make bench-flood BENCH_ARGS="--quick --json"
 
 K established, idle TCP connections go from a client pod to a server pod; then a SYN flood of
@@ -49,6 +49,13 @@ reached the tracker (tuplet: packets counted by its ingress program on the serve
 nf_conntrack: SYNs admitted by the FORWARD rule plus SYNs conntrack dropped with its table
 full) and, for tuplet, the server pod (TCP segments received, no checksum error); the flood
 filled nf_conntrack's table (drops or early drops counted).
+
+``--ipv6``: the same over IPv6, tuplet's modes only. The pods and the external host are
+dual-stack (fd00:10:244::24 and ::40, fd00:77::2 with the node at ::1); the client holds its
+connections to [fd00:10:244::40]:8000 (``loadgen server6``), ``synflood`` sends IPv6 SYNs from
+random addresses in 2001:2::/48 (RFC 5180), routed by the node back to the external host; the
+server pod answers through its default gateway (one neighbour). Kept = the OUT and IN entries in
+``tpl_ct6_v1``, as above.
 
 Pins live below /sys/fs/bpf/tuplet/bench/flood-<pid> and are removed at the end; writes
 nothing else but ``--out FILE``.
@@ -97,6 +104,27 @@ SYNFLOOD = ROOT / "build" / "synflood"
 BENCH_DIR = "/sys/fs/bpf/tuplet/bench"
 NF_MAX = "/proc/sys/net/netfilter/nf_conntrack_max"
 TCP_SYN, TCP_ACK = 0x02, 0x10
+
+
+@dataclass(frozen=True)
+class Stack:
+    """What a run floods over: the pods', the external host's and the flood's addresses, and
+    the tuplet tables that track the connections (IPv4, or IPv6 with ``--ipv6``)."""
+
+    name: str
+    client: str
+    server: str
+    ext: str
+    node_ext: str
+    flood_cidr: str
+    tcp_map: str
+    syn_map: str
+
+
+IPV4 = Stack("ipv4", CLIENT, SERVER, EXT_IP, NODE_EXT_IP, FLOOD_CIDR, abi.CT_MAP_TCP, abi.CT_MAP_SYN)
+# IPv6: ULA pods and external link; the flood from 2001:2::/48 (RFC 5180 benchmarking addresses).
+IPV6 = Stack("ipv6", "fd00:10:244::24", "fd00:10:244::40", "fd00:77::2", "fd00:77::1", "2001:2::/48",
+             abi.CT6_MAP_TCP, abi.CT6_MAP_SYN)
 DELIVERY = 0.99                       # share of the flood that must reach the tracker
 
 # One process holding K connections: prints "ports P1 P2 ..."; then each stdin line
@@ -165,8 +193,8 @@ def note(text: str) -> None:
 class Held:
     """K established connections client -> server, held open by one process in the client pod."""
 
-    def __init__(self, t: Topology, client: Pod, k: int) -> None:
-        self.proc = t.popen(client, [sys.executable, "-c", HOLD, SERVER, str(PORT), str(k)],
+    def __init__(self, t: Topology, client: Pod, k: int, server: str = SERVER) -> None:
+        self.proc = t.popen(client, [sys.executable, "-c", HOLD, server, str(PORT), str(k)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         first = self.proc.stdout.readline().split()
@@ -196,9 +224,11 @@ class Held:
 
 
 class Bed:
-    """The namespaces of one run: node, client and server pods, an external host that floods."""
+    """The namespaces of one run: node, client and server pods, an external host that floods;
+    with the IPv6 stack, pods and external host are dual-stack and the flood is IPv6."""
 
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, stack: Stack = IPV4) -> None:
+        self.stack = stack
         self.t = Topology(prefix=prefix)
         try:
             self._build()
@@ -207,31 +237,33 @@ class Bed:
             raise
 
     def _build(self) -> None:
-        t = self.t
+        t, v6 = self.t, self.stack is IPV6
         self.node: Node = t.add_node("node")
-        self.client: Pod = t.add_pod(self.node, "pod1", CLIENT)
-        self.server: Pod = t.add_pod(self.node, "pod2", SERVER)
-        self.ext: External = t.add_external(self.node, "ext", EXT_IP, node_ip=NODE_EXT_IP)
+        self.client: Pod = t.add_pod(self.node, "pod1", CLIENT, ipv6=IPV6.client if v6 else None)
+        self.server: Pod = t.add_pod(self.node, "pod2", SERVER, ipv6=IPV6.server if v6 else None)
+        self.ext: External = t.add_external(self.node, "ext", EXT_IP, node_ip=NODE_EXT_IP,
+                                            ipv6=IPV6.ext if v6 else None, node_ipv6=IPV6.node_ext if v6 else None)
         # The node: the flood's sources are behind the external host (their SYN-ACKs end there);
         # no reverse-path filter (Topology sets it off; this keeps it so for the new link too).
-        self.ip(self.node, "route", "add", FLOOD_CIDR, "via", EXT_IP)
+        self.ip(self.node, "route", "add", self.stack.flood_cidr, "via", self.stack.ext)
         self.sysctl(self.node, {"net.ipv4.conf.all.rp_filter": 0, "net.ipv4.conf.default.rp_filter": 0,
                                 f"net.ipv4.conf.{self.ext.node_ifname}.rp_filter": 0})
         # The server pod: off-pod sources through one gateway (a permanent neighbour: the
-        # node's side of its veth), SYN cookies once the SYN queue is full, no rp filter.
+        # node's side of its veth; over IPv6 the pod's default gateway fe80::1), SYN cookies
+        # once the SYN queue is full (IPv6's too), no rp filter.
         self.ip(self.server, "neigh", "add", GATEWAY, "lladdr", self.server.host_mac, "dev",
                 self.server.ifname, "nud", "permanent")
         self.ip(self.server, "route", "add", FLOOD_CIDR, "via", GATEWAY, "dev", self.server.ifname, "onlink")
         self.sysctl(self.server, {"net.ipv4.tcp_syncookies": 1, "net.ipv4.conf.all.rp_filter": 0,
                                   f"net.ipv4.conf.{self.server.ifname}.rp_filter": 0})
-        self.server_proc = t.popen(self.server, [str(LOADGEN), "server", str(PORT)], stdin=subprocess.PIPE,
-                                   stdout=subprocess.PIPE, text=True)
+        self.server_proc = t.popen(self.server, [str(LOADGEN), "server6" if v6 else "server", str(PORT)],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self.server_proc.stdout is not None
         line = self.server_proc.stdout.readline().strip()
         if line != "ready":
             raise RuntimeError(f"loadgen server did not start: {line!r}")
         # The external host resolves the node once, before the flood (no packet waits for ARP).
-        self.t.run(self.ext, ["ping", "-c", "1", "-W", "2", NODE_EXT_IP], check=True, capture_output=True)
+        self.t.run(self.ext, ["ping", "-c", "1", "-W", "2", self.stack.node_ext], check=True, capture_output=True)
 
     def ip(self, host: Node | Pod | External, *argv: str) -> None:
         r = self.t.run(host, ["ip", *argv], capture_output=True, text=True)
@@ -266,7 +298,7 @@ class Bed:
         raise RuntimeError(f"no {ifname} in {host.netns}")
 
     def flood(self, count: int, seed: int) -> dict[str, Any]:
-        argv = [str(SYNFLOOD), "-n", str(count), "-s", str(seed), SERVER, str(PORT), FLOOD_CIDR]
+        argv = [str(SYNFLOOD), "-n", str(count), "-s", str(seed), self.stack.server, str(PORT), self.stack.flood_cidr]
         r = self.t.run(self.ext, argv, capture_output=True, text=True, timeout=max(60, count / 5000))
         if r.returncode != 0:
             raise RuntimeError(f"{shlex.join(argv)} failed ({r.returncode}): {r.stderr.strip()}")
@@ -297,6 +329,7 @@ class Bed:
 def tuplet_config(bed: Bed, pin_root: str, tcp_max: int, syn_max: int, syn_table: bool,
                   any_max: int | None = None) -> config.NodeConfig:
     any_max = any_max or tcp_max
+    v6 = [f'ipv6 = "{p.ipv6}"' if p.ipv6 else "" for p in (bed.client, bed.server)]
     return config.parse(textwrap.dedent(f"""
         [node]
         name = "flood"
@@ -307,11 +340,13 @@ def tuplet_config(bed: Bed, pin_root: str, tcp_max: int, syn_max: int, syn_table
         name = "pod1"
         ifname = "{bed.client.host_ifname}"
         ipv4 = "{CLIENT}"
+        {v6[0]}
 
         [[endpoints]]
         name = "pod2"
         ifname = "{bed.server.host_ifname}"
         ipv4 = "{SERVER}"
+        {v6[1]}
 
         [lb]
         socket_lb = false
@@ -336,13 +371,14 @@ class Tracked:
         return self.out is not None and self.inn is not None
 
 
-def tuplet_entries(pin_root: str, ports: list[int]) -> dict[int, Tracked]:
-    """The entries in ``tpl_ct4_v1`` of the connections CLIENT:port -> SERVER:PORT."""
+def tuplet_entries(pin_root: str, ports: list[int], stack: Stack = IPV4) -> dict[int, Tracked]:
+    """The entries in the stack's TCP table (``tpl_ct4_v1``, ``tpl_ct6_v1``) of the connections
+    client:port -> server:PORT."""
     want = set(ports)
     found: dict[tuple[int, str], ct.CtRecord] = {}
-    with paths.open_pinned(pin_root, abi.CT_MAP_TCP) as m:
+    with paths.open_pinned(pin_root, stack.tcp_map) as m:
         for r in ct.records(m):
-            if r.src[0] == CLIENT and r.src[1] in want and r.dst == (SERVER, PORT) and not r.related:
+            if r.src[0] == stack.client and r.src[1] in want and r.dst == (stack.server, PORT) and not r.related:
                 found[(r.src[1], r.direction)] = r
     return {p: Tracked(found.get((p, "OUT")), found.get((p, "IN"))) for p in ports}
 
@@ -492,7 +528,7 @@ def run_mode(mode: str, args: argparse.Namespace, prefix: str, seed: int,
     res = ModeResult(mode)
     pin_root = pin_root or f"{BENCH_DIR}/flood-{os.getpid()}"
     flood_n = args.factor * args.tcp_max
-    with Bed(prefix) as bed, contextlib.ExitStack() as stack:
+    with Bed(prefix, args.stack) as bed, contextlib.ExitStack() as stack:
         if mode.startswith("tuplet"):
             node_apply.apply(tuplet_config(bed, pin_root, args.tcp_max, args.syn_max, mode == "tuplet-syn"))
             stack.callback(_tuplet_down, pin_root)
@@ -506,7 +542,7 @@ def run_mode(mode: str, args: argparse.Namespace, prefix: str, seed: int,
         if pinned != mode.startswith("tuplet") or bool(rules) == mode.startswith("tuplet"):
             res.failures.append(f"wrong set-up: tuplet {'attached' if pinned else 'absent'}, FORWARD rules {rules}")
 
-        held = Held(bed.t, bed.client, args.connections)
+        held = Held(bed.t, bed.client, args.connections, bed.stack.server)
         stack.callback(held.close)
         ports = held.ports
         res.connections = len(ports)
@@ -514,7 +550,7 @@ def run_mode(mode: str, args: argparse.Namespace, prefix: str, seed: int,
         res.roundtrip_before = len(ports) - len(failed)
         time.sleep(0.3)                 # delayed ACKs: nothing of these connections is in flight
         if mode.startswith("tuplet"):
-            before = tuplet_entries(pin_root, ports)
+            before = tuplet_entries(pin_root, ports, bed.stack)
             res.tracked_before = sum(1 for v in before.values() if v.both)
             m0 = tuplet_ingress(pin_root)
         else:
@@ -535,7 +571,7 @@ def run_mode(mode: str, args: argparse.Namespace, prefix: str, seed: int,
 
         # What is left, read before the connections send anything more.
         if mode.startswith("tuplet"):
-            after = tuplet_entries(pin_root, ports)
+            after = tuplet_entries(pin_root, ports, bed.stack)
             kept = {p for p in ports if original(before[p], after[p])}
             res.detail["entries_present"] = sum(1 for v in after.values() if v.both)
             res.detail["out_kept"] = sum(1 for v in after.values() if v.out is not None)
@@ -544,8 +580,8 @@ def run_mode(mode: str, args: argparse.Namespace, prefix: str, seed: int,
             delta = {k: v - m0.get(k, 0) for k, v in counts.items() if v != m0.get(k, 0)}
             res.reached_tracker = sum(v for k, v in delta.items() if k.startswith("ingress/"))
             res.detail["tuplet_counters"] = delta
-            res.detail["tcp_table_entries"] = map_entries(pin_root, abi.CT_MAP_TCP)
-            res.detail["syn_table_entries"] = map_entries(pin_root, abi.CT_MAP_SYN)
+            res.detail["tcp_table_entries"] = map_entries(pin_root, bed.stack.tcp_map)
+            res.detail["syn_table_entries"] = map_entries(pin_root, bed.stack.syn_map)
             drops = {k: v for k, v in delta.items() if "/DROP_" in k}
             if drops:
                 note(f"{mode}: tuplet drops during the flood: {drops}")
@@ -619,7 +655,7 @@ def summarize(results: dict[str, list[ModeResult]], args: argparse.Namespace, ar
         "kernel": platform.release(), "cpus": os.cpu_count(), "command": shlex.join(argv),
         "tcp_max": args.tcp_max, "syn_max": args.syn_max, "nf_conntrack_max": args.tcp_max,
         "connections": args.connections, "factor": args.factor, "flood_syns": args.factor * args.tcp_max,
-        "flood_sources": FLOOD_CIDR, "rounds": args.rounds, "modes": {},
+        "flood_sources": args.stack.flood_cidr, "stack": args.stack.name, "rounds": args.rounds, "modes": {},
     }
     for mode, runs in results.items():
         res["modes"][mode] = {
@@ -645,9 +681,10 @@ def summarize(results: dict[str, list[ModeResult]], args: argparse.Namespace, ar
 
 
 def print_table(res: dict[str, Any]) -> None:
-    print(f"kernel {res['kernel']}, {res['cpus']} CPUs; TCP table {res['tcp_max']} entries (nf_conntrack_max the "
-          f"same), handshake table {res['syn_max']}; {res['connections']} established connections; flood "
-          f"{res['flood_syns']} SYNs ({res['factor']}x the TCP table) from {res['flood_sources']} at "
+    nf = " (nf_conntrack_max the same)" if "nf_conntrack" in res["modes"] else ""
+    print(f"kernel {res['kernel']}, {res['cpus']} CPUs; TCP table {res['tcp_max']} entries{nf}, "
+          f"handshake table {res['syn_max']}; {res['connections']} established connections; flood "
+          f"{res['flood_syns']} SYNs ({res['factor']}x the TCP table) over {res['stack']} from {res['flood_sources']} at "
           f"{res['flood_rate_min']:,.0f}-{res['flood_rate_max']:,.0f} SYN/s; {res['rounds']} round(s)")
     print(f"{'mode':<26} {'entry kept':>11} {'round-trips':>11} {'survived':>9} {'fraction':>8}")
     for mode, m in res["modes"].items():
@@ -675,6 +712,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=1, help="synflood's seed in the first round (+1 per round)")
     ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
     ap.add_argument("--quick", action="store_true", help="TCP table 4096, 1024 handshake, 200 connections, 1 round")
+    ap.add_argument("--ipv6", action="store_true",
+                    help="connections and flood over IPv6 (tuplet's modes only: the default modes then)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON only")
     ap.add_argument("--out", metavar="FILE", help="also write the JSON results to FILE")
     args = ap.parse_args()
@@ -682,9 +721,13 @@ def main() -> int:
         args.tcp_max, args.connections, args.rounds = 4096, 200, 1
     if args.syn_max is None:
         args.syn_max = max(1024, args.tcp_max // 8)
+    args.stack = IPV6 if args.ipv6 else IPV4
+    modes = [m for m in MODES if m != "nf_conntrack"] if args.ipv6 else MODES
+    if args.ipv6 and args.modes == ",".join(MODES):
+        args.modes = ",".join(modes)
     args.modes = [m for m in args.modes.split(",") if m]
-    if any(m not in MODES for m in args.modes) or not args.modes:
-        ap.error(f"--modes: a subset of {','.join(MODES)}")
+    if any(m not in modes for m in args.modes) or not args.modes:
+        ap.error(f"--modes: a subset of {','.join(modes)}" + (" (the nf_conntrack mode is IPv4 only)" if args.ipv6 else ""))
     if args.rounds < 1 or args.factor < 1 or not 1 <= args.connections <= 20000 or args.tcp_max < 1024:
         ap.error("--rounds >= 1, --factor >= 1, --connections 1..20000, --tcp-max >= 1024")
     if 2 * args.connections > args.tcp_max:

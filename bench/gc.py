@@ -2,12 +2,14 @@
 """Conntrack GC: ways to clean a full map, side by side in one run.
 
     .venv/bin/python bench/gc.py [--sizes 1048576,4194304] [--expired 0.1] [--cpu 1]
+                                 [--family ipv4|ipv6|both]
 
 Every method runs pinned to one CPU beside a probe process pinned to the same CPU that
 sleeps 1 ms in a loop (bench/gap_probe.py); "worst gap" is the probe's largest time
 between two wake-ups during the method: how long the method held the CPU at a stretch.
 
-For each size a real LRU CT map is filled (10% of entries expired), then, refilling
+For each size and family a real LRU CT map is filled (``tpl_ct4_v1`` with IPv4 tuples,
+``tpl_ct6_v1`` with 38-byte IPv6 ones; 10% of entries expired), then, refilling
 the deleted entries before each method:
   (a) walk: get_next_key + lookup per entry, delete per expired key (the old way)
   (b) batch lookup, delete per expired key (the reference's current way)
@@ -44,6 +46,7 @@ from tuplet.conntrack.entries import value_dtype  # noqa: E402
 from tuplet.conntrack.gc import CtGc, Method  # noqa: E402
 from tuplet.core.errors import TupletError  # noqa: E402
 from tuplet.datapath.abi import (
+    CT6_MAP_TCP,  # noqa: E402
     CT_MAP_TCP,  # noqa: E402
     OBJ_LXC,  # noqa: E402
 )
@@ -53,6 +56,11 @@ from tuplet.node.config import NodeConfig  # noqa: E402
 
 KEY = np.dtype([("daddr", "<u4"), ("saddr", "<u4"), ("dport", "<u2"), ("sport", "<u2"),
                 ("nexthdr", "u1"), ("flags", "u1")])
+#: struct ipv6_ct_tuple; entry i's addresses carry i in their last 4 bytes (f00d::/96 style).
+KEY6 = np.dtype([("daddr", "V12"), ("dlow", ">u4"), ("saddr", "V12"), ("slow", ">u4"), ("dport", "<u2"),
+                 ("sport", "<u2"), ("nexthdr", "u1"), ("flags", "u1")])
+#: The table each family's pass is measured on.
+TABLES = {"ipv4": CT_MAP_TCP, "ipv6": CT6_MAP_TCP}
 
 
 def fill(m: Map, n: int, expired_frac: float, now: int, idx: np.ndarray | None = None) -> None:
@@ -67,9 +75,14 @@ def fill(m: Map, n: int, expired_frac: float, now: int, idx: np.ndarray | None =
     for s in range(0, total, 1 << 16):
         i = (np.arange(s, min(s + (1 << 16), total), dtype=np.uint32) if idx is None
              else idx[s:s + (1 << 16)].astype(np.uint32))
-        keys = np.zeros(len(i), KEY)
-        keys["daddr"] = 0x0A000000 + (i >> 16)
-        keys["saddr"] = 0x0B000000 + (i & 0xFFFF)
+        if m.key_size == KEY.itemsize:
+            keys = np.zeros(len(i), KEY)
+            keys["daddr"] = 0x0A000000 + (i >> 16)
+            keys["saddr"] = 0x0B000000 + (i & 0xFFFF)
+        else:
+            keys = np.zeros(len(i), KEY6)
+            keys["daddr"] = keys["saddr"] = np.void(bytes.fromhex("f00d") + bytes(10))
+            keys["dlow"], keys["slow"] = 0x0A000000 + (i >> 16), 0x0B000000 + (i & 0xFFFF)
         keys["dport"], keys["sport"], keys["nexthdr"] = 80, 1234, 6
         vals = np.zeros(len(i), vdt)
         vals["lifetime"] = np.where(i % step == 0, now - 1, now + 3600)
@@ -141,27 +154,43 @@ def main() -> int:
     ap.add_argument("--expired", type=float, default=0.1)
     ap.add_argument("--skip-walk", action="store_true", help="skip (a), the slowest")
     ap.add_argument("--cpu", type=int, default=1, help="the CPU the methods and the probe share")
+    ap.add_argument("--family", choices=["ipv4", "ipv6", "both"], default="both",
+                    help="which table: tpl_ct4_v1, tpl_ct6_v1, or each in turn (default)")
     args = ap.parse_args()
     log.configure("warning")
+    families = ["ipv4", "ipv6"] if args.family == "both" else [args.family]
+    passes: dict[tuple[int, str], float] = {}
     for n in (int(x) for x in args.sizes.split(",")):
-        spec = open_object(OBJ_LXC, NodeConfig(), pin_root=None)
-        spec.set_max_entries(CT_MAP_TCP, n + n // 4)   # headroom: no LRU eviction while filling
-        coll = spec.load()
-        m = coll.maps[CT_MAP_TCP]
+        for family in families:
+            passes[(n, family)] = measure(n, family, args)
+        if len(families) == 2:
+            v4, v6 = passes[(n, "ipv4")], passes[(n, "ipv6")]
+            print(f"  {n:,} entries: the IPv6 table's pass is {v6 / v4:.2f}x the IPv4 table's (same run)")
+    return 0
+
+
+def measure(n: int, family: str, args: argparse.Namespace) -> float:
+    """Every method on one table of ``n`` entries of ``family``; returns tuplet's pass time."""
+    table = TABLES[family]
+    spec = open_object(OBJ_LXC, NodeConfig(), pin_root=None)
+    spec.set_max_entries(table, n + n // 4)   # headroom: no LRU eviction while filling
+    coll = spec.load()
+    try:
+        m = coll.maps[table]
         now = monotonic_now()
         t = time.perf_counter()
         fill(m, n, args.expired, now)
-        print(f"\n{n:,} entries ({args.expired:.0%} expired), filled in {time.perf_counter() - t:.1f} s, "
-              f"peak RSS so far {rss_mib():.0f} MiB")
+        print(f"\n{n:,} {family} entries in {table} ({args.expired:.0%} expired), filled in "
+              f"{time.perf_counter() - t:.1f} s, peak RSS so far {rss_mib():.0f} MiB")
         idx = expired_index(n, args.expired)
         results: dict[str, float] = {}
         gaps: dict[str, float] = {}
         batch = CtGc([m], method=Method.BATCH)
         try:
             kernel: CtGc | None = CtGc([m], method=Method.KERNEL)
-        except TupletError as e:
+        except TupletError as err:
             kernel = None
-            print(f"  kernel method unavailable here: {str(e).splitlines()[0][:100]}")
+            print(f"  kernel method unavailable here: {str(err).splitlines()[0][:100]}")
         methods = [(D, lambda: read_only(m)),
                    (E, lambda: batch.walk_only(m)),
                    (CB, lambda: batch.run(now).deleted),
@@ -184,8 +213,9 @@ def main() -> int:
         best = results[CK] if kernel is not None else cb
         print(f"  tuplet's pass ({'kernel' if kernel is not None else 'batch'}): {best / e:.2f}x the one-run walk "
               f"floor (e), {best / d:.2f}x the batch floor (d), (b) is {b / best:.2f}x slower")
+        return best
+    finally:
         coll.close()
-    return 0
 
 
 if __name__ == "__main__":

@@ -8,6 +8,9 @@
  *       Prints "ready" once every socket is bound. Then each line read on stdin
  *       prints "accepted=A requests=R udp=U" (totals so far); EOF on stdin stops it.
  *
+ *   loadgen server6 PORT [WORKERS]
+ *       The same on :: (IPv6, and IPv4 as mapped addresses).
+ *
  *   loadgen crr|rr|udp_rr IP[,IP...] PORT SECONDS [CONCURRENCY] [SIZE]
  *       CONCURRENCY client processes (default 1), process i aimed at the i-th address
  *       modulo their number, for SECONDS seconds, SIZE-byte requests (default 64):
@@ -63,18 +66,20 @@ struct srv_counts {
 	char pad[64 - 3 * sizeof(uint64_t)];  /* one cache line per worker */
 };
 
-static int bound_socket(int type, int port)
+static int bound_socket(int type, int port, int family)
 {
 	struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons(port) };
-	int one = 1;
-	int fd = socket(AF_INET, type | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	struct sockaddr_in6 a6 = { .sin6_family = AF_INET6, .sin6_port = htons(port) };
+	int one = 1, zero = 0;
+	int fd = socket(family, type | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
 
 	if (fd < 0)
 		die("socket");
 	if (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) ||
-	    setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)))
+	    setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) ||
+	    (family == AF_INET6 && setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof(zero))))
 		die("setsockopt");
-	if (bind(fd, (struct sockaddr *)&a, sizeof(a)))
+	if (family == AF_INET6 ? bind(fd, (struct sockaddr *)&a6, sizeof(a6)) : bind(fd, (struct sockaddr *)&a, sizeof(a)))
 		die("bind");
 	if (type == SOCK_STREAM && listen(fd, 4096))
 		die("listen");
@@ -121,7 +126,7 @@ static void server_worker(int lfd, int ufd, struct srv_counts *c)
 						c->accepted++;
 				}
 			} else if (fd == ufd) {
-				struct sockaddr_in peer;
+				struct sockaddr_storage peer;
 				socklen_t pl = sizeof(peer);
 				ssize_t r;
 
@@ -148,7 +153,7 @@ static void server_worker(int lfd, int ufd, struct srv_counts *c)
 	}
 }
 
-static int server(int argc, char **argv)
+static int server(int argc, char **argv, int family)
 {
 	int port, workers = (int)sysconf(_SC_NPROCESSORS_ONLN);
 	pid_t pids[MAX_PROCS];
@@ -167,8 +172,8 @@ static int server(int argc, char **argv)
 		die("mmap");
 	memset(c, 0, sizeof(*c) * workers);
 	for (int w = 0; w < workers; w++) {
-		int lfd = bound_socket(SOCK_STREAM, port);
-		int ufd = bound_socket(SOCK_DGRAM, port);
+		int lfd = bound_socket(SOCK_STREAM, port, family);
+		int ufd = bound_socket(SOCK_DGRAM, port, family);
 
 		pids[w] = fork();
 		if (pids[w] < 0)
@@ -395,7 +400,9 @@ int main(int argc, char **argv)
 
 	signal(SIGPIPE, SIG_IGN);
 	if (argc >= 2 && !strcmp(argv[1], "server"))
-		rc = server(argc, argv);
+		rc = server(argc, argv, AF_INET);
+	else if (argc >= 2 && !strcmp(argv[1], "server6"))
+		rc = server(argc, argv, AF_INET6);
 	else if (argc >= 2 && !strcmp(argv[1], "crr"))
 		rc = client(CRR, argc, argv);
 	else if (argc >= 2 && !strcmp(argv[1], "rr"))
@@ -403,7 +410,7 @@ int main(int argc, char **argv)
 	else if (argc >= 2 && !strcmp(argv[1], "udp_rr"))
 		rc = client(UDP_RR, argc, argv);
 	if (rc == 1)
-		fprintf(stderr, "usage: loadgen server PORT [WORKERS]\n"
+		fprintf(stderr, "usage: loadgen server|server6 PORT [WORKERS]\n"
 				"       loadgen crr|rr|udp_rr IP[,IP...] PORT SECONDS [CONCURRENCY] [SIZE]\n");
 	return rc;
 }

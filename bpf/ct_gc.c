@@ -35,6 +35,9 @@ enum gc_map_sel {
 	GC_MAP_ANY = 1,
 	GC_MAP_SYN = 2,
 	GC_MAP_NAT = 3,          /* count only (GC_WALK_ONLY): NAT entries go with their CT entry */
+	GC_MAP_TCP6 = 4,         /* the IPv6 tables (NAT-free) */
+	GC_MAP_ANY6 = 5,
+	GC_MAP_SYN6 = 6,
 };
 
 /* and how. */
@@ -72,15 +75,15 @@ struct gc_ctx {
 	__u64 delete_failed;
 };
 
-static long gc_count(struct bpf_map *map, struct ipv4_ct_tuple *key, struct ct_entry *e,
+static long gc_count(struct bpf_map *map, void *key, struct ct_entry *e,
 		     struct gc_ctx *ctx)
 {
 	ctx->alive++;
 	return 0;
 }
 
-static long gc_entry(struct bpf_map *map, struct ipv4_ct_tuple *key, struct ct_entry *e,
-		     struct gc_ctx *ctx)
+static long gc_entry4(struct bpf_map *map, struct ipv4_ct_tuple *key, struct ct_entry *e,
+		      struct gc_ctx *ctx)
 {
 	struct ipv4_ct_tuple nat = {};
 
@@ -100,24 +103,42 @@ static long gc_entry(struct bpf_map *map, struct ipv4_ct_tuple *key, struct ct_e
 	return 0;
 }
 
+/* An IPv6 entry: no NAT entry to own. */
+static long gc_entry6(struct bpf_map *map, struct ipv6_ct_tuple *key, struct ct_entry *e,
+		      struct gc_ctx *ctx)
+{
+	if (!gc_expired(READ_ONCE(e->lifetime), ctx->now)) {
+		ctx->alive++;
+		return 0;
+	}
+	if (bpf_map_delete_elem(map, key) == 0)
+		ctx->deleted++;
+	else
+		ctx->delete_failed++;
+	return 0;
+}
+
 /* One walker per map, each a subprogram of its own: every bpf_for_each_map_elem
  * call instruction then sees one map. Left to itself clang merges the calls
  * into one instruction fed different maps, which 6.1's verifier rejects
  * ("tail_call abusing map_ptr"); 6.6 and later accept it.
  */
-#define GC_WALKER(fn, map)							\
-static __noinline int fn(struct gc_ctx *ctx, int count_only)		\
+#define GC_WALKER(sel, name, map, table, fam)				\
+static __noinline int gc_walk_##name(struct gc_ctx *ctx, int count_only) \
 {									\
 	if (!ctx)							\
 		return 0;						\
 	if (count_only)							\
 		return bpf_for_each_map_elem(&map, gc_count, ctx, 0);	\
-	return bpf_for_each_map_elem(&map, gc_entry, ctx, 0);		\
+	return bpf_for_each_map_elem(&map, gc_entry##fam, ctx, 0);	\
 }
 
-GC_WALKER(gc_walk_tcp, tpl_ct4_v1)
-GC_WALKER(gc_walk_any, tpl_ct_any4_v1)
-GC_WALKER(gc_walk_syn, tpl_ct4_syn_v1)
+GC_CT_TABLES(GC_WALKER)
+
+#define GC_WALK_CASE(sel, name, map, table, fam)			\
+	case sel:							\
+		gc_walk_##name(&ctx, count_only);			\
+		break;
 
 static __noinline int gc_walk_nat(struct gc_ctx *ctx)
 {
@@ -138,15 +159,7 @@ int tpl_ct_gc(struct __sk_buff *skb)
 	ctx.now = args.now;
 	count_only = !!(args.map & GC_WALK_ONLY);
 	switch (args.map & ~GC_WALK_ONLY) {
-	case GC_MAP_TCP:
-		gc_walk_tcp(&ctx, count_only);
-		break;
-	case GC_MAP_ANY:
-		gc_walk_any(&ctx, count_only);
-		break;
-	case GC_MAP_SYN:
-		gc_walk_syn(&ctx, count_only);
-		break;
+	GC_CT_TABLES(GC_WALK_CASE)
 	case GC_MAP_NAT:
 		if (!count_only)
 			return -1;   /* NAT entries are deleted with their CT entry, never walked */
@@ -183,6 +196,14 @@ struct gc_key_rec {
 };
 ASSERT_SIZE(struct gc_key_rec, 20);
 
+/* The same for an IPv6 table. */
+struct gc_key6_rec {
+	struct ipv6_ct_tuple key;
+	__u16 pad;
+	__u32 seen;
+};
+ASSERT_SIZE(struct gc_key6_rec, 44);
+
 /* Records one run of tpl_ct_gc_keys takes: bounds the run's time. */
 enum gc_keys_limit {
 	GC_KEYS_MAX = 128,
@@ -199,10 +220,10 @@ struct gc_keys_ctx {
 /* One record per bpf_loop step (a bounded C loop costs 6.1's verifier a state per
  * iteration and counter value); one step function per map, as for the walkers.
  */
-#define GC_KEYS_DELETER(fn, map, table)						\
+#define GC_KEYS_DELETER(fn, map, table, rec, del)				\
 static long fn##_step(__u64 i, struct gc_keys_ctx *c)			\
 {									\
-	struct gc_key_rec r;						\
+	rec r;								\
 	struct ct_entry *e;						\
 	__u8 v;								\
 									\
@@ -217,7 +238,7 @@ static long fn##_step(__u64 i, struct gc_keys_ctx *c)			\
 		 (READ_ONCE(e->lifetime) != r.seen || !gc_expired(r.seen, c->a->now))) \
 		v = GC_V_REFRESHED;					\
 	else								\
-		v = gc_delete_if_unchanged(&map, &r.key, e, r.seen, table);	\
+		v = del(&map, &r.key, e, r.seen, table);		\
 	if (v < GC_V_COUNTED)						\
 		c->a->verdicts[v]++;					\
 	return 0;							\
@@ -232,9 +253,15 @@ static __noinline int fn(struct __sk_buff *skb, struct gc_keys_args *a)	\
 	return c.err;							\
 }
 
-GC_KEYS_DELETER(gc_keys_tcp, tpl_ct4_v1, CT_NOTIFY_T_TCP)
-GC_KEYS_DELETER(gc_keys_any, tpl_ct_any4_v1, CT_NOTIFY_T_ANY)
-GC_KEYS_DELETER(gc_keys_syn, tpl_ct4_syn_v1, CT_NOTIFY_T_SYN)
+#define gc_key4_rec gc_key_rec
+#define GC_KEYS(sel, name, map, table, fam)				\
+	GC_KEYS_DELETER(gc_keys_##name, map, table, struct gc_key##fam##_rec, gc_delete##fam##_if_unchanged)
+GC_CT_TABLES(GC_KEYS)
+
+#define GC_KEYS_CASE(sel, name, map, table, fam)			\
+	case sel:							\
+		ret = gc_keys_##name(skb, &a);				\
+		break;
 
 SEC("tc")
 int tpl_ct_gc_keys(struct __sk_buff *skb)
@@ -246,15 +273,7 @@ int tpl_ct_gc_keys(struct __sk_buff *skb)
 		return -1;
 	__builtin_memset(a.verdicts, 0, sizeof(a.verdicts));
 	switch (a.map) {
-	case GC_MAP_TCP:
-		ret = gc_keys_tcp(skb, &a);
-		break;
-	case GC_MAP_ANY:
-		ret = gc_keys_any(skb, &a);
-		break;
-	case GC_MAP_SYN:
-		ret = gc_keys_syn(skb, &a);
-		break;
+	GC_CT_TABLES(GC_KEYS_CASE)
 	default:
 		return -1;
 	}

@@ -15,46 +15,41 @@
 
 char LICENSE[] SEC("license") = "GPL";
 
-static __always_inline int gc_iter(struct bpf_iter__bpf_map_elem *ctx, void *map, __u32 table)
-{
-	struct ipv4_ct_tuple *key = ctx->key;
-	struct ct_entry *e = ctx->value;
-	__u8 v = GC_V_COUNTED;
-	__u32 seen;
-
-	struct ipv4_ct_tuple k;
-
-	if (!key || !e)
-		return 0;
-	if (!gc_walk_only) {
-		seen = READ_ONCE(e->lifetime);
-		if (!gc_expired(seen, gc_now)) {
-			v = GC_V_ALIVE;
-		} else {
-			/* 6.1 passes no read-only iterator buffer to a helper: the key goes by the stack. */
-			__builtin_memcpy(&k, key, sizeof(k));
-			v = gc_delete_if_unchanged(map, &k, e, seen, table);
-		}
-	}
-	bpf_seq_write(ctx->meta->seq, &v, sizeof(v));
-	return 0;
+/* One iterator body per key type: `tuple` the key, `del` its re-checking delete. */
+#define GC_ITER(name, tuple, del)						\
+static __always_inline int name(struct bpf_iter__bpf_map_elem *ctx, void *map, __u32 table) \
+{									\
+	tuple *key = ctx->key;						\
+	struct ct_entry *e = ctx->value;				\
+	__u8 v = GC_V_COUNTED;						\
+	__u32 seen;							\
+	tuple k;							\
+									\
+	if (!key || !e)							\
+		return 0;						\
+	if (!gc_walk_only) {						\
+		seen = READ_ONCE(e->lifetime);				\
+		if (!gc_expired(seen, gc_now)) {			\
+			v = GC_V_ALIVE;					\
+		} else {						\
+			/* 6.1 passes no read-only iterator buffer to a helper: the key goes by the stack. */ \
+			__builtin_memcpy(&k, key, sizeof(k));		\
+			v = del(map, &k, e, seen, table);		\
+		}							\
+	}								\
+	bpf_seq_write(ctx->meta->seq, &v, sizeof(v));			\
+	return 0;							\
 }
 
-SEC("iter/bpf_map_elem")
-int tpl_gc_iter_tcp(struct bpf_iter__bpf_map_elem *ctx)
-{
-	return gc_iter(ctx, &tpl_ct4_v1, CT_NOTIFY_T_TCP);
+GC_ITER(gc_iter4, struct ipv4_ct_tuple, gc_delete4_if_unchanged)
+GC_ITER(gc_iter6, struct ipv6_ct_tuple, gc_delete6_if_unchanged)
+
+/* One program per table (GC_CT_TABLES): tpl_gc_iter_tcp ... tpl_gc_iter_syn6. */
+#define GC_ITER_PROG(sel, name, map, table, fam)			\
+SEC("iter/bpf_map_elem")						\
+int tpl_gc_iter_##name(struct bpf_iter__bpf_map_elem *ctx)		\
+{									\
+	return gc_iter##fam(ctx, &map, table);				\
 }
 
-SEC("iter/bpf_map_elem")
-int tpl_gc_iter_any(struct bpf_iter__bpf_map_elem *ctx)
-{
-	return gc_iter(ctx, &tpl_ct_any4_v1, CT_NOTIFY_T_ANY);
-}
-
-SEC("iter/bpf_map_elem")
-int tpl_gc_iter_syn(struct bpf_iter__bpf_map_elem *ctx)
-{
-	return gc_iter(ctx, &tpl_ct4_syn_v1, CT_NOTIFY_T_SYN);
-}
-
+GC_CT_TABLES(GC_ITER_PROG)

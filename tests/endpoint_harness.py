@@ -10,7 +10,7 @@ from pathlib import Path
 
 from traffic import start_server, tcp_once
 from tuplet.conntrack import records as ct
-from tuplet.datapath import abi, paths
+from tuplet.datapath import cttables, paths
 from tuplet.lab.topology import Topology
 from tuplet.node import apply as node_apply
 from tuplet.node import config
@@ -52,7 +52,7 @@ def tuplet(pin_root: str, *argv: str, env: dict[str, str] | None = None,
 
 def records(pin_root: str) -> list[ct.CtRecord]:
     out = []
-    for name in abi.CT_MAPS:
+    for name in cttables.NAMES:
         with paths.open_pinned(pin_root, name) as m:
             out.extend(ct.records(m))
     return out

@@ -10,7 +10,7 @@ import pytest
 
 from tuplet.bpf.btf import Kind, load_btf_from_elf
 from tuplet.bpf.objects import ObjectSpec
-from tuplet.datapath import abi
+from tuplet.datapath import abi, cttables
 from tuplet.datapath.paths import object_dir
 
 OBJECTS = (abi.OBJ_LXC, abi.OBJ_HOST, abi.OBJ_OVERLAY, abi.OBJ_SOCK, abi.OBJ_GC, abi.OBJ_GC_ITER,
@@ -57,9 +57,9 @@ def test_program_names_are_in_their_objects() -> None:
         assert {p for p, _ in hooks} <= declared(obj)[1], obj
     assert {abi.GC_PROGRAM, abi.GC_KEYS_PROGRAM, abi.NOTIFY_EMIT_PROGRAM} <= declared(abi.OBJ_GC)[1]
     assert set(abi.GC_ITER_PROGRAM.values()) <= declared(abi.OBJ_GC_ITER)[1]
-    assert set(abi.GC_ITER_PROGRAM) == set(abi.CT_MAPS)
+    assert set(abi.GC_ITER_PROGRAM) == set(abi.CT_MAPS) | set(abi.CT6_MAPS)
     assert abi.SOCK_DESTROY_PROGRAM in declared(abi.OBJ_SOCK_DESTROY)[1]
-    assert set(abi.GC_SELECTOR) == set(abi.CT_MAPS)
+    assert set(abi.GC_SELECTOR) == set(abi.CT_MAPS) | set(abi.CT6_MAPS)
 
 
 @pytest.mark.parametrize("name", sorted(abi_constants(int)))
@@ -68,3 +68,14 @@ def test_integer_constant_matches_the_enumerator_in_btf(name: str) -> None:
     found = {o: enumerators(o)[name] for o in OBJECTS if name in enumerators(o)}
     assert found, f"{name} is in no object's BTF: name it in an enum there (see bpf/lib/reasons.h)"
     assert set(found.values()) == {value}, f"{name}: abi has {value:#x}, BTF has {found}"
+
+
+def test_the_ct_table_registry_names_every_ct_table_with_its_key_layout() -> None:
+    """tuplet.datapath.cttables: every CT table of abi once, each with the key size the
+    object declares and a twin of the same class in the other family."""
+    assert set(cttables.NAMES) == set(abi.CT_MAPS) | set(abi.CT6_MAPS) and len(cttables.NAMES) == 6
+    with ObjectSpec.open(object_dir() / abi.OBJ_LXC) as spec:
+        for t in cttables.CT_TABLES:
+            assert spec.maps[t.name].key_size == t.key_size == len(abi.ct_sentinel_key(0, t.key_size)), t.name
+            assert t.twin.proto is t.proto and t.twin.family is not t.family and t.twin.twin is t
+            assert t.name in abi.GC_SELECTOR and t.name in abi.GC_ITER_PROGRAM

@@ -23,16 +23,18 @@ from tuplet.conntrack.runner import GcRunner
 from tuplet.conntrack.schedule import FLOOR, GcSchedule
 from tuplet.conntrack.sizing import LIMIT_MAX
 from tuplet.datapath import abi, clock
-from tuplet.datapath.abi import CT_MAP_ANY, CT_MAP_SYN, CT_MAP_TCP, NAT_MAP
+from tuplet.datapath.abi import CT6_MAP_ANY, CT6_MAP_SYN, CT6_MAP_TCP, CT_MAP_ANY, CT_MAP_SYN, CT_MAP_TCP, NAT_MAP
 from tuplet.datapath.layouts import CtEntry
 from tuplet.node import apply as node_apply
 from tuplet.node import config, sizes
 
-CAPS = {CT_MAP_TCP: 4096, CT_MAP_ANY: 4096, CT_MAP_SYN: 1024, NAT_MAP: 4096}
+CAPS = {CT_MAP_TCP: 4096, CT_MAP_ANY: 4096, CT_MAP_SYN: 1024, NAT_MAP: 4096,
+        CT6_MAP_TCP: 4096, CT6_MAP_ANY: 4096, CT6_MAP_SYN: 1024}
 
 
 def fills(**kw: float) -> dict[str, float]:
-    names = {"tcp": CT_MAP_TCP, "any": CT_MAP_ANY, "syn": CT_MAP_SYN, "nat": NAT_MAP}
+    names = {"tcp": CT_MAP_TCP, "any": CT_MAP_ANY, "syn": CT_MAP_SYN, "nat": NAT_MAP,
+             "tcp6": CT6_MAP_TCP, "any6": CT6_MAP_ANY, "syn6": CT6_MAP_SYN}
     return {names[k]: v for k, v in kw.items()}
 
 
@@ -85,6 +87,26 @@ def test_handshake_table_is_excluded() -> None:
         assert g.observe(fills(syn=1.0, tcp=0.2), CAPS) == []
     assert pressure.under_pressure(fills(syn=1.0, tcp=0.2, any=0.89, nat=0.5)) == []
     assert pressure.under_pressure(fills(syn=1.0, tcp=0.9, nat=0.95)) == [CT_MAP_TCP, NAT_MAP]
+
+
+def test_ipv6_tables_are_main_tables_and_grow_with_their_ipv4_twin() -> None:
+    """A full IPv6 table brings GC forward and is grown as a main table; growing it sets
+    the [conntrack] key that sizes it and its IPv4 twin. The IPv6 handshake table, as the
+    IPv4 one, is only reported."""
+    assert pressure.under_pressure(fills(syn6=1.0, tcp6=0.2, any6=0.89)) == []
+    assert pressure.under_pressure(fills(tcp=0.5, tcp6=0.91, any6=0.95)) == [CT6_MAP_TCP, CT6_MAP_ANY]
+    g = pressure.AutoGrow(enabled=True)
+    assert g.observe(fills(syn6=1.0), CAPS) == []
+    [grow] = g.observe(fills(any6=0.96, tcp=0.5), CAPS)
+    assert (grow.map, grow.new_entries) == (CT6_MAP_ANY, 8192)
+    cfg = config.parse('[node]\npin_root = "/sys/fs/bpf/tuplet/x"\n[conntrack]\ntcp_max = 4096\n'
+                       'any_max = 4096\nmap_dynamic_size_ratio = 0.0\nauto_grow = true\n')
+    grown = sizes.with_sizes(cfg, {grow.map: grow.new_entries, CT_MAP_ANY: 4096})
+    assert grown.conntrack.any_max == 8192 and grown.conntrack.tcp_max == 4096
+    eff, kept = sizes.keep_grown(cfg, {CT_MAP_TCP: 4096, CT6_MAP_TCP: 16384})
+    assert kept == [(CT_MAP_TCP, 4096, 16384)] and eff.conntrack.sizing().tcp.entries == 16384
+    assert pressure.TABLE_EVENTS[CT6_MAP_SYN] == ("insert_syn6", ("promoted6",))
+    assert pressure.TABLE_EVENTS[CT6_MAP_TCP] == ("insert_tcp6", ())
 
 
 def test_ceiling_caps_then_logs_once() -> None:

@@ -9,7 +9,10 @@ import sys
 import pytest
 
 from endpoint_harness import POD3, ROOT, records, tcp_exchange, three_pods_applied, with_addr
-from tuplet.node import state
+from tuplet.datapath import abi, paths
+from tuplet.datapath.clock import monotonic_now
+from tuplet.datapath.layouts import CtEntry, CtTuple6
+from tuplet.node import endpoints, state
 from two_pods import POD1
 
 pytestmark = pytest.mark.netns
@@ -100,4 +103,43 @@ def test_gc_removes_endpoints_the_runtime_no_longer_has(topo, pin_root) -> None:
     assert len(state.load(pin_root).live) == 1
     gc["cni.dev/valid-attachments"] = []
     assert cni("GC", gc) == (0, None)
+    assert not state.load(pin_root).live
+
+
+POD3_V6 = "fd00:64::3"
+
+
+def test_ipv6_prev_result(topo, pin_root) -> None:
+    """A dual-stack prevResult gives the endpoint both addresses (the first of each family),
+    an IPv6-only one its IPv6 address; DEL flushes the IPv6 entries too; a prevResult
+    without any address is refused with nothing done."""
+    prev = prev_result(topo.p3.host_ifname, POD3)
+    prev["ips"] += [{"address": f"{POD3_V6}/128", "gateway": "fd00:64::1", "interface": 1},
+                    {"address": "fd00:64::99/128", "interface": 1}]
+    assert cni("ADD", conf(pin_root, prev)) == (0, prev)
+    assert cni("CHECK", conf(pin_root, prev)) == (0, None)
+    (rec,) = state.load(pin_root).live.values()
+    assert (rec.ipv4, rec.ipv6) == (POD3, POD3_V6)
+    assert endpoints.map_entries(pin_root)[POD3_V6].sec_id == 7000
+    key = CtTuple6.make(POD3_V6, "fd00:64::1", 80, 1000, 6, abi.TUPLE_F_OUT)
+    with paths.open_pinned(pin_root, abi.CT6_MAP_TCP) as m:
+        m.update(key, CtEntry(lifetime=monotonic_now() + 100))
+    # CHECK compares every address: a prevResult with another IPv6 address fails.
+    other = {**prev, "ips": [prev["ips"][0], {"address": "fd00:64::7/128", "interface": 1}]}
+    rc, out = cni("CHECK", conf(pin_root, other))
+    assert rc == 1 and out["code"] == 103 and "fd00:64::7" in out["msg"], out
+    assert cni("DEL", conf(pin_root, prev)) == (0, None)
+    assert POD3_V6 not in endpoints.map_entries(pin_root) and not state.load(pin_root).live
+    with paths.open_pinned(pin_root, abi.CT6_MAP_TCP) as m:
+        assert m.lookup(key) is None
+
+    only6 = {**prev, "ips": [{"address": f"{POD3_V6}/64", "interface": 1}]}
+    assert cni("ADD", conf(pin_root, only6, identity=7001)) == (0, only6)
+    (rec,) = state.load(pin_root).live.values()
+    assert (rec.ipv4, rec.ipv6, rec.identity) == ("", POD3_V6, 7001)
+    assert POD3 not in endpoints.map_entries(pin_root)
+    assert cni("DEL", conf(pin_root, only6)) == (0, None)
+
+    rc, out = cni("ADD", conf(pin_root, {**prev, "ips": [{"address": "nonsense"}]}))
+    assert rc == 1 and out["code"] == 7 and "no IPv4 or IPv6 address" in out["msg"], out
     assert not state.load(pin_root).live

@@ -49,6 +49,12 @@ def test_duration_rendering() -> None:
     ("[[endpoints]]\nifname = \"a\"\nipv4 = \"10.0.0.1\"\n[[endpoints]]\nifname = \"a\"\nipv4 = \"10.0.0.2\"",
      "endpoints[1].ifname"),
     ("[[endpoints]]\nifname = \"a\"\nipv4 = \"10.0.0.1\"\n[[devices]]\nifname = \"a\"", "devices"),
+    ("[[endpoints]]\nifname = \"a\"", "endpoints[0].ipv4"),
+    ("[[endpoints]]\nifname = \"a\"\nipv4 = \"f00d::1\"", "endpoints[0].ipv4"),
+    ("[[endpoints]]\nifname = \"a\"\nipv6 = \"10.0.0.1\"", "endpoints[0].ipv6"),
+    ("[[endpoints]]\nifname = \"a\"\nipv4 = \"10.0.0.1\"\nipv6 = \"f00d::1/64\"", "endpoints[0].ipv6"),
+    ("[[endpoints]]\nifname = \"a\"\nipv6 = \"f00d::1\"\n[[endpoints]]\nifname = \"b\"\nipv6 = \"F00D::1\"",
+     "endpoints[1].ipv6"),
     ("[conntrack]\ntcp_max = 10", "conntrack.tcp_max"),
     ("[conntrack]\ntcp_max = 16777217", "conntrack.tcp_max"),
     ("[conntrack]\ntimeout_regular_tcp = \"soon\"", "conntrack.timeout_regular_tcp"),
@@ -65,6 +71,15 @@ def test_bad_values_name_their_key(text: str, key: str) -> None:
         config.parse(text)
     assert exc.value.key == key
     assert key in str(exc.value)
+
+
+def test_endpoints_with_ipv6_beside_or_instead_of_ipv4() -> None:
+    eps = config.parse("[[endpoints]]\nifname = \"a\"\nipv4 = \"10.0.0.1\"\nipv6 = \"F00D:0::1\"\n"
+                       "[[endpoints]]\nifname = \"b\"\nipv6 = \"f00d::2\"\n"
+                       "[[endpoints]]\nifname = \"c\"\nipv4 = \"10.0.0.3\"\n").endpoints
+    assert [(e.ipv4, e.ipv6, e.addresses) for e in eps] == [
+        ("10.0.0.1", "f00d::1", ("10.0.0.1", "f00d::1")), ("", "f00d::2", ("f00d::2",)),
+        ("10.0.0.3", "", ("10.0.0.3",))]
 
 
 def test_socket_lb_keys() -> None:

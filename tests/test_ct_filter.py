@@ -12,6 +12,9 @@ from tuplet.conntrack.ctfilter import CtFilter, FilterLayout, parse_net, parse_p
 from tuplet.conntrack.flush import Flusher
 from tuplet.core.errors import ConfigError
 from tuplet.datapath.abi import (
+    CT6_MAP_ANY,
+    CT6_MAP_SYN,
+    CT6_MAP_TCP,
     CT_MAP_ANY,
     CT_MAP_SYN,
     CT_MAP_TCP,
@@ -21,7 +24,7 @@ from tuplet.datapath.abi import (
     TUPLE_F_RELATED,
     TUPLE_F_SERVICE,
 )
-from tuplet.datapath.layouts import CtEntry, CtTuple4, Nat4Entry
+from tuplet.datapath.layouts import CtEntry, CtTuple4, CtTuple6, Nat4Entry
 
 A, B, C = "10.64.0.36", "10.64.0.64", "10.65.1.7"
 VIP = "172.16.0.10"
@@ -31,7 +34,8 @@ def put(h: LxcHarness, table: str, src: str, sport: int, dst: str, dport: int, p
         **entry: int) -> None:
     """An entry for the flow src:sport -> dst:dport (the key names the reply's addresses)."""
     e = CtEntry(lifetime=h.now() + 100, **entry)
-    h.coll.maps[table].update(CtTuple4.make(src, dst, dport, sport, proto, flags), e)
+    key = (CtTuple6 if ":" in src else CtTuple4).make(src, dst, dport, sport, proto, flags)
+    h.coll.maps[table].update(key, e)
 
 
 @pytest.fixture
@@ -131,10 +135,65 @@ def test_flush_matching_deletes_the_selection_and_its_nat(lxc: LxcHarness) -> No
     assert f"UDP OUT {A}:4000 -> {B}:53" in flows(lxc, CtFilter())
 
 
-@pytest.mark.parametrize("fn,flag,text", [(parse_net, "--src", "10.0.0.300"), (parse_net, "--dst", "fe80::1"),
+@pytest.mark.parametrize("fn,flag,text", [(parse_net, "--src", "10.0.0.300"), (parse_net, "--dst", "f00d::/129"),
+                                          (parse_net, "--src", "f00d::1::2"),
                                           (parse_port, "--sport", "70000"), (parse_port, "--dport", "http"),
                                           (parse_proto, "--proto", "sctpx")])
 def test_bad_values_name_their_flag(fn, flag: str, text: str) -> None:
     with pytest.raises(ConfigError) as e:
         fn(flag, text)
     assert str(e.value).startswith(f"{flag}: must be") and repr(text) in str(e.value)
+
+
+A6, B6, C6 = "f00d::24", "f00d::40", "fd00:1::7"
+ALL6 = (CT_MAP_TCP, CT_MAP_SYN, CT_MAP_ANY, CT6_MAP_TCP, CT6_MAP_SYN, CT6_MAP_ANY)
+
+
+@pytest.fixture
+def dual(filled: LxcHarness) -> LxcHarness:
+    put(filled, CT6_MAP_TCP, A6, 1000, B6, 80, 6, TUPLE_F_OUT, seen_non_syn=1)
+    put(filled, CT6_MAP_TCP, A6, 1000, B6, 80, 6, TUPLE_F_IN, seen_non_syn=1)
+    put(filled, CT6_MAP_SYN, C6, 2000, B6, 443, 6, TUPLE_F_OUT)
+    put(filled, CT6_MAP_ANY, A6, 5353, C6, 53, 17, TUPLE_F_OUT)
+    put(filled, CT6_MAP_ANY, A6, 7, B6, 0, 58, TUPLE_F_OUT)
+    return filled
+
+
+def test_ipv6_entries_print_as_the_reference_and_filter_by_family(dual: LxcHarness) -> None:
+    """IPv6 addresses in brackets where a port follows; -s/-d take IPv6 prefixes and never
+    select the other family; the other filters apply to both."""
+    every = flows(dual, CtFilter(), ALL6)
+    assert len(every) == 13
+    assert {f for f in every if "[" in f} == {
+        f"TCP OUT [{A6}]:1000 -> [{B6}]:80", f"TCP IN [{A6}]:1000 -> [{B6}]:80",
+        f"TCP OUT [{C6}]:2000 -> [{B6}]:443", f"UDP OUT [{A6}]:5353 -> [{C6}]:53",
+        f"ICMPv6 OUT [{A6}]:7 -> [{B6}]:0"}
+    assert flows(dual, CtFilter(src=parse_net("-s", "f00d::/64")), ALL6) == {
+        f"TCP OUT [{A6}]:1000 -> [{B6}]:80", f"TCP IN [{A6}]:1000 -> [{B6}]:80",
+        f"UDP OUT [{A6}]:5353 -> [{C6}]:53", f"ICMPv6 OUT [{A6}]:7 -> [{B6}]:0"}
+    assert flows(dual, CtFilter(dst=parse_net("-d", C6)), ALL6) == {f"UDP OUT [{A6}]:5353 -> [{C6}]:53"}
+    assert all("[" not in f for f in flows(dual, CtFilter(src=parse_net("-s", "0.0.0.0/0")), ALL6))
+    assert flows(dual, CtFilter(proto=parse_proto("-p", "icmpv6")), ALL6) == {f"ICMPv6 OUT [{A6}]:7 -> [{B6}]:0"}
+    assert flows(dual, CtFilter(dport=443), ALL6) == {f"TCP OUT [{C6}]:2000 -> [{B6}]:443",
+                                                      f"TCP OUT {C}:2000 -> {B}:443"}
+    assert flows(dual, CtFilter(addrs=(C6,)), ALL6) == {f"TCP OUT [{C6}]:2000 -> [{B6}]:443",
+                                                        f"UDP OUT [{A6}]:5353 -> [{C6}]:53"}
+    assert flows(dual, CtFilter(state="syn"), ALL6) == {f"TCP OUT [{C6}]:2000 -> [{B6}]:443",
+                                                        f"TCP OUT {C}:2000 -> {B}:443"}
+    rec = next(r for c in listing.matching(dual.coll.maps[CT6_MAP_ANY], CtFilter(proto=17)) for r in c.records())
+    assert {k: rec.to_json()[k] for k in ("family", "src", "sport", "dst", "dport", "proto")} == {
+        "family": "ipv6", "src": A6, "sport": 5353, "dst": C6, "dport": 53, "proto": "UDP"}
+    assert listing.extended_line(rec, dual.now()).startswith("ipv6     10 udp      17 ")
+
+
+def test_flush_by_address_takes_the_ipv6_entries_of_an_ipv6_address(dual: LxcHarness) -> None:
+    maps = [dual.coll.maps[t] for t in ALL6]
+    nat = dual.coll.maps[NAT_MAP]
+    nat.update(CtTuple4.make(B, C, 1, 2, 6, TUPLE_F_OUT), Nat4Entry())
+    before = flows(dual, CtFilter(), ALL6)
+    res = Flusher(maps, nat=nat).flush([A6, A])
+    gone = before - flows(dual, CtFilter(), ALL6)
+    assert {f for f in gone if "[" in f} == {f for f in before if f"[{A6}]" in f}
+    assert {f for f in gone if "[" not in f} == {f for f in before if f"{A}:" in f}
+    assert res.deleted[CT6_MAP_TCP] == 2 and res.deleted[CT6_MAP_ANY] == 2 and res.deleted[CT6_MAP_SYN] == 0
+    assert nat.count() == 1

@@ -16,10 +16,11 @@ from tuplet.bpf.maps import Map
 from tuplet.cli import main as cli
 from tuplet.conntrack import top
 from tuplet.conntrack.ctfilter import CtFilter
+from tuplet.conntrack.flush import flush_pinned
 from tuplet.conntrack.notify import Listener
 from tuplet.datapath import abi, clock
 from tuplet.datapath.abi import CT_MAP_TCP
-from tuplet.datapath.layouts import CtEntry
+from tuplet.datapath.layouts import CtEntry, CtTuple6
 
 
 def test_counter_exact_then_bounded() -> None:
@@ -85,7 +86,7 @@ def test_top_new_per_second_from_events(dp: LxcHarness, pin_root) -> None:  # no
             dp.egress(tcp("10.64.0.36", 2000 + i, "10.64.0.64", 80, "S"))
         for i in range(5):
             dp.egress(tcp("10.64.0.37", 2000 + i, "10.64.0.64", 22, "S"))
-        t = top.Tally(np.zeros(0, np.uint64))
+        t = top.Tally(np.zeros(0, top.ADDR))
         recs = lis.poll_raw(100)
         t.add(recs["tuple"][recs["type"] == abi.CT_NOTIFY_NEW], recs["entry"][recs["type"] == abi.CT_NOTIFY_NEW])
         assert lis.lost() == 0
@@ -106,3 +107,35 @@ def test_top_new_per_second_from_events(dp: LxcHarness, pin_root) -> None:  # no
     rate = json.loads(out)["new_per_second"]
     assert rate["interval"] == 3 and rate["not_delivered"] == 0
     assert rate["sources"][0]["name"] == "10.64.0.38" and rate["sources"][0]["count"] > 5
+
+
+def test_top_counts_both_families_with_ipv6_labelled_as_ct_list(dp: LxcHarness, pin_root, capsys) -> None:  # noqa: F811
+    fill(pin_root, [("10.1.0.1", "10.2.0.1", 80, 30, 0)])
+    with Map.from_pin(f"{pin_root}/{abi.CT6_MAP_TCP}") as m:
+        now = clock.monotonic_now()
+        for i, (src, n) in enumerate((("f00d::1", 50), ("f00d::2", 20))):
+            keys = [bytes(CtTuple6.make(src, "f00d::80", 443, 1000 + j, 6, 0)) for j in range(n)]
+            m.update_batch(b"".join(keys), bytes(CtEntry(lifetime=now + 100, rev_nat_index=9)) * n, n)
+    capsys.readouterr()
+    assert cli.main(["--pin-root", pin_root, "ct", "top", "-n", "3", "-o", "json"]) == 0
+    got = json.loads(capsys.readouterr().out)["held"]
+    assert got["entries"] == 100 and got["exact"]
+    assert [(r["name"], r["count"]) for r in got["sources"]] == [("f00d::1", 50), ("10.1.0.1", 30), ("f00d::2", 20)]
+    assert [(r["name"], r["count"]) for r in got["destinations"]] == [("[f00d::80]:443", 70), ("10.2.0.1:80", 30)]
+    assert [(r["name"], r["count"]) for r in got["services"]] == [("? (rev-NAT 9)", 70)]
+    assert cli.main(["--pin-root", pin_root, "ct", "top", "-o", "json", "--src", "f00d::2"]) == 0
+    assert json.loads(capsys.readouterr().out)["held"]["entries"] == 20
+
+
+def test_a_flush_with_a_listener_reports_the_ipv4_deletions_and_takes_the_ipv6_ones(dp: LxcHarness,  # noqa: F811
+                                                                                     pin_root) -> None:
+    """struct ct_notify_rec carries an IPv4 tuple: deleted IPv6 entries have no DESTROY
+    record yet (and never a mangled one), the flush still deletes them."""
+    fill(pin_root, [("10.1.0.1", "10.2.0.1", 80, 2, 0)])
+    with Map.from_pin(f"{pin_root}/{abi.CT6_MAP_TCP}") as m:
+        m.update(CtTuple6.make("f00d::1", "f00d::2", 80, 1000, 6, 0), CtEntry(lifetime=clock.monotonic_now() + 100))
+    with Listener(pin_root, CtFilter()) as lis:
+        res = flush_pinned(pin_root)
+        recs = lis.poll_raw(100)
+    assert res.deleted[CT_MAP_TCP] == 2 and res.deleted[abi.CT6_MAP_TCP] == 1
+    assert len(recs) == 2 and set(recs["type"]) == {abi.CT_NOTIFY_DESTROY}

@@ -2,6 +2,7 @@
 traffic; delete flushes that endpoint's entries and nothing else."""
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import socket
@@ -9,14 +10,14 @@ import time
 
 import pytest
 
-from endpoint_harness import POD3, records, three_pods_applied, tuplet, with_addr
+from endpoint_harness import POD3, records, tcp_exchange, three_pods_applied, tuplet, with_addr
 from traffic import start_server, tcp_once, udp_once
 from tuplet.bpf.links import Hook, attached_prog_id
 from tuplet.datapath import abi, paths
 from tuplet.datapath.clock import monotonic_now
-from tuplet.datapath.layouts import CtEntry, CtTuple4
+from tuplet.datapath.layouts import CtEntry, CtTuple4, CtTuple6, EndpointInfo
 from tuplet.node import apply as node_apply
-from tuplet.node import netns, state
+from tuplet.node import endpoints, netns, state
 from two_pods import POD1, POD2
 
 pytestmark = pytest.mark.netns
@@ -124,3 +125,71 @@ def test_teardown_removes_live_endpoints(topo, pin_root) -> None:
             assert not os.path.exists(os.path.join(pin_root, "links", f"{topo.p3.host_ifname}-{h.value}"))
     assert state.load(pin_root) is None
     time.sleep(0)
+
+
+POD3_V6, POD1_V6, OTHER_V6 = "f00d::3", "f00d::1", "f00d::2"
+
+
+def plant6(pin_root: str, table: str, src: str, dst: str, sport: int, proto: int) -> None:
+    key = CtTuple6.make(src, dst, 80, sport, proto, abi.TUPLE_F_OUT)
+    with paths.open_pinned(pin_root, table) as m:
+        m.update(key, CtEntry(lifetime=monotonic_now() + 100))
+
+
+def test_dual_stack_endpoint_maps_both_addresses_and_its_delete_flushes_both_families(topo, pin_root) -> None:
+    out = tuplet(pin_root, "endpoint", "add", "pod3", "--ifname", topo.p3.host_ifname, "--ipv4", POD3,
+                 "--ipv6", "F00D:0::3", "--identity", "5000").stdout
+    assert f"added endpoint pod3: {topo.p3.host_ifname} {POD3} {POD3_V6} identity 5000" in out
+    ifindex = endpoints.map_entries(pin_root)[POD3].ifindex
+    with paths.open_pinned(pin_root, abi.EP6_MAP) as m:
+        got = EndpointInfo.from_buffer_copy(m.lookup(ipaddress.IPv6Address(POD3_V6).packed))
+    assert (got.ifindex, got.sec_id) == (ifindex, 5000)
+    listed = {e["name"]: e for e in json.loads(tuplet(pin_root, "endpoint", "list", "-o", "json").stdout)}
+    assert listed["pod3"]["ipv6"] == POD3_V6 and listed["pod3"]["in_datapath"]
+    assert f"{POD3} {POD3_V6}" in tuplet(pin_root, "endpoint", "list").stdout
+
+    for sport, (table, proto) in enumerate([(abi.CT6_MAP_TCP, 6), (abi.CT6_MAP_ANY, 17), (abi.CT6_MAP_SYN, 6)]):
+        plant6(pin_root, table, POD3_V6, POD1_V6, 1000 + sport, proto)     # pod3's
+        plant6(pin_root, table, POD1_V6, POD3_V6, 2000 + sport, proto)     # to pod3: also pod3's
+        plant6(pin_root, table, OTHER_V6, POD1_V6, 3000 + sport, proto)    # another pod's: stays
+    tcp_exchange(topo, topo.p3, POD1)                                      # pod3's IPv4 entries
+    recs = records(pin_root)
+    mine = with_addr(recs, POD3) + with_addr(recs, POD3_V6)
+    assert len([r for r in mine if r.family.value == "ipv6"]) == 6 and len(mine) > 6
+    others = sorted(r.line() for r in recs if r not in mine)
+
+    res = json.loads(tuplet(pin_root, "endpoint", "delete", "pod3", "-o", "json").stdout)
+    assert res["flushed"]["ct_deleted"] == len(mine)
+    assert res["flushed"]["deleted"][abi.CT6_MAP_TCP] == 2 and res["flushed"]["deleted"][abi.CT6_MAP_ANY] == 2
+    assert sorted(r.line() for r in records(pin_root)) == others
+    with paths.open_pinned(pin_root, abi.EP6_MAP) as m:
+        assert m.lookup(ipaddress.IPv6Address(POD3_V6).packed) is None
+    with paths.open_pinned(pin_root, abi.EP_MAP) as m:
+        assert m.lookup(socket.inet_aton(POD3)) is None
+
+
+def test_ipv6_only_endpoint_and_bad_addresses_change_nothing(topo, pin_root) -> None:
+    def now() -> tuple[object, ...]:
+        eps = {a: bytes(e) for a, e in endpoints.map_entries(pin_root).items()}
+        return prog_ids(pin_root, topo), eps, state.load(pin_root).live
+
+    before = now()
+    for argv, msg in (
+        (["--ipv6", POD3], f"--ipv6: not an IPv6 address: '{POD3}'"),
+        (["--ipv4", POD3_V6], f"--ipv4: not an IPv4 address: '{POD3_V6}'"),
+        (["--ipv4", POD3, "--ipv6", "f00d::3/64"], "--ipv6: not an IPv6 address: 'f00d::3/64'"),
+        (["--ipv6", "::1"], "--ipv6: ::1 cannot be a pod address"),
+        ([], "an endpoint needs an IPv4 or an IPv6 address"),
+        (["--ipv6", POD1_V6, "--ipv4", POD2], f"address {POD2} is taken by endpoint 'pod2'"),
+    ):
+        r = tuplet(pin_root, "endpoint", "add", "pod3", "--ifname", topo.p3.host_ifname, *argv, check=False)
+        assert r.returncode == 2 and msg in r.stderr, (argv, r.stderr)
+        assert now() == before
+
+    tuplet(pin_root, "endpoint", "add", "pod3", "--ifname", topo.p3.host_ifname, "--ipv6", POD3_V6)
+    assert POD3_V6 in endpoints.map_entries(pin_root) and POD3 not in endpoints.map_entries(pin_root)
+    r = tuplet(pin_root, "endpoint", "add", "x", "--ifname", "lo", "--ipv6", POD3_V6, check=False)
+    assert r.returncode == 2 and f"address {POD3_V6} is taken by endpoint 'pod3' (from cli)" in r.stderr
+    plant6(pin_root, abi.CT6_MAP_TCP, POD3_V6, POD1_V6, 1000, 6)
+    res = json.loads(tuplet(pin_root, "endpoint", "delete", "pod3", "-o", "json").stdout)
+    assert res["flushed"]["deleted"][abi.CT6_MAP_TCP] == 1 and POD3_V6 not in endpoints.map_entries(pin_root)

@@ -12,6 +12,10 @@ from tuplet.bpf.maps import Map
 from tuplet.conntrack.gc import CtGc, Method, gc_pass
 from tuplet.core.errors import TupletError
 from tuplet.datapath.abi import (
+    CT6_MAP_ANY,
+    CT6_MAP_SYN,
+    CT6_MAP_TCP,
+    CT6_MAPS,
     CT_MAP_ANY,
     CT_MAP_SYN,
     CT_MAP_TCP,
@@ -21,7 +25,7 @@ from tuplet.datapath.abi import (
     TUPLE_F_RELATED,
     TUPLE_F_SERVICE,
 )
-from tuplet.datapath.layouts import CtEntry, CtTuple4, Nat4Entry, ip_to_be32
+from tuplet.datapath.layouts import CtEntry, CtTuple4, CtTuple6, Nat4Entry, ip_to_be32
 
 pytestmark = pytest.mark.clock   # again with a near-zero clock in `make test`
 
@@ -253,3 +257,50 @@ def test_expiry_is_judged_across_the_u32_wrap(lxc: LxcHarness, method: Method, n
     left = {CtTuple4.from_buffer_copy(k).sport for k in m.keys()}
     assert r.maps[0].deleted == len(behind) and r.maps[0].alive == len(ahead)
     assert left == {socket.htons(p) for p in ahead}
+
+
+A6, B6 = "f00d::24", "f00d::40"
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_ipv6_tables_are_collected_like_the_ipv4_ones(lxc: LxcHarness, method: Method) -> None:
+    """Expired and alive entries in each IPv6 table, beside IPv4 ones, in one pass with the
+    NAT table: exactly the expired go, in both families, and no NAT entry is touched (the
+    IPv6 tables own none)."""
+    now = lxc.now()
+    nat = lxc.coll.maps[NAT_MAP]
+    nat.update(CtTuple4.make(B, CLIENT, 1, 2, 6, TUPLE_F_OUT), Nat4Entry())
+    for name, proto in ((CT6_MAP_TCP, 6), (CT6_MAP_ANY, 17), (CT6_MAP_SYN, 6), (CT_MAP_TCP, 6)):
+        m = lxc.coll.maps[name]
+        for sport in range(1, 301):   # a third expired: several runs of the deleter
+            tup = CtTuple6.make(A6, B6, 80, sport, proto, TUPLE_F_OUT) if name in CT6_MAPS \
+                else CtTuple4.make(A, B, 80, sport, proto, TUPLE_F_OUT)
+            m.update(tup, CtEntry(lifetime=now - 1 if sport % 3 == 0 else now + 100, dsr_internal=1))
+    ct = [lxc.coll.maps[n] for n in (*CT6_MAPS, CT_MAP_TCP)]
+    r = gc_pass(ct, nat=nat, method=method, now=now)
+    assert [(s.map, s.deleted, s.alive) for s in r.maps] == [(n, 100, 200) for n in (*CT6_MAPS, CT_MAP_TCP)]
+    assert r.nat_deleted == 0 and nat.count() == 1
+    for name in CT6_MAPS:
+        left = {socket.ntohs(CtTuple6.from_buffer_copy(k).sport) for k in lxc.coll.maps[name].keys()}
+        assert left == {p for p in range(1, 301) if p % 3}, name
+    assert gc_pass(ct, nat=nat, method=method, now=now).deleted == 0
+
+
+def test_ipv6_refreshed_between_read_and_delete_survives(lxc: LxcHarness, monkeypatch) -> None:
+    """The IPv6 deleter re-checks the lifetime as its last step, as the IPv4 one."""
+    m = lxc.coll.maps[CT6_MAP_ANY]
+    now = lxc.now()
+    for sport in (1, 2):
+        m.update(CtTuple6.make(A6, B6, 53, sport, 17, TUPLE_F_OUT), CtEntry(lifetime=now - 1))
+    real = Map.lookup_batch
+
+    def lookup_then_refresh(self, buf, start):
+        out = real(self, buf, start)
+        if self is m:
+            m.update(CtTuple6.make(A6, B6, 53, 1, 17, TUPLE_F_OUT), CtEntry(lifetime=now + 100))
+        return out
+
+    monkeypatch.setattr(Map, "lookup_batch", lookup_then_refresh)
+    s = gc_pass([m], method=Method.BATCH, now=now).maps[0]
+    assert (s.deleted, s.kept_refreshed) == (1, 1)
+    assert [socket.ntohs(CtTuple6.from_buffer_copy(k).sport) for k in m.keys()] == [1]

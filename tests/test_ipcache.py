@@ -2,6 +2,7 @@
 its prefix; a local endpoint's identity wins; an address in no prefix is world (2)."""
 from __future__ import annotations
 
+import ipaddress
 import json
 
 import pytest
@@ -9,6 +10,8 @@ import pytest
 from endpoint_harness import records, tuplet
 from traffic import start_server, tcp_once
 from tuplet.core.errors import ConfigError
+from tuplet.datapath import abi, paths
+from tuplet.datapath.layouts import Ipcache6Key, IpcacheInfo
 from tuplet.lab.topology import Topology
 from tuplet.node import apply as node_apply
 from tuplet.node import config
@@ -78,9 +81,43 @@ def test_remote_identity_on_ct_ingress(topo, pin_root) -> None:
 
 def test_config_checks() -> None:
     for bad, key in [('prefix = "10.0.0.0/33"\nidentity = 5', "ipcache[0].prefix"),
+                     ('prefix = "f00d::/129"\nidentity = 5', "ipcache[0].prefix"),
+                     ('prefix = "f00d::1::/64"\nidentity = 5', "ipcache[0].prefix"),
                      ('prefix = "10.0.0.0/8"\nidentity = 0', "ipcache[0].identity"),
                      ('prefix = "10.0.0.0/8"', "ipcache[0].identity"),
                      ('prefix = "10.0.0.0/8"\nidentity = 5\ncolor = 1', "ipcache[0].color")]:
         with pytest.raises(ConfigError) as e:
             config.parse(f"[[ipcache]]\n{bad}\n")
         assert e.value.key == key
+
+
+def ipcache6(pin_root: str) -> dict[tuple[int, bytes], int]:
+    """tpl_ipcache6_v1 as raw (prefix length, address) -> identity."""
+    with paths.open_pinned(pin_root, abi.IPCACHE6_MAP) as m:
+        return {(k.prefixlen, bytes(k.addr)): IpcacheInfo.from_buffer_copy(m.lookup(raw)).sec_id
+                for raw in list(m.keys()) for k in [Ipcache6Key.from_buffer_copy(raw)]}
+
+
+def test_ipv6_prefixes_go_to_the_ipv6_trie(topo, pin_root) -> None:
+    v6 = ipaddress.IPv6Address
+    tuplet(pin_root, "ipcache", "add", "FD00:77::5", "--identity", "700")          # a bare address: /128
+    tuplet(pin_root, "ipcache", "add", "fd00:77::/48", "--identity", "701")
+    assert ipcache6(pin_root) == {(128, v6("fd00:77::5").packed): 700, (48, v6("fd00:77::").packed): 701}
+    listed = json.loads(tuplet(pin_root, "ipcache", "list", "-o", "json").stdout)
+    assert [(e["prefix"], e["identity"], e["source"]) for e in listed] == [
+        ("10.64.0.0/16", 9, "config"), ("192.168.77.0/24", 3096, "config"),
+        ("fd00:77::/48", 701, "cli"), ("fd00:77::5/128", 700, "cli")]
+    # Bad input: named, nothing changed.
+    for prefix in ("fd00:77::/129", "fd00:77::1::2", "10.0.0.0/33"):
+        r = tuplet(pin_root, "ipcache", "add", prefix, "--identity", "5", check=False)
+        assert r.returncode == 2 and "must be an IPv4 or IPv6 prefix" in r.stderr and prefix in r.stderr
+    assert len(json.loads(tuplet(pin_root, "ipcache", "list", "-o", "json").stdout)) == 4
+    tuplet(pin_root, "ipcache", "delete", "fd00:77::5")
+    # The node file's IPv6 prefixes: programmed by apply, owned by the file.
+    node_apply.apply(config.parse(node_config_text(topo, pin_root)
+                                  + '\n[[ipcache]]\nprefix = "fd00:88::1/64"\nidentity = 88\n'))
+    assert ipcache6(pin_root) == {(48, v6("fd00:77::").packed): 701, (64, v6("fd00:88::").packed): 88}
+    r = tuplet(pin_root, "ipcache", "delete", "fd00:88::/64", check=False)
+    assert r.returncode == 2 and "node file" in r.stderr
+    node_apply.apply(config.parse(node_config_text(topo, pin_root)))
+    assert ipcache6(pin_root) == {(48, v6("fd00:77::").packed): 701}

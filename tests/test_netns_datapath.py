@@ -51,9 +51,10 @@ def applied(topo, pin_root):
         node_apply.teardown(pin_root)
 
 
-def ct_lines(pin_root: str) -> list[ct.CtRecord]:
+def ct_lines(pin_root: str, tables: tuple[str, ...] = abi.CT_MAPS) -> list[ct.CtRecord]:
+    """Every entry of the pinned ``tables`` (the IPv4 ones unless told)."""
     out = []
-    for name in abi.CT_MAPS:
+    for name in tables:
         with paths.open_pinned(pin_root, name) as m:
             out.extend(ct.records(m))
     return out

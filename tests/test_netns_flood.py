@@ -12,6 +12,9 @@ With the handshake table (``syn_table = true``) the flood churns ``tpl_ct4_syn_v
 every connection keeps the OUT and IN entries its handshake made in ``tpl_ct4_v1`` and still
 round-trips. With one LRU table (``syn_table = false``, the reference's behaviour) the flood
 evicts them: the test proves the protection is what keeps them.
+
+Each test runs over IPv4 and over IPv6 (dual-stack pods, connections and flood over IPv6
+from 2001:2::/48, tracked in ``tpl_ct6_v1`` and ``tpl_ct6_syn_v1``).
 """
 from __future__ import annotations
 
@@ -27,7 +30,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 import flood  # noqa: E402
-from tuplet.datapath import abi
 from tuplet.node import apply as node_apply
 
 pytestmark = pytest.mark.netns
@@ -45,9 +47,9 @@ def helpers() -> None:
             assert r.returncode == 0, r.stderr
 
 
-@pytest.fixture
-def bed():
-    with flood.Bed(f"tpl-flood-{secrets.token_hex(3)}") as b:
+@pytest.fixture(params=[flood.IPV4, flood.IPV6], ids=lambda s: s.name)
+def bed(request):
+    with flood.Bed(f"tpl-flood-{secrets.token_hex(3)}", request.param) as b:
         yield b
 
 
@@ -61,25 +63,27 @@ def flooded(bed: flood.Bed, pin_root: str, syn_table: bool):
     the connections send anything more."""
     node_apply.apply(flood.tuplet_config(bed, pin_root, TCP_MAX, SYN_MAX, syn_table))
     try:
-        held = flood.Held(bed.t, bed.client, K)
+        held = flood.Held(bed.t, bed.client, K, bed.stack.server)
         try:
             assert held.roundtrip(5.0) == set()
             time.sleep(0.3)          # delayed ACKs: nothing of these connections is in flight
-            before = flood.tuplet_entries(pin_root, held.ports)
+            before = flood.tuplet_entries(pin_root, held.ports, bed.stack)
             assert all(t.both for t in before.values()), "a connection is not tracked before the flood"
             counted = ingress_packets(pin_root)
             syns_in = bed.snmp(bed.server)["TcpInSegs"]
 
             sent = bed.flood(FLOOD, seed=7)
 
-            after = flood.tuplet_entries(pin_root, held.ports)
-            tcp_entries = flood.map_entries(pin_root, abi.CT_MAP_TCP)
-            # The flood went through tuplet on pod2's veth and reached pod2: it was a flood.
+            after = flood.tuplet_entries(pin_root, held.ports, bed.stack)
+            tcp_entries = flood.map_entries(pin_root, bed.stack.tcp_map)
+            # The flood went through tuplet on pod2's veth and reached pod2's TCP: it was a flood.
+            # Each veth hop (external host -> node, pod2's veth -> pod2) passes the per-CPU backlog,
+            # which drops a few packets under load (seen: 1-2 of 40960 with the machine busy)
+            # before tuplet or TCP sees them, which says nothing of tuplet: as bench/flood.py,
+            # at least 99% must arrive.
             assert sent["sent"] == FLOOD
-            assert ingress_packets(pin_root) - counted >= FLOOD
-            # ...and reached pod2's TCP. tuplet counted every SYN above; between its veth and TCP the
-            # kernel may drop a few under load (the per-CPU backlog), which says nothing of tuplet.
-            assert bed.snmp(bed.server)["TcpInSegs"] - syns_in >= FLOOD * 0.99
+            assert ingress_packets(pin_root) - counted >= FLOOD * flood.DELIVERY
+            assert bed.snmp(bed.server)["TcpInSegs"] - syns_in >= FLOOD * flood.DELIVERY
             failed = held.roundtrip(3.0)
         finally:
             held.close()

@@ -2,6 +2,7 @@
 packets run through the programs, a real GC pass, scrapes over HTTP."""
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -26,8 +27,18 @@ from tuplet.conntrack.gc import CtGc
 from tuplet.conntrack.runner import GcRunner
 from tuplet.conntrack.schedule import GcSchedule
 from tuplet.core.errors import ConfigError, TupletError
-from tuplet.datapath import abi, clock, metrics
-from tuplet.datapath.abi import CT_MAP_ANY, CT_MAP_SYN, CT_MAP_TCP, METRICS_MAP, NAT_MAP, OBJ_LXC
+from tuplet.datapath import abi, clock, cttables, metrics
+from tuplet.datapath.abi import (
+    CT6_MAP_ANY,
+    CT6_MAP_TCP,
+    CT_MAP_ANY,
+    CT_MAP_SYN,
+    CT_MAP_TCP,
+    METRICS_MAP,
+    NAT_MAP,
+    OBJ_LXC,
+)
+from tuplet.datapath.layouts import CtEntry, CtTuple6
 from tuplet.datapath.paths import object_dir, open_pinned
 from tuplet.lb import writer as lb
 from tuplet.lb.model import Backend, Service, ServiceType
@@ -225,11 +236,16 @@ def test_a_real_gc_pass_feeds_the_gc_metrics(dp: LxcHarness, pin_root: str, monk
     established(dp, 1000)                          # TCP established: alive; related ICMP: expired
     dp.egress(tcp(A, 1001, B, 80, "S"))            # SYN only, 60 s, handshake table: expired
     dp.egress(udp(A, 5000, B, 53))                 # 60 s: expired
+    now = clock.monotonic_now()                    # GC's clock: IPv6 entries one alive, two expired
+    dp.coll.maps[CT6_MAP_TCP].update(CtTuple6.make("f00d::1", "f00d::2", 80, 1000, 6, 0), CtEntry(lifetime=now + 50))
+    for sport in (1, 2):
+        dp.coll.maps[CT6_MAP_ANY].update(CtTuple6.make("f00d::1", "f00d::2", 53, sport, 17, 0),
+                                         CtEntry(lifetime=now - 1))
 
     reg = CollectorRegistry()
     gm = gc_metrics.GcMetrics(reg)
     reg.register(collector.DatapathCollector(pin_root, count_max_age=0))
-    maps = [open_pinned(pin_root, CT_MAP_TCP), open_pinned(pin_root, CT_MAP_ANY), open_pinned(pin_root, CT_MAP_SYN)]
+    maps = [open_pinned(pin_root, n) for n in cttables.NAMES]
     nat = open_pinned(pin_root, NAT_MAP)
     try:
         with CtGc(maps, nat=nat) as gc:
@@ -251,9 +267,11 @@ def test_a_real_gc_pass_feeds_the_gc_metrics(dp: LxcHarness, pin_root: str, monk
     assert by_map[CT_MAP_TCP].deleted == 0 and by_map[CT_MAP_TCP].alive == 1
     assert by_map[CT_MAP_SYN].deleted == 1 and by_map[CT_MAP_SYN].alive == 0
     assert by_map[CT_MAP_ANY].deleted >= 1
-    for name, proto in ((CT_MAP_TCP, "TCP"), (CT_MAP_ANY, "non-TCP")):
+    assert (by_map[CT6_MAP_TCP].alive, by_map[CT6_MAP_ANY].deleted) == (1, 2)
+    for name, family, proto in ((CT_MAP_TCP, "ipv4", "TCP"), (CT_MAP_ANY, "ipv4", "non-TCP"),
+                                (CT6_MAP_TCP, "ipv6", "TCP"), (CT6_MAP_ANY, "ipv6", "non-TCP")):
         s = by_map[name]
-        lab = {"family": "ipv4", "protocol": proto}
+        lab = {"family": family, "protocol": proto}
         assert got[m("tuplet_datapath_conntrack_gc_runs_total", status="completed", **lab)] == 1
         assert got[m("tuplet_datapath_conntrack_gc_entries", status="alive", **lab)] == s.alive
         assert got[m("tuplet_datapath_conntrack_gc_entries", status="deleted", **lab)] == s.deleted
@@ -279,8 +297,8 @@ def test_a_failed_pass_counts_as_uncompleted() -> None:
     reg = CollectorRegistry()
     gc_metrics.GcMetrics(reg).failed(duration=0.5)
     got = scrape(reg)
-    for proto in ("TCP", "non-TCP"):
-        lab = {"family": "ipv4", "protocol": proto, "status": "uncompleted"}
+    for family, proto in itertools.product(("ipv4", "ipv6"), ("TCP", "non-TCP", "TCP-handshake")):
+        lab = {"family": family, "protocol": proto, "status": "uncompleted"}
         assert got[m("tuplet_datapath_conntrack_gc_runs_total", **lab)] == 1
         assert got[m("tuplet_datapath_conntrack_gc_duration_seconds_sum", **lab)] == 0.5
 

@@ -22,8 +22,8 @@ from tuplet.conntrack.ctfilter import CtFilter
 from tuplet.conntrack.flush import Flusher, flush_pinned
 from tuplet.conntrack.gc import CtGc, Method, gc_pass
 from tuplet.datapath import abi, clock
-from tuplet.datapath.abi import CT_MAP_ANY, CT_MAP_SYN, CT_MAP_TCP, CT_MAPS, OBJ_LXC
-from tuplet.datapath.layouts import CtEntry, CtTuple4, ip_to_be32
+from tuplet.datapath.abi import CT6_MAP_TCP, CT_MAP_ANY, CT_MAP_SYN, CT_MAP_TCP, CT_MAPS, OBJ_LXC
+from tuplet.datapath.layouts import CtEntry, CtTuple4, CtTuple6, ip_to_be32
 from tuplet.node import apply as node_apply
 from tuplet.node import config
 from tuplet.node.apply import open_object
@@ -42,6 +42,43 @@ def test_no_packet_can_produce_a_sentinel_key() -> None:
     datapath = {a | b | c for a, b, c in itertools.product(flags, repeat=3)}
     assert all(not f & abi.TUPLE_F_SENTINEL for f in datapath) and key.flags & abi.TUPLE_F_SENTINEL
     assert len({abi.ct_sentinel_key(i) for i in range(4096)}) == 4096
+
+
+def test_ipv6_sentinel_keys_are_38_bytes_no_packet_produces() -> None:
+    """The same shape in an IPv6 tuple: nexthdr 0 (pkt6's trackable headers are TCP, UDP,
+    ICMPv6), flag TUPLE_F_SENTINEL, ``i`` in saddr; distinct, and never an IPv4 key."""
+    key = CtTuple6.from_buffer_copy(abi.ct_sentinel_key(5, 38))
+    assert len(abi.ct_sentinel_key(5, 38)) == len(bytes(CtTuple6())) == 38
+    assert key.nexthdr == abi.CT_SENTINEL_NEXTHDR not in (*PROTOS, 58) and key.flags & abi.TUPLE_F_SENTINEL
+    assert bytes(key.daddr) == bytes(16) and bytes(key.saddr)[:4] == (5).to_bytes(4, "little")
+    assert len({abi.ct_sentinel_key(i, 38) for i in range(4096)}) == 4096
+    with pytest.raises(ValueError):
+        abi.ct_sentinel_key(1, 20)
+
+
+def test_an_ipv6_table_gets_sentinels_nothing_shows_counts_collects_or_flushes() -> None:
+    spec = open_object(OBJ_LXC, NodeConfig(), pin_root=None)
+    spec.set_max_entries(CT6_MAP_TCP, MI)
+    coll = spec.load()
+    try:
+        m = coll.maps[CT6_MAP_TCP]
+        assert sentinels.seed(m) == 1024 and len(sentinels.present(m)) == 1024
+        now = clock.monotonic_now()
+        keys = [CtTuple6.make(f"f00d::{i + 1}", "f00d::99", 80, 1000, 6, abi.TUPLE_F_OUT) for i in range(5)]
+        m.update_batch(b"".join(bytes(k) for k in keys), bytes(CtEntry(lifetime=now + 60)) * 5, 5)
+        assert len(list(ct.records(m))) == listing.count(m, CtFilter()) == sentinels.count_live(m) == 5
+        assert top.held([m], CtFilter(), np.zeros(0, top.ADDR)).total == 5
+        for i in range(0, 1024, 2):
+            assert m.delete(abi.ct_sentinel_key(i, 38))
+        with CtGc([m], method=Method.BATCH) as g:
+            r = g.run(now)
+            assert (r.maps[0].alive, r.maps[0].deleted) == (5, 0) and len(sentinels.present(m)) == 1024
+            r = g.run(now + 120)
+            assert (r.maps[0].alive, r.maps[0].deleted) == (0, 5) and len(sentinels.present(m)) == 1024
+        m.update_batch(b"".join(bytes(k) for k in keys), bytes(CtEntry(lifetime=now + 60)) * 5, 5)
+        assert Flusher([m]).flush().deleted[CT6_MAP_TCP] == 5 and len(sentinels.present(m)) == 1024
+    finally:
+        coll.close()
 
 
 def test_how_many() -> None:

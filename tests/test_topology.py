@@ -157,6 +157,48 @@ def test_ping_from_external_client_to_pods(topo: Topology) -> None:
     ping(topo, p1, client.ipv4)
 
 
+def test_dual_stack_pods_and_external(prefix: str) -> None:
+    """IPv6 beside IPv4 where asked for: pods reach each other and the external host at once (no DAD
+    wait); a pod without ipv6 and the other namespaces keep IPv6 disabled."""
+    with Topology(prefix=prefix) as t:
+        node = t.add_node("node")
+        p1 = t.add_pod(node, "pod1", POD1, ipv6="fd00:10:244::24")
+        p2 = t.add_pod(node, "pod2", POD2, ipv6="fd00:10:244:0:0::40")
+        p3 = t.add_pod(node, "pod3", "10.64.0.65")
+        ext = t.add_external(node, "client", CLIENT, node_ip=NODE_IP, ipv6="fd00:77::2", node_ipv6="fd00:77::1")
+        assert (p1.ipv6, p2.ipv6, p3.ipv6) == ("fd00:10:244::24", "fd00:10:244::40", None)
+        addrs = t.run(p1, ["ip", "-6", "-o", "addr", "show", "dev", "eth0"], capture_output=True, text=True).stdout
+        assert "fd00:10:244::24/128" in addrs and "tentative" not in addrs
+        for src, dst in ((p1, p2.ipv6), (p2, p1.ipv6), (ext, p1.ipv6), (p1, ext.ipv6)):
+            t.run(src, ["ping", "-6", "-c1", "-W2", dst], check=True, timeout=10, capture_output=True)
+        ping(t, p1, p3.ipv4)
+        with enter(p3.netns):
+            assert Path("/proc/sys/net/ipv6/conf/eth0/disable_ipv6").read_text().strip() == "1"
+
+
+@pytest.mark.parametrize(("kw", "match"), [
+    ({"ipv6": "10.0.0.1"}, "not an IPv6 address"),
+    ({"ipv6": "fe80::5"}, "not a unicast address"),
+    ({"ipv6": "ff02::1"}, "not a unicast address"),
+])
+def test_bad_pod_ipv6_is_refused_before_anything_is_made(prefix: str, kw: dict[str, str], match: str) -> None:
+    with Topology(prefix=prefix) as t:
+        node = t.add_node("node")
+        with pytest.raises(ValueError, match=match):
+            t.add_pod(node, "pod1", POD1, **kw)
+        assert t.namespaces == [node.netns]
+
+
+def test_external_ipv6_needs_the_node_side_in_its_prefix(prefix: str) -> None:
+    with Topology(prefix=prefix) as t:
+        node = t.add_node("node")
+        with pytest.raises(ValueError, match="go together"):
+            t.add_external(node, "c", CLIENT, node_ip=NODE_IP, ipv6="fd00:77::2")
+        with pytest.raises(ValueError, match="must be another address in fd00:77::/64"):
+            t.add_external(node, "c", CLIENT, node_ip=NODE_IP, ipv6="fd00:77::2", node_ipv6="fd00:78::1")
+        assert t.namespaces == [node.netns]
+
+
 ECHO_SERVER = textwrap.dedent("""
     import socket
     s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -57,10 +57,18 @@ TCP_ONCE = textwrap.dedent("""
 """)
 
 
-def start_server(topo: Topology, pod: Pod, port: int, name: str | None = None) -> subprocess.Popen[str]:
-    """An echo server (TCP and UDP on ``port``); with ``name``, answers start with it."""
-    argv = [sys.executable, "-c", ECHO_SERVER, str(port)] if name is None else \
-        [sys.executable, "-c", NAMED_SERVER, str(port), name]
+def ipv6(script: str) -> str:
+    """One of the scripts above on IPv6 sockets (bound to ``::``) instead of IPv4 ones."""
+    return script.replace("socket.socket()", "socket.socket(socket.AF_INET6)").replace(
+        "socket.AF_INET,", "socket.AF_INET6,").replace('"0.0.0.0"', '"::"')
+
+
+def start_server(topo: Topology, pod: Pod, port: int, name: str | None = None,
+                 family6: bool = False) -> subprocess.Popen[str]:
+    """An echo server (TCP and UDP on ``port``); with ``name``, answers start with it; with
+    ``family6``, on IPv6 sockets bound to ``::`` (which take IPv4 too)."""
+    script = ECHO_SERVER if name is None else NAMED_SERVER
+    argv = [sys.executable, "-c", ipv6(script) if family6 else script, str(port), *([] if name is None else [name])]
     p = topo.popen(pod, argv, stdout=subprocess.PIPE, text=True)
     assert p.stdout is not None and p.stdout.readline().strip() == "ready"
     return p
@@ -95,7 +103,8 @@ def tcp_once(topo: Topology, pod: Pod, dst: str, port: int) -> None:
 
 
 def udp_once(topo: Topology, pod: Pod, dst: str, port: int, sport: int) -> None:
-    r = topo.run(pod, [sys.executable, "-c", UDP_ONCE, dst, str(port), str(sport)], capture_output=True, text=True)
+    script = ipv6(UDP_ONCE) if ":" in dst else UDP_ONCE
+    r = topo.run(pod, [sys.executable, "-c", script, dst, str(port), str(sport)], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "ping", r.stderr
 
 

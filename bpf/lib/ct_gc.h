@@ -12,6 +12,18 @@
 #include "time.h"
 #include "ct_notify.h"
 
+/* The conntrack tables GC collects, once: X(selector, short name, map, event table,
+ * family 4|6). bpf/ct_gc.c's walkers and deleters and bpf/ct_gc_iter.c's iterators are
+ * generated from it (the selectors are enum gc_map_sel in bpf/ct_gc.c).
+ */
+#define GC_CT_TABLES(X)							\
+	X(GC_MAP_TCP, tcp, tpl_ct4_v1, CT_NOTIFY_T_TCP, 4)		\
+	X(GC_MAP_ANY, any, tpl_ct_any4_v1, CT_NOTIFY_T_ANY, 4)		\
+	X(GC_MAP_SYN, syn, tpl_ct4_syn_v1, CT_NOTIFY_T_SYN, 4)		\
+	X(GC_MAP_TCP6, tcp6, tpl_ct6_v1, CT_NOTIFY_T_TCP, 6)		\
+	X(GC_MAP_ANY6, any6, tpl_ct_any6_v1, CT_NOTIFY_T_ANY, 6)	\
+	X(GC_MAP_SYN6, syn6, tpl_ct6_syn_v1, CT_NOTIFY_T_SYN, 6)
+
 /* Verdicts: one byte per visited entry in the iterator's output, counted by the agent. */
 enum gc_verdict {
 	GC_V_ALIVE = 0,
@@ -98,28 +110,51 @@ static __always_inline void gc_test_stall(void)
 	WRITE_ONCE(gc_test_outcome, st.released ? GC_STALL_RELEASED : GC_STALL_TIMED_OUT);
 }
 
-/* Delete `key` from `map` if its lifetime is still `seen` (expired), then the
- * NAT entry it owned. `e` points at the live value.
+/* The re-checking delete both families share: delete `key` from `map` if its
+ * lifetime (`e` points at the live value) is still `seen`, the verdict judged
+ * expired. GC_V_DELETED when deleted, else why not.
  */
-static __always_inline __u8 gc_delete_if_unchanged(void *map, const struct ipv4_ct_tuple *key,
-						   struct ct_entry *e, __u32 seen, __u32 table)
+static __always_inline __u8 gc_recheck_delete(void *map, const void *key, struct ct_entry *e, __u32 seen)
 {
-	struct ipv4_ct_tuple nat = {};
-	bool owns;
-
-	gc_test_stall();
-	owns = ct_owns_nat(key, e);
-	if (owns)
-		nat4_key_for_ct(key, &nat);
 	/* The last step before the delete: a refresh since the verdict keeps it. */
 	if (!gc_test_unprotected && READ_ONCE(e->lifetime) != seen)
 		return GC_V_REFRESHED;
 	if (bpf_map_delete_elem(map, key) != 0)
 		return GC_V_GONE;
+	return GC_V_DELETED;
+}
+
+/* Delete `key` from `map` if its lifetime is still `seen` (expired), then the
+ * NAT entry it owned. `e` points at the live value.
+ */
+static __always_inline __u8 gc_delete4_if_unchanged(void *map, const struct ipv4_ct_tuple *key,
+						   struct ct_entry *e, __u32 seen, __u32 table)
+{
+	struct ipv4_ct_tuple nat = {};
+	bool owns;
+	__u8 v;
+
+	gc_test_stall();
+	owns = ct_owns_nat(key, e);
+	if (owns)
+		nat4_key_for_ct(key, &nat);
+	v = gc_recheck_delete(map, key, e, seen);
+	if (v != GC_V_DELETED)
+		return v;
 	ct_notify_destroy(key, e, CT_NOTIFY_R_GC, table);
 	if (owns && bpf_map_delete_elem(&tpl_nat4_v1, &nat) == 0)
 		return GC_V_DELETED_NAT;
 	return GC_V_DELETED;
+}
+
+/* The same for an IPv6 table: no NAT entry to own (the NAT table is IPv4) and no
+ * event record (struct ct_notify_rec carries an IPv4 tuple).
+ */
+static __always_inline __u8 gc_delete6_if_unchanged(void *map, const struct ipv6_ct_tuple *key,
+						    struct ct_entry *e, __u32 seen, __u32 table)
+{
+	gc_test_stall();
+	return gc_recheck_delete(map, key, e, seen);
 }
 
 #endif

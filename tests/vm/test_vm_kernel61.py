@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from test_netns_ct6 import exchange_and_check
 from test_netns_datapath import POD1, POD2, ct_lines, find, node_config, topo  # noqa: F401 (topo: fixture)
 from traffic import LiveConnection, start_server, udp_once
 from tuplet.bpf import _libbpf as C
@@ -27,6 +28,7 @@ from tuplet.datapath import abi, paths
 from tuplet.datapath.abi import OBJ_GC, OBJ_GC_ITER
 from tuplet.node import apply as node_apply
 from tuplet.node import config, netns, state
+from two_pods import two_pods
 
 pytestmark = pytest.mark.vm
 
@@ -179,6 +181,23 @@ def test_auto_falls_back_to_tc_and_pods_talk(topo, pin_root) -> None:  # noqa: F
     for pod in (topo.p1, topo.p2):
         assert "clsact" not in _qdiscs(topo.node.netns, pod.host_ifname)
     assert not {"cil_from_container", "cil_to_container", "cil_from_netdev", "cil_to_netdev"} & set(_bpftool_progs())
+
+
+@pytest.fixture
+def topo6():
+    yield from two_pods(dual_stack=True)
+
+
+def test_ipv6_pods_talk_over_tc(topo6, pin_root) -> None:
+    """Dual-stack pods over IPv6 through the legacy TC fallback: entries in the IPv6 tables only."""
+    node_apply.apply(config.parse(node_config(topo6, pin_root, "auto")))
+    try:
+        st = state.load(pin_root)
+        assert {a.mode for a in st.attachments} == {AttachMode.TC}, st.attachments
+        exchange_and_check(topo6, pin_root)
+    finally:
+        node_apply.teardown(pin_root)
+    assert not Path(pin_root).exists() or not any(Path(pin_root).iterdir()), list(Path(pin_root).iterdir())
 
 
 def test_forced_tcx_fails_clearly_and_changes_nothing(topo, pin_root) -> None:  # noqa: F811

@@ -28,10 +28,10 @@ from tuplet.bpf.maps import Map
 from tuplet.conntrack import sentinels
 from tuplet.conntrack import stats as ctstats
 from tuplet.core.errors import TupletError
-from tuplet.datapath import abi, enums, metrics
+from tuplet.datapath import abi, cttables, enums, metrics
 from tuplet.datapath import events as ct_events
 from tuplet.datapath.abi import (
-    CT_MAPS,
+    EP6_MAP,
     EP_MAP,
     LB_MAPS,
     METRICS_MAP,
@@ -44,7 +44,7 @@ log = structlog.get_logger("tuplet.prom")
 
 DEFAULT_COUNT_MAX_AGE = 5.0
 #: Maps whose fill level is reported, when pinned. Only hash maps are (an array is always full).
-PRESSURE_MAPS = (*CT_MAPS, NAT_MAP, EP_MAP, *LB_MAPS)
+PRESSURE_MAPS = (*cttables.NAMES, NAT_MAP, EP_MAP, EP6_MAP, *LB_MAPS)
 INSERT_FAILED = "DROP_CT_INSERT_FAILED"
 
 

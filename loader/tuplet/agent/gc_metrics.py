@@ -8,17 +8,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from tuplet.conntrack.pressure import MAIN_TABLES
 from tuplet.conntrack.runner import PassReport
-from tuplet.datapath.abi import (
-    CT_MAP_ANY,
-    CT_MAP_SYN,
-    CT_MAP_TCP,
-    CT_MAPS,
-)
+from tuplet.datapath import cttables
 
-FAMILY = "ipv4"
-#: The reference's protocol label per CT table.
-# The handshake table gets its own protocol value, so the TCP series keep meaning the reference's table.
-PROTOCOLS = {CT_MAP_TCP: "TCP", CT_MAP_ANY: "non-TCP", CT_MAP_SYN: "TCP-handshake"}
+#: The reference's family and protocol labels per CT table (cttables.CtTable.label: the
+#: handshake tables get their own protocol value, so the TCP series keep meaning the
+#: reference's tables).
+LABELS = {t.name: (t.family.value, t.label) for t in cttables.CT_TABLES}
 GC_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -64,13 +59,13 @@ class GcMetrics:
     def observe(self, report: PassReport) -> None:
         """Record one completed pass."""
         for s in report.result.maps:
-            proto = PROTOCOLS.get(s.map, s.map)
-            self.runs.labels(FAMILY, proto, "completed").inc()
-            self.duration.labels(FAMILY, proto, "completed").observe(s.duration)
-            self.entries.labels(FAMILY, proto, "alive").set(s.alive)
-            self.entries.labels(FAMILY, proto, "deleted").set(s.deleted)
-            self.deleted.labels(FAMILY, proto).inc(s.deleted)
-            self.nat_deleted.labels(FAMILY, proto).inc(s.nat_deleted)
+            family, proto = LABELS[s.map]
+            self.runs.labels(family, proto, "completed").inc()
+            self.duration.labels(family, proto, "completed").observe(s.duration)
+            self.entries.labels(family, proto, "alive").set(s.alive)
+            self.entries.labels(family, proto, "deleted").set(s.deleted)
+            self.deleted.labels(family, proto).inc(s.deleted)
+            self.nat_deleted.labels(family, proto).inc(s.nat_deleted)
         for name, f in report.fill.items():
             self.fill.labels(name).set(f)
         self.interval.set(report.interval)
@@ -80,9 +75,9 @@ class GcMetrics:
         for name, n in per_map.items():
             self.evicted.labels(name).inc(n)
 
-    def failed(self, maps: tuple[str, ...] = CT_MAPS, duration: float = 0.0) -> None:
+    def failed(self, maps: tuple[str, ...] = cttables.NAMES, duration: float = 0.0) -> None:
         """Record a pass that raised (status ``uncompleted``, as the reference)."""
         for name in maps:
-            proto = PROTOCOLS.get(name, name)
-            self.runs.labels(FAMILY, proto, "uncompleted").inc()
-            self.duration.labels(FAMILY, proto, "uncompleted").observe(duration)
+            family, proto = LABELS[name]
+            self.runs.labels(family, proto, "uncompleted").inc()
+            self.duration.labels(family, proto, "uncompleted").observe(duration)

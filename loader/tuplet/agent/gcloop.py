@@ -17,7 +17,7 @@ from tuplet.conntrack.notify import NOTIFY_MAPS
 from tuplet.conntrack.runner import GcRunner, PassReport
 from tuplet.conntrack.schedule import GcSchedule
 from tuplet.core.errors import TupletError
-from tuplet.datapath import abi, paths
+from tuplet.datapath import abi, cttables, paths
 from tuplet.datapath import events as ct_events
 from tuplet.datapath.abi import SIGNAL_MAP
 from tuplet.datapath.signals import SignalReader
@@ -46,18 +46,19 @@ class GcLoop:
     _gc_maps: list[Map] = field(default_factory=list)
 
     def _open_gc(self) -> tuple[CtGc, list[Map]]:
-        maps = [paths.open_pinned(self.pin_root, n) for n in abi.CT_MAPS]
-        if os.path.exists(os.path.join(self.pin_root, abi.NAT_MAP)):
-            maps.append(paths.open_pinned(self.pin_root, abi.NAT_MAP))
-        nat = maps[-1] if len(maps) > len(abi.CT_MAPS) else None
-        ct = maps[:len(abi.CT_MAPS)]
+        ct = [paths.open_pinned(self.pin_root, n) for n in cttables.NAMES if paths.is_pinned(self.pin_root, n)]
+        maps = list(ct)
+        nat = paths.open_pinned(self.pin_root, abi.NAT_MAP) \
+            if os.path.exists(os.path.join(self.pin_root, abi.NAT_MAP)) else None
+        if nat is not None:
+            maps.append(nat)
         notify = [paths.open_pinned(self.pin_root, n) for n in NOTIFY_MAPS] \
             if all(paths.is_pinned(self.pin_root, n) for n in NOTIFY_MAPS) else []
         return CtGc(ct, nat=nat, count_nat=True, notify_maps=notify), maps + notify
 
     def _pinned_ids(self) -> dict[str, int]:
         out = {}
-        for n in (*abi.CT_MAPS, abi.NAT_MAP):
+        for n in (*cttables.NAMES, abi.NAT_MAP):
             with contextlib.suppress(TupletError):
                 with Map.from_pin(os.path.join(self.pin_root, n)) as m:
                     out[n] = m.info.id

@@ -18,7 +18,7 @@ from tuplet.conntrack.gc import CtGc
 from tuplet.conntrack.runner import GcRunner, PassReport
 from tuplet.conntrack.schedule import GcSchedule
 from tuplet.core.errors import NotFoundError
-from tuplet.datapath import abi, enums, paths
+from tuplet.datapath import abi, cttables, enums, paths
 from tuplet.datapath.abi import SIGNAL_MAP
 from tuplet.datapath.signals import SignalReader
 from tuplet.node import config as configmod
@@ -29,7 +29,7 @@ def cmd_ct_gc(args: argparse.Namespace) -> int:
 
     root = pin_root_of(args)
     with ExitStack() as stack:
-        maps = [stack.enter_context(paths.open_pinned(root, n)) for n in abi.CT_MAPS]
+        maps = [stack.enter_context(paths.open_pinned(root, n)) for n in cttables.NAMES if paths.is_pinned(root, n)]
         nat = (stack.enter_context(paths.open_pinned(root, abi.NAT_MAP))
                if os.path.exists(os.path.join(root, abi.NAT_MAP)) else None)
         collector = stack.enter_context(CtGc(maps, nat=nat, method=args.method,

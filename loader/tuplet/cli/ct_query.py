@@ -20,18 +20,21 @@ from tuplet.conntrack.ctfilter import CtFilter, FilterLayout
 from tuplet.conntrack.flush import Flusher
 from tuplet.conntrack.notify import emitter_for
 from tuplet.core.errors import ConfigError
-from tuplet.datapath import abi, clock, paths
+from tuplet.datapath import abi, clock, cttables, paths
+from tuplet.datapath.cttables import Family, Proto
 from tuplet.lb.registry import Registry
 from tuplet.node import state as statemod
 
-MAP_CHOICES = {"all": list(abi.CT_MAPS), "tcp": [abi.CT_MAP_TCP, abi.CT_MAP_SYN], "any": [abi.CT_MAP_ANY]}
+MAP_CHOICES = {"all": list(cttables.NAMES), "tcp": list(cttables.names(protos=(Proto.TCP, Proto.SYN))),
+               "any": list(cttables.names(protos=(Proto.ANY,))),
+               **{f.value: list(cttables.names(f)) for f in Family}}
 
 
 def add_filter_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("filters (as conntrack's; all given must match)")
-    g.add_argument("-s", "--src", "--orig-src", dest="src", help="original source address or prefix")
+    g.add_argument("-s", "--src", "--orig-src", dest="src", help="original source address or prefix (IPv4 or IPv6)")
     g.add_argument("-d", "--dst", "--orig-dst", dest="dst", help="original destination address or prefix")
-    g.add_argument("-p", "--proto", help="tcp, udp, icmp or a number")
+    g.add_argument("-p", "--proto", help="tcp, udp, icmp, icmpv6 or a number")
     g.add_argument("--sport", "--orig-port-src", dest="sport", help="original source port")
     g.add_argument("--dport", "--orig-port-dst", dest="dport", help="original destination port")
     g.add_argument("--type", dest="ct_type", help="OUT (a pod sent), IN (a pod received) or SVC (service flow)")
@@ -59,18 +62,18 @@ def build_filter(args: argparse.Namespace, root: str) -> CtFilter:
         if value is not None:
             kw[field] = parse(flag, value)
     if args.endpoint is not None:
-        kw["addrs"] = (_endpoint_addr(root, args.endpoint),)
+        kw["addrs"] = _endpoint_addrs(root, args.endpoint)
     if args.service is not None:
         kw["rev_nat"] = _service_rev_nat(root, args.service)
     return CtFilter(**kw)
 
 
-def _endpoint_addr(root: str, name: str) -> str:
+def _endpoint_addrs(root: str, name: str) -> tuple[str, ...]:
     st = statemod.load(root)
     eps = st.all_endpoints() if st else []
     for e in eps:
         if e.name == name:
-            return e.ipv4
+            return e.addresses
     known = ", ".join(sorted(e.name for e in eps)) or "none"
     raise ConfigError("--endpoint", f"no endpoint named {name!r} on this node (known: {known})")
 

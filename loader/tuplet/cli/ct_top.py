@@ -7,7 +7,6 @@ counted from the `ct events` ring (NEW records; needs the listener slot for that
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import json
 import sys
 import time
@@ -26,19 +25,19 @@ from tuplet.lb.registry import Registry
 from tuplet.node import state as statemod
 
 
-def _names(root: str) -> tuple[dict[int, str], dict[int, str]]:
-    """(rev-NAT index -> service name, endpoint address (host order) -> endpoint name)."""
+def _names(root: str) -> tuple[dict[int, str], dict[bytes, str]]:
+    """(rev-NAT index -> service name, endpoint address (top.addr16) -> endpoint name)."""
     try:
         reg = Registry.from_json(json.loads(paths.services_path(root).read_text(encoding="utf-8")))
         services = {v: k for k, v in reg.rev_nat.items()}
     except FileNotFoundError:
         services = {}
     st = statemod.load(root)
-    eps = {int(ipaddress.IPv4Address(e.ipv4)): e.name for e in (st.all_endpoints() if st else [])}
+    eps = {top.addr16(a): e.name for e in (st.all_endpoints() if st else []) for a in e.addresses}
     return services, eps
 
 
-def _print(title: str, t: top.Tally, n: int, services: dict[int, str], eps: dict[int, str],
+def _print(title: str, t: top.Tally, n: int, services: dict[int, str], eps: dict[bytes, str],
            per: float = 1.0) -> None:
     print(title)
     for cat, rows in t.top(n).items():
@@ -60,7 +59,7 @@ def cmd_ct_top(args: argparse.Namespace) -> int:
     root = pin_root_of(args)
     flt = build_filter(args, root)
     services, eps = _names(root)
-    ep_addrs = np.array(sorted(eps), np.uint64)
+    ep_addrs = np.array(sorted(eps), top.ADDR)
     out: dict[str, Any] = {}
     t0 = time.perf_counter()
     with ExitStack() as stack:

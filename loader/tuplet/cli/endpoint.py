@@ -18,7 +18,8 @@ def add_parser(sub: Any) -> None:
     a = esub.add_parser("add", help="attach the pod programs to a host-side veth and program the endpoint")
     a.add_argument("name")
     a.add_argument("--ifname", required=True, help="the pod's host-side interface")
-    a.add_argument("--ipv4", required=True, help="the pod's address")
+    a.add_argument("--ipv4", default="", help="the pod's IPv4 address")
+    a.add_argument("--ipv6", default="", help="the pod's IPv6 address (with or instead of --ipv4)")
     a.add_argument("--identity", default="0", help="security identity (SourceSecurityID), default 0")
     a.set_defaults(func=cmd_endpoint_add)
     d = esub.add_parser("delete", help="detach and remove a live endpoint, and flush its conntrack entries")
@@ -38,11 +39,11 @@ def _identity(v: str) -> int:
 
 
 def cmd_endpoint_add(args: argparse.Namespace) -> int:
-    rec = EndpointRecord(args.name, args.ifname, args.ipv4, _identity(args.identity), source="cli")
+    rec = EndpointRecord(args.name, args.ifname, args.ipv4, _identity(args.identity), source="cli", ipv6=args.ipv6)
     rec, recovered = endpoints.add(pin_root_of(args), rec)
     for r in recovered:
         print(r.describe())
-    print(f"added endpoint {rec.name}: {rec.ifname} {rec.ipv4} identity {rec.identity}")
+    print(f"added endpoint {rec.name}: {rec.ifname} {' '.join(rec.addresses)} identity {rec.identity}")
     return 0
 
 
@@ -57,7 +58,7 @@ def cmd_endpoint_delete(args: argparse.Namespace) -> int:
         return 0
     for r in res.recovered:
         print(r.describe())
-    print(f"deleted endpoint {res.record.name} ({res.record.ifname} {res.record.ipv4}): "
+    print(f"deleted endpoint {res.record.name} ({res.record.ifname} {' '.join(res.record.addresses)}): "
           f"flushed {res.flushed.describe()}")
     return 0
 
@@ -67,7 +68,7 @@ def cmd_endpoint_list(args: argparse.Namespace) -> int:
     recs = endpoints.listing(root)
     in_map = endpoints.map_entries(root)
     if args.output == "json":
-        json.dump([{**r.to_json(), "in_datapath": r.ipv4 in in_map} for r in recs], sys.stdout, indent=2)
+        json.dump([{**r.to_json(), "in_datapath": in_datapath(r, in_map)} for r in recs], sys.stdout, indent=2)
         print()
         return 0
     if not recs:
@@ -81,8 +82,16 @@ def describe(recs: list[EndpointRecord], in_map: dict[str, Any]) -> list[str]:
     """One line per endpoint, as `endpoint list` and `status` print them."""
     out = []
     for r in recs:
-        extra = "" if r.ipv4 in in_map else "  NOT IN DATAPATH"
+        extra = "" if in_datapath(r, in_map) else "  NOT IN DATAPATH"
         if r.phase != "ready":
             extra += f"  ({r.phase}, interrupted)"
-        out.append(f"  {r.name:<20} {r.ifname:<16} {r.ipv4:<16} identity {r.identity:<8} from {r.source}{extra}")
+        addrs = r.ipv4 or "-"
+        if r.ipv6:
+            addrs += f" {r.ipv6}"
+        out.append(f"  {r.name:<20} {r.ifname:<16} {addrs:<16} identity {r.identity:<8} from {r.source}{extra}")
     return out
+
+
+def in_datapath(r: EndpointRecord, in_map: dict[str, Any]) -> bool:
+    """Every address of the endpoint is in its family's endpoint map."""
+    return all(a in in_map for a in r.addresses)

@@ -1,4 +1,4 @@
-"""`tuplet ipcache`: identities of remote pods by IPv4 prefix."""
+"""`tuplet ipcache`: identities of remote pods by IPv4 or IPv6 prefix."""
 from __future__ import annotations
 
 import argparse
@@ -11,10 +11,10 @@ from tuplet.node import ipcache
 
 
 def add_parser(sub: Any) -> None:
-    c = sub.add_parser("ipcache", help="remote identities: IPv4 prefix -> identity (SourceSecurityID)")
+    c = sub.add_parser("ipcache", help="remote identities: IPv4 or IPv6 prefix -> identity (SourceSecurityID)")
     csub = c.add_subparsers(dest="ipcache_command", required=True)
     a = csub.add_parser("add", help="set the identity of a prefix (replaces an existing one)")
-    a.add_argument("prefix", help="e.g. 10.65.0.0/24 (a bare address is a /32)")
+    a.add_argument("prefix", help="e.g. 10.65.0.0/24 or f00d:1::/64 (a bare address is a /32 or /128)")
     a.add_argument("--identity", required=True)
     a.set_defaults(func=cmd_ipcache_add)
     d = csub.add_parser("delete", help="remove a prefix")

@@ -15,20 +15,22 @@ from tuplet.cli.endpoint import describe as describe_endpoints
 from tuplet.conntrack import sentinels
 from tuplet.conntrack.schedule import EARLY_MIN_GAP, describe_settings
 from tuplet.conntrack.sizing import Sizing
-from tuplet.datapath import abi, metrics, paths
+from tuplet.datapath import abi, cttables, metrics, paths
 from tuplet.datapath import events as ct_events
+from tuplet.datapath.cttables import Family
 from tuplet.node import endpoints, socklb, state
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     root = pin_root_of(args)
     st = state.load(root)
-    tables = []
-    for name in (*abi.CT_MAPS, abi.NAT_MAP):
+    tables: list[dict[str, Any]] = []
+    for name in (*cttables.NAMES, abi.NAT_MAP):
         if not os.path.exists(os.path.join(root, name)):
             continue
         with paths.open_pinned(root, name) as m:
-            tables.append({"map": name, "entries": sentinels.count_live(m), "max_entries": m.max_entries})
+            tables.append({"map": name, "entries": sentinels.count_live(m), "max_entries": m.max_entries,
+                           **({"family": cttables.table(name).family.value} if cttables.is_ct(name) else {})})
     atts = [a.to_json() for a in st.attachments] if st else []
     eps = endpoints.listing(root)
     sz = Sizing.from_json(st.sizing) if st and st.sizing else None
@@ -63,6 +65,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"BPF Maps:     {sz.summary()}")
     elif sz:
         print("\n".join(sz.describe(verbose=True)))
+        print("    IPv6 tables: " + ", ".join(f"{t.name} as {t.v4.name}" for t in cttables.CT_TABLES
+                                              if t.family is Family.IPV6))
     if verbose and gc_cfg:
         print(f"Conntrack GC: {describe_settings(gc_cfg['interval'], gc_cfg['max_interval'])}")
     last = (agent or {}).get("gc")

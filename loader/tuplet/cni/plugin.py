@@ -2,8 +2,8 @@
 pod with the node's datapath.
 
 It runs after an interface plugin such as ``ptp``: from ``prevResult`` it takes the
-host-side interface (the one without a ``sandbox``) and the pod's IPv4 address, adds a
-live endpoint (:mod:`tuplet.node.endpoints`, under the node lock) and prints
+host-side interface (the one without a ``sandbox``) and the pod's IPv4 and/or IPv6
+address (the first of each family in ``ips``), adds a live endpoint (:mod:`tuplet.node.endpoints`, under the node lock) and prints
 ``prevResult`` unchanged. DEL removes the endpoint and flushes its conntrack entries;
 it succeeds when there is nothing to delete. The plugin does the work itself, under the
 node lock, rather than asking the agent: the datapath works without an agent, so pods
@@ -89,8 +89,24 @@ def parse_request(stdin: str) -> Request:
     return Request(command, _env("CNI_CONTAINERID"), _env("CNI_IFNAME"), conf)
 
 
-def host_side(prev: Any) -> tuple[str, str]:
-    """(host-side interface, pod IPv4) from an interface plugin's result."""
+@dataclass(frozen=True)
+class HostSide:
+    """What the plugin takes from prevResult: the host-side interface and the pod's
+    addresses ("" for a family it has none of)."""
+
+    ifname: str
+    ipv4: str
+    ipv6: str
+
+    def matches(self, rec: EndpointRecord) -> bool:
+        return (rec.ifname, rec.ipv4, rec.ipv6) == (self.ifname, self.ipv4, self.ipv6)
+
+    def describe(self) -> str:
+        return " ".join([self.ifname, *(a for a in (self.ipv4, self.ipv6) if a)])
+
+
+def host_side(prev: Any) -> HostSide:
+    """The host-side interface and the pod's addresses from an interface plugin's result."""
     if not isinstance(prev, dict):
         raise CniError(E_CONFIG, "prevResult is missing: tuplet-cni is a chained plugin and runs after "
                        "an interface plugin such as ptp")
@@ -98,14 +114,16 @@ def host_side(prev: Any) -> tuple[str, str]:
     host = [i for i, x in enumerate(ifaces) if isinstance(x, dict) and x.get("name") and not x.get("sandbox")]
     if not host:
         raise CniError(E_CONFIG, "prevResult has no host-side interface (one without \"sandbox\")")
+    first: dict[int, str] = {}
     for ip in prev.get("ips") or []:
         try:
             iface = ipaddress.ip_interface(str(ip.get("address", "")))
-        except ValueError:
+        except (ValueError, AttributeError):
             continue
-        if iface.version == 4:
-            return str(ifaces[host[0]]["name"]), str(iface.ip)
-    raise CniError(E_CONFIG, "prevResult has no IPv4 address")
+        first.setdefault(iface.version, str(iface.ip))
+    if not first:
+        raise CniError(E_CONFIG, "prevResult has no IPv4 or IPv6 address")
+    return HostSide(str(ifaces[host[0]]["name"]), first.get(4, ""), first.get(6, ""))
 
 
 def _identity(conf: dict[str, Any]) -> int:
@@ -129,10 +147,11 @@ def _datapath_error(e: TupletError) -> CniError:
 
 def cmd_add(req: Request) -> dict[str, Any]:
     prev: dict[str, Any] = req.conf.get("prevResult") or {}
-    ifname, ipv4 = host_side(req.conf.get("prevResult"))
-    rec = EndpointRecord(req.name, ifname, ipv4, _identity(req.conf), source="cni", owner=req.owner)
+    hs = host_side(req.conf.get("prevResult"))
+    rec = EndpointRecord(req.name, hs.ifname, hs.ipv4, _identity(req.conf), source="cni", owner=req.owner,
+                         ipv6=hs.ipv6)
     existing = endpoints.find(req.pin_root, owner=req.owner)
-    if existing and existing.phase == PHASE_READY and (existing.ifname, existing.ipv4) == (ifname, ipv4):
+    if existing and existing.phase == PHASE_READY and hs.matches(existing):
         return dict(prev)   # ADD repeated: already there
     try:
         if existing:
@@ -155,16 +174,18 @@ def cmd_del(req: Request) -> None:
 
 
 def cmd_check(req: Request) -> None:
-    ifname, ipv4 = host_side(req.conf.get("prevResult"))
+    hs = host_side(req.conf.get("prevResult"))
     rec = endpoints.find(req.pin_root, owner=req.owner)
     if rec is None or rec.phase != PHASE_READY:
         raise CniError(E_DATAPATH, f"container {req.container_id} has no tuplet endpoint")
-    if (rec.ifname, rec.ipv4) != (ifname, ipv4):
-        raise CniError(E_DATAPATH, f"endpoint {rec.name} is {rec.ifname} {rec.ipv4}, prevResult says "
-                       f"{ifname} {ipv4}")
-    entry = endpoints.map_entries(req.pin_root).get(ipv4)
-    if entry is None or entry.sec_id != rec.identity:
-        raise CniError(E_DATAPATH, f"endpoint {rec.name} ({ipv4}) is not in the datapath's endpoint map")
+    if not hs.matches(rec):
+        raise CniError(E_DATAPATH, f"endpoint {rec.name} is {' '.join([rec.ifname, *rec.addresses])}, "
+                       f"prevResult says {hs.describe()}")
+    in_map = endpoints.map_entries(req.pin_root)
+    for addr in rec.addresses:
+        entry = in_map.get(addr)
+        if entry is None or entry.sec_id != rec.identity:
+            raise CniError(E_DATAPATH, f"endpoint {rec.name} ({addr}) is not in the datapath's endpoint map")
 
 
 def cmd_gc(req: Request) -> None:

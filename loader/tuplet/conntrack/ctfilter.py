@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -22,7 +22,8 @@ from tuplet.bpf.maps import Map
 from tuplet.core.errors import ConfigError, TupletError
 from tuplet.datapath.abi import TUPLE_F_IN, TUPLE_F_SERVICE
 
-PROTOS = {"tcp": 6, "udp": 17, "icmp": 1}
+PROTOS = {"tcp": 6, "udp": 17, "icmp": 1, "icmpv6": 58}
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 TYPES = ("OUT", "IN", "SVC")
 STATES = ("syn", "established", "closing")
 STATE_BITS = ("rx_closing", "tx_closing", "seen_non_syn")
@@ -53,9 +54,30 @@ class FilterLayout:
         return {n: np.asarray(b.get(values)) != 0 for n, b in self.bits.items()}
 
 
-def host_u32(a: np.ndarray) -> np.ndarray:
-    """Addresses as stored (network order in memory) as host-order integers."""
-    return a.astype(np.uint32).byteswap()
+def addr_bytes(keys: np.ndarray, name: str) -> np.ndarray:
+    """Field ``name`` (an IPv4 or IPv6 address, network order in memory) of each key as
+    rows of bytes: (n, 4) or (n, 16), whatever the field's dtype."""
+    dt, off = keys.dtype.fields[name][:2]   # type: ignore[index]
+    raw = np.ascontiguousarray(keys).view(np.uint8).reshape(len(keys), keys.dtype.itemsize)
+    out: np.ndarray = raw[:, off:off + dt.itemsize]
+    return out
+
+
+def either_address(keys: np.ndarray, addrs: Iterable[str]) -> np.ndarray:
+    """Which keys have one of ``addrs`` (either family) as either address."""
+    sa, da = addr_bytes(keys, "saddr"), addr_bytes(keys, "daddr")
+    hit = np.zeros(len(keys), bool)
+    for a in map(ipaddress.ip_address, addrs):
+        hit |= _is(sa, a) | _is(da, a)
+    return hit
+
+
+def _is(rows: np.ndarray, addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> np.ndarray:
+    """Which address rows are ``addr`` (none when the families differ)."""
+    if rows.shape[1] != len(addr.packed):
+        return np.zeros(len(rows), bool)
+    out: np.ndarray = (rows == np.frombuffer(addr.packed, np.uint8)).all(axis=1)
+    return out
 
 
 def host_u16(a: np.ndarray) -> np.ndarray:
@@ -78,14 +100,14 @@ def entry_state(layout: FilterLayout, values: np.ndarray) -> np.ndarray:
 class CtFilter:
     """A conjunction of conditions; None (or empty) means "any"."""
 
-    src: ipaddress.IPv4Network | None = None
-    dst: ipaddress.IPv4Network | None = None
+    src: Network | None = None
+    dst: Network | None = None
     proto: int | None = None
     sport: int | None = None
     dport: int | None = None
     type: str | None = None                  # OUT | IN | SVC
     state: str | None = None                 # syn | established | closing (TCP only)
-    addrs: tuple[str, ...] | None = None     # --endpoint: either address is one of these
+    addrs: tuple[str, ...] | None = None     # --endpoint: either address (IPv4 or IPv6) is one of these
     rev_nat: int | None = None               # --service: the entry carries this rev-NAT index
 
     @property
@@ -102,9 +124,9 @@ class CtFilter:
         """Which of these keys/values (numpy arrays of layout.key/value) match."""
         hit = np.ones(len(keys), bool)
         if self.src is not None:
-            hit &= _in_net(keys["daddr"], self.src)
+            hit &= _in_net(keys, "daddr", self.src)
         if self.dst is not None:
-            hit &= _in_net(keys["saddr"], self.dst)
+            hit &= _in_net(keys, "saddr", self.dst)
         if self.proto is not None:
             hit &= keys["nexthdr"] == self.proto
         if self.sport is not None:
@@ -116,26 +138,30 @@ class CtFilter:
         if self.state is not None:
             hit &= (keys["nexthdr"] == PROTOS["tcp"]) & (entry_state(layout, values) == STATES.index(self.state))
         if self.addrs is not None:
-            want = np.array([int(ipaddress.IPv4Address(a)) for a in self.addrs], np.uint32)
-            hit &= np.isin(host_u32(keys["saddr"]), want) | np.isin(host_u32(keys["daddr"]), want)
+            hit &= either_address(keys, self.addrs)
         if self.rev_nat is not None:
             hit &= values["rev_nat_index"] == self.rev_nat
         return hit
 
 
-def _in_net(be: np.ndarray, net: ipaddress.IPv4Network) -> np.ndarray:
-    mask = np.uint32(int(net.netmask))
-    r: np.ndarray = (host_u32(be) & mask) == np.uint32(int(net.network_address))
+def _in_net(keys: np.ndarray, name: str, net: Network) -> np.ndarray:
+    """Which keys' address ``name`` is in ``net`` (none when the families differ)."""
+    rows = addr_bytes(keys, name)
+    if rows.shape[1] != len(net.network_address.packed):
+        return np.zeros(len(keys), bool)
+    mask = np.frombuffer(net.netmask.packed, np.uint8)
+    r: np.ndarray = ((rows & mask) == np.frombuffer(net.network_address.packed, np.uint8)).all(axis=1)
     return r
 
 
 # --- parsing the command line's values (errors name the flag) --------------------------------
 
-def parse_net(flag: str, text: str) -> ipaddress.IPv4Network:
+def parse_net(flag: str, text: str) -> Network:
     try:
-        return ipaddress.IPv4Network(text, strict=False)
+        return ipaddress.ip_network(text, strict=False)
     except ValueError:
-        raise ConfigError(flag, f"must be an IPv4 address or prefix (10.64.0.0/16), got {text!r}") from None
+        raise ConfigError(flag, "must be an IPv4 or IPv6 address or prefix (10.64.0.0/16, f00d::/64), "
+                          f"got {text!r}") from None
 
 
 def parse_proto(flag: str, text: str) -> int:
@@ -144,7 +170,7 @@ def parse_proto(flag: str, text: str) -> int:
         return PROTOS[t]
     if t.isdigit() and 0 <= int(t) <= 255:
         return int(t)
-    raise ConfigError(flag, f"must be tcp, udp, icmp or a protocol number, got {text!r}")
+    raise ConfigError(flag, f"must be tcp, udp, icmp, icmpv6 or a protocol number, got {text!r}")
 
 
 def parse_port(flag: str, text: str) -> int:

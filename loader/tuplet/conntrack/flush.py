@@ -15,7 +15,6 @@ Entries of other flows stay, expired or not (GC collects those).
 from __future__ import annotations
 
 import os
-import socket
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -26,9 +25,10 @@ import structlog
 
 from tuplet.bpf.maps import BatchBuffers, Map
 from tuplet.conntrack import sentinels
+from tuplet.conntrack.ctfilter import either_address
 from tuplet.conntrack.entries import EntryLayout, nat_keys_for
 from tuplet.conntrack.notify import emitter_for
-from tuplet.datapath import abi, paths
+from tuplet.datapath import abi, cttables, paths
 
 log = structlog.get_logger("tuplet.flush")
 
@@ -75,18 +75,12 @@ class FlushResult:
         return f"{self.ct_deleted} conntrack entries ({per}) and {self.nat_deleted} NAT entries"
 
 
-def be32_array(addrs: Iterable[str]) -> np.ndarray:
-    """Addresses as the u32 values a CT key holds (network byte order in memory)."""
-    return np.array([int.from_bytes(socket.inet_aton(a), "little") for a in addrs], dtype=np.uint32)
-
-
 def address_match(addrs: Iterable[str]) -> Match:
-    """Entries with one of ``addrs`` as either address."""
-    want = be32_array(addrs)
+    """Entries with one of ``addrs`` (IPv4 or IPv6; each table holds its family's) as either address."""
+    want = tuple(addrs)
 
     def match(_map: str, keys: np.ndarray, _values: np.ndarray) -> np.ndarray:
-        hit: np.ndarray = np.isin(keys["saddr"], want) | np.isin(keys["daddr"], want)
-        return hit
+        return either_address(keys, want)
     return match
 
 
@@ -173,7 +167,8 @@ class Flusher:
             if not hit.any():
                 continue
             doomed = keys[hit].copy()
-            if self.nat is not None and match is not None:   # all entries: flush() empties the NAT table
+            # All entries: flush() empties the NAT table. Only IPv4 entries own NAT entries.
+            if self.nat is not None and match is not None and cttables.table(m.name).owns_nat:
                 nat = nat_keys_for(doomed, values[hit].copy(), lay)
                 if len(nat):
                     res.nat_deleted += self._delete(self.nat, nat.tobytes(), len(nat), res)
@@ -189,7 +184,7 @@ def flush_pinned(pin_root: str, addrs: Iterable[str] | None = None, chunk: int =
     """Flush the pinned CT tables of ``pin_root`` (and its NAT table): the entries of
     ``addrs``, or everything (None). Listeners of ``ct events`` get DESTROY with ``reason``."""
     with ExitStack() as stack:
-        maps = [stack.enter_context(paths.open_pinned(pin_root, n)) for n in abi.CT_MAPS
+        maps = [stack.enter_context(paths.open_pinned(pin_root, n)) for n in cttables.NAMES
                 if paths.is_pinned(pin_root, n)]
         nat = stack.enter_context(paths.open_pinned(pin_root, abi.NAT_MAP)) \
             if paths.is_pinned(pin_root, abi.NAT_MAP) else None

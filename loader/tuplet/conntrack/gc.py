@@ -34,7 +34,7 @@ import structlog
 from tuplet.bpf.maps import Map
 from tuplet.conntrack import sentinels
 from tuplet.conntrack.entries import EntryLayout, expired
-from tuplet.conntrack.gc_progs import REC_DTYPE, GcSwitches, IterPass, KeyDeleter, StallGate, load_on
+from tuplet.conntrack.gc_progs import GcSwitches, IterPass, KeyDeleter, StallGate, load_on, rec_dtype
 from tuplet.core.errors import TupletError
 from tuplet.datapath.abi import (
     GC_ITER_PROGRAM,
@@ -221,7 +221,7 @@ class CtGc:
             seen += k
             counts[GC_V_ALIVE] += count - n - k
             if n:
-                recs = np.zeros(n, REC_DTYPE)
+                recs = np.zeros(n, rec_dtype(m.key_size))
                 recs["key"] = np.frombuffer(memoryview(buf.keys), dtype=f"V{m.key_size}", count=count)[stale]
                 recs["seen"] = values["lifetime"][stale]
                 counts += self._deleter.delete(m, recs, now)

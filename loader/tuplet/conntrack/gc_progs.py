@@ -41,10 +41,27 @@ from tuplet.datapath.abi import (
     NAT_MAP,
 )
 
-# struct gc_keys_args and struct gc_key_rec in bpf/ct_gc.c, after a 14-byte Ethernet header.
+# struct gc_keys_args and struct gc_key_rec / gc_key6_rec in bpf/ct_gc.c, after a 14-byte
+# Ethernet header.
 _ETH = 14
 _KEYS_ARGS = struct.Struct("<IIII6I")
-REC_DTYPE = np.dtype([("key", "V14"), ("pad", "<u2"), ("seen", "<u4")])
+
+
+def rec_dtype(key_size: int) -> np.dtype:
+    """One record of tpl_ct_gc_keys for a table of ``key_size``-byte keys (gc_key_rec: 14,
+    gc_key6_rec: 38): the key, padding, the lifetime judged expired."""
+    return np.dtype([("key", f"V{key_size}"), ("pad", "<u2"), ("seen", "<u4")])
+
+
+#: The largest buffer one tpl_ct_gc_keys run takes: GC_KEYS_MAX IPv4 records (2,614 bytes).
+#: BPF_PROG_TEST_RUN refuses a tc program's buffer past a page less the skb's head and tail
+#: room (EINVAL), which 128 IPv6 records (5,686 bytes) would pass: those go 58 a run.
+_MAX_RUN_BYTES = _ETH + _KEYS_ARGS.size + GC_KEYS_MAX * rec_dtype(14).itemsize
+
+
+def records_per_run(rec_size: int) -> int:
+    """Records of ``rec_size`` bytes one run of tpl_ct_gc_keys takes."""
+    return min(GC_KEYS_MAX, (_MAX_RUN_BYTES - _ETH - _KEYS_ARGS.size) // rec_size)
 # struct gc_args (the one-run walk), after the Ethernet header.
 _WALK_ARGS = struct.Struct("<II4Q")
 
@@ -141,11 +158,12 @@ class KeyDeleter:
         self.coll = coll
 
     def delete(self, m: Map, recs: np.ndarray, now: int) -> np.ndarray:
-        """Records (REC_DTYPE) judged expired: counts per verdict."""
+        """Records (rec_dtype(m.key_size)) judged expired: counts per verdict."""
         counts = np.zeros(8, np.int64)
         prog = self.coll.programs[GC_KEYS_PROGRAM]
-        for s in range(0, len(recs), GC_KEYS_MAX):
-            part = recs[s:s + GC_KEYS_MAX]
+        per_run = records_per_run(recs.dtype.itemsize)
+        for s in range(0, len(recs), per_run):
+            part = recs[s:s + per_run]
             pkt = bytes(_ETH) + _KEYS_ARGS.pack(GC_SELECTOR[m.name], len(part), now, 0, *([0] * 6)) + part.tobytes()
             r = prog.test_run(pkt, out_size=len(pkt))
             if r.retval != 0:

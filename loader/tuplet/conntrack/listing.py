@@ -15,13 +15,11 @@ from tuplet.bpf.maps import Map
 from tuplet.conntrack import sentinels
 from tuplet.conntrack.ctfilter import CtFilter, FilterLayout
 from tuplet.conntrack.records import CtRecord
-from tuplet.datapath import clock
-from tuplet.datapath.layouts import CtEntry, CtTuple4
+from tuplet.datapath import clock, cttables
+from tuplet.datapath.cttables import Family
+from tuplet.datapath.layouts import CtEntry
 
 CHUNK = 2048   # a CT table with sentinels: ~3 ms a call at most (conntrack.sentinels)
-
-#: The tables whose entries can be of a protocol (to skip the TCP tables for -p udp).
-TCP_ONLY = ("tpl_ct4_v1", "tpl_ct4_syn_v1")
 
 
 @dataclass
@@ -38,13 +36,12 @@ class Chunk:
 
     def records(self) -> Iterator[CtRecord]:
         for k, v in zip(self.keys, self.values):
-            yield CtRecord(CtTuple4.from_buffer_copy(k.tobytes()), CtEntry.from_buffer_copy(v.tobytes()),
-                           self.map_name)
+            yield CtRecord.decode(k.tobytes(), v.tobytes(), self.map_name)
 
 
 def skip_map(name: str, flt: CtFilter) -> bool:
     """A whole table no entry of which can match (only TCP lives in the TCP tables)."""
-    if name in TCP_ONLY:
+    if cttables.table(name).tcp_only:
         return not flt.selects_proto(6)
     return flt.state is not None or flt.proto == 6
 
@@ -68,7 +65,10 @@ def count(m: Map, flt: CtFilter, chunk: int = CHUNK) -> int:
 
 # --- /proc/net/nf_conntrack ------------------------------------------------------------------
 
-_PROTO_LOWER = {1: "icmp", 6: "tcp", 17: "udp"}
+_PROTO_LOWER = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6"}
+#: nf_conntrack's layer-3 name and number per family; the echo request and reply types.
+_L3 = {Family.IPV4: ("ipv4", 2), Family.IPV6: ("ipv6", 10)}
+_ECHO = {1: (8, 0), 58: (128, 129)}
 
 
 def tcp_state(e: CtEntry) -> str:
@@ -97,13 +97,15 @@ def extended_line(r: CtRecord, now: int) -> str:
     (sa, sp), (da, dp) = r.src, r.dst
     left = max(0, clock.diff(e.lifetime, now))
     state = f" {tcp_state(e)}" if nh == 6 else ""
-    if nh == 1:
-        orig = f"src={sa} dst={da} type=8 code=0 id={sp}"
-        reply = f"src={da} dst={sa} type=0 code=0 id={sp}"
+    if nh in _ECHO:
+        req, rep = _ECHO[nh]
+        orig = f"src={sa} dst={da} type={req} code=0 id={sp}"
+        reply = f"src={da} dst={sa} type={rep} code=0 id={sp}"
     else:
         orig = f"src={sa} dst={da} sport={sp} dport={dp}"
         reply = f"src={da} dst={sa} sport={dp} dport={sp}"
     assured = " [ASSURED]" if e.seen_non_syn else " [UNREPLIED]" if nh == 6 else ""
     rel = " related=1" if r.related else ""
-    return (f"ipv4     2 {name:<8} {nh} {left}{state} {orig} packets={e.packets} bytes={e.bytes} "
+    l3, l3num = _L3[r.family]
+    return (f"{l3:<8} {l3num} {name:<8} {nh} {left}{state} {orig} packets={e.packets} bytes={e.bytes} "
             f"{reply}{assured} mark=0 zone=0 use=1 dir={r.direction}{rel}")

@@ -98,8 +98,8 @@ class Emitter:
     def emit(self, map_name: str, keys: np.ndarray, values: np.ndarray, reason: int) -> int:
         """Records for the deleted ``keys``/``values`` of ``map_name``; returns how many were
         written (0 when nobody listens)."""
-        if self.coll is None or not len(keys) or not listening(self.ctl):
-            return 0
+        if self.coll is None or not len(keys) or map_name not in TABLE_OF or not listening(self.ctl):
+            return 0   # (struct ct_notify_rec carries an IPv4 tuple: the IPv6 tables have no records yet)
         recs = np.zeros(len(keys), np.dtype((np.void, _REC)))
         raw = recs.view(np.uint8).reshape(len(keys), _REC)
         raw[:, _ENTRY_OFF:_ENTRY_OFF + values.dtype.itemsize] = values.view(np.uint8).reshape(len(keys), -1)

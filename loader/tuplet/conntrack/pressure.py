@@ -59,14 +59,16 @@ import structlog
 from tuplet.bpf.maps import Map
 from tuplet.conntrack.gc import GcResult
 from tuplet.conntrack.sizing import LIMIT_MAX
-from tuplet.datapath.abi import CT_MAP_ANY, CT_MAP_SYN, CT_MAP_TCP, NAT_MAP
+from tuplet.datapath import cttables
+from tuplet.datapath.abi import NAT_MAP
+from tuplet.datapath.cttables import Family, Proto
 
 log = structlog.get_logger("tuplet.pressure")
 
-#: Tables whose fill drives early GC and auto-grow.
-MAIN_TABLES = (CT_MAP_TCP, CT_MAP_ANY, NAT_MAP)
+#: Tables whose fill drives early GC and auto-grow: both families' TCP and non-TCP tables, NAT.
+MAIN_TABLES = (*cttables.names(protos=(Proto.TCP, Proto.ANY)), NAT_MAP)
 #: Reported only: full under a SYN flood by design.
-HANDSHAKE_TABLE = CT_MAP_SYN
+HANDSHAKE_TABLES = cttables.names(protos=(Proto.SYN,))
 
 PRESSURE_FILL = 0.90
 GROW_FILL = 0.90
@@ -204,8 +206,12 @@ def pinned_sizes(pin_root: str) -> dict[str, int]:
 # --- evictions --------------------------------------------------------------------------------
 
 #: Per CT table: the event counting entries in, the events counting entries the datapath moved out.
-TABLE_EVENTS = {CT_MAP_TCP: ("insert_tcp", ()), CT_MAP_ANY: ("insert_any", ()),
-                CT_MAP_SYN: ("insert_syn", ("promoted",))}
+#: (bpf/lib/ct_events.h: an IPv6 table's events are its IPv4 twin's, suffixed 6.)
+_EVENTS = {Proto.TCP: ("insert_tcp", ()), Proto.ANY: ("insert_any", ()), Proto.SYN: ("insert_syn", ("promoted",))}
+_SUFFIX = {Family.IPV4: "", Family.IPV6: "6"}
+TABLE_EVENTS = {t.name: (_EVENTS[t.proto][0] + _SUFFIX[t.family], tuple(o + _SUFFIX[t.family]
+                                                                         for o in _EVENTS[t.proto][1]))
+                for t in cttables.CT_TABLES}
 
 
 @dataclass

@@ -6,9 +6,10 @@ from typing import Any, Iterator
 
 from tuplet.bpf.maps import Map
 from tuplet.conntrack.sentinels import READ_CHUNK
-from tuplet.datapath import clock
+from tuplet.datapath import clock, cttables
 from tuplet.datapath.abi import TUPLE_F_IN, TUPLE_F_RELATED, TUPLE_F_SENTINEL, TUPLE_F_SERVICE
-from tuplet.datapath.layouts import CtEntry, CtTuple4, be16, be32_to_ip
+from tuplet.datapath.cttables import Family
+from tuplet.datapath.layouts import CtEntry, CtTuple4, CtTuple6, V6Addr, be16, be32_to_ip, bytes_to_ip6
 
 PROTO_NAMES = {1: "ICMP", 6: "TCP", 17: "UDP", 58: "ICMPv6"}
 
@@ -17,9 +18,22 @@ PROTO_NAMES = {1: "ICMP", 6: "TCP", 17: "UDP", 58: "ICMPv6"}
 class CtRecord:
     """One conntrack entry, decoded."""
 
-    key: CtTuple4
+    key: CtTuple4 | CtTuple6
     entry: CtEntry
     map_name: str
+
+    @classmethod
+    def decode(cls, key: bytes, value: bytes, map_name: str) -> "CtRecord":
+        """An entry of CT table ``map_name`` from its raw key and value."""
+        return cls(cttables.table(map_name).key.from_buffer_copy(key), CtEntry.from_buffer_copy(value), map_name)
+
+    @property
+    def family(self) -> Family:
+        return Family.IPV6 if isinstance(self.key, CtTuple6) else Family.IPV4
+
+    @staticmethod
+    def _addr(v: int | V6Addr) -> str:
+        return be32_to_ip(v) if isinstance(v, int) else bytes_to_ip6(v)
 
     @property
     def proto(self) -> str:
@@ -39,18 +53,22 @@ class CtRecord:
     @property
     def src(self) -> tuple[str, int]:
         """The flow's original source (the key's daddr and sport)."""
-        return be32_to_ip(self.key.daddr), be16(self.key.sport)
+        return self._addr(self.key.daddr), be16(self.key.sport)
 
     @property
     def dst(self) -> tuple[str, int]:
         """The flow's original destination (the key's saddr and dport)."""
-        return be32_to_ip(self.key.saddr), be16(self.key.dport)
+        return self._addr(self.key.saddr), be16(self.key.dport)
+
+    def hostport(self, addr: str, port: int) -> str:
+        """``addr:port``, the address in brackets for IPv6 (as the reference prints it)."""
+        return f"[{addr}]:{port}" if self.family is Family.IPV6 else f"{addr}:{port}"
 
     def line(self, now: int | None = None) -> str:
         """The reference's one-line format; with ``now``, the remaining seconds too."""
         e = self.entry
         (sa, sp), (da, dp) = self.src, self.dst
-        out = f"{self.proto} {self.direction} {sa}:{sp} -> {da}:{dp} "
+        out = f"{self.proto} {self.direction} {self.hostport(sa, sp)} -> {self.hostport(da, dp)} "
         if self.related:
             out += "related "
         out += f"expires={e.lifetime}"
@@ -69,7 +87,7 @@ class CtRecord:
         e = self.entry
         (sa, sp), (da, dp) = self.src, self.dst
         rec: dict[str, Any] = {
-            "map": self.map_name, "proto": self.proto, "direction": self.direction,
+            "map": self.map_name, "family": self.family.value, "proto": self.proto, "direction": self.direction,
             "related": self.related, "src": sa, "sport": sp, "dst": da, "dport": dp,
             "expires": e.lifetime, "packets": e.packets, "bytes": e.bytes,
             "rx_flags_seen": e.rx_flags_seen, "last_rx_report": e.last_rx_report,
@@ -85,9 +103,9 @@ class CtRecord:
 def records(m: Map) -> Iterator[CtRecord]:
     """Every entry of one CT map, read in batches (not the sentinels, see conntrack.sentinels)."""
     for k, v in m.items(READ_CHUNK):
-        key = CtTuple4.from_buffer_copy(k)
-        if not key.flags & TUPLE_F_SENTINEL:
-            yield CtRecord(key, CtEntry.from_buffer_copy(v), m.name)
+        r = CtRecord.decode(k, v, m.name)
+        if not r.key.flags & TUPLE_F_SENTINEL:
+            yield r
 
 
 def sort_key(r: CtRecord) -> tuple[Any, ...]:

@@ -51,15 +51,15 @@ from tuplet.conntrack.entries import EntryLayout, nat_keys_for
 from tuplet.conntrack.keyset import KeySet
 from tuplet.core import crashpoints
 from tuplet.core.errors import TupletError
-from tuplet.datapath import clock
-from tuplet.datapath.abi import CT6_MAPS, CT_MAP_ANY, CT_MAP_SYN, CT_MAP_TCP, CT_MAPS, NAT_MAP
+from tuplet.datapath import clock, cttables
+from tuplet.datapath.abi import NAT_MAP
 from tuplet.datapath.layouts import CtEntry, Nat4Entry
 
 log = structlog.get_logger("tuplet.resize")
 
 #: The maps ``apply`` resizes live, in the order they are copied (CT before NAT:
 #: which NAT entries to keep depends on which CT entries were kept).
-RESIZABLE = (CT_MAP_TCP, CT_MAP_ANY, CT_MAP_SYN, *CT6_MAPS, NAT_MAP)
+RESIZABLE = (*cttables.NAMES, NAT_MAP)
 #: Wait after the swap before the second copy, for runs of the old programs in flight.
 SYNC_DELAY = 0.05
 #: The new map is pinned as <pin_root>/resize-<name> and renamed over the old pin.
@@ -238,8 +238,9 @@ class Resizer:
     def _batches(m: Map) -> Iterator[tuple[bytes, bytes, int]]:
         """``m.batches`` without the sentinels of a CT map."""
         ks, vs = m.key_size, m.value_buf_size
-        for keys, vals, c in m.batches(sentinels.READ_CHUNK if m.name in CT_MAPS else CHUNK):
-            if m.name not in CT_MAPS:
+        ct = cttables.is_ct(m.name)
+        for keys, vals, c in m.batches(sentinels.READ_CHUNK if ct else CHUNK):
+            if not ct:
                 yield keys, vals, c
                 continue
             keep = ~sentinels.raw_mask(keys, ks, c)
@@ -253,7 +254,7 @@ class Resizer:
     def _rank(self, t: _Table, keys: bytes, vals: bytes) -> np.ndarray:
         """How recently each entry was used (higher: more recent)."""
         vs = t.old.value_buf_size
-        if t.name in CT_MAPS or t.name in CT6_MAPS:
+        if cttables.is_ct(t.name):
             if vs != ctypes.sizeof(CtEntry):
                 raise TupletError(f"map {t.name}", "resize", detail=f"value is {vs} bytes, not a ct_entry")
             # Seconds left, as a signed difference: lifetimes are u32 and may wrap.
@@ -272,7 +273,7 @@ class Resizer:
         """NAT keys owned by the CT entries the datapath will have (None: not known)."""
         out = []
         try:
-            for name in CT_MAPS:
+            for name in (x.name for x in cttables.CT_TABLES if x.owns_nat):
                 t = self.tables.get(name)
                 with contextlib.ExitStack() as stack:
                     if t is not None:

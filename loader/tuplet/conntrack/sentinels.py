@@ -26,9 +26,9 @@ import numpy as np
 import structlog
 
 from tuplet.bpf.maps import Map, possible_cpus
-from tuplet.datapath import clock
-from tuplet.datapath.abi import CT_MAPS, TUPLE_F_SENTINEL, ct_sentinel_key
-from tuplet.datapath.layouts import CtEntry, CtTuple4
+from tuplet.datapath import clock, cttables
+from tuplet.datapath.abi import TUPLE_F_SENTINEL, ct_sentinel_key
+from tuplet.datapath.layouts import CtEntry
 
 log = structlog.get_logger("tuplet.sentinels")
 
@@ -44,8 +44,6 @@ CHUNK = 1024
 #: READ_CHUNK x SPACING buckets (2 Mi, ~3 ms). Readers of CT tables ask for at most 4096.
 READ_CHUNK = 2048
 
-_FLAGS_AT = CtTuple4.flags.offset
-
 
 def n_buckets(max_entries: int) -> int:
     """The kernel's bucket count for a hash map: max_entries rounded up to a power of two."""
@@ -59,13 +57,13 @@ def expected(max_entries: int) -> int:
 
 
 def applies(m: Map) -> bool:
-    return m.name in CT_MAPS and expected(m.max_entries) > 0
+    return cttables.is_ct(m.name) and expected(m.max_entries) > 0
 
 
 def raw_mask(keys: bytes | memoryview, key_size: int, count: int) -> np.ndarray:
-    """Which of ``count`` packed CT keys are sentinels."""
+    """Which of ``count`` packed CT keys (of either family) are sentinels."""
     k = np.frombuffer(keys, np.uint8, count=count * key_size).reshape(count, key_size)
-    out: np.ndarray = (k[:, _FLAGS_AT] & TUPLE_F_SENTINEL) != 0
+    out: np.ndarray = (k[:, key_size - 1] & TUPLE_F_SENTINEL) != 0   # flags: both tuples' last byte
     return out
 
 
@@ -77,7 +75,7 @@ def mask(keys: np.ndarray) -> np.ndarray:
 
 def count_live(m: Map, chunk: int = READ_CHUNK) -> int:
     """Entries of ``m`` that are not sentinels (a walk in batch lookups)."""
-    if m.name not in CT_MAPS:
+    if not cttables.is_ct(m.name):
         return sum(c for _, _, c in m.batches(chunk))
     return sum(c - int(raw_mask(k, m.key_size, c).sum()) for k, _, c in m.batches(chunk))
 
@@ -91,7 +89,7 @@ def _write(m: Map, idx: list[int], now: int | None) -> None:
     val = _value(now)
     for i in range(0, len(idx), CHUNK):
         part = idx[i:i + CHUNK]
-        m.update_batch(b"".join(ct_sentinel_key(j) for j in part), val * len(part), len(part))
+        m.update_batch(b"".join(ct_sentinel_key(j, m.key_size) for j in part), val * len(part), len(part))
 
 
 def seed(m: Map, now: int | None = None) -> int:
@@ -106,7 +104,7 @@ def seed(m: Map, now: int | None = None) -> int:
 
 def present(m: Map) -> list[int]:
     """The sentinels ``m`` holds (one lookup each)."""
-    return [i for i in range(expected(m.max_entries)) if m.lookup(ct_sentinel_key(i)) is not None]
+    return [i for i in range(expected(m.max_entries)) if m.lookup(ct_sentinel_key(i, m.key_size)) is not None]
 
 
 def room(m: Map, live: int) -> bool:
@@ -120,7 +118,7 @@ def top_up(m: Map, live: int, seen: int | None = None, now: int | None = None) -
     ``seen``: how many a walk just saw (all there: nothing to look up). Returns how many
     were there before (what a walk that counts every entry counted besides ``live``).
     """
-    n = expected(m.max_entries) if m.name in CT_MAPS else 0
+    n = expected(m.max_entries) if cttables.is_ct(m.name) else 0
     if not n or seen == n:
         return seen or 0
     have = set(present(m))

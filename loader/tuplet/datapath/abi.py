@@ -99,12 +99,19 @@ TUPLE_F_SERVICE: Final = 4
 
 TUPLE_F_SENTINEL: Final = 0x80
 CT_SENTINEL_NEXTHDR: Final = 0
+CT_SENTINEL_KEY_SIZES: Final = (14, 38)   # struct ipv4_ct_tuple, struct ipv6_ct_tuple
 
 
-def ct_sentinel_key(i: int) -> bytes:
-    """Sentinel ``i``'s key, a struct ipv4_ct_tuple: daddr 0, saddr ``i``, ports 0,
-    nexthdr CT_SENTINEL_NEXTHDR, flags TUPLE_F_SENTINEL. The one definition of the shape."""
-    return struct.pack("<IIHHBB", 0, i, 0, 0, CT_SENTINEL_NEXTHDR, TUPLE_F_SENTINEL)
+def ct_sentinel_key(i: int, key_size: int = 14) -> bytes:
+    """Sentinel ``i``'s key of a CT table whose keys are ``key_size`` bytes (struct
+    ipv4_ct_tuple, 14, or struct ipv6_ct_tuple, 38): daddr 0, saddr ``i`` (the low 4 bytes
+    of it, in memory order, for an IPv6 address), ports 0, nexthdr CT_SENTINEL_NEXTHDR,
+    flags TUPLE_F_SENTINEL. The one definition of the shape, for both families."""
+    if key_size not in CT_SENTINEL_KEY_SIZES:
+        raise ValueError(f"no conntrack tuple is {key_size} bytes")
+    addr = (key_size - 6) // 2
+    return (bytes(addr) + struct.pack("<I", i) + bytes(addr - 4)
+            + struct.pack("<HHBB", 0, 0, CT_SENTINEL_NEXTHDR, TUPLE_F_SENTINEL))
 
 # --- services (enum lb_svc_flag, lb_backend_flag, lb_bank in lb_map.h) ------------------------
 
@@ -128,13 +135,18 @@ GC_MAP_ANY: Final = 1
 GC_MAP_SYN: Final = 2
 #: The NAT table: counted only (with GC_WALK_ONLY); NAT entries go with their CT entry.
 GC_MAP_NAT: Final = 3
+GC_MAP_TCP6: Final = 4
+GC_MAP_ANY6: Final = 5
+GC_MAP_SYN6: Final = 6
 #: Walk and count only; delete nothing.
 GC_WALK_ONLY: Final = 0x80000000
-GC_SELECTOR: Final = {CT_MAP_TCP: GC_MAP_TCP, CT_MAP_ANY: GC_MAP_ANY, CT_MAP_SYN: GC_MAP_SYN}
+GC_SELECTOR: Final = {CT_MAP_TCP: GC_MAP_TCP, CT_MAP_ANY: GC_MAP_ANY, CT_MAP_SYN: GC_MAP_SYN,
+                      CT6_MAP_TCP: GC_MAP_TCP6, CT6_MAP_ANY: GC_MAP_ANY6, CT6_MAP_SYN: GC_MAP_SYN6}
 # The sliced pass (bpf/lib/ct_gc.h): iterator program per CT map, its globals, its
 # test-only switches, the deleter's record limit, and the verdict bytes.
 GC_ITER_PROGRAM: Final = {CT_MAP_TCP: "tpl_gc_iter_tcp", CT_MAP_ANY: "tpl_gc_iter_any",
-                          CT_MAP_SYN: "tpl_gc_iter_syn"}
+                          CT_MAP_SYN: "tpl_gc_iter_syn", CT6_MAP_TCP: "tpl_gc_iter_tcp6",
+                          CT6_MAP_ANY: "tpl_gc_iter_any6", CT6_MAP_SYN: "tpl_gc_iter_syn6"}
 GC_VAR_NOW: Final = "gc_now"
 GC_VAR_WALK_ONLY: Final = "gc_walk_only"
 GC_TEST_STALL_NS: Final = "gc_test_stall_ns"

@@ -1,9 +1,9 @@
 """`make demo`: a node, three pods and an outside client in network namespaces, real
-traffic, services, the CT table.
+traffic, services, the CT table; pod1 and pod2 are dual-stack (IPv6 beside IPv4).
 
 Builds the topology, applies a node configuration (TCX where the kernel has it) with a
 ClusterIP and a LoadBalancer service, opens a real TCP connection and sends UDP and ICMP
-between two pods, then connects to the ClusterIP from a pod twice, through socket LB (the pod's
+between two pods, pings over IPv6 between them, then connects to the ClusterIP from a pod twice, through socket LB (the pod's
 client in the demo's own cgroup, ``<cgroup v2 root>/tuplet-demo``: socket LB never attaches to
 the root cgroup here) and per packet (the same client outside that cgroup), showing the CT
 entries of each, and to the LoadBalancer VIP from outside the node (each answer says which
@@ -27,13 +27,14 @@ from pathlib import Path
 from tuplet.agent import log as logmod
 from tuplet.cli import main as cli
 from tuplet.conntrack import records as ct
-from tuplet.datapath import abi, paths
+from tuplet.datapath import cttables, paths
 from tuplet.lab import cgroups
 from tuplet.lab.topology import Topology
 
 PIN_ROOT = "/sys/fs/bpf/tuplet/demo"
 CGROUP = "tuplet-demo"   # below the cgroup v2 root: socket LB's programs and the demo's client
 POD1, POD2, POD3, POD4 = "10.64.0.36", "10.64.0.64", "10.64.0.98", "10.64.0.120"
+POD1_V6, POD2_V6 = "fd00:10:244::24", "fd00:10:244::40"
 CLUSTER_IP, LB_VIP, NODE_IP, EXT = "10.68.174.146", "172.190.0.17", "172.191.0.254", "172.191.0.1"
 
 # Answers every connection with its name; runs in each backend pod.
@@ -88,7 +89,7 @@ def show_entries_of(addr: str, dports: tuple[int, ...] = (), shown: set[str] | N
     port, when given), as `tuplet ct list` prints them, leaving out those whose flow (the line's
     first five words) is in ``shown``. Returns the flows of all of them."""
     lines = []
-    for name in abi.CT_MAPS:
+    for name in cttables.NAMES:
         with paths.open_pinned(PIN_ROOT, name) as m:
             lines += [r.line() for r in ct.records(m)
                       if addr in (r.src[0], r.dst[0]) and (not dports or r.dst[1] in dports)]
@@ -118,10 +119,11 @@ def main(argv: list[str] | None = None) -> int:
 
     with Topology(prefix="tpl-demo") as topo, tempfile.TemporaryDirectory() as tmp, cgroups.owned(CGROUP) as cg:
         try:
-            step("topology: node namespace with three pods on veth pairs, an outside client on eth0")
+            step("topology: node namespace with three pods on veth pairs (pod1 and pod2 dual-stack), "
+                 "an outside client on eth0")
             node = topo.add_node("node")
-            p1 = topo.add_pod(node, "pod1", POD1)
-            p2 = topo.add_pod(node, "pod2", POD2)
+            p1 = topo.add_pod(node, "pod1", POD1, ipv6=POD1_V6)
+            p2 = topo.add_pod(node, "pod2", POD2, ipv6=POD2_V6)
             p3 = topo.add_pod(node, "pod3", POD3)
             p4 = topo.add_pod(node, "pod4", POD4)     # not in the node file: added live below
             ext = topo.add_external(node, "ext", EXT, node_ip=NODE_IP, node_ifname="eth0")
@@ -139,12 +141,14 @@ def main(argv: list[str] | None = None) -> int:
                 name = "pod1"
                 ifname = "{p1.host_ifname}"
                 ipv4 = "{POD1}"
+                ipv6 = "{POD1_V6}"
                 identity = 3096
 
                 [[endpoints]]
                 name = "pod2"
                 ifname = "{p2.host_ifname}"
                 ipv4 = "{POD2}"
+                ipv6 = "{POD2_V6}"
                 identity = 4122
 
                 [[endpoints]]
@@ -189,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
             topo.run(p1, [sys.executable, "-c", CLIENT], check=True, timeout=20)
             server.wait(timeout=10)
             topo.run(p1, ["ping", "-c", "2", "-i", "0.2", POD2], check=True, timeout=10)
+            step(f"IPv6: pod1 ({POD1_V6}) pings pod2 ({POD2_V6}); neighbour discovery passes untracked")
+            topo.run(p1, ["ping", "-6", "-c", "2", "-i", "0.2", POD2_V6], check=True, timeout=10)
             time.sleep(0.2)
 
             for pod, name in ((p2, "pod2"), (p3, "pod3")):

@@ -8,6 +8,13 @@ default route ``dev eth0 scope link`` (so the pod ARPs for every destination),
 IPv6 is disabled in every namespace, so the only traffic is what a test sends
 (plus ARP).
 
+Dual stack is opt-in per host: a pod given ``ipv6=`` (e.g. in fd00:10:244::/64) gets
+it as a /128 on ``eth0`` with a default route via ``fe80::1``, the link-local address
+of the node's side of every pod veth, and the node a /128 route to the pod; an external
+host given ``ipv6=`` and ``node_ipv6=`` shares a /``prefixlen6`` with the node's link.
+IPv6 is enabled only on those veths, without duplicate address detection (addresses
+are usable at once); neighbour discovery then runs on them as on a real node.
+
 Everything is built in-process with pyroute2 (no ``ip`` commands for
 configuration) and removed by :meth:`Topology.close`, which is idempotent and
 also runs at interpreter exit and on SIGTERM (when nobody else handles SIGTERM).
@@ -45,6 +52,8 @@ log = structlog.get_logger("tuplet.topology")
 
 IFNAMSIZ = 15  # usable characters of an interface name
 RT_SCOPE_LINK = 253
+#: The node's link-local address on every pod veth: the pods' IPv6 default gateway.
+GATEWAY6 = "fe80::1"
 _KILL_TIMEOUT = 5.0
 _LINK_UP_TIMEOUT = 5.0
 
@@ -112,6 +121,7 @@ class Pod:
     ifindex_host: int
     host_mac: str
     node: Node = field(repr=False)
+    ipv6: str | None = None
 
 
 @dataclass
@@ -128,6 +138,9 @@ class External:
     node_ifname: str     # node side, in the node's namespace
     ifindex_node: int
     node: Node = field(repr=False)
+    ipv6: str | None = None
+    node_ipv6: str | None = None
+    prefixlen6: int = 64
 
 
 Host = Node | Pod | External
@@ -135,6 +148,25 @@ Host = Node | Pod | External
 
 def _ns_of(host: Host | str) -> str:
     return host if isinstance(host, str) else host.netns
+
+
+def _ipv6_address(addr: str, what: str) -> str:
+    """``addr`` as a unicast, non-link-local IPv6 address, or a ValueError naming ``what``."""
+    try:
+        ip = ipaddress.IPv6Address(addr)
+    except ValueError:
+        raise ValueError(f"{what}: not an IPv6 address: {addr!r}") from None
+    if ip.is_multicast or ip.is_link_local or ip.is_unspecified or ip.is_loopback:
+        raise ValueError(f"{what}: {ip} is not a unicast address a host can own")
+    return str(ip)
+
+
+def _enable_ipv6(ns: str, ifname: str) -> None:
+    """IPv6 on one interface of ``ns`` (disabled by default in a topology), without DAD:
+    its addresses, link-local included, are usable as soon as the link is up."""
+    with enter(ns):
+        sysctl(f"net.ipv6.conf.{ifname}.accept_dad", 0)
+        sysctl(f"net.ipv6.conf.{ifname}.disable_ipv6", 0)
 
 
 # --- process-wide cleanup: atexit and SIGTERM ----------------------------------------------
@@ -275,10 +307,12 @@ class Topology:
         return full
 
     def add_node(self, name: str = "node") -> Node:
-        """A namespace ``<prefix>-<name>`` that forwards IPv4, without reverse-path filtering."""
+        """A namespace ``<prefix>-<name>`` that forwards IPv4 (and IPv6 between the interfaces that
+        have it), without reverse-path filtering."""
         ns = self._create_ns(name)
         with enter(ns):
             sysctl("net.ipv4.ip_forward", 1)
+            sysctl("net.ipv6.conf.all.forwarding", 1)
             for conf in ("all", "default", "lo"):
                 sysctl(f"net.ipv4.conf.{conf}.rp_filter", 0)
         node = Node(name=name, netns=ns)
@@ -297,10 +331,12 @@ class Topology:
             os.close(peer_fd)
         return link["index"], link.get("address")
 
-    def add_pod(self, node: Node, name: str, ipv4: str, *, host_ifname: str | None = None,
-                ifname: str = "eth0") -> Pod:
-        """A pod namespace ``<prefix>-<name>`` with ``ipv4``/32 on ``ifname``, routed by ``node``."""
+    def add_pod(self, node: Node, name: str, ipv4: str, *, ipv6: str | None = None,
+                host_ifname: str | None = None, ifname: str = "eth0") -> Pod:
+        """A pod namespace ``<prefix>-<name>`` with ``ipv4``/32 on ``ifname``, routed by ``node``;
+        with ``ipv6``, dual stack: ``ipv6``/128 beside it, default route via :data:`GATEWAY6`."""
         ip = str(ipaddress.IPv4Address(ipv4))
+        ip6 = _ipv6_address(ipv6, f"pod {name}") if ipv6 is not None else None
         host_if = host_ifname or f"lxc-{name}"
         for n in (host_if, ifname):
             if not 0 < len(n) <= IFNAMSIZ or "/" in n or "." in n or " " in n:
@@ -326,20 +362,39 @@ class Topology:
             ipr.link("set", index=idx, state="up")
             # scope link: the pod ARPs for every destination and the node's proxy ARP answers
             ipr.route("add", dst="0.0.0.0", dst_len=0, oif=idx, scope=RT_SCOPE_LINK)
+        if ip6 is not None:
+            _enable_ipv6(node.netns, host_if)
+            _enable_ipv6(ns, ifname)
+            with rtnl(node.netns) as ipr:
+                ipr.addr("add", index=idx_host, address=GATEWAY6, prefixlen=64)
+                ipr.route("add", dst=ip6, dst_len=128, oif=idx_host)
+            with rtnl(ns) as ipr:
+                ipr.addr("add", index=idx, address=ip6, prefixlen=128)
+                ipr.route("add", dst="::", dst_len=0, gateway=GATEWAY6, oif=idx)
         _wait_oper_up(ns, idx)
         _wait_oper_up(node.netns, idx_host)
         pod = Pod(name=name, netns=ns, ipv4=ip, ifname=ifname, ifindex=idx, mac=link.get("address"),
-                  host_ifname=host_if, ifindex_host=idx_host, host_mac=mac_host, node=node)
+                  host_ifname=host_if, ifindex_host=idx_host, host_mac=mac_host, node=node, ipv6=ip6)
         node.pods.append(pod)
         return pod
 
     def add_external(self, node: Node, name: str, ipv4: str, *, node_ip: str,
-                     node_ifname: str = "eth0", prefixlen: int = 24, ifname: str = "eth0") -> External:
+                     node_ifname: str = "eth0", prefixlen: int = 24, ifname: str = "eth0",
+                     ipv6: str | None = None, node_ipv6: str | None = None, prefixlen6: int = 64) -> External:
         """A host ``<prefix>-<name>`` on ``ipv4``/``prefixlen``, linked to the node's ``node_ifname``
-        (``node_ip``/``prefixlen``), default route via ``node_ip``."""
+        (``node_ip``/``prefixlen``), default route via ``node_ip``; with ``ipv6`` and ``node_ipv6``,
+        dual stack: the same on ``ipv6``/``prefixlen6``, default route via ``node_ipv6``."""
         net = ipaddress.IPv4Interface(f"{ipv4}/{prefixlen}").network
         if ipaddress.IPv4Address(node_ip) not in net or node_ip == ipv4:
             raise ValueError(f"node_ip {node_ip} must be another address in {net}")
+        if (ipv6 is None) != (node_ipv6 is None):
+            raise ValueError(f"external {name}: ipv6 and node_ipv6 go together")
+        ip6 = node_ip6 = None
+        if ipv6 is not None and node_ipv6 is not None:
+            ip6, node_ip6 = _ipv6_address(ipv6, f"external {name}"), _ipv6_address(node_ipv6, "node_ipv6")
+            net6 = ipaddress.IPv6Interface(f"{ip6}/{prefixlen6}").network
+            if ipaddress.IPv6Address(node_ip6) not in net6 or node_ip6 == ip6:
+                raise ValueError(f"node_ipv6 {node_ip6} must be another address in {net6}")
         for n in (node_ifname, ifname):
             if not 0 < len(n) <= IFNAMSIZ or "/" in n or "." in n or " " in n:
                 raise ValueError(f"interface name {n!r} is not usable (1-{IFNAMSIZ} characters)")
@@ -358,11 +413,19 @@ class Topology:
             ipr.addr("add", index=idx, address=ipv4, prefixlen=prefixlen)
             ipr.link("set", index=idx, state="up")
             ipr.route("add", dst="0.0.0.0", dst_len=0, gateway=node_ip)
+        if ip6 is not None and node_ip6 is not None:
+            _enable_ipv6(node.netns, node_ifname)
+            _enable_ipv6(ns, ifname)
+            with rtnl(node.netns) as ipr:
+                ipr.addr("add", index=idx_node, address=node_ip6, prefixlen=prefixlen6)
+            with rtnl(ns) as ipr:
+                ipr.addr("add", index=idx, address=ip6, prefixlen=prefixlen6)
+                ipr.route("add", dst="::", dst_len=0, gateway=node_ip6)
         _wait_oper_up(ns, idx)
         _wait_oper_up(node.netns, idx_node)
         ext = External(name=name, netns=ns, ipv4=str(ipaddress.IPv4Address(ipv4)), prefixlen=prefixlen,
                        ifname=ifname, ifindex=idx, node_ip=node_ip, node_ifname=node_ifname,
-                       ifindex_node=idx_node, node=node)
+                       ifindex_node=idx_node, node=node, ipv6=ip6, node_ipv6=node_ip6, prefixlen6=prefixlen6)
         node.externals.append(ext)
         return ext
 

@@ -23,7 +23,7 @@ from tuplet.conntrack import resize, sentinels
 from tuplet.conntrack.sizing import Sizing
 from tuplet.core import crashpoints
 from tuplet.core.errors import ConfigError, NotFoundError, TupletError
-from tuplet.datapath import abi, clock, paths
+from tuplet.datapath import abi, clock, cttables, paths
 from tuplet.datapath.abi import (
     CT6_MAP_ANY,
     CT6_MAP_SYN,
@@ -32,7 +32,6 @@ from tuplet.datapath.abi import (
     CT_MAP_SYN,
     CT_MAP_TCP,
     EP_MAP,
-    IPCACHE_MAP,
     LXC_HOOKS,
     NAT_MAP,
     NETDEV_HOOKS,
@@ -42,7 +41,7 @@ from tuplet.datapath.abi import (
     OVERLAY_HOOKS,
     PROGS_DIR,
 )
-from tuplet.datapath.layouts import EndpointInfo, ip_to_be32
+from tuplet.datapath.layouts import EndpointInfo
 from tuplet.datapath.paths import object_dir
 from tuplet.lb import registry
 from tuplet.lb import writer as lb
@@ -147,7 +146,7 @@ def _apply(cfg: NodeConfig, pin_root: str) -> ApplyResult:
             reused += [p for p in coll.reused_pins if p not in new_pins and p not in reused]
             new_pins += [p for p in _pin_paths(coll, pin_root)
                          if p not in coll.reused_pins and p not in resizer.pins]
-        for name in abi.CT_MAPS:   # a CT table created just now: its sentinels (resize seeds its own)
+        for name in cttables.NAMES:   # a CT table created just now: its sentinels (resize seeds its own)
             m = coll_map(colls, name)
             if m is not None and os.path.join(pin_root, name) in new_pins:
                 sentinels.seed(m)
@@ -158,7 +157,7 @@ def _apply(cfg: NodeConfig, pin_root: str) -> ApplyResult:
         if any(p.endswith(abi.SERVICES_MAP) for p in new_pins):
             paths.services_path(pin_root).unlink(missing_ok=True)   # describes service maps that are gone
         _sync_endpoints(lxc, cfg, live)
-        ipcache.sync_config(coll_map(colls, IPCACHE_MAP), cfg.ipcache, old.ipcache)
+        ipcache.sync_config({n: coll_map(colls, n) for n in ipcache.MAPS.values()}, cfg.ipcache, old.ipcache)
         plan: list[tuple[Collection, str, tuple[tuple[str, Hook], ...]]] = [
             (lxc, ep.ifname, LXC_HOOKS) for ep in cfg.endpoints]
         plan += [(lxc, ep.ifname, LXC_HOOKS) for ep in live_here]   # live ones get this build's programs
@@ -177,7 +176,7 @@ def _apply(cfg: NodeConfig, pin_root: str) -> ApplyResult:
             new_pins += [p for p in _pin_paths(sock.coll, pin_root)
                          if p not in sock.coll.reused_pins and p not in new_pins]
         crashpoints.point("apply.attached")
-        services = lb.sync_config(pin_root, cfg.services, {e.ipv4 for e in cfg.endpoints},
+        services = lb.sync_config(pin_root, cfg.services, {e.ipv4 for e in cfg.endpoints if e.ipv4},
                                   cfg.lb.maglev_table_size)
     except BaseException:
         undo = resizer.rollback(attachments, made)   # programs that ran before back, if swapped
@@ -218,13 +217,13 @@ def _apply(cfg: NodeConfig, pin_root: str) -> ApplyResult:
     resized = resizer.finish()   # old programs are off every hook now: late entries, then the pins
     crashpoints.point("apply.before-state")
     state.save(state.NodeState(pin_root=pin_root, netns=cfg.netns, attachments=attachments,
-                               endpoints={e.ipv4: e.ifname for e in cfg.endpoints},
+                               endpoints={a: e.ifname for e in cfg.endpoints for a in e.addresses},
                                sizing=sizing.to_json(),
                                gc={"interval": cfg.conntrack.gc_interval,
                                    "max_interval": cfg.conntrack.gc_max_interval},
                                attach_mode=cfg.attach_mode.value,
-                               configured=[state.EndpointRecord(e.name, e.ifname, e.ipv4, e.identity)
-                                           for e in cfg.endpoints],
+                               configured=[state.EndpointRecord(e.name, e.ifname, e.ipv4, e.identity,
+                                                                ipv6=e.ipv6) for e in cfg.endpoints],
                                live={e.name: e for e in live},
                                ipcache=[c.prefix for c in cfg.ipcache], socket_lb_cgroup=sock_cgroup))
     socklb.after_service_change(pin_root)   # connected UDP sockets of backends just removed
@@ -258,8 +257,9 @@ def _check_live_clash(cfg: NodeConfig, live: list[state.EndpointRecord]) -> None
     """Refuse, before anything changes, configured endpoints that take a live one's place."""
     for i, e in enumerate(cfg.endpoints):
         for other in live:
-            for attr in ("name", "ifname", "ipv4"):
-                if getattr(e, attr) == getattr(other, attr):
+            for attr, theirs in (("name", (other.name,)), ("ifname", (other.ifname,)),
+                                 ("ipv4", other.addresses), ("ipv6", other.addresses)):
+                if getattr(e, attr) and getattr(e, attr) in theirs:
                     raise ConfigError(f"endpoints[{i}].{attr}",
                                       f"{getattr(e, attr)} is live endpoint {other.name!r} (added with "
                                       f"`tuplet endpoint add` or the CNI plugin; delete it first)")
@@ -278,25 +278,25 @@ def _pin_programs(lxc: Collection, pin_root: str) -> None:
 
 
 def _sync_endpoints(coll: Collection, cfg: NodeConfig, live: list[state.EndpointRecord]) -> None:
-    """Make the endpoint map hold exactly the configured endpoints and the live ones."""
-    epmap = coll.maps[EP_MAP]
-    wanted: dict[bytes, EndpointInfo] = {}
-    endpoints: list[Endpoint | state.EndpointRecord] = [*cfg.endpoints, *live]
-    for ep in endpoints:
+    """Make the endpoint maps (both families) hold exactly the configured endpoints and the live ones."""
+    maps = {name: coll.maps[name] for name in endpoints.EP_MAPS.values()}
+    wanted: dict[str, dict[bytes, EndpointInfo]] = {name: {} for name in maps}
+    eps: list[Endpoint | state.EndpointRecord] = [*cfg.endpoints, *live]
+    for ep in eps:
+        keys = [endpoints.ep_key(a) for a in ep.addresses]
         try:
             ifindex = ifindex_of(ep.ifname)
         except NotFoundError:   # a live endpoint whose device went: keep what the map says
-            ifindex = EndpointInfo.from_buffer_copy(epmap.lookup(_ep_key(ep.ipv4)) or bytes(16)).ifindex
-        wanted[_ep_key(ep.ipv4)] = EndpointInfo(ifindex=ifindex, sec_id=ep.identity)
-    for key, info in wanted.items():
-        epmap.update(key, info)
-    for key in list(epmap.keys()):
-        if key not in wanted:
-            epmap.delete(key)
-
-
-def _ep_key(ipv4: str) -> bytes:
-    return ip_to_be32(ipv4).to_bytes(4, "little")
+            name, key = keys[0]
+            ifindex = EndpointInfo.from_buffer_copy(maps[name].lookup(key) or bytes(16)).ifindex
+        for name, key in keys:
+            wanted[name][key] = EndpointInfo(ifindex=ifindex, sec_id=ep.identity)
+    for name, epmap in maps.items():
+        for key, info in wanted[name].items():
+            epmap.update(key, info)
+        for key in list(epmap.keys()):
+            if key not in wanted[name]:
+                epmap.delete(key)
 
 
 def teardown(pin_root: str, netns_name: str | None = None, keep_maps: bool = False) -> list[Attachment]:

@@ -80,8 +80,14 @@ MAP_MIN, MAP_MAX = 1024, 1 << 24
 class Endpoint:
     name: str
     ifname: str
-    ipv4: str
+    ipv4: str = ""      # one of ipv4 and ipv6 at least ("": none)
     identity: int = 0
+    ipv6: str = ""
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        """The endpoint's addresses, IPv4 first (one or both)."""
+        return tuple(a for a in (self.ipv4, self.ipv6) if a)
 
 
 @dataclass(frozen=True)
@@ -203,6 +209,7 @@ def parse(text: str, source: str = "<string>") -> NodeConfig:
     _unique(endpoints, "ifname", "endpoints")
     _unique(endpoints, "name", "endpoints")
     _unique(endpoints, "ipv4", "endpoints")
+    _unique(endpoints, "ipv6", "endpoints")
     devices = tuple(_device(d, i) for i, d in enumerate(_array(doc, "devices")))
     _unique(devices, "ifname", "devices")
     clash = {e.ifname for e in endpoints} & {d.ifname for d in devices}
@@ -249,15 +256,26 @@ def _endpoint(e: Any, i: int) -> Endpoint:
     key = f"endpoints[{i}]"
     if not isinstance(e, dict):
         raise ConfigError(key, "must be a table")
-    _only(e, key, {"name", "ifname", "ipv4", "identity"})
+    _only(e, key, {"name", "ifname", "ipv4", "ipv6", "identity"})
     ifname = _ifname(e, f"{key}.ifname")
-    ip = _str(e, f"{key}.ipv4", None)
-    try:
-        addr = ipaddress.IPv4Address(ip)
-    except ValueError:
-        raise ConfigError(f"{key}.ipv4", f"not an IPv4 address: {ip!r}") from None
+    if "ipv4" not in e and "ipv6" not in e:
+        raise ConfigError(f"{key}.ipv4", "missing: an endpoint needs an ipv4 or an ipv6 address (or both)")
+    ipv4, ipv6 = (str(ip_of(f"{key}.{f}", _str(e, f"{key}.{f}", None), v)) if f in e else ""
+                  for f, v in (("ipv4", 4), ("ipv6", 6)))
     identity = _int(e, f"{key}.identity", 0, 0, (1 << 32) - 1)
-    return Endpoint(name=_str(e, f"{key}.name", ifname), ifname=ifname, ipv4=str(addr), identity=identity)
+    return Endpoint(name=_str(e, f"{key}.name", ifname), ifname=ifname, ipv4=ipv4, ipv6=ipv6, identity=identity)
+
+
+def ip_of(key: str, text: str, version: int) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """``text`` as an IPv{version} address, or a ConfigError naming ``key`` (an address of
+    the other family too)."""
+    try:
+        addr = ipaddress.ip_address(text)
+    except ValueError:
+        addr = None
+    if addr is None or addr.version != version:
+        raise ConfigError(key, f"not an IPv{version} address: {text!r}")
+    return addr
 
 
 def _device(d: Any, i: int) -> Device:
@@ -404,6 +422,8 @@ def _unique(items: tuple[Any, ...], attr: str, where: str) -> None:
     seen: set[Any] = set()
     for i, it in enumerate(items):
         v = getattr(it, attr)
+        if v == "":    # an optional field left out (an endpoint's ipv4 or ipv6)
+            continue
         if v in seen:
             raise ConfigError(f"{where}[{i}].{attr}", f"duplicate value {v!r}")
         seen.add(v)

@@ -3,8 +3,10 @@ without reloading anything (`tuplet endpoint`, the CNI plugin).
 
 Add attaches the pod programs ``apply`` pinned under ``<pin root>/progs`` to the pod's
 host-side veth (TCX, or legacy TC as the node's attachments) and writes the endpoint
-map; no other device is touched. Delete detaches, removes the endpoint, then deletes
-the conntrack entries of its address and the NAT entries they own
+map (``tpl_ep4_v1`` by its IPv4 address, ``tpl_ep6_v1`` by its IPv6 one: an endpoint
+has either or both); no other device is touched. Delete detaches, removes the endpoint,
+then deletes the conntrack entries of its addresses (both families' tables) and the NAT
+entries they own
 (:mod:`tuplet.conntrack.flush`).
 
 Every step runs under the node lock, and the node state records the endpoint *before*
@@ -38,8 +40,9 @@ from tuplet.conntrack.flush import FlushResult, flush_pinned
 from tuplet.core import crashpoints
 from tuplet.core.errors import ConfigError, NotFoundError, TupletError
 from tuplet.datapath import abi, paths
-from tuplet.datapath.layouts import EndpointInfo, ip_to_be32
+from tuplet.datapath.layouts import EndpointInfo
 from tuplet.node import netns, state
+from tuplet.node.config import ip_of
 from tuplet.node.hooks import remove_attachments
 from tuplet.node.lock import node_lock
 from tuplet.node.state import PHASE_ADDING, PHASE_DELETING, PHASE_READY, EndpointRecord, NodeState
@@ -77,8 +80,25 @@ class Deleted:
     recovered: list[Recovered]
 
 
-def _key(ipv4: str) -> bytes:
-    return ip_to_be32(ipv4).to_bytes(4, "little")
+#: The endpoint map of each address family.
+EP_MAPS = {4: abi.EP_MAP, 6: abi.EP6_MAP}
+
+
+def ep_key(addr: str) -> tuple[str, bytes]:
+    """(endpoint map, key) of an endpoint address: tpl_ep4_v1 by the be32 IPv4 address,
+    tpl_ep6_v1 by the 16-byte union v6addr."""
+    a = ipaddress.ip_address(addr)
+    return EP_MAPS[a.version], a.packed
+
+
+def _write_keys(pin_root: str, addrs: tuple[str, ...], info: EndpointInfo | None) -> None:
+    """Write ``info`` under each address's key (None: delete the keys)."""
+    for name, key in map(ep_key, addrs):
+        with paths.open_pinned(pin_root, name) as ep:
+            if info is None:
+                ep.delete(key)
+            else:
+                ep.update(key, info)
 
 
 def _load(pin_root: str) -> NodeState:
@@ -109,8 +129,7 @@ def _detach_endpoint(st: NodeState, rec: EndpointRecord) -> None:
             a.created_clsact = True
     remove_attachments(atts)
     st.attachments = [a for a in st.attachments if a.ifname != rec.ifname]
-    with paths.open_pinned(st.pin_root, abi.EP_MAP) as ep:
-        ep.delete(_key(rec.ipv4))   # the address is rec's: no other record may hold it
+    _write_keys(st.pin_root, rec.addresses, None)   # the addresses are rec's: no other record may hold them
 
 
 def recover(st: NodeState) -> list[Recovered]:
@@ -120,7 +139,7 @@ def recover(st: NodeState) -> list[Recovered]:
     for rec in [r for r in st.live.values() if r.phase != PHASE_READY]:
         _detach_endpoint(st, rec)
         if rec.phase == PHASE_DELETING:
-            flushed = flush_pinned(st.pin_root, [rec.ipv4], reason=abi.CT_NOTIFY_R_ENDPOINT)
+            flushed = flush_pinned(st.pin_root, rec.addresses, reason=abi.CT_NOTIFY_R_ENDPOINT)
             done.append(Recovered(rec, "delete finished", flushed))
         else:
             done.append(Recovered(rec, "add undone"))
@@ -133,13 +152,9 @@ def recover(st: NodeState) -> list[Recovered]:
 def _check_new(st: NodeState, rec: EndpointRecord) -> None:
     if not NAME_RE.match(rec.name):
         raise ConfigError("name", f"{rec.name!r} is not a valid endpoint name (letters, digits, '_.:-')")
-    try:
-        addr = ipaddress.IPv4Address(rec.ipv4)
-    except ValueError:
-        raise ConfigError("--ipv4", f"{rec.ipv4!r} is not an IPv4 address") from None
-    if addr.is_unspecified or addr.is_multicast or addr.is_loopback:
-        raise ConfigError("--ipv4", f"{rec.ipv4} cannot be a pod address")
-    rec.ipv4 = str(addr)
+    if not rec.addresses:
+        raise ConfigError("--ipv4", "an endpoint needs an IPv4 or an IPv6 address (--ipv4, --ipv6, or both)")
+    rec.ipv4, rec.ipv6 = (_pod_address(f"--ipv{v}", a, v) if a else "" for a, v in ((rec.ipv4, 4), (rec.ipv6, 6)))
     if not 0 <= rec.identity <= 0xFFFFFFFF:
         raise ConfigError("--identity", f"must be between 0 and 4294967295, got {rec.identity}")
     for other in st.all_endpoints():
@@ -148,11 +163,20 @@ def _check_new(st: NodeState, rec: EndpointRecord) -> None:
             raise EndpointConflictError("name", f"{rec.name!r} is taken by {where}", other)
         if other.ifname == rec.ifname:
             raise EndpointConflictError("--ifname", f"interface {rec.ifname} is taken by {where}", other)
-        if other.ipv4 == rec.ipv4:
-            raise EndpointConflictError("--ipv4", f"address {rec.ipv4} is taken by {where}", other)
+        for flag, a in (("--ipv4", rec.ipv4), ("--ipv6", rec.ipv6)):
+            if a and a in other.addresses:
+                raise EndpointConflictError(flag, f"address {a} is taken by {where}", other)
     devs = {a.ifname for a in st.attachments if a.program not in dict(abi.LXC_HOOKS)}
     if rec.ifname in devs:
         raise ConfigError("--ifname", f"interface {rec.ifname} is a node device of this datapath")
+
+
+def _pod_address(flag: str, text: str, version: int) -> str:
+    """``text`` as a pod address of IPv{version} (normalized), or a ConfigError naming ``flag``."""
+    addr = ip_of(flag, text, version)
+    if addr.is_unspecified or addr.is_multicast or addr.is_loopback:
+        raise ConfigError(flag, f"{text} cannot be a pod address")
+    return str(addr)
 
 
 def add(pin_root: str, rec: EndpointRecord) -> tuple[EndpointRecord, list[Recovered]]:
@@ -175,8 +199,7 @@ def add(pin_root: str, rec: EndpointRecord) -> tuple[EndpointRecord, list[Recove
             crashpoints.point("endpoint.add-recorded")
             made: list[Attachment] = []
             try:
-                with paths.open_pinned(pin_root, abi.EP_MAP) as ep:
-                    ep.update(_key(rec.ipv4), EndpointInfo(ifindex=ifindex, sec_id=rec.identity))
+                _write_keys(pin_root, rec.addresses, EndpointInfo(ifindex=ifindex, sec_id=rec.identity))
                 crashpoints.point("endpoint.add-mapped")
                 mode = AttachMode(st.attach_mode)
                 for prog_name, hook in abi.LXC_HOOKS:
@@ -196,7 +219,8 @@ def add(pin_root: str, rec: EndpointRecord) -> tuple[EndpointRecord, list[Recove
             rec.phase = PHASE_READY
             st.attachments += made
             state.save(st)
-    log.info("endpoint added", endpoint=rec.name, ifname=rec.ifname, ipv4=rec.ipv4, identity=rec.identity,
+    log.info("endpoint added", endpoint=rec.name, ifname=rec.ifname, addresses=list(rec.addresses),
+             identity=rec.identity,
              source=rec.source, modes=sorted({a.mode.value for a in made}))
     return rec, recovered
 
@@ -224,11 +248,11 @@ def delete(pin_root: str, name: str, missing_ok: bool = False) -> Deleted | None
             crashpoints.point("endpoint.delete-marked")
             _detach_endpoint(st, rec)
             crashpoints.point("endpoint.delete-detached")
-            flushed = flush_pinned(pin_root, [rec.ipv4], reason=abi.CT_NOTIFY_R_ENDPOINT)
+            flushed = flush_pinned(pin_root, rec.addresses, reason=abi.CT_NOTIFY_R_ENDPOINT)
             crashpoints.point("endpoint.delete-flushed")
             del st.live[name]
             state.save(st)
-    log.info("endpoint deleted", endpoint=name, ifname=rec.ifname, ipv4=rec.ipv4,
+    log.info("endpoint deleted", endpoint=name, ifname=rec.ifname, addresses=list(rec.addresses),
              ct_deleted=flushed.deleted, nat_deleted=flushed.nat_deleted)
     return Deleted(rec, flushed, recovered)
 
@@ -255,9 +279,11 @@ def listing(pin_root: str) -> list[EndpointRecord]:
 
 
 def map_entries(pin_root: str) -> dict[str, EndpointInfo]:
-    """The endpoint map as the datapath sees it: address -> entry."""
-    if not paths.is_pinned(pin_root, abi.EP_MAP):
-        return {}
-    with paths.open_pinned(pin_root, abi.EP_MAP) as ep:
-        return {str(ipaddress.IPv4Address(k)): EndpointInfo.from_buffer_copy(v) for k, v in ep.items()}
+    """The endpoint maps (both families) as the datapath sees them: address -> entry."""
+    out: dict[str, EndpointInfo] = {}
+    for name in EP_MAPS.values():
+        if paths.is_pinned(pin_root, name):
+            with paths.open_pinned(pin_root, name) as ep:
+                out.update({str(ipaddress.ip_address(k)): EndpointInfo.from_buffer_copy(v) for k, v in ep.items()})
+    return out
 

@@ -1,5 +1,6 @@
-"""The ipcache: identities of remote pods by IPv4 prefix (an LPM trie the datapath reads
-when it creates an entry, bpf/lib/ipcache.h). A local endpoint's identity wins; an
+"""The ipcache: identities of remote pods by IPv4 or IPv6 prefix (an LPM trie per family,
+``tpl_ipcache4_v1`` and ``tpl_ipcache6_v1``, the datapath reads when it creates an entry,
+bpf/lib/ipcache.h). A local endpoint's identity wins; an
 address in no prefix is world (2).
 
 Entries come from ``[[ipcache]]`` in the node file (``apply`` makes that set exact) and
@@ -10,15 +11,15 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import structlog
 
 from tuplet.bpf.maps import Map
 from tuplet.core.errors import ConfigError, NotFoundError
 from tuplet.datapath import paths
-from tuplet.datapath.abi import IPCACHE_MAP
-from tuplet.datapath.layouts import IpcacheInfo, IpcacheKey, be32_to_ip, ip_to_be32
+from tuplet.datapath.abi import IPCACHE6_MAP, IPCACHE_MAP
+from tuplet.datapath.layouts import Ipcache6Key, IpcacheInfo, IpcacheKey
 from tuplet.node import state
 from tuplet.node.lock import node_lock
 
@@ -27,7 +28,7 @@ log = structlog.get_logger("tuplet.ipcache")
 
 @dataclass(frozen=True)
 class IpcacheEntry:
-    prefix: str        # normalized, "10.65.0.0/16"
+    prefix: str        # normalized, "10.65.0.0/16" or "f00d:1::/64"
     identity: int
     source: str = "config"
 
@@ -35,15 +36,20 @@ class IpcacheEntry:
         return {"prefix": self.prefix, "identity": self.identity, "source": self.source}
 
 
+#: The LPM trie of each address family.
+MAPS = {4: IPCACHE_MAP, 6: IPCACHE6_MAP}
+
+
 def parse_prefix(v: Any, key: str) -> str:
     try:
-        return str(ipaddress.IPv4Network(str(v), strict=False)) if isinstance(v, str) else _bad(v, key)
+        return str(ipaddress.ip_network(v, strict=False)) if isinstance(v, str) else _bad(v, key)
     except ValueError:
         return _bad(v, key)
 
 
 def _bad(v: Any, key: str) -> str:
-    raise ConfigError(key, f"must be an IPv4 prefix such as 10.65.0.0/16, got {v!r}")
+    raise ConfigError(key, "must be an IPv4 or IPv6 prefix such as 10.65.0.0/16 or f00d:1::/64 (a prefix "
+                      f"length of at most 32 or 128), got {v!r}")
 
 
 def parse_identity(v: Any, key: str) -> int:
@@ -74,14 +80,18 @@ def parse_config(items: list[Any]) -> tuple[IpcacheEntry, ...]:
     return tuple(out)
 
 
-def key_of(prefix: str) -> IpcacheKey:
-    net = ipaddress.IPv4Network(prefix)
-    return IpcacheKey(prefixlen=net.prefixlen, addr=ip_to_be32(str(net.network_address)))
+def key_of(prefix: str) -> tuple[str, bytes]:
+    """(ipcache map, key) of a normalized prefix: struct ipcache_key or ipcache6_key."""
+    net = ipaddress.ip_network(prefix)
+    layout = IpcacheKey if net.version == 4 else Ipcache6Key
+    raw = net.prefixlen.to_bytes(4, "little") + net.network_address.packed
+    return MAPS[net.version], bytes(layout.from_buffer_copy(raw))
 
 
 def _prefix_of(raw: bytes) -> str:
-    k = IpcacheKey.from_buffer_copy(raw)
-    return f"{be32_to_ip(k.addr)}/{k.prefixlen}"
+    """A key of either trie (4 + 4 or 4 + 16 bytes) as its prefix."""
+    addr = ipaddress.ip_address(raw[4:])
+    return f"{addr}/{int.from_bytes(raw[:4], 'little')}"
 
 
 def read(m: Map) -> dict[str, int]:
@@ -94,44 +104,49 @@ def read(m: Map) -> dict[str, int]:
     return out
 
 
-def sync_config(m: Map | None, entries: Sequence[IpcacheEntry], previous: Sequence[str]) -> None:
-    """Program the configuration's prefixes; remove those an earlier apply configured that
-    it no longer has; leave the rest (added with `tuplet ipcache add`)."""
-    if m is None:
-        return
+def sync_config(maps: Mapping[str, Map | None], entries: Sequence[IpcacheEntry], previous: Sequence[str]) -> None:
+    """Program the configuration's prefixes into their family's trie (``maps``: by name);
+    remove those an earlier apply configured that it no longer has; leave the rest (added
+    with `tuplet ipcache add`)."""
     for e in entries:
-        m.update(key_of(e.prefix), IpcacheInfo(sec_id=e.identity))
+        name, key = key_of(e.prefix)
+        m = maps.get(name)
+        if m is not None:
+            m.update(key, IpcacheInfo(sec_id=e.identity))
     wanted = {e.prefix for e in entries}
     for p in previous:
-        if p not in wanted:
-            m.delete(key_of(p))
+        name, key = key_of(p)
+        m = maps.get(name)
+        if p not in wanted and m is not None:
+            m.delete(key)
 
 
 @contextlib.contextmanager
-def _cli_prefix(pin_root: str, prefix: str, change: str) -> Iterator[Map]:
-    """The ipcache map, under the node lock, for a change of a prefix the node file does
-    not own (``change``: what to do in the file instead)."""
+def _cli_prefix(pin_root: str, prefix: str, change: str) -> Iterator[tuple[Map, bytes]]:
+    """The prefix's ipcache map and key, under the node lock, for a change of a prefix the
+    node file does not own (``change``: what to do in the file instead)."""
+    name, key = key_of(prefix)
     with node_lock(pin_root):
         st = state.load(pin_root)
         if st is not None and prefix in st.ipcache:
             raise ConfigError("prefix", f"{prefix} is from the node file ([[ipcache]]): {change} it there")
-        with paths.open_pinned(pin_root, IPCACHE_MAP) as m:
-            yield m
+        with paths.open_pinned(pin_root, name) as m:
+            yield m, key
 
 
 def add(pin_root: str, prefix: str, identity: int) -> IpcacheEntry:
     prefix = parse_prefix(prefix, "prefix")
     identity = parse_identity(identity, "--identity")
-    with _cli_prefix(pin_root, prefix, "change") as m:
-        m.update(key_of(prefix), IpcacheInfo(sec_id=identity))
+    with _cli_prefix(pin_root, prefix, "change") as (m, key):
+        m.update(key, IpcacheInfo(sec_id=identity))
     log.info("ipcache entry set", prefix=prefix, identity=identity)
     return IpcacheEntry(prefix, identity, "cli")
 
 
 def delete(pin_root: str, prefix: str) -> None:
     prefix = parse_prefix(prefix, "prefix")
-    with _cli_prefix(pin_root, prefix, "remove") as m:
-        if not m.delete(key_of(prefix)):
+    with _cli_prefix(pin_root, prefix, "remove") as (m, key):
+        if not m.delete(key):
             raise NotFoundError(f"ipcache prefix {prefix}", "delete", detail="not in the ipcache")
     log.info("ipcache entry deleted", prefix=prefix)
 
@@ -139,7 +154,15 @@ def delete(pin_root: str, prefix: str) -> None:
 def listing(pin_root: str) -> list[IpcacheEntry]:
     st = state.load(pin_root)
     configured = set(st.ipcache) if st else set()
-    with paths.open_pinned(pin_root, IPCACHE_MAP) as m:
-        entries = read(m)
+    entries: dict[str, int] = {}
+    for name in MAPS.values():
+        if paths.is_pinned(pin_root, name):
+            with paths.open_pinned(pin_root, name) as m:
+                entries.update(read(m))
     return [IpcacheEntry(p, ident, "config" if p in configured else "cli")
-            for p, ident in sorted(entries.items(), key=lambda kv: ipaddress.IPv4Network(kv[0]))]
+            for p, ident in sorted(entries.items(), key=lambda kv: _sort_key(kv[0]))]
+
+
+def _sort_key(prefix: str) -> tuple[int, int, int]:
+    net = ipaddress.ip_network(prefix)
+    return net.version, int(net.network_address), net.prefixlen

@@ -5,11 +5,26 @@ from __future__ import annotations
 import dataclasses
 from typing import Mapping
 
+from tuplet.datapath import cttables
 from tuplet.datapath.abi import CT_MAP_ANY, CT_MAP_TCP, NAT_MAP
 from tuplet.node.config import NodeConfig
 
-#: The [conntrack] key that sizes each main table.
+#: The [conntrack] key that sizes each main table (an IPv6 table is sized as its IPv4 twin).
 TABLE_KEYS = {CT_MAP_TCP: "tcp_max", CT_MAP_ANY: "any_max", NAT_MAP: "nat_max"}
+
+
+def _sized_as(table: str) -> str:
+    """The table whose [conntrack] key sizes ``table``: itself, or an IPv6 table's IPv4 twin."""
+    return cttables.table(table).v4.name if cttables.is_ct(table) else table
+
+
+def _by_key_table(sizes: Mapping[str, int]) -> dict[str, int]:
+    """Sizes per sizing table: a table and its IPv6 twin share one, the larger."""
+    out: dict[str, int] = {}
+    for table, n in sizes.items():
+        t = _sized_as(table)
+        out[t] = max(out.get(t, 0), n)
+    return out
 
 
 def with_sizes(cfg: NodeConfig, sizes: Mapping[str, int]) -> NodeConfig:
@@ -19,7 +34,7 @@ def with_sizes(cfg: NodeConfig, sizes: Mapping[str, int]) -> NodeConfig:
     if not sizes:
         return cfg
     ct = cfg.conntrack
-    for table, n in sizes.items():
+    for table, n in _by_key_table(sizes).items():
         ct = dataclasses.replace(ct, **{TABLE_KEYS[table]: n})  # type: ignore[arg-type]
     return dataclasses.replace(cfg, conntrack=ct)
 
@@ -28,6 +43,7 @@ def keep_grown(cfg: NodeConfig, pinned: Mapping[str, int]) -> tuple[NodeConfig, 
     """cfg with each main table at max(configured, pinned): ``(cfg, [(table, configured, pinned)])``
     for the tables the configuration would have shrunk."""
     kept: list[tuple[str, int, int]] = []
+    pinned = _by_key_table(pinned)
     sizing = cfg.conntrack.sizing()
     cur = {CT_MAP_TCP: sizing.tcp.entries, CT_MAP_ANY: sizing.any.entries}
     for t in (CT_MAP_TCP, CT_MAP_ANY):

@@ -27,12 +27,18 @@ PHASE_READY, PHASE_ADDING, PHASE_DELETING = "ready", "adding", "deleting"
 class EndpointRecord:
     name: str
     ifname: str
-    ipv4: str
+    ipv4: str                       # "" for an IPv6-only endpoint
     identity: int = 0
     source: str = SOURCE_CONFIG     # config | cli | cni
     phase: str = PHASE_READY
     had_clsact: bool = True         # the device had a clsact qdisc before tuplet attached
     owner: str = ""                 # cni: "<container id>/<ifname>" of the attachment
+    ipv6: str = ""                  # "" for an IPv4-only endpoint
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        """The endpoint's addresses, IPv4 first (one or both)."""
+        return tuple(a for a in (self.ipv4, self.ipv6) if a)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -42,7 +48,7 @@ class EndpointRecord:
         return cls(name=str(d["name"]), ifname=str(d["ifname"]), ipv4=str(d["ipv4"]),
                    identity=int(d.get("identity", 0)), source=str(d.get("source", SOURCE_CONFIG)),
                    phase=str(d.get("phase", PHASE_READY)), had_clsact=bool(d.get("had_clsact", True)),
-                   owner=str(d.get("owner", "")))
+                   owner=str(d.get("owner", "")), ipv6=str(d.get("ipv6", "")))
 
 
 @dataclass
