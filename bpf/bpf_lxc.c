@@ -17,6 +17,7 @@
 #include "lib/conntrack_types.h"
 #include "lib/conntrack.h"
 #include "lib/lb_map.h"
+#include "lib/lb6_map.h"
 #include "lib/lb.h"
 #include "lib/mark.h"
 /* Unused here, but every program object defines every shared map, so that

@@ -20,6 +20,7 @@
 #include "lib/time.h"
 #include "lib/hash.h"
 #include "lib/lb_map.h"
+#include "lib/lb6_map.h"
 #include "lib/lb_select.h"
 #include "lib/sock_lb_map.h"
 

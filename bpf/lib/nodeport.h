@@ -17,6 +17,7 @@
 #include "conntrack_types.h"
 #include "conntrack.h"
 #include "lb_map.h"
+#include "lb6_map.h"
 #include "lb.h"
 #include "nat_map.h"
 #include "dsr.h"
