@@ -15,8 +15,8 @@ from tuplet.lb.model import (
     Service,
     ServiceType,
     ServiceView,
+    check_address,
     check_affinity,
-    check_ipv4,
     check_maglev_size,
     check_name,
     check_port,
@@ -73,7 +73,7 @@ def cmd_svc_add(args: argparse.Namespace) -> int:
     s = check_service(Service(
         name=check_name(args.name, "name"),
         type=service_type(args.type, "--type"),
-        address=check_ipv4(args.address, "--address"),
+        address=check_address(args.address, "--address"),
         port=check_port(args.port, "--port"),
         protocol=protocol(args.protocol, "--protocol"),
         backends=_backends(args.backend, "--backend"),

@@ -4,25 +4,26 @@ from __future__ import annotations
 
 import numpy as np
 
-from tuplet.datapath.abi import CT_MAPS, TUPLE_F_SERVICE
-from tuplet.datapath.layouts import CtEntry, CtTuple4
+from tuplet.datapath.abi import TUPLE_F_SERVICE
+from tuplet.datapath.layouts import CtEntry
 from tuplet.datapath.paths import is_pinned, open_pinned
+from tuplet.lb.families import FAMILIES
 
 
 def backend_ids_in_use(pin_root: str) -> set[int]:
-    """Backend ids named by conntrack entries of service flows."""
+    """Backend ids named by conntrack entries of service flows (both families' tables)."""
     used: set[int] = set()
     off = CtEntry.backend_id.offset
-    flags_at = CtTuple4.flags.offset
-    for name in CT_MAPS:
-        if not is_pinned(pin_root, name):
-            continue
-        with open_pinned(pin_root, name) as ct:
-            ks, vs = ct.key_size, ct.value_buf_size
-            for keys, vals, n in ct.batches(2048):   # a CT table: at most ~3 ms a call (conntrack.sentinels)
-                k = np.frombuffer(keys, np.uint8).reshape(n, ks)
-                v = np.frombuffer(vals, np.uint8).reshape(n, vs)
-                svc = (k[:, flags_at] & TUPLE_F_SERVICE) != 0
-                ids = v[svc, off:off + 8].copy().view(np.uint64).ravel()
-                used.update(int(i) for i in np.unique(ids))
+    for fam in FAMILIES:
+        for name in fam.ct_maps:
+            if not is_pinned(pin_root, name):
+                continue
+            with open_pinned(pin_root, name) as ct:
+                ks, vs = ct.key_size, ct.value_buf_size
+                for keys, vals, n in ct.batches(2048):   # a CT table: at most ~3 ms a call (conntrack.sentinels)
+                    k = np.frombuffer(keys, np.uint8).reshape(n, ks)
+                    v = np.frombuffer(vals, np.uint8).reshape(n, vs)
+                    svc = (k[:, fam.ct_flags_offset] & TUPLE_F_SERVICE) != 0
+                    ids = v[svc, off:off + 8].copy().view(np.uint64).ravel()
+                    used.update(int(i) for i in np.unique(ids))
     return used
