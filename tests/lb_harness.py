@@ -2,21 +2,30 @@
 their maps, for running service packets through BPF_PROG_TEST_RUN."""
 from __future__ import annotations
 
+import os
 import socket
 import struct
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 from scapy.packet import Packet, Raw
 
 from lxc_harness import MAC_A, MAC_B, LxcHarness, Verdict
+from tuplet.bpf import _libbpf as C
+from tuplet.bpf.libbpf import check, cstr
 from tuplet.bpf.objects import Collection
 from tuplet.datapath import metrics
 from tuplet.datapath.abi import OBJ_HOST, OBJ_LXC
-from tuplet.datapath.layouts import ip_to_be32
+from tuplet.datapath.layouts import Lb4Key, Lb4Service, Lb6Key, ip_to_be32
 from tuplet.datapath.paths import object_dir
-from tuplet.lb import maglev
+from tuplet.lb import families, maglev
+from tuplet.lb.families import Family
+from tuplet.lb.model import Service, ServiceType, parse_backend
+from tuplet.node import state
 from tuplet.node.apply import open_object
 from tuplet.node.config import NodeConfig
 
@@ -29,6 +38,38 @@ AFFINITY = "tpl_lb4_affinity_v1"
 F_EXTERNAL, F_NODEPORT, F_LOADBALANCER, F_AFFINITY = 1, 2, 4, 8
 BACKEND_F_REMOTE = 1
 BANK_STRIDE = 0x8000
+
+
+@contextmanager
+def pinned_maps(h: LxcHarness, pin_root: str, names: Iterable[str]) -> Iterator[None]:
+    """Pin the harness's maps ``names`` under pin_root (as apply would) for the control
+    plane to open; closes the harness and removes the pins and node state after."""
+    try:
+        os.makedirs(pin_root, exist_ok=True)
+        for name in names:
+            check(C.bpf_obj_pin(h.coll.maps[name].fd, cstr(f"{pin_root}/{name}")), name, "pin")
+        yield
+    finally:
+        h.close()
+        state.remove(pin_root)
+
+
+def cli_service(address: str, port: int, *backends: str, name: str, m: int | None = 251, **kw: Any) -> Service:
+    """A service as `tuplet svc add` makes it (a ClusterIP unless type= says otherwise)."""
+    return Service(name=name, type=kw.pop("type", ServiceType.CLUSTER_IP), address=address, port=port,
+                   backends=tuple(parse_backend(b, "b") for b in backends), maglev_size=m, source="cli", **kw)
+
+
+def slot0(h: LxcHarness, s: Service) -> Lb4Service:
+    """Slot 0 of service s, read from its family's service map."""
+    fam = families.of(s.address)
+    raw = h.coll.maps[fam.services_map].lookup(fam.key(s.address, s.port, s.proto))
+    assert raw is not None
+    return Lb4Service.from_buffer_copy(raw)
+
+
+def service_keys(h: LxcHarness, fam: Family = families.V4) -> list[Lb4Key | Lb6Key]:
+    return [fam.key_cls.from_buffer_copy(k) for k in h.coll.maps[fam.services_map].keys()]
 
 
 @dataclass(frozen=True)

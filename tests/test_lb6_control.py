@@ -15,9 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lb_harness import cli_service, pinned_maps, service_keys, slot0
 from lxc_harness import LxcHarness
-from tuplet.bpf import _libbpf as C
-from tuplet.bpf.libbpf import check, cstr
 from tuplet.core import crashpoints
 from tuplet.core.errors import ConfigError, NotFoundError
 from tuplet.datapath import abi, paths
@@ -36,10 +35,10 @@ from tuplet.datapath.layouts import (
     bytes_to_ip6,
     ip6_to_bytes,
 )
-from tuplet.lb import maglev, maglev_map
+from tuplet.lb import families, maglev, maglev_map
 from tuplet.lb import writer as lb
 from tuplet.lb.model import Service, ServiceType, parse_backend, parse_services
-from tuplet.node import config, state
+from tuplet.node import config
 
 ROOT = Path(__file__).resolve().parent.parent
 VIP6, VIP4, PORT = "2001:db8:68::a", "10.68.174.146", 80
@@ -50,36 +49,24 @@ LB6_MAPS = (abi.SERVICES6_MAP, abi.BACKENDS6_MAP, abi.REV_NAT6_MAP, abi.AFFINITY
 LB4_MAPS = (abi.SERVICES_MAP, abi.BACKENDS_MAP, abi.REV_NAT_MAP, abi.AFFINITY_MAP)
 
 
-def svc(*backends: str, name: str = "web6", m: int | None = 251, **kw) -> Service:
-    return Service(name=name, type=kw.pop("type", ServiceType.CLUSTER_IP), address=kw.pop("address", VIP6),
-                   port=kw.pop("port", PORT), backends=tuple(parse_backend(b, "b") for b in backends),
-                   maglev_size=m, source="cli", **kw)
+def svc(*backends: str, name: str = "web6", **kw) -> Service:
+    return cli_service(kw.pop("address", VIP6), kw.pop("port", PORT), *backends, name=name, **kw)
 
 
 @pytest.fixture
 def pinned(pin_root):
     """bpf_lxc.o loaded, its service, CT (both families) and IPv6 endpoint maps pinned."""
     h = LxcHarness.load()
-    os.makedirs(pin_root, exist_ok=True)
-    for name in (*abi.LB_MAPS, *abi.CT_MAPS, *abi.CT6_MAPS, abi.EP6_MAP):
-        check(C.bpf_obj_pin(h.coll.maps[name].fd, cstr(f"{pin_root}/{name}")), name, "pin")
-    yield h, pin_root
-    h.close()
-    state.remove(pin_root)
+    with pinned_maps(h, pin_root, (*abi.LB_MAPS, *abi.CT_MAPS, *abi.CT6_MAPS, abi.EP6_MAP)):
+        yield h, pin_root
 
 
 def table(pin_root: str) -> lb.ServiceTable:
     return lb.ServiceTable(pin_root, local_addrs=LOCAL)
 
 
-def slot0(h: LxcHarness, s: Service) -> Lb4Service:
-    raw = h.coll.maps[abi.SERVICES6_MAP].lookup(Lb6Key.make(s.address, s.port, s.proto))
-    assert raw is not None
-    return Lb4Service.from_buffer_copy(raw)
-
-
-def keys6(h: LxcHarness) -> list[Lb6Key]:
-    return [Lb6Key.from_buffer_copy(k) for k in h.coll.maps[abi.SERVICES6_MAP].keys()]
+def keys6(h: LxcHarness) -> list[Lb4Key | Lb6Key]:
+    return service_keys(h, families.V6)
 
 
 def backends6(h: LxcHarness) -> dict[int, Lb6Backend]:

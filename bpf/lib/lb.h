@@ -17,6 +17,7 @@
 #include "conntrack_types.h"
 #include "conntrack.h"
 #include "l4_rewrite.h"
+#include "l4_rewrite6.h"   /* the IPv6 service path (issue 19) calls it */
 
 enum lb_select {
 	LB_SELECT_HASH = 0,     /* a slot by flow hash: ClusterIP from a pod */
