@@ -6,8 +6,9 @@
  *   cil_to_container    veth egress:  packets the pod receives (CT_INGRESS); a
  *                       reply of a service flow gets the service address back
  *
- * Both track the packet and let the kernel forward it; malformed packets are
- * dropped with a counted reason, anything that is not IPv4 passes untouched.
+ * Both track the packet, IPv4 or IPv6, and let the kernel forward it;
+ * malformed packets are dropped with a counted reason, anything that is
+ * neither IPv4 nor IPv6 passes untouched.
  */
 #include "lib/compiler.h"
 #include "lib/reasons.h"
@@ -28,36 +29,46 @@
 
 char LICENSE[] SEC("license") = "GPL";
 
-/* Track one packet of a local endpoint. Returns the verdict reason. */
-static __always_inline enum tpl_reason lxc_track4(struct __sk_buff *skb, enum ct_dir dir)
+/* The protocols tracked for endpoints, per family. */
+#define LXC_PROTOS4 (PKT_PROTO(IPPROTO_TCP) | PKT_PROTO(IPPROTO_UDP) | PKT_PROTO(IPPROTO_ICMP))
+#define LXC_PROTOS6 (PKT_PROTO(IPPROTO_TCP) | PKT_PROTO(IPPROTO_UDP) | PKT_PROTO(IPPROTO_ICMPV6))
+
+/* Track one packet of a local endpoint, of family fam (PKT_FAM4 / PKT_FAM6: one
+ * body for both, conntrack.h). Services are IPv4 only (issue 19): an IPv6
+ * packet never takes the lb4 path, nor reverse NAT. Returns the verdict reason.
+ */
+static __always_inline enum tpl_reason lxc_track(int fam, struct __sk_buff *skb, enum ct_dir dir)
 {
-	struct ipv4_ct_tuple tuple = {};
+	struct ipv4_ct_tuple tuple4 = {};
+	struct ipv6_ct_tuple tuple6 = {};
+	struct pkt4 p4 = {};
+	struct pkt6 p6 = {};
+	void *tuple = fam == PKT_FAM6 ? (void *)&tuple6 : (void *)&tuple4;
+	void *p = fam == PKT_FAM6 ? (void *)&p6 : (void *)&p4;
 	struct ct_state st = {};
 	struct lb4_backend be;
 	struct lb4_key key;
-	struct pkt4 p = {};
 	__u16 rev_nat = 0;
 	int ret;
 
-	ret = pkt4_parse(skb, &p, PKT_PROTO(IPPROTO_TCP) | PKT_PROTO(IPPROTO_UDP) | PKT_PROTO(IPPROTO_ICMP),
-			 TPL_PASS_UNTRACKED_PROTO);
+	ret = pkt_parse(fam, skb, p, fam == PKT_FAM6 ? LXC_PROTOS6 : LXC_PROTOS4, TPL_PASS_UNTRACKED_PROTO);
 	if (tpl_has_verdict(ret))
 		return ret;
 
-	if (dir == CT_EGRESS) {
-		struct lb4_service *svc = lb4_lookup_service(&key, &p);
+	if (fam == PKT_FAM4 && dir == CT_EGRESS) {
+		struct lb4_service *svc = lb4_lookup_service(&key, &p4);
 
 		if (svc) {
 			rev_nat = svc->rev_nat_index;
-			ret = lb4_local(skb, &p, &key, svc, LB_SELECT_HASH, false, &be);
+			ret = lb4_local(skb, &p4, &key, svc, LB_SELECT_HASH, false, &be);
 			if (tpl_has_verdict(ret))
 				return ret;
 		}
 	}
 
-	ret = ct_lookup4(&tuple, &p, dir, skb->len, &st);
-	if (ret == CT_REPLY && st.rev_nat_index && dir == CT_INGRESS) {
-		int nat = lb4_rev_nat(skb, &p, st.rev_nat_index);
+	ret = ct_lookup(fam, tuple, p, dir, skb->len, &st);
+	if (fam == PKT_FAM4 && ret == CT_REPLY && st.rev_nat_index && dir == CT_INGRESS) {
+		int nat = lb4_rev_nat(skb, &p4, st.rev_nat_index);
 
 		if (tpl_has_verdict(nat))
 			return nat;
@@ -65,29 +76,41 @@ static __always_inline enum tpl_reason lxc_track4(struct __sk_buff *skb, enum ct
 	if (ret != CT_NEW)
 		return ct_status_reason(ret);
 
-	if (tuple.flags & TUPLE_F_RELATED)
+	if (CT_TUPLE_GET(tuple, fam, flags) & TUPLE_F_RELATED)
 		return TPL_PASS_ICMP_UNRELATED;
-	ret = ct_may_create4(&p);
+	ret = ct_may_create(fam, p);
 	if (tpl_has_verdict(ret))
 		return ret;
 
-	st.src_sec_id = endpoint_identity4(p.saddr);
+	st.src_sec_id = fam == PKT_FAM6 ? endpoint_identity6(&p6.saddr) : endpoint_identity4(p4.saddr);
 	st.rev_nat_index = rev_nat;
 	/* Delivered by cil_from_overlay (a DSR flow's backend node). */
 	if (dir == CT_INGRESS && tpl_mark_is(skb, TPL_MARK_FROM_TUNNEL))
 		st.from_tunnel = 1;
-	ret = ct_create4(&tuple, dir, &st, p.tcp_flags, skb->len);
+	ret = ct_create(fam, tuple, dir, &st, PKT(p, fam, tcp_flags), skb->len);
 	return tpl_verdict_or(ret, TPL_PASS_CT_NEW);
+}
+
+/* IPv4, else IPv6 (the IPv4 parser says TPL_PASS_NOT_IPV4 for it), else
+ * neither: TPL_PASS_NOT_IPV4 from the IPv6 parser.
+ */
+static __always_inline enum tpl_reason lxc_track_any(struct __sk_buff *skb, enum ct_dir dir)
+{
+	enum tpl_reason r = lxc_track(PKT_FAM4, skb, dir);
+
+	if (r == TPL_PASS_NOT_IPV4)
+		r = lxc_track(PKT_FAM6, skb, dir);
+	return r;
 }
 
 SEC("tc")
 int cil_from_container(struct __sk_buff *skb)
 {
-	return tpl_verdict(skb, lxc_track4(skb, CT_EGRESS), TPL_METRIC_EGRESS);
+	return tpl_verdict(skb, lxc_track_any(skb, CT_EGRESS), TPL_METRIC_EGRESS);
 }
 
 SEC("tc")
 int cil_to_container(struct __sk_buff *skb)
 {
-	return tpl_verdict(skb, lxc_track4(skb, CT_INGRESS), TPL_METRIC_INGRESS);
+	return tpl_verdict(skb, lxc_track_any(skb, CT_INGRESS), TPL_METRIC_INGRESS);
 }

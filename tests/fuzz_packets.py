@@ -14,9 +14,23 @@ from dataclasses import dataclass
 
 from hypothesis import strategies as st
 from scapy.layers.inet import ICMP, IP, TCP, UDP
-from scapy.layers.inet6 import IPv6
+from scapy.layers.inet6 import (
+    ICMPv6EchoReply,
+    ICMPv6EchoRequest,
+    ICMPv6ND_NA,
+    ICMPv6ND_NS,
+    ICMPv6ND_RA,
+    ICMPv6ND_RS,
+    ICMPv6Unknown,
+    IPv6,
+    IPv6ExtHdrDestOpt,
+    IPv6ExtHdrFragment,
+    IPv6ExtHdrHopByHop,
+    IPv6ExtHdrRouting,
+)
+from scapy.layers.ipsec import AH
 from scapy.layers.l2 import ARP, Ether
-from scapy.packet import Raw
+from scapy.packet import Packet, Raw
 
 from lxc_harness import MAC_A, MAC_B
 
@@ -35,6 +49,13 @@ TCP_FLAG_SETS = ("S", "SA", "A", "PA", "FA", "F", "R", "RA", "SF", "SR", "FPU", 
 
 TCP_P, UDP_P, ICMP_P = 6, 17, 1
 ICMP_ERROR_TYPES = (3, 11, 12)
+
+# IPv6: pods (endpoints in the fuzz harness) and the outside. Services are IPv4 only.
+POD1_6, POD2_6, POD3_6 = "fd00:10:64::24", "fd00:10:64::62", "fd00:10:64::40"
+OUTSIDER_6 = "2001:db8::7"
+ADDRESSES6 = (POD1_6, POD2_6, POD3_6, OUTSIDER_6)
+ICMP6_P = 58
+ICMP6_ERROR_TYPES = (1, 2, 3, 4)
 
 
 @dataclass(frozen=True)
@@ -148,6 +169,111 @@ def ipv4_frames(draw, src=addresses, dst=addresses, l4=None) -> Pkt:
     if frag != "none":
         what += f"+{frag}"
     return Pkt(frame, True, what)
+
+
+addresses6 = st.one_of(st.sampled_from(ADDRESSES6),
+                       st.integers(0, 2**128 - 1).map(lambda i: str(ipaddress.IPv6Address(i))))
+
+
+@st.composite
+def l4_headers6(draw, pool_ports=ports):
+    """A scapy IPv6 L4 layer (with payload) and a name for it: TCP, UDP, ICMPv6 echo,
+    errors 1-4, neighbour discovery and router messages, other types."""
+    kind = draw(st.sampled_from(("tcp", "udp", "echo", "error", "nd", "other")))
+    if kind in ("tcp", "udp"):
+        layer, what = draw(l4_headers(pool_ports).filter(lambda lw: lw[1].startswith(kind)))
+        return layer, what
+    pay = draw(payloads)
+    if kind == "echo":
+        cls = draw(st.sampled_from((ICMPv6EchoRequest, ICMPv6EchoReply)))
+        return cls(id=draw(st.sampled_from((0, 1, 40000)) | st.integers(0, 65535)),
+                   seq=draw(st.integers(0, 65535))) / Raw(pay), cls.__name__
+    if kind == "error":
+        inner = IPv6(src=draw(addresses6), dst=draw(addresses6)) / UDP(sport=draw(pool_ports),
+                                                                       dport=draw(pool_ports))
+        t = draw(st.sampled_from(ICMP6_ERROR_TYPES))
+        return ICMPv6Unknown(type=t, code=draw(st.integers(0, 15)),
+                             msgbody=b"\0\0\0\0" + bytes(inner)[:draw(st.integers(0, 48))]), f"icmp6_err{t}"
+    if kind == "nd":
+        layer = draw(st.sampled_from((ICMPv6ND_RS(), ICMPv6ND_RA(), ICMPv6ND_NS(tgt=POD2_6),
+                                      ICMPv6ND_NA(tgt=POD1_6))))
+        return layer, f"nd{layer.type}"
+    t = draw(st.integers(0, 255))
+    return ICMPv6Unknown(type=t, code=draw(st.integers(0, 255)), msgbody=pay), f"icmp6_t{t}"
+
+
+# Extension headers (bpf/lib/packet.h walks IPV6_MAX_EXT_HDRS = 4 of them).
+ext_headers = st.lists(st.sampled_from(("hop", "routing", "dest", "ah", "frag_first")), max_size=5)
+
+
+def _ext(kind: str, nh: int) -> Packet:
+    if kind == "hop":
+        return IPv6ExtHdrHopByHop(nh=nh)
+    if kind == "routing":
+        return IPv6ExtHdrRouting(nh=nh, addresses=[POD2_6])
+    if kind == "dest":
+        return IPv6ExtHdrDestOpt(nh=nh)
+    if kind == "ah":
+        return AH(nh=nh, payloadlen=4, spi=1, icv=b"\0" * 12)     # 24 bytes
+    return IPv6ExtHdrFragment(nh=nh, m=1, id=7)
+
+
+_EXT_NH = {"hop": 0, "routing": 43, "dest": 60, "ah": 51, "frag_first": 44}
+
+
+@st.composite
+def ipv6_frames(draw, src=addresses6, dst=addresses6, l4=None) -> Pkt:
+    """A well-formed Ethernet/IPv6 frame: TCP, UDP or ICMPv6 (echo, errors, ND, other types),
+    sometimes behind extension headers (up to 5: one more than the datapath walks), or a
+    non-first fragment."""
+    layer, what = draw(l4 if l4 is not None else l4_headers6())
+    body = bytes(layer)
+    nh = {TCP: TCP_P, UDP: UDP_P}.get(type(layer), ICMP6_P)
+    ip = IPv6(src=draw(src), dst=draw(dst), hlim=draw(st.integers(1, 255)))
+    exts = draw(ext_headers)
+    if draw(st.integers(0, 5)) == 0:
+        exts = [*exts[:3], "frag_later"]
+    chain: bytes = b""
+    for i, kind in reversed(list(enumerate(exts))):
+        if kind == "frag_later":
+            hdr = IPv6ExtHdrFragment(nh=nh, offset=draw(st.integers(1, 8191)), m=draw(st.booleans()), id=7)
+        else:
+            hdr = _ext(kind, nh)
+        chain = bytes(hdr) + chain
+        nh = _EXT_NH.get(kind, 44)
+    ip.nh = nh
+    frame = bytes(Ether(src=MAC_A, dst=MAC_B) / ip / Raw(chain + body))
+    if exts:
+        what += "+" + ",".join(exts)
+    # (L4 checksums over IPv6 are computed by scapy with the layer alone: a frame rewritten
+    # would need them right, but IPv6 frames are never rewritten; they stay "well formed".)
+    return Pkt(frame, True, what)
+
+
+@st.composite
+def malformed_ipv6(draw) -> Pkt:
+    """A valid IPv6 frame with one field made wrong: version, payload length, an extension
+    header's length, TCP data offset, or truncated at some offset."""
+    base: Pkt = draw(ipv6_frames())
+    b = bytearray(base.data)
+    how = draw(st.sampled_from(("version", "plen", "plen_zero", "exthdr_len", "doff", "truncate", "truncate")))
+    if how == "version":
+        b[14] = (draw(st.integers(0, 15)) << 4) | (b[14] & 0x0F)
+    elif how == "plen":
+        b[18:20] = draw(st.integers(0, 65535)).to_bytes(2, "big")
+    elif how == "plen_zero":
+        b[18:20] = b"\0\0"                     # a jumbogram's (or BIG TCP's) payload length
+    elif how == "exthdr_len":
+        if b[20] in (0, 43, 60, 51) and len(b) > 55:
+            b[55] = draw(st.integers(0, 255))
+    elif how == "doff":
+        if b[20] == TCP_P and len(b) >= 54 + 13:
+            b[54 + 12] = (draw(st.integers(0, 15)) << 4) | (b[54 + 12] & 0x0F)
+    else:
+        b = b[:draw(st.integers(0, len(b)))]
+        if len(b) >= 20 and draw(st.booleans()):   # payload length made to agree
+            b[18:20] = max(0, len(b) - 54).to_bytes(2, "big")
+    return Pkt(bytes(b), False, f"{base.what}/bad_{how}")
 
 
 @st.composite
@@ -282,5 +408,12 @@ def aimed_frames(draw, targets: list[tuple[str, int, int]], sources=None) -> Pkt
     return Pkt(bytes(frame), True, what)
 
 
+def flow_frames6() -> st.SearchStrategy[Pkt]:
+    """As flow_frames, over IPv6: the pods' IPv6 addresses and the pool's ports."""
+    return ipv6_frames(src=st.sampled_from(ADDRESSES6), dst=st.sampled_from(ADDRESSES6),
+                       l4=l4_headers6(pool_ports=pool_ports))
+
+
 def any_packet() -> st.SearchStrategy[Pkt]:
-    return st.one_of(random_bytes(), ipv4_frames(), malformed_ipv4(), non_ipv4(), mutated())
+    return st.one_of(random_bytes(), ipv4_frames(), malformed_ipv4(), non_ipv4(), mutated(),
+                     ipv6_frames(), malformed_ipv6(), mutated(ipv6_frames()))

@@ -5,14 +5,37 @@ import time
 from dataclasses import dataclass
 
 from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet6 import (
+    ICMPv6DestUnreach,
+    ICMPv6EchoReply,
+    ICMPv6EchoRequest,
+    ICMPv6PacketTooBig,
+    ICMPv6ParamProblem,
+    ICMPv6TimeExceeded,
+    IPv6,
+)
 from scapy.layers.l2 import Ether
 from scapy.packet import Packet, Raw
 
 from tuplet.bpf.objects import Collection
 from tuplet.conntrack.records import CtRecord, records
 from tuplet.datapath import clock, metrics
-from tuplet.datapath.abi import CT_MAP_ANY, CT_MAP_SYN, CT_MAP_TCP, EP_MAP, METRICS_MAP, NAT_MAP, OBJ_LXC
-from tuplet.datapath.layouts import CtEntry, CtTuple4, EndpointInfo, ip_to_be32
+from tuplet.datapath.abi import (
+    CT6_MAP_ANY,
+    CT6_MAP_SYN,
+    CT6_MAP_TCP,
+    CT6_MAPS,
+    CT_MAP_ANY,
+    CT_MAP_SYN,
+    CT_MAP_TCP,
+    CT_MAPS,
+    EP6_MAP,
+    EP_MAP,
+    METRICS_MAP,
+    NAT_MAP,
+    OBJ_LXC,
+)
+from tuplet.datapath.layouts import CtEntry, CtTuple4, CtTuple6, EndpointInfo, ip6_to_bytes, ip_to_be32
 from tuplet.datapath.paths import object_dir
 from tuplet.node.apply import open_object
 from tuplet.node.config import NodeConfig
@@ -24,26 +47,47 @@ MAC_A = "02:00:00:00:00:01"
 MAC_B = "02:00:00:00:00:02"
 
 
+# ICMPv6 errors by type (1 destination unreachable, 2 packet too big, 3 time exceeded, 4 parameter problem).
+ICMP6_ERRORS = {1: ICMPv6DestUnreach, 2: ICMPv6PacketTooBig, 3: ICMPv6TimeExceeded, 4: ICMPv6ParamProblem}
+
+
+def is6(addr: str) -> bool:
+    return ":" in addr
+
+
+def ip_layer(src: str, dst: str) -> Packet:
+    """IPv4 or IPv6 by the addresses' family."""
+    return IPv6(src=src, dst=dst) if is6(src) else IP(src=src, dst=dst)
+
+
 def tcp(src: str, sport: int, dst: str, dport: int, flags: str, payload: bytes = b"") -> bytes:
-    p: Packet = Ether(src=MAC_A, dst=MAC_B) / IP(src=src, dst=dst) / TCP(sport=sport, dport=dport, flags=flags)
+    p: Packet = Ether(src=MAC_A, dst=MAC_B) / ip_layer(src, dst) / TCP(sport=sport, dport=dport, flags=flags)
     if payload:
         p = p / Raw(payload)
     return bytes(p)
 
 
 def udp(src: str, sport: int, dst: str, dport: int, payload: bytes = b"x") -> bytes:
-    return bytes(Ether(src=MAC_A, dst=MAC_B) / IP(src=src, dst=dst) / UDP(sport=sport, dport=dport) / Raw(payload))
+    return bytes(Ether(src=MAC_A, dst=MAC_B) / ip_layer(src, dst) / UDP(sport=sport, dport=dport) / Raw(payload))
 
 
 def icmp_echo(src: str, dst: str, ident: int, reply: bool = False) -> bytes:
-    return bytes(Ether(src=MAC_A, dst=MAC_B) / IP(src=src, dst=dst) /
-                 ICMP(type=0 if reply else 8, id=ident, seq=1) / Raw(b"ping"))
+    """An ICMP (IPv6: ICMPv6) echo request or reply."""
+    if is6(src):
+        echo: Packet = (ICMPv6EchoReply if reply else ICMPv6EchoRequest)(id=ident, seq=1)
+    else:
+        echo = ICMP(type=0 if reply else 8, id=ident, seq=1)
+    return bytes(Ether(src=MAC_A, dst=MAC_B) / ip_layer(src, dst) / echo / Raw(b"ping"))
 
 
-def icmp_error(src: str, dst: str, inner: bytes, type_: int = 3, code: int = 3) -> bytes:
-    """An ICMP error from src to dst quoting ``inner`` (an Ethernet frame; its IP part is quoted)."""
-    quoted = bytes(Ether(inner)[IP])[:28]
-    return bytes(Ether(src=MAC_A, dst=MAC_B) / IP(src=src, dst=dst) / ICMP(type=type_, code=code) / Raw(quoted))
+def icmp_error(src: str, dst: str, inner: bytes, type_: int | None = None, code: int = 3) -> bytes:
+    """An ICMP error from src to dst quoting ``inner`` (an Ethernet frame; its IP part is
+    quoted). IPv6: an ICMPv6 error of type_ (ICMP6_ERRORS; default destination unreachable)."""
+    if is6(src):
+        err: Packet = ICMP6_ERRORS[type_ or 1](code=code) / Raw(bytes(Ether(inner)[IPv6])[:48])
+    else:
+        err = ICMP(type=type_ or 3, code=code) / Raw(bytes(Ether(inner)[IP])[:28])
+    return bytes(Ether(src=MAC_A, dst=MAC_B) / ip_layer(src, dst) / err)
 
 
 @dataclass
@@ -64,10 +108,8 @@ class LxcHarness:
     def load(cls, cfg: NodeConfig | None = None, consts: dict[str, int] | None = None) -> "LxcHarness":
         cfg = cfg or NodeConfig()
         spec = open_object(OBJ_LXC, cfg, pin_root=None)
-        spec.set_max_entries(CT_MAP_TCP, 4096)
-        spec.set_max_entries(CT_MAP_ANY, 4096)
-        spec.set_max_entries(NAT_MAP, 4096)
-        spec.set_max_entries(CT_MAP_SYN, 1024)
+        for name in (*CT_MAPS, *CT6_MAPS, NAT_MAP):
+            spec.set_max_entries(name, 1024 if name in (CT_MAP_SYN, CT6_MAP_SYN) else 4096)
         for k, v in (consts or {}).items():
             spec.set_const(k, v)
         return cls(spec.load())
@@ -114,21 +156,26 @@ class LxcHarness:
                 *records(self.coll.maps[CT_MAP_ANY])]
 
     def table_of(self, daddr: str, saddr: str, dport: int, sport: int, proto: int, flags: int) -> str | None:
-        """Which table holds the entry under this key (None: none)."""
-        key = CtTuple4.make(daddr, saddr, dport, sport, proto, flags)
-        for name in ((CT_MAP_TCP, CT_MAP_SYN) if proto == 6 else (CT_MAP_ANY,)):
+        """Which table holds the entry under this key (None: none); IPv6 addresses: the IPv6 tables."""
+        key = (CtTuple6 if is6(daddr) else CtTuple4).make(daddr, saddr, dport, sport, proto, flags)
+        if is6(daddr):
+            names = (CT6_MAP_TCP, CT6_MAP_SYN) if proto == 6 else (CT6_MAP_ANY,)
+        else:
+            names = (CT_MAP_TCP, CT_MAP_SYN) if proto == 6 else (CT_MAP_ANY,)
+        for name in names:
             if self.coll.maps[name].lookup(key):
                 return name
         return None
 
     def entry(self, daddr: str, saddr: str, dport: int, sport: int, proto: int, flags: int) -> CtEntry | None:
-        """The entry under a key given in the map's own naming (see CtTuple4)."""
+        """The entry under a key given in the map's own naming (see CtTuple4, CtTuple6)."""
         table = self.table_of(daddr, saddr, dport, sport, proto, flags)
         if table is None:
             return None
-        raw = self.coll.maps[table].lookup(CtTuple4.make(daddr, saddr, dport, sport, proto, flags))
+        key = (CtTuple6 if is6(daddr) else CtTuple4).make(daddr, saddr, dport, sport, proto, flags)
+        raw = self.coll.maps[table].lookup(key)
         return CtEntry.from_buffer_copy(raw) if raw else None
 
     def add_endpoint(self, ip: str, identity: int, ifindex: int = 1) -> None:
-        self.coll.maps[EP_MAP].update(ip_to_be32(ip).to_bytes(4, "little"),
-                                      EndpointInfo(ifindex=ifindex, sec_id=identity))
+        key = bytes(ip6_to_bytes(ip)) if is6(ip) else ip_to_be32(ip).to_bytes(4, "little")
+        self.coll.maps[EP6_MAP if is6(ip) else EP_MAP].update(key, EndpointInfo(ifindex=ifindex, sec_id=identity))

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 from scapy.layers.inet import IP, TCP
-from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import ARP, Ether
 from scapy.packet import Raw
 
@@ -224,7 +223,6 @@ def _ip(**kw) -> bytes:
 
 
 @pytest.mark.parametrize("name,packet,reason", [
-    ("ipv6", bytes(Ether() / IPv6(src="fd00::1", dst="fd00::2") / TCP()), "PASS_NOT_IPV4"),
     ("arp", bytes(Ether() / ARP(pdst=POD2)), "PASS_NOT_IPV4"),
     ("gre", bytes(Ether() / IP(src=POD1, dst=POD2, proto=47) / Raw(b"\0" * 8)), "PASS_UNTRACKED_PROTO"),
     ("later fragment", bytes(Ether() / IP(src=POD1, dst=POD2, proto=6, frag=100) / Raw(b"\0" * 8)), "PASS_FRAGMENT"),

@@ -1,7 +1,9 @@
 """Property-based fuzzing (hypothesis) of the datapath programs through BPF_PROG_TEST_RUN.
 
 Random bytes, crafted Ethernet/IPv4 frames (TCP, UDP, ICMP echo and errors, IP options,
-fragments, bad lengths, truncations, other ethertypes), mutations of valid frames, and
+fragments, bad lengths, truncations, other ethertypes), Ethernet/IPv6 frames (TCP, UDP,
+ICMPv6 echo, errors, neighbour discovery, extension-header chains, fragments, bad lengths,
+truncations), mutations of valid frames, and
 sequences of packets through all programs with the clock advanced between some of them,
 with services programmed so the load-balancing paths run too.
 
@@ -25,6 +27,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet6 import ICMPv6EchoReply, ICMPv6EchoRequest, ICMPv6Unknown, IPv6, IPv6ExtHdrDestOpt
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
@@ -44,10 +47,14 @@ from lb_harness import (
     tcp4,
     udp4,
 )
-from lxc_harness import MAC_A, MAC_B, TC_ACT_OK, TC_ACT_SHOT
+from lxc_harness import MAC_A, MAC_B, TC_ACT_OK, TC_ACT_SHOT, tcp
 from tuplet.core.errors import TupletError
 from tuplet.datapath import abi, clock, metrics
 from tuplet.datapath.abi import (
+    CT6_MAP_ANY,
+    CT6_MAP_SYN,
+    CT6_MAP_TCP,
+    CT6_MAPS,
     CT_MAP_ANY,
     CT_MAP_SYN,
     METRICS_MAP,
@@ -63,6 +70,7 @@ from tuplet.datapath.abi import (
 from tuplet.datapath.layouts import (
     CtEntry,
     CtTuple4,
+    CtTuple6,
     Lb4Backend,
     Lb4Key,
     Lb4Service,
@@ -70,6 +78,7 @@ from tuplet.datapath.layouts import (
     Nat4Entry,
     be16,
     be32_to_ip,
+    bytes_to_ip6,
 )
 from tuplet.datapath.paths import object_dir
 from tuplet.node.apply import open_object
@@ -89,14 +98,15 @@ PROGRAMS = [
     (OBJ_OVERLAY, "cil_from_overlay"),
 ]
 
-TCP_P, UDP_P, ICMP_P = 6, 17, 1
+TCP_P, UDP_P, ICMP_P, ICMP6_P = 6, 17, 1, 58
 ETH_HLEN = 14
+SYN_MAPS = (CT_MAP_SYN, CT6_MAP_SYN)
 TUPLE_F_ALL = TUPLE_F_OUT | TUPLE_F_IN | TUPLE_F_RELATED | TUPLE_F_SERVICE
 WORLD = abi.TPL_IDENTITY_WORLD   # the identity of a non-endpoint source
 LIFETIMES = ("ct_lifetime_tcp", "ct_lifetime_nontcp", "ct_service_lifetime_tcp",
              "ct_service_lifetime_nontcp", "ct_syn_timeout", "ct_close_timeout")
 # Reasons whose packets the programs promise to leave as they are (bpf_lxc.c, bpf_host.c).
-UNTOUCHED = {"PASS_NOT_IPV4", "PASS_FRAGMENT", "PASS_UNTRACKED_PROTO", "PASS_NETDEV_UNTRACKED",
+UNTOUCHED = {"PASS_NOT_IPV4", "PASS_FRAGMENT", "PASS_UNTRACKED_PROTO", "PASS_ICMP6_UNTRACKED", "PASS_NETDEV_UNTRACKED",
              "PASS_OVERLAY_UNTRACKED"}
 # Entry flag bits nothing in bpf/ ever sets (copied from entries or zero-initialised only).
 NEVER_SET = ("reserved1", "lb_loopback", "proxy_redirect", "dsr_internal", "from_l7lb", "reserved2",
@@ -115,7 +125,8 @@ SERVICES_PROGRAMMED = (
     Svc(fp.AFF_VIP, 80, TCP_P, 70, {71: (fp.POD1, 8000, False), 72: (fp.POD2, 8000, False)},
         flags=F_EXTERNAL | F_LOADBALANCER, affinity_timeout=30),
 )
-ENDPOINTS = {fp.POD1: 3096, fp.POD2: 4000, fp.POD3: 4001, fp.LB_POD: 4002}
+ENDPOINTS = {fp.POD1: 3096, fp.POD2: 4000, fp.POD3: 4001, fp.LB_POD: 4002,
+             fp.POD1_6: 3096, fp.POD2_6: 4000, fp.POD3_6: 4001}
 
 
 def refused_by_test_run(data: bytes) -> bool:
@@ -264,8 +275,9 @@ def _rewrite_ok(h: FuzzHarness, obj: str, prog: str, pkt: Pkt,
 
 # --- map invariants -------------------------------------------------------------------------
 
-def _describe(name: str, k: CtTuple4, e: CtEntry) -> str:
-    return (f"{name}: daddr={be32_to_ip(k.daddr)} saddr={be32_to_ip(k.saddr)} sport={be16(k.sport)} "
+def _describe(name: str, k: CtTuple4 | CtTuple6, e: CtEntry) -> str:
+    ip = bytes_to_ip6 if isinstance(k, CtTuple6) else be32_to_ip
+    return (f"{name}: daddr={ip(k.daddr)} saddr={ip(k.saddr)} sport={be16(k.sport)} "
             f"dport={be16(k.dport)} nexthdr={k.nexthdr} flags={k.flags:#x} | lifetime={e.lifetime} "
             f"flags={e.flag_word:#06x} {e.flag_names} seen_non_syn={e.seen_non_syn} "
             f"tx={e.tx_flags_seen:#04x}@{e.last_tx_report} rx={e.rx_flags_seen:#04x}@{e.last_rx_report} "
@@ -293,9 +305,12 @@ def check_maps(h: FuzzHarness, kinds: Counter | None = None) -> None:
     ct_entries: dict[bytes, CtEntry] = {}
 
     for m in h.ct_maps:
-        tcp_table = "_any" not in m.name          # ct_map4(): TCP in tpl_ct4_v1 / tpl_ct4_syn_v1, the rest in _any
+        v6 = m.name in CT6_MAPS
+        icmp_p = ICMP6_P if v6 else ICMP_P
+        tcp_table = "_any" not in m.name          # ct_map(): TCP in tpl_ct{4,6}_v1 / the handshake tables, the rest in _any
         for raw_k, raw_v in m.items():
-            k, e = CtTuple4.from_buffer_copy(raw_k), CtEntry.from_buffer_copy(raw_v)
+            k = (CtTuple6 if v6 else CtTuple4).from_buffer_copy(raw_k)
+            e = CtEntry.from_buffer_copy(raw_v)
             bad = []
 
             def need(cond: bool, rule: str) -> None:
@@ -305,20 +320,21 @@ def check_maps(h: FuzzHarness, kinds: Counter | None = None) -> None:
             f = k.flags
             related, service = bool(f & TUPLE_F_RELATED), bool(f & TUPLE_F_SERVICE)
             is_tcp = k.nexthdr == TCP_P
-            # A key lives in one table (ct_lookup4 creates only when no table has it;
-            # ct_settle4 inserts into tpl_ct4_v1 and deletes from the handshake table).
+            # A key lives in one table (ct_lookup creates only when no table has it;
+            # ct_settle inserts into tpl_ct{4,6}_v1 and deletes from the handshake table).
             need(raw_k not in where, f"key also in {where.get(raw_k)}")
             where[raw_k] = m.name
             ct_entries[raw_k] = e
             # Tuples.
             need(f & ~TUPLE_F_ALL == 0, "undefined TUPLE_F_ bits")
-            need(k.nexthdr in (TCP_P, UDP_P, ICMP_P), "nexthdr not TCP/UDP/ICMP")
+            need(k.nexthdr in (TCP_P, UDP_P, icmp_p), "nexthdr not TCP/UDP/ICMP (IPv6: ICMPv6)")
+            need(not (v6 and service), "service key in an IPv6 table")   # services are IPv4 only (lxc_track)
             need(is_tcp == tcp_table, "protocol in the wrong table")
             need(not service or f == TUPLE_F_SERVICE, "service key with IN/RELATED")   # lb4_local
             need(not service or k.nexthdr in (TCP_P, UDP_P), "service entry not TCP/UDP")  # lb4_lookup_service
-            if related:                           # ct_create_related4
-                need(k.nexthdr == ICMP_P and k.sport == 0 and k.dport == 0, "related entry not ICMP with ports 0")
-            elif k.nexthdr == ICMP_P:             # ct_lookup4: an echo id in one port at most
+            if related:                           # ct_create_related
+                need(k.nexthdr == icmp_p and k.sport == 0 and k.dport == 0, "related entry not ICMP with ports 0")
+            elif k.nexthdr == icmp_p:             # ct_lookup: an echo id in one port at most
                 need(k.sport == 0 or k.dport == 0, "ICMP entry with both ports")
             # Flag bits.
             for name in NEVER_SET:
@@ -338,12 +354,12 @@ def check_maps(h: FuzzHarness, kinds: Counter | None = None) -> None:
                 need(e.backend_id == 0, "backend id on a non-service entry")
                 need(e.rev_nat_index == 0 or e.rev_nat_index in rev_nats, "rev-NAT index of no service")
                 need(e.src_sec_id in identities, "source identity neither an endpoint's nor world")
-            # ct_settle4 runs after every hit of an endpoint entry (__ct_lookup4,
+            # ct_settle runs after every hit of an endpoint entry (__ct_lookup,
             # nodeport_rev_nat4) and promotes it once established: not closing, a non-SYN
             # packet seen, packets seen both ways. (Not checked for service entries:
             # lb4_local returns a drop after the hit without settling.)
-            need(m.name != CT_MAP_SYN or h.syn_table, "handshake table used with ct_syn_table off")
-            if m.name == CT_MAP_SYN and not service:
+            need(m.name not in SYN_MAPS or h.syn_table, "handshake table used with ct_syn_table off")
+            if m.name in SYN_MAPS and not service:
                 need(e.rx_closing or e.tx_closing or not e.seen_non_syn or not e.last_tx_report
                      or not e.last_rx_report, "established entry left in the handshake table")
             if e.node_port:                       # nodeport_lb4: CT_EGRESS entry, no twin
@@ -375,7 +391,7 @@ def check_maps(h: FuzzHarness, kinds: Counter | None = None) -> None:
                 problems.append(f"{_describe(m.name, k, e)}: {'; '.join(bad)}")
             if kinds is not None:
                 kinds[(m.name, "SVC" if service else "IN" if f & TUPLE_F_IN else "OUT",
-                       {1: "ICMP", 6: "TCP", 17: "UDP"}.get(k.nexthdr), related, bool(e.node_port))] += 1
+                       {1: "ICMP", 6: "TCP", 17: "UDP", 58: "ICMPv6"}.get(k.nexthdr), related, bool(e.node_port))] += 1
 
     # NAT entries (nat_map.h): keyed by the reply's wire tuple with TUPLE_F_OUT, each owned
     # by the CT_EGRESS entry nat4_key_for_ct() maps to it, with NodePort or DSRInternal.
@@ -500,14 +516,46 @@ def test_mutated_frames(fz: FuzzHarness, obj: str, prog: str) -> None:
     assert len({r for _, r in seen}) >= 3, seen
 
 
+@pytest.mark.parametrize(("obj", "prog"), PROGRAMS, ids=PROG_IDS)
+def test_ipv6_frames(fz: FuzzHarness, obj: str, prog: str) -> None:
+    """Valid IPv6 frames of every kind (extension-header chains, fragments, ICMPv6 types),
+    malformed and mutated ones: the pod programs track them, the others pass them untouched."""
+    seen: Counter = Counter()
+
+    @fuzz_settings(250)
+    @given(st.one_of(fp.ipv6_frames(), fp.flow_frames6(), fp.malformed_ipv6(), fp.mutated(fp.ipv6_frames())))
+    def run(pkt: Pkt) -> None:
+        _one(fz, obj, prog, pkt, seen)
+
+    run()
+    reasons = {r for _, r in seen}
+    if obj == OBJ_LXC:
+        assert {"PASS_CT_NEW", "PASS_FRAGMENT", "PASS_ICMP6_UNTRACKED", "PASS_ICMP_UNRELATED", "DROP_INVALID_L3",
+                "DROP_INVALID_EXTHDR", "DROP_CT_INVALID_HDR"} <= reasons, seen
+    else:
+        assert "PASS_NOT_IPV4" in reasons and not any(r.startswith("PASS_CT") for r in reasons), seen
+
+
 # --- sequences ------------------------------------------------------------------------------
 
+# ICMPv6 echo classes by ICMP's echo type, and ICMP's error types as ICMPv6's.
+_ECHO6 = {8: ICMPv6EchoRequest, 0: ICMPv6EchoReply}
+_ERROR6 = {3: 1, 11: 3, 12: 4}
+
+
 def _l4(frame: bytes):
-    """(IP layer, L4 layer) of a frame scapy can read as IPv4, else None."""
+    """(IP layer, L4 layer) of a frame scapy can read as IPv4, or as IPv6 without extension
+    headers; else None."""
     try:
         p = Ether(frame)
     except Exception:           # scapy may refuse garbage outright
         return None
+    if isinstance(p.payload, IPv6):
+        ip = p[IPv6]
+        layers = {TCP_P: (TCP,), UDP_P: (UDP,), ICMP6_P: tuple(_ECHO6.values())}.get(ip.nh)
+        if layers is None or not isinstance(ip.payload, layers):
+            return None
+        return ip, ip.payload
     if not isinstance(p.payload, IP) or p[IP].frag:
         return None
     ip = p[IP]
@@ -515,6 +563,16 @@ def _l4(frame: bytes):
     if layer is None or not isinstance(ip.payload, layer):    # (not the quoted header of an error)
         return None
     return ip, ip.payload
+
+
+def _echo(l4, reply: bool):
+    """The next echo of an ICMP (ICMPv6) echo flow: the same kind, or its answer."""
+    if isinstance(l4, (ICMPv6EchoRequest, ICMPv6EchoReply)):
+        request = isinstance(l4, ICMPv6EchoRequest)
+        return (ICMPv6EchoReply if request == reply else ICMPv6EchoRequest)(id=l4.id, seq=(l4.seq + 1) & 0xFFFF)
+    if l4.type not in (0, 8):
+        return None
+    return ICMP(type=8 - l4.type if reply else l4.type, id=l4.id, seq=(l4.seq + 1) & 0xFFFF)
 
 
 def _again(frame: bytes, tcp_flags: str | int) -> Pkt | None:
@@ -527,11 +585,12 @@ def _again(frame: bytes, tcp_flags: str | int) -> Pkt | None:
         l4 = TCP(sport=l4.sport, dport=l4.dport, flags=tcp_flags)
     elif isinstance(l4, UDP):
         l4 = UDP(sport=l4.sport, dport=l4.dport) / Raw(b"a")
-    elif l4.type in (0, 8):
-        l4 = ICMP(type=l4.type, id=l4.id, seq=(l4.seq + 1) & 0xFFFF)
     else:
-        return None
-    return Pkt(bytes(Ether(src=MAC_A, dst=MAC_B) / IP(src=ip.src, dst=ip.dst) / l4), True, f"again[{tcp_flags}]")
+        l4 = _echo(l4, reply=False)
+        if l4 is None:
+            return None
+    return Pkt(bytes(Ether(src=MAC_A, dst=MAC_B) / type(ip)(src=ip.src, dst=ip.dst) / l4), True,
+               f"again[{tcp_flags}]")
 
 
 def _reply_to(frame: bytes, tcp_flags: str | int) -> Pkt | None:
@@ -544,11 +603,12 @@ def _reply_to(frame: bytes, tcp_flags: str | int) -> Pkt | None:
         l4 = TCP(sport=l4.dport, dport=l4.sport, flags=tcp_flags)
     elif isinstance(l4, UDP):
         l4 = UDP(sport=l4.dport, dport=l4.sport) / Raw(b"r")
-    elif l4.type in (0, 8):
-        l4 = ICMP(type=8 - l4.type, id=l4.id, seq=l4.seq)
     else:
-        return None
-    return Pkt(bytes(Ether(src=MAC_B, dst=MAC_A) / IP(src=ip.dst, dst=ip.src) / l4), True, f"reply[{tcp_flags}]")
+        l4 = _echo(l4, reply=True)
+        if l4 is None:
+            return None
+    return Pkt(bytes(Ether(src=MAC_B, dst=MAC_A) / type(ip)(src=ip.dst, dst=ip.src) / l4), True,
+               f"reply[{tcp_flags}]")
 
 
 def _error_for(frame: bytes, icmp_type: int) -> Pkt | None:
@@ -557,9 +617,12 @@ def _error_for(frame: bytes, icmp_type: int) -> Pkt | None:
     if got is None:
         return None
     ip, _ = got
-    quoted = bytes(ip)[:28]
-    return Pkt(bytes(Ether(src=MAC_B, dst=MAC_A) / IP(src=ip.dst, dst=ip.src) / ICMP(type=icmp_type, code=1) /
-                     Raw(quoted)), True, f"icmp_error[{icmp_type}]")
+    if isinstance(ip, IPv6):
+        err = ICMPv6Unknown(type=_ERROR6[icmp_type], code=1, msgbody=b"\0\0\0\0" + bytes(ip)[:48])
+    else:
+        err = ICMP(type=icmp_type, code=1) / Raw(bytes(ip)[:28])
+    return Pkt(bytes(Ether(src=MAC_B, dst=MAC_A) / type(ip)(src=ip.dst, dst=ip.src) / err), True,
+               f"icmp_error[{icmp_type}]")
 
 
 # How packets cross the node: out of one hook into the next, each program seeing what the
@@ -578,7 +641,7 @@ PATH_NAMES = sorted(PATHS)
 TARGETS = sorted({(s.address, s.port, s.proto) for s in SERVICES_PROGRAMMED} |
                  {(a, p, s.proto) for s in SERVICES_PROGRAMMED for a, p, _ in s.backends.values()})
 EXTERNAL = sorted({(s.address, s.port, s.proto) for s in SERVICES_PROGRAMMED if s.flags & F_EXTERNAL})
-PODS = st.sampled_from(sorted(ENDPOINTS))
+PODS = st.sampled_from(sorted(a for a in ENDPOINTS if ":" not in a))   # services are IPv4
 OUTSIDE = st.sampled_from((fp.CLIENT, fp.OUTSIDER)) | fp.addresses
 # Flows that make sense on a path (clients outside to NodePort/LB services, pods to
 # services, backends and the outside), and any frame on any path.
@@ -586,6 +649,7 @@ OPENS = [(path, frames) for path, frames in (
     ("nic->pod", fp.aimed_frames(EXTERNAL, OUTSIDE)),
     ("pod->pod", fp.aimed_frames(TARGETS, PODS)),
     ("pod->nic", fp.aimed_frames([(fp.CLIENT, 80, TCP_P), (fp.OUTSIDER, 53, UDP_P)], PODS)),
+    ("pod->pod", fp.flow_frames6()),
 ) if path in PATHS]
 ADVANCES = st.sampled_from((0, 0, 0, 0, 0, 0, 0, 1, 5, 11, 30, 61, 120, 8001))
 prog_index = st.integers(0, len(PROGRAMS) - 1)
@@ -634,6 +698,16 @@ SCRIPTED = [
      ("open", "nic->pod", _s(udp4(fp.CLIENT, 40001, fp.NODE_IP, 30080)), 0),
      ("reply", None, "", 61),
      ("again", None, "", 0)],
+    # IPv6 between pods: a TCP connection's whole life in the IPv6 tables, an ICMPv6 error, a
+    # reopen after aging; a UDP flow behind a destination-options header.
+    [("open", "pod->pod", _s(tcp(fp.POD1_6, 40000, fp.POD2_6, 80, "S")), 0),
+     ("burst", None, [(True, "SA"), (False, "A"), (False, "PA"), (True, "PA"), (False, "FA"), (True, "FA"),
+                      (False, "A")], 0),
+     ("error", None, 3, 11),
+     ("burst", None, [(False, "S"), (True, "SA"), (False, "A")], 8001),
+     ("open", "pod->pod", _s(bytes(Ether(src=MAC_A, dst=MAC_B) / IPv6(src=fp.POD3_6, dst=fp.POD1_6) /
+                                   IPv6ExtHdrDestOpt() / UDP(sport=40001, dport=53) / Raw(b"q"))), 0),
+     ("reply", None, "", 0)],
     [("open", "nic->pod", _s(tcp4(fp.CLIENT, 40000, fp.REMOTE_VIP, 80, "S")), 0),
      ("open", "pod->pod", _s(tcp4(fp.POD1, 40000, fp.EMPTY_VIP, 80, "S")), 0),
      ("open", "nic->pod", _s(tcp4(fp.OUTSIDER, 40000, fp.AFF_VIP, 80, "S")), 30),
@@ -693,6 +767,7 @@ def test_sequences(fz_seq: tuple[FuzzHarness, int]) -> None:
     @example(SCRIPTED[1])
     @example(SCRIPTED[2])
     @example(SCRIPTED[3])
+    @example(SCRIPTED[4])
     def run(seq) -> None:
         fz.reset()
         flow: Pkt | None = None       # the current flow's first frame, as its client sent it
@@ -743,7 +818,7 @@ def test_sequences(fz_seq: tuple[FuzzHarness, int]) -> None:
     reached = set(seen) | {("*", r) for _, r in seen}
     missing = {(p, r) for p, r in REACHED if p in _OBJ_OF or p == "*"} - reached
     assert not missing, (missing, sorted(seen.items()))
-    used = {m.name for m in fz.ct_maps if fz.syn_table or m.name != CT_MAP_SYN}
+    used = {m.name for m in fz.ct_maps if fz.syn_table or m.name not in SYN_MAPS}
     assert used <= {k[0] for k in kinds}, sorted(kinds.items())
     assert any(k[1] == "SVC" for k in kinds) and any(k[4] for k in kinds), sorted(kinds.items())
 
@@ -757,7 +832,11 @@ _SVC_IN = CtTuple4.make(fp.POD1, fp.VIP, 80, 40000, TCP_P, TUPLE_F_SERVICE | TUP
 _REL_TCP = CtTuple4.make(fp.POD1, fp.POD2, 0, 0, TCP_P, TUPLE_F_RELATED)
 _REL_PORTS = CtTuple4.make(fp.POD1, fp.POD2, 53, 0, ICMP_P, TUPLE_F_RELATED)
 _FLAG8 = CtTuple4.make(fp.POD1, fp.POD2, 53, 40000, UDP_P, 8)
-# (table: "any", "tcp" (tpl_ct4_v1), "syn" (the handshake table) or "tcp+syn" (both); key;
+_UDP6 = CtTuple6.make(fp.POD1_6, fp.POD2_6, 53, 40000, UDP_P, TUPLE_F_OUT)
+_REL6_ICMP4 = CtTuple6.make(fp.POD1_6, fp.POD2_6, 0, 0, ICMP_P, TUPLE_F_RELATED)
+_SVC6 = CtTuple6.make(fp.POD1_6, fp.POD2_6, 80, 40000, TCP_P, TUPLE_F_SERVICE)
+# (table: "any", "tcp" (tpl_ct4_v1), "syn" (the handshake table), "tcp+syn" (both), "any6" or
+# "tcp6" (tpl_ct_any6_v1, tpl_ct6_v1); key;
 # entry fields, callables of (harness, now) for times; what check_maps must say).
 BAD_ENTRIES = {
     "control": ("any", _UDP, {}, None),            # a possible entry: nothing to say
@@ -785,6 +864,11 @@ BAD_ENTRIES = {
     "in-both-tcp-tables": ("tcp+syn", _TCP, {}, "key also in"),
     "established-in-handshake-table": ("syn", _TCP, {"seen_non_syn": 1, "last_rx_report": lambda h, now: now},
                                        "established entry left"),
+    "ipv6-control": ("any6", _UDP6, {}, None),
+    "ipv6-related-icmpv4": ("any6", _REL6_ICMP4, {}, "related entry not ICMP"),
+    "ipv6-service": ("tcp6", _SVC6, {"backend_id": 19, "rev_nat_index": 15, "src_sec_id": 0},
+                     "service key in an IPv6 table"),
+    "ipv6-udp-closing": ("any6", _UDP6, {"tx_closing": 1}, "closing bits on a non-TCP entry"),
 }
 
 
@@ -792,11 +876,12 @@ BAD_ENTRIES = {
 def test_checker_catches_impossible_entries(fz: FuzzHarness, case: str) -> None:
     """check_maps is not vacuous: each impossible entry written by hand is reported."""
     table, key, fields, says = BAD_ENTRIES[case]
-    tcp_tables = [m for m in fz.ct_maps if "_any" not in m.name]
+    tcp_tables = [m for m in fz.ct_maps if "_any" not in m.name and m.name not in CT6_MAPS]
     if table in ("tcp+syn", "syn") and CT_MAP_SYN not in fz.lb.coll.maps:
         pytest.skip("no handshake table in this build")
     targets = {"any": [fz.lb.coll.maps[CT_MAP_ANY]], "tcp": [m for m in tcp_tables if m.name != CT_MAP_SYN][:1],
-               "tcp+syn": tcp_tables, "syn": [fz.lb.coll.maps.get(CT_MAP_SYN)]}[table]
+               "tcp+syn": tcp_tables, "syn": [fz.lb.coll.maps.get(CT_MAP_SYN)],
+               "any6": [fz.lb.coll.maps[CT6_MAP_ANY]], "tcp6": [fz.lb.coll.maps[CT6_MAP_TCP]]}[table]
     fz.reset()
     now = fz.now()
     fz.runs, fz.max_len = 1, 100          # as if one 100-byte packet had run

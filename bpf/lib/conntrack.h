@@ -52,9 +52,63 @@ struct ct_state {
 	__u8 closing;
 };
 
-static __always_inline void *ct_map4(__u8 nexthdr)
+/* Family-generic: the functions below taking a family (PKT_FAM4 / PKT_FAM6, a
+ * compile-time constant: all are inlined) work on a struct ipv4_ct_tuple or
+ * ipv6_ct_tuple given as void *, in that family's tables; the ...4 / ...6
+ * wrappers give them types.
+ */
+
+/* The main table of a protocol: TCP in tpl_ct{4,6}_v1, the rest in tpl_ct_any{4,6}_v1. */
+static __always_inline void *ct_map(int fam, __u8 nexthdr)
 {
+	if (fam == PKT_FAM6)
+		return nexthdr == IPPROTO_TCP ? (void *)&tpl_ct6_v1 : (void *)&tpl_ct_any6_v1;
 	return nexthdr == IPPROTO_TCP ? (void *)&tpl_ct4_v1 : (void *)&tpl_ct_any4_v1;
+}
+
+/* The handshake table. */
+static __always_inline void *ct_syn_map(int fam)
+{
+	return fam == PKT_FAM6 ? (void *)&tpl_ct6_syn_v1 : (void *)&tpl_ct4_syn_v1;
+}
+
+/* Field f of tuple t (a struct ipv4_ct_tuple or ipv6_ct_tuple by fam). The
+ * tuples are packed: read and written by value, never through the address of
+ * a field.
+ */
+#define CT_TUPLE_GET(t, fam, f) \
+	((fam) == PKT_FAM6 ? ((const struct ipv6_ct_tuple *)(t))->f : ((const struct ipv4_ct_tuple *)(t))->f)
+#define CT_TUPLE_SET(t, fam, f, v)						\
+	do {									\
+		if ((fam) == PKT_FAM6)						\
+			((struct ipv6_ct_tuple *)(t))->f = (v);			\
+		else								\
+			((struct ipv4_ct_tuple *)(t))->f = (v);			\
+	} while (0)
+
+/* An event of this family's tables (CT_EV_*6 are their IPv4 twins + 8). */
+static __always_inline void ct_event_fam(int fam, enum ct_event ev4)
+{
+	ct_event(fam == PKT_FAM6 ? ev4 + (CT_EV_INSERT_TCP6 - CT_EV_INSERT_TCP) : ev4);
+}
+
+/* A table of this family filled up: ask the agent to collect early. */
+static __always_inline void ct_signal_fill_up(int fam, bool is_tcp)
+{
+	if (fam == PKT_FAM6)
+		tpl_signal(TPL_SIGNAL_CT_FILL_UP, is_tcp ? TPL_SIGNAL_MAP_TCP6 : TPL_SIGNAL_MAP_ANY6);
+	else
+		tpl_signal(TPL_SIGNAL_CT_FILL_UP, is_tcp ? TPL_SIGNAL_MAP_TCP : TPL_SIGNAL_MAP_ANY);
+}
+
+/* A NEW record for `ct events`. The ring's records carry IPv4 tuples only
+ * (struct ct_notify_rec): IPv6 entries are not reported there.
+ */
+static __always_inline void ct_notify_new_fam(int fam, const void *t, const struct ct_entry *e, __u32 reason,
+					      __u32 table)
+{
+	if (fam == PKT_FAM4)
+		ct_notify_new(t, e, reason, table);
 }
 
 /* New entries of this protocol start in the handshake table. */
@@ -234,16 +288,23 @@ static __always_inline int ct_entry_hit(struct ct_entry *e, bool is_tcp, enum ct
  * new connection between the same two addresses refreshes it. entry is the
  * flow's entry (a copy, modified here).
  */
-static __always_inline void ct_create_related4(const struct ipv4_ct_tuple *tuple, struct ct_entry *entry,
-					       __u32 now)
+static __always_inline void ct_create_related(int fam, const void *tuple, struct ct_entry *entry, __u32 now)
 {
-	struct ipv4_ct_tuple icmp = {
-		.daddr = tuple->daddr,
-		.saddr = tuple->saddr,
-		.nexthdr = IPPROTO_ICMP,
-		.flags = tuple->flags | TUPLE_F_RELATED,
-	};
+	struct ipv4_ct_tuple icmp4 = {};
+	struct ipv6_ct_tuple icmp6 = {};
+	void *icmp = fam == PKT_FAM6 ? (void *)&icmp6 : (void *)&icmp4;
+	void *map = ct_map(fam, pkt_icmp_proto(fam));
 	struct ct_entry *rel;
+
+	if (fam == PKT_FAM6) {
+		icmp6.daddr = ((const struct ipv6_ct_tuple *)tuple)->daddr;
+		icmp6.saddr = ((const struct ipv6_ct_tuple *)tuple)->saddr;
+	} else {
+		icmp4.daddr = ((const struct ipv4_ct_tuple *)tuple)->daddr;
+		icmp4.saddr = ((const struct ipv4_ct_tuple *)tuple)->saddr;
+	}
+	CT_TUPLE_SET(icmp, fam, nexthdr, pkt_icmp_proto(fam));
+	CT_TUPLE_SET(icmp, fam, flags, CT_TUPLE_GET(tuple, fam, flags) | TUPLE_F_RELATED);
 
 	entry->packets = 0;
 	entry->bytes = 0;
@@ -252,16 +313,16 @@ static __always_inline void ct_create_related4(const struct ipv4_ct_tuple *tuple
 	 * place instead of replacing it (a lookup instead of an LRU insert: the
 	 * reconnect-storm path).
 	 */
-	rel = bpf_map_lookup_elem(&tpl_ct_any4_v1, &icmp);
+	rel = bpf_map_lookup_elem(map, icmp);
 	if (rel && ct_identity_same(rel, entry)) {
 		if (READ_ONCE(rel->lifetime) != entry->lifetime)
 			WRITE_ONCE(rel->lifetime, entry->lifetime);
 		return;
 	}
 	/* Best effort: the main entry is in, the flow works without it. */
-	if (bpf_map_update_elem(&tpl_ct_any4_v1, &icmp, entry, BPF_ANY) == 0 && !rel) {
-		ct_event(CT_EV_INSERT_ANY);
-		ct_notify_new(&icmp, entry, CT_NOTIFY_R_CREATED, CT_NOTIFY_T_ANY);
+	if (bpf_map_update_elem(map, icmp, entry, BPF_ANY) == 0 && !rel) {
+		ct_event_fam(fam, CT_EV_INSERT_ANY);
+		ct_notify_new_fam(fam, icmp, entry, CT_NOTIFY_R_CREATED, CT_NOTIFY_T_ANY);
 	}
 }
 
@@ -271,46 +332,48 @@ static __always_inline void ct_create_related4(const struct ipv4_ct_tuple *tuple
  * ways. A spoofed SYN flood never gets there; a real handshake does on its
  * third packet; a connection picked up mid-stream on its first reply.
  */
-static __always_inline bool ct_established(const struct ipv4_ct_tuple *t, const struct ct_entry *e)
+static __always_inline bool ct_established(__u8 tuple_flags, const struct ct_entry *e)
 {
 	if (ct_entry_closing(e) || !e->seen_non_syn)
 		return false;
-	if (t->flags & TUPLE_F_SERVICE)
+	if (tuple_flags & TUPLE_F_SERVICE)
 		return true;
 	return READ_ONCE(e->last_tx_report) && READ_ONCE(e->last_rx_report);
 }
 
 /* After a hit on entry e of key t: promote it from the handshake table into
- * tpl_ct4_v1 once established, with its related twin (which waits until then,
- * so a flood from random sources does not churn the non-TCP table either).
- * A failed insert leaves it where it is, to be retried on the next packet.
+ * the main TCP table once established, with its related twin (which waits
+ * until then, so a flood from random sources does not churn the non-TCP table
+ * either). A failed insert leaves it where it is, to be retried on the next
+ * packet.
  */
-static __always_inline void ct_settle4(const struct ipv4_ct_tuple *t, struct ct_entry *e, bool in_syn)
+static __always_inline void ct_settle(int fam, const void *t, struct ct_entry *e, bool in_syn)
 {
+	__u8 tflags = CT_TUPLE_GET(t, fam, flags);
 	struct ct_entry copy, twin = {};
 	__u32 now;
 	__u8 f;
 
-	if (!in_syn || !ct_established(t, e))
+	if (!in_syn || !ct_established(tflags, e))
 		return;
 	__builtin_memcpy(&copy, e, sizeof(copy));
-	if (bpf_map_update_elem(&tpl_ct4_v1, t, &copy, BPF_ANY) < 0) {
-		ct_event(CT_EV_PROMOTE_FAILED);
-		tpl_signal(TPL_SIGNAL_CT_FILL_UP, TPL_SIGNAL_MAP_TCP);
+	if (bpf_map_update_elem(ct_map(fam, IPPROTO_TCP), t, &copy, BPF_ANY) < 0) {
+		ct_event_fam(fam, CT_EV_PROMOTE_FAILED);
+		ct_signal_fill_up(fam, true);
 		return;
 	}
-	bpf_map_delete_elem(&tpl_ct4_syn_v1, t);
-	ct_event(CT_EV_PROMOTED);
-	ct_event(CT_EV_INSERT_TCP);
-	ct_notify_new(t, &copy, CT_NOTIFY_R_PROMOTED, CT_NOTIFY_T_TCP);
-	if ((t->flags & TUPLE_F_SERVICE) || copy.node_port || copy.dsr_internal)
+	bpf_map_delete_elem(ct_syn_map(fam), t);
+	ct_event_fam(fam, CT_EV_PROMOTED);
+	ct_event_fam(fam, CT_EV_INSERT_TCP);
+	ct_notify_new_fam(fam, t, &copy, CT_NOTIFY_R_PROMOTED, CT_NOTIFY_T_TCP);
+	if ((tflags & TUPLE_F_SERVICE) || copy.node_port || copy.dsr_internal)
 		return;
 	/* The twin reads as if made with the entry: its identity, and the
 	 * opening packet's flags in the entry's own direction.
 	 */
 	now = tpl_now();
 	ct_identity_copy(&twin, &copy);
-	if (t->flags & TUPLE_F_IN) {
+	if (tflags & TUPLE_F_IN) {
 		f = copy.rx_flags_seen;
 		twin.rx_flags_seen = (f & TCP_FLAG_SYN) ? TCP_FLAG_SYN : f;
 		twin.last_rx_report = now;
@@ -319,52 +382,89 @@ static __always_inline void ct_settle4(const struct ipv4_ct_tuple *t, struct ct_
 		twin.tx_flags_seen = (f & TCP_FLAG_SYN) ? TCP_FLAG_SYN : f;
 		twin.last_tx_report = now;
 	}
-	ct_create_related4(t, &twin, now);
+	ct_create_related(fam, t, &twin, now);
+}
+
+static __always_inline void ct_settle4(const struct ipv4_ct_tuple *t, struct ct_entry *e, bool in_syn)
+{
+	ct_settle(PKT_FAM4, t, e, in_syn);
 }
 
 /* The entry of tuple t: the main table, then (TCP) the handshake table. */
-static __always_inline struct ct_entry *ct_find4(const struct ipv4_ct_tuple *t, bool *in_syn)
+static __always_inline struct ct_entry *ct_find(int fam, const void *t, bool *in_syn)
 {
-	struct ct_entry *e = bpf_map_lookup_elem(ct_map4(t->nexthdr), t);
+	__u8 nexthdr = CT_TUPLE_GET(t, fam, nexthdr);
+	struct ct_entry *e = bpf_map_lookup_elem(ct_map(fam, nexthdr), t);
 
 	*in_syn = false;
-	if (e || !ct_use_syn_table(t->nexthdr))
+	if (e || !ct_use_syn_table(nexthdr))
 		return e;
-	e = bpf_map_lookup_elem(&tpl_ct4_syn_v1, t);
+	e = bpf_map_lookup_elem(ct_syn_map(fam), t);
 	*in_syn = e != NULL;
 	return e;
 }
 
+static __always_inline struct ct_entry *ct_find4(const struct ipv4_ct_tuple *t, bool *in_syn)
+{
+	return ct_find(PKT_FAM4, t, in_syn);
+}
+
+/* Swap the addresses and the ports of tuple t. */
+static __always_inline void ct_tuple_reverse(int fam, void *t)
+{
+	__be16 p = CT_TUPLE_GET(t, fam, dport);
+
+	if (fam == PKT_FAM6) {
+		struct ipv6_ct_tuple *t6 = t;
+		union v6addr a = t6->daddr;
+
+		t6->daddr = t6->saddr;
+		t6->saddr = a;
+	} else {
+		struct ipv4_ct_tuple *t4 = t;
+		__be32 a = t4->daddr;
+
+		t4->daddr = t4->saddr;
+		t4->saddr = a;
+	}
+	CT_TUPLE_SET(t, fam, dport, CT_TUPLE_GET(t, fam, sport));
+	CT_TUPLE_SET(t, fam, sport, p);
+}
+
 static __always_inline void ct_tuple_reverse4(struct ipv4_ct_tuple *t)
 {
-	__be32 a = t->daddr;
-	__be16 p = t->dport;
-
-	t->daddr = t->saddr;
-	t->saddr = a;
-	t->dport = t->sport;
-	t->sport = p;
+	ct_tuple_reverse(PKT_FAM4, t);
 }
 
 /* The key under which p's packet is a reply of a tracked flow: its own
  * addresses, its ports swapped (addresses name the reply direction, ports the
- * original one: conntrack_types.h). ct_tuple_reverse4() of it is the key of
+ * original one: conntrack_types.h). ct_tuple_reverse() of it is the key of
  * the packet as its flow's original direction.
  */
+static __always_inline void ct_tuple_reply(int fam, void *t, const void *p, __u8 flags)
+{
+	if (fam == PKT_FAM6) {
+		((struct ipv6_ct_tuple *)t)->daddr = ((const struct pkt6 *)p)->daddr;
+		((struct ipv6_ct_tuple *)t)->saddr = ((const struct pkt6 *)p)->saddr;
+	} else {
+		((struct ipv4_ct_tuple *)t)->daddr = ((const struct pkt4 *)p)->daddr;
+		((struct ipv4_ct_tuple *)t)->saddr = ((const struct pkt4 *)p)->saddr;
+	}
+	CT_TUPLE_SET(t, fam, dport, PKT(p, fam, sport));
+	CT_TUPLE_SET(t, fam, sport, PKT(p, fam, dport));
+	CT_TUPLE_SET(t, fam, nexthdr, PKT(p, fam, proto));
+	CT_TUPLE_SET(t, fam, flags, flags);
+}
+
 static __always_inline void ct_tuple_reply4(struct ipv4_ct_tuple *t, const struct pkt4 *p, __u8 flags)
 {
-	t->daddr = p->daddr;
-	t->saddr = p->saddr;
-	t->dport = p->sport;
-	t->sport = p->dport;
-	t->nexthdr = p->proto;
-	t->flags = flags;
+	ct_tuple_reply(PKT_FAM4, t, p, flags);
 }
 
 /* One lookup: on a hit, update the entry for this packet and report `status`. */
-static __always_inline int __ct_lookup4(void *map, bool in_syn, const struct ipv4_ct_tuple *tuple,
-					bool is_tcp, enum ct_dir dir, enum ct_action action, __u8 flags,
-					__u32 len, int status, struct ct_state *st)
+static __always_inline int __ct_lookup(int fam, void *map, bool in_syn, const void *tuple, bool is_tcp,
+				       enum ct_dir dir, enum ct_action action, __u8 flags, __u32 len, int status,
+				       struct ct_state *st)
 {
 	struct ct_entry *e = bpf_map_lookup_elem(map, tuple);
 
@@ -372,73 +472,86 @@ static __always_inline int __ct_lookup4(void *map, bool in_syn, const struct ipv
 		return CT_NEW;
 	status = ct_entry_hit(e, is_tcp, dir, action, flags, len, status);
 	ct_state_fill(st, e);
-	ct_settle4(tuple, e, in_syn);
+	ct_settle(fam, tuple, e, in_syn);
 	return status;
 }
 
 /* Look a packet up. Fills tuple with the flow's key in the packet's own
- * direction (ready for ct_create4 on CT_NEW), st with what the entry holds.
+ * direction (ready for ct_create on CT_NEW), st with what the entry holds.
  * Returns a ct_status.
  */
-static __always_inline int ct_lookup4(struct ipv4_ct_tuple *tuple, const struct pkt4 *p,
-				      enum ct_dir dir, __u32 len, struct ct_state *st)
+static __always_inline int ct_lookup(int fam, void *tuple, const void *p, enum ct_dir dir, __u32 len,
+				     struct ct_state *st)
 {
-	bool is_tcp = p->proto == IPPROTO_TCP;
+	__u8 proto = PKT(p, fam, proto);
+	bool is_tcp = proto == IPPROTO_TCP;
 	enum ct_action action = ACTION_UNSPEC;
 	__u8 related = 0, flags = 0;
-	void *map = ct_map4(p->proto);
+	void *map = ct_map(fam, proto);
 	int ret;
 
 	/* Reply candidate first (flags are set per lookup below). */
-	ct_tuple_reply4(tuple, p, 0);
+	ct_tuple_reply(fam, tuple, p, 0);
 
 	if (is_tcp) {
-		flags = p->tcp_flags;
+		flags = PKT(p, fam, tcp_flags);
 		action = ct_tcp_action(flags);
-	} else if (p->proto == IPPROTO_ICMP) {
-		tuple->dport = 0;
-		tuple->sport = 0;
-		switch (p->icmp_type) {
-		case ICMP_DEST_UNREACH:
-		case ICMP_TIME_EXCEEDED:
-		case ICMP_PARAMETERPROB:
+	} else if (proto == pkt_icmp_proto(fam)) {
+		CT_TUPLE_SET(tuple, fam, dport, 0);
+		CT_TUPLE_SET(tuple, fam, sport, 0);
+		switch (pkt_icmp_kind(fam, PKT(p, fam, icmp_type))) {
+		case PKT_ICMP_ERROR:
 			related = TUPLE_F_RELATED;
 			break;
-		case ICMP_ECHOREPLY:
-			tuple->sport = p->icmp_id;
+		case PKT_ICMP_ECHO_REPLY:
+			CT_TUPLE_SET(tuple, fam, sport, PKT(p, fam, icmp_id));
 			break;
-		case ICMP_ECHO:
-			tuple->dport = p->icmp_id;
+		case PKT_ICMP_ECHO_REQUEST:
+			CT_TUPLE_SET(tuple, fam, dport, PKT(p, fam, icmp_id));
+			break;
+		case PKT_ICMP_OTHER:
 			break;
 		}
 	}
 
 	/* Reply direction first: a reply or related packet takes precedence. */
-	tuple->flags = (dir == CT_INGRESS ? TUPLE_F_OUT : TUPLE_F_IN) | related;
-	ret = __ct_lookup4(map, false, tuple, is_tcp, dir, action, flags, len,
-			   related ? CT_RELATED : CT_REPLY, st);
+	CT_TUPLE_SET(tuple, fam, flags, (dir == CT_INGRESS ? TUPLE_F_OUT : TUPLE_F_IN) | related);
+	ret = __ct_lookup(fam, map, false, tuple, is_tcp, dir, action, flags, len,
+			  related ? CT_RELATED : CT_REPLY, st);
 	if (ret != CT_NEW)
 		return ret;
 
-	ct_tuple_reverse4(tuple);
-	tuple->flags = (dir == CT_INGRESS ? TUPLE_F_IN : TUPLE_F_OUT) | related;
-	ret = __ct_lookup4(map, false, tuple, is_tcp, dir, action, flags, len,
-			   related ? CT_RELATED : CT_ESTABLISHED, st);
-	if (ret != CT_NEW || !ct_use_syn_table(p->proto))
+	ct_tuple_reverse(fam, tuple);
+	CT_TUPLE_SET(tuple, fam, flags, (dir == CT_INGRESS ? TUPLE_F_IN : TUPLE_F_OUT) | related);
+	ret = __ct_lookup(fam, map, false, tuple, is_tcp, dir, action, flags, len,
+			  related ? CT_RELATED : CT_ESTABLISHED, st);
+	if (ret != CT_NEW || !ct_use_syn_table(proto))
 		return ret;
 
 	/* Not established: the handshake table, in the same order. Established
 	 * flows never get here, so they pay no extra lookup.
 	 */
-	ct_tuple_reverse4(tuple);
-	tuple->flags = dir == CT_INGRESS ? TUPLE_F_OUT : TUPLE_F_IN;
-	ret = __ct_lookup4(&tpl_ct4_syn_v1, true, tuple, is_tcp, dir, action, flags, len, CT_REPLY, st);
-	ct_tuple_reverse4(tuple);
-	tuple->flags = dir == CT_INGRESS ? TUPLE_F_IN : TUPLE_F_OUT;
+	ct_tuple_reverse(fam, tuple);
+	CT_TUPLE_SET(tuple, fam, flags, dir == CT_INGRESS ? TUPLE_F_OUT : TUPLE_F_IN);
+	ret = __ct_lookup(fam, ct_syn_map(fam), true, tuple, is_tcp, dir, action, flags, len, CT_REPLY, st);
+	ct_tuple_reverse(fam, tuple);
+	CT_TUPLE_SET(tuple, fam, flags, dir == CT_INGRESS ? TUPLE_F_IN : TUPLE_F_OUT);
 	if (ret != CT_NEW)
 		return ret;
-	return __ct_lookup4(&tpl_ct4_syn_v1, true, tuple, is_tcp, dir, action, flags, len,
-			    CT_ESTABLISHED, st);
+	return __ct_lookup(fam, ct_syn_map(fam), true, tuple, is_tcp, dir, action, flags, len, CT_ESTABLISHED,
+			   st);
+}
+
+static __always_inline int ct_lookup4(struct ipv4_ct_tuple *tuple, const struct pkt4 *p, enum ct_dir dir,
+				      __u32 len, struct ct_state *st)
+{
+	return ct_lookup(PKT_FAM4, tuple, p, dir, len, st);
+}
+
+static __always_inline int ct_lookup6(struct ipv6_ct_tuple *tuple, const struct pkt6 *p, enum ct_dir dir,
+				      __u32 len, struct ct_state *st)
+{
+	return ct_lookup(PKT_FAM6, tuple, p, dir, len, st);
 }
 
 /* The verdict reason of a lookup that found an entry. */
@@ -461,24 +574,30 @@ static __always_inline enum tpl_reason ct_status_reason(int status)
  * flow we do not know ends nothing: it is not tracked. Returns TPL_CONTINUE
  * or TPL_PASS_CT_UNTRACKED_RST.
  */
-static __always_inline int ct_may_create4(const struct pkt4 *p)
+static __always_inline int ct_may_create(int fam, const void *p)
 {
-	if (p->proto == IPPROTO_TCP && (p->tcp_flags & TCP_FLAG_RST))
+	if (PKT(p, fam, proto) == IPPROTO_TCP && (PKT(p, fam, tcp_flags) & TCP_FLAG_RST))
 		return TPL_PASS_CT_UNTRACKED_RST;
 	return TPL_CONTINUE;
 }
 
-/* Create the entry for tuple (as left by ct_lookup4) and, for endpoint
+static __always_inline int ct_may_create4(const struct pkt4 *p)
+{
+	return ct_may_create(PKT_FAM4, p);
+}
+
+/* Create the entry for tuple (as left by ct_lookup) and, for endpoint
  * traffic, its related-ICMP entry. New TCP entries go to the handshake table
  * (ct_syn_table) and get their twin on promotion. Returns TPL_CONTINUE or
  * TPL_DROP_CT_INSERT_FAILED.
  */
-static __always_inline int ct_create4(const struct ipv4_ct_tuple *tuple, enum ct_dir dir,
-				      const struct ct_state *st, __u8 tcp_flags, __u32 len)
+static __always_inline int ct_create(int fam, const void *tuple, enum ct_dir dir, const struct ct_state *st,
+				     __u8 tcp_flags, __u32 len)
 {
-	bool is_tcp = tuple->nexthdr == IPPROTO_TCP;
-	bool syn = ct_use_syn_table(tuple->nexthdr);
-	void *map = syn ? (void *)&tpl_ct4_syn_v1 : ct_map4(tuple->nexthdr);
+	__u8 nexthdr = CT_TUPLE_GET(tuple, fam, nexthdr);
+	bool is_tcp = nexthdr == IPPROTO_TCP;
+	bool syn = ct_use_syn_table(nexthdr);
+	void *map = syn ? ct_syn_map(fam) : ct_map(fam, nexthdr);
 	struct ct_entry entry = {};
 	__u32 now = tpl_now();
 
@@ -494,18 +613,24 @@ static __always_inline int ct_create4(const struct ipv4_ct_tuple *tuple, enum ct
 
 	if (fault_ct_insert || bpf_map_update_elem(map, tuple, &entry, BPF_ANY) < 0) {
 		/* The table is full or contended: ask the agent to collect early. */
-		ct_event(CT_EV_INSERT_FAILED);
-		tpl_signal(TPL_SIGNAL_CT_FILL_UP, is_tcp ? TPL_SIGNAL_MAP_TCP : TPL_SIGNAL_MAP_ANY);
+		ct_event_fam(fam, CT_EV_INSERT_FAILED);
+		ct_signal_fill_up(fam, is_tcp);
 		return TPL_DROP_CT_INSERT_FAILED;
 	}
-	ct_event(syn ? CT_EV_INSERT_SYN : is_tcp ? CT_EV_INSERT_TCP : CT_EV_INSERT_ANY);
-	ct_notify_new(tuple, &entry, CT_NOTIFY_R_CREATED,
-		      syn ? CT_NOTIFY_T_SYN : is_tcp ? CT_NOTIFY_T_TCP : CT_NOTIFY_T_ANY);
+	ct_event_fam(fam, syn ? CT_EV_INSERT_SYN : is_tcp ? CT_EV_INSERT_TCP : CT_EV_INSERT_ANY);
+	ct_notify_new_fam(fam, tuple, &entry, CT_NOTIFY_R_CREATED,
+			  syn ? CT_NOTIFY_T_SYN : is_tcp ? CT_NOTIFY_T_TCP : CT_NOTIFY_T_ANY);
 
 	/* Endpoint traffic only: service, NodePort and DSR entries have no related twin. */
 	if (dir != CT_SERVICE && !st->node_port && !st->dsr_internal && !syn)
-		ct_create_related4(tuple, &entry, now);
+		ct_create_related(fam, tuple, &entry, now);
 	return TPL_CONTINUE;
+}
+
+static __always_inline int ct_create4(const struct ipv4_ct_tuple *tuple, enum ct_dir dir,
+				      const struct ct_state *st, __u8 tcp_flags, __u32 len)
+{
+	return ct_create(PKT_FAM4, tuple, dir, st, tcp_flags, len);
 }
 
 #endif

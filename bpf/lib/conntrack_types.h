@@ -17,7 +17,7 @@ enum ct_tuple_flag {
 	TUPLE_F_SERVICE = 4,
 	/* Never set by the datapath: marks the agent's sentinel entries, keys no
 	 * packet can produce (also nexthdr CT_SENTINEL_NEXTHDR, a protocol
-	 * pkt4_parse never tracks). They only bound the empty-bucket runs a batch
+	 * pkt_parse never tracks). They only bound the empty-bucket runs a batch
 	 * lookup walks (loader/tuplet/conntrack/sentinels.py).
 	 */
 	TUPLE_F_SENTINEL = 0x80,

@@ -16,18 +16,19 @@ enum tpl_reason {
 	TPL_PASS_CT_REPLY = 2,         /* packet in the reply direction */
 	TPL_PASS_CT_RELATED = 3,       /* ICMP error related to a tracked flow */
 	TPL_PASS_CT_REOPENED = 4,      /* SYN on a closing entry: connection reopened */
-	TPL_PASS_NOT_IPV4 = 5,         /* IPv6, ARP, other ethertypes: untouched */
-	TPL_PASS_UNTRACKED_PROTO = 6,  /* IPv4 protocol other than TCP, UDP, ICMP */
-	TPL_PASS_FRAGMENT = 7,         /* non-first IPv4 fragment: no L4 header */
+	TPL_PASS_NOT_IPV4 = 5,         /* ARP, other ethertypes (IPv6 where not tracked: bpf_host, bpf_overlay): untouched */
+	TPL_PASS_UNTRACKED_PROTO = 6,  /* IPv4/IPv6 protocol other than TCP, UDP, ICMP/ICMPv6 */
+	TPL_PASS_FRAGMENT = 7,         /* non-first IPv4 or IPv6 fragment: no L4 header */
 	TPL_PASS_ICMP_UNRELATED = 8,   /* ICMP error matching no tracked flow */
 	TPL_PASS_CT_UNTRACKED_RST = 9, /* TCP reset matching no tracked flow */
 	TPL_PASS_NETDEV_UNTRACKED = 10,/* node NIC: not a service flow, left to the stack */
 	TPL_PASS_DSR_REDIRECT = 11,    /* LB node: to a remote backend over the Geneve device (DSR) */
 	TPL_PASS_OVERLAY_UNTRACKED = 12,/* Geneve device: no DSR option and no DSR flow, left to the stack */
+	TPL_PASS_ICMP6_UNTRACKED = 13, /* ICMPv6 neither echo nor error 1-4 (neighbour discovery, router messages, MLD) */
 
 	TPL_DROP_BASE = 128,
-	TPL_DROP_INVALID_L3 = 128,       /* truncated or malformed Ethernet/IPv4 header */
-	TPL_DROP_CT_INVALID_HDR = 129,   /* truncated or malformed TCP/UDP/ICMP header */
+	TPL_DROP_INVALID_L3 = 128,       /* truncated or malformed Ethernet/IPv4/IPv6 header (or IPv6 extension header) */
+	TPL_DROP_CT_INVALID_HDR = 129,   /* truncated or malformed TCP/UDP/ICMP/ICMPv6 header */
 	TPL_DROP_CT_INSERT_FAILED = 130, /* CT: Map insertion failed */
 	TPL_DROP_NO_SERVICE_BACKEND = 131, /* service without a usable backend */
 	TPL_DROP_NAT_REWRITE = 132,      /* the kernel refused an address/port rewrite */
@@ -38,6 +39,7 @@ enum tpl_reason {
 	TPL_DROP_DSR_OPT_NOT_ALONE = 137, /* Geneve options besides (or longer than) the DSR option */
 	TPL_DROP_DSR_ENCAP = 138,         /* the kernel refused the tunnel key, option or redirect */
 	TPL_DROP_NAT_INSERT_FAILED = 139, /* DSR: NAT map insertion failed */
+	TPL_DROP_INVALID_EXTHDR = 140,    /* IPv6: more than IPV6_MAX_EXT_HDRS extension headers (the reference's DROP_INVALID_EXTHDR) */
 
 	TPL_REASON_SLOTS = 256,
 };
