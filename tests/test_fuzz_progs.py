@@ -330,8 +330,8 @@ def check_maps(h: FuzzHarness, kinds: Counter | None = None) -> None:
             need(k.nexthdr in (TCP_P, UDP_P, icmp_p), "nexthdr not TCP/UDP/ICMP (IPv6: ICMPv6)")
             need(not (v6 and service), "service key in an IPv6 table")   # services are IPv4 only (lxc_track)
             need(is_tcp == tcp_table, "protocol in the wrong table")
-            need(not service or f == TUPLE_F_SERVICE, "service key with IN/RELATED")   # lb4_local
-            need(not service or k.nexthdr in (TCP_P, UDP_P), "service entry not TCP/UDP")  # lb4_lookup_service
+            need(not service or f == TUPLE_F_SERVICE, "service key with IN/RELATED")   # lb_local
+            need(not service or k.nexthdr in (TCP_P, UDP_P), "service entry not TCP/UDP")  # lb_lookup_service
             if related:                           # ct_create_related
                 need(k.nexthdr == icmp_p and k.sport == 0 and k.dport == 0, "related entry not ICMP with ports 0")
             elif k.nexthdr == icmp_p:             # ct_lookup: an echo id in one port at most
@@ -357,7 +357,7 @@ def check_maps(h: FuzzHarness, kinds: Counter | None = None) -> None:
             # ct_settle runs after every hit of an endpoint entry (__ct_lookup,
             # nodeport_rev_nat4) and promotes it once established: not closing, a non-SYN
             # packet seen, packets seen both ways. (Not checked for service entries:
-            # lb4_local returns a drop after the hit without settling.)
+            # lb_local returns a drop after the hit without settling.)
             need(m.name not in SYN_MAPS or h.syn_table, "handshake table used with ct_syn_table off")
             if m.name in SYN_MAPS and not service:
                 need(e.rx_closing or e.tx_closing or not e.seen_non_syn or not e.last_tx_report
@@ -412,7 +412,7 @@ def check_maps(h: FuzzHarness, kinds: Counter | None = None) -> None:
                 problems.append(f"NAT {be32_to_ip(k.saddr)}:{be16(k.sport)} -> {be32_to_ip(k.daddr)}:"
                                 f"{be16(k.dport)} proto {k.nexthdr} flags {k.flags:#x}: {'; '.join(bad)}")
 
-    # Affinity (lb.h, lb4_affinity_update): a backend that existed, a time of this example.
+    # Affinity (lb.h, lb_affinity_update): a backend that existed, a time of this example.
     for raw_k, raw_v in maps[AFFINITY].items():
         v = LbAffinityVal.from_buffer_copy(raw_v)
         if v.backend_id not in backends or not during(v.last_used):

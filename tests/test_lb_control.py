@@ -4,13 +4,11 @@ failed change leaves nothing behind, and that removed backends drain."""
 from __future__ import annotations
 
 import socket
-import threading
-from collections import Counter
 
 import numpy as np
 import pytest
 
-from lb_harness import LbHarness, cli_service, l4_of, pinned_maps, service_keys, slot0, tcp4
+from lb_harness import LbHarness, cli_service, flipping, l4_of, new_flows, pinned_maps, service_keys, slot0, tcp4
 from lxc_harness import TC_ACT_OK
 from tuplet.core.errors import ConfigError, NotFoundError
 from tuplet.datapath import abi
@@ -115,34 +113,8 @@ def test_packets_never_see_a_half_written_service(pinned) -> None:
     """Flows start continuously while the backend set and table size flip back and forth."""
     h, root = pinned
     sets = [(svc(f"{A}:8000", f"{B}:8000", m=251), {A, B}), (svc(f"{C3}:8000", m=257), {C3})]
-    with table(root) as t:
-        t.upsert(sets[0][0])
-    stop = threading.Event()
-    errors: list[BaseException] = []
-
-    def flip() -> None:
-        try:
-            i = 1
-            with table(root) as t:
-                while not stop.is_set():
-                    t.upsert(sets[i % 2][0])
-                    i += 1
-        except BaseException as e:   # reported below
-            errors.append(e)
-
-    writer = threading.Thread(target=flip)
-    writer.start()
-    seen: Counter[str] = Counter()
-    prog = h.coll.programs["cil_from_container"]
-    try:
-        for i in range(3000):
-            res = prog.test_run(tcp4(POD1, 1024 + i, VIP, PORT, "S"))
-            assert res.retval == TC_ACT_OK, f"packet {i} dropped during a service change"
-            seen[l4_of(res.data)[2]] += 1
-    finally:
-        stop.set()
-        writer.join()
-    assert not errors, errors
+    with flipping(lambda: table(root), [s for s, _ in sets]):
+        seen = new_flows(h, (tcp4(POD1, 1024 + i, VIP, PORT, "S") for i in range(3000)))
     assert set(seen) <= {A, B, C3} and len(seen) >= 2, seen
 
 

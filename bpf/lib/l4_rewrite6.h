@@ -9,8 +9,8 @@
  * checksum left to the device) right as in IPv4. ICMPv6 has no ports: only
  * its addresses change.
  *
- * The callers pass the header offsets and the current address and port (the
- * parsed packet's), so this header needs nothing of the IPv6 parser.
+ * l4_rewrite6() takes the header offsets and the current address and port;
+ * pkt6_dnat() / pkt6_snat() take them from a parsed packet and keep it current.
  */
 #ifndef TUPLET_L4_REWRITE6_H
 #define TUPLET_L4_REWRITE6_H
@@ -18,11 +18,8 @@
 #include "compiler.h"
 #include "ipv6.h"
 #include "l4_rewrite.h"
+#include "packet.h"
 #include "reasons.h"
-
-#ifndef IPPROTO_ICMPV6
-#define IPPROTO_ICMPV6 58
-#endif
 
 #define IPV6_SADDR_OFF 8
 #define IPV6_DADDR_OFF 24
@@ -65,6 +62,34 @@ static __always_inline int l4_rewrite6(struct __sk_buff *skb, __u32 l3_off, __u3
 	}
 	return l4_rewrite_port(skb, l4_off + (to_src ? L4_SPORT_OFF : L4_DPORT_OFF), csum_off, old_port, port,
 			       mangled);
+}
+
+static __always_inline int pkt6_rewrite(struct __sk_buff *skb, struct pkt6 *p, bool to_src, union v6addr *addr,
+					__be16 port)
+{
+	union v6addr *old = to_src ? &p->saddr : &p->daddr;
+	int ret;
+
+	ret = l4_rewrite6(skb, p->l3_off, p->l4_off, p->proto, to_src, old, addr, to_src ? p->sport : p->dport,
+			  port);
+	if (tpl_has_verdict(ret))
+		return ret;
+	*old = *addr;
+	if (to_src)
+		p->sport = port;
+	else
+		p->dport = port;
+	return TPL_CONTINUE;
+}
+
+static __always_inline int pkt6_dnat(struct __sk_buff *skb, struct pkt6 *p, union v6addr *addr, __be16 port)
+{
+	return pkt6_rewrite(skb, p, false, addr, port);
+}
+
+static __always_inline int pkt6_snat(struct __sk_buff *skb, struct pkt6 *p, union v6addr *addr, __be16 port)
+{
+	return pkt6_rewrite(skb, p, true, addr, port);
 }
 
 #endif
