@@ -11,6 +11,7 @@ from lb_harness import checksums_ok, cli_service, flipping, ip_of, l4_of, new_fl
 from lxc_harness import TC_ACT_OK, LxcHarness, tcp, udp
 from tuplet.datapath import abi
 from tuplet.datapath.abi import TUPLE_F_OUT, TUPLE_F_SERVICE
+from tuplet.datapath.layouts import Lb6AffinityKey, bytes_to_ip6
 from tuplet.lb import writer as lb
 
 POD, VIP, PORT = "2001:db8:64::24", "2001:db8:68::a", 80
@@ -79,3 +80,16 @@ def test_new_ipv6_flows_never_see_a_half_written_service(pinned) -> None:
     with flipping(lambda: lb.ServiceTable(root, local_addrs={A, B, C3}), sets):
         seen = new_flows(h, (tcp(POD, 1024 + i, VIP, PORT, "S") for i in range(3000)))
     assert set(seen) <= {A, B, C3} and len(seen) >= 2, seen
+
+
+def test_client_affinity_over_ipv6(pinned) -> None:
+    h, root = pinned
+    v = program(root, *(f"[2001:db8:64::{i:x}]:8000" for i in range(0x60, 0x68)), affinity_timeout=60)
+    first = l4_of(run(h, "cil_from_container", tcp(POD, 42000, VIP, PORT, "S")))[2]
+    assert {l4_of(run(h, "cil_from_container", tcp(POD, 42001 + i, VIP, PORT, "S")))[2] for i in range(20)} == {first}
+    (key,) = [Lb6AffinityKey.from_buffer_copy(k) for k in h.coll.maps[abi.AFFINITY6_MAP].keys()]
+    assert (bytes_to_ip6(key.client), key.rev_nat_index) == (POD, v.rev_nat)
+    # Another client is not bound by it.
+    others = {l4_of(run(h, "cil_from_container", tcp(f"2001:db8:64::{0x100 + i:x}", 43000, VIP, PORT, "S")))[2]
+              for i in range(30)}
+    assert len(others) > 1

@@ -1,7 +1,10 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /* Service load balancing: service lookup, backend selection (a slot by flow
  * hash, Maglev, client-IP affinity), the CT_SERVICE entry that pins a flow to its
- * backend, DNAT to the backend and reverse NAT of the replies.
+ * backend, DNAT to the backend and reverse NAT of the replies. One body for
+ * IPv4 and IPv6: functions take the family (PKT_FAM4 / PKT_FAM6) as conntrack.h
+ * does, with the packet, keys and backends of that family behind void pointers
+ * or the unions of lb_select.h.
  */
 #ifndef TUPLET_LB_H
 #define TUPLET_LB_H
