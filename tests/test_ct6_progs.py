@@ -36,6 +36,7 @@ from tuplet.datapath.abi import (
     CT_MAPS,
     EVENTS_MAP,
     OBJ_LXC,
+    SIGNAL_MAP,
     TUPLE_F_IN,
     TUPLE_F_OUT,
     TUPLE_F_RELATED,
@@ -43,6 +44,7 @@ from tuplet.datapath.abi import (
 from tuplet.datapath.clock import diff
 from tuplet.datapath.layouts import CtTuple6
 from tuplet.datapath.paths import object_dir
+from tuplet.datapath.signals import SignalReader
 
 pytestmark = pytest.mark.clock   # again with a near-zero clock in `make test`
 
@@ -292,10 +294,12 @@ def test_malformed_packets(h: LxcHarness, name: str, packet: bytes, reason: str)
     assert no_entries(h)
 
 
-def test_insert_failure_counts_the_ipv6_event() -> None:
+def test_insert_failure_counted_and_signalled_for_the_ipv6_table() -> None:
     lx = LxcHarness.load(consts={"fault_ct_insert": 1})
     try:
-        assert lx.egress(tcp(POD1, SP, POD2, DP, "S")).reason == "DROP_CT_INSERT_FAILED"
+        with SignalReader(lx.coll.maps[SIGNAL_MAP], str(object_dir() / OBJ_LXC)) as r:
+            assert lx.egress(tcp(POD1, SP, POD2, DP, "S")).reason == "DROP_CT_INSERT_FAILED"
+            assert [(s.kind, s.arg) for s in r.poll(100)] == [("CT_FILL_UP", "MAP_TCP6")]
         assert lx.egress(icmp_echo(POD1, POD2, 5)).reason == "DROP_CT_INSERT_FAILED"
         ev = events.read(lx.coll.maps[EVENTS_MAP], events.event_names(str(object_dir() / OBJ_LXC)))
         assert (ev["insert_failed6"], ev["insert_failed"]) == (2, 0)

@@ -50,10 +50,6 @@ from lxc_harness import MAC_A, MAC_B, TC_ACT_OK, TC_ACT_SHOT, tcp
 from tuplet.core.errors import TupletError
 from tuplet.datapath import abi, clock, metrics
 from tuplet.datapath.abi import (
-    CT6_MAP_ANY,
-    CT6_MAP_SYN,
-    CT6_MAP_TCP,
-    CT6_MAPS,
     CT_MAP_ANY,
     CT_MAP_SYN,
     METRICS_MAP,
@@ -99,7 +95,7 @@ PROGRAMS = [
 
 TCP_P, UDP_P, ICMP_P, ICMP6_P = 6, 17, 1, 58
 ETH_HLEN = 14
-SYN_MAPS = (CT_MAP_SYN, CT6_MAP_SYN)
+SYN_MAPS = (CT_MAP_SYN, abi.CT6_MAP_SYN)
 TUPLE_F_ALL = TUPLE_F_OUT | TUPLE_F_IN | TUPLE_F_RELATED | TUPLE_F_SERVICE
 WORLD = abi.TPL_IDENTITY_WORLD   # the identity of a non-endpoint source
 LIFETIMES = ("ct_lifetime_tcp", "ct_lifetime_nontcp", "ct_service_lifetime_tcp",
@@ -305,7 +301,7 @@ def check_maps(h: FuzzHarness, kinds: Counter | None = None) -> None:
     ct_entries: dict[bytes, CtEntry] = {}
 
     for m in h.ct_maps:
-        v6 = m.name in CT6_MAPS
+        v6 = m.name in abi.CT6_MAPS
         icmp_p = ICMP6_P if v6 else ICMP_P
         tcp_table = "_any" not in m.name          # ct_map(): TCP in tpl_ct{4,6}_v1 / the handshake tables, the rest in _any
         for raw_k, raw_v in m.items():
@@ -875,12 +871,12 @@ BAD_ENTRIES = {
 def test_checker_catches_impossible_entries(fz: FuzzHarness, case: str) -> None:
     """check_maps is not vacuous: each impossible entry written by hand is reported."""
     table, key, fields, says = BAD_ENTRIES[case]
-    tcp_tables = [m for m in fz.ct_maps if "_any" not in m.name and m.name not in CT6_MAPS]
+    tcp_tables = [m for m in fz.ct_maps if "_any" not in m.name and m.name not in abi.CT6_MAPS]
     if table in ("tcp+syn", "syn") and CT_MAP_SYN not in fz.lb.coll.maps:
         pytest.skip("no handshake table in this build")
     targets = {"any": [fz.lb.coll.maps[CT_MAP_ANY]], "tcp": [m for m in tcp_tables if m.name != CT_MAP_SYN][:1],
                "tcp+syn": tcp_tables, "syn": [fz.lb.coll.maps.get(CT_MAP_SYN)],
-               "any6": [fz.lb.coll.maps[CT6_MAP_ANY]], "tcp6": [fz.lb.coll.maps[CT6_MAP_TCP]]}[table]
+               "any6": [fz.lb.coll.maps[abi.CT6_MAP_ANY]], "tcp6": [fz.lb.coll.maps[abi.CT6_MAP_TCP]]}[table]
     fz.reset()
     now = fz.now()
     fz.runs, fz.max_len = 1, 100          # as if one 100-byte packet had run
