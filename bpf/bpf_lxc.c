@@ -18,6 +18,7 @@
 #include "lib/conntrack_types.h"
 #include "lib/conntrack.h"
 #include "lib/lb_map.h"
+#include "lib/lb6_map.h"
 #include "lib/lb.h"
 #include "lib/mark.h"
 /* Unused here, but every program object defines every shared map, so that
@@ -33,20 +34,21 @@ char LICENSE[] SEC("license") = "GPL";
 #define LXC_PROTOS6 (PKT_PROTO(IPPROTO_TCP) | PKT_PROTO(IPPROTO_UDP) | PKT_PROTO(IPPROTO_ICMPV6))
 
 /* Track one packet of a local endpoint, of family fam (PKT_FAM4 / PKT_FAM6: one
- * body for both, conntrack.h). Services are IPv4 only (issue 19): an IPv6
- * packet never takes the lb4 path, nor reverse NAT. Returns the verdict reason.
+ * body for both, conntrack.h; services too, lb.h). Returns the verdict reason.
  */
 static __always_inline enum tpl_reason lxc_track(int fam, struct __sk_buff *skb, enum ct_dir dir)
 {
-	struct ipv4_ct_tuple tuple4 = {};
-	struct ipv6_ct_tuple tuple6 = {};
-	struct pkt4 p4 = {};
-	struct pkt6 p6 = {};
-	void *tuple = fam == PKT_FAM6 ? (void *)&tuple6 : (void *)&tuple4;
-	void *p = fam == PKT_FAM6 ? (void *)&p6 : (void *)&p4;
+	union {
+		struct ipv4_ct_tuple t4;
+		struct ipv6_ct_tuple t6;
+	} tuple = {};
+	union {
+		struct pkt4 p4;
+		struct pkt6 p6;
+	} pkt = {};
+	void *p = &pkt;
 	struct ct_state st = {};
-	struct lb4_backend be;
-	struct lb4_key key;
+	union lb_key key;
 	__u16 rev_nat = 0;
 	int ret;
 
@@ -54,20 +56,20 @@ static __always_inline enum tpl_reason lxc_track(int fam, struct __sk_buff *skb,
 	if (tpl_has_verdict(ret))
 		return ret;
 
-	if (fam == PKT_FAM4 && dir == CT_EGRESS) {
-		struct lb4_service *svc = lb4_lookup_service(&key, &p4);
+	if (dir == CT_EGRESS) {
+		struct lb4_service *svc = lb_lookup_service(fam, &key, p);
 
 		if (svc) {
 			rev_nat = svc->rev_nat_index;
-			ret = lb4_local(skb, &p4, &key, svc, LB_SELECT_HASH, false, &be);
+			ret = lb_local(fam, skb, p, &key, svc, LB_SELECT_HASH, false, NULL, &tuple);
 			if (tpl_has_verdict(ret))
 				return ret;
 		}
 	}
 
-	ret = ct_lookup(fam, tuple, p, dir, skb->len, &st);
-	if (fam == PKT_FAM4 && ret == CT_REPLY && st.rev_nat_index && dir == CT_INGRESS) {
-		int nat = lb4_rev_nat(skb, &p4, st.rev_nat_index);
+	ret = ct_lookup(fam, &tuple, p, dir, skb->len, &st);
+	if (ret == CT_REPLY && st.rev_nat_index && dir == CT_INGRESS) {
+		int nat = lb_rev_nat(fam, skb, p, st.rev_nat_index);
 
 		if (tpl_has_verdict(nat))
 			return nat;
@@ -75,18 +77,18 @@ static __always_inline enum tpl_reason lxc_track(int fam, struct __sk_buff *skb,
 	if (ret != CT_NEW)
 		return ct_status_reason(ret);
 
-	if (CT_TUPLE_GET(tuple, fam, flags) & TUPLE_F_RELATED)
+	if (CT_TUPLE_GET(&tuple, fam, flags) & TUPLE_F_RELATED)
 		return TPL_PASS_ICMP_UNRELATED;
 	ret = ct_may_create(fam, p);
 	if (tpl_has_verdict(ret))
 		return ret;
 
-	st.src_sec_id = fam == PKT_FAM6 ? endpoint_identity6(&p6.saddr) : endpoint_identity4(p4.saddr);
+	st.src_sec_id = fam == PKT_FAM6 ? endpoint_identity6(&pkt.p6.saddr) : endpoint_identity4(pkt.p4.saddr);
 	st.rev_nat_index = rev_nat;
 	/* Delivered by cil_from_overlay (a DSR flow's backend node). */
 	if (dir == CT_INGRESS && tpl_mark_is(skb, TPL_MARK_FROM_TUNNEL))
 		st.from_tunnel = 1;
-	ret = ct_create(fam, tuple, dir, &st, PKT(p, fam, tcp_flags), skb->len);
+	ret = ct_create(fam, &tuple, dir, &st, PKT(p, fam, tcp_flags), skb->len);
 	return tpl_verdict_or(ret, TPL_PASS_CT_NEW);
 }
 

@@ -21,6 +21,7 @@
  * harnesses).
  */
 #include "lib/lb_map.h"
+#include "lib/lb6_map.h"
 
 char LICENSE[] SEC("license") = "GPL";
 

@@ -20,6 +20,7 @@
 #include "lib/time.h"
 #include "lib/hash.h"
 #include "lib/lb_map.h"
+#include "lib/lb6_map.h"
 #include "lib/lb_select.h"
 #include "lib/sock_lb_map.h"
 
@@ -109,14 +110,14 @@ static __always_inline int sock4_xlate_fwd(struct bpf_sock_addr *ctx)
 	if (affinity) {
 		netns = bpf_get_netns_cookie(ctx);
 		id = sock4_affinity_backend(svc, netns, now);
-		if (id && !lb4_lookup_backend(id))
+		if (id && !lb_lookup_backend(PKT_FAM4, id))
 			id = 0;
 	}
 	cookie = bpf_get_socket_cookie(ctx);
 	if (!id)
-		id = lb4_select_slot(&key, svc, tpl_jhash_3words((__u32)cookie, (__u32)(cookie >> 32),
-								   key.address ^ key.dport, proto));
-	be = lb4_lookup_backend(id);
+		id = lb_select_slot(PKT_FAM4, &key, svc, tpl_jhash_3words((__u32)cookie, (__u32)(cookie >> 32),
+									  key.address ^ key.dport, proto));
+	be = lb_lookup_backend(PKT_FAM4, id);
 	if (!be)
 		return SYS_REJECT;      /* a service without backends: fail now (EPERM), not after retries */
 	if (affinity)

@@ -2,21 +2,34 @@
 their maps, for running service packets through BPF_PROG_TEST_RUN."""
 from __future__ import annotations
 
+import os
 import socket
 import struct
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 from scapy.packet import Packet, Raw
 
-from lxc_harness import MAC_A, MAC_B, LxcHarness, Verdict
+from lxc_harness import MAC_A, MAC_B, TC_ACT_OK, LxcHarness, Verdict
+from tuplet.bpf import _libbpf as C
+from tuplet.bpf.libbpf import check, cstr
 from tuplet.bpf.objects import Collection
 from tuplet.datapath import metrics
 from tuplet.datapath.abi import OBJ_HOST, OBJ_LXC
-from tuplet.datapath.layouts import ip_to_be32
+from tuplet.datapath.layouts import Lb4Key, Lb4Service, Lb6Key, ip_to_be32
 from tuplet.datapath.paths import object_dir
-from tuplet.lb import maglev
+from tuplet.lb import families, maglev
+from tuplet.lb.families import Family
+from tuplet.lb.model import Service, ServiceType, parse_backend
+from tuplet.lb.writer import ServiceTable
+from tuplet.node import state
 from tuplet.node.apply import open_object
 from tuplet.node.config import NodeConfig
 
@@ -29,6 +42,80 @@ AFFINITY = "tpl_lb4_affinity_v1"
 F_EXTERNAL, F_NODEPORT, F_LOADBALANCER, F_AFFINITY = 1, 2, 4, 8
 BACKEND_F_REMOTE = 1
 BANK_STRIDE = 0x8000
+
+
+@contextmanager
+def pinned_maps(h: LxcHarness, pin_root: str, names: Iterable[str]) -> Iterator[None]:
+    """Pin the harness's maps ``names`` under pin_root (as apply would) for the control
+    plane to open; closes the harness and removes the pins and node state after."""
+    try:
+        os.makedirs(pin_root, exist_ok=True)
+        for name in names:
+            check(C.bpf_obj_pin(h.coll.maps[name].fd, cstr(f"{pin_root}/{name}")), name, "pin")
+        yield
+    finally:
+        h.close()
+        state.remove(pin_root)
+
+
+@contextmanager
+def flipping(open_table: Callable[[], ServiceTable], services: Sequence[Service]) -> Iterator[None]:
+    """services[0] written, then, while the block runs, a thread writing services[1],
+    services[0], services[1], ... (one table, opened once); what the writer raised is
+    raised after the block."""
+    with open_table() as t:
+        t.upsert(services[0])
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def flip() -> None:
+        try:
+            i = 1
+            with open_table() as t:
+                while not stop.is_set():
+                    t.upsert(services[i % len(services)])
+                    i += 1
+        except BaseException as e:   # reported below
+            errors.append(e)
+
+    writer = threading.Thread(target=flip)
+    writer.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        writer.join()
+    assert not errors, errors
+
+
+def new_flows(h: LxcHarness, frames: Iterable[bytes]) -> Counter[str]:
+    """Run each frame (a pod's first packet to a service) through cil_from_container:
+    how many went to each destination. None may be dropped."""
+    seen: Counter[str] = Counter()
+    prog = h.coll.programs["cil_from_container"]
+    for i, frame in enumerate(frames):
+        res = prog.test_run(frame)
+        assert res.retval == TC_ACT_OK, f"packet {i} dropped during a service change"
+        seen[l4_of(res.data)[2]] += 1
+    return seen
+
+
+def cli_service(address: str, port: int, *backends: str, name: str, m: int | None = 251, **kw: Any) -> Service:
+    """A service as `tuplet svc add` makes it (a ClusterIP unless type= says otherwise)."""
+    return Service(name=name, type=kw.pop("type", ServiceType.CLUSTER_IP), address=address, port=port,
+                   backends=tuple(parse_backend(b, "b") for b in backends), maglev_size=m, source="cli", **kw)
+
+
+def slot0(h: LxcHarness, s: Service) -> Lb4Service:
+    """Slot 0 of service s, read from its family's service map."""
+    fam = families.of(s.address)
+    raw = h.coll.maps[fam.services_map].lookup(fam.key(s.address, s.port, s.proto))
+    assert raw is not None
+    return Lb4Service.from_buffer_copy(raw)
+
+
+def service_keys(h: LxcHarness, fam: Family = families.V4) -> list[Lb4Key | Lb6Key]:
+    return [fam.key_cls.from_buffer_copy(k) for k in h.coll.maps[fam.services_map].keys()]
 
 
 @dataclass(frozen=True)
@@ -153,26 +240,33 @@ def udp4(src: str, sport: int, dst: str, dport: int, payload: bytes = b"x", csum
     return bytes(Ether(src=MAC_A, dst=MAC_B) / IP(src=src, dst=dst) / u / Raw(payload))
 
 
+def ip_of(frame: bytes) -> Packet:
+    """The IP (IPv4 or IPv6) layer of a frame."""
+    p = Ether(frame)
+    return p[IPv6] if IPv6 in p else p[IP]
+
+
 def l4_of(frame: bytes) -> tuple[str, int, str, int]:
     """(source, source port, destination, destination port) of a frame."""
-    p = Ether(frame)[IP]
+    p = ip_of(frame)
     return p.src, p.payload.sport, p.dst, p.payload.dport
 
 
 def checksums_ok(frame: bytes) -> bool:
-    """Recompute IP and L4 checksums with scapy, independently of the datapath."""
-    p = Ether(frame)
-    ip = p[IP]
-    fresh = IP(bytes(ip))
-    del fresh.chksum
+    """Recompute IP (IPv4: IPv6 has no header checksum) and L4 checksums with scapy,
+    independently of the datapath."""
+    ip = ip_of(frame)
+    fresh = type(ip)(bytes(ip))
+    if isinstance(fresh, IP):
+        del fresh.chksum
     l4 = fresh.payload
     if isinstance(l4, (TCP, UDP)):
         if isinstance(l4, UDP) and ip[UDP].chksum == 0:
             l4 = None
         else:
             del l4.chksum
-    rebuilt = IP(bytes(fresh))
-    ok = rebuilt.chksum == ip.chksum
+    rebuilt = type(ip)(bytes(fresh))
+    ok = not isinstance(ip, IP) or rebuilt.chksum == ip.chksum
     if l4 is not None and isinstance(rebuilt.payload, (TCP, UDP)):
         ok = ok and rebuilt.payload.chksum == ip.payload.chksum
     return ok

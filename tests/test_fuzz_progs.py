@@ -40,7 +40,6 @@ from lb_harness import (
     F_LOADBALANCER,
     F_NODEPORT,
     REV_NAT,
-    SERVICES,
     LbHarness,
     Svc,
     checksums_ok,
@@ -68,7 +67,6 @@ from tuplet.datapath.layouts import (
     CtTuple4,
     CtTuple6,
     Lb4Backend,
-    Lb4Key,
     Lb4Service,
     LbAffinityVal,
     Nat4Entry,
@@ -77,6 +75,7 @@ from tuplet.datapath.layouts import (
     bytes_to_ip6,
 )
 from tuplet.datapath.paths import object_dir
+from tuplet.lb import families
 from tuplet.node.apply import open_object
 from tuplet.node.config import NodeConfig
 
@@ -158,10 +157,9 @@ class FuzzHarness:
                 self.dirs.update(metrics.direction_names(str(object_dir() / obj)))
             maps = self.lb.coll.maps
             self.metrics_map = maps[METRICS_MAP]
-            # Every object's IPv4 conntrack tables (shared by name, so each is walked once).
+            # Every object's conntrack tables, both families (shared by name, so each is walked once).
             self.ct_maps = list({name: m for c in self.colls.values() for name, m in c.maps.items()
-                                 if name.startswith("tpl_ct") and m.value_size == ctypes.sizeof(CtEntry)
-                                 and m.key_size == ctypes.sizeof(CtTuple4)}.values())
+                                 if name.startswith("tpl_ct") and m.value_size == ctypes.sizeof(CtEntry)}.values())
             self.nat_map = maps.get(NAT_MAP)
             self.timeouts = {k: self.lb.coll.get_global(".rodata", k) for k in LIFETIMES}
             self.accounting = self.lb.coll.get_global(".rodata", "ct_accounting")
@@ -293,8 +291,10 @@ def check_maps(h: FuzzHarness, kinds: Counter | None = None) -> None:
 
     maps = h.lb.coll.maps
     backends = {int.from_bytes(k, "little"): Lb4Backend.from_buffer_copy(v) for k, v in maps[BACKENDS].items()}
-    rev_nats = {Lb4Service.from_buffer_copy(v).rev_nat_index
-                for k, v in maps[SERVICES].items() if Lb4Key.from_buffer_copy(k).backend_slot == 0}
+    backends6 = {int.from_bytes(k, "little") for k in maps[abi.BACKENDS6_MAP].keys()}
+    rev_nats = {Lb4Service.from_buffer_copy(v).rev_nat_index        # one index space for both families
+                for fam in families.FAMILIES for k, v in maps[fam.services_map].items()
+                if fam.key_cls.from_buffer_copy(k).backend_slot == 0}
     identities = {WORLD, *ENDPOINTS.values()}
     problems: list[str] = []
     where: dict[bytes, str] = {}
@@ -324,10 +324,9 @@ def check_maps(h: FuzzHarness, kinds: Counter | None = None) -> None:
             # Tuples.
             need(f & ~TUPLE_F_ALL == 0, "undefined TUPLE_F_ bits")
             need(k.nexthdr in (TCP_P, UDP_P, icmp_p), "nexthdr not TCP/UDP/ICMP (IPv6: ICMPv6)")
-            need(not (v6 and service), "service key in an IPv6 table")   # services are IPv4 only (lxc_track)
             need(is_tcp == tcp_table, "protocol in the wrong table")
-            need(not service or f == TUPLE_F_SERVICE, "service key with IN/RELATED")   # lb4_local
-            need(not service or k.nexthdr in (TCP_P, UDP_P), "service entry not TCP/UDP")  # lb4_lookup_service
+            need(not service or f == TUPLE_F_SERVICE, "service key with IN/RELATED")   # lb_local
+            need(not service or k.nexthdr in (TCP_P, UDP_P), "service entry not TCP/UDP")  # lb_lookup_service
             if related:                           # ct_create_related
                 need(k.nexthdr == icmp_p and k.sport == 0 and k.dport == 0, "related entry not ICMP with ports 0")
             elif k.nexthdr == icmp_p:             # ct_lookup: an echo id in one port at most
@@ -341,7 +340,7 @@ def check_maps(h: FuzzHarness, kinds: Counter | None = None) -> None:
                 need(e.tx_flags_seen == 0 and e.rx_flags_seen == 0, "TCP flags seen on a non-TCP flow")
             # Service entries: the client's direction only (CT_SERVICE updates tx).
             if service:
-                need(e.backend_id in backends, "service entry's backend is not a backend")
+                need(e.backend_id in (backends6 if v6 else backends), "service entry's backend is not a backend")
                 need(e.rev_nat_index in rev_nats, "service entry's rev-NAT is no service's")
                 need(e.src_sec_id == 0 and e.ifindex == 0 and not e.node_port, "service entry with endpoint state")
                 need(e.rx_flags_seen == 0 and e.last_rx_report == 0, "service entry with an rx side")
@@ -353,7 +352,7 @@ def check_maps(h: FuzzHarness, kinds: Counter | None = None) -> None:
             # ct_settle runs after every hit of an endpoint entry (__ct_lookup,
             # nodeport_rev_nat4) and promotes it once established: not closing, a non-SYN
             # packet seen, packets seen both ways. (Not checked for service entries:
-            # lb4_local returns a drop after the hit without settling.)
+            # lb_local returns a drop after the hit without settling.)
             need(m.name not in SYN_MAPS or h.syn_table, "handshake table used with ct_syn_table off")
             if m.name in SYN_MAPS and not service:
                 need(e.rx_closing or e.tx_closing or not e.seen_non_syn or not e.last_tx_report
@@ -408,7 +407,7 @@ def check_maps(h: FuzzHarness, kinds: Counter | None = None) -> None:
                 problems.append(f"NAT {be32_to_ip(k.saddr)}:{be16(k.sport)} -> {be32_to_ip(k.daddr)}:"
                                 f"{be16(k.dport)} proto {k.nexthdr} flags {k.flags:#x}: {'; '.join(bad)}")
 
-    # Affinity (lb.h, lb4_affinity_update): a backend that existed, a time of this example.
+    # Affinity (lb.h, lb_affinity_update): a backend that existed, a time of this example.
     for raw_k, raw_v in maps[AFFINITY].items():
         v = LbAffinityVal.from_buffer_copy(raw_v)
         if v.backend_id not in backends or not during(v.last_used):
@@ -862,8 +861,8 @@ BAD_ENTRIES = {
                                        "established entry left"),
     "ipv6-control": ("any6", _UDP6, {}, None),
     "ipv6-related-icmpv4": ("any6", _REL6_ICMP4, {}, "related entry not ICMP"),
-    "ipv6-service": ("tcp6", _SVC6, {"backend_id": 19, "rev_nat_index": 15, "src_sec_id": 0},
-                     "service key in an IPv6 table"),
+    "ipv6-unknown-backend": ("tcp6", _SVC6, {"backend_id": 999, "rev_nat_index": 15, "src_sec_id": 0},
+                             "service entry's backend is not a backend"),
     "ipv6-udp-closing": ("any6", _UDP6, {"tx_closing": 1}, "closing bits on a non-TCP entry"),
 }
 

@@ -29,6 +29,10 @@ from tuplet.datapath.layouts import (
     Lb4Service,
     Lb4SockRevKey,
     Lb4SockRevVal,
+    Lb6AffinityKey,
+    Lb6Backend,
+    Lb6Key,
+    Lb6ReverseNat,
     LbAffinityVal,
     MetricsValue,
     Nat4Entry,
@@ -61,7 +65,9 @@ def bit_offset(cls: type[ctypes.Structure], name: str) -> tuple[int, int]:
                                        (Lb4Key, "lb4_key"), (Lb4Service, "lb4_service"),
                                        (Lb4Backend, "lb4_backend"), (Lb4ReverseNat, "lb4_reverse_nat"),
                                        (Lb4MaglevKey, "lb4_maglev_key"), (Lb4AffinityKey, "lb4_affinity_key"),
-                                       (LbAffinityVal, "lb_affinity_val")])
+                                       (LbAffinityVal, "lb_affinity_val"),
+                                       (Lb6Key, "lb6_key"), (Lb6Backend, "lb6_backend"),
+                                       (Lb6ReverseNat, "lb6_reverse_nat"), (Lb6AffinityKey, "lb6_affinity_key")])
 def test_struct_matches_btf(btf, cls, cname) -> None:
     check_struct(btf, cls, cname)
 

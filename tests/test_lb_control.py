@@ -3,18 +3,13 @@ what each change writes, that a change is atomic for packets running meanwhile, 
 failed change leaves nothing behind, and that removed backends drain."""
 from __future__ import annotations
 
-import os
 import socket
-import threading
-from collections import Counter
 
 import numpy as np
 import pytest
 
-from lb_harness import LbHarness, l4_of, tcp4
+from lb_harness import LbHarness, cli_service, flipping, l4_of, new_flows, pinned_maps, service_keys, slot0, tcp4
 from lxc_harness import TC_ACT_OK
-from tuplet.bpf import _libbpf as C
-from tuplet.bpf.libbpf import check, cstr
 from tuplet.core.errors import ConfigError, NotFoundError
 from tuplet.datapath import abi
 from tuplet.datapath.abi import (
@@ -25,46 +20,29 @@ from tuplet.datapath.abi import (
     LB_SVC_F_EXTERNAL,
     LB_SVC_F_LOADBALANCER,
 )
-from tuplet.datapath.layouts import Lb4Backend, Lb4Key, Lb4MaglevKey, Lb4Service, be32_to_ip
+from tuplet.datapath.layouts import Lb4Backend, Lb4MaglevKey, be32_to_ip
 from tuplet.lb import writer as lb
 from tuplet.lb.model import Backend, Service, ServiceType, parse_backend, parse_services
-from tuplet.node import state
 
 POD1, VIP, PORT = "10.64.0.36", "10.68.174.146", 80
 A, B, C3 = "10.64.0.98", "10.64.0.64", "10.64.0.116"
 LOCAL = {POD1, A, B, C3}
 
 
-def svc(*backends: str, name: str = "web", m: int | None = 251, **kw) -> Service:
-    return Service(name=name, type=kw.pop("type", ServiceType.CLUSTER_IP), address=kw.pop("address", VIP),
-                   port=kw.pop("port", PORT), backends=tuple(parse_backend(b, "b") for b in backends),
-                   maglev_size=m, source="cli", **kw)
+def svc(*backends: str, name: str = "web", **kw) -> Service:
+    return cli_service(kw.pop("address", VIP), kw.pop("port", PORT), *backends, name=name, **kw)
 
 
 @pytest.fixture
 def pinned(pin_root):
     """Both programs loaded on shared maps, the service and CT maps pinned under pin_root."""
     h = LbHarness.load_both()
-    os.makedirs(pin_root, exist_ok=True)
-    for name in (*abi.LB_MAPS, CT_MAP_TCP, CT_MAP_ANY, CT_MAP_SYN):
-        check(C.bpf_obj_pin(h.coll.maps[name].fd, cstr(f"{pin_root}/{name}")), name, "pin")
-    yield h, pin_root
-    h.close()
-    state.remove(pin_root)
+    with pinned_maps(h, pin_root, (*abi.LB_MAPS, CT_MAP_TCP, CT_MAP_ANY, CT_MAP_SYN)):
+        yield h, pin_root
 
 
 def table(pin_root: str) -> lb.ServiceTable:
     return lb.ServiceTable(pin_root, local_addrs=LOCAL)
-
-
-def slot0(h: LbHarness, s: Service) -> Lb4Service:
-    raw = h.coll.maps[abi.SERVICES_MAP].lookup(Lb4Key.make(s.address, s.port, s.proto))
-    assert raw is not None
-    return Lb4Service.from_buffer_copy(raw)
-
-
-def service_keys(h: LbHarness) -> list[Lb4Key]:
-    return [Lb4Key.from_buffer_copy(k) for k in h.coll.maps[abi.SERVICES_MAP].keys()]
 
 
 def new_flow(h: LbHarness, sport: int) -> str:
@@ -135,34 +113,8 @@ def test_packets_never_see_a_half_written_service(pinned) -> None:
     """Flows start continuously while the backend set and table size flip back and forth."""
     h, root = pinned
     sets = [(svc(f"{A}:8000", f"{B}:8000", m=251), {A, B}), (svc(f"{C3}:8000", m=257), {C3})]
-    with table(root) as t:
-        t.upsert(sets[0][0])
-    stop = threading.Event()
-    errors: list[BaseException] = []
-
-    def flip() -> None:
-        try:
-            i = 1
-            with table(root) as t:
-                while not stop.is_set():
-                    t.upsert(sets[i % 2][0])
-                    i += 1
-        except BaseException as e:   # reported below
-            errors.append(e)
-
-    writer = threading.Thread(target=flip)
-    writer.start()
-    seen: Counter[str] = Counter()
-    prog = h.coll.programs["cil_from_container"]
-    try:
-        for i in range(3000):
-            res = prog.test_run(tcp4(POD1, 1024 + i, VIP, PORT, "S"))
-            assert res.retval == TC_ACT_OK, f"packet {i} dropped during a service change"
-            seen[l4_of(res.data)[2]] += 1
-    finally:
-        stop.set()
-        writer.join()
-    assert not errors, errors
+    with flipping(lambda: table(root), [s for s, _ in sets]):
+        seen = new_flows(h, (tcp4(POD1, 1024 + i, VIP, PORT, "S") for i in range(3000)))
     assert set(seen) <= {A, B, C3} and len(seen) >= 2, seen
 
 

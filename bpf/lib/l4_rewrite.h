@@ -25,6 +25,21 @@ static __always_inline int l4_csum_off(__u8 proto)
 	return proto == IPPROTO_TCP ? TCP_CSUM_OFF : UDP_CSUM_OFF;
 }
 
+/* Rewrite a TCP/UDP port at port_off, the L4 checksum at csum_off following
+ * (no pseudo-header part: ports are not in it). Either family.
+ */
+static __always_inline int l4_rewrite_port(struct __sk_buff *skb, __u32 port_off, __u32 csum_off,
+					   __be16 old_port, __be16 port, __u64 mangled)
+{
+	if (old_port == port)
+		return TPL_CONTINUE;
+	if (bpf_l4_csum_replace(skb, csum_off, old_port, port, mangled | sizeof(port)) < 0)
+		return TPL_DROP_NAT_REWRITE;
+	if (bpf_skb_store_bytes(skb, port_off, &port, sizeof(port), 0) < 0)
+		return TPL_DROP_NAT_REWRITE;
+	return TPL_CONTINUE;
+}
+
 /* Rewrite the source (to_src) or destination address and port of p's packet.
  * Returns TPL_CONTINUE, or TPL_DROP_NAT_REWRITE when the kernel refused a store.
  */
@@ -37,6 +52,7 @@ static __always_inline int pkt4_rewrite(struct __sk_buff *skb, struct pkt4 *p, b
 	__be32 old_addr = to_src ? p->saddr : p->daddr;
 	__be16 old_port = to_src ? p->sport : p->dport;
 	__u64 mangled = p->proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
+	int ret;
 
 	if (p->proto != IPPROTO_TCP && p->proto != IPPROTO_UDP)
 		return TPL_DROP_NAT_REWRITE;
@@ -50,12 +66,9 @@ static __always_inline int pkt4_rewrite(struct __sk_buff *skb, struct pkt4 *p, b
 		if (bpf_skb_store_bytes(skb, ip_off, &addr, sizeof(addr), 0) < 0)
 			return TPL_DROP_NAT_REWRITE;
 	}
-	if (old_port != port) {
-		if (bpf_l4_csum_replace(skb, csum_off, old_port, port, mangled | sizeof(port)) < 0)
-			return TPL_DROP_NAT_REWRITE;
-		if (bpf_skb_store_bytes(skb, port_off, &port, sizeof(port), 0) < 0)
-			return TPL_DROP_NAT_REWRITE;
-	}
+	ret = l4_rewrite_port(skb, port_off, csum_off, old_port, port, mangled);
+	if (tpl_has_verdict(ret))
+		return ret;
 	if (to_src) {
 		p->saddr = addr;
 		p->sport = port;

@@ -118,7 +118,8 @@ struct {
 /* Maglev tables, one per service and bank: an array of maglev_size backend
  * ids. BPF_F_INNER_MAP lets every table have its own size. The agent writes
  * the new table under the bank slot 0 does not use yet, so the table (and its
- * size) changes together with slot 0.
+ * size) changes together with slot 0. IPv6 services (lb6_map.h) have
+ * theirs here too: reverse-NAT indexes are one space for both families.
  */
 struct lb4_maglev_key {
 	__u16 rev_nat_index;

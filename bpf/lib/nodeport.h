@@ -17,6 +17,7 @@
 #include "conntrack_types.h"
 #include "conntrack.h"
 #include "lb_map.h"
+#include "lb6_map.h"
 #include "lb.h"
 #include "nat_map.h"
 #include "dsr.h"
@@ -31,23 +32,23 @@ static __always_inline enum tpl_reason nodeport_lb4(struct __sk_buff *skb, struc
 {
 	struct ipv4_ct_tuple tuple = {};
 	struct ct_state st = {};
-	struct lb4_backend be;
+	union lb_backend be;
 	struct lb4_service *svc;
-	struct lb4_key key;
+	union lb_key key;
 	__u16 rev_nat;
 	int ret;
 
-	svc = lb4_lookup_service(&key, p);
+	svc = lb_lookup_service(PKT_FAM4, &key, p);
 	if (!svc || !(svc->flags & LB_SVC_F_EXTERNAL))
 		return TPL_PASS_NETDEV_UNTRACKED;
 	rev_nat = svc->rev_nat_index;
 
-	ret = lb4_local(skb, p, &key, svc, LB_SELECT_MAGLEV, !overlay_ifindex, &be);
+	ret = lb_local(PKT_FAM4, skb, p, &key, svc, LB_SELECT_MAGLEV, !overlay_ifindex, &be, &tuple);
 	if (tpl_has_verdict(ret))
 		return ret;
 	/* Remote backend: the CT_SERVICE entry is all this node keeps. */
-	if (overlay_ifindex && (be.flags & LB_BACKEND_F_REMOTE))
-		return dsr_encap4(skb, p, be.node_addr, key.address, key.dport);
+	if (overlay_ifindex && (be.b4.flags & LB_BACKEND_F_REMOTE))
+		return dsr_encap4(skb, p, be.b4.node_addr, key.k4.address, key.k4.dport);
 
 	ret = ct_lookup4(&tuple, p, CT_EGRESS, skb->len, &st);
 	if (ret != CT_NEW)
@@ -104,7 +105,7 @@ static __always_inline enum tpl_reason nodeport_rev_nat4(struct __sk_buff *skb, 
 	}
 	if (!rev_nat)
 		return TPL_PASS_CT_REPLY;
-	ret = lb4_rev_nat(skb, p, rev_nat);
+	ret = lb_rev_nat(PKT_FAM4, skb, p, rev_nat);
 	return tpl_verdict_or(ret, TPL_PASS_CT_REPLY);
 }
 

@@ -15,8 +15,8 @@ from tuplet.lb.model import (
     Service,
     ServiceType,
     ServiceView,
+    check_address,
     check_affinity,
-    check_ipv4,
     check_maglev_size,
     check_name,
     check_port,
@@ -33,7 +33,7 @@ def add_parser(sub: Any) -> None:
     s = sub.add_parser("svc", help="services: ClusterIP, NodePort, LoadBalancer")
     ssub = s.add_subparsers(dest="svc_command", required=True)
 
-    backend_help = "ADDRESS:PORT[,weight=N][,node=ADDRESS] (repeat for more backends)"
+    backend_help = "ADDRESS:PORT[,weight=N][,node=ADDRESS], IPv6 as [ADDRESS]:PORT (repeat for more backends)"
     a = ssub.add_parser("add", help="add a service")
     a.add_argument("name")
     a.add_argument("--type", default="ClusterIP", choices=[t.value for t in ServiceType])
@@ -50,7 +50,8 @@ def add_parser(sub: Any) -> None:
     u.add_argument("name")
     u.add_argument("--backend", action="append", default=None, help="replace all backends: " + backend_help)
     u.add_argument("--add-backend", action="append", default=[], help="add (or change) a backend")
-    u.add_argument("--remove-backend", action="append", default=[], help="remove the backend ADDRESS:PORT")
+    u.add_argument("--remove-backend", action="append", default=[],
+                   help="remove the backend ADDRESS:PORT ([ADDRESS]:PORT for IPv6)")
     u.add_argument("--affinity-timeout", default=None)
     u.add_argument("--maglev-size", default=None)
     u.add_argument("-o", "--output", choices=["text", "json"], default="text")
@@ -74,7 +75,7 @@ def cmd_svc_add(args: argparse.Namespace) -> int:
     s = check_service(Service(
         name=check_name(args.name, "name"),
         type=service_type(args.type, "--type"),
-        address=check_ipv4(args.address, "--address"),
+        address=check_address(args.address, "--address"),
         port=check_port(args.port, "--port"),
         protocol=protocol(args.protocol, "--protocol"),
         backends=_backends(args.backend, "--backend"),

@@ -74,7 +74,15 @@ BACKENDS_MAP: Final = "tpl_lb4_backends_v1"
 REV_NAT_MAP: Final = "tpl_lb4_reverse_nat_v1"
 MAGLEV_MAP: Final = "tpl_lb4_maglev_v2"
 AFFINITY_MAP: Final = "tpl_lb4_affinity_v1"
-LB_MAPS: Final = (SERVICES_MAP, BACKENDS_MAP, REV_NAT_MAP, MAGLEV_MAP, AFFINITY_MAP)
+# IPv6 services (lb6_map.h): the same service value, Maglev tables in MAGLEV_MAP (reverse-NAT
+# indexes and backend ids are one space for both families).
+SERVICES6_MAP: Final = "tpl_lb6_services_v1"
+BACKENDS6_MAP: Final = "tpl_lb6_backends_v1"
+REV_NAT6_MAP: Final = "tpl_lb6_reverse_nat_v1"
+AFFINITY6_MAP: Final = "tpl_lb6_affinity_v1"
+#: Every service map, both families.
+LB_MAPS: Final = (SERVICES_MAP, BACKENDS_MAP, REV_NAT_MAP, MAGLEV_MAP, AFFINITY_MAP,
+                  SERVICES6_MAP, BACKENDS6_MAP, REV_NAT6_MAP, AFFINITY6_MAP)
 #: Socket LB (sock_lb_map.h): (socket cookie, backend) -> service address, for recvmsg and
 #: getpeername; affinity keyed by network-namespace cookie.
 SOCK_REV_NAT_MAP: Final = "tpl_lb4_sock_rev_nat_v1"

@@ -323,6 +323,55 @@ class Lb4AffinityKey(ctypes.Structure):
     ]
 
 
+class Lb6Key(ctypes.Structure):
+    """struct lb6_key: as Lb4Key, with a 16-byte address."""
+
+    _fields_ = [
+        ("address", V6Addr),
+        ("dport", ctypes.c_uint16),       # network byte order
+        ("backend_slot", ctypes.c_uint16),
+        ("proto", ctypes.c_uint8),
+        ("scope", ctypes.c_uint8),
+        ("pad", ctypes.c_uint16),
+    ]
+
+    @classmethod
+    def make(cls, address: str, port: int, proto: int, slot: int = 0) -> "Lb6Key":
+        return cls(ip6_to_bytes(address), socket.htons(port), slot, proto, 0, 0)
+
+
+class Lb6Backend(ctypes.Structure):
+    """struct lb6_backend: as Lb4Backend, with 16-byte addresses (the node's too)."""
+
+    _fields_ = [
+        ("address", V6Addr),
+        ("port", ctypes.c_uint16),        # network byte order
+        ("proto", ctypes.c_uint8),
+        ("flags", ctypes.c_uint8),
+        ("node_addr", V6Addr),
+    ]
+
+
+class Lb6ReverseNat(ctypes.Structure):
+    """struct lb6_reverse_nat."""
+
+    _fields_ = [
+        ("address", V6Addr),
+        ("port", ctypes.c_uint16),
+        ("pad", ctypes.c_uint16),
+    ]
+
+
+class Lb6AffinityKey(ctypes.Structure):
+    """struct lb6_affinity_key."""
+
+    _fields_ = [
+        ("client", V6Addr),
+        ("rev_nat_index", ctypes.c_uint16),
+        ("pad", ctypes.c_uint16),
+    ]
+
+
 class LbAffinityVal(ctypes.Structure):
     """struct lb_affinity_val."""
 

@@ -11,7 +11,7 @@ from tuplet.datapath.paths import is_pinned, open_pinned
 
 
 def backend_ids_in_use(pin_root: str) -> set[int]:
-    """Backend ids named by conntrack entries of service flows."""
+    """Backend ids named by conntrack entries of service flows (both families' tables)."""
     used: set[int] = set()
     off = CtEntry.backend_id.offset
     for name in cttables.NAMES:

@@ -16,6 +16,14 @@ A backend is ``ADDRESS:PORT`` with optional ``,weight=N`` (Maglev weight, 0 drai
 no new flows, established ones stay) and ``,node=ADDRESS`` (the node it runs on, for
 remote backends), or the same as a table. Everything is checked here, before any map
 is touched; errors name the key (``services[2].backends[1]``) or the argument.
+
+Addresses are IPv4 or IPv6. A service is one family: its backends and their nodes have
+the family of its address. Where an IPv6 address meets a port it is bracketed
+(``[2001:db8::1]:80``), in what is parsed and in what is printed. Addresses are kept in
+their canonical text (RFC 5952: ``2001:db8::1``, lower case, zeros compressed), so a
+backend's ``endpoint`` -- the name its Maglev permutation hashes -- is the same string
+on every node however the configuration spelled it: ``10.0.0.1:80`` or
+``[2001:db8::1]:80``.
 """
 from __future__ import annotations
 
@@ -61,8 +69,9 @@ class Backend:
 
     @property
     def endpoint(self) -> str:
-        """``address:port``: the name the Maglev table hashes, the same on every node."""
-        return f"{self.address}:{self.port}"
+        """``address:port`` (``[address]:port`` for IPv6): the name the Maglev table hashes,
+        the same on every node."""
+        return host_port(self.address, self.port)
 
     def describe(self) -> str:
         out = self.endpoint
@@ -93,12 +102,17 @@ class Service:
         return PROTOCOLS[self.protocol]
 
     @property
+    def family(self) -> int:
+        """4 or 6: the IP version of the service, its backends and their nodes."""
+        return ip_version(self.address)
+
+    @property
     def frontend(self) -> tuple[str, int, str]:
         """What identifies the service in the datapath: (address, port, protocol)."""
         return (self.address, self.port, self.protocol)
 
     def describe_frontend(self) -> str:
-        return f"{self.address}:{self.port}/{self.protocol}"
+        return f"{host_port(self.address, self.port)}/{self.protocol}"
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "type": self.type.value, "address": self.address, "port": self.port,
@@ -124,16 +138,45 @@ def check_name(v: Any, key: str) -> str:
     return v
 
 
-def check_ipv4(v: Any, key: str) -> str:
+def ip_version(addr: str) -> int:
+    """4 or 6, of an address checked by check_address."""
+    return 6 if ":" in addr else 4
+
+
+def host_port(addr: str, port: int) -> str:
+    """``addr:port``, with an IPv6 address bracketed."""
+    return f"[{addr}]:{port}" if ip_version(addr) == 6 else f"{addr}:{port}"
+
+
+def check_address(v: Any, key: str) -> str:
+    """An IPv4 or IPv6 service, backend or node address, in canonical text."""
     try:
-        addr = ipaddress.IPv4Address(v) if isinstance(v, str) else None
+        addr = ipaddress.ip_address(v) if isinstance(v, str) else None
     except ValueError:
         addr = None
     if addr is None:
-        raise ConfigError(key, f"not an IPv4 address: {v!r}")
+        hint = " (write the address without brackets here)" if isinstance(v, str) and v.startswith("[") else ""
+        raise ConfigError(key, f"not an IPv4 or IPv6 address: {v!r}{hint}")
     if addr.is_unspecified or addr.is_multicast or addr == ipaddress.IPv4Address("255.255.255.255"):
         raise ConfigError(key, f"cannot be used as a service or backend address: {v}")
     return str(addr)
+
+
+def split_host_port(v: str, key: str, form: str) -> tuple[str, str]:
+    """``ADDR:PORT`` or ``[IPV6]:PORT`` into its two texts (not yet checked)."""
+    if v.startswith("["):
+        addr, sep, port = v[1:].partition("]:")
+        if not sep or not addr or "]" in port:
+            raise ConfigError(key, f"must look like {form} (an IPv6 address as [ADDRESS]:PORT), got {v!r}")
+        if ":" not in addr:
+            raise ConfigError(key, f"only an IPv6 address is bracketed, got {v!r}")
+        return addr, port
+    addr, sep, port = v.rpartition(":")
+    if not sep or not addr:
+        raise ConfigError(key, f"must look like {form}, got {v!r}")
+    if ":" in addr or "]" in v:
+        raise ConfigError(key, f"an IPv6 address with a port must be bracketed: [ADDRESS]:PORT, got {v!r}")
+    return addr, port
 
 
 def check_port(v: Any, key: str) -> int:
@@ -180,9 +223,7 @@ def parse_backend(v: Any, key: str) -> Backend:
     """A backend from ``"ADDR:PORT[,weight=N][,node=ADDR]"`` or a table with those keys."""
     if isinstance(v, str):
         head, *opts = [part.strip() for part in v.split(",")]
-        addr, sep, port = head.rpartition(":")
-        if not sep or not addr:
-            raise ConfigError(key, f"must look like ADDRESS:PORT[,weight=N][,node=ADDRESS], got {v!r}")
+        addr, port = split_host_port(head, key, "ADDRESS:PORT[,weight=N][,node=ADDRESS]")
         d: dict[str, Any] = {"address": addr, "port": port}
         for opt in opts:
             k, eq, val = opt.partition("=")
@@ -199,10 +240,10 @@ def parse_backend(v: Any, key: str) -> Backend:
                 raise ConfigError(f"{key}.{k}", "missing")
     else:
         raise ConfigError(key, f"must be \"ADDRESS:PORT\" or a table, got {v!r}")
-    return Backend(address=check_ipv4(d["address"], key if isinstance(v, str) else f"{key}.address"),
+    return Backend(address=check_address(d["address"], key if isinstance(v, str) else f"{key}.address"),
                    port=check_port(d["port"], key if isinstance(v, str) else f"{key}.port"),
                    weight=check_weight(d.get("weight", 1), key if isinstance(v, str) else f"{key}.weight"),
-                   node=check_ipv4(d["node"], key if isinstance(v, str) else f"{key}.node")
+                   node=check_address(d["node"], key if isinstance(v, str) else f"{key}.node")
                    if d.get("node") is not None else None)
 
 
@@ -210,6 +251,11 @@ def check_service(s: Service, key: str) -> Service:
     """Checks across fields of one service."""
     seen: set[str] = set()
     for i, b in enumerate(s.backends):
+        for what, addr in (("address", b.address), ("node", b.node)):
+            if addr is not None and ip_version(addr) != s.family:
+                raise ConfigError(f"{key}.backends[{i}]", f"{what} {addr} is IPv{ip_version(addr)}, but the "
+                                                         f"service address {s.address} is IPv{s.family} "
+                                                         "(a service is one family)")
         if b.endpoint in seen:
             raise ConfigError(f"{key}.backends[{i}]", f"duplicate backend {b.endpoint}")
         seen.add(b.endpoint)
@@ -240,7 +286,7 @@ def parse_service(t: Any, key: str) -> Service:
     return check_service(Service(
         name=check_name(t["name"], f"{key}.name"),
         type=service_type(t.get("type", "ClusterIP"), f"{key}.type"),
-        address=check_ipv4(t["address"], f"{key}.address"),
+        address=check_address(t["address"], f"{key}.address"),
         port=check_port(t["port"], f"{key}.port"),
         protocol=protocol(t.get("protocol", "tcp"), f"{key}.protocol"),
         backends=tuple(parse_backend(b, f"{key}.backends[{i}]") for i, b in enumerate(backends)),

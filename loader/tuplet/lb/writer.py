@@ -13,6 +13,9 @@ service or the new one, never a mix:
 Then the old bank's slots and Maglev table are deleted. A failure before the commit
 removes what steps 1-2 added and leaves the service as it was.
 
+Both families take this one path: a service's maps, keys and values come from its
+:class:`~tuplet.lb.families.Family` (IPv4 or IPv6, by its address).
+
 Backends no longer in any service are kept while a conntrack entry of a service flow
 still names them ("draining"), so established connections to a removed backend keep
 working; each later change deletes those no flow uses any more.
@@ -25,10 +28,10 @@ registry that is behind (the process died between commit and save) is harmless.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import json
 import os
-import socket
 from typing import Any, Collection, Iterator
 
 import numpy as np
@@ -39,9 +42,6 @@ from tuplet.core import crashpoints
 from tuplet.core.errors import ConfigError, NotFoundError, TupletError
 from tuplet.datapath import paths
 from tuplet.datapath.abi import (
-    AFFINITY_MAP,
-    BACKENDS_MAP,
-    EP_MAP,
     LB_BACKEND_F_REMOTE,
     LB_BANK_STRIDE,
     LB_MAPS,
@@ -50,21 +50,12 @@ from tuplet.datapath.abi import (
     LB_SVC_F_LOADBALANCER,
     LB_SVC_F_NODEPORT,
     MAGLEV_MAP,
-    REV_NAT_MAP,
-    SERVICES_MAP,
 )
-from tuplet.datapath.layouts import (
-    Lb4AffinityKey,
-    Lb4Backend,
-    Lb4Key,
-    Lb4MaglevKey,
-    Lb4ReverseNat,
-    Lb4Service,
-    ip_to_be32,
-)
+from tuplet.datapath.layouts import Lb4MaglevKey, Lb4Service
 from tuplet.datapath.paths import is_pinned, open_pinned
-from tuplet.lb import maglev, maglev_map, recovery
+from tuplet.lb import families, maglev, maglev_map, recovery
 from tuplet.lb.draining import backend_ids_in_use
+from tuplet.lb.families import FAMILIES, Family
 from tuplet.lb.model import Backend, BackendShare, Service, ServiceType, ServiceView
 from tuplet.lb.registry import Registry, backend_key
 
@@ -145,7 +136,8 @@ class ServiceTable:
     # --- reading --------------------------------------------------------------------------------
 
     def _slot0(self, s: Service) -> Lb4Service | None:
-        raw = self.maps[SERVICES_MAP].lookup(Lb4Key.make(s.address, s.port, s.proto))
+        fam = families.of(s.address)
+        raw = self.maps[fam.services_map].lookup(fam.key(s.address, s.port, s.proto))
         return Lb4Service.from_buffer_copy(raw) if raw is not None else None
 
     def get(self, name: str) -> Service:
@@ -184,10 +176,9 @@ class ServiceTable:
     def _remote(self, b: Backend) -> bool:
         return b.address not in self.local_addrs
 
-    def _backend_value(self, b: Backend, proto: int) -> Lb4Backend:
-        return Lb4Backend(ip_to_be32(b.address), socket.htons(b.port), proto,
-                          LB_BACKEND_F_REMOTE if self._remote(b) else 0,
-                          ip_to_be32(b.node) if b.node else 0)
+    def _backend_value(self, b: Backend, proto: int) -> ctypes.Structure:
+        return families.of(b.address).backend(b.address, b.port, proto,
+                                               LB_BACKEND_F_REMOTE if self._remote(b) else 0, b.node)
 
     def _new_backend_id(self, taken: set[int]) -> int:
         i = 1
@@ -225,7 +216,8 @@ class ServiceTable:
         if len(active) > m:
             raise ConfigError(f"services.{s.name}.maglev_size", f"{m} is smaller than the number of backends")
 
-        svc_map, be_map = self.maps[SERVICES_MAP], self.maps[BACKENDS_MAP]
+        fam = families.of(s.address)
+        svc_map, be_map = self.maps[fam.services_map], self.maps[fam.backends_map]
         live = self._slot0(s)
         rev_nat = live.rev_nat_index if live else self.reg.rev_nat.get(s.name) or self._new_rev_nat()
         old_bank = live.bank if live else 1
@@ -233,7 +225,7 @@ class ServiceTable:
         base = LB_BANK_STRIDE if bank else 0
 
         added_ids: dict[str, int] = {}
-        written_slots: list[Lb4Key] = []
+        written_slots: list[ctypes.Structure] = []
         maglev_written = False
         recovery.mark_dirty(self.path)
         try:
@@ -252,7 +244,7 @@ class ServiceTable:
             # 2. The unused bank: clear leftovers, write slots and the Maglev table.
             self._clear_bank(s, bank, rev_nat)
             for i, b in enumerate(active, start=1):
-                key = Lb4Key.make(s.address, s.port, s.proto, base + i)
+                key = fam.key(s.address, s.port, s.proto, base + i)
                 svc_map.update(key, Lb4Service(backend_id=ids[backend_key(b, s.protocol)]))
                 written_slots.append(key)
             if active:
@@ -261,25 +253,24 @@ class ServiceTable:
                 self._put_maglev(rev_nat, bank, table)
                 maglev_written = True
             # 3. Reverse NAT.
-            self.maps[REV_NAT_MAP].update(rev_nat.to_bytes(2, "little"),
-                                          Lb4ReverseNat(ip_to_be32(s.address), socket.htons(s.port), 0))
+            self.maps[fam.rev_nat_map].update(rev_nat.to_bytes(2, "little"), fam.rev_nat(s.address, s.port))
             crashpoints.point("lb.bank-written")
             # 4. Commit.
             flags = TYPE_FLAGS[s.type] | (LB_SVC_F_AFFINITY if s.affinity_timeout else 0)
-            svc_map.update(Lb4Key.make(s.address, s.port, s.proto),
+            svc_map.update(fam.key(s.address, s.port, s.proto),
                            Lb4Service(backend_id=0, affinity_timeout=s.affinity_timeout,
                                       maglev_size=m if active else 0, count=len(active),
                                       rev_nat_index=rev_nat, flags=flags, bank=bank))
         except BaseException:
             with contextlib.suppress(TupletError, OSError):
-                for key in written_slots:
-                    svc_map.delete(key)
+                for written in written_slots:
+                    svc_map.delete(written)
                 if maglev_written:
                     self.maps[MAGLEV_MAP].delete(Lb4MaglevKey(rev_nat, bank, 0))
                 for bid in added_ids.values():
                     be_map.delete(bid)
                 if live is None:
-                    self.maps[REV_NAT_MAP].delete(rev_nat.to_bytes(2, "little"))
+                    self.maps[fam.rev_nat_map].delete(rev_nat.to_bytes(2, "little"))
             raise
         crashpoints.point("lb.committed")
         self.reg.services[s.name] = s
@@ -290,7 +281,7 @@ class ServiceTable:
         # After the commit: the old bank goes, then what nothing refers to any more.
         self._clear_bank(s, old_bank, rev_nat)
         kept = {ids[backend_key(b, s.protocol)] for b in s.backends}
-        self._forget_affinity(rev_nat, keep=kept)
+        self._forget_affinity(fam, rev_nat, keep=kept)
         self._prune_backends()
         log.info("service programmed", service=s.name, frontend=s.describe_frontend(), type=s.type.value,
                  backends=len(s.backends), active=len(active), maglev_size=m, rev_nat=rev_nat, bank=bank,
@@ -301,15 +292,16 @@ class ServiceTable:
         s = self.get(name)
         live = self._slot0(s)
         rev_nat = live.rev_nat_index if live else self.reg.rev_nat[name]
+        fam = families.of(s.address)
         recovery.mark_dirty(self.path)
-        self.maps[SERVICES_MAP].delete(Lb4Key.make(s.address, s.port, s.proto))   # the commit
+        self.maps[fam.services_map].delete(fam.key(s.address, s.port, s.proto))   # the commit
         del self.reg.services[name]
         del self.reg.rev_nat[name]
         self._save()
         for bank in (0, 1):
             self._clear_bank(s, bank, rev_nat)
-        self.maps[REV_NAT_MAP].delete(rev_nat.to_bytes(2, "little"))
-        self._forget_affinity(rev_nat, keep=set())
+        self.maps[fam.rev_nat_map].delete(rev_nat.to_bytes(2, "little"))
+        self._forget_affinity(fam, rev_nat, keep=set())
         self._prune_backends()
         log.info("service deleted", service=name, frontend=s.describe_frontend())
 
@@ -340,7 +332,7 @@ class ServiceTable:
         return done
 
     def _flags_current(self, s: Service) -> bool:
-        be_map = self.maps[BACKENDS_MAP]
+        be_map = self.maps[families.of(s.address).backends_map]
         for b in s.backends:
             bid = self.reg.backends.get(backend_key(b, s.protocol))
             raw = be_map.lookup(bid) if bid else None
@@ -351,27 +343,28 @@ class ServiceTable:
     # --- helpers ----------------------------------------------------------------------------------
 
     def _put_maglev(self, rev_nat: int, bank: int, table: np.ndarray) -> None:
-        maglev_map.put_table(self.maps[MAGLEV_MAP], self.maps[BACKENDS_MAP], rev_nat, bank, table)
+        maglev_map.put_table(self.maps[MAGLEV_MAP], self.maps[families.V4.backends_map], rev_nat, bank, table)
 
     def _clear_bank(self, s: Service, bank: int, rev_nat: int) -> None:
         """Delete every backend slot of one bank of s, and that bank's Maglev table."""
-        svc_map = self.maps[SERVICES_MAP]
+        fam = families.of(s.address)
+        svc_map = self.maps[fam.services_map]
         lo, hi = (LB_BANK_STRIDE + 1, 2 * LB_BANK_STRIDE) if bank else (1, LB_BANK_STRIDE)
-        front = (ip_to_be32(s.address), socket.htons(s.port), s.proto)
+        front = bytes(fam.key(s.address, s.port, s.proto))
         mine = []
         for raw in svc_map.keys():
-            k = Lb4Key.from_buffer_copy(raw)
-            if (k.address, k.dport, k.proto) == front and lo <= k.backend_slot < hi:
+            k, slot = fam.frontend_of(raw)
+            if k == front and lo <= slot < hi:
                 mine.append(raw)
         if mine:
             svc_map.delete_batch(b"".join(mine), len(mine))
         self.maps[MAGLEV_MAP].delete(Lb4MaglevKey(rev_nat, bank, 0))
 
-    def _forget_affinity(self, rev_nat: int, keep: set[int]) -> None:
-        aff = self.maps[AFFINITY_MAP]
+    def _forget_affinity(self, fam: Family, rev_nat: int, keep: set[int]) -> None:
+        aff = self.maps[fam.affinity_map]
         stale = []
         for k, v in aff.items():
-            key = Lb4AffinityKey.from_buffer_copy(k)
+            key = fam.affinity_key_cls.from_buffer_copy(k)
             if key.rev_nat_index == rev_nat and int.from_bytes(v[4:8], "little") not in keep:
                 stale.append(k)
         if stale:
@@ -385,7 +378,7 @@ class ServiceTable:
         used = backend_ids_in_use(self.pin_root)
         gone = [k for k, bid in orphans.items() if bid not in used]
         for k in gone:
-            self.maps[BACKENDS_MAP].delete(self.reg.backends.pop(k))
+            self.maps[families.of_backend_key(k).backends_map].delete(self.reg.backends.pop(k))
         if gone:
             self._save()
             log.info("backends removed", backends=gone, draining=len(orphans) - len(gone))
@@ -393,12 +386,14 @@ class ServiceTable:
 
 
 def local_endpoints(pin_root: str) -> set[str]:
-    """The node's pod addresses: the keys of the pinned endpoint map (a backend at one of
-    them is local; any other is remote)."""
-    if not is_pinned(pin_root, EP_MAP):
-        return set()
-    with open_pinned(pin_root, EP_MAP) as ep:
-        return {socket.inet_ntoa(key) for key in ep.keys()}
+    """The node's pod addresses: the keys of the pinned endpoint maps, both families (a
+    backend at one of them is local; any other is remote)."""
+    out: set[str] = set()
+    for fam in FAMILIES:
+        if is_pinned(pin_root, fam.ep_map):
+            with open_pinned(pin_root, fam.ep_map) as ep:
+                out.update(fam.unpack(key) for key in ep.keys())
+    return out
 
 
 def services_of(table: ServiceTable) -> Iterator[ServiceView]:
