@@ -176,7 +176,7 @@ def _apply(cfg: NodeConfig, pin_root: str) -> ApplyResult:
             new_pins += [p for p in _pin_paths(sock.coll, pin_root)
                          if p not in sock.coll.reused_pins and p not in new_pins]
         crashpoints.point("apply.attached")
-        services = lb.sync_config(pin_root, cfg.services, {e.ipv4 for e in cfg.endpoints if e.ipv4},
+        services = lb.sync_config(pin_root, cfg.services, {a for e in cfg.endpoints for a in e.addresses},
                                   cfg.lb.maglev_table_size)
     except BaseException:
         undo = resizer.rollback(attachments, made)   # programs that ran before back, if swapped
