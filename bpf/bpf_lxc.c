@@ -36,25 +36,27 @@ static __always_inline enum tpl_reason lxc_track4(struct __sk_buff *skb, enum ct
 	struct lb4_key key;
 	struct pkt4 p = {};
 	__u16 rev_nat = 0;
+	__u32 now;
 	int ret;
 
 	ret = pkt4_parse(skb, &p, PKT_PROTO(IPPROTO_TCP) | PKT_PROTO(IPPROTO_UDP) | PKT_PROTO(IPPROTO_ICMP),
 			 TPL_PASS_UNTRACKED_PROTO);
 	if (tpl_has_verdict(ret))
 		return ret;
+	now = tpl_now();   /* the clock, read once per packet */
 
 	if (dir == CT_EGRESS) {
 		struct lb4_service *svc = lb4_lookup_service(&key, &p);
 
 		if (svc) {
 			rev_nat = svc->rev_nat_index;
-			ret = lb4_local(skb, &p, &key, svc, LB_SELECT_HASH, false, &be);
+			ret = lb4_local(skb, &p, &key, svc, LB_SELECT_HASH, false, &be, now);
 			if (tpl_has_verdict(ret))
 				return ret;
 		}
 	}
 
-	ret = ct_lookup4(&tuple, &p, dir, skb->len, &st);
+	ret = ct_lookup4(&tuple, &p, dir, skb->len, &st, now);
 	if (ret == CT_REPLY && st.rev_nat_index && dir == CT_INGRESS) {
 		int nat = lb4_rev_nat(skb, &p, st.rev_nat_index);
 
@@ -75,7 +77,7 @@ static __always_inline enum tpl_reason lxc_track4(struct __sk_buff *skb, enum ct
 	/* Delivered by cil_from_overlay (a DSR flow's backend node). */
 	if (dir == CT_INGRESS && tpl_mark_is(skb, TPL_MARK_FROM_TUNNEL))
 		st.from_tunnel = 1;
-	ret = ct_create4(&tuple, dir, &st, p.tcp_flags, skb->len);
+	ret = ct_create4(&tuple, dir, &st, p.tcp_flags, skb->len, now);
 	return tpl_verdict_or(ret, TPL_PASS_CT_NEW);
 }
 

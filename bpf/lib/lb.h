@@ -144,11 +144,12 @@ static __always_inline int lb4_backend_usable(const struct lb4_backend *be, bool
  * grace, or a flow whose backend is gone, then DNAT. With local_only (a node
  * without [overlay], so no DSR), a backend on another node is refused before
  * any state is made.
- * Returns TPL_CONTINUE or a drop reason; *be gets the backend.
+ * now is the packet's tpl_now(). Returns TPL_CONTINUE or a drop reason; *be
+ * gets the backend.
  */
 static __always_inline int lb4_local(struct __sk_buff *skb, struct pkt4 *p, const struct lb4_key *key,
 				     const struct lb4_service *svc, enum lb_select how, bool local_only,
-				     struct lb4_backend *be)
+				     struct lb4_backend *be, __u32 now)
 {
 	struct ipv4_ct_tuple t;
 	bool is_tcp = p->proto == IPPROTO_TCP;
@@ -156,7 +157,7 @@ static __always_inline int lb4_local(struct __sk_buff *skb, struct pkt4 *p, cons
 	enum ct_action action = is_tcp ? ct_tcp_action(tcp_flags) : ACTION_UNSPEC;
 	__u16 rev_nat = svc->rev_nat_index;
 	struct lb4_backend *found = NULL;
-	__u32 now = tpl_now(), id = 0;
+	__u32 id = 0;
 	struct ct_entry *e;
 	bool in_syn, chosen;
 	int ret;
@@ -171,7 +172,7 @@ static __always_inline int lb4_local(struct __sk_buff *skb, struct pkt4 *p, cons
 	if (e) {
 		bool rebalance = action == ACTION_CREATE && lb4_rebalance_due(e, now);
 
-		ct_entry_hit(e, is_tcp, CT_SERVICE, action, tcp_flags, skb->len, CT_ESTABLISHED);
+		ct_entry_hit(e, is_tcp, CT_SERVICE, action, tcp_flags, skb->len, CT_ESTABLISHED, now);
 		if (!rebalance && READ_ONCE(e->rev_nat_index) == rev_nat) {
 			id = READ_ONCE(e->backend_id);
 			found = lb4_lookup_backend(id);
@@ -191,13 +192,13 @@ static __always_inline int lb4_local(struct __sk_buff *skb, struct pkt4 *p, cons
 			WRITE_ONCE(e->backend_id, id);
 			WRITE_ONCE(e->rev_nat_index, rev_nat);
 		}
-		ct_settle4(&t, e, in_syn);
+		ct_settle4(&t, e, in_syn, now);
 	} else {
 		struct ct_state st = {};
 
 		st.backend_id = id;
 		st.rev_nat_index = rev_nat;
-		ret = ct_create4(&t, CT_SERVICE, &st, tcp_flags, skb->len);
+		ret = ct_create4(&t, CT_SERVICE, &st, tcp_flags, skb->len, now);
 		if (tpl_has_verdict(ret))
 			return ret;
 	}

@@ -35,21 +35,23 @@ static __always_inline enum tpl_reason nodeport_lb4(struct __sk_buff *skb, struc
 	struct lb4_service *svc;
 	struct lb4_key key;
 	__u16 rev_nat;
+	__u32 now;
 	int ret;
 
 	svc = lb4_lookup_service(&key, p);
 	if (!svc || !(svc->flags & LB_SVC_F_EXTERNAL))
 		return TPL_PASS_NETDEV_UNTRACKED;
 	rev_nat = svc->rev_nat_index;
+	now = tpl_now();
 
-	ret = lb4_local(skb, p, &key, svc, LB_SELECT_MAGLEV, !overlay_ifindex, &be);
+	ret = lb4_local(skb, p, &key, svc, LB_SELECT_MAGLEV, !overlay_ifindex, &be, now);
 	if (tpl_has_verdict(ret))
 		return ret;
 	/* Remote backend: the CT_SERVICE entry is all this node keeps. */
 	if (overlay_ifindex && (be.flags & LB_BACKEND_F_REMOTE))
 		return dsr_encap4(skb, p, be.node_addr, key.address, key.dport);
 
-	ret = ct_lookup4(&tuple, p, CT_EGRESS, skb->len, &st);
+	ret = ct_lookup4(&tuple, p, CT_EGRESS, skb->len, &st, now);
 	if (ret != CT_NEW)
 		return ct_status_reason(ret);
 	ret = ct_may_create4(p);
@@ -61,7 +63,7 @@ static __always_inline enum tpl_reason nodeport_lb4(struct __sk_buff *skb, struc
 	st.node_port = 1;
 	st.ifindex = skb->ifindex;
 	st.src_sec_id = endpoint_identity4(p->saddr);
-	ret = ct_create4(&tuple, CT_EGRESS, &st, p->tcp_flags, skb->len);
+	ret = ct_create4(&tuple, CT_EGRESS, &st, p->tcp_flags, skb->len, now);
 	return tpl_verdict_or(ret, TPL_PASS_CT_NEW);
 }
 
@@ -80,6 +82,7 @@ static __always_inline enum tpl_reason nodeport_rev_nat4(struct __sk_buff *skb, 
 	struct ct_entry *e;
 	__u16 rev_nat;
 	bool in_syn, dsr;
+	__u32 now;
 	int ret;
 
 	if (p->proto != IPPROTO_TCP && p->proto != IPPROTO_UDP)
@@ -89,11 +92,12 @@ static __always_inline enum tpl_reason nodeport_rev_nat4(struct __sk_buff *skb, 
 	e = ct_find4(&t, &in_syn);
 	if (!e || !(e->node_port || e->dsr_internal))
 		return TPL_PASS_NETDEV_UNTRACKED;
+	now = tpl_now();
 	ct_entry_hit(e, is_tcp, CT_INGRESS, is_tcp ? ct_tcp_action(tcp_flags) : ACTION_UNSPEC,
-		     tcp_flags, skb->len, CT_REPLY);
+		     tcp_flags, skb->len, CT_REPLY, now);
 	rev_nat = READ_ONCE(e->rev_nat_index);
 	dsr = e->dsr_internal;
-	ct_settle4(&t, e, in_syn);
+	ct_settle4(&t, e, in_syn, now);
 	if (dsr) {
 		nat4_key_for_ct(&t, &nk);
 		nat = bpf_map_lookup_elem(&tpl_nat4_v1, &nk);
