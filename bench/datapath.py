@@ -1,19 +1,31 @@
 #!/usr/bin/env python3
-"""ns per packet of each pod-side program path, next to a pass-through program, in one run.
+"""ns per packet of each pod-side program path, next to two baselines, in one run.
 
-    make bench            (or: .venv/bin/python bench/datapath.py [--repeat N] [--new N])
+    make bench            (or: .venv/bin/python bench/datapath.py [--repeat N] [--new N]
+                                [--compare DIR [--compare-accounting]])
 
-Method: BPF_PROG_TEST_RUN. Steady-state paths (established TCP, UDP, pass) run one packet
-``--repeat`` times in the kernel and report the kernel's mean. The new-connection path
-needs a different packet each time: ``--new`` distinct SYNs run once each, the pass
-program is timed the same way for its baseline, and the median is reported. Rounds
-alternate between programs so machine noise hits all of them alike.
+Baselines: ``pass`` (a TC program that only passes the packet) and ``ct floor``
+(bench/ct_floor.bpf.c: the same parser as the datapath, one LRU lookup of the 14-byte CT
+key, the lifetime stored: the least a conntrack program does for an established packet).
+
+Method: BPF_PROG_TEST_RUN. Steady-state paths run one packet ``--repeat`` times in the
+kernel and report the kernel's mean: established TCP through ``cil_from_container`` (the
+sender's veth) and ``cil_to_container`` (the receiver's veth), UDP. New connections need
+different packets each time: ``--new`` distinct connections, each run once, median
+reported: the SYN through ``cil_from_container`` alone, and the whole handshake (SYN,
+SYN-ACK, ACK through both veths' programs: six runs, summed). Rounds alternate between
+programs and builds so machine noise hits all of them alike.
+
+``--compare DIR`` loads ``bpf_lxc.o`` from DIR too (another build, e.g. the previous
+version's ``build/``) with the same configuration and measures it side by side;
+``--compare-accounting`` turns per-entry accounting on for it (that build's default).
 """
 from __future__ import annotations
 
 import argparse
 import statistics
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,66 +34,121 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from lxc_harness import tcp, udp  # noqa: E402
 from tuplet.agent import log  # noqa: E402
-from tuplet.bpf.objects import ObjectSpec  # noqa: E402
-from tuplet.datapath.abi import OBJ_LXC  # noqa: E402
+from tuplet.bpf.objects import Collection, ObjectSpec  # noqa: E402
+from tuplet.datapath.abi import CT_MAP_TCP, OBJ_LXC  # noqa: E402
 from tuplet.datapath.paths import object_dir  # noqa: E402
 from tuplet.node.apply import open_object  # noqa: E402
 from tuplet.node.config import NodeConfig  # noqa: E402
 
 A, B = "10.64.0.36", "10.64.0.64"
+STEADY = ("established TCP, from_container", "established TCP, to_container", "UDP")
+NEW = ("new TCP connection (SYN)", "new TCP connection (handshake, 6 runs)")
+
+
+@dataclass
+class Build:
+    label: str
+    coll: Collection
+    steady: dict[str, list[int]] = field(default_factory=lambda: {k: [] for k in STEADY})
+    new: dict[str, list[int]] = field(default_factory=lambda: {k: [] for k in NEW})
+
+
+def load_lxc(label: str, obj_dir: Path | None, consts: dict[str, int]) -> Build:
+    spec = open_object(OBJ_LXC, NodeConfig(), pin_root=None, obj_dir=obj_dir)
+    try:
+        spec.set_max_entries(CT_MAP_TCP, 1 << 20)
+        for k, v in consts.items():
+            spec.set_const(k, v)
+        return Build(label, spec.load())
+    finally:
+        spec.close()
+
+
+def establish(b: Build) -> None:
+    egress, ingress = b.coll.programs["cil_from_container"], b.coll.programs["cil_to_container"]
+    for src, sp, dst, dp, flags in ((A, 40000, B, 80, "S"), (B, 80, A, 40000, "SA"), (A, 40000, B, 80, "A")):
+        egress.test_run(tcp(src, sp, dst, dp, flags))
+        ingress.test_run(tcp(src, sp, dst, dp, flags))
+    egress.test_run(udp(A, 40001, B, 53, b"x" * 64))
+
+
+def handshake(b: Build, sport: int) -> int:
+    egress, ingress = b.coll.programs["cil_from_container"], b.coll.programs["cil_to_container"]
+    ns = 0
+    for src, sp, dst, dp, flags in ((A, sport, "10.65.0.2", 443, "S"), ("10.65.0.2", 443, A, sport, "SA"),
+                                    (A, sport, "10.65.0.2", 443, "A")):
+        pkt = tcp(src, sp, dst, dp, flags)
+        ns += egress.test_run(pkt).duration_ns + ingress.test_run(pkt).duration_ns
+    return ns
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeat", type=int, default=200_000, help="repetitions per steady-state run")
-    ap.add_argument("--new", type=int, default=20_000, help="distinct SYNs for the new-connection path")
+    ap.add_argument("--new", type=int, default=20_000, help="distinct connections for the new-connection paths")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--compare", type=Path, help="a directory with another build's bpf_lxc.o to measure beside")
+    ap.add_argument("--compare-accounting", action="store_true",
+                    help="per-entry accounting on for the --compare build (its default before it was off)")
     args = ap.parse_args()
     log.configure("warning")
 
-    spec = open_object(OBJ_LXC, NodeConfig(), pin_root=None)
-    spec.set_max_entries("tpl_ct4_v1", 1 << 20)
-    lxc = spec.load()
+    builds = [load_lxc("this build", None, {})]
+    if args.compare:
+        builds.append(load_lxc(f"{args.compare}", args.compare,
+                               {"ct_accounting": 1} if args.compare_accounting else {}))
     base = ObjectSpec.open(object_dir() / "pass.o").load()
-    egress = lxc.programs["cil_from_container"]
-    pss = base.programs["pass"]
-
-    # Establish the flows the steady-state paths hit.
-    for flags in ("S", "A"):
-        egress.test_run(tcp(A, 40000, B, 80, flags))
+    floor = ObjectSpec.open(object_dir() / "ct_floor.o").load()
+    pss, flr = base.programs["pass"], floor.programs["ct_floor"]
+    for b in builds:
+        establish(b)
     est = tcp(A, 40000, B, 80, "A", b"x" * 64)
+    reply = tcp(B, 80, A, 40000, "A", b"x" * 64)
     dgram = udp(A, 40001, B, 53, b"x" * 64)
-    egress.test_run(dgram)
+    flr.test_run(est)   # the floor's entry
 
-    steady: dict[str, list[int]] = {"pass": [], "established TCP": [], "UDP": []}
-    new_ns: list[int] = []
+    pass_ns: list[int] = []
+    floor_ns: list[int] = []
     pass_once: list[int] = []
     sport = 1024
     per_round = max(1, args.new // args.rounds)
-    for _ in range(args.rounds):
-        steady["pass"].append(pss.test_run(est, repeat=args.repeat).duration_ns)
-        steady["established TCP"].append(egress.test_run(est, repeat=args.repeat).duration_ns)
-        steady["UDP"].append(egress.test_run(dgram, repeat=args.repeat).duration_ns)
+    for r in range(args.rounds):
+        order = builds if r % 2 == 0 else list(reversed(builds))
+        pass_ns.append(pss.test_run(est, repeat=args.repeat).duration_ns)
+        floor_ns.append(flr.test_run(est, repeat=args.repeat).duration_ns)
+        for b in order:
+            egress, ingress = b.coll.programs["cil_from_container"], b.coll.programs["cil_to_container"]
+            b.steady[STEADY[0]].append(egress.test_run(est, repeat=args.repeat).duration_ns)
+            b.steady[STEADY[1]].append(ingress.test_run(reply, repeat=args.repeat).duration_ns)
+            b.steady[STEADY[2]].append(egress.test_run(dgram, repeat=args.repeat).duration_ns)
         for _ in range(per_round):
-            syn = tcp(A, sport, "10.65.0.1", 443, "S")
             sport = sport + 1 if sport < 65535 else 1024
-            new_ns.append(egress.test_run(syn).duration_ns)
+            syn = tcp(A, sport, "10.65.0.1", 443, "S")
+            for b in order:
+                b.new[NEW[0]].append(b.coll.programs["cil_from_container"].test_run(syn).duration_ns)
+                b.new[NEW[1]].append(handshake(b, sport))
             pass_once.append(pss.test_run(syn).duration_ns)
 
-    p = statistics.median(steady["pass"])
-    p1 = statistics.median(pass_once)
+    p, f, p1 = statistics.median(pass_ns), statistics.median(floor_ns), statistics.median(pass_once)
     print(f"kernel {Path('/proc/sys/kernel/osrelease').read_text().strip()}, "
           f"{args.rounds} rounds, repeat={args.repeat}, new={per_round * args.rounds}")
-    print(f"{'path':<22} {'ns/packet':>10} {'baseline':>10} {'ratio':>7}")
-    print(f"{'pass-through':<22} {p:>10.1f} {p:>10.1f} {1.0:>7.2f}")
-    for name in ("established TCP", "UDP"):
-        v = statistics.median(steady[name])
-        print(f"{name:<22} {v:>10.1f} {p:>10.1f} {v / p:>7.2f}")
-    n = statistics.median(new_ns)
-    print(f"{'new TCP connection':<22} {n:>10.1f} {p1:>10.1f} {n / max(p1, 1):>7.2f}"
-          "   (single runs: baseline is pass-through timed the same way)")
-    lxc.close()
+    print(f"baselines: pass-through {p:.1f} ns, ct floor {f:.1f} ns ({f / p:.2f}x pass), "
+          f"pass-through single runs {p1:.1f} ns")
+    head = f"{'path':<40}" + "".join(f" {b.label[-24:]:>24}" for b in builds)
+    print(head + (f" {'ratio':>7}" if len(builds) > 1 else ""))
+    for name in STEADY:
+        vals = [statistics.median(b.steady[name]) for b in builds]
+        cells = "".join(f" {v:>9.1f} ({v / f:>4.2f}x fl)" + " " * 4 for v in vals)
+        print(f"{name:<40}{cells}" + (f" {vals[0] / vals[1]:>7.2f}" if len(vals) > 1 else ""))
+    for name in NEW:
+        vals = [statistics.median(b.new[name]) for b in builds]
+        cells = "".join(f" {v:>24.1f}" for v in vals)
+        print(f"{name:<40}{cells}" + (f" {vals[0] / vals[1]:>7.2f}" if len(vals) > 1 else ""))
+    print("(x fl: ratio to the ct floor; ratio: this build / the other, medians of the same rounds)")
+    for b in builds:
+        b.coll.close()
     base.close()
+    floor.close()
     return 0
 
 

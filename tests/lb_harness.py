@@ -13,7 +13,7 @@ from scapy.packet import Packet, Raw
 from lxc_harness import MAC_A, MAC_B, LxcHarness, Verdict
 from tuplet.bpf.objects import Collection
 from tuplet.datapath import metrics
-from tuplet.datapath.abi import OBJ_HOST, OBJ_LXC
+from tuplet.datapath.abi import EXTERNAL_MAP, OBJ_HOST, OBJ_LXC
 from tuplet.datapath.layouts import ip_to_be32
 from tuplet.datapath.paths import object_dir
 from tuplet.lb import maglev
@@ -120,6 +120,8 @@ class LbHarness(LxcHarness):
             inner.close()
         m[REV_NAT].update(s.rev_nat.to_bytes(2, "little"),
                           struct.pack("<IHH", ip_to_be32(s.address), socket.htons(s.port), 0))
+        if s.flags & F_EXTERNAL:   # as the writer: cil_to_netdev probes for replies from now on
+            m[EXTERNAL_MAP].update(0, struct.pack("<I", 1))
         m[SERVICES].update(svc_key(s.address, s.port, s.proto),
                            struct.pack("<IIIHHBBH", 0, s.affinity_timeout, s.maglev_size, len(s.backends),
                                        s.rev_nat, s.flags | (F_AFFINITY if s.affinity_timeout else 0), s.bank, 0))

@@ -46,7 +46,7 @@ def pinned(pin_root):
     """Both programs loaded on shared maps, the service and CT maps pinned under pin_root."""
     h = LbHarness.load_both()
     os.makedirs(pin_root, exist_ok=True)
-    for name in (*abi.LB_MAPS, CT_MAP_TCP, CT_MAP_ANY, CT_MAP_SYN):
+    for name in (*abi.LB_MAPS, abi.EXTERNAL_MAP, CT_MAP_TCP, CT_MAP_ANY, CT_MAP_SYN):
         check(C.bpf_obj_pin(h.coll.maps[name].fd, cstr(f"{pin_root}/{name}")), name, "pin")
     yield h, pin_root
     h.close()
@@ -193,9 +193,13 @@ def test_flags_and_remote_backends(pinned) -> None:
     h, root = pinned
     lbs = svc(f"{A}:8000", "10.65.0.9:8000,node=192.168.7.2", name="lb", type=ServiceType.LOAD_BALANCER,
               address="172.190.0.17")
+    external = h.coll.maps[abi.EXTERNAL_MAP]
     with table(root) as t:
+        t.upsert(svc(f"{A}:8000", name="cip"))
+        assert external.lookup(0) == bytes(4)          # ClusterIP only: cil_to_netdev probes nothing
         v = t.upsert(lbs)
     assert slot0(h, lbs).flags == LB_SVC_F_EXTERNAL | LB_SVC_F_LOADBALANCER
+    assert external.lookup(0) == (1).to_bytes(4, "little")   # replies of NIC flows are probed now
     remote = {b.backend.address: b.remote for b in v.backends}
     assert remote == {A: False, "10.65.0.9": True}
     be = {be32_to_ip(Lb4Backend.from_buffer_copy(v).address): Lb4Backend.from_buffer_copy(v)

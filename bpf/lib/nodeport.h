@@ -70,7 +70,8 @@ static __always_inline enum tpl_reason nodeport_lb4(struct __sk_buff *skb, struc
 /* A packet leaving the node on its NIC: the reply of a NodePort flow (it hits
  * the flow's CT_EGRESS entry as a reply) gets the service address back; so
  * does the reply of a DSR flow (DSRInternal entry), from its NAT entry, and
- * goes straight to the client.
+ * goes straight to the client. A node with neither NIC-reachable services nor
+ * an overlay has no such flows: its packets pass without a table probe.
  */
 static __always_inline enum tpl_reason nodeport_rev_nat4(struct __sk_buff *skb, struct pkt4 *p)
 {
@@ -86,6 +87,8 @@ static __always_inline enum tpl_reason nodeport_rev_nat4(struct __sk_buff *skb, 
 	int ret;
 
 	if (p->proto != IPPROTO_TCP && p->proto != IPPROTO_UDP)
+		return TPL_PASS_NETDEV_UNTRACKED;
+	if (!overlay_ifindex && !lb4_has_external())
 		return TPL_PASS_NETDEV_UNTRACKED;
 	/* The reply of the flow's CT_EGRESS entry. */
 	ct_tuple_reply4(&t, p, TUPLE_F_OUT);

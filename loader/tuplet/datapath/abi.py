@@ -72,6 +72,9 @@ REV_NAT_MAP: Final = "tpl_lb4_reverse_nat_v1"
 MAGLEV_MAP: Final = "tpl_lb4_maglev_v2"
 AFFINITY_MAP: Final = "tpl_lb4_affinity_v1"
 LB_MAPS: Final = (SERVICES_MAP, BACKENDS_MAP, REV_NAT_MAP, MAGLEV_MAP, AFFINITY_MAP)
+#: One u32: nonzero once a NIC-reachable (LB_SVC_F_EXTERNAL) service was written; while zero
+#: (and no overlay) cil_to_netdev skips its conntrack probes (lb_map.h).
+EXTERNAL_MAP: Final = "tpl_lb4_external_v1"
 #: Socket LB (sock_lb_map.h): (socket cookie, backend) -> service address, for recvmsg and
 #: getpeername; affinity keyed by network-namespace cookie.
 SOCK_REV_NAT_MAP: Final = "tpl_lb4_sock_rev_nat_v1"
