@@ -31,6 +31,7 @@ char LICENSE[] SEC("license") = "GPL";
 static __always_inline enum tpl_reason lxc_track4(struct __sk_buff *skb, enum ct_dir dir)
 {
 	struct ipv4_ct_tuple tuple = {};
+	unsigned int tables = CT_TABLES_ALL;
 	struct ct_state st = {};
 	struct lb4_backend be;
 	struct lb4_key key;
@@ -45,18 +46,32 @@ static __always_inline enum tpl_reason lxc_track4(struct __sk_buff *skb, enum ct
 		return ret;
 	now = tpl_now();   /* the clock, read once per packet */
 
+	ret = CT_NEW;
 	if (dir == CT_EGRESS) {
-		struct lb4_service *svc = lb4_lookup_service(&key, &p);
+		struct lb4_service *svc;
 
-		if (svc) {
-			rev_nat = svc->rev_nat_index;
-			ret = lb4_local(skb, &p, &key, svc, LB_SELECT_HASH, false, &be, now);
-			if (tpl_has_verdict(ret))
-				return ret;
+		/* A flow the main table knows under the packet's own addresses goes
+		 * to no service (a service flow's entries name its backend, never
+		 * the service address): most packets a pod sends are done after
+		 * this, without a service lookup. Only new flows, handshakes and
+		 * service flows look the service up.
+		 */
+		ret = ct_lookup4(&tuple, &p, dir, skb->len, &st, now, CT_TABLE_MAIN);
+		if (ret == CT_NEW) {
+			svc = lb4_lookup_service(&key, &p);
+			tables = CT_TABLE_SYN;   /* the main table said no already */
+			if (svc) {
+				rev_nat = svc->rev_nat_index;
+				ret = lb4_local(skb, &p, &key, svc, LB_SELECT_HASH, false, &be, now);
+				if (tpl_has_verdict(ret))
+					return ret;
+				tables = CT_TABLES_ALL;   /* DNATed: the backend's flow */
+			}
+			ret = CT_NEW;
 		}
 	}
-
-	ret = ct_lookup4(&tuple, &p, dir, skb->len, &st, now);
+	if (ret == CT_NEW)
+		ret = ct_lookup4(&tuple, &p, dir, skb->len, &st, now, tables);
 	if (ret == CT_REPLY && st.rev_nat_index && dir == CT_INGRESS) {
 		int nat = lb4_rev_nat(skb, &p, st.rev_nat_index);
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import struct
 from dataclasses import dataclass
+from pathlib import Path
 
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
@@ -60,9 +61,11 @@ class LbHarness(LxcHarness):
         self.dirs = metrics.direction_names(obj)
 
     @classmethod
-    def load_both(cls, consts: dict[str, int] | None = None) -> "LbHarness":
-        lxc = LxcHarness.load(consts={"ct_accounting": 0, **(consts or {})})
-        spec = open_object(OBJ_HOST, NodeConfig(), pin_root=None)
+    def load_both(cls, consts: dict[str, int] | None = None, obj_dir: Path | None = None,
+                  sizes: dict[str, int] | None = None) -> "LbHarness":
+        """Both objects (from obj_dir, default the build under test) on shared maps."""
+        lxc = LxcHarness.load(consts={"ct_accounting": 0, **(consts or {})}, obj_dir=obj_dir, sizes=sizes)
+        spec = open_object(OBJ_HOST, NodeConfig(), pin_root=None, obj_dir=obj_dir)
         try:
             for name in spec.maps:
                 if name in lxc.coll.maps and not name.startswith("."):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.l2 import Ether
@@ -61,13 +62,13 @@ class LxcHarness:
         self._last: dict[tuple[str, str], int] = {}
 
     @classmethod
-    def load(cls, cfg: NodeConfig | None = None, consts: dict[str, int] | None = None) -> "LxcHarness":
+    def load(cls, cfg: NodeConfig | None = None, consts: dict[str, int] | None = None,
+             obj_dir: Path | None = None, sizes: dict[str, int] | None = None) -> "LxcHarness":
+        """bpf_lxc.o from obj_dir (default: the build under test), small tables unless ``sizes``."""
         cfg = cfg or NodeConfig()
-        spec = open_object(OBJ_LXC, cfg, pin_root=None)
-        spec.set_max_entries(CT_MAP_TCP, 4096)
-        spec.set_max_entries(CT_MAP_ANY, 4096)
-        spec.set_max_entries(NAT_MAP, 4096)
-        spec.set_max_entries(CT_MAP_SYN, 1024)
+        spec = open_object(OBJ_LXC, cfg, pin_root=None, obj_dir=obj_dir)
+        for name, n in {CT_MAP_TCP: 4096, CT_MAP_ANY: 4096, NAT_MAP: 4096, CT_MAP_SYN: 1024, **(sizes or {})}.items():
+            spec.set_max_entries(name, n)
         for k, v in (consts or {}).items():
             spec.set_const(k, v)
         return cls(spec.load())

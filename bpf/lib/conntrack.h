@@ -331,6 +331,15 @@ static __always_inline void ct_settle4(const struct ipv4_ct_tuple *t, struct ct_
 	ct_create_related4(t, &twin, now);
 }
 
+/* Which tables ct_lookup4 probes: the main one (tpl_ct4_v1 or tpl_ct_any4_v1),
+ * the handshake table (TCP with ct_syn_table), or both, in that order.
+ */
+enum ct_tables {
+	CT_TABLE_MAIN = 1,
+	CT_TABLE_SYN = 2,
+	CT_TABLES_ALL = CT_TABLE_MAIN | CT_TABLE_SYN,
+};
+
 /* The entry of tuple t: the main table, then (TCP) the handshake table. */
 static __always_inline struct ct_entry *ct_find4(const struct ipv4_ct_tuple *t, bool *in_syn)
 {
@@ -385,12 +394,14 @@ static __always_inline int __ct_lookup4(void *map, bool in_syn, const struct ipv
 	return status;
 }
 
-/* Look a packet up at time now. Fills tuple with the flow's key in the
- * packet's own direction (ready for ct_create4 on CT_NEW), st with what the
- * entry holds. Returns a ct_status.
+/* Look a packet up at time now in `tables` (enum ct_tables; CT_TABLES_ALL
+ * but for a caller that splits the lookup). Fills tuple with the flow's key
+ * in the packet's own direction (ready for ct_create4 on CT_NEW), st with
+ * what the entry holds. Returns a ct_status.
  */
 static __always_inline int ct_lookup4(struct ipv4_ct_tuple *tuple, const struct pkt4 *p,
-				      enum ct_dir dir, __u32 len, struct ct_state *st, __u32 now)
+				      enum ct_dir dir, __u32 len, struct ct_state *st, __u32 now,
+				      unsigned int tables)
 {
 	bool is_tcp = p->proto == IPPROTO_TCP;
 	enum ct_action action = ACTION_UNSPEC;
@@ -424,17 +435,23 @@ static __always_inline int ct_lookup4(struct ipv4_ct_tuple *tuple, const struct 
 
 	/* Reply direction first: a reply or related packet takes precedence. */
 	tuple->flags = (dir == CT_INGRESS ? TUPLE_F_OUT : TUPLE_F_IN) | related;
-	ret = __ct_lookup4(map, false, tuple, is_tcp, dir, action, flags, len,
-			   related ? CT_RELATED : CT_REPLY, st, now);
-	if (ret != CT_NEW)
-		return ret;
+	if (tables & CT_TABLE_MAIN) {
+		ret = __ct_lookup4(map, false, tuple, is_tcp, dir, action, flags, len,
+				   related ? CT_RELATED : CT_REPLY, st, now);
+		if (ret != CT_NEW)
+			return ret;
+	}
 
 	ct_tuple_reverse4(tuple);
 	tuple->flags = (dir == CT_INGRESS ? TUPLE_F_IN : TUPLE_F_OUT) | related;
-	ret = __ct_lookup4(map, false, tuple, is_tcp, dir, action, flags, len,
-			   related ? CT_RELATED : CT_ESTABLISHED, st, now);
-	if (ret != CT_NEW || !ct_use_syn_table(p->proto))
-		return ret;
+	if (tables & CT_TABLE_MAIN) {
+		ret = __ct_lookup4(map, false, tuple, is_tcp, dir, action, flags, len,
+				   related ? CT_RELATED : CT_ESTABLISHED, st, now);
+		if (ret != CT_NEW)
+			return ret;
+	}
+	if (!(tables & CT_TABLE_SYN) || !ct_use_syn_table(p->proto))
+		return CT_NEW;
 
 	/* Not established: the handshake table, in the same order. Established
 	 * flows never get here, so they pay no extra lookup.

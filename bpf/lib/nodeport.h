@@ -51,7 +51,7 @@ static __always_inline enum tpl_reason nodeport_lb4(struct __sk_buff *skb, struc
 	if (overlay_ifindex && (be.flags & LB_BACKEND_F_REMOTE))
 		return dsr_encap4(skb, p, be.node_addr, key.address, key.dport);
 
-	ret = ct_lookup4(&tuple, p, CT_EGRESS, skb->len, &st, now);
+	ret = ct_lookup4(&tuple, p, CT_EGRESS, skb->len, &st, now, CT_TABLES_ALL);
 	if (ret != CT_NEW)
 		return ct_status_reason(ret);
 	ret = ct_may_create4(p);
