@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from tuplet.lab.topology import Topology
 
 POD1, POD2 = "10.64.0.36", "10.64.0.64"
+#: [conntrack] of node_config_text for tests that read Packets/Bytes (accounting is off by default).
+COUNTING = "tcp_max = 8192\nany_max = 4096\naccounting = true"
 
 
 def two_pods() -> Iterator[Topology]:
