@@ -46,32 +46,33 @@ static __always_inline enum tpl_reason lxc_track4(struct __sk_buff *skb, enum ct
 		return ret;
 	now = tpl_now();   /* the clock, read once per packet */
 
-	ret = CT_NEW;
-	if (dir == CT_EGRESS) {
+	/* A packet a pod sends is looked up in the main table first: a flow known
+	 * there under the packet's own addresses goes to no service (a service
+	 * flow's entries name its backend, never the service address), so most
+	 * packets are done without a service lookup. Only new flows, handshakes
+	 * and service flows look the service up, then the tables left: the
+	 * handshake table, or both for the DNATed packet. One call site in a
+	 * loop of at most two rounds keeps one copy of the lookup in the program.
+	 */
+	if (dir == CT_EGRESS)
+		tables = CT_TABLE_MAIN;
+#pragma clang loop unroll(disable)
+	for (;;) {
 		struct lb4_service *svc;
 
-		/* A flow the main table knows under the packet's own addresses goes
-		 * to no service (a service flow's entries name its backend, never
-		 * the service address): most packets a pod sends are done after
-		 * this, without a service lookup. Only new flows, handshakes and
-		 * service flows look the service up.
-		 */
-		ret = ct_lookup4(&tuple, &p, dir, skb->len, &st, now, CT_TABLE_MAIN);
-		if (ret == CT_NEW) {
-			svc = lb4_lookup_service(&key, &p);
-			tables = CT_TABLE_SYN;   /* the main table said no already */
-			if (svc) {
-				rev_nat = svc->rev_nat_index;
-				ret = lb4_local(skb, &p, &key, svc, LB_SELECT_HASH, false, &be, now);
-				if (tpl_has_verdict(ret))
-					return ret;
-				tables = CT_TABLES_ALL;   /* DNATed: the backend's flow */
-			}
-			ret = CT_NEW;
+		ret = ct_lookup4(&tuple, &p, dir, skb->len, &st, now, tables);
+		if (ret != CT_NEW || tables != CT_TABLE_MAIN)
+			break;
+		svc = lb4_lookup_service(&key, &p);
+		tables = CT_TABLE_SYN;   /* the main table said no already */
+		if (svc) {
+			rev_nat = svc->rev_nat_index;
+			ret = lb4_local(skb, &p, &key, svc, LB_SELECT_HASH, false, &be, now);
+			if (tpl_has_verdict(ret))
+				return ret;
+			tables = CT_TABLES_ALL;   /* DNATed: the backend's flow */
 		}
 	}
-	if (ret == CT_NEW)
-		ret = ct_lookup4(&tuple, &p, dir, skb->len, &st, now, tables);
 	if (ret == CT_REPLY && st.rev_nat_index && dir == CT_INGRESS) {
 		int nat = lb4_rev_nat(skb, &p, st.rev_nat_index);
 
