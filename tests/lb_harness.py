@@ -10,6 +10,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from scapy.layers.inet import IP, TCP, UDP
@@ -22,7 +23,7 @@ from tuplet.bpf import _libbpf as C
 from tuplet.bpf.libbpf import check, cstr
 from tuplet.bpf.objects import Collection
 from tuplet.datapath import metrics
-from tuplet.datapath.abi import OBJ_HOST, OBJ_LXC
+from tuplet.datapath.abi import EXTERNAL_MAP, OBJ_HOST, OBJ_LXC
 from tuplet.datapath.layouts import Lb4Key, Lb4Service, Lb6Key, ip_to_be32
 from tuplet.datapath.paths import object_dir
 from tuplet.lb import families, maglev
@@ -147,9 +148,11 @@ class LbHarness(LxcHarness):
         self.dirs = metrics.direction_names(obj)
 
     @classmethod
-    def load_both(cls, consts: dict[str, int] | None = None) -> "LbHarness":
-        lxc = LxcHarness.load(consts={"ct_accounting": 0, **(consts or {})})
-        spec = open_object(OBJ_HOST, NodeConfig(), pin_root=None)
+    def load_both(cls, consts: dict[str, int] | None = None, obj_dir: Path | None = None,
+                  sizes: dict[str, int] | None = None) -> "LbHarness":
+        """Both objects (from obj_dir, default the build under test) on shared maps."""
+        lxc = LxcHarness.load(consts={"ct_accounting": 0, **(consts or {})}, obj_dir=obj_dir, sizes=sizes)
+        spec = open_object(OBJ_HOST, NodeConfig(), pin_root=None, obj_dir=obj_dir)
         try:
             for name in spec.maps:
                 if name in lxc.coll.maps and not name.startswith("."):
@@ -207,6 +210,8 @@ class LbHarness(LxcHarness):
             inner.close()
         m[REV_NAT].update(s.rev_nat.to_bytes(2, "little"),
                           struct.pack("<IHH", ip_to_be32(s.address), socket.htons(s.port), 0))
+        if s.flags & F_EXTERNAL:   # as the writer: cil_to_netdev probes for replies from now on
+            m[EXTERNAL_MAP].update(0, struct.pack("<I", 1))
         m[SERVICES].update(svc_key(s.address, s.port, s.proto),
                            struct.pack("<IIIHHBBH", 0, s.affinity_timeout, s.maglev_size, len(s.backends),
                                        s.rev_nat, s.flags | (F_AFFINITY if s.affinity_timeout else 0), s.bank, 0))

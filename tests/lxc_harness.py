@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import (
@@ -105,11 +106,14 @@ class LxcHarness:
         self._last: dict[tuple[str, str], int] = {}
 
     @classmethod
-    def load(cls, cfg: NodeConfig | None = None, consts: dict[str, int] | None = None) -> "LxcHarness":
+    def load(cls, cfg: NodeConfig | None = None, consts: dict[str, int] | None = None,
+             obj_dir: Path | None = None, sizes: dict[str, int] | None = None) -> "LxcHarness":
+        """bpf_lxc.o from obj_dir (default: the build under test), small tables unless ``sizes``."""
         cfg = cfg or NodeConfig()
-        spec = open_object(OBJ_LXC, cfg, pin_root=None)
-        for name in (*CT_MAPS, *CT6_MAPS, NAT_MAP):
-            spec.set_max_entries(name, 1024 if name in (CT_MAP_SYN, CT6_MAP_SYN) else 4096)
+        spec = open_object(OBJ_LXC, cfg, pin_root=None, obj_dir=obj_dir)
+        small = {name: 1024 if name in (CT_MAP_SYN, CT6_MAP_SYN) else 4096 for name in (*CT_MAPS, *CT6_MAPS, NAT_MAP)}
+        for name, n in {**small, **(sizes or {})}.items():
+            spec.set_max_entries(name, n)
         for k, v in (consts or {}).items():
             spec.set_const(k, v)
         return cls(spec.load())

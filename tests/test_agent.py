@@ -42,7 +42,8 @@ def topo():
 
 def config_text(topo, pin_root: str, tcp_max: int = 8192, extra: str = "") -> str:
     return node_config_text(topo, pin_root, name="agent-test", mode=None, identities=False,
-                            conntrack=f'tcp_max = {tcp_max}\nany_max = 4096\ngc_interval = "1h"\n{extra}')
+                            conntrack=f'tcp_max = {tcp_max}\nany_max = 4096\ngc_interval = "1h"\n'
+                                      f'accounting = true\n{extra}')   # the tests read Packets
 
 
 @pytest.fixture

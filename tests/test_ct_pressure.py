@@ -21,7 +21,7 @@ FLOOD = 10 * TCP_MAX          # SYNs from random sources
 
 
 def load(syn_table: bool) -> LxcHarness:
-    h = LxcHarness.load(consts={"ct_syn_table": int(syn_table)})
+    h = LxcHarness.load(consts={"ct_syn_table": int(syn_table), "ct_accounting": 1})
     h.add_endpoint(POD1, 3096)
     h.add_endpoint(POD2, 4000)
     return h

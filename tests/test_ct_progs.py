@@ -1,6 +1,8 @@
 """The pod-side programs on crafted packets (BPF_PROG_TEST_RUN): verdicts and CT contents."""
 from __future__ import annotations
 
+import time
+
 import pytest
 from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import ARP, Ether
@@ -23,6 +25,14 @@ def seedlike() -> LxcHarness:
     h = LxcHarness.load(consts={"ct_accounting": 0})
     h.add_endpoint(POD1, 3096)
     h.add_endpoint(POD2, 4000)
+    yield h
+    h.close()
+
+
+@pytest.fixture
+def counting() -> LxcHarness:
+    """With per-entry accounting turned on ([conntrack] accounting = true)."""
+    h = LxcHarness.load(consts={"ct_accounting": 1})
     yield h
     h.close()
 
@@ -100,26 +110,26 @@ def test_tcp_whole_life_matches_seed(seedlike: LxcHarness) -> None:
     assert f"RxFlagsSeen=0x02 LastRxReport={rin.entry.last_rx_report}" in rin.line()
 
 
-def test_syn_after_close_reopens(lxc: LxcHarness) -> None:
+def test_syn_after_close_reopens(counting: LxcHarness) -> None:
     for flags in ("S", "SA", "A", "FA"):
         src, sp, dst, dp = (POD1, SP, POD2, DP) if flags in ("S", "A") else (POD2, DP, POD1, SP)
-        lxc.egress(tcp(src, sp, dst, dp, flags))
-    lxc.egress(tcp(POD1, SP, POD2, DP, "FA"))
-    o = out_entry(lxc)
+        counting.egress(tcp(src, sp, dst, dp, flags))
+    counting.egress(tcp(POD1, SP, POD2, DP, "FA"))
+    o = out_entry(counting)
     assert o.tx_closing and o.rx_closing is not None
     # The OUT entry saw pod1's FIN (tx) and pod2's FIN only as the IN side... make it fully closed:
-    lxc.ingress(tcp(POD2, DP, POD1, SP, "FA"))
-    o = out_entry(lxc)
+    counting.ingress(tcp(POD2, DP, POD1, SP, "FA"))
+    o = out_entry(counting)
     assert (o.tx_closing, o.rx_closing) == (1, 1)
-    assert diff(o.lifetime, lxc.now()) in (9, 10)
+    assert diff(o.lifetime, counting.now()) in (9, 10)
 
-    lxc.advance(5)
-    v = lxc.egress(tcp(POD1, SP, POD2, DP, "S"))
+    counting.advance(5)
+    v = counting.egress(tcp(POD1, SP, POD2, DP, "S"))
     assert v.reason == "PASS_CT_REOPENED"
-    o = out_entry(lxc)
+    o = out_entry(counting)
     assert (o.tx_closing, o.rx_closing, o.seen_non_syn) == (0, 0, 0)
     assert o.tx_flags_seen == 0x02 and o.rx_flags_seen == 0
-    assert diff(o.lifetime, lxc.now()) in (59, 60)
+    assert diff(o.lifetime, counting.now()) in (59, 60)
     assert o.packets == 1
 
 
@@ -178,16 +188,16 @@ def test_rst_without_entry_is_not_tracked(lxc: LxcHarness) -> None:
     assert lxc.entries() == []
 
 
-def test_udp_flow_and_reply(lxc: LxcHarness) -> None:
-    lxc.add_endpoint(POD1, 77)
-    v = lxc.egress(udp(POD1, 40000, POD2, 53))
+def test_udp_flow_and_reply(counting: LxcHarness) -> None:
+    counting.add_endpoint(POD1, 77)
+    v = counting.egress(udp(POD1, 40000, POD2, 53))
     assert v.reason == "PASS_CT_NEW"
-    u = lxc.entry(POD1, POD2, 53, 40000, UDP_P, TUPLE_F_OUT)
-    assert u is not None and u.src_sec_id == 77 and diff(u.lifetime, lxc.now()) in (59, 60)
-    assert lxc.entry(POD1, POD2, 0, 0, ICMP_P, TUPLE_F_OUT | TUPLE_F_RELATED) is not None
-    assert lxc.egress(udp(POD1, 40000, POD2, 53)).reason == "PASS_CT_ESTABLISHED"
-    assert lxc.ingress(udp(POD2, 53, POD1, 40000)).reason == "PASS_CT_REPLY"
-    u = lxc.entry(POD1, POD2, 53, 40000, UDP_P, TUPLE_F_OUT)
+    u = counting.entry(POD1, POD2, 53, 40000, UDP_P, TUPLE_F_OUT)
+    assert u is not None and u.src_sec_id == 77 and diff(u.lifetime, counting.now()) in (59, 60)
+    assert counting.entry(POD1, POD2, 0, 0, ICMP_P, TUPLE_F_OUT | TUPLE_F_RELATED) is not None
+    assert counting.egress(udp(POD1, 40000, POD2, 53)).reason == "PASS_CT_ESTABLISHED"
+    assert counting.ingress(udp(POD2, 53, POD1, 40000)).reason == "PASS_CT_REPLY"
+    u = counting.entry(POD1, POD2, 53, 40000, UDP_P, TUPLE_F_OUT)
     assert (u.packets, u.tx_flags_seen, u.rx_flags_seen) == (3, 0, 0)
     assert u.bytes == 3 * len(udp(POD1, 40000, POD2, 53))
 
@@ -250,3 +260,58 @@ def test_malformed_and_foreign_packets(lxc: LxcHarness, name: str, packet: bytes
 def test_ethernet_padding_is_not_truncation(lxc: LxcHarness) -> None:
     pkt = udp(POD1, 1000, POD2, 53, b"") + b"\0" * 18   # padded to the 60-byte minimum frame
     assert lxc.egress(pkt).reason == "PASS_CT_NEW"
+
+
+def established(h: LxcHarness, sport: int) -> None:
+    for src, sp, dst, dp, flags in ((POD1, sport, POD2, DP, "S"), (POD2, DP, POD1, sport, "SA"),
+                                    (POD1, sport, POD2, DP, "A")):
+        both(h, src, sp, dst, dp, flags)
+
+
+def test_counters_are_off_by_default(lxc: LxcHarness) -> None:
+    """The reference's default: Packets=0 Bytes=0 on every entry, whatever passed."""
+    established(lxc, SP)
+    both(lxc, POD1, SP, POD2, DP, "PA", b"x" * 100)
+    lxc.egress(udp(POD1, 40000, POD2, 53))
+    recs = lxc.entries()
+    assert len(recs) >= 5 and all((r.entry.packets, r.entry.bytes) == (0, 0) for r in recs)
+
+
+def test_counters_count_when_turned_on(counting: LxcHarness) -> None:
+    h = counting
+    established(h, SP)
+    both(h, POD1, SP, POD2, DP, "PA", b"x" * 100)
+    o = out_entry(h)
+    assert o.packets == 4
+    assert o.bytes == sum(len(tcp(POD1, SP, POD2, DP, f)) for f in ("S", "SA", "A")) + \
+        len(tcp(POD1, SP, POD2, DP, "PA", b"x" * 100))
+
+
+def test_established_packets_within_a_second_leave_the_entry_as_it_was(lxc: LxcHarness) -> None:
+    """No per-packet store of a value that does not change: once the flow is established and
+    its flags are seen, more packets in the same clock second leave every byte of both entries
+    alone; the next second moves the lifetime (and nothing but it, inside the report interval)."""
+    established(lxc, SP)
+    both(lxc, POD1, SP, POD2, DP, "A")
+    both(lxc, POD2, DP, POD1, SP, "A")
+    # Far from a tick of the datapath's clock (whole seconds of a coarse clock, which lags
+    # CLOCK_MONOTONIC by up to a jiffy): start 0.1 s after one; the packets take milliseconds.
+    frac = time.clock_gettime(time.CLOCK_MONOTONIC) % 1
+    time.sleep((1.1 - frac) % 1)
+    t = lxc.now()
+    both(lxc, POD1, SP, POD2, DP, "A")
+    both(lxc, POD2, DP, POD1, SP, "A")
+    before = (bytes(out_entry(lxc)), bytes(in_entry(lxc)))
+    for _ in range(5):
+        both(lxc, POD1, SP, POD2, DP, "A")
+        both(lxc, POD2, DP, POD1, SP, "A")
+    after = (bytes(out_entry(lxc)), bytes(in_entry(lxc)))
+    assert lxc.now() == t, "the clock ticked: the machine stalled for most of a second"
+    assert after == before
+    o = out_entry(lxc)
+    lxc.advance(1)
+    both(lxc, POD1, SP, POD2, DP, "A")
+    moved = out_entry(lxc)
+    assert diff(moved.lifetime, o.lifetime) >= 1
+    assert (moved.last_tx_report, moved.tx_flags_seen, moved.seen_non_syn) == \
+        (o.last_tx_report, o.tx_flags_seen, o.seen_non_syn)

@@ -56,7 +56,7 @@ def svc(*backends: str, name: str = "web6", **kw) -> Service:
 def pinned(pin_root):
     """bpf_lxc.o loaded, its service, CT (both families) and IPv6 endpoint maps pinned."""
     h = LxcHarness.load()
-    with pinned_maps(h, pin_root, (*abi.LB_MAPS, *abi.CT_MAPS, *abi.CT6_MAPS, abi.EP6_MAP)):
+    with pinned_maps(h, pin_root, (*abi.LB_MAPS, abi.EXTERNAL_MAP, *abi.CT_MAPS, *abi.CT6_MAPS, abi.EP6_MAP)):
         yield h, pin_root
 
 

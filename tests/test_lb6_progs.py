@@ -21,7 +21,7 @@ A, B, C3 = "2001:db8:64::62", "2001:db8:64::40", "2001:db8:64::74"
 @pytest.fixture
 def pinned(pin_root):
     h = LxcHarness.load(consts={"ct_accounting": 0})
-    with pinned_maps(h, pin_root, (*abi.LB_MAPS, *abi.CT_MAPS, *abi.CT6_MAPS)):
+    with pinned_maps(h, pin_root, (*abi.LB_MAPS, abi.EXTERNAL_MAP, *abi.CT_MAPS, *abi.CT6_MAPS)):
         yield h, pin_root
 
 

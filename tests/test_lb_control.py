@@ -37,7 +37,7 @@ def svc(*backends: str, name: str = "web", **kw) -> Service:
 def pinned(pin_root):
     """Both programs loaded on shared maps, the service and CT maps pinned under pin_root."""
     h = LbHarness.load_both()
-    with pinned_maps(h, pin_root, (*abi.LB_MAPS, CT_MAP_TCP, CT_MAP_ANY, CT_MAP_SYN)):
+    with pinned_maps(h, pin_root, (*abi.LB_MAPS, abi.EXTERNAL_MAP, CT_MAP_TCP, CT_MAP_ANY, CT_MAP_SYN)):
         yield h, pin_root
 
 
@@ -145,9 +145,13 @@ def test_flags_and_remote_backends(pinned) -> None:
     h, root = pinned
     lbs = svc(f"{A}:8000", "10.65.0.9:8000,node=192.168.7.2", name="lb", type=ServiceType.LOAD_BALANCER,
               address="172.190.0.17")
+    external = h.coll.maps[abi.EXTERNAL_MAP]
     with table(root) as t:
+        t.upsert(svc(f"{A}:8000", name="cip"))
+        assert external.lookup(0) == bytes(4)          # ClusterIP only: cil_to_netdev probes nothing
         v = t.upsert(lbs)
     assert slot0(h, lbs).flags == LB_SVC_F_EXTERNAL | LB_SVC_F_LOADBALANCER
+    assert external.lookup(0) == (1).to_bytes(4, "little")   # replies of NIC flows are probed now
     remote = {b.backend.address: b.remote for b in v.backends}
     assert remote == {A: False, "10.65.0.9": True}
     be = {be32_to_ip(Lb4Backend.from_buffer_copy(v).address): Lb4Backend.from_buffer_copy(v)

@@ -3,6 +3,7 @@ checksums checked by scapy, CT_SERVICE/CT_EGRESS contents as the seed prints the
 backend stickiness, rebalance after close, affinity, NodePort/LoadBalancer on the NIC."""
 from __future__ import annotations
 
+import socket
 from collections import Counter
 
 import pytest
@@ -11,7 +12,8 @@ from scapy.layers.l2 import Ether
 
 from lb_harness import F_EXTERNAL, F_LOADBALANCER, F_NODEPORT, LbHarness, Svc, checksums_ok, l4_of, tcp4, udp4
 from lxc_harness import TC_ACT_OK, TC_ACT_SHOT
-from tuplet.datapath.abi import CT_MAP_SYN, CT_MAP_TCP, TUPLE_F_OUT, TUPLE_F_SERVICE
+from tuplet.datapath.abi import CT_MAP_SYN, CT_MAP_TCP, NAT_MAP, TUPLE_F_OUT, TUPLE_F_SERVICE
+from tuplet.datapath.layouts import CtEntry, CtTuple4, Nat4Entry, ip_to_be32
 
 pytestmark = pytest.mark.clock   # again with a near-zero clock in `make test`
 
@@ -94,6 +96,23 @@ def test_clusterip_tcp_matches_seed(lb: LbHarness) -> None:
     inn = recs[("IN", "TCP", False, POD2)]
     assert "RevNAT=0 SourceSecurityID=3096" in inn.line()
     assert not [r for r in lb.entries() if r.direction == "SVC" and r.key.saddr != svc.key.saddr]
+
+
+def test_service_entries_never_count() -> None:
+    """With accounting on, a service flow's packets count on its endpoint entries, never on its
+    CT_SERVICE entry (the reference's Packets=0 Bytes=0 there)."""
+    h = LbHarness.load_both(consts={"ct_accounting": 1})
+    try:
+        h.add_endpoint(POD1, 3096)
+        h.add_endpoint(POD2, 4000)
+        h.program(clusterip())
+        for flags in ("S", "A", "PA"):
+            pod1_sends(h, flags)
+        recs = {r.direction: r.entry for r in h.entries() if r.proto == "TCP"}
+        assert (recs["SVC"].packets, recs["SVC"].bytes) == (0, 0)
+        assert recs["OUT"].packets == 3 and recs["OUT"].bytes > 0
+    finally:
+        h.close()
 
 
 def test_established_connection_keeps_its_backend(lb: LbHarness) -> None:
@@ -242,6 +261,25 @@ def test_netdev_leaves_other_traffic_alone(lb: LbHarness) -> None:
     assert lb.entries() == []
 
 
+def test_to_netdev_probes_nothing_without_nic_services_or_overlay(lb: LbHarness) -> None:
+    """A node with neither NodePort/LoadBalancer services nor an overlay sends no NodePort or DSR
+    reply: cil_to_netdev passes its packets without a table probe (an entry that would match is
+    not even refreshed); once such a service is written, the same reply gets its rev-NAT."""
+    key = (CLIENT, LB_POD, BP, 53438, TCP_P, TUPLE_F_OUT)   # a NodePort flow's CT_EGRESS entry
+    lb.coll.maps[CT_MAP_TCP].update(CtTuple4.make(*key),
+                                    CtEntry(lifetime=lb.now() + 100, node_port=1, rev_nat_index=24,
+                                            seen_non_syn=1))
+    reply = tcp4(LB_POD, BP, CLIENT, 53438, "PA", b"hi")
+    v, out = lb.run_out("cil_to_netdev", reply)
+    assert (v.retval, v.reason) == (TC_ACT_OK, "PASS_NETDEV_UNTRACKED") and out == reply
+    assert lb.entry(*key).rx_flags_seen == 0                # not probed
+    lb.program(Svc(LB_VIP, 80, TCP_P, 24, {24: (LB_POD, BP, False)}, flags=F_EXTERNAL | F_LOADBALANCER))
+    v, out = lb.run_out("cil_to_netdev", reply)
+    assert (v.retval, v.reason) == (TC_ACT_OK, "PASS_CT_REPLY")
+    assert l4_of(out) == (LB_VIP, 80, CLIENT, 53438) and checksums_ok(out)
+    assert lb.entry(*key).rx_flags_seen & 0x18
+
+
 def test_maglev_choice_is_deterministic_across_nodes_and_balanced() -> None:
     backends = {i: (f"10.64.1.{i}", BP, False) for i in range(1, 6)}
     svc = Svc(LB_VIP, 80, TCP_P, 40, backends, flags=F_EXTERNAL | F_LOADBALANCER, maglev_size=1021)
@@ -305,13 +343,18 @@ def test_lb_node_redirects_remote_backend_over_the_overlay() -> None:
         h.close()
 
 
-def test_backend_node_reply_gets_the_service_address_from_the_nat_entry(lb: LbHarness) -> None:
+@pytest.fixture
+def backend_node() -> LbHarness:
+    """A DSR backend node: an overlay (ifindex 1 stands in), no NIC-reachable service of its own."""
+    h = LbHarness.load_both(consts={"overlay_ifindex": 1})
+    yield h
+    h.close()
+
+
+def test_backend_node_reply_gets_the_service_address_from_the_nat_entry(backend_node: LbHarness) -> None:
     """cil_to_netdev on the backend node: a reply of a DSRInternal flow leaves from VIP:port (its NAT entry);
     without the NAT entry it is a counted drop."""
-    import socket
-
-    from tuplet.datapath.abi import NAT_MAP
-    from tuplet.datapath.layouts import CtEntry, CtTuple4, Nat4Entry, ip_to_be32
+    lb = backend_node
 
     # As cil_from_overlay leaves them for CLIENT:53438 -> LB_POD:8000 (key in the map's own naming).
     key = CtTuple4.make(CLIENT, LB_POD, BP, 53438, TCP_P, TUPLE_F_OUT)

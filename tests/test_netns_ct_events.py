@@ -20,7 +20,7 @@ from tuplet.conntrack.gc import CtGc
 from tuplet.datapath import abi, clock, paths
 from tuplet.node import apply as node_apply
 from tuplet.node import config
-from two_pods import POD1, POD2, node_config_text, two_pods
+from two_pods import COUNTING, POD1, POD2, node_config_text, two_pods
 
 pytestmark = pytest.mark.netns
 
@@ -32,7 +32,7 @@ def topo():
 
 @pytest.fixture
 def dp(topo, pin_root):
-    node_apply.apply(config.parse(node_config_text(topo, pin_root)))
+    node_apply.apply(config.parse(node_config_text(topo, pin_root, conntrack=COUNTING)))   # events show Packets
     srv = start_server(topo, topo.p2, 8000)
     yield topo
     srv.kill()

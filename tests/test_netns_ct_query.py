@@ -10,7 +10,7 @@ from traffic import LiveConnection, start_server, udp_once
 from tuplet.cli import main as cli
 from tuplet.node import apply as node_apply
 from tuplet.node import config
-from two_pods import POD1, POD2, node_config_text, two_pods
+from two_pods import COUNTING, POD1, POD2, node_config_text, two_pods
 
 pytestmark = pytest.mark.netns
 
@@ -22,7 +22,7 @@ def topo():
 
 @pytest.fixture
 def traffic(topo, pin_root):
-    node_apply.apply(config.parse(node_config_text(topo, pin_root)))
+    node_apply.apply(config.parse(node_config_text(topo, pin_root, conntrack=COUNTING)))   # -o extended shows packets=
     srv = start_server(topo, topo.p2, 8000)
     srv1 = start_server(topo, topo.p1, 9000)
     conn = LiveConnection(topo, topo.p1, POD2, 8000)

@@ -156,7 +156,8 @@ def pod(pin_root: str) -> Iterator[Podman]:
             pytest.skip(f"podman cannot run a container here: {probe.stderr.strip()[-300:]}")
         pm.rm("probe")
         node_apply.apply(config.parse(f'[node]\nname = "podnode"\npin_root = "{pin_root}"\n'
-                                      "[lb]\nsocket_lb = false\n[conntrack]\ntcp_max = 8192\nany_max = 4096\n"))
+                                      "[lb]\nsocket_lb = false\n[conntrack]\ntcp_max = 8192\nany_max = 4096\n"
+                                      "accounting = true\n"))   # Packets show traffic
         applied = True
         yield pm
     finally:

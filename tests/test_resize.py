@@ -33,7 +33,8 @@ def topo():
 
 def node_config(topo, pin_root: str, mode: str, tcp_max: int) -> config.NodeConfig:
     return config.parse(node_config_text(topo, pin_root, name="resize", mode=mode,
-                                         conntrack=f"tcp_max = {tcp_max}\nany_max = 1024\nnat_max = 2048"))
+                                         conntrack=f"tcp_max = {tcp_max}\nany_max = 1024\nnat_max = 2048\n"
+                                                   "accounting = true"))   # Packets show traffic
 
 
 @pytest.fixture

@@ -9,6 +9,8 @@ from tuplet.lab.topology import Topology
 
 POD1, POD2 = "10.64.0.36", "10.64.0.64"
 POD1_V6, POD2_V6 = "fd00:10:244::24", "fd00:10:244::40"   # with dual_stack
+#: [conntrack] of node_config_text for tests that read Packets/Bytes (accounting is off by default).
+COUNTING = "tcp_max = 8192\nany_max = 4096\naccounting = true"
 
 
 def two_pods(dual_stack: bool = False) -> Iterator[Topology]:

@@ -26,8 +26,10 @@ const volatile __u32 ct_service_close_rebalance = 60;  /* closed service entry k
 const volatile __u32 ct_report_interval = 5;
 const volatile __u8 ct_report_flags = 0xff;
 
-/* Count packets and bytes per entry (one atomic add each per packet). */
-const volatile __u8 ct_accounting = 1;
+/* Count packets and bytes per entry (two atomic adds per packet; never on
+ * service entries). Off by default, as the reference: Packets=0 Bytes=0.
+ */
+const volatile __u8 ct_accounting = 0;
 
 /* New TCP entries wait in tpl_ct4_syn_v1 until their connection is
  * established (flood protection). 0: one LRU table, as the reference.

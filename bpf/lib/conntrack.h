@@ -151,6 +151,9 @@ static __always_inline __u8 ct_report_mask(void)
 
 /* lifetime = now + timeout; accumulate the report flags of this direction
  * and refresh its last report when a new flag appears or the interval passed.
+ * A field is stored only when its value changes (the clock moves once a
+ * second): an established flow's packets then only read the entry, and its
+ * cache line is not written back and forth between CPUs.
  */
 static __always_inline void __ct_update_timeout(struct ct_entry *e, __u32 timeout,
 						enum ct_dir dir, __u8 flags, __u32 now)
@@ -159,7 +162,8 @@ static __always_inline void __ct_update_timeout(struct ct_entry *e, __u32 timeou
 	__u8 acc;
 	__u32 last;
 
-	WRITE_ONCE(e->lifetime, now + timeout);
+	if (READ_ONCE(e->lifetime) != now + timeout)
+		WRITE_ONCE(e->lifetime, now + timeout);
 	if (dir == CT_INGRESS) {
 		acc = READ_ONCE(e->rx_flags_seen);
 		last = READ_ONCE(e->last_rx_report);
@@ -191,14 +195,17 @@ static __always_inline __u32 ct_lifetime(const struct ct_entry *e, bool is_tcp, 
 static __always_inline void ct_update_timeout(struct ct_entry *e, bool is_tcp, enum ct_dir dir,
 					      __u8 flags, __u32 now)
 {
-	if (is_tcp && !(flags & TCP_FLAG_SYN))
+	if (is_tcp && !(flags & TCP_FLAG_SYN) && !e->seen_non_syn)
 		e->seen_non_syn = 1;
 	__ct_update_timeout(e, ct_lifetime(e, is_tcp, dir), dir, flags, now);
 }
 
-static __always_inline void ct_account(struct ct_entry *e, __u32 len)
+/* Per-entry packets and bytes (ct_accounting), never on service entries: a
+ * service flow's packets are counted on its endpoint entries already.
+ */
+static __always_inline void ct_account(struct ct_entry *e, enum ct_dir dir, __u32 len)
 {
-	if (!ct_accounting)
+	if (!ct_accounting || dir == CT_SERVICE)
 		return;
 	__sync_fetch_and_add(&e->packets, 1);
 	__sync_fetch_and_add(&e->bytes, len);
@@ -238,12 +245,13 @@ static __always_inline void ct_state_fill(struct ct_state *st, const struct ct_e
 	st->closing = ct_entry_closing(e);
 }
 
-/* A packet hit entry e. Returns the status to report (status, or CT_REOPENED). */
+/* A packet hit entry e at time now (tpl_now(), read once per packet). Returns
+ * the status to report (status, or CT_REOPENED).
+ */
 static __always_inline int ct_entry_hit(struct ct_entry *e, bool is_tcp, enum ct_dir dir,
-					enum ct_action action, __u8 flags, __u32 len, int status)
+					enum ct_action action, __u8 flags, __u32 len, int status,
+					__u32 now)
 {
-	__u32 now = tpl_now();
-
 	if (action == ACTION_CREATE && ct_entry_closing(e)) {
 		/* A SYN on a closing connection starts a new one on the same tuple:
 		 * forget the old connection's state, counters and flags.
@@ -253,16 +261,18 @@ static __always_inline int ct_entry_hit(struct ct_entry *e, bool is_tcp, enum ct
 		e->seen_non_syn = 0;
 		WRITE_ONCE(e->rx_flags_seen, 0);
 		WRITE_ONCE(e->tx_flags_seen, 0);
-		WRITE_ONCE(e->packets, 0);
-		WRITE_ONCE(e->bytes, 0);
+		if (ct_accounting) {
+			WRITE_ONCE(e->packets, 0);
+			WRITE_ONCE(e->bytes, 0);
+		}
 		ct_update_timeout(e, is_tcp, dir, flags, now);
-		ct_account(e, len);
+		ct_account(e, dir, len);
 		return CT_REOPENED;
 	}
 
 	if (ct_entry_alive(e))
 		ct_update_timeout(e, is_tcp, dir, flags, now);
-	ct_account(e, len);
+	ct_account(e, dir, len);
 
 	if (action == ACTION_CLOSE) {
 		if (dir == CT_SERVICE) {
@@ -347,11 +357,10 @@ static __always_inline bool ct_established(__u8 tuple_flags, const struct ct_ent
  * either). A failed insert leaves it where it is, to be retried on the next
  * packet.
  */
-static __always_inline void ct_settle(int fam, const void *t, struct ct_entry *e, bool in_syn)
+static __always_inline void ct_settle(int fam, const void *t, struct ct_entry *e, bool in_syn, __u32 now)
 {
 	__u8 tflags = CT_TUPLE_GET(t, fam, flags);
 	struct ct_entry copy, twin = {};
-	__u32 now;
 	__u8 f;
 
 	if (!in_syn || !ct_established(tflags, e))
@@ -371,7 +380,6 @@ static __always_inline void ct_settle(int fam, const void *t, struct ct_entry *e
 	/* The twin reads as if made with the entry: its identity, and the
 	 * opening packet's flags in the entry's own direction.
 	 */
-	now = tpl_now();
 	ct_identity_copy(&twin, &copy);
 	if (tflags & TUPLE_F_IN) {
 		f = copy.rx_flags_seen;
@@ -385,10 +393,20 @@ static __always_inline void ct_settle(int fam, const void *t, struct ct_entry *e
 	ct_create_related(fam, t, &twin, now);
 }
 
-static __always_inline void ct_settle4(const struct ipv4_ct_tuple *t, struct ct_entry *e, bool in_syn)
+static __always_inline void ct_settle4(const struct ipv4_ct_tuple *t, struct ct_entry *e, bool in_syn,
+				       __u32 now)
 {
-	ct_settle(PKT_FAM4, t, e, in_syn);
+	ct_settle(PKT_FAM4, t, e, in_syn, now);
 }
+
+/* Which tables ct_lookup4 probes: the main one (tpl_ct4_v1 or tpl_ct_any4_v1),
+ * the handshake table (TCP with ct_syn_table), or both, in that order.
+ */
+enum ct_tables {
+	CT_TABLE_MAIN = 1,
+	CT_TABLE_SYN = 2,
+	CT_TABLES_ALL = CT_TABLE_MAIN | CT_TABLE_SYN,
+};
 
 /* The entry of tuple t: the main table, then (TCP) the handshake table. */
 static __always_inline struct ct_entry *ct_find(int fam, const void *t, bool *in_syn)
@@ -464,24 +482,25 @@ static __always_inline void ct_tuple_reply4(struct ipv4_ct_tuple *t, const struc
 /* One lookup: on a hit, update the entry for this packet and report `status`. */
 static __always_inline int __ct_lookup(int fam, void *map, bool in_syn, const void *tuple, bool is_tcp,
 				       enum ct_dir dir, enum ct_action action, __u8 flags, __u32 len, int status,
-				       struct ct_state *st)
+				       struct ct_state *st, __u32 now)
 {
 	struct ct_entry *e = bpf_map_lookup_elem(map, tuple);
 
 	if (!e)
 		return CT_NEW;
-	status = ct_entry_hit(e, is_tcp, dir, action, flags, len, status);
+	status = ct_entry_hit(e, is_tcp, dir, action, flags, len, status, now);
 	ct_state_fill(st, e);
-	ct_settle(fam, tuple, e, in_syn);
+	ct_settle(fam, tuple, e, in_syn, now);
 	return status;
 }
 
-/* Look a packet up. Fills tuple with the flow's key in the packet's own
- * direction (ready for ct_create on CT_NEW), st with what the entry holds.
- * Returns a ct_status.
+/* Look a packet up at time now in `tables` (enum ct_tables; CT_TABLES_ALL
+ * but for a caller that splits the lookup). Fills tuple with the flow's key
+ * in the packet's own direction (ready for ct_create on CT_NEW), st with
+ * what the entry holds. Returns a ct_status.
  */
 static __always_inline int ct_lookup(int fam, void *tuple, const void *p, enum ct_dir dir, __u32 len,
-				     struct ct_state *st)
+				     struct ct_state *st, __u32 now, unsigned int tables)
 {
 	__u8 proto = PKT(p, fam, proto);
 	bool is_tcp = proto == IPPROTO_TCP;
@@ -516,42 +535,49 @@ static __always_inline int ct_lookup(int fam, void *tuple, const void *p, enum c
 
 	/* Reply direction first: a reply or related packet takes precedence. */
 	CT_TUPLE_SET(tuple, fam, flags, (dir == CT_INGRESS ? TUPLE_F_OUT : TUPLE_F_IN) | related);
-	ret = __ct_lookup(fam, map, false, tuple, is_tcp, dir, action, flags, len,
-			  related ? CT_RELATED : CT_REPLY, st);
-	if (ret != CT_NEW)
-		return ret;
+	if (tables & CT_TABLE_MAIN) {
+		ret = __ct_lookup(fam, map, false, tuple, is_tcp, dir, action, flags, len,
+				  related ? CT_RELATED : CT_REPLY, st, now);
+		if (ret != CT_NEW)
+			return ret;
+	}
 
 	ct_tuple_reverse(fam, tuple);
 	CT_TUPLE_SET(tuple, fam, flags, (dir == CT_INGRESS ? TUPLE_F_IN : TUPLE_F_OUT) | related);
-	ret = __ct_lookup(fam, map, false, tuple, is_tcp, dir, action, flags, len,
-			  related ? CT_RELATED : CT_ESTABLISHED, st);
-	if (ret != CT_NEW || !ct_use_syn_table(proto))
-		return ret;
+	if (tables & CT_TABLE_MAIN) {
+		ret = __ct_lookup(fam, map, false, tuple, is_tcp, dir, action, flags, len,
+				  related ? CT_RELATED : CT_ESTABLISHED, st, now);
+		if (ret != CT_NEW)
+			return ret;
+	}
+	if (!(tables & CT_TABLE_SYN) || !ct_use_syn_table(proto))
+		return CT_NEW;
 
 	/* Not established: the handshake table, in the same order. Established
 	 * flows never get here, so they pay no extra lookup.
 	 */
 	ct_tuple_reverse(fam, tuple);
 	CT_TUPLE_SET(tuple, fam, flags, dir == CT_INGRESS ? TUPLE_F_OUT : TUPLE_F_IN);
-	ret = __ct_lookup(fam, ct_syn_map(fam), true, tuple, is_tcp, dir, action, flags, len, CT_REPLY, st);
+	ret = __ct_lookup(fam, ct_syn_map(fam), true, tuple, is_tcp, dir, action, flags, len, CT_REPLY, st,
+			  now);
 	ct_tuple_reverse(fam, tuple);
 	CT_TUPLE_SET(tuple, fam, flags, dir == CT_INGRESS ? TUPLE_F_IN : TUPLE_F_OUT);
 	if (ret != CT_NEW)
 		return ret;
 	return __ct_lookup(fam, ct_syn_map(fam), true, tuple, is_tcp, dir, action, flags, len, CT_ESTABLISHED,
-			   st);
+			   st, now);
 }
 
 static __always_inline int ct_lookup4(struct ipv4_ct_tuple *tuple, const struct pkt4 *p, enum ct_dir dir,
-				      __u32 len, struct ct_state *st)
+				      __u32 len, struct ct_state *st, __u32 now, unsigned int tables)
 {
-	return ct_lookup(PKT_FAM4, tuple, p, dir, len, st);
+	return ct_lookup(PKT_FAM4, tuple, p, dir, len, st, now, tables);
 }
 
 static __always_inline int ct_lookup6(struct ipv6_ct_tuple *tuple, const struct pkt6 *p, enum ct_dir dir,
-				      __u32 len, struct ct_state *st)
+				      __u32 len, struct ct_state *st, __u32 now, unsigned int tables)
 {
-	return ct_lookup(PKT_FAM6, tuple, p, dir, len, st);
+	return ct_lookup(PKT_FAM6, tuple, p, dir, len, st, now, tables);
 }
 
 /* The verdict reason of a lookup that found an entry. */
@@ -586,23 +612,22 @@ static __always_inline int ct_may_create4(const struct pkt4 *p)
 	return ct_may_create(PKT_FAM4, p);
 }
 
-/* Create the entry for tuple (as left by ct_lookup) and, for endpoint
+/* Create the entry for tuple (as left by ct_lookup) at time now and, for endpoint
  * traffic, its related-ICMP entry. New TCP entries go to the handshake table
  * (ct_syn_table) and get their twin on promotion. Returns TPL_CONTINUE or
  * TPL_DROP_CT_INSERT_FAILED.
  */
 static __always_inline int ct_create(int fam, const void *tuple, enum ct_dir dir, const struct ct_state *st,
-				     __u8 tcp_flags, __u32 len)
+				     __u8 tcp_flags, __u32 len, __u32 now)
 {
 	__u8 nexthdr = CT_TUPLE_GET(tuple, fam, nexthdr);
 	bool is_tcp = nexthdr == IPPROTO_TCP;
 	bool syn = ct_use_syn_table(nexthdr);
 	void *map = syn ? ct_syn_map(fam) : ct_map(fam, nexthdr);
 	struct ct_entry entry = {};
-	__u32 now = tpl_now();
 
 	ct_identity_copy(&entry, st);
-	if (ct_accounting) {
+	if (ct_accounting && dir != CT_SERVICE) {
 		entry.packets = 1;
 		entry.bytes = len;
 	}
@@ -628,9 +653,9 @@ static __always_inline int ct_create(int fam, const void *tuple, enum ct_dir dir
 }
 
 static __always_inline int ct_create4(const struct ipv4_ct_tuple *tuple, enum ct_dir dir,
-				      const struct ct_state *st, __u8 tcp_flags, __u32 len)
+				      const struct ct_state *st, __u8 tcp_flags, __u32 len, __u32 now)
 {
-	return ct_create(PKT_FAM4, tuple, dir, st, tcp_flags, len);
+	return ct_create(PKT_FAM4, tuple, dir, st, tcp_flags, len, now);
 }
 
 #endif

@@ -127,13 +127,14 @@ static __always_inline enum tpl_reason dsr_backend4(struct __sk_buff *skb, struc
 	struct nat4_entry nat = {};
 	struct ct_state st = {};
 	struct dsr_opt4 opt = {};
+	__u32 now = tpl_now();
 	bool has_opt;
 	int ret;
 
 	ret = dsr_read_opt4(skb, &opt, &has_opt);
 	if (tpl_has_verdict(ret))
 		return ret;
-	ret = ct_lookup4(&tuple, p, CT_EGRESS, skb->len, &st);
+	ret = ct_lookup4(&tuple, p, CT_EGRESS, skb->len, &st, now, CT_TABLES_ALL);
 	if (ret != CT_NEW)
 		return ct_status_reason(ret);
 	if (!has_opt)
@@ -145,11 +146,11 @@ static __always_inline enum tpl_reason dsr_backend4(struct __sk_buff *skb, struc
 	__builtin_memset(&st, 0, sizeof(st));
 	st.dsr_internal = 1;
 	st.src_sec_id = endpoint_identity4(p->saddr);
-	ret = ct_create4(&tuple, CT_EGRESS, &st, p->tcp_flags, skb->len);
+	ret = ct_create4(&tuple, CT_EGRESS, &st, p->tcp_flags, skb->len, now);
 	if (tpl_has_verdict(ret))
 		return ret;
 	nat4_key_for_ct(&tuple, &nk);
-	nat.created = tpl_now();
+	nat.created = now;
 	nat.to_addr = opt.addr;
 	nat.to_port = opt.port;
 	if (bpf_map_update_elem(&tpl_nat4_v1, &nk, &nat, BPF_ANY) < 0)

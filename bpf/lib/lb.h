@@ -178,7 +178,8 @@ static __always_inline int lb_backend_usable(int fam, const void *be, bool local
  * grace, or a flow whose backend is gone, then DNAT. With local_only (a node
  * without [overlay], so no DSR), a backend on another node is refused before
  * any state is made.
- * Returns TPL_CONTINUE or a drop reason; *be (unless NULL) gets the backend. Either family
+ * now is the packet's tpl_now(). Returns TPL_CONTINUE or a drop reason; *be
+ * (unless NULL) gets the backend. Either family
  * (fam: p a struct pkt4 or pkt6, key the service's slot 0 key). t is the
  * caller's CT tuple of fam, used here as scratch (the caller's conntrack
  * lookup fills it afterwards): one tuple on the stack, not two, keeps the
@@ -186,14 +187,14 @@ static __always_inline int lb_backend_usable(int fam, const void *be, bool local
  */
 static __always_inline int lb_local(int fam, struct __sk_buff *skb, void *p, const union lb_key *key,
 				    const struct lb4_service *svc, enum lb_select how, bool local_only,
-				    union lb_backend *be, void *t)
+				    union lb_backend *be, void *t, __u32 now)
 {
 	bool is_tcp = PKT(p, fam, proto) == IPPROTO_TCP;
 	__u8 tcp_flags = is_tcp ? PKT(p, fam, tcp_flags) : 0;
 	enum ct_action action = is_tcp ? ct_tcp_action(tcp_flags) : ACTION_UNSPEC;
 	__u16 rev_nat = svc->rev_nat_index;
 	void *found = NULL;
-	__u32 now = tpl_now(), id = 0;
+	__u32 id = 0;
 	struct ct_entry *e;
 	bool in_syn, chosen;
 	int ret;
@@ -208,7 +209,7 @@ static __always_inline int lb_local(int fam, struct __sk_buff *skb, void *p, con
 	if (e) {
 		bool rebalance = action == ACTION_CREATE && lb_rebalance_due(e, now);
 
-		ct_entry_hit(e, is_tcp, CT_SERVICE, action, tcp_flags, skb->len, CT_ESTABLISHED);
+		ct_entry_hit(e, is_tcp, CT_SERVICE, action, tcp_flags, skb->len, CT_ESTABLISHED, now);
 		if (!rebalance && READ_ONCE(e->rev_nat_index) == rev_nat) {
 			id = READ_ONCE(e->backend_id);
 			found = lb_lookup_backend(fam, id);
@@ -228,13 +229,13 @@ static __always_inline int lb_local(int fam, struct __sk_buff *skb, void *p, con
 			WRITE_ONCE(e->backend_id, id);
 			WRITE_ONCE(e->rev_nat_index, rev_nat);
 		}
-		ct_settle(fam, t, e, in_syn);
+		ct_settle(fam, t, e, in_syn, now);
 	} else {
 		struct ct_state st = {};
 
 		st.backend_id = id;
 		st.rev_nat_index = rev_nat;
-		ret = ct_create(fam, t, CT_SERVICE, &st, tcp_flags, skb->len);
+		ret = ct_create(fam, t, CT_SERVICE, &st, tcp_flags, skb->len, now);
 		if (tpl_has_verdict(ret))
 			return ret;
 	}

@@ -152,6 +152,29 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } tpl_lb4_affinity_v1 SEC(".maps");
 
+/* Whether this node has services reachable from its NIC (LB_SVC_F_EXTERNAL:
+ * NodePort, LoadBalancer): entry 0 is nonzero once the agent wrote one (before
+ * the service's commit) and stays so. While it is zero and the node has no
+ * overlay (DSR), no packet the node sends can be a NodePort or DSR reply, and
+ * cil_to_netdev passes it without probing the conntrack tables: an array
+ * lookup the verifier inlines instead of two hash lookups per packet.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(max_entries, 1);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tpl_lb4_external_v1 SEC(".maps");
+
+static __always_inline bool lb4_has_external(void)
+{
+	__u32 zero = 0;
+	__u32 *v = bpf_map_lookup_elem(&tpl_lb4_external_v1, &zero);
+
+	return v && READ_ONCE(*v);
+}
+
 /* Anchor the enums in BTF so the agent reads their names and values. */
 const volatile enum lb_svc_flag lb_svc_flag_names __attribute__((unused)) = 0;
 const volatile enum lb_backend_flag lb_backend_flag_names __attribute__((unused)) = 0;

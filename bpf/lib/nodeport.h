@@ -36,21 +36,23 @@ static __always_inline enum tpl_reason nodeport_lb4(struct __sk_buff *skb, struc
 	struct lb4_service *svc;
 	union lb_key key;
 	__u16 rev_nat;
+	__u32 now;
 	int ret;
 
 	svc = lb_lookup_service(PKT_FAM4, &key, p);
 	if (!svc || !(svc->flags & LB_SVC_F_EXTERNAL))
 		return TPL_PASS_NETDEV_UNTRACKED;
 	rev_nat = svc->rev_nat_index;
+	now = tpl_now();
 
-	ret = lb_local(PKT_FAM4, skb, p, &key, svc, LB_SELECT_MAGLEV, !overlay_ifindex, &be, &tuple);
+	ret = lb_local(PKT_FAM4, skb, p, &key, svc, LB_SELECT_MAGLEV, !overlay_ifindex, &be, &tuple, now);
 	if (tpl_has_verdict(ret))
 		return ret;
 	/* Remote backend: the CT_SERVICE entry is all this node keeps. */
 	if (overlay_ifindex && (be.b4.flags & LB_BACKEND_F_REMOTE))
 		return dsr_encap4(skb, p, be.b4.node_addr, key.k4.address, key.k4.dport);
 
-	ret = ct_lookup4(&tuple, p, CT_EGRESS, skb->len, &st);
+	ret = ct_lookup4(&tuple, p, CT_EGRESS, skb->len, &st, now, CT_TABLES_ALL);
 	if (ret != CT_NEW)
 		return ct_status_reason(ret);
 	ret = ct_may_create4(p);
@@ -62,14 +64,15 @@ static __always_inline enum tpl_reason nodeport_lb4(struct __sk_buff *skb, struc
 	st.node_port = 1;
 	st.ifindex = skb->ifindex;
 	st.src_sec_id = endpoint_identity4(p->saddr);
-	ret = ct_create4(&tuple, CT_EGRESS, &st, p->tcp_flags, skb->len);
+	ret = ct_create4(&tuple, CT_EGRESS, &st, p->tcp_flags, skb->len, now);
 	return tpl_verdict_or(ret, TPL_PASS_CT_NEW);
 }
 
 /* A packet leaving the node on its NIC: the reply of a NodePort flow (it hits
  * the flow's CT_EGRESS entry as a reply) gets the service address back; so
  * does the reply of a DSR flow (DSRInternal entry), from its NAT entry, and
- * goes straight to the client.
+ * goes straight to the client. A node with neither NIC-reachable services nor
+ * an overlay has no such flows: its packets pass without a table probe.
  */
 static __always_inline enum tpl_reason nodeport_rev_nat4(struct __sk_buff *skb, struct pkt4 *p)
 {
@@ -81,20 +84,24 @@ static __always_inline enum tpl_reason nodeport_rev_nat4(struct __sk_buff *skb, 
 	struct ct_entry *e;
 	__u16 rev_nat;
 	bool in_syn, dsr;
+	__u32 now;
 	int ret;
 
 	if (p->proto != IPPROTO_TCP && p->proto != IPPROTO_UDP)
+		return TPL_PASS_NETDEV_UNTRACKED;
+	if (!overlay_ifindex && !lb4_has_external())
 		return TPL_PASS_NETDEV_UNTRACKED;
 	/* The reply of the flow's CT_EGRESS entry. */
 	ct_tuple_reply4(&t, p, TUPLE_F_OUT);
 	e = ct_find4(&t, &in_syn);
 	if (!e || !(e->node_port || e->dsr_internal))
 		return TPL_PASS_NETDEV_UNTRACKED;
+	now = tpl_now();
 	ct_entry_hit(e, is_tcp, CT_INGRESS, is_tcp ? ct_tcp_action(tcp_flags) : ACTION_UNSPEC,
-		     tcp_flags, skb->len, CT_REPLY);
+		     tcp_flags, skb->len, CT_REPLY, now);
 	rev_nat = READ_ONCE(e->rev_nat_index);
 	dsr = e->dsr_internal;
-	ct_settle4(&t, e, in_syn);
+	ct_settle4(&t, e, in_syn, now);
 	if (dsr) {
 		nat4_key_for_ct(&t, &nk);
 		nat = bpf_map_lookup_elem(&tpl_nat4_v1, &nk);

@@ -83,6 +83,9 @@ AFFINITY6_MAP: Final = "tpl_lb6_affinity_v1"
 #: Every service map, both families.
 LB_MAPS: Final = (SERVICES_MAP, BACKENDS_MAP, REV_NAT_MAP, MAGLEV_MAP, AFFINITY_MAP,
                   SERVICES6_MAP, BACKENDS6_MAP, REV_NAT6_MAP, AFFINITY6_MAP)
+#: One u32: nonzero once a NIC-reachable (LB_SVC_F_EXTERNAL) service was written; while zero
+#: (and no overlay) cil_to_netdev skips its conntrack probes (lb_map.h).
+EXTERNAL_MAP: Final = "tpl_lb4_external_v1"
 #: Socket LB (sock_lb_map.h): (socket cookie, backend) -> service address, for recvmsg and
 #: getpeername; affinity keyed by network-namespace cookie.
 SOCK_REV_NAT_MAP: Final = "tpl_lb4_sock_rev_nat_v1"

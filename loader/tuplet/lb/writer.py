@@ -42,6 +42,7 @@ from tuplet.core import crashpoints
 from tuplet.core.errors import ConfigError, NotFoundError, TupletError
 from tuplet.datapath import paths
 from tuplet.datapath.abi import (
+    EXTERNAL_MAP,
     LB_BACKEND_F_REMOTE,
     LB_BANK_STRIDE,
     LB_MAPS,
@@ -87,7 +88,7 @@ class ServiceTable:
     # --- open / close ------------------------------------------------------------------------
 
     def __enter__(self) -> "ServiceTable":
-        for name in LB_MAPS:
+        for name in (*LB_MAPS, EXTERNAL_MAP):
             path = os.path.join(self.pin_root, name)
             if not os.path.exists(path):
                 self.close()
@@ -257,6 +258,8 @@ class ServiceTable:
             crashpoints.point("lb.bank-written")
             # 4. Commit.
             flags = TYPE_FLAGS[s.type] | (LB_SVC_F_AFFINITY if s.affinity_timeout else 0)
+            if flags & LB_SVC_F_EXTERNAL:   # before the first packet can take it: its replies are probed
+                self.maps[EXTERNAL_MAP].update(0, (1).to_bytes(4, "little"))
             svc_map.update(fam.key(s.address, s.port, s.proto),
                            Lb4Service(backend_id=0, affinity_timeout=s.affinity_timeout,
                                       maglev_size=m if active else 0, count=len(active),

@@ -53,11 +53,12 @@ from tuplet.node.lock import node_lock
 log = structlog.get_logger("tuplet.datapath")
 
 def open_object(name: str, cfg: NodeConfig, pin_root: str | None, sizing: Sizing | None = None,
-                overlay_ifindex: int = 0) -> ObjectSpec:
-    """Open one object and apply the node's load-time configuration to it."""
+                overlay_ifindex: int = 0, obj_dir: Path | None = None) -> ObjectSpec:
+    """Open one object (from obj_dir, default the installed build) and apply the node's load-time
+    configuration to it."""
     ct = cfg.conntrack
     sizing = sizing or ct.sizing()
-    spec = ObjectSpec.open(object_dir() / name, pin_root=pin_root)
+    spec = ObjectSpec.open((obj_dir or object_dir()) / name, pin_root=pin_root)
     try:
         present = spec.maps
         sizes = {CT_MAP_TCP: sizing.tcp.entries, CT_MAP_ANY: sizing.any.entries, NAT_MAP: sizing.nat.entries,

@@ -130,7 +130,7 @@ class Conntrack:
     gc_max_interval: float = 0.0    # seconds; 0 = no cap
     timeouts: Timeouts = field(default_factory=Timeouts)
     report_flags: int = 0xFF
-    accounting: bool = True
+    accounting: bool = False      # per-entry Packets/Bytes (the reference: off)
     # Flood protection (README "Table pressure"): TCP entries wait in their own table until
     # their handshake completes. False: one LRU table, as the reference.
     syn_table: bool = True
