@@ -47,7 +47,6 @@ static __always_inline enum tpl_reason lxc_track(int fam, struct __sk_buff *skb,
 		struct pkt6 p6;
 	} pkt = {};
 	void *p = &pkt;
-	unsigned int tables = CT_TABLES_ALL;
 	struct ct_state st = {};
 	union lb_key key;
 	__u16 rev_nat = 0;
@@ -59,33 +58,18 @@ static __always_inline enum tpl_reason lxc_track(int fam, struct __sk_buff *skb,
 		return ret;
 	now = tpl_now();   /* the clock, read once per packet */
 
-	/* A packet a pod sends is looked up in the main table first: a flow known
-	 * there under the packet's own addresses goes to no service (a service
-	 * flow's entries name its backend, never the service address), so most
-	 * packets are done without a service lookup. Only new flows, handshakes
-	 * and service flows look the service up, then the tables left: the
-	 * handshake table, or both for the DNATed packet. One call site in a
-	 * loop of at most two rounds keeps one copy of the lookup in the program.
-	 */
-	if (dir == CT_EGRESS)
-		tables = CT_TABLE_MAIN;
-#pragma clang loop unroll(disable)
-	for (;;) {
-		struct lb4_service *svc;
+	if (dir == CT_EGRESS) {
+		struct lb4_service *svc = lb_lookup_service(fam, &key, p);
 
-		ret = ct_lookup(fam, &tuple, p, dir, skb->len, &st, now, tables);
-		if (ret != CT_NEW || tables != CT_TABLE_MAIN)
-			break;
-		svc = lb_lookup_service(fam, &key, p);
-		tables = CT_TABLE_SYN;   /* the main table said no already */
 		if (svc) {
 			rev_nat = svc->rev_nat_index;
 			ret = lb_local(fam, skb, p, &key, svc, LB_SELECT_HASH, false, NULL, &tuple, now);
 			if (tpl_has_verdict(ret))
 				return ret;
-			tables = CT_TABLES_ALL;   /* DNATed: the backend's flow */
 		}
 	}
+
+	ret = ct_lookup(fam, &tuple, p, dir, skb->len, &st, now);
 	if (ret == CT_REPLY && st.rev_nat_index && dir == CT_INGRESS) {
 		int nat = lb_rev_nat(fam, skb, p, st.rev_nat_index);
 

@@ -399,15 +399,6 @@ static __always_inline void ct_settle4(const struct ipv4_ct_tuple *t, struct ct_
 	ct_settle(PKT_FAM4, t, e, in_syn, now);
 }
 
-/* Which tables ct_lookup4 probes: the main one (tpl_ct4_v1 or tpl_ct_any4_v1),
- * the handshake table (TCP with ct_syn_table), or both, in that order.
- */
-enum ct_tables {
-	CT_TABLE_MAIN = 1,
-	CT_TABLE_SYN = 2,
-	CT_TABLES_ALL = CT_TABLE_MAIN | CT_TABLE_SYN,
-};
-
 /* The entry of tuple t: the main table, then (TCP) the handshake table. */
 static __always_inline struct ct_entry *ct_find(int fam, const void *t, bool *in_syn)
 {
@@ -494,13 +485,12 @@ static __always_inline int __ct_lookup(int fam, void *map, bool in_syn, const vo
 	return status;
 }
 
-/* Look a packet up at time now in `tables` (enum ct_tables; CT_TABLES_ALL
- * but for a caller that splits the lookup). Fills tuple with the flow's key
- * in the packet's own direction (ready for ct_create on CT_NEW), st with
- * what the entry holds. Returns a ct_status.
+/* Look a packet up at time now. Fills tuple with the flow's key in the
+ * packet's own direction (ready for ct_create on CT_NEW), st with what the
+ * entry holds. Returns a ct_status.
  */
 static __always_inline int ct_lookup(int fam, void *tuple, const void *p, enum ct_dir dir, __u32 len,
-				     struct ct_state *st, __u32 now, unsigned int tables)
+				     struct ct_state *st, __u32 now)
 {
 	__u8 proto = PKT(p, fam, proto);
 	bool is_tcp = proto == IPPROTO_TCP;
@@ -535,23 +525,17 @@ static __always_inline int ct_lookup(int fam, void *tuple, const void *p, enum c
 
 	/* Reply direction first: a reply or related packet takes precedence. */
 	CT_TUPLE_SET(tuple, fam, flags, (dir == CT_INGRESS ? TUPLE_F_OUT : TUPLE_F_IN) | related);
-	if (tables & CT_TABLE_MAIN) {
-		ret = __ct_lookup(fam, map, false, tuple, is_tcp, dir, action, flags, len,
-				  related ? CT_RELATED : CT_REPLY, st, now);
-		if (ret != CT_NEW)
-			return ret;
-	}
+	ret = __ct_lookup(fam, map, false, tuple, is_tcp, dir, action, flags, len,
+			  related ? CT_RELATED : CT_REPLY, st, now);
+	if (ret != CT_NEW)
+		return ret;
 
 	ct_tuple_reverse(fam, tuple);
 	CT_TUPLE_SET(tuple, fam, flags, (dir == CT_INGRESS ? TUPLE_F_IN : TUPLE_F_OUT) | related);
-	if (tables & CT_TABLE_MAIN) {
-		ret = __ct_lookup(fam, map, false, tuple, is_tcp, dir, action, flags, len,
-				  related ? CT_RELATED : CT_ESTABLISHED, st, now);
-		if (ret != CT_NEW)
-			return ret;
-	}
-	if (!(tables & CT_TABLE_SYN) || !ct_use_syn_table(proto))
-		return CT_NEW;
+	ret = __ct_lookup(fam, map, false, tuple, is_tcp, dir, action, flags, len,
+			  related ? CT_RELATED : CT_ESTABLISHED, st, now);
+	if (ret != CT_NEW || !ct_use_syn_table(proto))
+		return ret;
 
 	/* Not established: the handshake table, in the same order. Established
 	 * flows never get here, so they pay no extra lookup.
@@ -569,15 +553,9 @@ static __always_inline int ct_lookup(int fam, void *tuple, const void *p, enum c
 }
 
 static __always_inline int ct_lookup4(struct ipv4_ct_tuple *tuple, const struct pkt4 *p, enum ct_dir dir,
-				      __u32 len, struct ct_state *st, __u32 now, unsigned int tables)
+				      __u32 len, struct ct_state *st, __u32 now)
 {
-	return ct_lookup(PKT_FAM4, tuple, p, dir, len, st, now, tables);
-}
-
-static __always_inline int ct_lookup6(struct ipv6_ct_tuple *tuple, const struct pkt6 *p, enum ct_dir dir,
-				      __u32 len, struct ct_state *st, __u32 now, unsigned int tables)
-{
-	return ct_lookup(PKT_FAM6, tuple, p, dir, len, st, now, tables);
+	return ct_lookup(PKT_FAM4, tuple, p, dir, len, st, now);
 }
 
 /* The verdict reason of a lookup that found an entry. */

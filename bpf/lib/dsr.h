@@ -134,7 +134,7 @@ static __always_inline enum tpl_reason dsr_backend4(struct __sk_buff *skb, struc
 	ret = dsr_read_opt4(skb, &opt, &has_opt);
 	if (tpl_has_verdict(ret))
 		return ret;
-	ret = ct_lookup4(&tuple, p, CT_EGRESS, skb->len, &st, now, CT_TABLES_ALL);
+	ret = ct_lookup4(&tuple, p, CT_EGRESS, skb->len, &st, now);
 	if (ret != CT_NEW)
 		return ct_status_reason(ret);
 	if (!has_opt)

@@ -52,7 +52,7 @@ static __always_inline enum tpl_reason nodeport_lb4(struct __sk_buff *skb, struc
 	if (overlay_ifindex && (be.b4.flags & LB_BACKEND_F_REMOTE))
 		return dsr_encap4(skb, p, be.b4.node_addr, key.k4.address, key.k4.dport);
 
-	ret = ct_lookup4(&tuple, p, CT_EGRESS, skb->len, &st, now, CT_TABLES_ALL);
+	ret = ct_lookup4(&tuple, p, CT_EGRESS, skb->len, &st, now);
 	if (ret != CT_NEW)
 		return ct_status_reason(ret);
 	ret = ct_may_create4(p);
