@@ -228,7 +228,7 @@ def test_refresh_between_verdict_and_delete_keeps_the_nat_entry(method: Method, 
         return v.reason, out
 
     def attempt() -> Race | None:
-        h = harness()
+        h = harness({"overlay_ifindex": 1})   # a DSR backend node has the overlay: replies are probed
         try:
             h.coll.maps[CT_MAP_TCP].update(key, CtEntry(lifetime=h.now() - 1, dsr_internal=1, src_sec_id=2,
                                                           seen_non_syn=1))

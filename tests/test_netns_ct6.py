@@ -23,12 +23,14 @@ from tuplet.bpf.maps import Map
 from tuplet.conntrack import records as ct
 from tuplet.datapath import abi, clock
 from tuplet.datapath.abi import CT6_MAP_ANY, CT6_MAP_TCP
+from tuplet.datapath.layouts import Lb6Backend, bytes_to_ip6
 from tuplet.lab.topology import GATEWAY6
 from two_pods import POD1_V6, POD2_V6, two_pods
 
 pytestmark = [pytest.mark.netns, pytest.mark.clock]
 
 POD1_ID = 3096    # pod1's identity (two_pods.node_config_text), found by its IPv6 address
+COUNTING = "accounting = true"   # [conntrack]: tests that read Packets (off by default)
 
 
 @pytest.fixture
@@ -62,7 +64,7 @@ def flush_neighbours(topo) -> None:
 
 @pytest.mark.parametrize("mode", ["tcx", "tc"])
 def test_pod_to_pod_ipv6_entries(topo, applied, pin_root, mode) -> None:  # noqa: F811
-    applied(mode)
+    applied(mode, extra=COUNTING)
     exchange_and_check(topo, pin_root)
 
 
@@ -207,7 +209,7 @@ def test_gc_of_ipv6_tables_keeps_live_connections(topo, applied, pin_root) -> No
 
 @pytest.mark.parametrize("mode", ["tcx", "tc"])
 def test_live_resize_of_ipv6_tables_keeps_connections(topo, applied, pin_root, mode) -> None:  # noqa: F811
-    applied(mode, tcp_max=4096)
+    applied(mode, tcp_max=4096, extra=COUNTING)
     srv = start_server(topo, topo.p2, 8000, family6=True)
     conns = [LiveConnection(topo, topo.p1, POD2_V6, 8000) for _ in range(3)]
     for c in conns:
@@ -216,7 +218,7 @@ def test_live_resize_of_ipv6_tables_keeps_connections(topo, applied, pin_root, m
     assert len(before) == 6, before
 
     for size in (16384, 2048):     # grow, then shrink above the live count
-        applied(mode, tcp_max=size)
+        applied(mode, tcp_max=size, extra=COUNTING)
         with Map.from_pin(f"{pin_root}/{CT6_MAP_TCP}") as m:
             assert m.max_entries == size
         kept = tcp_packets(pin_root)
@@ -229,3 +231,33 @@ def test_live_resize_of_ipv6_tables_keeps_connections(topo, applied, pin_root, m
     for c in conns:
         c.close()
     srv.kill()
+
+
+VIP6 = "fd00:10:96::a"
+
+
+def test_ipv6_cluster_ip_with_a_local_backend(topo, applied, pin_root) -> None:  # noqa: F811
+    """An IPv6 ClusterIP whose backend is pod2's IPv6 address: apply counts the endpoints'
+    IPv6 addresses as local (the backend is not marked remote), and pod1 reaches the backend
+    through the VIP per packet, with the service's entries in the IPv6 tables."""
+    applied("tcx", extra=textwrap.dedent(f"""
+        [[services]]
+        name = "web6"
+        type = "ClusterIP"
+        address = "{VIP6}"
+        port = 80
+        backends = ["[{POD2_V6}]:8000"]
+        """))
+    with Map.from_pin(f"{pin_root}/{abi.BACKENDS6_MAP}") as m:
+        backends = [Lb6Backend.from_buffer_copy(v) for _, v in m.items()]
+    assert [(bytes_to_ip6(b.address), b.flags) for b in backends] == [(POD2_V6, 0)]
+    flush_neighbours(topo)
+    srv = start_server(topo, topo.p2, 8000, family6=True)
+    try:
+        conn = LiveConnection(topo, topo.p1, VIP6, 80)
+        assert conn.roundtrip("via the VIP") == "via the VIP"
+        conn.close()
+    finally:
+        srv.kill()
+    lines = show(ct6(pin_root))
+    assert any(" SVC " in line and f"[{VIP6}]:80" in line for line in lines), lines

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from test_netns_ct6 import exchange_and_check
+from test_netns_ct6 import COUNTING, exchange_and_check
 from test_netns_datapath import POD1, POD2, ct_lines, find, node_config, topo  # noqa: F401 (topo: fixture)
 from traffic import LiveConnection, start_server, udp_once
 from tuplet.bpf import _libbpf as C
@@ -190,7 +190,7 @@ def topo6():
 
 def test_ipv6_pods_talk_over_tc(topo6, pin_root) -> None:
     """Dual-stack pods over IPv6 through the legacy TC fallback: entries in the IPv6 tables only."""
-    node_apply.apply(config.parse(node_config(topo6, pin_root, "auto")))
+    node_apply.apply(config.parse(node_config(topo6, pin_root, "auto", extra=COUNTING)))
     try:
         st = state.load(pin_root)
         assert {a.mode for a in st.attachments} == {AttachMode.TC}, st.attachments
