@@ -440,11 +440,6 @@ static __always_inline void ct_tuple_reverse(int fam, void *t)
 	CT_TUPLE_SET(t, fam, sport, p);
 }
 
-static __always_inline void ct_tuple_reverse4(struct ipv4_ct_tuple *t)
-{
-	ct_tuple_reverse(PKT_FAM4, t);
-}
-
 /* The key under which p's packet is a reply of a tracked flow: its own
  * addresses, its ports swapped (addresses name the reply direction, ports the
  * original one: conntrack_types.h). ct_tuple_reverse() of it is the key of

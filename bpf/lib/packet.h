@@ -408,10 +408,4 @@ static __always_inline int pkt4_parse(struct __sk_buff *skb, struct pkt4 *p, __u
 	return pkt_parse(PKT_FAM4, skb, p, protos, untracked);
 }
 
-static __always_inline int pkt6_parse(struct __sk_buff *skb, struct pkt6 *p, __u64 protos,
-				      enum tpl_reason untracked)
-{
-	return pkt_parse(PKT_FAM6, skb, p, protos, untracked);
-}
-
 #endif
