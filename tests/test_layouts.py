@@ -29,6 +29,8 @@ from tuplet.datapath.layouts import (
     Lb4Service,
     Lb4SockRevKey,
     Lb4SockRevVal,
+    Lb6SockRevKey,
+    Lb6SockRevVal,
     Lb6AffinityKey,
     Lb6Backend,
     Lb6Key,
@@ -36,6 +38,7 @@ from tuplet.datapath.layouts import (
     LbAffinityVal,
     MetricsValue,
     Nat4Entry,
+    Nat6Entry,
     TplSignal,
 )
 from tuplet.datapath.metrics import reason_names
@@ -59,7 +62,7 @@ def bit_offset(cls: type[ctypes.Structure], name: str) -> tuple[int, int]:
                                        (Ipcache6Key, "ipcache6_key"), (CtEntry, "ct_entry"),
                                        (EndpointInfo, "endpoint_info"),
                                        (IpcacheKey, "ipcache_key"), (IpcacheInfo, "ipcache_info"), (MetricsValue, "metrics_value"),
-                                       (Nat4Entry, "nat4_entry"), (TplSignal, "tpl_signal"),
+                                       (Nat4Entry, "nat4_entry"), (Nat6Entry, "nat6_entry"), (TplSignal, "tpl_signal"),
                                        (CtNotifyRec, "ct_notify_rec"), (CtNotifyCtl, "ct_notify_ctl"),
                                        (CtNotifyCpu, "ct_notify_cpu"),
                                        (Lb4Key, "lb4_key"), (Lb4Service, "lb4_service"),
@@ -73,7 +76,8 @@ def test_struct_matches_btf(btf, cls, cname) -> None:
 
 
 @pytest.mark.parametrize("obj", [OBJ_SOCK, OBJ_SOCK_DESTROY])
-@pytest.mark.parametrize("cls,cname", [(Lb4SockRevKey, "lb4_sock_rev_key"), (Lb4SockRevVal, "lb4_sock_rev_val")])
+@pytest.mark.parametrize("cls,cname", [(Lb4SockRevKey, "lb4_sock_rev_key"), (Lb4SockRevVal, "lb4_sock_rev_val"),
+                                      (Lb6SockRevKey, "lb6_sock_rev_key"), (Lb6SockRevVal, "lb6_sock_rev_val")])
 def test_socket_lb_struct_matches_btf(obj, cls, cname) -> None:
     with load_btf_from_elf(object_dir() / obj) as btf:
         check_struct(btf, cls, cname)

@@ -16,6 +16,7 @@
 
 #include "compiler.h"
 #include "conntrack_types.h"
+#include "ipv6.h"
 
 #define NAT_MAP_SIZE 524288
 
@@ -37,6 +38,26 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } tpl_nat4_v1 SEC(".maps");
 
+/* The IPv6 twin (tpl_nat6_v1): the same rule, IPv6 tuples and addresses. */
+struct nat6_entry {
+	__u64 created;           /* seconds of the conntrack clock */
+	__u64 needs_ct;
+	__u64 reserved[2];
+	union v6addr to_addr;    /* rewritten address (DSR: service VIP) */
+	__be16 to_port;          /* rewritten port (DSR: service port) */
+	__u16 pad;
+	__u32 pad2;
+};
+ASSERT_SIZE(struct nat6_entry, 56);
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct ipv6_ct_tuple);
+	__type(value, struct nat6_entry);
+	__uint(max_entries, NAT_MAP_SIZE);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tpl_nat6_v1 SEC(".maps");
+
 /* Does this conntrack entry own a NAT entry? */
 static __always_inline bool ct_owns_nat(const struct ipv4_ct_tuple *ct, const struct ct_entry *e)
 {
@@ -50,6 +71,21 @@ static __always_inline bool ct_owns_nat(const struct ipv4_ct_tuple *ct, const st
  * reference's DSR entry reads: "OUT client:port -> backend:port".
  */
 static __always_inline void nat4_key_for_ct(const struct ipv4_ct_tuple *ct, struct ipv4_ct_tuple *nat)
+{
+	nat->saddr = ct->saddr;
+	nat->sport = ct->dport;
+	nat->daddr = ct->daddr;
+	nat->dport = ct->sport;
+	nat->nexthdr = ct->nexthdr;
+	nat->flags = TUPLE_F_OUT;
+}
+
+static __always_inline bool ct6_owns_nat(const struct ipv6_ct_tuple *ct, const struct ct_entry *e)
+{
+	return ct->flags == TUPLE_F_OUT && (e->dsr_internal || e->node_port);
+}
+
+static __always_inline void nat6_key_for_ct(const struct ipv6_ct_tuple *ct, struct ipv6_ct_tuple *nat)
 {
 	nat->saddr = ct->saddr;
 	nat->sport = ct->dport;

@@ -57,6 +57,7 @@ CT6_MAP_ANY: Final = "tpl_ct_any6_v1"
 CT6_MAP_SYN: Final = "tpl_ct6_syn_v1"
 CT6_MAPS: Final = (CT6_MAP_TCP, CT6_MAP_ANY, CT6_MAP_SYN)
 NAT_MAP: Final = "tpl_nat4_v1"
+NAT6_MAP: Final = "tpl_nat6_v1"          # IPv6 tuples (DSR replies of IPv6 services), nat_map.h
 EP_MAP: Final = "tpl_ep4_v1"
 EP6_MAP: Final = "tpl_ep6_v1"            # the same endpoints by IPv6 address
 IPCACHE_MAP: Final = "tpl_ipcache4_v1"   # LPM trie: remote IPv4 prefix -> identity (ipcache.h)
@@ -89,7 +90,8 @@ EXTERNAL_MAP: Final = "tpl_lb4_external_v1"
 #: Socket LB (sock_lb_map.h): (socket cookie, backend) -> service address, for recvmsg and
 #: getpeername; affinity keyed by network-namespace cookie.
 SOCK_REV_NAT_MAP: Final = "tpl_lb4_sock_rev_nat_v1"
-SOCK_AFFINITY_MAP: Final = "tpl_lb4_sock_affinity_v1"
+SOCK_AFFINITY_MAP: Final = "tpl_lb4_sock_affinity_v1"   # both families (rev-NAT indexes are one space)
+SOCK6_REV_NAT_MAP: Final = "tpl_lb6_sock_rev_nat_v1"
 
 # --- identities (endpoint.h) ------------------------------------------------------------------
 

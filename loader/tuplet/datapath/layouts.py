@@ -156,6 +156,20 @@ class Nat4Entry(ctypes.Structure):
     ]
 
 
+class Nat6Entry(ctypes.Structure):
+    """struct nat6_entry: value of the IPv6 NAT map (56 bytes)."""
+
+    _fields_ = [
+        ("created", ctypes.c_uint64),
+        ("needs_ct", ctypes.c_uint64),
+        ("reserved", ctypes.c_uint64 * 2),
+        ("to_addr", V6Addr),
+        ("to_port", ctypes.c_uint16),   # network byte order
+        ("pad", ctypes.c_uint16),
+        ("pad2", ctypes.c_uint32),
+    ]
+
+
 class TplSignal(ctypes.Structure):
     """struct tpl_signal: one record of the datapath's signal ring buffer."""
 
@@ -288,6 +302,28 @@ class Lb4SockRevVal(ctypes.Structure):
 
     _fields_ = [
         ("address", ctypes.c_uint32),     # network byte order
+        ("port", ctypes.c_uint16),        # network byte order
+        ("rev_nat_index", ctypes.c_uint16),
+    ]
+
+
+class Lb6SockRevKey(ctypes.Structure):
+    """struct lb6_sock_rev_key: the IPv6 twin of :class:`Lb4SockRevKey`."""
+
+    _fields_ = [
+        ("cookie", ctypes.c_uint64),
+        ("address", V6Addr),              # backend
+        ("port", ctypes.c_uint16),        # network byte order
+        ("pad", ctypes.c_uint16),
+        ("pad2", ctypes.c_uint32),
+    ]
+
+
+class Lb6SockRevVal(ctypes.Structure):
+    """struct lb6_sock_rev_val: the IPv6 service address the application used."""
+
+    _fields_ = [
+        ("address", V6Addr),
         ("port", ctypes.c_uint16),        # network byte order
         ("rev_nat_index", ctypes.c_uint16),
     ]
