@@ -13,7 +13,8 @@
  *
  *   loadgen crr|rr|udp_rr IP[,IP...] PORT SECONDS [CONCURRENCY] [SIZE]
  *       CONCURRENCY client processes (default 1), process i aimed at the i-th address
- *       modulo their number, for SECONDS seconds, SIZE-byte requests (default 64):
+ *       modulo their number, for SECONDS seconds, SIZE-byte requests (default 64).
+ *       Each IP is IPv4 (10.68.0.1) or IPv6 (fd00::1 or [fd00::1]); families may mix.
  *         crr     connect, send a request, read the echo, close, per transaction.
  *                 The client closes first with a normal FIN (no SO_LINGER), so the
  *                 TIME_WAIT state stays on the client side.
@@ -247,23 +248,58 @@ static int read_full(int fd, char *buf, size_t n)
 	return 0;
 }
 
-static int tcp_connect(const struct sockaddr_in *dst)
+/* One target: an IPv4 or IPv6 address and the port. */
+struct target {
+	struct sockaddr_storage sa;
+	socklen_t len;
+};
+
+/* "10.0.0.1", "fd00::1" or "[fd00::1]" with port into t; 0 on success. */
+static int parse_target(const char *s, int port, struct target *t)
+{
+	struct sockaddr_in *a = (struct sockaddr_in *)&t->sa;
+	struct sockaddr_in6 *a6 = (struct sockaddr_in6 *)&t->sa;
+	char buf[INET6_ADDRSTRLEN + 2];
+	size_t n = strlen(s);
+
+	memset(t, 0, sizeof(*t));
+	if (n >= 2 && s[0] == '[' && s[n - 1] == ']') {
+		if (n - 2 >= sizeof(buf))
+			return -1;
+		memcpy(buf, s + 1, n - 2);
+		buf[n - 2] = 0;
+		s = buf;
+	} else if (inet_pton(AF_INET, s, &a->sin_addr) == 1) {
+		a->sin_family = AF_INET;
+		a->sin_port = htons(port);
+		t->len = sizeof(*a);
+		return 0;
+	}
+	if (inet_pton(AF_INET6, s, &a6->sin6_addr) != 1)
+		return -1;
+	a6->sin6_family = AF_INET6;
+	a6->sin6_port = htons(port);
+	t->len = sizeof(*a6);
+	return 0;
+}
+
+static int tcp_connect(const struct target *dst)
 {
 	int one = 1;
-	int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	int fd = socket(dst->sa.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
 
 	if (fd < 0)
 		return -1;
 	set_timeouts(fd, 1000000);
 	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-	if (connect(fd, (const struct sockaddr *)dst, sizeof(*dst))) {
+	if (connect(fd, (const struct sockaddr *)&dst->sa, dst->len)) {
 		close(fd);
 		return -1;
 	}
 	return fd;
 }
 
-static void client_worker(enum mode m, const struct sockaddr_in *dst, size_t size, struct shared *sh, int id)
+static void client_worker(enum mode m, const struct target *dst, size_t size, struct shared *sh, int id)
 {
 	char req[BUF], resp[BUF];
 	uint64_t done = 0, errors = 0;
@@ -273,10 +309,10 @@ static void client_worker(enum mode m, const struct sockaddr_in *dst, size_t siz
 	if (m == RR) {
 		fd = tcp_connect(dst);
 	} else if (m == UDP_RR) {
-		fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+		fd = socket(dst->sa.ss_family, SOCK_DGRAM | SOCK_CLOEXEC, 0);
 		if (fd >= 0) {
 			set_timeouts(fd, 200000);
-			if (connect(fd, (const struct sockaddr *)dst, sizeof(*dst))) {
+			if (connect(fd, (const struct sockaddr *)&dst->sa, dst->len)) {
 				close(fd);
 				fd = -1;
 			}
@@ -324,7 +360,7 @@ static void client_worker(enum mode m, const struct sockaddr_in *dst, size_t siz
 
 static int client(enum mode m, int argc, char **argv)
 {
-	struct sockaddr_in dst[MAX_TARGETS];
+	struct target dst[MAX_TARGETS];
 	int ntargets = 0, port, conc = 1;
 	size_t size = 64;
 	double seconds, t0, t1;
@@ -348,11 +384,10 @@ static int client(enum mode m, int argc, char **argv)
 	for (tok = strtok_r(list, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
 		if (ntargets == MAX_TARGETS)
 			return 1;
-		memset(&dst[ntargets], 0, sizeof(dst[0]));
-		dst[ntargets].sin_family = AF_INET;
-		dst[ntargets].sin_port = htons(port);
-		if (inet_pton(AF_INET, tok, &dst[ntargets].sin_addr) != 1)
+		if (parse_target(tok, port, &dst[ntargets])) {
+			fprintf(stderr, "loadgen: not an IPv4 or IPv6 address: %s\n", tok);
 			return 1;
+		}
 		ntargets++;
 	}
 	if (!ntargets)
@@ -411,6 +446,7 @@ int main(int argc, char **argv)
 		rc = client(UDP_RR, argc, argv);
 	if (rc == 1)
 		fprintf(stderr, "usage: loadgen server|server6 PORT [WORKERS]\n"
-				"       loadgen crr|rr|udp_rr IP[,IP...] PORT SECONDS [CONCURRENCY] [SIZE]\n");
+				"       loadgen crr|rr|udp_rr IP[,IP...] PORT SECONDS [CONCURRENCY] [SIZE]\n"
+				"       (IP: IPv4, IPv6 or [IPv6])\n");
 	return rc;
 }
