@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
-"""A ClusterIP service three ways, side by side in one run: direct, iptables (kube-proxy style), tuplet.
+"""A ClusterIP service three ways, side by side in one run: direct, iptables (kube-proxy style), tuplet;
+for IPv4 and IPv6.
 
     make bench-services    (or: .venv/bin/python bench/services.py [--seconds 3] [--rounds 5]
                                 [--concurrency N] [--cpus LIST|all] [--no-udp] [--quick]
-                                [--json] [--out FILE])
+                                [--families 4,6] [--json] [--out FILE])
     make bench-services BENCH_ARGS="--quick --json"
 
 One namespace topology (prefix ``tpl-bench``): a node, a client pod and two backend pods, each
@@ -24,9 +25,24 @@ client pod runs ``build/loadgen crr|rr|udp_rr`` against:
   tuplet-sock  tuplet with socket LB (``[lb] socket_lb = true`` on the bench's own cgroup,
             ``/sys/fs/cgroup/unified/tuplet-test-*``, which only the client processes join):
             connect()/sendto() to the ClusterIP go straight to a backend, no per-packet NAT.
+            IPv4 only (tuplet has no IPv6 socket LB yet).
 
-Switching modes: the nat table is deleted (``nft delete table ip nat`` with the nf_tables
-backend, so conntrack is not even hooked in direct and tuplet mode) and nf_conntrack is
+IPv6 (``--families``, default ``4,6``): the pods are dual stack (fd00:10:64::/64 beside their IPv4
+addresses) and the service has an IPv6 ClusterIP, fd00:10:68::ae92:80, with the same backends
+(their IPv6 addresses); the backends run ``loadgen server6`` (one socket on :: serving both
+families). Three more modes, each beside its IPv4 one in the rotation:
+
+  direct6    the backends' IPv6 addresses.
+  ip6tables  kube-proxy's IPv6 rules: the same chains and rules in ip6tables' nat table (/128s,
+             ``DNAT --to-destination [backend]:8000``), nf_conntrack.
+  tuplet6    the IPv6 ClusterIP in tuplet, per packet; tuplet is applied with the same
+             configuration (both ClusterIPs) as in tuplet mode, only the traffic's family differs.
+
+The ratios: tuplet/iptables and tuplet6/ip6tables, and IPv6's cost per transaction over IPv4's
+(IPv4's rate over IPv6's) for each of direct, iptables and tuplet, paired by round.
+
+Switching modes: the nat table is deleted (``nft delete table ip nat``, ``ip6 nat`` for IPv6, with the
+nf_tables backend, so conntrack is not even hooked in direct and tuplet mode) and nf_conntrack is
 flushed; tuplet is torn down (its maps, CT included, go with it). Every round runs every
 mode, in a rotated order, each mode doing CRR, RR and UDP RR (``--seconds`` each); the tables
 give medians over the rounds, and "spread" is (max - min) / median.
@@ -50,8 +66,10 @@ accept connections and the servers count at least the transactions the client co
 in direct mode there is neither a KUBE- nat rule nor a tuplet pin root; in tuplet-sock mode tuplet's
 CT tables hold no service entry but the client's OUT entries, and the socket reverse-NAT map holds entries; in iptables mode the
 KUBE-SEP DNAT rules matched at least as many connections as CRR completed (and the UDP
-flows), with tuplet's pin root gone; in tuplet mode there is no KUBE- nat rule, tuplet's CT
-tables hold service (SVC) entries for TCP and UDP after the round, and its counters saw at
+flows), with tuplet's pin root gone (ip6tables the same with the ip6tables rules, and no KUBE- rule
+in iptables' nat table, nor the other way round); in tuplet and tuplet6 mode there is no KUBE- nat
+rule, tuplet's CT tables of the mode's family (tpl_ct4_v1.. or tpl_ct6_v1..) hold service (SVC) entries
+for TCP and UDP after the round and the other family's none, and its counters saw at
 least as many connection set-ups (PASS_CT_NEW + PASS_CT_REOPENED: CRR reuses client ports
 while their closed CT entries are still there) as CRR completed. A failed check makes the
 exit status 1.
@@ -72,6 +90,7 @@ import os
 import platform
 import shlex
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -94,19 +113,48 @@ from tuplet.datapath import (
     paths,
 )
 from tuplet.datapath.abi import TUPLE_F_SERVICE  # noqa: E402
-from tuplet.datapath.layouts import CtTuple4  # noqa: E402
+from tuplet.datapath.layouts import CtTuple4, CtTuple6  # noqa: E402
 from tuplet.lab.topology import Node, Pod, Topology  # noqa: E402
 from tuplet.node import apply as node_apply
 from tuplet.node import config  # noqa: E402
 from tuplet.node.netns import enter, sysctl  # noqa: E402
 
-CLIENT, BACK1, BACK2 = "10.64.0.36", "10.64.0.98", "10.64.0.64"
-BACKENDS = (BACK1, BACK2)
-POD_CIDR = "10.64.0.0/16"
 SVC_RANGE = "10.68.0.0/16"
-VIP, SVC_PORT, BACKEND_PORT = "10.68.174.146", 80, 8000
+SVC_PORT, BACKEND_PORT = 80, 8000
+
+
+@dataclass(frozen=True)
+class Fam:
+    """One address family of the bench: the pods' and the ClusterIP's addresses, kube-proxy's
+    rule tools for it, and tuplet's CT tables of that family."""
+    version: int
+    client: str
+    backends: tuple[str, str]
+    pod_cidr: str
+    vip: str
+    iptables: str                               # iptables / ip6tables (-restore, -save)
+    nft_family: str                             # the nf_tables family of its nat table
+    ct_maps: tuple[str, str, str]               # TCP, any (UDP, ICMP), SYN
+    tuple_cls: type[CtTuple4] | type[CtTuple6]
+
+    @property
+    def host_len(self) -> int:
+        return 32 if self.version == 4 else 128
+
+    def endpoint(self, address: str, port: int) -> str:
+        return f"{address}:{port}" if self.version == 4 else f"[{address}]:{port}"
+
+
+V4 = Fam(4, "10.64.0.36", ("10.64.0.98", "10.64.0.64"), "10.64.0.0/16", "10.68.174.146", "iptables", "ip",
+         abi.CT_MAPS, CtTuple4)
+V6 = Fam(6, "fd00:10:64::24", ("fd00:10:64::62", "fd00:10:64::40"), "fd00:10:64::/64", "fd00:10:68::ae92",
+         "ip6tables", "ip6", abi.CT6_MAPS, CtTuple6)
+FAMS = {4: V4, 6: V6}
 SOCK_MODE = "tuplet-sock"
+#: The IPv4 modes; socket LB (tuplet-sock) is IPv4 only (tuplet has no IPv6 socket LB yet).
 MODES = ("direct", "iptables", "tuplet", SOCK_MODE)
+#: The IPv6 modes and the kind of each: the same ClusterIP's IPv6 address with the same backends.
+V6_MODES = {"direct6": "direct", "ip6tables": "iptables", "tuplet6": "tuplet"}
 #: With --single-lru: tuplet with one TCP table (``syn_table = false``, the reference's layout),
 #: to measure what the handshake table costs per connection.
 LRU_MODE = "tuplet-lru"
@@ -129,11 +177,26 @@ def sep_chain(proto: str, i: int) -> str:
     return f"KUBE-SEP-BENCH{proto.upper()}{i:010d}"
 
 
+def kind(mode: str) -> str:
+    """What a mode does (direct, iptables, tuplet, ...), whatever its family."""
+    return V6_MODES.get(mode, mode)
+
+
+def fam_of(mode: str) -> Fam:
+    return V6 if mode in V6_MODES else V4
+
+
+def direct_of(mode: str) -> str:
+    """The direct mode of a mode's family: what its ``/direct`` ratio divides by."""
+    return "direct6" if mode in V6_MODES else "direct"
+
+
 # --- the iptables mode ----------------------------------------------------------------------
 
 
-def kube_proxy_rules(protos: tuple[str, ...]) -> str:
-    """The nat table kube-proxy (iptables mode) writes for one ClusterIP with two endpoints."""
+def kube_proxy_rules(fam: Fam, protos: tuple[str, ...]) -> str:
+    """The nat table kube-proxy (iptables mode) writes for one ClusterIP with two endpoints: for
+    IPv6 the same chains and rules in ip6tables' nat table, with /128s and ``[address]:port``."""
     chains = ["KUBE-SERVICES", "KUBE-POSTROUTING", "KUBE-MARK-MASQ"]
     rules = [
         '-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES',
@@ -149,44 +212,47 @@ def kube_proxy_rules(protos: tuple[str, ...]) -> str:
         svc = SVC_CHAINS[proto]
         chains.append(svc)
         name = f"bench/web:{proto}"
-        rules.append(f'-A KUBE-SERVICES -d {VIP}/32 -p {proto} -m comment --comment "{name} cluster IP" '
+        vip = f"{fam.vip}/{fam.host_len}"
+        rules.append(f'-A KUBE-SERVICES -d {vip} -p {proto} -m comment --comment "{name} cluster IP" '
                      f"-m {proto} --dport {SVC_PORT} -j {svc}")
-        rules.append(f'-A {svc} ! -s {POD_CIDR} -d {VIP}/32 -p {proto} -m comment --comment "{name} cluster IP" '
+        rules.append(f'-A {svc} ! -s {fam.pod_cidr} -d {vip} -p {proto} -m comment --comment "{name} cluster IP" '
                      f"-m {proto} --dport {SVC_PORT} -j KUBE-MARK-MASQ")
-        n = len(BACKENDS)
-        for i, backend in enumerate(BACKENDS):
+        n = len(fam.backends)
+        for i, backend in enumerate(fam.backends):
             sep = sep_chain(proto, i)
             chains.append(sep)
             pick = f"-m statistic --mode random --probability {1 / (n - i):.11f} " if i < n - 1 else ""
-            rules.append(f'-A {svc} -m comment --comment "{name} -> {backend}:{BACKEND_PORT}" {pick}-j {sep}')
-            rules.append(f'-A {sep} -s {backend}/32 -m comment --comment "{name}" -j KUBE-MARK-MASQ')
+            to = fam.endpoint(backend, BACKEND_PORT)
+            rules.append(f'-A {svc} -m comment --comment "{name} -> {to}" {pick}-j {sep}')
+            rules.append(f'-A {sep} -s {backend}/{fam.host_len} -m comment --comment "{name}" -j KUBE-MARK-MASQ')
             rules.append(f'-A {sep} -p {proto} -m comment --comment "{name}" -m {proto} '
-                         f"-j DNAT --to-destination {backend}:{BACKEND_PORT}")
+                         f"-j DNAT --to-destination {to}")
     return "*nat\n" + "".join(f":{c} - [0:0]\n" for c in chains) + "\n".join(rules) + "\nCOMMIT\n"
 
 
-def nat_install(t: Topology, node: Node, protos: tuple[str, ...]) -> None:
-    t.run(node, ["iptables-restore", "--noflush"], input=kube_proxy_rules(protos), text=True, check=True,
-          capture_output=True)
+def nat_install(t: Topology, node: Node, fam: Fam, protos: tuple[str, ...]) -> None:
+    t.run(node, [f"{fam.iptables}-restore", "--noflush"], input=kube_proxy_rules(fam, protos), text=True,
+          check=True, capture_output=True)
 
 
-def nat_remove(t: Topology, node: Node) -> None:
-    """Delete the whole nat table (the nf_tables backend can), else flush it; flush nf_conntrack."""
-    if shutil.which("nft") and "nf_tables" in subprocess.run(["iptables", "--version"], capture_output=True,
+def nat_remove(t: Topology, node: Node, fam: Fam) -> None:
+    """Delete the family's whole nat table (the nf_tables backend can), else flush it; flush
+    nf_conntrack."""
+    if shutil.which("nft") and "nf_tables" in subprocess.run([fam.iptables, "--version"], capture_output=True,
                                                               text=True).stdout:
-        t.run(node, ["nft", "delete", "table", "ip", "nat"], capture_output=True)  # absent: fine
+        t.run(node, ["nft", "delete", "table", fam.nft_family, "nat"], capture_output=True)  # absent: fine
     else:
-        t.run(node, ["iptables", "-t", "nat", "-F"], check=True, capture_output=True)
-        t.run(node, ["iptables", "-t", "nat", "-X"], check=True, capture_output=True)
-    conntrack_flush(node)
+        t.run(node, [fam.iptables, "-t", "nat", "-F"], check=True, capture_output=True)
+        t.run(node, [fam.iptables, "-t", "nat", "-X"], check=True, capture_output=True)
+    conntrack_flush(node, fam)
 
 
-def conntrack_flush(node: Node) -> None:
+def conntrack_flush(node: Node, fam: Fam) -> None:
     try:
         from pyroute2 import Conntrack
 
         with enter(node.netns):
-            c = Conntrack()
+            c = Conntrack(nfgen_family=socket.AF_INET if fam.version == 4 else socket.AF_INET6)
         try:
             c.flush()
         finally:
@@ -195,14 +261,15 @@ def conntrack_flush(node: Node) -> None:
         log_note(f"nf_conntrack not flushed: {e}")
 
 
-def nat_rules(t: Topology, node: Node) -> str:
-    return t.run(node, ["iptables-save", "-c", "-t", "nat"], check=True, capture_output=True, text=True).stdout
+def nat_rules(t: Topology, node: Node, fam: Fam) -> str:
+    return t.run(node, [f"{fam.iptables}-save", "-c", "-t", "nat"], check=True, capture_output=True,
+                 text=True).stdout
 
 
-def dnat_hits(t: Topology, node: Node) -> dict[str, int]:
+def dnat_hits(t: Topology, node: Node, fam: Fam) -> dict[str, int]:
     """Packets that matched each KUBE-SEP DNAT rule (one per new connection)."""
     hits: dict[str, int] = {}
-    for line in nat_rules(t, node).splitlines():
+    for line in nat_rules(t, node, fam).splitlines():
         if line.startswith("[") and "-j DNAT" in line and " -A KUBE-SEP-" in line:
             counts, rest = line.split("]", 1)
             hits[rest.split()[1]] = int(counts.lstrip("[").split(":")[0])
@@ -212,7 +279,7 @@ def dnat_hits(t: Topology, node: Node) -> dict[str, int]:
 # --- the tuplet mode ------------------------------------------------------------------------
 
 
-def node_config(node: Node, pods: dict[str, Pod], protos: tuple[str, ...]) -> config.NodeConfig:
+def node_config(node: Node, pods: dict[str, Pod], fams: tuple[Fam, ...], protos: tuple[str, ...]) -> config.NodeConfig:
     text = textwrap.dedent(f"""
         [node]
         name = "bench"
@@ -225,7 +292,7 @@ def node_config(node: Node, pods: dict[str, Pod], protos: tuple[str, ...]) -> co
             name = "{name}"
             ifname = "{pod.host_ifname}"
             ipv4 = "{pod.ipv4}"
-        """)
+        """) + (f'ipv6 = "{pod.ipv6}"\n' if pod.ipv6 else "")
     text += textwrap.dedent("""
         [conntrack]
         tcp_max = 524288
@@ -235,25 +302,27 @@ def node_config(node: Node, pods: dict[str, Pod], protos: tuple[str, ...]) -> co
         maglev_table_size = 1021
         socket_lb = false   # tuplet-sock mode turns it on, on the bench's own cgroup
     """)
-    backends = ", ".join(f'"{b}:{BACKEND_PORT}"' for b in BACKENDS)
-    for proto in protos:
-        text += textwrap.dedent(f"""
-            [[services]]
-            name = "web-{proto}"
-            type = "ClusterIP"
-            address = "{VIP}"
-            port = {SVC_PORT}
-            protocol = "{proto}"
-            backends = [{backends}]
-        """)
+    for fam in fams:
+        backends = ", ".join(f'"{fam.endpoint(b, BACKEND_PORT)}"' for b in fam.backends)
+        for proto in protos:
+            text += textwrap.dedent(f"""
+                [[services]]
+                name = "web{'' if fam.version == 4 else '6'}-{proto}"
+                type = "ClusterIP"
+                address = "{fam.vip}"
+                port = {SVC_PORT}
+                protocol = "{proto}"
+                backends = [{backends}]
+            """)
     return config.parse(text)
 
 
-def tuplet_ct_service_entries() -> dict[str, int]:
+def tuplet_ct_service_entries(fam: Fam) -> dict[str, int]:
+    """Service (SVC) entries in each of tuplet's CT tables of ``fam``."""
     out: dict[str, int] = {}
-    for name in abi.CT_MAPS:
+    for name in fam.ct_maps:
         with paths.open_pinned(PIN_ROOT, name) as m:
-            out[name] = sum(1 for k in m.keys() if CtTuple4.from_buffer_copy(k).flags & TUPLE_F_SERVICE)
+            out[name] = sum(1 for k in m.keys() if fam.tuple_cls.from_buffer_copy(k).flags & TUPLE_F_SERVICE)
     return out
 
 
@@ -281,7 +350,10 @@ class Server:
 
     def __init__(self, t: Topology, pod: Pod) -> None:
         self.pod = pod
-        self.proc = t.popen(pod, [*pin(), str(LOADGEN), "server", str(BACKEND_PORT)], stdin=subprocess.PIPE,
+        # Dual-stack pods: one server on :: for both families (IPv4 as mapped addresses), so both
+        # families' transactions end in the same sockets.
+        cmd = "server6" if pod.ipv6 else "server"
+        self.proc = t.popen(pod, [*pin(), str(LOADGEN), cmd, str(BACKEND_PORT)], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline().strip()
@@ -358,33 +430,57 @@ class ModeStats:
     events: list[str] = field(default_factory=list)     # --events: the listener's summary per round
 
 
+def families_arg(text: str) -> tuple[int, ...]:
+    """``--families``: "4", "6" or "4,6" (in any order, each once)."""
+    parts = text.split(",")
+    if not parts or len(set(parts)) != len(parts) or not set(parts) <= {"4", "6"}:
+        raise argparse.ArgumentTypeError(f"{text!r}: a list of 4 and 6 (4, 6 or 4,6)")
+    return tuple(sorted(int(p) for p in parts))
+
+
+def families_of(args: argparse.Namespace) -> tuple[Fam, ...]:
+    return tuple(FAMS[v] for v in args.families)
+
+
 def modes_of(args: argparse.Namespace) -> tuple[str, ...]:
-    return (*MODES, *((LRU_MODE,) if args.single_lru else ()), *((EVENTS_MODE,) if args.events else ()))
+    """The modes of a run, each IPv6 mode next to its IPv4 one (rotated per round, the two stay
+    neighbours, so what drifts on the machine drifts alike for both)."""
+    v4 = (*MODES, *((LRU_MODE,) if args.single_lru else ()), *((EVENTS_MODE,) if args.events else ()))
+    if 4 not in args.families:
+        return tuple(V6_MODES)
+    if 6 not in args.families:
+        return v4
+    six = {k: m for m, k in V6_MODES.items()}
+    return tuple(m for m4 in v4 for m in (m4, six.get(m4)) if m is not None)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     protos: tuple[str, ...] = ("tcp",) if args.no_udp else ("tcp", "udp")
     metrics_run = [m for m in METRICS if m != "udp_rr" or not args.no_udp]
     modes = modes_of(args)
+    fams = families_of(args)
     stats = {mode: ModeStats() for mode in modes}
     info: dict[str, Any] = {}
     with Topology(prefix="tpl-bench") as t:
         node = t.add_node("node")
-        client = t.add_pod(node, "client", CLIENT)
-        pods = {"client": client, "back1": t.add_pod(node, "back1", BACK1),
-                "back2": t.add_pod(node, "back2", BACK2)}
+        names = ("client", "back1", "back2")
+        ipv6 = dict(zip(names, (V6.client, *V6.backends))) if V6 in fams else {}
+        pods = {name: t.add_pod(node, name, addr, ipv6=ipv6.get(name))
+                for name, addr in zip(names, (V4.client, *V4.backends))}
+        client = pods["client"]
         t.add_service_range(node, SVC_RANGE)
         with enter(client.netns):
-            sysctl("net.ipv4.tcp_tw_reuse", 1)
+            sysctl("net.ipv4.tcp_tw_reuse", 1)       # also IPv6's
             sysctl("net.ipv4.ip_local_port_range", "1024 65535")
         servers = [Server(t, pods["back1"]), Server(t, pods["back2"])]
-        setup = node_config(node, pods, protos)
+        setup = node_config(node, pods, fams, protos)
         assert CGROUP is not None
         sock_setup = dataclasses.replace(setup, lb=dataclasses.replace(setup.lb, socket_lb=True,
                                                                         socket_lb_cgroup=str(CGROUP)))
         info["services_via"] = "[[services]] config"
         try:
-            nat_remove(t, node)
+            for fam in fams:
+                nat_remove(t, node, fam)
             for rnd in range(args.rounds):
                 order = modes[rnd % len(modes):] + modes[:rnd % len(modes)]
                 for mode in order:
@@ -395,7 +491,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     print(f"  round {rnd + 1}/{args.rounds}: CRR/s {done}", file=sys.stderr, flush=True)
         finally:
             try:
-                nat_remove(t, node)
+                for fam in fams:
+                    nat_remove(t, node, fam)
             finally:
                 node_apply.teardown(PIN_ROOT)
     info["stats"] = stats
@@ -406,13 +503,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def one_mode(t: Topology, node: Node, client: Pod, servers: list[Server], setup: config.NodeConfig,
              protos: tuple[str, ...], metrics_run: list[str], mode: str, st: ModeStats,
              args: argparse.Namespace) -> None:
-    targets, port = (",".join(BACKENDS), BACKEND_PORT) if mode == "direct" else (VIP, SVC_PORT)
+    fam, what = fam_of(mode), kind(mode)
+    targets, port = (",".join(fam.backends), BACKEND_PORT) if what == "direct" else (fam.vip, SVC_PORT)
     listener: subprocess.Popen[str] | None = None
     try:
         # Enter the mode: exactly one of (nothing, nat table, tuplet) on the path.
-        if mode == "iptables":
-            nat_install(t, node, protos)
-        elif mode in ("tuplet", SOCK_MODE):
+        if what == "iptables":
+            nat_install(t, node, fam, protos)
+        elif what in ("tuplet", SOCK_MODE):
             node_apply.apply(setup)
         elif mode == LRU_MODE:
             node_apply.apply(dataclasses.replace(
@@ -426,12 +524,12 @@ def one_mode(t: Topology, node: Node, client: Pod, servers: list[Server], setup:
             assert listener.stderr is not None
             if not listener.stderr.readline().startswith("listening"):
                 raise RuntimeError(f"ct events did not start: {listener.stderr.read()}")
-        kube = "KUBE-" in nat_rules(t, node)
+        kube = [f.iptables for f in families_of(args) if "KUBE-" in nat_rules(t, node, f)]
         pinned = os.path.exists(PIN_ROOT)
-        if kube != (mode == "iptables") or pinned != mode.startswith("tuplet"):
-            st.failures.append(f"wrong set-up: nat rules {'present' if kube else 'absent'}, "
+        if kube != ([fam.iptables] if what == "iptables" else []) or pinned != mode.startswith("tuplet"):
+            st.failures.append(f"wrong set-up: KUBE- nat rules in {kube or 'neither'} of iptables/ip6tables, "
                                f"tuplet {'attached' if pinned else 'absent'}")
-        st.checks.append(f"KUBE- nat rules {'present' if kube else 'absent'}, "
+        st.checks.append(f"KUBE- nat rules in {' and '.join(kube) or 'neither iptables nor ip6tables'}, "
                          f"tuplet pin root {'present' if pinned else 'absent'}")
         # A short warm-up that also proves the path carries traffic before measuring it.
         _, n, _ = loadgen(t, client, "crr", targets, port, 0.2, 1)
@@ -458,17 +556,20 @@ def one_mode(t: Topology, node: Node, client: Pod, servers: list[Server], setup:
         if requests < done["crr"] + done["rr"] or udp < done.get("udp_rr", 0):
             st.failures.append(f"servers saw {seen}, the client completed {done}")
         st.checks.append("both backends accepted connections; servers saw every transaction")
-        if mode == "iptables":
-            hits = dnat_hits(t, node)
+        if what == "iptables":
+            hits = dnat_hits(t, node, fam)
             tcp = sum(v for k, v in hits.items() if "TCP" in k)
             udp = sum(v for k, v in hits.items() if "UDP" in k)
             if tcp < done["crr"] or any(v == 0 for k, v in hits.items() if "TCP" in k):
                 st.failures.append(f"DNAT rules matched {hits}, CRR completed {done['crr']}")
             if "udp_rr" in metrics_run and udp == 0:
                 st.failures.append(f"UDP DNAT rules matched {hits}")
-            st.checks.append(f"DNAT hits tcp={tcp} udp={udp} (CRR {done['crr']})")
+            st.checks.append(f"{fam.iptables} DNAT hits tcp={tcp} udp={udp} (CRR {done['crr']})")
         elif mode.startswith("tuplet"):
-            svc = tuplet_ct_service_entries()
+            svc = tuplet_ct_service_entries(fam)
+            # The other family's tables hold no service entry: the traffic took this family's path.
+            other = {n: c for f in FAMS.values() if f != fam   # the IPv6 tables exist in every build
+                     for n, c in tuplet_ct_service_entries(f).items() if c}
             new = tuplet_new_connections()
             drops = tuplet_drops()
             if mode == SOCK_MODE:
@@ -481,14 +582,17 @@ def one_mode(t: Topology, node: Node, client: Pod, servers: list[Server], setup:
                 st.checks.append(f"no SVC CT entries, {rev} socket reverse-NAT entries, new connections {new} "
                                  f"(CRR {done['crr']})")
             else:
-                if svc[abi.CT_MAP_TCP] == 0:
-                    st.failures.append(f"no TCP service entries in tuplet's CT: {svc}")
-                if "udp_rr" in metrics_run and svc[abi.CT_MAP_ANY] == 0:
-                    st.failures.append(f"no UDP service entries in tuplet's CT: {svc}")
+                tcp_map, any_map, _ = fam.ct_maps
+                if svc[tcp_map] == 0:
+                    st.failures.append(f"no TCP service entries in tuplet's IPv{fam.version} CT: {svc}")
+                if "udp_rr" in metrics_run and svc[any_map] == 0:
+                    st.failures.append(f"no UDP service entries in tuplet's IPv{fam.version} CT: {svc}")
+                if other:
+                    st.failures.append(f"service entries in the other family's CT tables: {other}")
                 if new < done["crr"]:
                     st.failures.append(f"tuplet counted {new} new connections, CRR completed {done['crr']}")
-                st.checks.append(f"SVC CT entries tcp={svc[abi.CT_MAP_TCP]} any={svc[abi.CT_MAP_ANY]}, "
-                                 f"new connections {new} (CRR {done['crr']}), drops {drops or 0}")
+                st.checks.append(f"SVC CT entries {tcp_map}={svc[tcp_map]} {any_map}={svc[any_map]}, none in the "
+                                 f"other family's, new connections {new} (CRR {done['crr']}), drops {drops or 0}")
             if drops:
                 log_note(f"tuplet drops in this round: {drops}")
     finally:
@@ -500,8 +604,8 @@ def one_mode(t: Topology, node: Node, client: Pod, servers: list[Server], setup:
             log_note(f"events listener: {summary}")
             st.events.append(summary)
         # Leave the mode.
-        if mode == "iptables":
-            nat_remove(t, node)
+        if what == "iptables":
+            nat_remove(t, node, fam)
         elif mode.startswith("tuplet"):
             node_apply.teardown(PIN_ROOT)
             with contextlib.suppress(OSError):   # the bench directory, once no other run uses it
@@ -517,6 +621,9 @@ def summarize(info: dict[str, Any], args: argparse.Namespace, argv: list[str]) -
     def ratio(a: float, b: float) -> float | None:
         return a / b if b else None
 
+    def added_us(rate: float, direct: float) -> float | None:
+        return 1e6 / rate - 1e6 / direct if rate and direct else None
+
     def paired(a: str, b: str, m: str) -> float | None:
         rs = [x / y for x, y in zip(stats[a].samples[m], stats[b].samples[m]) if y]
         return statistics.median(rs) if rs else None
@@ -529,10 +636,21 @@ def summarize(info: dict[str, Any], args: argparse.Namespace, argv: list[str]) -
         "pinned_cpus": args.cpus,
         "message_bytes": MSG_SIZE,
         "services_via": info["services_via"],
+        "families": list(args.families),
         "modes": {},
-        "tuplet_vs_iptables": {m: ratio(med["tuplet"][m], med["iptables"][m]) for m in metrics_run},
-        "tuplet_vs_iptables_paired": {m: paired("tuplet", "iptables", m) for m in metrics_run},
     }
+    for t, i in (("tuplet", "iptables"), ("tuplet6", "ip6tables")):
+        if t in stats and i in stats:
+            out[f"{t}_vs_{i}"] = {m: ratio(med[t][m], med[i][m]) for m in metrics_run}
+            out[f"{t}_vs_{i}_paired"] = {m: paired(t, i, m) for m in metrics_run}
+    # IPv6's cost per transaction over IPv4's, mode by mode: IPv4's rate over IPv6's (issue 19's
+    # target for tuplet: at most 1.1 for CRR and RR).
+    v6v4 = {m6: m4 for m6, m4 in V6_MODES.items() if m6 in stats and m4 in stats}
+    if v6v4:
+        out["ipv6_cost_vs_ipv4"] = {m6: {m: ratio(med[m4][m], med[m6][m]) for m in metrics_run}
+                                    for m6, m4 in v6v4.items()}
+        out["ipv6_cost_vs_ipv4_paired"] = {m6: {m: paired(m4, m6, m) for m in metrics_run}
+                                           for m6, m4 in v6v4.items()}
     if SOCK_MODE in stats:
         out["tuplet_sock_vs_direct_paired"] = {m: paired(SOCK_MODE, "direct", m) for m in metrics_run}
         out["tuplet_sock_vs_iptables_paired"] = {m: paired(SOCK_MODE, "iptables", m) for m in metrics_run}
@@ -546,7 +664,10 @@ def summarize(info: dict[str, Any], args: argparse.Namespace, argv: list[str]) -
         out["modes"][mode] = {
             m: {"median": med[mode][m], "min": min(st.samples[m]), "max": max(st.samples[m]),
                 "samples": st.samples[m], "errors": st.errors[m],
-                "ratio_to_direct": ratio(med[mode][m], med["direct"][m])}
+                "ratio_to_direct": ratio(med[mode][m], med[direct_of(mode)][m]),
+                # With the traffic on one CPU, what the mode adds to a transaction's CPU time over
+                # its family's direct mode.
+                "added_us_over_direct": added_us(med[mode][m], med[direct_of(mode)][m])}
             for m in metrics_run
         }
         if st.bpf:
@@ -558,28 +679,43 @@ def summarize(info: dict[str, Any], args: argparse.Namespace, argv: list[str]) -
 
 
 def print_table(res: dict[str, Any]) -> None:
-    metrics_run = [m for m in METRICS if m in res["modes"]["direct"]]
+    metrics_run = [m for m in METRICS if m in next(iter(res["modes"].values()))]
     print(f"kernel {res['kernel']}, {res['cpus']} CPUs, {res['rounds']} rounds x {res['seconds']:g} s per "
           f"measurement, concurrency {res['concurrency']}, {res['message_bytes']}-byte messages, "
           f"traffic on CPUs {res['pinned_cpus']}")
     print(f"tuplet service via {res['services_via']}")
-    head = f"{'mode':<10}"
+    head = f"{'mode':<11}"
     for m in metrics_run:
         head += f" {LABELS[m]:>10} {'spread':>6} {'/direct':>7}"
     print(head)
     for mode in res["modes"]:
-        row = f"{mode:<10}"
+        row = f"{mode:<11}"
         for m in metrics_run:
             d = res["modes"][mode][m]
             spread = (d["max"] - d["min"]) / d["median"] * 100 if d["median"] else 0.0
             r = d["ratio_to_direct"]
             row += f" {d['median']:>10.0f} {spread:>5.0f}% {r if r is not None else float('nan'):>7.2f}"
         print(row)
-    tv = res["tuplet_vs_iptables"]
-    tp = res["tuplet_vs_iptables_paired"]
-    print("tuplet/iptables: " + ", ".join(
-        f"{LABELS[m].removesuffix('/s')} {tv[m]:.2f} (paired by round {tp[m]:.2f})" for m in metrics_run
-        if tv[m] is not None and tp[m] is not None))
+    for t, i in (("tuplet", "iptables"), ("tuplet6", "ip6tables")):
+        if f"{t}_vs_{i}" not in res:
+            continue
+        tv, tp = res[f"{t}_vs_{i}"], res[f"{t}_vs_{i}_paired"]
+        print(f"{t}/{i}: " + ", ".join(
+            f"{LABELS[m].removesuffix('/s')} {tv[m]:.2f} (paired by round {tp[m]:.2f})" for m in metrics_run
+            if tv[m] is not None and tp[m] is not None))
+    if "ipv6_cost_vs_ipv4" in res:
+        print("IPv6 cost per transaction / IPv4's (IPv4 rate / IPv6 rate; paired by round):")
+        for mode, r in res["ipv6_cost_vs_ipv4"].items():
+            rp = res["ipv6_cost_vs_ipv4_paired"][mode]
+            print(f"  {kind(mode):<9} " + ", ".join(
+                f"{LABELS[m].removesuffix('/s')} {r[m]:.3f} ({rp[m]:.3f})" for m in metrics_run
+                if r[m] is not None and rp[m] is not None))
+        if res["pinned_cpus"] != "all":
+            print("added CPU time per transaction over direct (us, IPv4 / IPv6): " + "; ".join(
+                f"{md} " + ", ".join(
+                    f"{LABELS[m].removesuffix('/s')} {res['modes'][md][m]['added_us_over_direct']:.2f}"
+                    f" / {res['modes'][m6][m]['added_us_over_direct']:.2f}" for m in metrics_run)
+                for m6, md in V6_MODES.items() if md != "direct" and md in res["modes"] and m6 in res["modes"]))
     for key, label in (("tuplet_sock_vs_direct_paired", "direct"), ("tuplet_sock_vs_iptables_paired", "iptables")):
         if key in res:
             print(f"{SOCK_MODE}/{label} (paired by round): " + ", ".join(
@@ -624,6 +760,9 @@ def main() -> int:
                          "(default: the last CPU)")
     ap.add_argument("--quick", action="store_true", help="1 s per measurement, 2 rounds (smoke test)")
     ap.add_argument("--no-udp", action="store_true", help="skip UDP RR")
+    ap.add_argument("--families", default="4,6", type=families_arg,
+                    help="address families to measure: 4, 6 or 4,6 (default 4,6: the IPv4 modes and "
+                         f"{', '.join(V6_MODES)} beside them)")
     ap.add_argument("--single-lru", action="store_true",
                     help=f"also run {LRU_MODE}: tuplet with one TCP table (syn_table = false)")
     ap.add_argument("--events", action="store_true",
@@ -641,6 +780,8 @@ def main() -> int:
         args.seconds, args.rounds = 1.0, 2
     if args.rounds < 1 or args.seconds <= 0 or not 1 <= args.concurrency <= 256:
         ap.error("--rounds >= 1, --seconds > 0, --concurrency 1..256")
+    if 4 not in args.families and (args.single_lru or args.events):
+        ap.error("--single-lru and --events are IPv4 modes: --families must include 4")
     if os.geteuid() != 0:
         print("bench/services.py creates namespaces and loads BPF programs: run it as root", file=sys.stderr)
         return 2
@@ -648,7 +789,7 @@ def main() -> int:
         print(f"{LOADGEN} missing: run `make bench-services` (or make {LOADGEN.relative_to(ROOT)})",
               file=sys.stderr)
         return 2
-    for tool in ("iptables-restore", "iptables-save"):
+    for tool in (f"{FAMS[v].iptables}-{op}" for v in args.families for op in ("restore", "save")):
         if not shutil.which(tool):
             print(f"{tool} missing (apt-get install iptables)", file=sys.stderr)
             return 2
