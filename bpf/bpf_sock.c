@@ -57,12 +57,11 @@ static __always_inline void *sock_rev_map(int fam)
 	return fam == PKT_FAM6 ? (void *)&tpl_lb6_sock_rev_nat_v1 : (void *)&tpl_lb4_sock_rev_nat_v1;
 }
 
-static __always_inline __be16 sock_user_port(const struct bpf_sock_addr *ctx)
-{
-	volatile __u32 port = ctx->user_port;
-
-	return (__be16)port;
-}
+/* A 32-bit ctx field read whole, at its own offset from ctx, as the verifier
+ * requires (otherwise the compiler may narrow the load, or load through a
+ * pointer moved into the context).
+ */
+#define SOCK_CTX(ctx, f) (*(const volatile __u32 *)&(ctx)->f)
 
 /* ctx's address (user_ip4 or user_ip6, user_port) and protocol as a service
  * key, and the address's family: the program's (fam), except PKT_FAM4 for an
@@ -70,18 +69,18 @@ static __always_inline __be16 sock_user_port(const struct bpf_sock_addr *ctx)
  */
 static __always_inline int sock_ctx_key(int fam, const struct bpf_sock_addr *ctx, union lb_key *key)
 {
-	__u8 proto = (__u8)ctx->protocol;
-	__be16 port = sock_user_port(ctx);
+	__u8 proto = (__u8)SOCK_CTX(ctx, protocol);
+	__be16 port = (__be16)SOCK_CTX(ctx, user_port);
 	union v6addr a;
 
 	if (fam == PKT_FAM4) {
-		key->k4 = (struct lb4_key){ .address = ctx->user_ip4, .dport = port, .proto = proto };
+		key->k4 = (struct lb4_key){ .address = SOCK_CTX(ctx, user_ip4), .dport = port, .proto = proto };
 		return PKT_FAM4;
 	}
-	a.p[0] = ctx->user_ip6[0];
-	a.p[1] = ctx->user_ip6[1];
-	a.p[2] = ctx->user_ip6[2];
-	a.p[3] = ctx->user_ip6[3];
+	a.p[0] = SOCK_CTX(ctx, user_ip6[0]);
+	a.p[1] = SOCK_CTX(ctx, user_ip6[1]);
+	a.p[2] = SOCK_CTX(ctx, user_ip6[2]);
+	a.p[3] = SOCK_CTX(ctx, user_ip6[3]);
 	if (ipv6_addr_v4mapped(&a)) {
 		key->k4 = (struct lb4_key){ .address = a.p[3], .dport = port, .proto = proto };
 		return PKT_FAM4;
@@ -276,54 +275,36 @@ static __always_inline void sock_xlate_rev(int fam, struct bpf_sock_addr *ctx)
 	sock_ctx_set(fam, ctx, afam, v, SOCK_REV(v, afam, port));
 }
 
-SEC("cgroup/connect4")
-int cil_sock4_connect(struct bpf_sock_addr *ctx)
-{
-	return sock_xlate_fwd(PKT_FAM4, ctx);
+/* The four programs of one family F (4 or 6): cil_sockF_connect,
+ * cil_sockF_sendmsg, cil_sockF_recvmsg and cil_sockF_getpeername on the
+ * cgroup/connectF, sendmsgF, recvmsgF and getpeernameF hooks.
+ */
+#define SOCK_PROGRAMS(F)								\
+SEC("cgroup/connect" #F)								\
+int cil_sock##F##_connect(struct bpf_sock_addr *ctx)					\
+{											\
+	return sock_xlate_fwd(PKT_FAM##F, ctx);						\
+}											\
+											\
+SEC("cgroup/sendmsg" #F)								\
+int cil_sock##F##_sendmsg(struct bpf_sock_addr *ctx)					\
+{											\
+	return sock_xlate_fwd(PKT_FAM##F, ctx);						\
+}											\
+											\
+SEC("cgroup/recvmsg" #F)								\
+int cil_sock##F##_recvmsg(struct bpf_sock_addr *ctx)					\
+{											\
+	sock_xlate_rev(PKT_FAM##F, ctx);						\
+	return SYS_PROCEED;								\
+}											\
+											\
+SEC("cgroup/getpeername" #F)								\
+int cil_sock##F##_getpeername(struct bpf_sock_addr *ctx)				\
+{											\
+	sock_xlate_rev(PKT_FAM##F, ctx);						\
+	return SYS_PROCEED;								\
 }
 
-SEC("cgroup/sendmsg4")
-int cil_sock4_sendmsg(struct bpf_sock_addr *ctx)
-{
-	return sock_xlate_fwd(PKT_FAM4, ctx);
-}
-
-SEC("cgroup/recvmsg4")
-int cil_sock4_recvmsg(struct bpf_sock_addr *ctx)
-{
-	sock_xlate_rev(PKT_FAM4, ctx);
-	return SYS_PROCEED;
-}
-
-SEC("cgroup/getpeername4")
-int cil_sock4_getpeername(struct bpf_sock_addr *ctx)
-{
-	sock_xlate_rev(PKT_FAM4, ctx);
-	return SYS_PROCEED;
-}
-
-SEC("cgroup/connect6")
-int cil_sock6_connect(struct bpf_sock_addr *ctx)
-{
-	return sock_xlate_fwd(PKT_FAM6, ctx);
-}
-
-SEC("cgroup/sendmsg6")
-int cil_sock6_sendmsg(struct bpf_sock_addr *ctx)
-{
-	return sock_xlate_fwd(PKT_FAM6, ctx);
-}
-
-SEC("cgroup/recvmsg6")
-int cil_sock6_recvmsg(struct bpf_sock_addr *ctx)
-{
-	sock_xlate_rev(PKT_FAM6, ctx);
-	return SYS_PROCEED;
-}
-
-SEC("cgroup/getpeername6")
-int cil_sock6_getpeername(struct bpf_sock_addr *ctx)
-{
-	sock_xlate_rev(PKT_FAM6, ctx);
-	return SYS_PROCEED;
-}
+SOCK_PROGRAMS(4)
+SOCK_PROGRAMS(6)
