@@ -1,8 +1,8 @@
 """Socket LB (bpf_sock.o on a cgroup of the test's own): a ClusterIP translated at connect()
 and sendto(), the service address shown by getpeername() and recvfrom(), no CT_SERVICE entry,
 affinity by network namespace, both modes at once, socket LB off, and UDP backend removal; for
-IPv4 and IPv6 services (the pods are dual stack), and an IPv4 service through an AF_INET6 socket
-(IPv4-mapped addresses)."""
+IPv4 and IPv6 services (the pods are dual stack), and an IPv4 service through AF_INET6 sockets
+(IPv4-mapped addresses, V4_MAPPED)."""
 from __future__ import annotations
 
 import json
@@ -41,18 +41,23 @@ class Net(NamedTuple):
     client2: str
     back1: str
     back2: str
-    vip: str
+    vip: str            # the service's address
+    dial: str           # what clients connect and send to: the VIP, or its IPv4-mapped form
     affinity_map: str   # the per-packet path's
 
 
-V4 = Net(CLIENT, CLIENT2, BACK1, BACK2, VIP, abi.AFFINITY_MAP)
-V6 = Net(CLIENT_V6, CLIENT2_V6, BACK1_V6, BACK2_V6, VIP6, abi.AFFINITY6_MAP)
+V4 = Net(CLIENT, CLIENT2, BACK1, BACK2, VIP, VIP, abi.AFFINITY_MAP)
+V6 = Net(CLIENT_V6, CLIENT2_V6, BACK1_V6, BACK2_V6, VIP6, VIP6, abi.AFFINITY6_MAP)
+#: The IPv4 service through AF_INET6 sockets, at ::ffff:VIP: connect6/sendmsg6/recvmsg6/getpeername6
+#: translate it as IPv4 (IPv4 maps), and the backends see IPv4 from the client.
+V4_MAPPED = V4._replace(dial=f"::ffff:{VIP}")
 BOTH = pytest.mark.parametrize("net", [V4, V6], ids=["v4", "v6"])
+ALL = pytest.mark.parametrize("net", [V4, V6, V4_MAPPED], ids=["v4", "v6", "v4-mapped"])
 
 
 @pytest.fixture
 def net() -> Net:
-    """IPv4 unless a test is parametrized over both (BOTH)."""
+    """IPv4 unless a test is parametrized (BOTH, ALL)."""
     return V4
 
 
@@ -148,8 +153,8 @@ def applied(topo, pin_root, cg, net):
 
 
 def family(net: Net) -> str:
-    """The socket family of net's VIP, as a client script names it."""
-    return "socket.AF_INET6" if net is V6 else "socket.AF_INET"
+    """The socket family clients use to reach net's VIP, as a client script names it."""
+    return "socket.AF_INET6" if ":" in net.dial else "socket.AF_INET"
 
 
 def ct_list(pin_root: str) -> list[str]:
@@ -163,24 +168,23 @@ def flows(lines: list[str], proto: str, kind: str) -> list[str]:
     return [ln for ln in lines if ln.startswith(f"{proto} {kind} ")]
 
 
-def through_socket_lb(topo, cg, net: Net, vip: str) -> None:
-    """TCP, UDP and connected UDP from the client in cg to vip (net's VIP, or an IPv4-mapped
-    form of it): both backends serve, each saw the client itself, and getpeername()/recvfrom()
-    show vip."""
+def through_socket_lb(topo, cg, net: Net) -> None:
+    """TCP, UDP and connected UDP from the client in cg to net.dial: both backends serve, each
+    saw the client itself, and getpeername()/recvfrom() show net.dial."""
     for mode, port in (("tcp", 80), ("udp", 53), ("cudp", 53)):
-        answers = ask(topo, topo.client, mode, vip, port, n=16, cg=cg)
+        answers = ask(topo, topo.client, mode, net.dial, port, n=16, cg=cg)
         assert len(answers) == 16 and all(len(a) == 4 for a in answers), answers
         assert {a[0] for a in answers} == {"back1", "back2"}, (mode, answers)
-        assert {a[2] for a in answers} == {show(vip, port)}, mode        # getpeername / recvfrom: the VIP
+        assert {a[2] for a in answers} == {show(net.dial, port)}, mode   # getpeername / recvfrom: the VIP
         for server, seen, _peer, own in answers:                         # the backend sees the client itself
             assert host(seen) == net.client and port_of(seen) == port_of(own), (mode, seen, own)
 
 
-@BOTH
+@ALL
 def test_tcp_and_udp_through_socket_lb(topo, applied, pin_root, cg, net) -> None:
     applied()
     assert socklb.attached_cgroup_ids(pin_root) == {cgroup_id(str(cg))}
-    through_socket_lb(topo, cg, net, net.vip)
+    through_socket_lb(topo, cg, net)
     lines = ct_list(pin_root)
     assert not [ln for ln in lines if " SVC " in ln], lines
     assert flows(lines, "TCP", "OUT") and flows(lines, "UDP", "OUT") and flows(lines, "TCP", "IN")
@@ -193,19 +197,6 @@ def test_tcp_and_udp_through_socket_lb(topo, applied, pin_root, cg, net) -> None
         with paths.open_pinned(pin_root, m_name) as m:
             n = len(list(m.keys()))
         assert n >= 2 if (m_name == abi.SOCK6_REV_NAT_MAP) == (net is V6) else n == 0, (m_name, n)
-
-
-def test_ipv4_service_through_an_ipv6_socket(topo, applied, pin_root, cg) -> None:
-    """An AF_INET6 socket to the IPv4-mapped address of an IPv4 ClusterIP (::ffff:VIP): the IPv4
-    backend, IPv4-mapped, and getpeername()/recvfrom() show ::ffff:VIP (connect6/sendmsg6 and
-    recvmsg6/getpeername6 translate it as IPv4, with the IPv4 reverse map)."""
-    applied()
-    through_socket_lb(topo, cg, V4, f"::ffff:{VIP}")   # the backend sees IPv4 from the client
-    assert not [ln for ln in ct_list(pin_root) if " SVC " in ln]
-    with paths.open_pinned(pin_root, abi.SOCK_REV_NAT_MAP) as m:
-        assert len(list(m.keys())) >= 2
-    with paths.open_pinned(pin_root, abi.SOCK6_REV_NAT_MAP) as m:
-        assert list(m.keys()) == []
 
 
 @BOTH
@@ -249,15 +240,15 @@ def test_socket_lb_and_per_packet_at_once_then_off(topo, applied, pin_root, cg) 
     assert socklb.attached_cgroup_ids(pin_root) == {cgroup_id(str(cg))}
 
 
-@BOTH
+@ALL
 def test_service_without_backends_refuses_connect(topo, applied, cg, net) -> None:
     applied(services(backends=(), net=net))
     for mode in ("tcp", "udp"):
-        assert ask(topo, topo.client, mode, net.vip, 80 if mode == "tcp" else 53, n=1, cg=cg) == [
+        assert ask(topo, topo.client, mode, net.dial, 80 if mode == "tcp" else 53, n=1, cg=cg) == [
             ["error", "PermissionError"]], mode
 
 
-@BOTH
+@ALL
 def test_udp_backend_removed(topo, applied, pin_root, cg, net) -> None:
     """A backend removed from a UDP service. With bpf_sock_destroy (Linux 6.5+) the connected
     sockets socket LB pointed at it are destroyed, in the client's own network namespace: the
@@ -268,7 +259,7 @@ def test_udp_backend_removed(topo, applied, pin_root, cg, net) -> None:
     applied()
     script = textwrap.dedent(f"""
         import socket, sys
-        FAM, VIP = {family(net)}, "{net.vip}"
+        FAM, VIP = {family(net)}, "{net.dial}"
         socks = []
         for i in range(16):
             s = socket.socket(FAM, socket.SOCK_DGRAM); s.settimeout(3)
@@ -328,7 +319,7 @@ def test_udp_backend_removed(topo, applied, pin_root, cg, net) -> None:
         p.wait()
 
 
-@BOTH
+@ALL
 def test_svc_update_and_delete_destroy_connected_udp_sockets(topo, applied, pin_root, cg, net) -> None:
     """`tuplet svc update --remove-backend` and `tuplet svc delete` destroy the connected UDP sockets
     of what they removed, as apply does (needs bpf_sock_destroy, Linux 6.5+)."""
@@ -340,7 +331,7 @@ def test_svc_update_and_delete_destroy_connected_udp_sockets(topo, applied, pin_
         socks = []
         for i in range(16):
             s = socket.socket({family(net)}, socket.SOCK_DGRAM); s.settimeout(3)
-            s.connect(("{net.vip}", 53)); s.send(b"x"); socks.append((s, s.recv(100).decode().split()[0]))
+            s.connect(("{net.dial}", 53)); s.send(b"x"); socks.append((s, s.recv(100).decode().split()[0]))
         print(" ".join(b for _s, b in socks), flush=True)
         for step in range(2):
             sys.stdin.readline()
