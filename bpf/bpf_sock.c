@@ -275,36 +275,22 @@ static __always_inline void sock_xlate_rev(int fam, struct bpf_sock_addr *ctx)
 	sock_ctx_set(fam, ctx, afam, v, SOCK_REV(v, afam, port));
 }
 
-/* The four programs of one family F (4 or 6): cil_sockF_connect,
- * cil_sockF_sendmsg, cil_sockF_recvmsg and cil_sockF_getpeername on the
- * cgroup/connectF, sendmsgF, recvmsgF and getpeernameF hooks.
+/* Program cil_sockF_HOOK on hook cgroup/HOOKF (F: 4 or 6) running body. */
+#define SOCK_PROGRAM(F, HOOK, body)							\
+SEC("cgroup/" #HOOK #F)									\
+int cil_sock##F##_##HOOK(struct bpf_sock_addr *ctx)					\
+{											\
+	body										\
+}
+
+/* The four programs of family F: cil_sockF_connect, _sendmsg, _recvmsg and
+ * _getpeername on cgroup/connectF, sendmsgF, recvmsgF and getpeernameF.
  */
 #define SOCK_PROGRAMS(F)								\
-SEC("cgroup/connect" #F)								\
-int cil_sock##F##_connect(struct bpf_sock_addr *ctx)					\
-{											\
-	return sock_xlate_fwd(PKT_FAM##F, ctx);						\
-}											\
-											\
-SEC("cgroup/sendmsg" #F)								\
-int cil_sock##F##_sendmsg(struct bpf_sock_addr *ctx)					\
-{											\
-	return sock_xlate_fwd(PKT_FAM##F, ctx);						\
-}											\
-											\
-SEC("cgroup/recvmsg" #F)								\
-int cil_sock##F##_recvmsg(struct bpf_sock_addr *ctx)					\
-{											\
-	sock_xlate_rev(PKT_FAM##F, ctx);						\
-	return SYS_PROCEED;								\
-}											\
-											\
-SEC("cgroup/getpeername" #F)								\
-int cil_sock##F##_getpeername(struct bpf_sock_addr *ctx)				\
-{											\
-	sock_xlate_rev(PKT_FAM##F, ctx);						\
-	return SYS_PROCEED;								\
-}
+	SOCK_PROGRAM(F, connect, return sock_xlate_fwd(PKT_FAM##F, ctx);)		\
+	SOCK_PROGRAM(F, sendmsg, return sock_xlate_fwd(PKT_FAM##F, ctx);)		\
+	SOCK_PROGRAM(F, recvmsg, sock_xlate_rev(PKT_FAM##F, ctx); return SYS_PROCEED;)	\
+	SOCK_PROGRAM(F, getpeername, sock_xlate_rev(PKT_FAM##F, ctx); return SYS_PROCEED;)
 
 SOCK_PROGRAMS(4)
 SOCK_PROGRAMS(6)
