@@ -1,6 +1,8 @@
 """Socket LB (bpf_sock.o on a cgroup of the test's own): a ClusterIP translated at connect()
 and sendto(), the service address shown by getpeername() and recvfrom(), no CT_SERVICE entry,
-affinity by network namespace, both modes at once, socket LB off, and UDP backend removal."""
+affinity by network namespace, both modes at once, socket LB off, and UDP backend removal; for
+IPv4 and IPv6 services (the pods are dual stack), and an IPv4 service through AF_INET6 sockets
+(IPv4-mapped addresses, V4_MAPPED)."""
 from __future__ import annotations
 
 import json
@@ -10,10 +12,11 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
-from socklb_harness import PEER_SERVER, ask, in_cgroup, make_cgroup, remove_cgroup
+from socklb_harness import PEER_SERVER, ask, host, in_cgroup, make_cgroup, port_of, remove_cgroup, show
 from tuplet.bpf.links import CgroupHook, cgroup_detach, cgroup_id, cgroup_link_pin_path
 from tuplet.core import crashpoints
 from tuplet.core.errors import TupletError
@@ -26,6 +29,36 @@ pytestmark = pytest.mark.netns
 
 CLIENT, CLIENT2, BACK1, BACK2 = "10.64.0.36", "10.64.0.37", "10.64.0.98", "10.64.0.64"
 VIP = "10.68.174.146"
+CLIENT_V6, CLIENT2_V6, BACK1_V6, BACK2_V6 = ("fd00:10:244::24", "fd00:10:244::25", "fd00:10:244::62",
+                                             "fd00:10:244::40")
+VIP6 = "fd00:10:96::a"
+
+
+class Net(NamedTuple):
+    """The addresses one family's tests use."""
+
+    client: str
+    client2: str
+    back1: str
+    back2: str
+    vip: str            # the service's address
+    dial: str           # what clients connect and send to: the VIP, or its IPv4-mapped form
+    affinity_map: str   # the per-packet path's
+
+
+V4 = Net(CLIENT, CLIENT2, BACK1, BACK2, VIP, VIP, abi.AFFINITY_MAP)
+V6 = Net(CLIENT_V6, CLIENT2_V6, BACK1_V6, BACK2_V6, VIP6, VIP6, abi.AFFINITY6_MAP)
+#: The IPv4 service through AF_INET6 sockets, at ::ffff:VIP: connect6/sendmsg6/recvmsg6/getpeername6
+#: translate it as IPv4 (IPv4 maps), and the backends see IPv4 from the client.
+V4_MAPPED = V4._replace(dial=f"::ffff:{VIP}")
+BOTH = pytest.mark.parametrize("net", [V4, V6], ids=["v4", "v6"])
+ALL = pytest.mark.parametrize("net", [V4, V6, V4_MAPPED], ids=["v4", "v6", "v4-mapped"])
+
+
+@pytest.fixture
+def net() -> Net:
+    """IPv4 unless a test is parametrized (BOTH, ALL)."""
+    return V4
 
 
 @pytest.fixture
@@ -39,28 +72,29 @@ def cg():
 def topo(cg):   # after cg: torn down (its processes killed) before the cgroup is removed
     with Topology() as t:
         node = t.add_node("node")
-        t.client = t.add_pod(node, "client", CLIENT)
-        t.client2 = t.add_pod(node, "client2", CLIENT2)
-        t.b1 = t.add_pod(node, "back1", BACK1)
-        t.b2 = t.add_pod(node, "back2", BACK2)
+        t.client = t.add_pod(node, "client", CLIENT, ipv6=CLIENT_V6)
+        t.client2 = t.add_pod(node, "client2", CLIENT2, ipv6=CLIENT2_V6)
+        t.b1 = t.add_pod(node, "back1", BACK1, ipv6=BACK1_V6)
+        t.b2 = t.add_pod(node, "back2", BACK2, ipv6=BACK2_V6)
         t.add_service_range(node, "10.68.0.0/16")
         t.node = node
         t.servers = {}
         for pod, name in ((t.b1, "back1"), (t.b2, "back2")):
-            p = t.popen(pod, [sys.executable, "-c", PEER_SERVER, "8000", name], stdout=subprocess.PIPE, text=True)
+            p = t.popen(pod, [sys.executable, "-c", PEER_SERVER, "8000", name, "6"], stdout=subprocess.PIPE,
+                        text=True)
             assert p.stdout is not None and p.stdout.readline().strip() == "ready"
             t.servers[name] = p
         yield t
 
 
-def services(affinity: bool = False, backends: tuple[str, ...] = (BACK1, BACK2)) -> str:
-    bs = ", ".join(f'"{b}:8000"' for b in backends)
+def services(affinity: bool = False, backends: tuple[str, ...] | None = None, net: Net = V4) -> str:
+    bs = ", ".join(f'"{show(b, 8000)}"' for b in ((net.back1, net.back2) if backends is None else backends))
     aff = "affinity_timeout = 600" if affinity else ""
     return f"""
     [[services]]
     name = "web"
     type = "ClusterIP"
-    address = "{VIP}"
+    address = "{net.vip}"
     port = 80
     backends = [{bs}]
     {aff}
@@ -68,7 +102,7 @@ def services(affinity: bool = False, backends: tuple[str, ...] = (BACK1, BACK2))
     [[services]]
     name = "dns"
     type = "ClusterIP"
-    address = "{VIP}"
+    address = "{net.vip}"
     port = 53
     protocol = "udp"
     backends = [{bs}]
@@ -82,6 +116,7 @@ def node_config(topo, pin_root: str, cg: Path, svc: str, socket_lb: bool = True)
         name = "{pod.name}"
         ifname = "{pod.host_ifname}"
         ipv4 = "{ip}"
+        ipv6 = "{pod.ipv6}"
         """ for pod, ip in ((topo.client, CLIENT), (topo.client2, CLIENT2), (topo.b1, BACK1), (topo.b2, BACK2)))
     return textwrap.dedent(f"""
         [node]
@@ -101,11 +136,11 @@ def node_config(topo, pin_root: str, cg: Path, svc: str, socket_lb: bool = True)
 
 
 @pytest.fixture
-def applied(topo, pin_root, cg):
+def applied(topo, pin_root, cg, net):
     done = []
 
     def apply(svc: str | None = None, socket_lb: bool = True, cgroup: Path | None = None) -> config.NodeConfig:
-        cfg = config.parse(node_config(topo, pin_root, cgroup or cg, svc if svc is not None else services(),
+        cfg = config.parse(node_config(topo, pin_root, cgroup or cg, svc if svc is not None else services(net=net),
                                        socket_lb))
         node_apply.apply(cfg)
         done.append(cfg)
@@ -115,6 +150,11 @@ def applied(topo, pin_root, cg):
     if done:
         node_apply.teardown(pin_root)
         assert socklb.attached_cgroup_ids(pin_root) == set()
+
+
+def family(net: Net) -> str:
+    """The socket family clients use to reach net's VIP, as a client script names it."""
+    return "socket.AF_INET6" if ":" in net.dial else "socket.AF_INET"
 
 
 def ct_list(pin_root: str) -> list[str]:
@@ -128,36 +168,47 @@ def flows(lines: list[str], proto: str, kind: str) -> list[str]:
     return [ln for ln in lines if ln.startswith(f"{proto} {kind} ")]
 
 
-def test_tcp_and_udp_through_socket_lb(topo, applied, pin_root, cg) -> None:
-    applied()
-    assert socklb.attached_cgroup_ids(pin_root) == {cgroup_id(str(cg))}
+def through_socket_lb(topo, cg, net: Net) -> None:
+    """TCP, UDP and connected UDP from the client in cg to net.dial: both backends serve, each
+    saw the client itself, and getpeername()/recvfrom() show net.dial."""
     for mode, port in (("tcp", 80), ("udp", 53), ("cudp", 53)):
-        answers = ask(topo, topo.client, mode, VIP, port, n=16, cg=cg)
+        answers = ask(topo, topo.client, mode, net.dial, port, n=16, cg=cg)
         assert len(answers) == 16 and all(len(a) == 4 for a in answers), answers
         assert {a[0] for a in answers} == {"back1", "back2"}, (mode, answers)
-        assert {a[2] for a in answers} == {f"{VIP}:{port}"}, mode        # getpeername / recvfrom: the VIP
+        assert {a[2] for a in answers} == {show(net.dial, port)}, mode   # getpeername / recvfrom: the VIP
         for server, seen, _peer, own in answers:                         # the backend sees the client itself
-            assert seen.split(":")[0] == CLIENT and seen.split(":")[1] == own.split(":")[1], (mode, seen, own)
+            assert host(seen) == net.client and port_of(seen) == port_of(own), (mode, seen, own)
+
+
+@ALL
+def test_tcp_and_udp_through_socket_lb(topo, applied, pin_root, cg, net) -> None:
+    applied()
+    assert socklb.attached_cgroup_ids(pin_root) == {cgroup_id(str(cg))}
+    through_socket_lb(topo, cg, net)
     lines = ct_list(pin_root)
     assert not [ln for ln in lines if " SVC " in ln], lines
     assert flows(lines, "TCP", "OUT") and flows(lines, "UDP", "OUT") and flows(lines, "TCP", "IN")
     for ln in flows(lines, "TCP", "OUT") + flows(lines, "UDP", "OUT"):
-        assert ln.split()[2].startswith(f"{CLIENT}:") and ln.split()[4].split(":")[0] in (BACK1, BACK2), ln
-        assert VIP not in ln
-    # Per socket: the reverse entries, keyed by socket cookie.
-    with paths.open_pinned(pin_root, abi.SOCK_REV_NAT_MAP) as m:
-        assert len(list(m.keys())) >= 2
+        if host(ln.split()[2]) in (CLIENT, CLIENT_V6):   # (IPv6: not neighbour discovery's)
+            assert host(ln.split()[2]) == net.client and host(ln.split()[4]) in (net.back1, net.back2), ln
+        assert net.vip not in ln
+    # Per socket: the reverse entries of the service's family, keyed by socket cookie.
+    for m_name in (abi.SOCK_REV_NAT_MAP, abi.SOCK6_REV_NAT_MAP):
+        with paths.open_pinned(pin_root, m_name) as m:
+            n = len(list(m.keys()))
+        assert n >= 2 if (m_name == abi.SOCK6_REV_NAT_MAP) == (net is V6) else n == 0, (m_name, n)
 
 
-def test_affinity_is_per_network_namespace(topo, applied, pin_root, cg) -> None:
-    applied(services(affinity=True))
+@BOTH
+def test_affinity_is_per_network_namespace(topo, applied, pin_root, cg, net) -> None:
+    applied(services(affinity=True, net=net))
     for mode, port in (("tcp", 80), ("udp", 53)):
-        answers = ask(topo, topo.client, mode, VIP, port, n=12, cg=cg)
+        answers = ask(topo, topo.client, mode, net.vip, port, n=12, cg=cg)
         assert len({a[0] for a in answers}) == 1 and answers[0][0] in ("back1", "back2"), answers
-        assert {a[2] for a in answers} == {f"{VIP}:{port}"}
+        assert {a[2] for a in answers} == {show(net.vip, port)}
     with paths.open_pinned(pin_root, abi.SOCK_AFFINITY_MAP) as m:
         assert len(list(m.keys())) == 2            # one per service, for the client's namespace
-    with paths.open_pinned(pin_root, abi.AFFINITY_MAP) as m:
+    with paths.open_pinned(pin_root, net.affinity_map) as m:
         assert list(m.keys()) == []                # the per-packet path (client address) saw nothing
 
 
@@ -189,12 +240,16 @@ def test_socket_lb_and_per_packet_at_once_then_off(topo, applied, pin_root, cg) 
     assert socklb.attached_cgroup_ids(pin_root) == {cgroup_id(str(cg))}
 
 
-def test_service_without_backends_refuses_connect(topo, applied, cg) -> None:
-    applied(services(backends=()))
-    assert ask(topo, topo.client, "tcp", VIP, 80, n=1, cg=cg) == [["error", "PermissionError"]]
+@ALL
+def test_service_without_backends_refuses_connect(topo, applied, cg, net) -> None:
+    applied(services(backends=(), net=net))
+    for mode in ("tcp", "udp"):
+        assert ask(topo, topo.client, mode, net.dial, 80 if mode == "tcp" else 53, n=1, cg=cg) == [
+            ["error", "PermissionError"]], mode
 
 
-def test_udp_backend_removed(topo, applied, pin_root, cg) -> None:
+@ALL
+def test_udp_backend_removed(topo, applied, pin_root, cg, net) -> None:
     """A backend removed from a UDP service. With bpf_sock_destroy (Linux 6.5+) the connected
     sockets socket LB pointed at it are destroyed, in the client's own network namespace: the
     next recv() fails with ECONNABORTED, the other backend's sockets keep working, a new socket
@@ -204,12 +259,13 @@ def test_udp_backend_removed(topo, applied, pin_root, cg) -> None:
     applied()
     script = textwrap.dedent(f"""
         import socket, sys
+        FAM, VIP = {family(net)}, "{net.dial}"
         socks = []
         for i in range(16):
-            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3)
-            s.connect(("{VIP}", 53)); socks.append(s)
-        tcp = [socket.create_connection(("{VIP}", 80), timeout=3) for i in range(8)]
-        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(3)
+            s = socket.socket(FAM, socket.SOCK_DGRAM); s.settimeout(3)
+            s.connect((VIP, 53)); socks.append(s)
+        tcp = [socket.create_connection((VIP, 80), timeout=3) for i in range(8)]
+        u = socket.socket(FAM, socket.SOCK_DGRAM); u.settimeout(3)
         def rt(s):
             try:
                 s.send(b"x"); return s.recv(100).decode().split()[0]
@@ -232,12 +288,12 @@ def test_udp_backend_removed(topo, applied, pin_root, cg) -> None:
         print(" ".join(rt(s) for s in tcp), flush=True)
         fresh = []
         for i in range(8):
-            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3)
-            s.connect(("{VIP}", 53)); fresh.append(rt(s))
+            s = socket.socket(FAM, socket.SOCK_DGRAM); s.settimeout(3)
+            s.connect((VIP, 53)); fresh.append(rt(s))
         print(" ".join(fresh), flush=True)
         answers = set()
         for i in range(8):
-            u.sendto(b"x", ("{VIP}", 53)); answers.add(u.recvfrom(100)[0].decode().split()[0])
+            u.sendto(b"x", (VIP, 53)); answers.add(u.recvfrom(100)[0].decode().split()[0])
         print(" ".join(sorted(answers)), flush=True)
     """)
     argv = in_cgroup(cg, topo.client.netns, [sys.executable, "-c", script])
@@ -246,7 +302,7 @@ def test_udp_backend_removed(topo, applied, pin_root, cg) -> None:
         assert p.stdin is not None and p.stdout is not None
         before, tcp_before = p.stdout.readline().split(), p.stdout.readline().split()
         assert set(before) == {"back1", "back2"} and set(tcp_before) == {"back1", "back2"}, (before, tcp_before)
-        applied(services(backends=(BACK1,)))
+        applied(services(backends=(net.back1,), net=net))
         p.stdin.write("\n")
         p.stdin.flush()
         after = p.stdout.readline().split()
@@ -263,7 +319,8 @@ def test_udp_backend_removed(topo, applied, pin_root, cg) -> None:
         p.wait()
 
 
-def test_svc_update_and_delete_destroy_connected_udp_sockets(topo, applied, pin_root, cg) -> None:
+@ALL
+def test_svc_update_and_delete_destroy_connected_udp_sockets(topo, applied, pin_root, cg, net) -> None:
     """`tuplet svc update --remove-backend` and `tuplet svc delete` destroy the connected UDP sockets
     of what they removed, as apply does (needs bpf_sock_destroy, Linux 6.5+)."""
     if not socklb.can_destroy_sockets():
@@ -273,8 +330,8 @@ def test_svc_update_and_delete_destroy_connected_udp_sockets(topo, applied, pin_
         import socket, sys
         socks = []
         for i in range(16):
-            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3)
-            s.connect(("{VIP}", 53)); s.send(b"x"); socks.append((s, s.recv(100).decode().split()[0]))
+            s = socket.socket({family(net)}, socket.SOCK_DGRAM); s.settimeout(3)
+            s.connect(("{net.dial}", 53)); s.send(b"x"); socks.append((s, s.recv(100).decode().split()[0]))
         print(" ".join(b for _s, b in socks), flush=True)
         for step in range(2):
             sys.stdin.readline()
@@ -295,7 +352,7 @@ def test_svc_update_and_delete_destroy_connected_udp_sockets(topo, applied, pin_
         assert p.stdin is not None and p.stdout is not None
         before = p.stdout.readline().split()
         assert set(before) == {"back1", "back2"}, before
-        for argv in (["update", "dns", "--remove-backend", f"{BACK2}:8000"], ["delete", "dns"]):
+        for argv in (["update", "dns", "--remove-backend", show(net.back2, 8000)], ["delete", "dns"]):
             r = subprocess.run([sys.executable, "-m", "tuplet.cli", "--pin-root", pin_root, "svc", *argv],
                                capture_output=True, text=True, timeout=60)
             assert r.returncode == 0, r.stderr
@@ -321,8 +378,9 @@ def test_a_failed_apply_leaves_the_old_cgroups_links(topo, applied, pin_root, cg
     before = socklb.links(pin_root)
     cg2 = make_cgroup()
     try:
-        for where, point in (("moved", "socklb.attached-sendmsg4"), ("moved", "apply.attached"),
-                             ("same", "socklb.attached-recvmsg4"), ("same", "apply.attached"),
+        for where, point in (("moved", "socklb.attached-sendmsg4"), ("moved", "socklb.attached-getpeername6"),
+                             ("moved", "apply.attached"), ("same", "socklb.attached-recvmsg4"),
+                             ("same", "socklb.attached-connect6"), ("same", "apply.attached"),
                              ("off", "apply.attached")):
             monkeypatch.setenv(crashpoints.FAIL_ENV, point)
             with pytest.raises(TupletError, match="injected failure"):

@@ -1,19 +1,21 @@
 """Service updates are atomic for socket LB too: connect() calls from a process in the test's
 cgroup run while the backend set flips back and forth; none fails (a half-written service
 would leave a slot without a backend: EPERM) and every socket got a backend of the old or the
-new set (read from the reverse-NAT map, one entry per socket cookie)."""
+new set (read from the reverse-NAT map, one entry per socket cookie). For an IPv4 and an IPv6
+service."""
 from __future__ import annotations
 
 import subprocess
 import sys
 import textwrap
 import threading
+from typing import NamedTuple
 
 import pytest
 
 from socklb_harness import make_cgroup, remove_cgroup
 from tuplet.datapath import abi, paths
-from tuplet.datapath.layouts import be32_to_ip
+from tuplet.datapath.layouts import Lb4SockRevKey, Lb6SockRevKey, be32_to_ip, bytes_to_ip6
 from tuplet.lb import writer as lb
 from tuplet.lb.model import Service, ServiceType, parse_backend
 from tuplet.node import apply as node_apply
@@ -21,31 +23,60 @@ from tuplet.node import config, socklb, state
 
 pytestmark = pytest.mark.netns
 
-VIP, A, B, C3 = "10.68.174.146", "10.64.0.98", "10.64.0.64", "10.64.0.116"
 N = 3000
 
-# In a network namespace of its own (a route to the backends, so UDP connect() succeeds without
-# sending anything): N UDP sockets connect to VIP:53 over a few seconds; prints how many connect() calls failed.
-CLIENT = textwrap.dedent(f"""
-    import socket, time
-    failed = 0
-    for i in range({N}):
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            s.connect(("{VIP}", 53))
-        except OSError:
-            failed += 1
-        s.close()
-        time.sleep(0.001)   # spread over a few seconds: many service changes meanwhile
-    print(failed, flush=True)
-""")
-SETUP = ("ip link add v0 type veth peer name v1 && ip link set v1 up && ip link set v0 up "
-         "&& ip addr add 10.64.0.36/16 dev v0 && exec \"$@\"")
+
+class Net(NamedTuple):
+    vip: str
+    backends: tuple[str, str, str]
+    client: str                  # the client namespace's address, with its prefix
+    socket_family: str
+    rev_map: str
+    rev_key: type[Lb4SockRevKey] | type[Lb6SockRevKey]
+
+    def endpoint(self, address: str) -> str:
+        return f"[{address}]:8000" if ":" in address else f"{address}:8000"
+
+    def backend_of(self, raw_key: bytes) -> str:
+        """The backend address of a raw reverse-map key."""
+        k = self.rev_key.from_buffer_copy(raw_key)
+        return be32_to_ip(k.address) if isinstance(k, Lb4SockRevKey) else bytes_to_ip6(k.address)
 
 
-def svc(*backends: str, m: int) -> Service:
-    return Service(name="dns", type=ServiceType.CLUSTER_IP, address=VIP, port=53, protocol="udp",
-                   backends=tuple(parse_backend(b, "b") for b in backends), maglev_size=m, source="cli")
+V4 = Net("10.68.174.146", ("10.64.0.98", "10.64.0.64", "10.64.0.116"), "10.64.0.36/16", "AF_INET",
+         abi.SOCK_REV_NAT_MAP, Lb4SockRevKey)
+V6 = Net("fd00:10:96::a", ("fd00:10:244::62", "fd00:10:244::40", "fd00:10:244::74"), "fd00:10:244::24/64",
+         "AF_INET6", abi.SOCK6_REV_NAT_MAP, Lb6SockRevKey)
+
+
+def client(net: Net) -> str:
+    """In a network namespace of its own (a route to the backends, so UDP connect() succeeds
+    without sending anything): N UDP sockets connect to VIP:53 over a few seconds; prints how
+    many connect() calls failed."""
+    return textwrap.dedent(f"""
+        import socket, time
+        failed = 0
+        for i in range({N}):
+            s = socket.socket(socket.{net.socket_family}, socket.SOCK_DGRAM)
+            try:
+                s.connect(("{net.vip}", 53))
+            except OSError:
+                failed += 1
+            s.close()
+            time.sleep(0.001)   # spread over a few seconds: many service changes meanwhile
+        print(failed, flush=True)
+    """)
+
+
+def setup(net: Net) -> str:
+    return ("ip link add v0 type veth peer name v1 && ip link set v1 up && ip link set v0 up "
+            f"&& ip addr add {net.client} dev v0 nodad && exec \"$@\"")
+
+
+def svc(net: Net, *backends: str, m: int) -> Service:
+    return Service(name="dns", type=ServiceType.CLUSTER_IP, address=net.vip, port=53, protocol="udp",
+                   backends=tuple(parse_backend(net.endpoint(b), "b") for b in backends), maglev_size=m,
+                   source="cli")
 
 
 @pytest.fixture
@@ -67,10 +98,12 @@ def sock_lb(pin_root):
         state.remove(pin_root)
 
 
-def test_connects_never_see_a_half_written_service(sock_lb) -> None:
+@pytest.mark.parametrize("net", [V4, V6], ids=["v4", "v6"])
+def test_connects_never_see_a_half_written_service(sock_lb, net) -> None:
     root, cg = sock_lb
-    sets = [svc(f"{A}:8000", f"{B}:8000", m=251), svc(f"{C3}:8000", m=257)]
-    with lb.ServiceTable(root, local_addrs={A, B, C3}) as t:
+    a, b, c3 = net.backends
+    sets = [svc(net, a, b, m=251), svc(net, c3, m=257)]
+    with lb.ServiceTable(root, local_addrs={a, b, c3}) as t:
         t.upsert(sets[0])
     stop = threading.Event()
     errors: list[BaseException] = []
@@ -78,7 +111,7 @@ def test_connects_never_see_a_half_written_service(sock_lb) -> None:
 
     def flip() -> None:
         try:
-            with lb.ServiceTable(root, local_addrs={A, B, C3}) as t:
+            with lb.ServiceTable(root, local_addrs={a, b, c3}) as t:
                 while not stop.is_set():
                     flips[0] += 1
                     t.upsert(sets[flips[0] % 2])
@@ -89,7 +122,7 @@ def test_connects_never_see_a_half_written_service(sock_lb) -> None:
     writer.start()
     try:
         r = subprocess.run(["sh", "-c", 'echo $$ > "$1/cgroup.procs" && shift && exec "$@"', "sh", str(cg),
-                            "unshare", "-n", "sh", "-c", SETUP, "sh", sys.executable, "-c", CLIENT],
+                            "unshare", "-n", "sh", "-c", setup(net), "sh", sys.executable, "-c", client(net)],
                            capture_output=True, text=True, timeout=120)
     finally:
         stop.set()
@@ -98,7 +131,7 @@ def test_connects_never_see_a_half_written_service(sock_lb) -> None:
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["0"], "connect() failed during a service change"
     assert flips[0] >= 10, flips
-    with paths.open_pinned(root, abi.SOCK_REV_NAT_MAP) as m:
-        backends = [be32_to_ip(int.from_bytes(k[8:12], "little")) for k in m.keys()]
+    with paths.open_pinned(root, net.rev_map) as m:
+        backends = [net.backend_of(k) for k in m.keys()]
     assert len(backends) == N
-    assert set(backends) <= {A, B, C3} and len(set(backends)) >= 2, set(backends)
+    assert set(backends) <= {a, b, c3} and len(set(backends)) >= 2, set(backends)

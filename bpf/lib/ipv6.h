@@ -50,4 +50,18 @@ static __always_inline bool ipv6_addr_equal(const union v6addr *a, const union v
 	return a->p[0] == b->p[0] && a->p[1] == b->p[1] && a->p[2] == b->p[2] && a->p[3] == b->p[3];
 }
 
+/* The address folded to 32 bits (the xor of its words), as hashes take an
+ * IPv6 address, so both families hash the same number of values.
+ */
+static __always_inline __be32 ipv6_addr_fold(const union v6addr *a)
+{
+	return a->p[0] ^ a->p[1] ^ a->p[2] ^ a->p[3];
+}
+
+/* Whether a is IPv4-mapped (::ffff:a.b.c.d); its IPv4 address is then p[3]. */
+static __always_inline bool ipv6_addr_v4mapped(const union v6addr *a)
+{
+	return !a->p[0] && !a->p[1] && a->p[2] == bpf_htonl(0xffff);
+}
+
 #endif

@@ -48,18 +48,16 @@ static __always_inline struct lb4_service *lb_lookup_service(int fam, union lb_k
 }
 
 /* The flow hash of p's packet. An IPv6 address enters it folded to 32 bits
- * (the xor of its words), so both families hash the same five values and
- * every node computes the same hash for a flow.
+ * (ipv6_addr_fold), so both families hash the same five values and every node
+ * computes the same hash for a flow.
  */
 static __always_inline __u32 lb_flow_hash(int fam, const void *p)
 {
 	__be32 s, d;
 
 	if (fam == PKT_FAM6) {
-		const struct pkt6 *p6 = p;
-
-		s = p6->saddr.p[0] ^ p6->saddr.p[1] ^ p6->saddr.p[2] ^ p6->saddr.p[3];
-		d = p6->daddr.p[0] ^ p6->daddr.p[1] ^ p6->daddr.p[2] ^ p6->daddr.p[3];
+		s = ipv6_addr_fold(&((const struct pkt6 *)p)->saddr);
+		d = ipv6_addr_fold(&((const struct pkt6 *)p)->daddr);
 	} else {
 		s = ((const struct pkt4 *)p)->saddr;
 		d = ((const struct pkt4 *)p)->daddr;

@@ -44,18 +44,26 @@ class Hook(str, Enum):
 
 
 class CgroupHook(str, Enum):
-    """Socket-address hooks of a cgroup (IPv4), by the libbpf section suffix."""
+    """Socket-address hooks of a cgroup (IPv4 and IPv6), by the libbpf section suffix."""
 
     CONNECT4 = "connect4"
     SENDMSG4 = "sendmsg4"
     RECVMSG4 = "recvmsg4"
     GETPEERNAME4 = "getpeername4"
+    CONNECT6 = "connect6"
+    SENDMSG6 = "sendmsg6"
+    RECVMSG6 = "recvmsg6"
+    GETPEERNAME6 = "getpeername6"
 
 
 _CGROUP_ATTACH_TYPE = {CgroupHook.CONNECT4: C.BPF_CGROUP_INET4_CONNECT,
                        CgroupHook.SENDMSG4: C.BPF_CGROUP_UDP4_SENDMSG,
                        CgroupHook.RECVMSG4: C.BPF_CGROUP_UDP4_RECVMSG,
-                       CgroupHook.GETPEERNAME4: C.BPF_CGROUP_INET4_GETPEERNAME}
+                       CgroupHook.GETPEERNAME4: C.BPF_CGROUP_INET4_GETPEERNAME,
+                       CgroupHook.CONNECT6: C.BPF_CGROUP_INET6_CONNECT,
+                       CgroupHook.SENDMSG6: C.BPF_CGROUP_UDP6_SENDMSG,
+                       CgroupHook.RECVMSG6: C.BPF_CGROUP_UDP6_RECVMSG,
+                       CgroupHook.GETPEERNAME6: C.BPF_CGROUP_INET6_GETPEERNAME}
 
 
 class AttachMode(str, Enum):

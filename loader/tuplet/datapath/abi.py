@@ -19,7 +19,7 @@ from tuplet.bpf.links import CgroupHook, Hook
 OBJ_LXC: Final = "bpf_lxc.o"          # pod side: cil_from_container, cil_to_container
 OBJ_HOST: Final = "bpf_host.o"        # node NIC: cil_from_netdev, cil_to_netdev
 OBJ_OVERLAY: Final = "bpf_overlay.o"  # Geneve device: cil_from_overlay
-OBJ_SOCK: Final = "bpf_sock.o"        # socket LB: cgroup connect4/sendmsg4/recvmsg4/getpeername4
+OBJ_SOCK: Final = "bpf_sock.o"        # socket LB: cgroup connect/sendmsg/recvmsg/getpeername, 4 and 6
 OBJ_SOCK_DESTROY: Final = "sock_destroy.o"   # socket LB: iter/udp destroying removed backends' sockets
 SOCK_DESTROY_PROGRAM: Final = "tpl_sock_destroy_udp"
 SOCK_DESTROY_TARGETS: Final = "tpl_sock_destroy_targets"   # not pinned: the sockets of one run
@@ -39,7 +39,10 @@ OVERLAY_HOOKS: Final = (("cil_from_overlay", Hook.INGRESS),)
 #: (program, hook) on the socket-LB cgroup ([lb] socket_lb_cgroup).
 SOCK_HOOKS: Final = (("cil_sock4_connect", CgroupHook.CONNECT4), ("cil_sock4_sendmsg", CgroupHook.SENDMSG4),
                      ("cil_sock4_recvmsg", CgroupHook.RECVMSG4),
-                     ("cil_sock4_getpeername", CgroupHook.GETPEERNAME4))
+                     ("cil_sock4_getpeername", CgroupHook.GETPEERNAME4),
+                     ("cil_sock6_connect", CgroupHook.CONNECT6), ("cil_sock6_sendmsg", CgroupHook.SENDMSG6),
+                     ("cil_sock6_recvmsg", CgroupHook.RECVMSG6),
+                     ("cil_sock6_getpeername", CgroupHook.GETPEERNAME6))
 
 #: Directory under the pin root where apply pins the pod programs, so an endpoint added
 #: live (`tuplet endpoint add`, the CNI plugin) gets the programs the node runs.

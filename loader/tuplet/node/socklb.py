@@ -10,8 +10,9 @@ import contextlib
 import ctypes
 import os
 import socket
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import structlog
 
@@ -34,18 +35,25 @@ from tuplet.core import crashpoints
 from tuplet.core.errors import NotSupportedError, TupletError
 from tuplet.datapath import clock
 from tuplet.datapath.abi import (
-    BACKENDS_MAP,
     LB_BANK_STRIDE,
     OBJ_SOCK,
     OBJ_SOCK_DESTROY,
-    SERVICES_MAP,
+    SOCK6_REV_NAT_MAP,
     SOCK_DESTROY_PROGRAM,
     SOCK_DESTROY_TARGETS,
     SOCK_HOOKS,
     SOCK_REV_NAT_MAP,
 )
-from tuplet.datapath.layouts import Lb4Backend, Lb4Key, Lb4Service, Lb4SockRevKey, Lb4SockRevVal
+from tuplet.datapath.layouts import (
+    Lb4Service,
+    Lb4SockRevKey,
+    Lb4SockRevVal,
+    Lb6SockRevKey,
+    Lb6SockRevVal,
+    ip6_to_bytes,
+)
 from tuplet.datapath.paths import is_pinned, object_dir, open_pinned
+from tuplet.lb.families import V4, V6, Family
 from tuplet.node import netns
 
 log = structlog.get_logger("tuplet.socklb")
@@ -199,34 +207,68 @@ def can_destroy_sockets() -> bool:
         return False
 
 
-def stale_udp_sockets(pin_root: str) -> list[Lb4SockRevKey]:
-    """The reverse-map keys (socket, backend) of sockets socket LB pointed at a backend that
-    their service no longer has: a UDP service without that backend in its current bank
-    (removed, or weight 0), or a service that is gone. A TCP service's sockets are never stale
-    (a connection to a draining backend keeps working). Read from the pinned maps."""
-    if not is_pinned(pin_root, SOCK_REV_NAT_MAP):
-        return []
-    stale: list[Lb4SockRevKey] = []
-    with open_pinned(pin_root, SOCK_REV_NAT_MAP) as rev, open_pinned(pin_root, SERVICES_MAP) as svc, \
-            open_pinned(pin_root, BACKENDS_MAP) as be:
-        live: dict[tuple[int, int, int], set[tuple[int, int]] | None] = {}
-        for k, v in rev.items():
-            key, val = Lb4SockRevKey.from_buffer_copy(k), Lb4SockRevVal.from_buffer_copy(v)
-            frontend = (val.address, val.port, val.rev_nat_index)
-            if frontend not in live:
-                live[frontend] = _udp_backends(svc, be, val)
-            backends = live[frontend]
-            if backends is not None and (key.address, key.port) not in backends:
-                stale.append(key)
+@dataclass(frozen=True)
+class _SockFamily:
+    """A family's socket-LB reverse map and its layouts, beside its service maps."""
+
+    lb: Family
+    rev_map: str
+    key_cls: type[Lb4SockRevKey] | type[Lb6SockRevKey]
+    val_cls: type[Lb4SockRevVal] | type[Lb6SockRevVal]
+
+    def address(self, entry: Lb4SockRevKey | Lb6SockRevKey | Lb4SockRevVal | Lb6SockRevVal) -> str:
+        """The address of a reverse-map key (the backend) or value (the service)."""
+        return self.lb.unpack(bytes(entry)[type(entry).address.offset:])
+
+
+_SOCK_FAMILIES = (_SockFamily(V4, SOCK_REV_NAT_MAP, Lb4SockRevKey, Lb4SockRevVal),
+                  _SockFamily(V6, SOCK6_REV_NAT_MAP, Lb6SockRevKey, Lb6SockRevVal))
+
+
+class StaleSocket(NamedTuple):
+    """A socket socket LB pointed at a backend its service no longer has: its reverse-map key."""
+
+    rev_map: str
+    key: Lb4SockRevKey | Lb6SockRevKey
+    address: str      # the backend's
+
+    def target(self) -> Lb6SockRevKey:
+        """The key sock_destroy.c looks the socket up by: an IPv4 backend IPv4-mapped."""
+        addr = self.address if ":" in self.address else f"::ffff:{self.address}"
+        return Lb6SockRevKey(self.key.cookie, ip6_to_bytes(addr), self.key.port, 0, 0)
+
+
+def stale_udp_sockets(pin_root: str) -> list[StaleSocket]:
+    """The sockets (reverse-map keys: socket, backend) socket LB pointed at a backend that their
+    service no longer has, of both families: a UDP service without that backend in its current
+    bank (removed, or weight 0), or a service that is gone. A TCP service's sockets are never
+    stale (a connection to a draining backend keeps working). Read from the pinned maps."""
+    stale: list[StaleSocket] = []
+    for fam in _SOCK_FAMILIES:
+        if not is_pinned(pin_root, fam.rev_map):
+            continue
+        with open_pinned(pin_root, fam.rev_map) as rev, open_pinned(pin_root, fam.lb.services_map) as svc, \
+                open_pinned(pin_root, fam.lb.backends_map) as be:
+            live: dict[tuple[str, int, int], set[tuple[str, int]] | None] = {}
+            for k, v in rev.items():
+                key, val = fam.key_cls.from_buffer_copy(k), fam.val_cls.from_buffer_copy(v)
+                frontend = (fam.address(val), socket.ntohs(val.port), val.rev_nat_index)
+                if frontend not in live:
+                    live[frontend] = _udp_backends(fam.lb, svc, be, *frontend)
+                backends, address = live[frontend], fam.address(key)
+                if backends is not None and (address, key.port) not in backends:
+                    stale.append(StaleSocket(fam.rev_map, key, address))
     return stale
 
 
-def _udp_backends(svc: Map, be: Map, frontend: Lb4SockRevVal) -> set[tuple[int, int]] | None:
-    """(address, port) of the backends in the current bank of the UDP service at frontend;
-    None for a TCP service's; empty when the service is gone (or another one has its address)."""
+def _udp_backends(fam: Family, svc: Map, be: Map, address: str, port: int,
+                  rev_nat_index: int) -> set[tuple[str, int]] | None:
+    """(address, port as stored) of the backends in the current bank of the UDP service at
+    address:port; None for a TCP service's; empty when the service is gone (or another one has
+    its address)."""
     for proto in (socket.IPPROTO_TCP, socket.IPPROTO_UDP):
-        raw = svc.lookup(Lb4Key(frontend.address, frontend.port, 0, proto, 0, 0))
-        if raw is not None and Lb4Service.from_buffer_copy(raw).rev_nat_index == frontend.rev_nat_index:
+        raw = svc.lookup(fam.key(address, port, proto))
+        if raw is not None and Lb4Service.from_buffer_copy(raw).rev_nat_index == rev_nat_index:
             break
     else:
         return set()
@@ -236,20 +278,19 @@ def _udp_backends(svc: Map, be: Map, frontend: Lb4SockRevVal) -> set[tuple[int, 
     out = set()
     base = LB_BANK_STRIDE if s.bank else 0
     for slot in range(1, s.count + 1):
-        raw = svc.lookup(Lb4Key(frontend.address, frontend.port, base + slot, proto, 0, 0))
+        raw = svc.lookup(fam.key(address, port, proto, base + slot))
         b = be.lookup(Lb4Service.from_buffer_copy(raw).backend_id) if raw is not None else None
         if b is not None:
-            backend = Lb4Backend.from_buffer_copy(b)
-            out.add((backend.address, backend.port))
+            out.add((fam.unpack(b), fam.backend_cls.from_buffer_copy(b).port))
     return out
 
 
 def destroy_stale_udp(pin_root: str) -> int:
     """Destroy the connected UDP sockets, in every network namespace, that socket LB pointed at a
-    backend their service no longer has (:func:`stale_udp_sockets`): their next recv()/send()
-    fails with ECONNABORTED and a new socket gets a live backend. Without bpf_sock_destroy
-    (before Linux 6.5) nothing is destroyed: such a socket keeps sending to the old backend
-    until the application reconnects. Returns how many were destroyed."""
+    backend their service no longer has (:func:`stale_udp_sockets`, both families): their next
+    recv()/send() fails with ECONNABORTED and a new socket gets a live backend. Without
+    bpf_sock_destroy (before Linux 6.5) nothing is destroyed: such a socket keeps sending to the
+    old backend until the application reconnects. Returns how many were destroyed."""
     stale = stale_udp_sockets(pin_root)
     if not stale:
         return 0
@@ -263,26 +304,29 @@ def destroy_stale_udp(pin_root: str) -> int:
         coll = spec.load()
     finally:
         spec.close()
-    destroyed: list[bytes] = []
+    destroyed = 0
+    size = ctypes.sizeof(Lb6SockRevKey)   # what the iterator writes per destroyed socket
     try:
         targets = coll.maps[SOCK_DESTROY_TARGETS]
-        for key in stale:
-            targets.update(key, b"\x01")
+        for s in stale:
+            targets.update(s.target(), b"\x01")
         with IterLink(coll.programs[SOCK_DESTROY_PROGRAM]) as it:
             for ns in netns.all_namespaces():
                 try:
                     with netns.enter_file(ns):
-                        for chunk in it.slices(ctypes.sizeof(Lb4SockRevKey) * 256):
-                            destroyed += [bytes(chunk[i:i + 16]) for i in range(0, len(chunk), 16)]
+                        destroyed += sum(len(chunk) // size for chunk in it.slices(size * 256))
                 except netns.NetnsError:
                     continue   # its process went, and the namespace with it
     finally:
         coll.close()
-    with open_pinned(pin_root, SOCK_REV_NAT_MAP) as rev:
-        for key in stale:   # destroyed, or not a connected socket of any namespace any more
-            rev.delete(key)
-    log.info("connected UDP sockets of removed backends destroyed", sockets=len(destroyed), stale=len(stale))
-    return len(destroyed)
+    for fam in _SOCK_FAMILIES:   # destroyed, or not a connected socket of any namespace any more
+        keys = [s.key for s in stale if s.rev_map == fam.rev_map]
+        if keys:
+            with open_pinned(pin_root, fam.rev_map) as rev:
+                for key in keys:
+                    rev.delete(key)
+    log.info("connected UDP sockets of removed backends destroyed", sockets=destroyed, stale=len(stale))
+    return destroyed
 
 
 def after_service_change(pin_root: str) -> None:
