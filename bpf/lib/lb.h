@@ -303,7 +303,7 @@ static __always_inline int lb_rev_nat_icmp(int fam, struct __sk_buff *skb, void 
 	__u32 csum_off = icmp_off + ICMP_CSUM_OFF;
 	__u32 in_off = icmp_off + ICMP_HLEN;    /* the quoted IP header */
 	__u32 in_l4;
-	void *data, *data_end, *nat;
+	void *nat;
 	struct ct_entry *e;
 	__be16 *ports, old_port;
 	bool in_syn;
@@ -316,25 +316,19 @@ static __always_inline int lb_rev_nat_icmp(int fam, struct __sk_buff *skb, void 
 	 * of it (addresses swapped, ports as they are).
 	 */
 	if (fam == PKT_FAM6) {
-		struct ipv6hdr *ip6;
+		struct ipv6hdr *ip6 = pkt_at(skb, in_off, sizeof(*ip6));
 
-		if (pkt_ensure(skb, in_off + sizeof(*ip6), &data, &data_end) < 0)
-			return TPL_CONTINUE;
-		ip6 = data + in_off;
-		if ((void *)(ip6 + 1) > data_end)
+		if (!ip6)
 			return TPL_CONTINUE;
 		proto = ip6->nexthdr;
 		in_l4 = in_off + IPV6_HLEN;
 		__builtin_memcpy(&((struct ipv6_ct_tuple *)t)->daddr, &ip6->saddr, sizeof(union v6addr));
 		__builtin_memcpy(&((struct ipv6_ct_tuple *)t)->saddr, &ip6->daddr, sizeof(union v6addr));
 	} else {
-		struct iphdr *ip4;
+		struct iphdr *ip4 = pkt_at(skb, in_off, sizeof(*ip4));
 		__u32 hlen;
 
-		if (pkt_ensure(skb, in_off + sizeof(*ip4), &data, &data_end) < 0)
-			return TPL_CONTINUE;
-		ip4 = data + in_off;
-		if ((void *)(ip4 + 1) > data_end)
+		if (!ip4)
 			return TPL_CONTINUE;
 		hlen = ip4->ihl * IPV4_IHL_UNIT;
 		if (hlen < sizeof(*ip4))
@@ -346,10 +340,8 @@ static __always_inline int lb_rev_nat_icmp(int fam, struct __sk_buff *skb, void 
 	}
 	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
 		return TPL_CONTINUE;
-	if (pkt_ensure(skb, in_l4 + 2 * sizeof(__be16), &data, &data_end) < 0)
-		return TPL_CONTINUE;
-	ports = data + in_l4;
-	if ((void *)(ports + 2) > data_end)
+	ports = pkt_at(skb, in_l4, 2 * sizeof(__be16));
+	if (!ports)
 		return TPL_CONTINUE;
 	old_port = ports[1];
 	CT_TUPLE_SET(t, fam, sport, ports[0]);
