@@ -75,6 +75,12 @@ static __always_inline enum tpl_reason lxc_track(int fam, struct __sk_buff *skb,
 
 		if (tpl_has_verdict(nat))
 			return nat;
+	} else if (ret == CT_RELATED && dir == CT_INGRESS) {
+		/* An ICMP error about a service flow: its quote names the backend. */
+		int nat = lb_rev_nat_icmp(fam, skb, p, &tuple);
+
+		if (tpl_has_verdict(nat))
+			return nat;
 	}
 	if (ret != CT_NEW)
 		return ct_status_reason(ret);

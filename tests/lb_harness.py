@@ -60,29 +60,29 @@ def pinned_maps(h: LxcHarness, pin_root: str, names: Iterable[str]) -> Iterator[
 
 
 @contextmanager
-def flipping(open_table: Callable[[], ServiceTable], services: Sequence[Service]) -> Iterator[None]:
+def flipping(open_table: Callable[[], ServiceTable], services: Sequence[Service]) -> Iterator[list[int]]:
     """services[0] written, then, while the block runs, a thread writing services[1],
     services[0], services[1], ... (one table, opened once); what the writer raised is
-    raised after the block."""
+    raised after the block. Yields a one-element list: the number of writes so far."""
     with open_table() as t:
         t.upsert(services[0])
     stop = threading.Event()
     errors: list[BaseException] = []
+    flips = [0]
 
     def flip() -> None:
         try:
-            i = 1
             with open_table() as t:
                 while not stop.is_set():
-                    t.upsert(services[i % len(services)])
-                    i += 1
+                    t.upsert(services[(flips[0] + 1) % len(services)])
+                    flips[0] += 1
         except BaseException as e:   # reported below
             errors.append(e)
 
     writer = threading.Thread(target=flip)
     writer.start()
     try:
-        yield
+        yield flips
     finally:
         stop.set()
         writer.join()

@@ -5,14 +5,17 @@ replies get the service address back, and a service change is atomic for new flo
 from __future__ import annotations
 
 import pytest
-from scapy.layers.inet import TCP, UDP
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.inet6 import IPv6
+from scapy.packet import Packet
 
 from lb_harness import checksums_ok, cli_service, flipping, ip_of, l4_of, new_flows, pinned_maps
-from lxc_harness import TC_ACT_OK, LxcHarness, tcp, udp
+from lxc_harness import TC_ACT_OK, LxcHarness, icmp_error, tcp, udp
 from tuplet.datapath import abi
 from tuplet.datapath.abi import TUPLE_F_OUT, TUPLE_F_SERVICE
 from tuplet.datapath.layouts import Lb6AffinityKey, bytes_to_ip6
 from tuplet.lb import writer as lb
+from tuplet.lb.model import host_port
 
 POD, VIP, PORT = "2001:db8:64::24", "2001:db8:68::a", 80
 A, B, C3 = "2001:db8:64::62", "2001:db8:64::40", "2001:db8:64::74"
@@ -93,3 +96,40 @@ def test_client_affinity_over_ipv6(pinned) -> None:
     others = {l4_of(run(h, "cil_from_container", tcp(f"2001:db8:64::{0x100 + i:x}", 43000, VIP, PORT, "S")))[2]
               for i in range(30)}
     assert len(others) > 1
+
+
+
+# (client, VIP, backend) by family: the ICMP error test runs for both (one body).
+ICMP_FLOWS = {"ipv6": (POD, VIP, A), "ipv4": ("10.64.0.36", "10.68.174.146", "10.64.0.98")}
+
+
+def checksum_fresh(pkt: Packet, layer: str, field: str) -> bool:
+    """Whether pkt's checksum ``field`` of ``layer`` is what scapy computes anew (ICMPv6's
+    with the IPv6 pseudo-header)."""
+    fresh = type(pkt)(bytes(pkt))
+    delattr(fresh[layer], field)
+    return getattr(type(pkt)(bytes(fresh))[layer], field) == getattr(pkt[layer], field)
+
+
+@pytest.mark.parametrize("fam", ICMP_FLOWS)
+def test_icmp_error_of_a_service_flow_is_reverse_nated(pinned, fam) -> None:
+    """A backend's port unreachable about a service flow's packet leaves cil_to_container from
+    the VIP, quoting the packet as the client sent it (to VIP:PORT), with the ICMP(v6) checksum
+    right (and a quoted IPv4 header's own); one about a direct flow to the backend is untouched."""
+    h, root = pinned
+    pod, vip, a = ICMP_FLOWS[fam]
+    with lb.ServiceTable(root, local_addrs={a}) as t:
+        t.upsert(cli_service(vip, PORT, host_port(a, 8000), name="dns", protocol="udp"))
+    sent = run(h, "cil_from_container", udp(pod, 40000, vip, PORT))
+    assert l4_of(sent) == (pod, 40000, a, 8000)
+    err = ip_of(run(h, "cil_to_container", icmp_error(a, pod, sent)))
+    assert (err.src, err.dst) == (vip, pod)
+    icmp, csum = ("ICMPv6DestUnreach", "cksum") if fam == "ipv6" else ("ICMP", "chksum")
+    quote = (IPv6 if fam == "ipv6" else IP)(bytes(err[icmp].payload))
+    assert (quote.src, quote.dst, quote[UDP].sport, quote[UDP].dport) == (pod, vip, 40000, PORT)
+    assert checksum_fresh(err, icmp, csum), err.show(dump=True)
+    if fam == "ipv4":
+        assert checksum_fresh(quote, "IP", "chksum"), quote.show(dump=True)
+    direct = run(h, "cil_from_container", udp(pod, 40001, a, 8000))
+    error = icmp_error(a, pod, direct)
+    assert run(h, "cil_to_container", error) == error

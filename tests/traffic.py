@@ -108,20 +108,27 @@ def udp_once(topo: Topology, pod: Pod, dst: str, port: int, sport: int) -> None:
     assert r.returncode == 0 and r.stdout.strip() == "ping", r.stderr
 
 
-# One request per line of argv: TCP connections (one each) or UDP datagrams; prints
-# "<answer> <peer address>:<peer port>" per request, or "error <what>".
+# One request per line of argv: TCP connections (one each) or UDP datagrams (udpc: from a
+# connected socket, which reports ICMP errors: ConnectionRefusedError); IPv4 or IPv6 by dst.
+# Prints "<answer> <peer address>:<peer port>" ("[address]:port" for IPv6) per request, or
+# "error <what>".
 ASK = textwrap.dedent("""
     import socket, sys
     proto, dst, port, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    fam = socket.AF_INET6 if ":" in dst else socket.AF_INET
     for i in range(n):
         try:
             if proto == "tcp":
                 s = socket.create_connection((dst, port), timeout=3)
                 s.sendall(b"hi"); d = s.recv(100); peer = s.getpeername(); s.close()
             else:
-                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3)
-                s.sendto(b"hi", (dst, port)); d, peer = s.recvfrom(100); s.close()
-            print(d.decode().split()[0], "%s:%d" % peer, flush=True)
+                s = socket.socket(fam, socket.SOCK_DGRAM); s.settimeout(3)
+                if proto == "udpc":
+                    s.connect((dst, port)); s.send(b"hi")
+                else:
+                    s.sendto(b"hi", (dst, port))
+                d, peer = s.recvfrom(100); s.close()
+            print(d.decode().split()[0], ("[%s]:%d" if ":" in peer[0] else "%s:%d") % peer[:2], flush=True)
         except OSError as e:
             print("error", type(e).__name__, flush=True)
 """)

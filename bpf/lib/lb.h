@@ -254,23 +254,136 @@ static __always_inline int lb_local(int fam, struct __sk_buff *skb, void *p, con
 	}
 }
 
+/* The reverse-NAT entry (struct lb4_reverse_nat / lb6_reverse_nat by fam) of an index, or NULL. */
+static __always_inline void *lb_rev_nat_lookup(int fam, __u16 rev_nat_index)
+{
+	return fam == PKT_FAM6 ? bpf_map_lookup_elem(&tpl_lb6_reverse_nat_v1, &rev_nat_index)
+			       : bpf_map_lookup_elem(&tpl_lb4_reverse_nat_v1, &rev_nat_index);
+}
+
 /* Rewrite a reply's source back to the service address the client used.
  * Returns TPL_CONTINUE or a drop reason.
  */
 static __always_inline int lb_rev_nat(int fam, struct __sk_buff *skb, void *p, __u16 rev_nat_index)
 {
+	void *nat = lb_rev_nat_lookup(fam, rev_nat_index);
+
+	if (!nat)
+		return TPL_DROP_REV_NAT_MISSING;
+	if (fam == PKT_FAM6)
+		return pkt6_snat(skb, p, &((struct lb6_reverse_nat *)nat)->address, ((struct lb6_reverse_nat *)nat)->port);
+	return pkt4_snat(skb, p, ((struct lb4_reverse_nat *)nat)->address, ((struct lb4_reverse_nat *)nat)->port);
+}
+
+#define ICMP_HLEN 8          /* type, code, checksum, 4 more bytes; then the quoted packet (ICMP and ICMPv6) */
+#define ICMP_CSUM_OFF 2
+
+/* An ICMP error (port unreachable, fragmentation needed / packet too big, ...)
+ * that a backend sent about a packet of a service flow, on its way to the
+ * client (p: the error, parsed; ct_lookup found it related). The client's
+ * stack matches it to a socket by the packet it quotes, which names the
+ * backend: give the error the service address as source, and the quoted
+ * packet the service address and port as destination, as the client sent it.
+ * Only when the quoted packet's flow is a service flow: its CT_EGRESS entry
+ * (one lookup of its tuple, the key ct_lookup gave it) has a reverse-NAT
+ * index; anything else passes as it is.
+ *
+ * Checksums: ICMP's covers the quoted packet, ICMPv6's also the outer
+ * addresses (pseudo-header). A quoted IPv4 header's checksum is updated with
+ * its address, which leaves the sum over the quote as it was; the quoted
+ * TCP/UDP checksum is left alone (the quote may be cut short; no stack checks
+ * it). t: the caller's CT tuple, as scratch. Returns TPL_CONTINUE or a drop
+ * reason.
+ */
+static __always_inline int lb_rev_nat_icmp(int fam, struct __sk_buff *skb, void *p, void *t)
+{
+	__u32 icmp_off = PKT(p, fam, l4_off);
+	__u32 csum_off = icmp_off + ICMP_CSUM_OFF;
+	__u32 in_off = icmp_off + ICMP_HLEN;    /* the quoted IP header */
+	__u32 in_l4;
+	void *nat;
+	struct ct_entry *e;
+	__be16 *ports, old_port;
+	bool in_syn;
+	__u8 proto;
+	int ret;
+
+	if (icmp_off > pkt_l4_max(fam))
+		return TPL_CONTINUE;
+	/* The quoted packet's CT_EGRESS key: ct_tuple_reply() and ct_tuple_reverse()
+	 * of it (addresses swapped, ports as they are).
+	 */
 	if (fam == PKT_FAM6) {
-		struct lb6_reverse_nat *nat = bpf_map_lookup_elem(&tpl_lb6_reverse_nat_v1, &rev_nat_index);
+		struct ipv6hdr *ip6 = pkt_at(skb, in_off, sizeof(*ip6));
 
-		if (!nat)
-			return TPL_DROP_REV_NAT_MISSING;
-		return pkt6_snat(skb, p, &nat->address, nat->port);
+		if (!ip6)
+			return TPL_CONTINUE;
+		proto = ip6->nexthdr;
+		in_l4 = in_off + IPV6_HLEN;
+		__builtin_memcpy(&((struct ipv6_ct_tuple *)t)->daddr, &ip6->saddr, sizeof(union v6addr));
+		__builtin_memcpy(&((struct ipv6_ct_tuple *)t)->saddr, &ip6->daddr, sizeof(union v6addr));
 	} else {
-		struct lb4_reverse_nat *nat = bpf_map_lookup_elem(&tpl_lb4_reverse_nat_v1, &rev_nat_index);
+		struct iphdr *ip4 = pkt_at(skb, in_off, sizeof(*ip4));
+		__u32 hlen;
 
-		if (!nat)
-			return TPL_DROP_REV_NAT_MISSING;
-		return pkt4_snat(skb, p, nat->address, nat->port);
+		if (!ip4)
+			return TPL_CONTINUE;
+		hlen = ip4->ihl * IPV4_IHL_UNIT;
+		if (hlen < sizeof(*ip4))
+			return TPL_CONTINUE;
+		proto = ip4->protocol;
+		in_l4 = in_off + hlen;
+		((struct ipv4_ct_tuple *)t)->daddr = ip4->saddr;
+		((struct ipv4_ct_tuple *)t)->saddr = ip4->daddr;
+	}
+	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
+		return TPL_CONTINUE;
+	ports = pkt_at(skb, in_l4, 2 * sizeof(__be16));
+	if (!ports)
+		return TPL_CONTINUE;
+	old_port = ports[1];
+	CT_TUPLE_SET(t, fam, sport, ports[0]);
+	CT_TUPLE_SET(t, fam, dport, old_port);
+	CT_TUPLE_SET(t, fam, nexthdr, proto);
+	CT_TUPLE_SET(t, fam, flags, TUPLE_F_OUT);
+	e = ct_find(fam, t, &in_syn);
+	if (!e || !READ_ONCE(e->rev_nat_index))
+		return TPL_CONTINUE;
+	nat = lb_rev_nat_lookup(fam, READ_ONCE(e->rev_nat_index));
+	if (!nat)
+		return TPL_DROP_REV_NAT_MISSING;
+
+	if (fam == PKT_FAM6) {
+		struct lb6_reverse_nat *n6 = nat;
+		__s64 diff;
+
+		/* The quoted destination: payload to the checksum (no pseudo-header part). */
+		diff = bpf_csum_diff(((struct ipv6_ct_tuple *)t)->saddr.p, sizeof(union v6addr), n6->address.p,
+				     sizeof(union v6addr), 0);
+		if (diff < 0 || bpf_l4_csum_replace(skb, csum_off, 0, diff, 0) < 0 ||
+		    bpf_skb_store_bytes(skb, in_off + IPV6_DADDR_OFF, &n6->address, sizeof(n6->address), 0) < 0)
+			return TPL_DROP_NAT_REWRITE;
+		ret = l4_rewrite_port(skb, in_l4 + L4_DPORT_OFF, csum_off, old_port, n6->port, 0);
+		if (tpl_has_verdict(ret))
+			return ret;
+		return pkt6_snat(skb, p, &n6->address, PKT(p, fam, sport));
+	} else {
+		struct lb4_reverse_nat *n4 = nat;
+		struct pkt4 *p4 = p;
+
+		if (bpf_l3_csum_replace(skb, in_off + IP_CSUM_OFF, ((struct ipv4_ct_tuple *)t)->saddr, n4->address,
+					sizeof(n4->address)) < 0 ||
+		    bpf_skb_store_bytes(skb, in_off + IP_DADDR_OFF, &n4->address, sizeof(n4->address), 0) < 0)
+			return TPL_DROP_NAT_REWRITE;
+		ret = l4_rewrite_port(skb, in_l4 + L4_DPORT_OFF, csum_off, old_port, n4->port, 0);
+		if (tpl_has_verdict(ret))
+			return ret;
+		/* The error's source: the IP header checksum only (ICMP has no pseudo-header). */
+		if (bpf_l3_csum_replace(skb, p4->l3_off + IP_CSUM_OFF, p4->saddr, n4->address, sizeof(n4->address)) < 0 ||
+		    bpf_skb_store_bytes(skb, p4->l3_off + IP_SADDR_OFF, &n4->address, sizeof(n4->address), 0) < 0)
+			return TPL_DROP_NAT_REWRITE;
+		p4->saddr = n4->address;
+		return TPL_CONTINUE;
 	}
 }
 

@@ -124,6 +124,20 @@ static __always_inline int pkt_ensure(struct __sk_buff *skb, __u32 len, void **d
 	return 0;
 }
 
+/* len bytes at off, readable (pulled in when non-linear), or NULL. off must be
+ * bounded for the verifier.
+ */
+static __always_inline void *pkt_at(struct __sk_buff *skb, __u32 off, __u32 len)
+{
+	void *data, *data_end;
+
+	if (pkt_ensure(skb, off + len, &data, &data_end) < 0)
+		return NULL;
+	if (data + off + len > data_end)
+		return NULL;
+	return data + off;
+}
+
 /* The network header after the Ethernet header: TPL_CONTINUE with *l3 at hlen
  * readable bytes when the ethertype is `proto`, else TPL_PASS_NOT_IPV4 (another
  * ethertype) or TPL_DROP_INVALID_L3.

@@ -1,12 +1,13 @@
 """`make demo`: a node, three pods and an outside client in network namespaces, real
-traffic, services, the CT table; pod1 and pod2 are dual-stack (IPv6 beside IPv4).
+traffic, services, the CT table; pod1, pod2 and pod3 are dual-stack (IPv6 beside IPv4).
 
 Builds the topology, applies a node configuration (TCX where the kernel has it) with a
 ClusterIP and a LoadBalancer service, opens a real TCP connection and sends UDP and ICMP
 between two pods, pings over IPv6 between them, then connects to the ClusterIP from a pod twice, through socket LB (the pod's
 client in the demo's own cgroup, ``<cgroup v2 root>/tuplet-demo``: socket LB never attaches to
 the root cgroup here) and per packet (the same client outside that cgroup), showing the CT
-entries of each, and to the LoadBalancer VIP from outside the node (each answer says which
+entries of each, once to the IPv6 ClusterIP beside it (per packet: its SVC, OUT and IN lines),
+and to the LoadBalancer VIP from outside the node (each answer says which
 backend served it and from which address the reply came), prints `tuplet svc list`, `tuplet ct list` and `tuplet metrics`, and
 then adds a fourth pod live (`tuplet endpoint add`), shows the entries its traffic makes,
 deletes it (`tuplet endpoint delete`) and shows they went, and removes everything again,
@@ -34,15 +35,16 @@ from tuplet.lab.topology import Topology
 PIN_ROOT = "/sys/fs/bpf/tuplet/demo"
 CGROUP = "tuplet-demo"   # below the cgroup v2 root: socket LB's programs and the demo's client
 POD1, POD2, POD3, POD4 = "10.64.0.36", "10.64.0.64", "10.64.0.98", "10.64.0.120"
-POD1_V6, POD2_V6 = "fd00:10:244::24", "fd00:10:244::40"
+POD1_V6, POD2_V6, POD3_V6 = "fd00:10:244::24", "fd00:10:244::40", "fd00:10:244::62"
 CLUSTER_IP, LB_VIP, NODE_IP, EXT = "10.68.174.146", "172.190.0.17", "172.191.0.254", "172.191.0.1"
+CLUSTER_IP6 = "fd00:10:96::a"
 
-# Answers every connection with its name; runs in each backend pod.
+# Answers every connection with its name; runs in each backend pod (on ::, IPv4 and IPv6).
 NAMED = textwrap.dedent("""
     import socket, sys, threading
     name = sys.argv[1]
-    t = socket.socket(); t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    t.bind(("0.0.0.0", 9000)); t.listen(64)
+    t = socket.socket(socket.AF_INET6); t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    t.bind(("::", 9000)); t.listen(64)
     print("ready", flush=True)
     def serve(c):
         with c:
@@ -58,7 +60,8 @@ ASK = textwrap.dedent("""
     for i in range(n):
         with socket.create_connection((dst, port), timeout=5) as s:
             s.sendall(b"hi"); name = s.recv(1024).decode()
-            print(f"  connection {i + 1}: answered by {name}, reply from {s.getpeername()[0]}:{s.getpeername()[1]}")
+            a, p = s.getpeername()[:2]
+            print(f"  connection {i + 1}: answered by {name}, reply from {f'[{a}]' if ':' in a else a}:{p}")
 """)
 
 SERVER = textwrap.dedent("""
@@ -119,12 +122,12 @@ def main(argv: list[str] | None = None) -> int:
 
     with Topology(prefix="tpl-demo") as topo, tempfile.TemporaryDirectory() as tmp, cgroups.owned(CGROUP) as cg:
         try:
-            step("topology: node namespace with three pods on veth pairs (pod1 and pod2 dual-stack), "
+            step("topology: node namespace with three pods on veth pairs (dual-stack), "
                  "an outside client on eth0")
             node = topo.add_node("node")
             p1 = topo.add_pod(node, "pod1", POD1, ipv6=POD1_V6)
             p2 = topo.add_pod(node, "pod2", POD2, ipv6=POD2_V6)
-            p3 = topo.add_pod(node, "pod3", POD3)
+            p3 = topo.add_pod(node, "pod3", POD3, ipv6=POD3_V6)
             p4 = topo.add_pod(node, "pod4", POD4)     # not in the node file: added live below
             ext = topo.add_external(node, "ext", EXT, node_ip=NODE_IP, node_ifname="eth0")
             topo.add_service_range(node, "10.68.0.0/16")
@@ -155,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                 name = "pod3"
                 ifname = "{p3.host_ifname}"
                 ipv4 = "{POD3}"
+                ipv6 = "{POD3_V6}"
 
                 [[devices]]
                 ifname = "eth0"
@@ -170,6 +174,13 @@ def main(argv: list[str] | None = None) -> int:
                 address = "{CLUSTER_IP}"
                 port = 80
                 backends = ["{POD2}:9000", "{POD3}:9000"]
+
+                [[services]]
+                name = "web6"
+                type = "ClusterIP"
+                address = "{CLUSTER_IP6}"
+                port = 80
+                backends = ["[{POD2_V6}]:9000", "[{POD3_V6}]:9000"]
 
                 [[services]]
                 name = "web-lb"
@@ -216,6 +227,12 @@ def main(argv: list[str] | None = None) -> int:
             print("each packet was translated by the pod's program: the seed's `TCP SVC` lines (pod to "
                   "ClusterIP) appear beside OUT entries with RevNAT=1 (replies reverse-NATed)")
             show_entries_of(POD1, (80, 9000), shown=seen)
+            step(f"IPv6 ClusterIP per packet: the same client connects once to [{CLUSTER_IP6}]:80 (service web6, "
+                 "the same backends)")
+            topo.run(p1, [sys.executable, "-c", ASK, CLUSTER_IP6, "80", "1"], check=True, timeout=30)
+            print("its three lines, in the IPv6 tables: SVC (pod1 to the ClusterIP, naming the backend), OUT "
+                  "to the backend with the service's RevNAT, the backend's IN")
+            show_entries_of(POD1_V6, (80, 9000))
             step(f"LoadBalancer: the outside client connects to {LB_VIP}:80 four times through eth0")
             topo.run(ext, [sys.executable, "-c", ASK, LB_VIP, "80", "4"], check=True, timeout=30)
             step("tuplet svc list")
