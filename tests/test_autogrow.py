@@ -18,23 +18,32 @@ from structlog.testing import capture_logs
 from agent_harness import AgentProc
 from tuplet.bpf.maps import Map
 from tuplet.conntrack import pressure
-from tuplet.conntrack.gc import GcResult, MapGcStats
+from tuplet.conntrack.gc import GcResult, MapGcStats, NatCount
 from tuplet.conntrack.runner import GcRunner
 from tuplet.conntrack.schedule import FLOOR, GcSchedule
 from tuplet.conntrack.sizing import LIMIT_MAX
 from tuplet.datapath import abi, clock
-from tuplet.datapath.abi import CT6_MAP_ANY, CT6_MAP_SYN, CT6_MAP_TCP, CT_MAP_ANY, CT_MAP_SYN, CT_MAP_TCP, NAT_MAP
+from tuplet.datapath.abi import (
+    CT6_MAP_ANY,
+    CT6_MAP_SYN,
+    CT6_MAP_TCP,
+    CT_MAP_ANY,
+    CT_MAP_SYN,
+    CT_MAP_TCP,
+    NAT6_MAP,
+    NAT_MAP,
+)
 from tuplet.datapath.layouts import CtEntry
 from tuplet.node import apply as node_apply
 from tuplet.node import config, sizes
 
 CAPS = {CT_MAP_TCP: 4096, CT_MAP_ANY: 4096, CT_MAP_SYN: 1024, NAT_MAP: 4096,
-        CT6_MAP_TCP: 4096, CT6_MAP_ANY: 4096, CT6_MAP_SYN: 1024}
+        CT6_MAP_TCP: 4096, CT6_MAP_ANY: 4096, CT6_MAP_SYN: 1024, NAT6_MAP: 4096}
 
 
 def fills(**kw: float) -> dict[str, float]:
     names = {"tcp": CT_MAP_TCP, "any": CT_MAP_ANY, "syn": CT_MAP_SYN, "nat": NAT_MAP,
-             "tcp6": CT6_MAP_TCP, "any6": CT6_MAP_ANY, "syn6": CT6_MAP_SYN}
+             "tcp6": CT6_MAP_TCP, "any6": CT6_MAP_ANY, "syn6": CT6_MAP_SYN, "nat6": NAT6_MAP}
     return {names[k]: v for k, v in kw.items()}
 
 
@@ -191,11 +200,14 @@ class FakeGc:
 
 
 def result(tcp_alive: int, syn_alive: int = 0, tcp_deleted: int = 0, syn_deleted: int = 0,
-           nat: int | None = None) -> GcResult:
+           nat: int | None = None, nat6: int | None = None, nat6_deleted: int = 0) -> GcResult:
+    counted = [NatCount(name, n, 4096) for name, n in ((NAT_MAP, nat), (NAT6_MAP, nat6)) if n is not None]
     return GcResult("kernel", [MapGcStats(CT_MAP_TCP, alive=tcp_alive, deleted=tcp_deleted, max_entries=4096),
                                MapGcStats(CT_MAP_ANY, alive=10, max_entries=4096),
-                               MapGcStats(CT_MAP_SYN, alive=syn_alive, deleted=syn_deleted, max_entries=1024)],
-                    nat_entries=nat, nat_max_entries=4096 if nat is not None else 0)
+                               MapGcStats(CT_MAP_SYN, alive=syn_alive, deleted=syn_deleted, max_entries=1024),
+                               MapGcStats(CT6_MAP_TCP, alive=0, deleted=nat6_deleted, nat_deleted=nat6_deleted,
+                                          max_entries=4096)],
+                    nat_counts=counted)
 
 
 def test_runner_runs_pressure_passes_for_main_tables_only() -> None:
@@ -217,11 +229,21 @@ def test_runner_runs_pressure_passes_for_main_tables_only() -> None:
     assert rep.interval == 3600
 
 
-def test_nat_fill_counts_when_counted() -> None:
-    res = result(10, nat=3900)
-    assert res.fill()[NAT_MAP] == pytest.approx(3900 / 4096)
-    assert pressure.under_pressure(res.fill()) == [NAT_MAP]
-    assert pressure.capacities(res)[NAT_MAP] == 4096
+@pytest.mark.parametrize("nat", [NAT_MAP, NAT6_MAP])
+def test_nat_fill_counts_when_counted(nat: str) -> None:
+    """Either NAT table's fill is a main table's: pressure and capacity, each on its own."""
+    res = result(10, **{"nat" if nat == NAT_MAP else "nat6": 3900})
+    assert res.fill()[nat] == pytest.approx(3900 / 4096) and len(res.fill()) == 5
+    assert pressure.under_pressure(res.fill()) == [nat]
+    assert pressure.capacities(res)[nat] == 4096
+
+
+def test_nat_freed_is_its_own_ct_tables_nat_deletions() -> None:
+    """What a pass freed in a NAT table: the NAT entries its family's CT entries took along."""
+    res = result(10, nat=3900, nat6=3900, nat6_deleted=409)
+    assert res.nat_deleted_in(NAT6_MAP) == 409 and res.nat_deleted_in(NAT_MAP) == 0
+    assert pressure.freed(res, [NAT6_MAP]) == pytest.approx(409 / 4096)
+    assert pressure.freed(res, [NAT_MAP]) == 0
 
 
 # --- evictions --------------------------------------------------------------------------------
