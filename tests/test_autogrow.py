@@ -306,7 +306,7 @@ def test_eviction_estimate_on_the_real_tables() -> None:
         events = h.coll.maps[abi.EVENTS_MAP]
         est = pressure.EvictionEstimate()
         maps = [h.coll.maps[n] for n in (CT_MAP_TCP, CT_MAP_ANY, CT_MAP_SYN)]
-        with CtGc(maps, nat=h.coll.maps[NAT_MAP], count_nat=True) as gc:
+        with CtGc(maps, nat=[h.coll.maps[NAT_MAP], h.coll.maps[NAT6_MAP]], count_nat=True) as gc:
             runner = GcRunner(gc, GcSchedule(), probe=lambda: ct_events.read(events, names))
             rep = runner.run_pass("start")
             assert est.observe(rep.result, rep.events_before, rep.events_after) == {}
@@ -327,7 +327,7 @@ def test_eviction_estimate_on_the_real_tables() -> None:
         assert inserted > 2900 and syn_after >= 700   # an LRU evicts before it is strictly full
         assert got == {CT_MAP_SYN: inserted - (syn_after - syn_before)}
         assert rep.fill[CT_MAP_SYN] == pytest.approx(syn_after / 1024) and rep.pressure == ()
-        assert rep.fill[CT_MAP_TCP] == pytest.approx(50 / 4096) and NAT_MAP in rep.fill
+        assert rep.fill[CT_MAP_TCP] == pytest.approx(50 / 4096) and {NAT_MAP, NAT6_MAP} <= set(rep.fill)
     finally:
         h.close()
 
@@ -434,10 +434,11 @@ def test_agent_grows_a_full_table_and_keeps_it_grown(agent, pin_root) -> None:
             pytest.approx(N / 8192)
     eventually(a, fill_after_the_grow)
     assert metric(a, "tuplet_datapath_conntrack_gc_table_fill_ratio", map_name=NAT_MAP) == 0
+    assert metric(a, "tuplet_datapath_conntrack_gc_table_fill_ratio", map_name=NAT6_MAP) == 0
     pressured = [e for e in a.events() if e.get("event") == "table pressure"]
     assert pressured and pressured[0]["under_pressure"] == [CT_MAP_TCP]
     gc_pass = [e for e in a.events() if e.get("event") == "gc pass"]
-    assert set(gc_pass[-1]["fill"]) >= {CT_MAP_TCP, CT_MAP_ANY, NAT_MAP}
+    assert set(gc_pass[-1]["fill"]) >= {CT_MAP_TCP, CT_MAP_ANY, NAT_MAP, NAT6_MAP}
 
     # A reload with the file's 4096 does not shrink it back.
     mark = len(a.events())

@@ -329,3 +329,26 @@ def test_ipv6_refreshed_between_read_and_delete_survives(lxc: LxcHarness, monkey
     s = gc_pass([m], method=Method.BATCH, now=now).maps[0]
     assert (s.deleted, s.kept_refreshed) == (1, 1)
     assert [socket.ntohs(CtTuple6.from_buffer_copy(k).sport) for k in m.keys()] == [1]
+
+
+def test_both_nat_tables_are_counted(lxc: LxcHarness) -> None:
+    """count_nat counts each NAT table given (batch lookups), and the one-run walk counts
+    either one by its selector (GC_MAP_NAT, GC_MAP_NAT6)."""
+    now = lxc.now()
+    for name, many in zip(cttables.NAT_NAMES, (3, 7)):
+        t = cttables.nat_table(name)
+        a, b = ADDRS[t.family][:2]
+        for i in range(many):
+            lxc.coll.maps[name].update(t.key.make(a, b, 80, 1000 + i, 6, TUPLE_F_OUT), t.value())
+    nats = [lxc.coll.maps[n] for n in cttables.NAT_NAMES]
+    with CtGc([lxc.coll.maps[CT_MAP_TCP]], nat=nats, count_nat=True, method=Method.BATCH) as g:
+        r = g.run(now=now)
+        assert [g.walk_only(m) for m in nats] == [3, 7]
+    assert [(c.map, c.entries, c.max_entries) for c in r.nat_counts] == [
+        (m.name, n, m.max_entries) for m, n in zip(nats, (3, 7))]
+    assert r.fill()[cttables.NAT_NAMES[1]] == 7 / nats[1].max_entries
+
+
+def test_gc_refuses_a_nat_map_that_is_not_one(lxc: LxcHarness) -> None:
+    with pytest.raises(TupletError, match="not a NAT table"):
+        CtGc([lxc.coll.maps[CT_MAP_TCP]], nat=lxc.coll.maps[CT_MAP_ANY], method=Method.BATCH)
