@@ -15,16 +15,8 @@ from tuplet.bpf.maps import Map
 from tuplet.cli import main as cli
 from tuplet.conntrack.sizing import CT_ANY_MIN, CT_TCP_MIN, GIB, NAT_MIN, Sizing
 from tuplet.core.errors import IncompatiblePinError
-from tuplet.datapath.abi import (
-    CT6_MAP_ANY,
-    CT6_MAP_SYN,
-    CT6_MAP_TCP,
-    CT_MAP_ANY,
-    CT_MAP_SYN,
-    CT_MAP_TCP,
-    NAT6_MAP,
-    NAT_MAP,
-)
+from tuplet.datapath import cttables
+from tuplet.datapath.abi import CT6_MAP_ANY, CT6_MAP_SYN, CT6_MAP_TCP, CT_MAP_ANY, CT_MAP_SYN, CT_MAP_TCP, NAT_MAP
 from tuplet.datapath.layouts import CtTuple4, Nat4Entry
 from tuplet.node import apply as node_apply
 from tuplet.node import config, state
@@ -49,7 +41,7 @@ def applied(pin_root: str) -> Iterator[Apply]:
 
 def pinned_sizes(pin_root: str) -> tuple[int, int, int]:
     out = []
-    for name in (CT_MAP_TCP, CT_MAP_ANY, NAT_MAP, NAT6_MAP):
+    for name in (CT_MAP_TCP, CT_MAP_ANY, *cttables.NAT_NAMES):
         with Map.from_pin(f"{pin_root}/{name}") as m:
             out.append(m.max_entries)
     assert out[3] == out[2], "nat_max sizes both NAT tables"
@@ -174,7 +166,7 @@ def test_cli_flags_size_the_maps_and_status_shows_them(pin_root: str, tmp_path, 
         assert {t["map"]: (t["max_entries"], t.get("family")) for t in doc["tables"]} == {
             CT_MAP_TCP: (4096, "ipv4"), CT_MAP_ANY: (1024, "ipv4"), CT_MAP_SYN: (1024, "ipv4"), NAT_MAP: (2048, "ipv4"),
             CT6_MAP_TCP: (4096, "ipv6"), CT6_MAP_ANY: (1024, "ipv6"), CT6_MAP_SYN: (1024, "ipv6"),
-            NAT6_MAP: (2048, "ipv6")}
+            cttables.NAT_NAMES[1]: (2048, "ipv6")}
     finally:
         node_apply.teardown(pin_root)
 

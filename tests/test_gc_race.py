@@ -30,7 +30,8 @@ from test_lb_progs import (
     backend_replies,
     pod1_sends,
 )
-from tuplet.conntrack.gc import CtGc, GcResult, Method
+from tuplet.bpf.maps import Map
+from tuplet.conntrack.gc import CtGc, GcResult, MapGcStats, Method
 from tuplet.conntrack.gc_progs import GcSwitches
 from tuplet.core.errors import TupletError
 from tuplet.datapath import cttables
@@ -157,13 +158,24 @@ def until_it_lands(attempt: Callable[[], Race | None]) -> None:
                 f"(packet + release took {', '.join(f'{m:.1f}' for m in missed)} ms)")
 
 
-def collector(h: LbHarness, method: Method, protected: bool, nat: bool = False) -> CtGc:
-    maps = [h.coll.maps[CT_MAP_TCP], h.coll.maps[CT_MAP_ANY]]
+def collector(h: LbHarness | LxcHarness, method: Method, protected: bool, nat: list[Map] | None = None,
+              maps: list[Map] | None = None) -> CtGc:
+    """The racing collector: over ``maps`` (default: the IPv4 TCP and non-TCP tables)."""
+    maps = maps or [h.coll.maps[CT_MAP_TCP], h.coll.maps[CT_MAP_ANY]]
     try:
-        return CtGc(maps, nat=h.coll.maps[NAT_MAP] if nat else None, method=method,
-                    switches=GcSwitches(stall_ns=STALL_NS, unprotected=not protected))
+        return CtGc(maps, nat=nat, method=method, switches=GcSwitches(stall_ns=STALL_NS, unprotected=not protected))
     except TupletError as e:
         pytest.skip(f"this kernel refuses the {method.value} method's programs: {str(e)[:80]}")
+
+
+def run_race(h: LbHarness | LxcHarness, g: CtGc, refresh: Callable[[], bytes]) -> tuple[Race, MapGcStats | None]:
+    """race(), closing the collector after; with the first map's stats when the refresh
+    landed inside the stall (None: missed, retry)."""
+    try:
+        r = race(h, g, refresh)
+    finally:
+        g.close()
+    return r, (r.result.maps[0] if r.outcome == GC_STALL_RELEASED and r.result is not None else None)
 
 
 @pytest.mark.parametrize("protected", [True, False], ids=["protected", "unprotected"])
@@ -237,7 +249,7 @@ def test_refresh_between_verdict_and_delete_keeps_the_nat_entry(method: Method, 
                                                           seen_non_syn=1))
             h.coll.maps[NAT_MAP].update(nat_key, Nat4Entry(to_addr=ip_to_be32(LB_VIP),
                                                            to_port=socket.htons(80)))
-            g = collector(h, method, protected, nat=True)
+            g = collector(h, method, protected, nat=[h.coll.maps[NAT_MAP]])
             try:
                 r = race(h, g, lambda: h.run_raw("cil_to_netdev", pkt))
             finally:
@@ -293,19 +305,10 @@ def test_refresh_between_verdict_and_delete_keeps_the_owned_nat_entry(method: Me
             def refresh() -> bytes:
                 return prog.test_run(pkt).data
 
-            try:
-                g = CtGc([ct], nat=[h.coll.maps[n] for n in cttables.NAT_NAMES], method=method,
-                         switches=GcSwitches(stall_ns=STALL_NS, unprotected=not protected))
-            except TupletError as e:
-                pytest.skip(f"this kernel refuses the {method.value} method's programs: {str(e)[:80]}")
-            try:
-                r = race(h, g, refresh)
-            finally:
-                g.close()
-            if r.outcome != GC_STALL_RELEASED:
+            g = collector(h, method, protected, nat=[h.coll.maps[n] for n in cttables.NAT_NAMES], maps=[ct])
+            r, s = run_race(h, g, refresh)
+            if s is None:
                 return r
-            assert r.result is not None
-            s = r.result.maps[0]
             kept = (ct.lookup(key) is not None, nat.lookup(nat_key) is not None)
             if protected:
                 assert (s.kept_refreshed, s.deleted, s.nat_deleted) == (1, 0, 0) and kept == (True, True)
