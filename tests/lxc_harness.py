@@ -20,7 +20,7 @@ from scapy.packet import Packet, Raw
 
 from tuplet.bpf.objects import Collection
 from tuplet.conntrack.records import CtRecord, records
-from tuplet.datapath import clock, metrics
+from tuplet.datapath import clock, cttables, metrics
 from tuplet.datapath.abi import (
     CT6_MAP_ANY,
     CT6_MAP_SYN,
@@ -156,9 +156,8 @@ class LxcHarness:
         self.coll.set_global(".bss", clock.OFFSET_VAR, (off + seconds) % clock.U32)
 
     def entries(self) -> list[CtRecord]:
-        """Every entry, established TCP, handshake-table TCP and non-TCP (as `ct list`)."""
-        return [*records(self.coll.maps[CT_MAP_TCP]), *records(self.coll.maps[CT_MAP_SYN]),
-                *records(self.coll.maps[CT_MAP_ANY])]
+        """Every entry of both families' tables, IPv4 first (as `ct list`)."""
+        return [r for name in cttables.NAMES for r in records(self.coll.maps[name])]
 
     def table_of(self, daddr: str, saddr: str, dport: int, sport: int, proto: int, flags: int) -> str | None:
         """Which table holds the entry under this key (None: none); IPv6 addresses: the IPv6 tables."""
