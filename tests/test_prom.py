@@ -480,8 +480,8 @@ def test_service_metrics_per_family_type_state_and_service(dp: LxcHarness, pin_r
     be = collector.BACKENDS
     want = {("ipv4", "active", "local"): 1, ("ipv6", "active", "local"): 2, ("ipv6", "active", "remote"): 1,
             ("ipv6", "draining", "local"): 1}
-    for fam, state, loc in itertools.product(("ipv4", "ipv6"), ("active", "draining"), ("local", "remote")):
-        assert got[m(be, family=fam, state=state, location=loc)] == want.get((fam, state, loc), 0), (fam, state, loc)
+    for fam, st, loc in itertools.product(("ipv4", "ipv6"), ("active", "draining"), ("local", "remote")):
+        assert got[m(be, family=fam, state=st, location=loc)] == want.get((fam, st, loc), 0), (fam, st, loc)
     sb = collector.SERVICE_BACKENDS
     per = {(dict(k[1])["service"], dict(k[1])["state"]): (dict(k[1]), v) for k, v in got.items() if k[0] == sb}
     assert len(per) == 6                                                          # 3 services x 2 states
