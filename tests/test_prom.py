@@ -447,7 +447,19 @@ def test_dashboard_queries_only_exported_metrics() -> None:
     assert {"tuplet_bpf_map_pressure", "tuplet_bpf_map_entries", "tuplet_bpf_map_capacity",
             "tuplet_datapath_conntrack_gc_runs_total", "tuplet_datapath_conntrack_gc_duration_seconds_bucket",
             "tuplet_datapath_conntrack_gc_entries", "tuplet_datapath_conntrack_gc_interval_seconds",
-            "tuplet_drop_count_total", "tuplet_datapath_conntrack_insert_failures_total"} <= used
+            "tuplet_drop_count_total", "tuplet_datapath_conntrack_insert_failures_total",
+            collector.SERVICES, collector.BACKENDS, collector.SERVICE_BACKENDS} <= used
+    # The Services row: every panel over the service metrics, split by family.
+    rows = [p for p in dash["panels"] if p["type"] == "row"]
+    at = next(i for i, p in enumerate(dash["panels"]) if p["type"] == "row" and p["title"] == "Services")
+    nxt = next((dash["panels"].index(r) for r in rows if dash["panels"].index(r) > at), len(dash["panels"]))
+    services_row = dash["panels"][at + 1:nxt]
+    assert len(services_row) >= 4
+    for p in services_row:
+        for t in p["targets"]:
+            assert promql_metric_names(t["expr"]) <= {collector.SERVICES, collector.BACKENDS,
+                                                      collector.SERVICE_BACKENDS}, (p["title"], t["expr"])
+            assert re.search(r"\bby \([^)]*\bfamily\b", t["expr"]) and "{{family}}" in t["legendFormat"], p["title"]
 
 
 # --- service metrics ---------------------------------------------------------------------------
