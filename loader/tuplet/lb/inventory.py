@@ -89,27 +89,26 @@ def read(pin_root: str) -> Inventory:
 def _family(pin_root: str, fam: Family, reg: Registry, names: dict[int, str], inv: Inventory) -> None:
     label = FAMILY_NAMES[fam.version]
     key_dt = np.dtype(fam.key_cls)
-    fronts: dict[bytes, tuple[bytes, np.void]] = {}       # frontend key -> (raw key, slot 0)
-    slots: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []   # per batch: frontends, bank, backend id
+    # A slot is live when its bank is the one its service's slot 0 names: compare "markers",
+    # the key with backend_slot replaced by a bank number, as fixed-width byte strings.
+    as_bytes = np.dtype(f"S{key_dt.itemsize}")
+    fronts: list[tuple[bytes, np.void]] = []              # (raw slot-0 key, slot 0)
+    live, markers, ids = [], [], []
     with open_pinned(pin_root, fam.services_map) as sm:
         for kraw, vraw, n in sm.batches(CHUNK):
             keys = np.frombuffer(kraw, key_dt, count=n)
             vals = np.frombuffer(vraw, _SERVICE, count=n)
-            front = keys.copy()
-            front["backend_slot"] = 0
             zero = keys["backend_slot"] == 0
-            for k, f, v in zip(keys[zero], front[zero], vals[zero]):
-                fronts[f.tobytes()] = (k.tobytes(), v)
-            rest = ~zero
-            slots.append((front[rest].copy(), (keys["backend_slot"][rest] >= LB_BANK_STRIDE).astype(np.uint8),
-                          vals["backend_id"][rest].copy()))
-    active: set[int] = set()
-    for front, bank, ids in slots:
-        for f, b, i in zip(front, bank, ids):
-            svc = fronts.get(f.tobytes())
-            if svc is not None and int(svc[1]["bank"]) == int(b):
-                active.add(int(i))
-    for raw, v in fronts.values():
+            fronts.extend((k.tobytes(), v) for k, v in zip(keys[zero], vals[zero]))
+            mark = keys.copy()
+            mark["backend_slot"] = np.where(zero, vals["bank"], keys["backend_slot"] >= LB_BANK_STRIDE)
+            live.append(mark[zero].view(as_bytes))
+            markers.append(mark[~zero].view(as_bytes))
+            ids.append(vals["backend_id"][~zero])
+    in_live = np.isin(np.concatenate(markers or [np.zeros(0, as_bytes)]),
+                      np.concatenate(live or [np.zeros(0, as_bytes)]))
+    active = np.unique(np.concatenate(ids or [np.zeros(0, np.uint32)])[in_live]).astype(np.uint32)
+    for raw, v in fronts:
         k = fam.key_cls.from_buffer_copy(raw)
         rev_nat, typ = int(v["rev_nat_index"]), _type_of(int(v["flags"]))
         name = names.get(rev_nat, f"rev-nat-{rev_nat}")
@@ -122,10 +121,10 @@ def _family(pin_root: str, fam: Family, reg: Registry, names: dict[int, str], in
     with open_pinned(pin_root, fam.backends_map) as bm:
         flags_at = fam.backend_cls.flags.offset
         for kraw, vraw, n in bm.batches(CHUNK):
-            ids = np.frombuffer(kraw, np.uint32, count=n)
+            bids = np.frombuffer(kraw, np.uint32, count=n)
             rows = np.frombuffer(vraw, np.uint8, count=n * bm.value_size).reshape(n, bm.value_size)
             remote = (rows[:, flags_at] & LB_BACKEND_F_REMOTE) != 0
-            live = np.isin(ids, np.fromiter(active, np.uint32, len(active)))
-            for state, s_mask in (("active", live), ("draining", ~live)):
+            used = np.isin(bids, active)
+            for state, s_mask in (("active", used), ("draining", ~used)):
                 for loc, l_mask in (("local", ~remote), ("remote", remote)):
                     inv.backends[(label, state, loc)] += int((s_mask & l_mask).sum())
