@@ -36,6 +36,7 @@ from tuplet.datapath.abi import (
     NAT_MAP,
     OBJ_LXC,
 )
+from tuplet.datapath.cttables import Family, Proto
 from tuplet.datapath.layouts import CtEntry, CtTuple4, CtTuple6, EndpointInfo, ip6_to_bytes, ip_to_be32
 from tuplet.datapath.paths import object_dir
 from tuplet.node.apply import open_object
@@ -155,9 +156,12 @@ class LxcHarness:
         off = self.coll.get_global(".bss", clock.OFFSET_VAR)
         self.coll.set_global(".bss", clock.OFFSET_VAR, (off + seconds) % clock.U32)
 
-    def entries(self) -> list[CtRecord]:
-        """Every entry of both families' tables, IPv4 first (as `ct list`)."""
-        return [r for name in cttables.NAMES for r in records(self.coll.maps[name])]
+    def entries(self, *families: Family) -> list[CtRecord]:
+        """Every entry, established TCP, handshake-table TCP and non-TCP (as `ct list`), of
+        the IPv4 tables, or of ``families``' (IPv4 first)."""
+        wanted = families or (Family.IPV4,)
+        return [r for t in sorted(cttables.CT_TABLES, key=lambda t: (t.family is Family.IPV6, t.proto is Proto.ANY))
+                if t.family in wanted for r in records(self.coll.maps[t.name])]
 
     def table_of(self, daddr: str, saddr: str, dport: int, sport: int, proto: int, flags: int) -> str | None:
         """Which table holds the entry under this key (None: none); IPv6 addresses: the IPv6 tables."""

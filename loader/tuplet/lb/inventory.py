@@ -4,7 +4,7 @@ lock (for the agent's metrics at scrape time).
 Both families' services and backends maps are walked in bounded batches (numpy over
 each batch; no per-entry Python for the slots), so a scrape costs O(entries) with at
 most :data:`CHUNK` entries per syscall. Service names come from the service registry
-(read, never locked or repaired); a service the registry does not know is named by its
+(its JSON read as it is, never locked or repaired); a service the registry does not know is named by its
 reverse-NAT index (``rev-nat-N``).
 
 * a service is counted by type from its slot 0 (flags);
@@ -27,7 +27,7 @@ from tuplet.datapath.layouts import Lb4Service
 from tuplet.datapath.paths import is_pinned, open_pinned
 from tuplet.lb.families import FAMILIES, Family
 from tuplet.lb.model import ServiceType, host_port
-from tuplet.lb.registry import Registry
+from tuplet.lb.registry import REGISTRY_VERSION
 from tuplet.lb.writer import TYPE_FLAGS
 
 CHUNK = 2048
@@ -67,26 +67,31 @@ def _type_of(flags: int) -> str:
     return ServiceType.CLUSTER_IP.value
 
 
-def _registry(pin_root: str) -> Registry:
+def _registry(pin_root: str) -> dict[int, tuple[str, int]]:
+    """rev-NAT index -> (service name, backends at weight 0), from the registry file as it
+    is (no lock, no repair; the JSON alone, not the checked model: this runs per scrape)."""
     try:
-        return Registry.from_json(json.loads(paths.services_path(pin_root).read_text(encoding="utf-8")))
-    except (OSError, ValueError, KeyError, TypeError):
-        return Registry()
+        d = json.loads(paths.services_path(pin_root).read_text(encoding="utf-8"))
+        if d.get("version") != REGISTRY_VERSION:
+            return {}
+        return {int(sd["rev_nat"]): (name, sum(1 for b in sd.get("backends", ()) if b.get("weight", 1) == 0))
+                for name, sd in d.get("services", {}).items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
 
 
 def read(pin_root: str) -> Inventory:
     """Both families' services and backends under ``pin_root`` (a family whose maps are
     not pinned is left out)."""
-    reg = _registry(pin_root)
-    names = {i: n for n, i in reg.rev_nat.items()}
+    names = _registry(pin_root)
     inv = Inventory()
     for fam in FAMILIES:
         if is_pinned(pin_root, fam.services_map) and is_pinned(pin_root, fam.backends_map):
-            _family(pin_root, fam, reg, names, inv)
+            _family(pin_root, fam, names, inv)
     return inv
 
 
-def _family(pin_root: str, fam: Family, reg: Registry, names: dict[int, str], inv: Inventory) -> None:
+def _family(pin_root: str, fam: Family, names: dict[int, tuple[str, int]], inv: Inventory) -> None:
     label = FAMILY_NAMES[fam.version]
     key_dt = np.dtype(fam.key_cls)
     # A slot is live when its bank is the one its service's slot 0 names: compare "markers",
@@ -111,13 +116,12 @@ def _family(pin_root: str, fam: Family, reg: Registry, names: dict[int, str], in
     for raw, v in fronts:
         k = fam.key_cls.from_buffer_copy(raw)
         rev_nat, typ = int(v["rev_nat_index"]), _type_of(int(v["flags"]))
-        name = names.get(rev_nat, f"rev-nat-{rev_nat}")
-        s = reg.services.get(name)
+        name, draining = names.get(rev_nat, (f"rev-nat-{rev_nat}", 0))
         inv.by_type[(label, typ)] += 1
         inv.services.append(ServiceRow(
             name=name, family=label, address=host_port(fam.unpack(raw), socket.ntohs(k.dport)),
             protocol=_PROTOCOLS.get(int(k.proto), str(int(k.proto))), type=typ, active=int(v["count"]),
-            draining=sum(1 for b in s.backends if b.weight == 0) if s else 0, maglev_size=int(v["maglev_size"])))
+            draining=draining, maglev_size=int(v["maglev_size"])))
     with open_pinned(pin_root, fam.backends_map) as bm:
         flags_at = fam.backend_cls.flags.offset
         for kraw, vraw, n in bm.batches(CHUNK):
