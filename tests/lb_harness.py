@@ -194,27 +194,26 @@ class LbHarness(LxcHarness):
     # --- services, written the way the agent does: slots, then the Maglev table, then slot 0 ---
 
     def program(self, s: Svc) -> None:
+        """Either family: the maps, keys and values of the service address's family."""
+        fam = families.of(s.address)
         m = self.coll.maps
         for bid, (addr, port, remote) in s.backends.items():
-            m[BACKENDS].update(bid, struct.pack("<IHBBI", ip_to_be32(addr), socket.htons(port), s.proto,
-                                                BACKEND_F_REMOTE if remote else 0, 0))
+            m[fam.backends_map].update(bid, fam.backend(addr, port, s.proto, BACKEND_F_REMOTE if remote else 0, None))
         base = BANK_STRIDE if s.bank else 0
         for i, bid in enumerate(s.backends, start=1):
-            m[SERVICES].update(svc_key(s.address, s.port, s.proto, base + i), struct.pack("<IIIHHBBH", bid, 0, 0,
-                                                                                        0, 0, 0, 0, 0))
+            m[fam.services_map].update(fam.key(s.address, s.port, s.proto, base + i), Lb4Service(backend_id=bid))
         ids = list(s.backends)
         if ids:
             table = maglev.build_table([str(i) for i in ids], s.maglev_size)
             inner = self._inner_map([ids[i] for i in table])
             m[MAGLEV].update(struct.pack("<HBB", s.rev_nat, s.bank, 0), inner.fd.to_bytes(4, "little"))
             inner.close()
-        m[REV_NAT].update(s.rev_nat.to_bytes(2, "little"),
-                          struct.pack("<IHH", ip_to_be32(s.address), socket.htons(s.port), 0))
+        m[fam.rev_nat_map].update(s.rev_nat.to_bytes(2, "little"), fam.rev_nat(s.address, s.port))
         if s.flags & F_EXTERNAL:   # as the writer: cil_to_netdev probes for replies from now on
             m[EXTERNAL_MAP].update(0, struct.pack("<I", 1))
-        m[SERVICES].update(svc_key(s.address, s.port, s.proto),
-                           struct.pack("<IIIHHBBH", 0, s.affinity_timeout, s.maglev_size, len(s.backends),
-                                       s.rev_nat, s.flags | (F_AFFINITY if s.affinity_timeout else 0), s.bank, 0))
+        m[fam.services_map].update(fam.key(s.address, s.port, s.proto), Lb4Service(
+            backend_id=0, affinity_timeout=s.affinity_timeout, maglev_size=s.maglev_size, count=len(s.backends),
+            rev_nat_index=s.rev_nat, flags=s.flags | (F_AFFINITY if s.affinity_timeout else 0), bank=s.bank))
 
     def remove_backend(self, bid: int) -> None:
         self.coll.maps[BACKENDS].delete(bid)

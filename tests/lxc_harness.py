@@ -20,7 +20,7 @@ from scapy.packet import Packet, Raw
 
 from tuplet.bpf.objects import Collection
 from tuplet.conntrack.records import CtRecord, records
-from tuplet.datapath import clock, metrics
+from tuplet.datapath import clock, cttables, metrics
 from tuplet.datapath.abi import (
     CT6_MAP_ANY,
     CT6_MAP_SYN,
@@ -37,6 +37,7 @@ from tuplet.datapath.abi import (
     NAT_MAP,
     OBJ_LXC,
 )
+from tuplet.datapath.cttables import Family, Proto
 from tuplet.datapath.layouts import CtEntry, CtTuple4, CtTuple6, EndpointInfo, ip6_to_bytes, ip_to_be32
 from tuplet.datapath.paths import object_dir
 from tuplet.node.apply import open_object
@@ -156,10 +157,12 @@ class LxcHarness:
         off = self.coll.get_global(".bss", clock.OFFSET_VAR)
         self.coll.set_global(".bss", clock.OFFSET_VAR, (off + seconds) % clock.U32)
 
-    def entries(self) -> list[CtRecord]:
-        """Every entry, established TCP, handshake-table TCP and non-TCP (as `ct list`)."""
-        return [*records(self.coll.maps[CT_MAP_TCP]), *records(self.coll.maps[CT_MAP_SYN]),
-                *records(self.coll.maps[CT_MAP_ANY])]
+    def entries(self, *families: Family) -> list[CtRecord]:
+        """Every entry, established TCP, handshake-table TCP and non-TCP (as `ct list`), of
+        the IPv4 tables, or of ``families``' (IPv4 first)."""
+        wanted = families or (Family.IPV4,)
+        return [r for t in sorted(cttables.CT_TABLES, key=lambda t: (t.family is Family.IPV6, t.proto is Proto.ANY))
+                if t.family in wanted for r in records(self.coll.maps[t.name])]
 
     def table_of(self, daddr: str, saddr: str, dport: int, sport: int, proto: int, flags: int) -> str | None:
         """Which table holds the entry under this key (None: none); IPv6 addresses: the IPv6 tables."""

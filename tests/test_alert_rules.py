@@ -20,7 +20,7 @@ def promtool(*args: str, cwd: Path = PROM) -> subprocess.CompletedProcess[str]:
 def test_rules_are_valid() -> None:
     r = promtool("check", "rules", "tuplet-rules.yml")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "SUCCESS: 8 rules found" in r.stdout
+    assert "SUCCESS: 9 rules found" in r.stdout
 
 
 def test_rule_unit_tests_pass() -> None:
@@ -38,6 +38,8 @@ def test_rule_unit_tests_pass() -> None:
     ('up{job="tuplet"} == 0', 'up{job="tuplet"} == 2'),
     ("insert_failures_total[5m]) > 0", "insert_failures_total[5m]) > 5"),
     ('status="uncompleted"}[15m]) > 0', 'status="uncompleted"}[15m]) > 1'),
+    ('tuplet_service_backends{state="active"} == 0', 'tuplet_service_backends{state="active"} < 0'),
+    ('state="active"} == 0\n        for: 5m', 'state="active"} == 0\n        for: 10m'),
 ])
 def test_a_weakened_rule_fails_the_unit_tests(tmp_path: Path, old: str, new: str) -> None:
     rules = (PROM / "tuplet-rules.yml").read_text()

@@ -2,13 +2,15 @@
 written with known fields, and entries the programs created from packets."""
 from __future__ import annotations
 
+import argparse
 import ipaddress
 
 import pytest
 
 from lxc_harness import LxcHarness, tcp, udp
+from tuplet.cli.ct_query import add_filter_flags, build_filter
 from tuplet.conntrack import listing
-from tuplet.conntrack.ctfilter import CtFilter, FilterLayout, parse_net, parse_port, parse_proto
+from tuplet.conntrack.ctfilter import CtFilter, FilterLayout, parse_net, parse_net_port, parse_port, parse_proto
 from tuplet.conntrack.flush import Flusher
 from tuplet.core.errors import ConfigError
 from tuplet.datapath import cttables
@@ -216,3 +218,41 @@ def test_flush_by_address_takes_the_ipv6_entries_of_an_ipv6_address(dual: LxcHar
     assert {f for f in gone if "[" not in f} == {f for f in before if f"{A}:" in f}
     assert res.deleted[CT6_MAP_TCP] == 2 and res.deleted[CT6_MAP_ANY] == 2 and res.deleted[CT6_MAP_SYN] == 0
     assert nat.count() == 1
+
+
+@pytest.mark.parametrize("text,net,port", [
+    ("f00d::24", "f00d::24/128", None), ("[f00d::24]", "f00d::24/128", None), ("[F00D:0::24]:80", "f00d::24/128", 80),
+    ("f00d::/64", "f00d::/64", None), ("10.64.0.36:80", "10.64.0.36/32", 80), ("10.64.0.0/16", "10.64.0.0/16", None),
+    ("10.64.0.36", "10.64.0.36/32", None), ("[::ffff:10.0.0.1]:0", "::ffff:a00:1/128", 0),
+])
+def test_addresses_as_ct_list_prints_them(text: str, net: str, port: int | None) -> None:
+    assert parse_net_port("-s", text) == (ipaddress.ip_network(net), port)
+
+
+@pytest.mark.parametrize("text", ["[10.0.0.1]:80", "[f00d::1]80", "[f00d::1]:70000", "f00d::1]:80", "[f00d::1",
+                                  "10.0.0.1:http", "[f00d::1]:", "[]:80", "10.0.0.1:80:90"])
+def test_bad_addresses_with_ports_name_their_flag(text: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_net_port("--dst", text)
+    assert str(e.value).startswith("--dst: must be") and repr(text) in str(e.value)
+
+
+def cli_filter(*argv: str) -> CtFilter:
+    p = argparse.ArgumentParser()
+    add_filter_flags(p)
+    return build_filter(p.parse_args(argv), "/nonexistent")
+
+
+def test_src_and_dst_as_listed_select_one_ipv6_flow(dual: LxcHarness) -> None:
+    """`ct list -s [A6]:1000 -d [B6]:80` (pasted from a listed line): that flow's entries only."""
+    flt = cli_filter("-s", f"[{A6}]:1000", "-d", f"[{B6}]:80")
+    assert (flt.sport, flt.dport) == (1000, 80)
+    assert flows(dual, flt, ALL6) == {f"TCP OUT [{A6}]:1000 -> [{B6}]:80", f"TCP IN [{A6}]:1000 -> [{B6}]:80"}
+    assert flows(dual, cli_filter("-d", f"[{B6}]:443"), ALL6) == {f"TCP OUT [{C6}]:2000 -> [{B6}]:443"}
+    assert flows(dual, cli_filter("-s", f"{A}:5353"), ALL6) == {f"UDP OUT {A}:5353 -> {C}:53"}
+    assert cli_filter("-s", f"[{A6}]:1000", "--sport", "1000").sport == 1000
+    with pytest.raises(ConfigError) as e:
+        cli_filter("-s", f"[{A6}]:1000", "--sport", "1001")
+    assert str(e.value).startswith("--src: port 1000") and "--sport 1001" in str(e.value)
+    unbracketed = cli_filter("-d", f"{A6}:80")                 # an IPv6 address (f00d::24:80), no port
+    assert (unbracketed.dst, unbracketed.dport) == (ipaddress.ip_network("f00d::24:80"), None)

@@ -272,6 +272,60 @@ def test_svc_cli_with_ipv6_list_text_and_json(pinned) -> None:
     assert dump(h, (*LB6_MAPS, *LB4_MAPS)) == before
 
 
+def test_svc_list_dual_stack_pairs_draining_shares_and_filters(pinned) -> None:
+    """`svc list` shows IPv6 services as IPv4 ones: bracketed frontends and backends, weight,
+    node, local/remote, Maglev share read from the service's own table, weight-0 backends
+    marked draining; a dual-stack pair (web, web6) side by side; --family and --address."""
+    h, root = pinned
+    h.coll.maps[abi.EP6_MAP].update(ip6_to_bytes(A), bytes(16))               # A is a local pod
+    remote = "2001:db8:65::9"
+    for argv in (("web", "--address", VIP4, "--port", "80", "--backend", f"{A4}:8000"),
+                 ("web6", "--address", VIP6, "--port", "80", "--backend", f"[{A}]:8000,weight=3",
+                  "--backend", f"[{remote}]:8000,node=2001:db8:7::2", "--backend", f"[{C3}]:8000,weight=0"),
+                 ("web5", "--address", VIP4, "--port", "81", "--backend", f"{A4}:8000"),
+                 ("api6", "--address", VIP6, "--port", "443", "--backend", f"[{B}]:8443")):
+        r = run_cli(root, "svc", "add", *argv, "--maglev-size", "251")
+        assert r.returncode == 0, r.stderr
+    text = run_cli(root, "svc", "list").stdout
+    heads = [ln for ln in text.splitlines() if not ln.startswith(" ")]
+    assert [ln.split()[0] for ln in heads] == ["api6", "web", "web6", "web5"], text
+    assert "dual-stack with web6" in heads[1] and "dual-stack with web" in heads[2] and "dual-stack" not in heads[3]
+    assert f"[{VIP6}]:80/tcp" in heads[2]
+    lines = {ln.split()[0]: ln for ln in text.splitlines() if ln.startswith(" ")}
+    assert lines[f"[{C3}]:8000"].endswith("0.00% (0 slots) remote draining (weight 0)"), text
+    assert lines[f"[{remote}]:8000"].endswith("remote via 2001:db8:7::2"), text
+    assert lines[f"[{A}]:8000"].endswith("local weight 3"), text
+
+    out = {s["name"]: s for s in json.loads(run_cli(root, "svc", "list", "-o", "json").stdout)["services"]}
+    assert list(out) == ["api6", "web", "web6", "web5"]
+    w6 = out["web6"]
+    assert (w6["family"], w6["frontend"], w6["dual_stack_peer"]) == ("ipv6", f"[{VIP6}]:80", "web")
+    assert (out["web"]["family"], out["web"]["dual_stack_peer"], out["api6"]["dual_stack_peer"]) == ("ipv4", "web6", None)
+    be = {b["endpoint"]: b for b in w6["backends"]}
+    assert {k: (b["draining"], b["remote"]) for k, b in be.items()} == {
+        f"[{A}]:8000": (False, False), f"[{remote}]:8000": (False, True), f"[{C3}]:8000": (True, True)}
+    # The shares are the service's own Maglev table (rev-NAT index and live bank of web6, not web's).
+    live = maglev_map.read_table(h.coll.maps[abi.MAGLEV_MAP], w6["rev_nat_index"], w6["bank"])
+    ids, counts = np.unique(live, return_counts=True)
+    assert {b["id"]: b["maglev_slots"] for b in be.values() if b["maglev_slots"]} == dict(zip(ids.tolist(), counts.tolist()))
+    assert be[f"[{A}]:8000"]["share"] == pytest.approx(0.75, abs=0.05) and be[f"[{C3}]:8000"]["share"] == 0
+
+    def names(*argv: str) -> list[str]:
+        r = run_cli(root, "svc", "list", "-o", "json", *argv)
+        assert r.returncode == 0, r.stderr
+        return [s["name"] for s in json.loads(r.stdout)["services"]]
+    assert names("--family", "ipv6") == ["api6", "web6"]
+    assert names("--family", "ipv4") == ["web", "web5"]
+    assert names("--address", f"[{VIP6}]:80") == ["web6"]
+    assert names("--address", VIP6) == names("--address", f"[{VIP6.upper()}]") == ["api6", "web6"]
+    assert names("--address", f"{VIP4}:81") == ["web5"]
+    assert names("web6") == ["web6"] and names("--family", "ipv4", "web6") == []
+    for argv, needle in [(("--address", f"[{VIP6}]:x"), "--address: must be"), (("--address", f"[{VIP4}]:80"), "only an IPv6"),
+                         (("--family", "ipv5"), "invalid choice"), (("nope",), "nope")]:
+        r = run_cli(root, "svc", "list", *argv)
+        assert r.returncode != 0 and needle in r.stderr, (argv, r.stderr)
+
+
 @pytest.mark.parametrize("point", ["lb.bank-written", "lb.committed"])
 def test_killed_ipv6_writes_are_undone_by_the_next_writer(pinned, point) -> None:
     h, root = pinned

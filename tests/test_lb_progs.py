@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import socket
 from collections import Counter
+from dataclasses import dataclass
 
 import pytest
 from scapy.layers.inet import UDP
 from scapy.layers.l2 import Ether
 
 from lb_harness import F_EXTERNAL, F_LOADBALANCER, F_NODEPORT, LbHarness, Svc, checksums_ok, l4_of, tcp4, udp4
-from lxc_harness import TC_ACT_OK, TC_ACT_SHOT
+from lxc_harness import TC_ACT_OK, TC_ACT_SHOT, tcp
 from tuplet.datapath.abi import CT_MAP_SYN, CT_MAP_TCP, NAT_MAP, TUPLE_F_OUT, TUPLE_F_SERVICE
+from tuplet.datapath.cttables import Family
 from tuplet.datapath.layouts import CtEntry, CtTuple4, Nat4Entry, ip_to_be32
 
 pytestmark = pytest.mark.clock   # again with a near-zero clock in `make test`
@@ -58,44 +60,82 @@ def backend_replies(h: LbHarness, backend: str, flags: str, sport: int = SP, pay
     return v, out
 
 
-def test_clusterip_tcp_matches_seed(lb: LbHarness) -> None:
-    lb.program(clusterip())
+@dataclass(frozen=True)
+class Seed:
+    """The seed's ClusterIP flow in one family: client pod, backend pod, VIP."""
+
+    pod1: str
+    pod2: str
+    vip: str
+    icmp: str                 # the related entries' protocol name
+
+    def ep(self, addr: str, port: int) -> str:
+        return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+
+
+SEED4 = Seed(POD1, POD2, VIP, "ICMP")
+SEED6 = Seed("2001:db8:64::24", "2001:db8:64::62", "fd00::10", "ICMPv6")
+
+
+@pytest.mark.parametrize("f", [SEED4, SEED6], ids=["ipv4", "ipv6"])
+def test_clusterip_tcp_matches_seed(lb: LbHarness, f: Seed) -> None:
+    """The SVC, OUT (and its related entry) and IN lines of one ClusterIP flow as the
+    reference prints them; IPv6 addresses bracketed, in the IPv6 tables."""
+    lb.add_endpoint(SEED6.pod1, 3096)
+    lb.add_endpoint(SEED6.pod2, 4000)
+    lb.program(Svc(f.vip, VPORT, TCP_P, 15, {19: (f.pod2, BP, False)}))
     t0 = lb.now()
-    v, out = pod1_sends(lb, "S")
-    assert v.reason == "PASS_CT_NEW"
-    assert l4_of(out) == (POD1, SP, POD2, BP)
-    _, back = backend_replies(lb, POD2, "SA")
-    assert l4_of(back) == (VIP, VPORT, POD1, SP)          # the pod sees the VIP answer
-    pod1_sends(lb, "A")
-    pod1_sends(lb, "PA", payload=b"GET / HTTP/1.0\r\n\r\n")
-    _, back = backend_replies(lb, POD2, "PA", payload=b"HTTP/1.0 200 OK\r\n\r\n")
-    assert l4_of(back) == (VIP, VPORT, POD1, SP)
-    pod1_sends(lb, "FA")
-    backend_replies(lb, POD2, "FA")
-    pod1_sends(lb, "A")
+
+    def sends(flags: str, payload: bytes = b"") -> bytes:
+        v, out = lb.run_out("cil_from_container", tcp(f.pod1, SP, f.vip, VPORT, flags, payload))
+        assert v.retval == TC_ACT_OK and checksums_ok(out), v
+        lb.run_out("cil_to_container", out)
+        return out
+
+    def replies(flags: str, payload: bytes = b"") -> bytes:
+        lb.run_out("cil_from_container", tcp(f.pod2, BP, f.pod1, SP, flags, payload))
+        v, back = lb.run_out("cil_to_container", tcp(f.pod2, BP, f.pod1, SP, flags, payload))
+        assert v.retval == TC_ACT_OK and checksums_ok(back), v
+        assert l4_of(back) == (f.vip, VPORT, f.pod1, SP)          # the pod sees the VIP answer
+        return back
+
+    assert l4_of(sends("S")) == (f.pod1, SP, f.pod2, BP)
+    replies("SA")
+    sends("A")
+    sends("PA", b"GET / HTTP/1.0\r\n\r\n")
+    replies("PA", b"HTTP/1.0 200 OK\r\n\r\n")
+    sends("FA")
+    replies("FA")
+    sends("A")
     t1 = lb.now()
 
-    recs = {(r.direction, r.proto, r.related, r.dst[0]): r for r in lb.entries()}
-    svc = recs[("SVC", "TCP", False, VIP)]
+    every = lb.entries(Family.IPV4, Family.IPV6)
+    recs = {(r.direction, r.proto, r.related, r.dst[0]): r for r in every}
+    assert {r.family.value for r in recs.values()} == {"ipv6" if f is SEED6 else "ipv4"}
+    svc = recs[("SVC", "TCP", False, f.vip)]
     t = svc.entry.last_tx_report
     assert t0 <= t <= t1
     assert svc.line() == (
-        f"TCP SVC 10.64.0.36:59530 -> 10.68.174.146:80 expires={t + 10} Packets=0 Bytes=0 "
+        f"TCP SVC {f.ep(f.pod1, SP)} -> {f.ep(f.vip, VPORT)} expires={t + 10} Packets=0 Bytes=0 "
         f"RxFlagsSeen=0x00 LastRxReport=0 TxFlagsSeen=0x1b LastTxReport={t} Flags=0x0013 "
         "[ RxClosing TxClosing SeenNonSyn ] RevNAT=15 SourceSecurityID=0 IfIndex=0 BackendID=19")
-    out = recs[("OUT", "TCP", False, POD2)]
-    assert out.line().startswith("TCP OUT 10.64.0.36:59530 -> 10.64.0.98:8000 expires=")
+    out = recs[("OUT", "TCP", False, f.pod2)]
+    assert out.line().startswith(f"TCP OUT {f.ep(f.pod1, SP)} -> {f.ep(f.pod2, BP)} expires=")
     assert "RxFlagsSeen=0x1b" in out.line() and "TxFlagsSeen=0x1b" in out.line()
     assert out.line().endswith("Flags=0x0013 [ RxClosing TxClosing SeenNonSyn ] RevNAT=15 "
                                "SourceSecurityID=3096 IfIndex=0 BackendID=0")
-    rel = recs[("OUT", "ICMP", True, POD2)]
-    assert rel.line().startswith("ICMP OUT 10.64.0.36:0 -> 10.64.0.98:0 related ")
+    rel = recs[("OUT", f.icmp, True, f.pod2)]
+    assert rel.line().startswith(f"{f.icmp} OUT {f.ep(f.pod1, 0)} -> {f.ep(f.pod2, 0)} related ")
     assert rel.line().endswith("TxFlagsSeen=0x02 LastTxReport=%d Flags=0x0000 [ ] RevNAT=15 "
                                "SourceSecurityID=3096 IfIndex=0 BackendID=0" % rel.entry.last_tx_report)
     # The backend's side is plain pod-to-pod: no service entry, no rev-NAT.
-    inn = recs[("IN", "TCP", False, POD2)]
-    assert "RevNAT=0 SourceSecurityID=3096" in inn.line()
-    assert not [r for r in lb.entries() if r.direction == "SVC" and r.key.saddr != svc.key.saddr]
+    inn = recs[("IN", "TCP", False, f.pod2)]
+    u = inn.entry.last_rx_report
+    assert inn.line() == (
+        f"TCP IN {f.ep(f.pod1, SP)} -> {f.ep(f.pod2, BP)} expires={inn.entry.lifetime} Packets=0 Bytes=0 "
+        f"RxFlagsSeen=0x1b LastRxReport={u} TxFlagsSeen=0x1b LastTxReport={u} Flags=0x0013 "
+        "[ RxClosing TxClosing SeenNonSyn ] RevNAT=0 SourceSecurityID=3096 IfIndex=0 BackendID=0")
+    assert not [r for r in every if r.direction == "SVC" and r.dst[0] != f.vip]
 
 
 def test_service_entries_never_count() -> None:

@@ -449,7 +449,79 @@ def test_dashboard_queries_only_exported_metrics() -> None:
     assert {"tuplet_bpf_map_pressure", "tuplet_bpf_map_entries", "tuplet_bpf_map_capacity",
             "tuplet_datapath_conntrack_gc_runs_total", "tuplet_datapath_conntrack_gc_duration_seconds_bucket",
             "tuplet_datapath_conntrack_gc_entries", "tuplet_datapath_conntrack_gc_interval_seconds",
-            "tuplet_drop_count_total", "tuplet_datapath_conntrack_insert_failures_total"} <= used
+            "tuplet_drop_count_total", "tuplet_datapath_conntrack_insert_failures_total",
+            collector.SERVICES, collector.BACKENDS, collector.SERVICE_BACKENDS} <= used
+    # The Services row: every panel over the service metrics, split by family.
+    rows = [p for p in dash["panels"] if p["type"] == "row"]
+    at = next(i for i, p in enumerate(dash["panels"]) if p["type"] == "row" and p["title"] == "Services")
+    nxt = next((dash["panels"].index(r) for r in rows if dash["panels"].index(r) > at), len(dash["panels"]))
+    services_row = dash["panels"][at + 1:nxt]
+    assert len(services_row) >= 4
+    for p in services_row:
+        for t in p["targets"]:
+            assert promql_metric_names(t["expr"]) <= {collector.SERVICES, collector.BACKENDS,
+                                                      collector.SERVICE_BACKENDS}, (p["title"], t["expr"])
+            assert re.search(r"\bby \([^)]*\bfamily\b", t["expr"]) and "{{family}}" in t["legendFormat"], p["title"]
+
+
+# --- service metrics ---------------------------------------------------------------------------
+
+P1_6, P2_6, R_6, VIP6, NODE6 = "2001:db8:64::24", "2001:db8:64::62", "2001:db8:65::9", "fd00::10", "2001:db8:7::2"
+
+
+def services_scrape(pin_root: str) -> Samples:
+    reg = CollectorRegistry()
+    reg.register(collector.DatapathCollector(pin_root, count_max_age=0))
+    return scrape(reg)
+
+
+def test_service_metrics_per_family_type_state_and_service(dp: LxcHarness, pin_root: str) -> None:
+    """A dual-stack ClusterIP pair and an IPv6 NodePort with a local, a remote and a weight-0
+    backend; then a backend removed while an IPv6 service flow uses it (draining): every
+    service series matches what the maps hold, IPv6 addresses bracketed."""
+    local = {A, B, P1_6, P2_6}
+    with lb.ServiceTable(pin_root, local_addrs=local, default_maglev_size=251) as t:
+        t.upsert(Service("web", ServiceType.CLUSTER_IP, VIP, 80, backends=(Backend(B, 8080),), source="cli"))
+        t.upsert(Service("web6", ServiceType.CLUSTER_IP, VIP6, 80, backends=(Backend(P2_6, 8080),), source="cli"))
+        t.upsert(Service("np6", ServiceType.NODE_PORT, VIP6, 30080, protocol="udp", source="cli", backends=(
+            Backend(P1_6, 53), Backend(R_6, 53, node=NODE6), Backend(P2_6, 53, weight=0))))
+    got = services_scrape(pin_root)
+    svc = collector.SERVICES
+    assert got[m(svc, family="ipv4", type="ClusterIP")] == 1
+    assert got[m(svc, family="ipv6", type="ClusterIP")] == 1
+    assert got[m(svc, family="ipv6", type="NodePort")] == 1
+    assert sum(v for k, v in got.items() if k[0] == svc) == 3                  # the other types: 0
+    be = collector.BACKENDS
+    want = {("ipv4", "active", "local"): 1, ("ipv6", "active", "local"): 2, ("ipv6", "active", "remote"): 1,
+            ("ipv6", "draining", "local"): 1}
+    for fam, st, loc in itertools.product(("ipv4", "ipv6"), ("active", "draining"), ("local", "remote")):
+        assert got[m(be, family=fam, state=st, location=loc)] == want.get((fam, st, loc), 0), (fam, st, loc)
+    sb = collector.SERVICE_BACKENDS
+    per = {(dict(k[1])["service"], dict(k[1])["state"]): (dict(k[1]), v) for k, v in got.items() if k[0] == sb}
+    assert len(per) == 6                                                          # 3 services x 2 states
+    lab, n = per[("np6", "active")]
+    assert n == 2 and lab == {"service": "np6", "address": f"[{VIP6}]:30080", "protocol": "udp", "family": "ipv6",
+                              "type": "NodePort", "state": "active"}
+    assert per[("np6", "draining")][1] == 1
+    assert per[("web", "active")] == ({"service": "web", "address": f"{VIP}:80", "protocol": "tcp",
+                                      "family": "ipv4", "type": "ClusterIP", "state": "active"}, 1)
+    assert per[("web6", "active")][0]["address"] == f"[{VIP6}]:80" and per[("web6", "active")][1] == 1
+
+    # An IPv6 flow to web6 (CT_SERVICE entry names its backend); the backend is then replaced:
+    # the old one drains (kept for the flow), the new one is active.
+    dp.egress(tcp(P1_6, 40000, VIP6, 80, "S"))
+    with lb.ServiceTable(pin_root, local_addrs=local, default_maglev_size=251) as t:
+        t.upsert(Service("web6", ServiceType.CLUSTER_IP, VIP6, 80, backends=(Backend(R_6, 8080),), source="cli"))
+    got = services_scrape(pin_root)
+    assert got[m(be, family="ipv6", state="draining", location="local")] == 2    # P2_6:8080 and np6's weight 0
+    assert got[m(be, family="ipv6", state="active", location="remote")] == 2     # R_6:53 and R_6:8080
+    assert got[m(sb, service="web6", address=f"[{VIP6}]:80", protocol="tcp", family="ipv6", type="ClusterIP",
+                 state="active")] == 1
+
+
+def test_no_service_maps_no_service_series(pin_root: str) -> None:
+    got = services_scrape(pin_root)
+    assert not [k for k in got if k[0] in (collector.SERVICES, collector.BACKENDS, collector.SERVICE_BACKENDS)]
 
 
 def test_reason_names_fall_back_to_the_object_without_map_btf(dp: LxcHarness, pin_root: str) -> None:

@@ -2,7 +2,8 @@
 prometheus/tuplet-rules.yml: a CT table filled past 75% and 90% through the pinned map raises
 the alerts (seen pending, then firing, through /api/v1/alerts and /api/v1/rules); auto-grow
 (turned on by a reload) resolves them; every query of dashboards/tuplet-conntrack.json returns
-data from the live server, with its template variables substituted as Grafana would.
+data from the live server, with its template variables substituted as Grafana would (services of
+both families programmed for the Services row).
 
 The one change to the rules file: TupletConntrackTableCritical's ``for: 2m`` is ``for: 8s``
 here, so that its pending phase is seen and ends within the test (the expression and the
@@ -24,6 +25,8 @@ from test_autogrow import agent, agent_config, fill_tcp  # noqa: F401  (agent: f
 from test_prom import DASHBOARD, _panels
 from tuplet.bpf.programs import Program
 from tuplet.datapath.abi import CT_MAP_SYN, CT_MAP_TCP, PROGS_DIR
+from tuplet.lb import writer as lb
+from tuplet.lb.model import Backend, Service, ServiceType
 
 RULES = Path(__file__).resolve().parents[1] / "prometheus" / "tuplet-rules.yml"
 pytestmark = pytest.mark.skipif(PROMETHEUS is None, reason="prometheus missing: `make prom-deps` installs it")
@@ -139,6 +142,17 @@ def test_alerts_pending_firing_resolved_and_every_dashboard_query(agent, prom_fo
     prom.wait(lambda: not ct_alerts(prom, "TupletConntrackTableHigh")
               and not ct_alerts(prom, "TupletConntrackTableCritical"), 30, "the alerts resolved")
     assert prom.query(f'node_nf_conntrack_entries_limit{{map_name="{CT_MAP_TCP}"}}')[0]["value"][1] == "8192"
+
+    # Services of both families for the Services row: an IPv4 one with a backend, an IPv6 one
+    # whose only backend is at weight 0 (draining; no active backend).
+    with lb.ServiceTable(pin_root, local_addrs={POD}) as t:
+        t.upsert(Service("web", ServiceType.CLUSTER_IP, "10.96.0.10", 80, backends=(Backend(POD, 8080),), source="cli"))
+        t.upsert(Service("web6", ServiceType.CLUSTER_IP, "fd00::10", 80, source="cli",
+                         backends=(Backend("fd00:10:244::5", 8080, weight=0),)))
+    prom.wait(lambda: prom.query('tuplet_service_backends{service="web6", address="[fd00::10]:80", family="ipv6", '
+                                 'state="draining"} == 1'), 30, "the IPv6 service scraped")
+    assert prom.query('tuplet_services{family="ipv6", type="ClusterIP"} == 1')
+    assert prom.query('tuplet_backends{family="ipv4", state="active", location="local"} == 1')
 
     # Grafana's instance variable, from its own query; then every panel's query.
     assert prom.api("label/instance/values", **{"match[]": "tuplet_bpf_map_capacity"}) == [inst]

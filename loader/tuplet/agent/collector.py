@@ -8,6 +8,10 @@
   are kept for ``count_max_age`` seconds (default 5) unless the pin's map id changes.
   Also the datapath's conntrack event counters (``tpl_ct_events_v2``: inserts per
   table, promotions out of the handshake table, refused inserts).
+* Services (:mod:`tuplet.lb.inventory`, both families' service maps walked in bounded
+  batches, reused for ``count_max_age`` like the entry counts): services by family and
+  type, backends by family, state and location, and per service its active and draining
+  backends (one series per service and state: cardinality follows the service count).
 
 Everything registers with a caller-given :class:`CollectorRegistry`, never the global one.
 """
@@ -38,6 +42,8 @@ from tuplet.datapath.abi import (
     OBJ_LXC,
 )
 from tuplet.datapath.paths import object_path
+from tuplet.lb import inventory
+from tuplet.lb.families import FAMILIES
 
 log = structlog.get_logger("tuplet.prom")
 
@@ -45,6 +51,11 @@ DEFAULT_COUNT_MAX_AGE = 5.0
 #: Maps whose fill level is reported, when pinned. Only hash maps are (an array is always full).
 PRESSURE_MAPS = (*cttables.NAMES, *cttables.NAT_NAMES, EP_MAP, EP6_MAP, *LB_MAPS)
 INSERT_FAILED = "DROP_CT_INSERT_FAILED"
+#: The service metrics' names (the families below are their only definitions; tests and the
+#: dashboard test read them from here).
+SERVICES = "tuplet_services"
+BACKENDS = "tuplet_backends"
+SERVICE_BACKENDS = "tuplet_service_backends"
 
 
 
@@ -71,6 +82,9 @@ class _Families:
     forward_bytes: CounterMetricFamily
     insert_failures: CounterMetricFamily
     ct_events: CounterMetricFamily
+    services: GaugeMetricFamily
+    backends: GaugeMetricFamily
+    service_backends: GaugeMetricFamily
 
     @classmethod
     def make(cls, count_max_age: float) -> "_Families":
@@ -104,6 +118,18 @@ class _Families:
                 "What the conntrack tables went through, as the datapath counts it: insert_tcp, insert_syn, "
                 "insert_any (new entries per table), promoted (handshake table to tpl_ct4_v1), "
                 "promote_failed, insert_failed (a new flow refused)", labels=["event"]),
+            services=GaugeMetricFamily(
+                SERVICES, "Services in the datapath by address family (ipv4, ipv6) and type "
+                f"(ClusterIP, NodePort, LoadBalancer; read up to {age} ago)", labels=["family", "type"]),
+            backends=GaugeMetricFamily(
+                BACKENDS, "Service backends by address family, state (active: in a service's live "
+                "backend slots, new flows can get it; draining: weight 0, or removed and kept while "
+                f"established flows use it) and location (local, remote; read up to {age} ago)",
+                labels=["family", "state", "location"]),
+            service_backends=GaugeMetricFamily(
+                SERVICE_BACKENDS, "Backends of one service by state (active: new flows can get them; "
+                "draining: weight 0). address is ADDR:PORT, [ADDR]:PORT for IPv6",
+                labels=["service", "address", "protocol", "family", "type", "state"]),
         )
 
     def all(self) -> list[Metric]:
@@ -129,6 +155,7 @@ class DatapathCollector:
         self._counts: dict[str, _Count] = {}
         self._lock = threading.Lock()
         self._names_by_btf: dict[tuple[int, enums.EnumSpec], dict[int, str]] = {}
+        self._inventory: tuple[float, inventory.Inventory] | None = None
 
     def describe(self) -> Iterator[Metric]:
         """The families without samples (lets the registry detect clashing names)."""
@@ -143,6 +170,7 @@ class DatapathCollector:
                 self._map_fill(name, fams)
             self._verdicts(fams)
             self._ct_events(fams)
+            self._services(fams)
             compat = self._node_compat() if self.node_exporter_compat else []
         yield from fams.all()
         yield from compat
@@ -247,3 +275,25 @@ class DatapathCollector:
                 return
         for name, n in counts.items():
             fams.ct_events.add_metric([name], n)
+
+    def _services(self, fams: _Families) -> None:
+        if not any(os.path.exists(os.path.join(self.pin_root, f.services_map)) for f in FAMILIES):
+            self._inventory = None
+            return
+        now = self.clock()
+        if self._inventory is None or now - self._inventory[0] >= self.count_max_age:
+            try:
+                self._inventory = (now, inventory.read(self.pin_root))
+            except TupletError as e:
+                log.warning("metrics: cannot read the service maps", error=str(e))
+                return
+        inv = self._inventory[1]
+        for fam in inventory.FAMILY_NAMES.values():
+            for typ in inventory.TYPES:
+                fams.services.add_metric([fam, typ], inv.by_type[(fam, typ)])
+            for state in inventory.STATES:
+                for loc in inventory.LOCATIONS:
+                    fams.backends.add_metric([fam, state, loc], inv.backends[(fam, state, loc)])
+        for r in inv.services:
+            for state, n in (("active", r.active), ("draining", r.draining)):
+                fams.service_backends.add_metric([r.name, r.address, r.protocol, r.family, r.type, state], n)

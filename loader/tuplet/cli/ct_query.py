@@ -32,8 +32,10 @@ MAP_CHOICES = {"all": list(cttables.NAMES), "tcp": list(cttables.names(protos=(P
 
 def add_filter_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("filters (as conntrack's; all given must match)")
-    g.add_argument("-s", "--src", "--orig-src", dest="src", help="original source address or prefix (IPv4 or IPv6)")
-    g.add_argument("-d", "--dst", "--orig-dst", dest="dst", help="original destination address or prefix")
+    g.add_argument("-s", "--src", "--orig-src", dest="src",
+                   help="original source address or prefix (IPv4 or IPv6), or ADDR:PORT / [IPV6]:PORT as listed")
+    g.add_argument("-d", "--dst", "--orig-dst", dest="dst",
+                   help="original destination address or prefix, or ADDR:PORT / [IPV6]:PORT as listed")
     g.add_argument("-p", "--proto", help="tcp, udp, icmp, icmpv6 or a number")
     g.add_argument("--sport", "--orig-port-src", dest="sport", help="original source port")
     g.add_argument("--dport", "--orig-port-dst", dest="dport", help="original destination port")
@@ -47,7 +49,6 @@ def add_filter_flags(p: argparse.ArgumentParser) -> None:
 
 #: CtFilter field, the argparse attribute, its flag, and the parser that names the flag on a bad value.
 _PARSED: tuple[tuple[str, str, str, Callable[[str, str], Any]], ...] = (
-    ("src", "src", "--src", ctfilter.parse_net), ("dst", "dst", "--dst", ctfilter.parse_net),
     ("proto", "proto", "--proto", ctfilter.parse_proto), ("sport", "sport", "--sport", ctfilter.parse_port),
     ("dport", "dport", "--dport", ctfilter.parse_port), ("type", "ct_type", "--type", ctfilter.parse_type),
     ("state", "state", "--state", ctfilter.parse_state),
@@ -61,6 +62,15 @@ def build_filter(args: argparse.Namespace, root: str) -> CtFilter:
         value = getattr(args, attr)
         if value is not None:
             kw[field] = parse(flag, value)
+    for field, port_field, flag in (("src", "sport", "--src"), ("dst", "dport", "--dst")):
+        value = getattr(args, field)
+        if value is None:
+            continue
+        kw[field], port = ctfilter.parse_net_port(flag, value)
+        if port is not None:
+            if kw.get(port_field, port) != port:
+                raise ConfigError(flag, f"port {port} of {value!r} contradicts --{port_field} {kw[port_field]}")
+            kw[port_field] = port
     if args.endpoint is not None:
         kw["addrs"] = _endpoint_addrs(root, args.endpoint)
     if args.service is not None:

@@ -8,6 +8,7 @@ from dataclasses import replace
 from typing import Any
 
 from tuplet.cli.common import pin_root_of
+from tuplet.core import hostport
 from tuplet.core.errors import ConfigError
 from tuplet.lb import writer as lb
 from tuplet.lb.model import (
@@ -21,6 +22,8 @@ from tuplet.lb.model import (
     check_name,
     check_port,
     check_service,
+    dual_stack_peers,
+    listing_order,
     parse_backend,
     protocol,
     service_type,
@@ -63,6 +66,8 @@ def add_parser(sub: Any) -> None:
 
     ls = ssub.add_parser("list", help="services, backends and their Maglev table share")
     ls.add_argument("name", nargs="?")
+    ls.add_argument("--family", choices=["ipv4", "ipv6"], help="only services of this address family")
+    ls.add_argument("--address", help="only services at this frontend: ADDRESS, ADDRESS:PORT, [IPV6] or [IPV6]:PORT")
     ls.add_argument("-o", "--output", choices=["text", "json"], default="text")
     ls.set_defaults(func=cmd_svc_list)
 
@@ -125,38 +130,52 @@ def cmd_svc_delete(args: argparse.Namespace) -> int:
 
 
 def cmd_svc_list(args: argparse.Namespace) -> int:
+    want = hostport.parse(args.address, "--address") if args.address else None
     with lb.ServiceTable(pin_root_of(args)) as table:
-        names = [args.name] if args.name else table.names()
-        views = [table.view(n) for n in names]
+        if args.name:
+            table.get(args.name)                 # an unknown name is an error, not an empty list
+        peers = dual_stack_peers(table.reg.services.values())
+        chosen = [s for s in listing_order(table.reg.services.values())
+                  if (not args.name or s.name == args.name)
+                  and (not args.family or f"ipv{s.family}" == args.family)
+                  and (want is None or (s.address == want[0] and want[1] in (None, s.port)))]
+        views = [table.view(s.name) for s in chosen]
         draining = table.draining()
     if args.output == "json":
-        json.dump({"services": [v.to_json() for v in views], "draining_backends": draining}, sys.stdout, indent=2)
+        json.dump({"services": [v.to_json(peers.get(v.service.name)) for v in views],
+                   "draining_backends": draining}, sys.stdout, indent=2)
         print()
         return 0
-    _show(args, views)
+    _show(args, views, peers)
     if draining:
         print(f"draining backends (removed, still used by established flows): {', '.join(sorted(draining))}")
     return 0
 
 
-def _show(args: argparse.Namespace, views: list[ServiceView]) -> None:
+def _show(args: argparse.Namespace, views: list[ServiceView], peers: dict[str, str] | None = None) -> None:
+    peers = peers or {}
     if getattr(args, "output", "text") == "json":
-        json.dump({"services": [v.to_json() for v in views]}, sys.stdout, indent=2)
+        json.dump({"services": [v.to_json(peers.get(v.service.name)) for v in views]}, sys.stdout, indent=2)
         print()
         return
     if not views:
         print("no services")
+    front_w = max([24, *(len(v.service.describe_frontend()) for v in views)])
+    back_w = max([22, *(len(b.backend.endpoint) for v in views for b in v.backends)])
     for v in views:
         s = v.service
         extra = [f"rev-nat {v.rev_nat}", f"maglev {v.maglev_size}" if v.maglev_size else "no backends"]
         if s.affinity_timeout:
             extra.append(f"affinity {s.affinity_timeout}s")
+        if s.name in peers:
+            extra.append(f"dual-stack with {peers[s.name]}")
         if not v.live:
             extra.append("NOT IN DATAPATH")
-        print(f"{s.name:<20} {s.type.value:<13} {s.describe_frontend():<24} ({', '.join(extra)}; from {s.source})")
+        print(f"{s.name:<20} {s.type.value:<13} {s.describe_frontend():<{front_w}} ({', '.join(extra)}; from {s.source})")
         for b in v.backends:
-            share = 100.0 * b.slots / v.maglev_size if v.maglev_size else 0.0
             where = f"remote via {b.backend.node}" if b.remote and b.backend.node else \
                 "remote" if b.remote else "local"
-            w = f" weight {b.backend.weight}" if b.backend.weight != 1 else ""
-            print(f"  {b.backend.endpoint:<22} id {b.id:<6} {share:6.2f}% ({b.slots} slots) {where}{w}")
+            w = " draining (weight 0)" if b.backend.weight == 0 else \
+                f" weight {b.backend.weight}" if b.backend.weight != 1 else ""
+            print(f"  {b.backend.endpoint:<{back_w}} id {b.id:<6} {100.0 * v.share(b):6.2f}% ({b.slots} slots) "
+                  f"{where}{w}")

@@ -19,6 +19,7 @@ import numpy as np
 
 from tuplet.bpf.btf_layout import BitField, numpy_dtype, struct_layout
 from tuplet.bpf.maps import Map
+from tuplet.core import hostport
 from tuplet.core.errors import ConfigError, TupletError
 from tuplet.datapath.abi import TUPLE_F_IN, TUPLE_F_SERVICE
 
@@ -156,12 +157,18 @@ def _in_net(keys: np.ndarray, name: str, net: Network) -> np.ndarray:
 
 # --- parsing the command line's values (errors name the flag) --------------------------------
 
+def parse_net_port(flag: str, text: str) -> tuple[Network, int | None]:
+    """An address or prefix with an optional port, as `ct list` prints one: ``10.64.0.36``,
+    ``10.64.0.0/16``, ``10.64.0.36:80``, ``f00d::/64``, ``[f00d::24]``, ``[f00d::24]:80``."""
+    addr, port = hostport.parse(text, flag, prefix=True)
+    return ipaddress.ip_network(addr, strict=False), port
+
+
 def parse_net(flag: str, text: str) -> Network:
-    try:
-        return ipaddress.ip_network(text, strict=False)
-    except ValueError:
-        raise ConfigError(flag, "must be an IPv4 or IPv6 address or prefix (10.64.0.0/16, f00d::/64), "
-                          f"got {text!r}") from None
+    net, port = parse_net_port(flag, text)
+    if port is not None:
+        raise ConfigError(flag, f"must be an address or prefix without a port, got {text!r}")
+    return net
 
 
 def parse_proto(flag: str, text: str) -> int:

@@ -31,7 +31,7 @@ import ipaddress
 import re
 from dataclasses import dataclass, field, replace
 from enum import Enum
-from typing import Any
+from typing import Any, Iterable
 
 from tuplet.core.durations import parse_duration
 from tuplet.core.errors import ConfigError
@@ -327,6 +327,40 @@ def check_unique(services: tuple[Service, ...] | list[Service], key: str = "serv
         fronts[s.frontend] = s.name
 
 
+#: Name endings that say a service's family: ``web`` and ``web6`` (or ``web-v4`` and ``web-v6``)
+#: are one dual-stack service's two halves.
+FAMILY_SUFFIXES = ("-ipv4", "-ipv6", "-v4", "-v6", "4", "6")
+
+
+def name_stem(name: str) -> str:
+    """The name without a family suffix (``web6`` -> ``web``)."""
+    for suf in FAMILY_SUFFIXES:
+        if name.endswith(suf) and len(name) > len(suf):
+            return name[:-len(suf)]
+    return name
+
+
+def dual_stack_peers(services: Iterable[Service]) -> dict[str, str]:
+    """Dual-stack pairs: one IPv4 and one IPv6 service of the same type, port and protocol
+    whose names are equal but for a family suffix (``web``/``web6``). Each paired name ->
+    its peer's name; a group that is not exactly one per family pairs nothing."""
+    groups: dict[tuple[str, ServiceType, int, str], list[Service]] = {}
+    for s in services:
+        groups.setdefault((name_stem(s.name), s.type, s.port, s.protocol), []).append(s)
+    out: dict[str, str] = {}
+    for g in groups.values():
+        if len(g) == 2 and {s.family for s in g} == {4, 6}:
+            out[g[0].name], out[g[1].name] = g[1].name, g[0].name
+    return out
+
+
+def listing_order(services: Iterable[Service]) -> list[Service]:
+    """Services by name, a dual-stack pair side by side (IPv4 first)."""
+    every = list(services)
+    peers = dual_stack_peers(every)
+    return sorted(every, key=lambda s: (name_stem(s.name) if s.name in peers else s.name, s.family, s.name))
+
+
 def with_backends(s: Service, backends: tuple[Backend, ...], key: str = "backends") -> Service:
     return check_service(replace(s, backends=backends), key)
 
@@ -350,9 +384,15 @@ class ServiceView:
     live: bool            # slot 0 is present
     backends: list[BackendShare]
 
-    def to_json(self) -> dict[str, Any]:
-        return {**self.service.to_json(), "rev_nat_index": self.rev_nat, "bank": self.bank,
-                "maglev_size": self.maglev_size, "live": self.live,
-                "backends": [{**b.backend.to_json(), "id": b.id, "maglev_slots": b.slots,
-                              "share": b.slots / self.maglev_size if self.maglev_size else 0.0,
-                              "remote": b.remote} for b in self.backends]}
+    def share(self, b: BackendShare) -> float:
+        """b's share of new flows: its slots of the live Maglev table."""
+        return b.slots / self.maglev_size if self.maglev_size else 0.0
+
+    def to_json(self, peer: str | None = None) -> dict[str, Any]:
+        """``peer``: the other half of a dual-stack pair (see :func:`dual_stack_peers`)."""
+        return {**self.service.to_json(), "family": f"ipv{self.service.family}",
+                "frontend": host_port(self.service.address, self.service.port), "dual_stack_peer": peer,
+                "rev_nat_index": self.rev_nat, "bank": self.bank, "maglev_size": self.maglev_size, "live": self.live,
+                "backends": [{**b.backend.to_json(), "endpoint": b.backend.endpoint, "id": b.id,
+                              "maglev_slots": b.slots, "share": self.share(b), "remote": b.remote,
+                              "draining": b.backend.weight == 0} for b in self.backends]}
