@@ -81,7 +81,7 @@ static __always_inline int sock_ctx_key(int fam, const struct bpf_sock_addr *ctx
 	a.p[1] = SOCK_CTX(ctx, user_ip6[1]);
 	a.p[2] = SOCK_CTX(ctx, user_ip6[2]);
 	a.p[3] = SOCK_CTX(ctx, user_ip6[3]);
-	if (ipv6_addr_v4mapped(&a)) {
+	if (ipv6_addr_is_v4mapped(&a)) {
 		key->k4 = (struct lb4_key){ .address = a.p[3], .dport = port, .proto = proto };
 		return PKT_FAM4;
 	}

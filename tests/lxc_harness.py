@@ -164,6 +164,10 @@ class LxcHarness:
         return [r for t in sorted(cttables.CT_TABLES, key=lambda t: (t.family is Family.IPV6, t.proto is Proto.ANY))
                 if t.family in wanted for r in records(self.coll.maps[t.name])]
 
+    def entries6(self) -> list[CtRecord]:
+        """entries() of the IPv6 tables."""
+        return [r for name in (CT6_MAP_TCP, CT6_MAP_SYN, CT6_MAP_ANY) for r in records(self.coll.maps[name])]
+
     def table_of(self, daddr: str, saddr: str, dport: int, sport: int, proto: int, flags: int) -> str | None:
         """Which table holds the entry under this key (None: none); IPv6 addresses: the IPv6 tables."""
         key = (CtTuple6 if is6(daddr) else CtTuple4).make(daddr, saddr, dport, sport, proto, flags)

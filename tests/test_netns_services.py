@@ -75,20 +75,22 @@ def topo():
         yield t
 
 
+def endpoint_toml(pod) -> str:
+    """A pod of the topology as an [[endpoints]] table (the client with identity 3096)."""
+    v6 = f'ipv6 = "{pod.ipv6}"\n' if pod.ipv6 else ""
+    ident = "identity = 3096\n" if pod.name == "client" else ""
+    return (f'[[endpoints]]\nname = "{pod.name}"\nifname = "{pod.host_ifname}"\nipv4 = "{pod.ipv4}"\n'
+            f"{v6}{ident}\n")
+
+
 def node_config(topo, pin_root: str, services: str) -> str:
+    """The node with every pod of the topology an endpoint, eth0 its device, and services."""
     return textwrap.dedent(f"""
         [node]
         name = "svc-test"
         netns = "{topo.node.netns}"
         pin_root = "{pin_root}"
 
-        [[endpoints]]
-        name = "client"
-        ifname = "{topo.client.host_ifname}"
-        ipv4 = "{CLIENT}"
-        ipv6 = "{CLIENT6}"
-        identity = 3096
-        {endpoints(topo)}
         [[devices]]
         ifname = "eth0"
 
@@ -99,59 +101,30 @@ def node_config(topo, pin_root: str, services: str) -> str:
         [lb]
         maglev_table_size = 1021
         socket_lb = false   # per packet; tests never attach to the root cgroup
-    """) + textwrap.dedent(services)
+    """) + "".join(endpoint_toml(p) for p in topo.node.pods) + textwrap.dedent(services)
 
 
-def endpoints(topo) -> str:
-    """The backend pods as [[endpoints]], both addresses each."""
-    return "".join(textwrap.dedent(f"""
-        [[endpoints]]
-        name = "{name}"
-        ifname = "{pod.host_ifname}"
-        ipv4 = "{PODS[name][0]}"
-        ipv6 = "{PODS[name][1]}"
-        """).replace("\n", "\n        ") for name, pod in (("back1", topo.b1), ("back2", topo.b2), ("back3", topo.b3)))
-
-
-def service_text(name: str, vip: str, port: int, proto: str, backends: list[str], backend_port: int) -> str:
-    """One ClusterIP as [[services]]."""
-    listed = ", ".join(f'"{host_port(b, backend_port)}"' for b in backends)
-    return f"""
-    [[services]]
-    name = "{name}"
-    type = "ClusterIP"
-    address = "{vip}"
-    port = {port}
-    protocol = "{proto}"
-    backends = [{listed}]
-"""
+def services_toml(*services: tuple[str, str, str, int, str, list[str]]) -> str:
+    """[[services]] tables from (name, type, address, port, protocol, backends)."""
+    return "".join(f'[[services]]\nname = "{n}"\ntype = "{t}"\naddress = "{a}"\nport = {p}\nprotocol = "{proto}"\n'
+                   f"backends = {json.dumps(b)}\n\n" for n, t, a, p, proto, b in services)
 
 
 def cluster_ips(f: Fam) -> str:
     """The family's ClusterIPs on f.vip: web (TCP 80), dns (UDP 53) on back1 and back2, bulk
     (TCP, back1's plain echo) and closed (UDP, a port where nothing listens)."""
     both = [f.back1, f.back2]
-    return "".join(service_text(name + f.suffix, f.vip, port, proto, backends, bport) for name, port, proto, backends, bport
-                   in (("web", 80, "tcp", both, 8000), ("dns", 53, "udp", both, 8000),
-                       ("bulk", BULK_PORT, "tcp", [f.back1], BULK_PORT), ("closed", 54, "udp", [f.back1], CLOSED_PORT)))
+    return services_toml(*((name + f.suffix, "ClusterIP", f.vip, port, proto, [host_port(b, bport) for b in backends])
+                           for name, port, proto, backends, bport
+                           in (("web", 80, "tcp", both, 8000), ("dns", 53, "udp", both, 8000),
+                               ("bulk", BULK_PORT, "tcp", [f.back1], BULK_PORT),
+                               ("closed", 54, "udp", [f.back1], CLOSED_PORT))))
 
 
-SERVICES = cluster_ips(FAMILY["ipv4"]) + cluster_ips(FAMILY["ipv6"]) + f"""
-    [[services]]
-    name = "lb"
-    type = "LoadBalancer"
-    address = "{LB_VIP}"
-    port = 80
-    backends = ["{BACK1}:8000", "{BACK2}:8000"]
-
-    [[services]]
-    name = "np"
-    type = "NodePort"
-    address = "{NODE_IP}"
-    port = {NODE_PORT}
-    protocol = "udp"
-    backends = ["{BACK2}:8000"]
-"""
+SERVICES = cluster_ips(FAMILY["ipv4"]) + cluster_ips(FAMILY["ipv6"]) + services_toml(
+    ("lb", "LoadBalancer", LB_VIP, 80, "tcp", [f"{BACK1}:8000", f"{BACK2}:8000"]),
+    ("np", "NodePort", NODE_IP, NODE_PORT, "udp", [f"{BACK2}:8000"]),
+)
 
 
 @pytest.fixture
@@ -346,8 +319,8 @@ def test_large_tcp_transfer_through_the_clusterip(topo, applied, fam) -> None:
 
 def web(*fams: str) -> str:
     """[[services]] of the dual-stack pair: web (IPv4) and web6 (IPv6) on back1 and back2, or one of them."""
-    return "".join(service_text("web" + FAMILY[fam].suffix, FAMILY[fam].vip, 80, "tcp",
-                                [FAMILY[fam].back1, FAMILY[fam].back2], 8000) for fam in fams)
+    return services_toml(*(("web" + FAMILY[fam].suffix, "ClusterIP", FAMILY[fam].vip, 80, "tcp",
+                            [host_port(FAMILY[fam].back1, 8000), host_port(FAMILY[fam].back2, 8000)]) for fam in fams))
 
 
 @pytest.mark.parametrize("how", ["apply", "svc"])

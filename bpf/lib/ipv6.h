@@ -58,10 +58,15 @@ static __always_inline __be32 ipv6_addr_fold(const union v6addr *a)
 	return a->p[0] ^ a->p[1] ^ a->p[2] ^ a->p[3];
 }
 
-/* Whether a is IPv4-mapped (::ffff:a.b.c.d); its IPv4 address is then p[3]. */
-static __always_inline bool ipv6_addr_v4mapped(const union v6addr *a)
+static __always_inline bool ipv6_addr_is_zero(const union v6addr *a)
 {
-	return !a->p[0] && !a->p[1] && a->p[2] == bpf_htonl(0xffff);
+	return !(a->p[0] | a->p[1] | a->p[2] | a->p[3]);
+}
+
+/* An IPv4 address stored in an IPv6 field: ::ffff:a.b.c.d (RFC 4291 2.5.5.2). */
+static __always_inline bool ipv6_addr_is_v4mapped(const union v6addr *a)
+{
+	return !a->p[0] && !a->p[1] && a->p[2] == bpf_htonl(0x0000ffff);
 }
 
 #endif
