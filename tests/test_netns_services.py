@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass
 
@@ -380,7 +381,7 @@ N_FLOWS = 3000
 # socket, one request, one answer each) asking the established ones again every 100; prints
 # the backends of the new flows, how many failed and how many established ones moved (JSON).
 FLOWS = textwrap.dedent("""
-    import json, socket, sys
+    import json, select, socket, sys
     dst, port, n, k = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     fam = socket.AF_INET6 if ":" in dst else socket.AF_INET
     def sock():
@@ -392,14 +393,18 @@ FLOWS = textwrap.dedent("""
     print(json.dumps(owner), flush=True)
     sys.stdin.readline()
     seen, failed, moved = {}, 0, 0
-    for i in range(n):
+    i = 0
+    # At least n flows, and on until told to stop (a line on stdin): the flows span the flips
+    # however fast this machine makes them.
+    while i < n or not select.select([sys.stdin], [], [], 0)[0]:
+        i += 1
         s = sock()
         try:
             name = ask(s); seen[name] = seen.get(name, 0) + 1
         except OSError:
             failed += 1
         s.close()
-        if i % 100 == 99:
+        if i % 100 == 0:
             for e, o in zip(est, owner):
                 try:
                     moved += ask(e) != o
@@ -428,10 +433,14 @@ def test_real_flows_never_see_a_half_written_service(topo, applied, pin_root, fa
     with flipping(lambda: lb.ServiceTable(pin_root, local_addrs=LOCAL), sets) as flips:
         client.stdin.write("go\n")
         client.stdin.flush()
+        deadline = time.monotonic() + 120
+        while flips[0] < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        client.stdin.write("stop\n")
+        client.stdin.flush()
         res = json.loads(client.stdout.readline())
     assert client.wait(timeout=10) == 0
     assert res["failed"] == 0 and res["moved"] == 0, res
-    assert sum(res["seen"].values()) == N_FLOWS and set(res["seen"]) <= {"back1", "back2", "back3"}, res
-    # Each write takes a Maglev table and a bank flip: 8-20 writes in the ~5 s of flows on the
-    # shared 2-core machine; at least 4 (two changes each way) for the test to mean anything.
+    assert sum(res["seen"].values()) >= N_FLOWS and set(res["seen"]) <= {"back1", "back2", "back3"}, res
+    # The flows go on until at least 4 writes (two changes each way) happened while they ran.
     assert len(res["seen"]) >= 2 and flips[0] >= 4, (res, flips)
