@@ -36,7 +36,7 @@ import pytest
 
 from tuplet.bpf.bpffs import BPFFS
 from tuplet.conntrack import records as ct
-from tuplet.conntrack.gc import CtGc
+from tuplet.conntrack.gc import CtGc, Method
 from tuplet.datapath import abi, metrics, paths
 from tuplet.datapath.layouts import CtTuple4, CtTuple6, Nat4Entry, Nat6Entry, be32_to_ip, bytes_to_ip6
 from tuplet.lb.model import host_port
@@ -649,7 +649,8 @@ def test_local_backend_on_the_lb_node(fabric: Fabric) -> None:
         assert not [r for r in f.ct_records(n) if r.src == (client, sport)]
 
 
-def test_nat_entry_lives_with_the_connection_and_goes_with_gc(fabric: Fabric) -> None:
+@pytest.mark.parametrize("method", [Method.KERNEL, Method.BATCH])
+def test_nat_entry_lives_with_the_connection_and_goes_with_gc(fabric: Fabric, method: Method) -> None:
     f = fabric
     client, pod_b, vip = f.client, f.pods["b"], f.vip
     cl = f.client_proc(CLIENT_TCP, vip)
@@ -664,7 +665,7 @@ def test_nat_entry_lives_with_the_connection_and_goes_with_gc(fabric: Fabric) ->
     with contextlib.ExitStack() as st:
         maps = [st.enter_context(paths.open_pinned(f.pin["b"], name)) for name in f.fam.ct_maps]
         nat = st.enter_context(paths.open_pinned(f.pin["b"], f.fam.nat_map))
-        with CtGc(maps, nat=nat) as g:
+        with CtGc(maps, nat=nat, method=method) as g:
             # A pass now, while the connection lives: the entries and the NAT entry stay.
             g.run()
             assert len(mine()) == 2 and f.nat_entries("b").get(key) == (vip, 80)
@@ -682,6 +683,7 @@ def test_nat_entry_lives_with_the_connection_and_goes_with_gc(fabric: Fabric) ->
             # pinned objects): a pass deletes both entries and the NAT entry the DSRInternal one owns.
             last = max(r.entry.lifetime for r in closed)
             res = g.run(now=last + 1)
+            assert g.method is method
     assert res.nat_deleted >= 1, res
     assert not mine(), [r.line() for r in mine()]
     assert key not in f.nat_entries("b")
