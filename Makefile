@@ -19,6 +19,7 @@ BPF_CFLAGS ?= -O2 -g -target bpf -D__TARGET_ARCH_$(ARCH) -Wall -Werror \
 
 BPF_PROGS := $(patsubst bpf/%.c,$(BUILD)/%.o,$(wildcard bpf/*.c))
 BENCH_PROGS := $(patsubst bench/%.bpf.c,$(BUILD)/%.o,$(wildcard bench/*.bpf.c))
+TEST_PROGS := $(patsubst tests/bpf/%.bpf.c,$(BUILD)/%.o,$(wildcard tests/bpf/*.bpf.c))
 BPF_HDRS  := $(wildcard bpf/lib/*.h)
 APT_PKGS  := clang llvm libbpf-dev bpftool iproute2 iptables iputils-ping python3-venv make gcc nftables \
              libbpf1 linux-libc-dev
@@ -33,7 +34,7 @@ endif
 
 .PHONY: prom-deps build deps venv lint test test-host demo bindings clean vmlinux bench install uninstall \
         bench-services bench-resize bench-flood vm-deps vm-test cni-deps bench-endpoints bench-churn
-build: $(BPF_PROGS) $(BENCH_PROGS)
+build: $(BPF_PROGS) $(BENCH_PROGS) $(TEST_PROGS)
 
 # System packages (Debian 12). Skipped when every tool is already there.
 deps: $(BUILD)/.deps
@@ -66,6 +67,10 @@ $(BUILD)/%.o: bpf/%.c $(BPF_HDRS) vmlinux/vmlinux.h | $(BUILD)/.deps
 	$(Q)$(CLANG) $(BPF_CFLAGS) -c $< -o $@
 
 $(BUILD)/%.o: bench/%.bpf.c $(BPF_HDRS) vmlinux/vmlinux.h | $(BUILD)/.deps
+	$(call msg,CLANG,$@)
+	$(Q)$(CLANG) $(BPF_CFLAGS) -c $< -o $@
+
+$(BUILD)/%.o: tests/bpf/%.bpf.c vmlinux/vmlinux.h | $(BUILD)/.deps
 	$(call msg,CLANG,$@)
 	$(Q)$(CLANG) $(BPF_CFLAGS) -c $< -o $@
 

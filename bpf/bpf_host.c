@@ -6,8 +6,10 @@
  *   cil_to_netdev    NIC egress:  their replies, reverse-NATed to the service address
  *                    (DSR replies of flows this node is the backend node of, too)
  *
- * Traffic that is not a service flow passes untouched (the pod-side programs
- * track it); malformed IPv4 is dropped with a counted reason.
+ * Both IPv4 and IPv6. Traffic that is not a service flow (IPv6 neighbour
+ * discovery, router advertisements, ICMPv6 included) passes untouched (the
+ * pod-side programs track it); malformed IPv4 / IPv6 is dropped with a
+ * counted reason.
  */
 #include "lib/compiler.h"
 #include "lib/config.h"
@@ -18,20 +20,36 @@
 
 char LICENSE[] SEC("license") = "GPL";
 
-/* Parse; returns TPL_CONTINUE with p filled for a TCP/UDP first fragment, else the reason. */
-static __always_inline int netdev_parse4(struct __sk_buff *skb, struct pkt4 *p)
+/* One packet of family fam through the NIC's service path (ingress: DNAT,
+ * egress: reverse NAT). Returns the verdict reason: TPL_PASS_NOT_IPV4 when
+ * the packet is not of that family.
+ */
+static __always_inline enum tpl_reason netdev_lb(int fam, struct __sk_buff *skb, bool ingress)
 {
-	return pkt4_parse(skb, p, PKT_PROTO(IPPROTO_TCP) | PKT_PROTO(IPPROTO_UDP), TPL_PASS_NETDEV_UNTRACKED);
+	union pkt_any pkt = {};
+	int ret = pkt_parse(fam, skb, &pkt, PKT_PROTO(IPPROTO_TCP) | PKT_PROTO(IPPROTO_UDP),
+			    TPL_PASS_NETDEV_UNTRACKED);
+
+	if (tpl_has_verdict(ret))
+		return ret;
+	return ingress ? nodeport_lb(fam, skb, &pkt) : nodeport_rev_nat(fam, skb, &pkt);
+}
+
+/* IPv4, else IPv6, else neither (TPL_PASS_NOT_IPV4), as bpf_lxc.c's lxc_track_any. */
+static __always_inline enum tpl_reason netdev_lb_any(struct __sk_buff *skb, bool ingress)
+{
+	enum tpl_reason r = netdev_lb(PKT_FAM4, skb, ingress);
+
+	if (r == TPL_PASS_NOT_IPV4)
+		r = netdev_lb(PKT_FAM6, skb, ingress);
+	return r;
 }
 
 SEC("tc")
 int cil_from_netdev(struct __sk_buff *skb)
 {
-	struct pkt4 p = {};
-	int ret = netdev_parse4(skb, &p);
+	int ret = netdev_lb_any(skb, true);
 
-	if (!tpl_has_verdict(ret))
-		ret = nodeport_lb4(skb, &p);
 	if (overlay_ifindex && ret == TPL_PASS_DSR_REDIRECT) {
 		tpl_verdict(skb, ret, TPL_METRIC_NETDEV_INGRESS);
 		return bpf_redirect(overlay_ifindex, 0);
@@ -42,10 +60,5 @@ int cil_from_netdev(struct __sk_buff *skb)
 SEC("tc")
 int cil_to_netdev(struct __sk_buff *skb)
 {
-	struct pkt4 p = {};
-	int ret = netdev_parse4(skb, &p);
-
-	if (!tpl_has_verdict(ret))
-		ret = nodeport_rev_nat4(skb, &p);
-	return tpl_verdict(skb, ret, TPL_METRIC_NETDEV_EGRESS);
+	return tpl_verdict(skb, netdev_lb_any(skb, false), TPL_METRIC_NETDEV_EGRESS);
 }

@@ -38,14 +38,8 @@ char LICENSE[] SEC("license") = "GPL";
  */
 static __always_inline enum tpl_reason lxc_track(int fam, struct __sk_buff *skb, enum ct_dir dir)
 {
-	union {
-		struct ipv4_ct_tuple t4;
-		struct ipv6_ct_tuple t6;
-	} tuple = {};
-	union {
-		struct pkt4 p4;
-		struct pkt6 p6;
-	} pkt = {};
+	union ct_tuple_any tuple = {};
+	union pkt_any pkt = {};
 	void *p = &pkt;
 	struct ct_state st = {};
 	union lb_key key;
@@ -85,7 +79,7 @@ static __always_inline enum tpl_reason lxc_track(int fam, struct __sk_buff *skb,
 	if (tpl_has_verdict(ret))
 		return ret;
 
-	st.src_sec_id = fam == PKT_FAM6 ? endpoint_identity6(&pkt.p6.saddr) : endpoint_identity4(pkt.p4.saddr);
+	st.src_sec_id = endpoint_identity_src(fam, p);
 	st.rev_nat_index = rev_nat;
 	/* Delivered by cil_from_overlay (a DSR flow's backend node). */
 	if (dir == CT_INGRESS && tpl_mark_is(skb, TPL_MARK_FROM_TUNNEL))

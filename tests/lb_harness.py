@@ -22,6 +22,7 @@ from lxc_harness import MAC_A, MAC_B, TC_ACT_OK, LxcHarness, Verdict
 from tuplet.bpf import _libbpf as C
 from tuplet.bpf.libbpf import check, cstr
 from tuplet.bpf.objects import Collection
+from tuplet.bpf.programs import Program
 from tuplet.datapath import metrics
 from tuplet.datapath.abi import EXTERNAL_MAP, OBJ_HOST, OBJ_LXC
 from tuplet.datapath.layouts import Lb4Key, Lb4Service, Lb6Key, ip_to_be32
@@ -138,6 +139,20 @@ def svc_key(address: str, port: int, proto: int, slot: int = 0) -> bytes:
     return struct.pack("<IHHBBH", ip_to_be32(address), socket.htons(port), slot, proto, 0, 0)
 
 
+def load_on_maps(coll: Collection, obj: str, consts: dict[str, int], obj_dir: Path | None = None) -> Collection:
+    """Object obj (from obj_dir, default the build under test) loaded on coll's maps, with consts."""
+    spec = open_object(obj, NodeConfig(), pin_root=None, obj_dir=obj_dir)
+    try:
+        for name in spec.maps:
+            if name in coll.maps and not name.startswith("."):
+                spec.reuse_map(name, coll.maps[name])
+        for k, v in consts.items():
+            spec.set_const(k, v)
+        return spec.load()
+    finally:
+        spec.close()
+
+
 class LbHarness(LxcHarness):
     """The pod-side harness plus bpf_host.o on the same maps, and a raw service writer."""
 
@@ -152,19 +167,11 @@ class LbHarness(LxcHarness):
                   sizes: dict[str, int] | None = None) -> "LbHarness":
         """Both objects (from obj_dir, default the build under test) on shared maps."""
         lxc = LxcHarness.load(consts={"ct_accounting": 0, **(consts or {})}, obj_dir=obj_dir, sizes=sizes)
-        spec = open_object(OBJ_HOST, NodeConfig(), pin_root=None, obj_dir=obj_dir)
         try:
-            for name in spec.maps:
-                if name in lxc.coll.maps and not name.startswith("."):
-                    spec.reuse_map(name, lxc.coll.maps[name])
-            for k, v in {"ct_accounting": 0, **(consts or {})}.items():
-                spec.set_const(k, v)
-            host = spec.load()
+            host = load_on_maps(lxc.coll, OBJ_HOST, {"ct_accounting": 0, **(consts or {})}, obj_dir)
         except BaseException:
             lxc.close()
             raise
-        finally:
-            spec.close()
         return cls(lxc.coll, host)
 
     def close(self) -> None:
@@ -183,9 +190,13 @@ class LbHarness(LxcHarness):
 
     def run_out(self, prog: str, packet: bytes) -> tuple[Verdict, bytes]:
         """Run one packet; the verdict and the packet as the program left it."""
-        before = self._counts()
         coll = self.host if prog in self.host.programs else self.coll
-        res = coll.programs[prog].test_run(packet)
+        return self.run_program(coll.programs[prog], packet)
+
+    def run_program(self, program: Program, packet: bytes) -> tuple[Verdict, bytes]:
+        """run_out for a program of any object on these maps (one that counts its verdict)."""
+        before = self._counts()
+        res = program.test_run(packet)
         after = self._counts()
         changed = [k for k in after if after[k] != before.get(k, 0)]
         assert len(changed) == 1, f"expected exactly one counter to move, got {changed}"

@@ -160,6 +160,10 @@ class LxcHarness:
         return [*records(self.coll.maps[CT_MAP_TCP]), *records(self.coll.maps[CT_MAP_SYN]),
                 *records(self.coll.maps[CT_MAP_ANY])]
 
+    def entries6(self) -> list[CtRecord]:
+        """entries() of the IPv6 tables."""
+        return [r for name in (CT6_MAP_TCP, CT6_MAP_SYN, CT6_MAP_ANY) for r in records(self.coll.maps[name])]
+
     def table_of(self, daddr: str, saddr: str, dport: int, sport: int, proto: int, flags: int) -> str | None:
         """Which table holds the entry under this key (None: none); IPv6 addresses: the IPv6 tables."""
         key = (CtTuple6 if is6(daddr) else CtTuple4).make(daddr, saddr, dport, sport, proto, flags)

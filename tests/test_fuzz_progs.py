@@ -43,6 +43,7 @@ from lb_harness import (
     LbHarness,
     Svc,
     checksums_ok,
+    load_on_maps,
     tcp4,
     udp4,
 )
@@ -76,8 +77,6 @@ from tuplet.datapath.layouts import (
 )
 from tuplet.datapath.paths import object_dir
 from tuplet.lb import families
-from tuplet.node.apply import open_object
-from tuplet.node.config import NodeConfig
 
 pytestmark = pytest.mark.clock   # again with a near-zero clock in `make test`
 
@@ -178,16 +177,7 @@ class FuzzHarness:
         self.t0 = self.now()
 
     def _load_more(self, obj: str):
-        spec = open_object(obj, NodeConfig(), pin_root=None)
-        try:
-            for name in spec.maps:
-                if name in self.lb.coll.maps and not name.startswith("."):
-                    spec.reuse_map(name, self.lb.coll.maps[name])
-            for k, v in self.consts.items():
-                spec.set_const(k, v)
-            return spec.load()
-        finally:
-            spec.close()
+        return load_on_maps(self.lb.coll, obj, self.consts)
 
     def close(self) -> None:
         for obj, c in self.colls.items():

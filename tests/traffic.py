@@ -121,15 +121,17 @@ ASK = textwrap.dedent("""
             else:
                 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3)
                 s.sendto(b"hi", (dst, port)); d, peer = s.recvfrom(100); s.close()
-            print(d.decode().split()[0], "%s:%d" % peer, flush=True)
+            print(d.decode().split()[0], "%s:%d" % peer[:2], flush=True)
         except OSError as e:
             print("error", type(e).__name__, flush=True)
 """)
 
 
 def ask(topo: Topology, host: Pod | Any, proto: str, dst: str, port: int, n: int = 1) -> list[tuple[str, str]]:
-    """``n`` requests to dst:port; (answering server's name, peer as the client saw it) each."""
-    r = topo.run(host, [sys.executable, "-c", ASK, proto, dst, str(port), str(n)], capture_output=True,
+    """``n`` requests to dst:port (IPv4 or IPv6); (answering server's name, peer as the client saw it:
+    ``address:port``, unbracketed) each."""
+    script = ipv6(ASK) if ":" in dst else ASK
+    r = topo.run(host, [sys.executable, "-c", script, proto, dst, str(port), str(n)], capture_output=True,
                  text=True, timeout=10 + 4 * n)
     assert r.returncode == 0, r.stderr
     return [tuple(line.split(None, 1)) for line in r.stdout.splitlines()]  # type: ignore[misc]

@@ -5,6 +5,7 @@
 
 #include "compiler.h"
 #include "ipcache.h"
+#include "packet.h"
 
 /* Reserved identities. An enum anchored in BTF, so the agent can check its copy. */
 enum tpl_identity {
@@ -74,6 +75,14 @@ static __always_inline __u32 endpoint_identity6(const union v6addr *addr)
 		return ep->sec_id;
 	rc = ipcache_lookup6(addr);
 	return rc ? rc->sec_id : TPL_IDENTITY_WORLD;
+}
+
+/* The identity of the source of p's packet (a struct pkt4 or pkt6 by fam). */
+static __always_inline __u32 endpoint_identity_src(int fam, const void *p)
+{
+	if (fam == PKT_FAM6)
+		return endpoint_identity6(&((const struct pkt6 *)p)->saddr);
+	return endpoint_identity4(((const struct pkt4 *)p)->saddr);
 }
 
 #endif

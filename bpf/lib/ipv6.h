@@ -50,4 +50,15 @@ static __always_inline bool ipv6_addr_equal(const union v6addr *a, const union v
 	return a->p[0] == b->p[0] && a->p[1] == b->p[1] && a->p[2] == b->p[2] && a->p[3] == b->p[3];
 }
 
+static __always_inline bool ipv6_addr_is_zero(const union v6addr *a)
+{
+	return !(a->p[0] | a->p[1] | a->p[2] | a->p[3]);
+}
+
+/* An IPv4 address stored in an IPv6 field: ::ffff:a.b.c.d (RFC 4291 2.5.5.2). */
+static __always_inline bool ipv6_addr_is_v4mapped(const union v6addr *a)
+{
+	return !a->p[0] && !a->p[1] && a->p[2] == bpf_htonl(0x0000ffff);
+}
+
 #endif

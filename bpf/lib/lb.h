@@ -156,18 +156,23 @@ static __always_inline bool lb_rebalance_due(const struct ct_entry *e, __u32 now
 	return ct_entry_closing(e) && !tpl_time_after(closed_at + ct_service_close_rebalance, now);
 }
 
+/* Whether backend be (a struct lb4_backend or lb6_backend by fam) runs on another node. */
+static __always_inline bool lb_backend_remote(int fam, const void *be)
+{
+	__u8 flags = fam == PKT_FAM6 ? ((const struct lb6_backend *)be)->flags : ((const struct lb4_backend *)be)->flags;
+
+	return flags & LB_BACKEND_F_REMOTE;
+}
+
 /* Whether a flow may go to backend be (NULL: gone). With local_only (a node
  * without [overlay], so no DSR), a backend on another node may not. Returns
  * TPL_CONTINUE or a drop reason.
  */
 static __always_inline int lb_backend_usable(int fam, const void *be, bool local_only)
 {
-	__u8 flags;
-
 	if (!be)
 		return TPL_DROP_NO_SERVICE_BACKEND;
-	flags = fam == PKT_FAM6 ? ((const struct lb6_backend *)be)->flags : ((const struct lb4_backend *)be)->flags;
-	if (local_only && (flags & LB_BACKEND_F_REMOTE))
+	if (local_only && lb_backend_remote(fam, be))
 		return TPL_DROP_REMOTE_BACKEND;
 	return TPL_CONTINUE;
 }

@@ -2,8 +2,8 @@
 /* IPv6 service tables, the twins of lb_map.h's IPv4 ones, written by the same
  * agent code path (tuplet.lb.families describes both).
  *
- * A service is one family: its address, its backends and their node addresses
- * are all IPv6 here. What is not an address is shared with IPv4:
+ * A service is one family: its address and its backends are all IPv6 here
+ * (a backend's node may be IPv4, stored IPv4-mapped: lb6_backend). What is not an address is shared with IPv4:
  *  - the service value is struct lb4_service (no field of it is an address);
  *  - reverse-NAT indexes are one space for both families, so the one Maglev
  *    outer map (tpl_lb4_maglev_v2, keyed by rev-NAT index and bank) holds the
@@ -29,8 +29,9 @@ struct lb6_key {
 };
 ASSERT_SIZE(struct lb6_key, 24);
 
-/* node_addr is 16 bytes: the node of a remote IPv6 backend is reached over an
- * IPv6 underlay (an IPv6 service's backends and nodes are IPv6, never mixed).
+/* node_addr is 16 bytes: the node of a remote IPv6 backend, reached over an
+ * IPv6 underlay, or over an IPv4 one when it is stored IPv4-mapped
+ * (::ffff:a.b.c.d; dsr.h). The backend's own address is IPv6.
  */
 struct lb6_backend {
 	union v6addr address;

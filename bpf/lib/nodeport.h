@@ -1,9 +1,10 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /* NodePort and LoadBalancer services on the node's NIC, the LB node's side:
  * Maglev selection, DNAT to a local backend with a CT_EGRESS entry (NodePort
- * flag, rev-NAT index) or to a remote one over DSR (dsr_encap4), and the
+ * flag, rev-NAT index) or to a remote one over DSR (dsr_encap), and the
  * reply's reverse NAT on its way out of the node. The backend node's side of
- * DSR is in dsr.h.
+ * DSR is in dsr.h. One body for IPv4 and IPv6 (fam: PKT_FAM4 / PKT_FAM6, p a
+ * struct pkt4 or pkt6), as lb.h and conntrack.h.
  */
 #ifndef TUPLET_NODEPORT_H
 #define TUPLET_NODEPORT_H
@@ -12,7 +13,6 @@
 #include "config.h"
 #include "reasons.h"
 #include "packet.h"
-#include "l4_rewrite.h"
 #include "endpoint.h"
 #include "conntrack_types.h"
 #include "conntrack.h"
@@ -28,9 +28,9 @@
  * caller redirects), else it is dropped. Anything else is left to the stack
  * untouched.
  */
-static __always_inline enum tpl_reason nodeport_lb4(struct __sk_buff *skb, struct pkt4 *p)
+static __always_inline enum tpl_reason nodeport_lb(int fam, struct __sk_buff *skb, void *p)
 {
-	struct ipv4_ct_tuple tuple = {};
+	union ct_tuple_any tuple = {};
 	struct ct_state st = {};
 	union lb_backend be;
 	struct lb4_service *svc;
@@ -39,23 +39,23 @@ static __always_inline enum tpl_reason nodeport_lb4(struct __sk_buff *skb, struc
 	__u32 now;
 	int ret;
 
-	svc = lb_lookup_service(PKT_FAM4, &key, p);
+	svc = lb_lookup_service(fam, &key, p);
 	if (!svc || !(svc->flags & LB_SVC_F_EXTERNAL))
 		return TPL_PASS_NETDEV_UNTRACKED;
 	rev_nat = svc->rev_nat_index;
 	now = tpl_now();
 
-	ret = lb_local(PKT_FAM4, skb, p, &key, svc, LB_SELECT_MAGLEV, !overlay_ifindex, &be, &tuple, now);
+	ret = lb_local(fam, skb, p, &key, svc, LB_SELECT_MAGLEV, !overlay_ifindex, &be, &tuple, now);
 	if (tpl_has_verdict(ret))
 		return ret;
 	/* Remote backend: the CT_SERVICE entry is all this node keeps. */
-	if (overlay_ifindex && (be.b4.flags & LB_BACKEND_F_REMOTE))
-		return dsr_encap4(skb, p, be.b4.node_addr, key.k4.address, key.k4.dport);
+	if (overlay_ifindex && lb_backend_remote(fam, &be))
+		return dsr_encap(fam, skb, p, &be, &key);
 
-	ret = ct_lookup4(&tuple, p, CT_EGRESS, skb->len, &st, now);
+	ret = ct_lookup(fam, &tuple, p, CT_EGRESS, skb->len, &st, now);
 	if (ret != CT_NEW)
 		return ct_status_reason(ret);
-	ret = ct_may_create4(p);
+	ret = ct_may_create(fam, p);
 	if (tpl_has_verdict(ret))
 		return ret;
 
@@ -63,37 +63,37 @@ static __always_inline enum tpl_reason nodeport_lb4(struct __sk_buff *skb, struc
 	st.rev_nat_index = rev_nat;
 	st.node_port = 1;
 	st.ifindex = skb->ifindex;
-	st.src_sec_id = endpoint_identity4(p->saddr);
-	ret = ct_create4(&tuple, CT_EGRESS, &st, p->tcp_flags, skb->len, now);
+	st.src_sec_id = endpoint_identity_src(fam, p);
+	ret = ct_create(fam, &tuple, CT_EGRESS, &st, PKT(p, fam, tcp_flags), skb->len, now);
 	return tpl_verdict_or(ret, TPL_PASS_CT_NEW);
 }
 
 /* A packet leaving the node on its NIC: the reply of a NodePort flow (it hits
  * the flow's CT_EGRESS entry as a reply) gets the service address back; so
  * does the reply of a DSR flow (DSRInternal entry), from its NAT entry, and
- * goes straight to the client. A node with neither NIC-reachable services nor
- * an overlay has no such flows: its packets pass without a table probe.
+ * goes straight to the client. A node with neither NIC-reachable services
+ * (of either family: the writer sets tpl_lb4_external_v1 for both) nor an
+ * overlay has no such flows: its packets pass without a table probe.
  */
-static __always_inline enum tpl_reason nodeport_rev_nat4(struct __sk_buff *skb, struct pkt4 *p)
+static __always_inline enum tpl_reason nodeport_rev_nat(int fam, struct __sk_buff *skb, void *p)
 {
-	struct ipv4_ct_tuple t;
-	bool is_tcp = p->proto == IPPROTO_TCP;
-	__u8 tcp_flags = is_tcp ? p->tcp_flags : 0;
-	struct ipv4_ct_tuple nk;
-	struct nat4_entry *nat;
+	union ct_tuple_any t;
+	__u8 proto = PKT(p, fam, proto);
+	bool is_tcp = proto == IPPROTO_TCP;
+	__u8 tcp_flags = is_tcp ? PKT(p, fam, tcp_flags) : 0;
 	struct ct_entry *e;
 	__u16 rev_nat;
 	bool in_syn, dsr;
 	__u32 now;
 	int ret;
 
-	if (p->proto != IPPROTO_TCP && p->proto != IPPROTO_UDP)
+	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
 		return TPL_PASS_NETDEV_UNTRACKED;
 	if (!overlay_ifindex && !lb4_has_external())
 		return TPL_PASS_NETDEV_UNTRACKED;
 	/* The reply of the flow's CT_EGRESS entry. */
-	ct_tuple_reply4(&t, p, TUPLE_F_OUT);
-	e = ct_find4(&t, &in_syn);
+	ct_tuple_reply(fam, &t, p, TUPLE_F_OUT);
+	e = ct_find(fam, &t, &in_syn);
 	if (!e || !(e->node_port || e->dsr_internal))
 		return TPL_PASS_NETDEV_UNTRACKED;
 	now = tpl_now();
@@ -101,18 +101,13 @@ static __always_inline enum tpl_reason nodeport_rev_nat4(struct __sk_buff *skb, 
 		     tcp_flags, skb->len, CT_REPLY, now);
 	rev_nat = READ_ONCE(e->rev_nat_index);
 	dsr = e->dsr_internal;
-	ct_settle4(&t, e, in_syn, now);
-	if (dsr) {
-		nat4_key_for_ct(&t, &nk);
-		nat = bpf_map_lookup_elem(&tpl_nat4_v1, &nk);
-		if (!nat)
-			return TPL_DROP_REV_NAT_MISSING;
-		ret = pkt4_snat(skb, p, nat->to_addr, nat->to_port);
-		return tpl_verdict_or(ret, TPL_PASS_CT_REPLY);
-	}
-	if (!rev_nat)
-		return TPL_PASS_CT_REPLY;
-	ret = lb_rev_nat(PKT_FAM4, skb, p, rev_nat);
+	ct_settle(fam, &t, e, in_syn, now);
+	if (dsr)
+		ret = dsr_reply_snat(fam, skb, p, &t);
+	else if (rev_nat)
+		ret = lb_rev_nat(fam, skb, p, rev_nat);
+	else
+		ret = TPL_CONTINUE;
 	return tpl_verdict_or(ret, TPL_PASS_CT_REPLY);
 }
 

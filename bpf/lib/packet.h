@@ -70,6 +70,12 @@ struct pkt6 {
 	PKT_L4_FIELDS
 };
 
+/* A packet of either family, for callers that parse one or the other. */
+union pkt_any {
+	struct pkt4 p4;
+	struct pkt6 p6;
+};
+
 /* Address families of the family-generic functions (here and in conntrack.h). */
 #define PKT_FAM4 4
 #define PKT_FAM6 6

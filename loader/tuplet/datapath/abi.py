@@ -98,6 +98,17 @@ SOCK6_REV_NAT_MAP: Final = "tpl_lb6_sock_rev_nat_v1"
 #: Reserved identity of an address that is neither a local endpoint nor in the ipcache.
 TPL_IDENTITY_WORLD: Final = 2
 
+# --- DSR over Geneve (enum tpl_mark, mark.h; enum dsr_opt_id, dsr.h) ---------------------------
+
+#: skb->mark bits cil_from_overlay sets on a DSR packet it lets through to a pod.
+TPL_MARK_FROM_TUNNEL: Final = 0x0E5D0000
+#: The DSR Geneve option: class, type (critical | 1), body length in 4-byte words per family
+#: (IPv4: address, port, pad; IPv6: the 16-byte address, port, pad).
+DSR_OPT_CLASS: Final = 0x014B
+DSR_OPT_TYPE: Final = 0x81
+DSR_OPT4_LEN: Final = 2
+DSR_OPT6_LEN: Final = 5
+
 # --- conntrack tuple flags (enum ct_tuple_flag, conntrack_types.h) ----------------------------
 
 TUPLE_F_OUT: Final = 0

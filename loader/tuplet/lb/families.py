@@ -58,6 +58,7 @@ class Family:
     affinity_key_cls: type[Lb4AffinityKey] | type[Lb6AffinityKey]
     pack: Callable[[str], Packed]           # an address as keys and values hold it
     unpack: Callable[[bytes], str]          # ... and back, from bytes that start with one
+    pack_node: Callable[[str], Packed]      # a backend's node address (the DSR underlay)
 
     def key(self, address: str, port: int, proto: int, slot: int = 0) -> Lb4Key | Lb6Key:
         return self.key_cls.make(address, port, proto, slot)
@@ -72,7 +73,7 @@ class Family:
     def backend(self, address: str, port: int, proto: int, flags: int,
                 node: str | None) -> Lb4Backend | Lb6Backend:
         return self.backend_cls(self.pack(address), socket.htons(port), proto, flags,
-                                self.pack(node) if node else self.pack(ZERO[self.version]))
+                                self.pack_node(node) if node else self.pack(ZERO[self.version]))
 
     def rev_nat(self, address: str, port: int) -> Lb4ReverseNat | Lb6ReverseNat:
         return self.rev_nat_cls(self.pack(address), socket.htons(port), 0)
@@ -80,12 +81,19 @@ class Family:
 
 ZERO = {4: "0.0.0.0", 6: "::"}
 
+
+def pack_node6(addr: str) -> Packed:
+    """An IPv6 service's backend node: IPv6, or IPv4 stored IPv4-mapped (``::ffff:a.b.c.d``), which
+    the datapath tunnels to over IPv4 (bpf/lib/dsr.h)."""
+    return ip6_to_bytes(addr if ip_version(addr) == 6 else f"::ffff:{addr}")
+
+
 V4 = Family(4, SERVICES_MAP, BACKENDS_MAP, REV_NAT_MAP, AFFINITY_MAP, EP_MAP,
             Lb4Key, Lb4Backend, Lb4ReverseNat, Lb4AffinityKey,
-            ip_to_be32, lambda raw: be32_to_ip(int.from_bytes(raw[:4], "little")))
+            ip_to_be32, lambda raw: be32_to_ip(int.from_bytes(raw[:4], "little")), ip_to_be32)
 V6 = Family(6, SERVICES6_MAP, BACKENDS6_MAP, REV_NAT6_MAP, AFFINITY6_MAP, EP6_MAP,
             Lb6Key, Lb6Backend, Lb6ReverseNat, Lb6AffinityKey,
-            ip6_to_bytes, lambda raw: bytes_to_ip6(raw[:16]))
+            ip6_to_bytes, lambda raw: bytes_to_ip6(raw[:16]), pack_node6)
 FAMILIES = (V4, V6)
 
 

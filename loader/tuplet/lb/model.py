@@ -17,8 +17,9 @@ no new flows, established ones stay) and ``,node=ADDRESS`` (the node it runs on,
 remote backends), or the same as a table. Everything is checked here, before any map
 is touched; errors name the key (``services[2].backends[1]``) or the argument.
 
-Addresses are IPv4 or IPv6. A service is one family: its backends and their nodes have
-the family of its address. Where an IPv6 address meets a port it is bracketed
+Addresses are IPv4 or IPv6. A service is one family: its backends have the family of its
+address, and so do their nodes, but for one case: an IPv6 service's backend may name an
+IPv4 node (DSR over an IPv4 underlay; stored IPv4-mapped, ``::ffff:a.b.c.d``). Where an IPv6 address meets a port it is bracketed
 (``[2001:db8::1]:80``), in what is parsed and in what is printed. Addresses are kept in
 their canonical text (RFC 5952: ``2001:db8::1``, lower case, zeros compressed), so a
 backend's ``endpoint`` -- the name its Maglev permutation hashes -- is the same string
@@ -252,10 +253,12 @@ def check_service(s: Service, key: str) -> Service:
     seen: set[str] = set()
     for i, b in enumerate(s.backends):
         for what, addr in (("address", b.address), ("node", b.node)):
-            if addr is not None and ip_version(addr) != s.family:
-                raise ConfigError(f"{key}.backends[{i}]", f"{what} {addr} is IPv{ip_version(addr)}, but the "
-                                                         f"service address {s.address} is IPv{s.family} "
-                                                         "(a service is one family)")
+            if addr is None or ip_version(addr) == s.family or (what == "node" and s.family == 6):
+                continue   # an IPv6 service's backend may run on a node of an IPv4 underlay
+            hint = " (an IPv6 service may name an IPv4 node; not the reverse)" if what == "node" else ""
+            raise ConfigError(f"{key}.backends[{i}]", f"{what} {addr} is IPv{ip_version(addr)}, but the "
+                                                     f"service address {s.address} is IPv{s.family} "
+                                                     f"(a service is one family){hint}")
         if b.endpoint in seen:
             raise ConfigError(f"{key}.backends[{i}]", f"duplicate backend {b.endpoint}")
         seen.add(b.endpoint)
