@@ -35,9 +35,10 @@ enum gc_map_sel {
 	GC_MAP_ANY = 1,
 	GC_MAP_SYN = 2,
 	GC_MAP_NAT = 3,          /* count only (GC_WALK_ONLY): NAT entries go with their CT entry */
-	GC_MAP_TCP6 = 4,         /* the IPv6 tables (NAT-free) */
+	GC_MAP_TCP6 = 4,         /* the IPv6 tables */
 	GC_MAP_ANY6 = 5,
 	GC_MAP_SYN6 = 6,
+	GC_MAP_NAT6 = 7,         /* the IPv6 NAT table: count only, as GC_MAP_NAT */
 };
 
 /* and how. */
@@ -46,8 +47,9 @@ enum gc_map_arg {
 	 * delete nothing (what the walk alone costs; bench/gc.py reports it).
 	 */
 	GC_WALK_ONLY = 0x80000000U,
-	/* Count the NAT entries: the only thing the NAT map is walked for. */
+	/* Count the NAT entries: the only thing the NAT maps are walked for. */
 	GC_NAT_COUNT = GC_MAP_NAT | GC_WALK_ONLY,
+	GC_NAT6_COUNT = GC_MAP_NAT6 | GC_WALK_ONLY,
 };
 
 /* Anchor the enums in BTF so the agent can check its copies (tuplet/gc.py). */
@@ -82,20 +84,18 @@ static long gc_count(struct bpf_map *map, void *key, struct ct_entry *e,
 	return 0;
 }
 
-static long gc_entry4(struct bpf_map *map, struct ipv4_ct_tuple *key, struct ct_entry *e,
-		      struct gc_ctx *ctx)
+/* One entry of a one-run walk (`key` a struct ipv{4,6}_ct_tuple by fam). */
+static __always_inline long gc_entry(int fam, struct bpf_map *map, void *key, struct ct_entry *e,
+				     struct gc_ctx *ctx)
 {
-	struct ipv4_ct_tuple nat = {};
+	union gc_nat_key nat = {};
 
 	if (!gc_expired(READ_ONCE(e->lifetime), ctx->now)) {
 		ctx->alive++;
 		return 0;
 	}
-	if (ct_owns_nat(key, e)) {
-		nat4_key_for_ct(key, &nat);
-		if (bpf_map_delete_elem(&tpl_nat4_v1, &nat) == 0)
-			ctx->nat_deleted++;
-	}
+	if (gc_owned_nat(fam, key, e, &nat) && bpf_map_delete_elem(gc_nat_map(fam), &nat) == 0)
+		ctx->nat_deleted++;
 	if (bpf_map_delete_elem(map, key) == 0)
 		ctx->deleted++;
 	else
@@ -103,19 +103,16 @@ static long gc_entry4(struct bpf_map *map, struct ipv4_ct_tuple *key, struct ct_
 	return 0;
 }
 
-/* An IPv6 entry: no NAT entry to own. */
+static long gc_entry4(struct bpf_map *map, struct ipv4_ct_tuple *key, struct ct_entry *e,
+		      struct gc_ctx *ctx)
+{
+	return gc_entry(4, map, key, e, ctx);
+}
+
 static long gc_entry6(struct bpf_map *map, struct ipv6_ct_tuple *key, struct ct_entry *e,
 		      struct gc_ctx *ctx)
 {
-	if (!gc_expired(READ_ONCE(e->lifetime), ctx->now)) {
-		ctx->alive++;
-		return 0;
-	}
-	if (bpf_map_delete_elem(map, key) == 0)
-		ctx->deleted++;
-	else
-		ctx->delete_failed++;
-	return 0;
+	return gc_entry(6, map, key, e, ctx);
 }
 
 /* One walker per map, each a subprogram of its own: every bpf_for_each_map_elem
@@ -140,12 +137,28 @@ GC_CT_TABLES(GC_WALKER)
 		gc_walk_##name(&ctx, count_only);			\
 		break;
 
-static __noinline int gc_walk_nat(struct gc_ctx *ctx)
-{
-	if (!ctx)
-		return 0;
-	return bpf_for_each_map_elem(&tpl_nat4_v1, gc_count, ctx, 0);
+/* The NAT tables, counted only: X(selector, short name, map). */
+#define GC_NAT_TABLES(X)						\
+	X(GC_MAP_NAT, nat, tpl_nat4_v1)					\
+	X(GC_MAP_NAT6, nat6, tpl_nat6_v1)
+
+#define GC_NAT_WALKER(sel, name, map)					\
+static __noinline int gc_walk_##name(struct gc_ctx *ctx)		\
+{									\
+	if (!ctx)							\
+		return 0;						\
+	return bpf_for_each_map_elem(&map, gc_count, ctx, 0);		\
 }
+
+GC_NAT_TABLES(GC_NAT_WALKER)
+
+/* NAT entries are deleted with their CT entry, never walked but to count them. */
+#define GC_NAT_CASE(sel, name, map)					\
+	case sel:							\
+		if (!count_only)					\
+			return -1;					\
+		gc_walk_##name(&ctx);					\
+		break;
 
 SEC("tc")
 int tpl_ct_gc(struct __sk_buff *skb)
@@ -160,11 +173,7 @@ int tpl_ct_gc(struct __sk_buff *skb)
 	count_only = !!(args.map & GC_WALK_ONLY);
 	switch (args.map & ~GC_WALK_ONLY) {
 	GC_CT_TABLES(GC_WALK_CASE)
-	case GC_MAP_NAT:
-		if (!count_only)
-			return -1;   /* NAT entries are deleted with their CT entry, never walked */
-		gc_walk_nat(&ctx);
-		break;
+	GC_NAT_TABLES(GC_NAT_CASE)
 	default:
 		return -1;
 	}
@@ -220,7 +229,7 @@ struct gc_keys_ctx {
 /* One record per bpf_loop step (a bounded C loop costs 6.1's verifier a state per
  * iteration and counter value); one step function per map, as for the walkers.
  */
-#define GC_KEYS_DELETER(fn, map, table, rec, del)				\
+#define GC_KEYS_DELETER(fn, map, table, rec, fam)				\
 static long fn##_step(__u64 i, struct gc_keys_ctx *c)			\
 {									\
 	rec r;								\
@@ -238,7 +247,7 @@ static long fn##_step(__u64 i, struct gc_keys_ctx *c)			\
 		 (READ_ONCE(e->lifetime) != r.seen || !gc_expired(r.seen, c->a->now))) \
 		v = GC_V_REFRESHED;					\
 	else								\
-		v = del(&map, &r.key, e, r.seen, table);		\
+		v = gc_delete_if_unchanged(fam, &map, &r.key, e, r.seen, table); \
 	if (v < GC_V_COUNTED)						\
 		c->a->verdicts[v]++;					\
 	return 0;							\
@@ -255,7 +264,7 @@ static __noinline int fn(struct __sk_buff *skb, struct gc_keys_args *a)	\
 
 #define gc_key4_rec gc_key_rec
 #define GC_KEYS(sel, name, map, table, fam)				\
-	GC_KEYS_DELETER(gc_keys_##name, map, table, struct gc_key##fam##_rec, gc_delete##fam##_if_unchanged)
+	GC_KEYS_DELETER(gc_keys_##name, map, table, struct gc_key##fam##_rec, fam)
 GC_CT_TABLES(GC_KEYS)
 
 #define GC_KEYS_CASE(sel, name, map, table, fam)			\

@@ -15,8 +15,8 @@
 
 char LICENSE[] SEC("license") = "GPL";
 
-/* One iterator body per key type: `tuple` the key, `del` its re-checking delete. */
-#define GC_ITER(name, tuple, del)						\
+/* One iterator body per key type: `tuple` the key of family `fam`'s tables. */
+#define GC_ITER(name, tuple, fam)						\
 static __always_inline int name(struct bpf_iter__bpf_map_elem *ctx, void *map, __u32 table) \
 {									\
 	tuple *key = ctx->key;						\
@@ -34,15 +34,15 @@ static __always_inline int name(struct bpf_iter__bpf_map_elem *ctx, void *map, _
 		} else {						\
 			/* 6.1 passes no read-only iterator buffer to a helper: the key goes by the stack. */ \
 			__builtin_memcpy(&k, key, sizeof(k));		\
-			v = del(map, &k, e, seen, table);		\
+			v = gc_delete_if_unchanged(fam, map, &k, e, seen, table);		\
 		}							\
 	}								\
 	bpf_seq_write(ctx->meta->seq, &v, sizeof(v));			\
 	return 0;							\
 }
 
-GC_ITER(gc_iter4, struct ipv4_ct_tuple, gc_delete4_if_unchanged)
-GC_ITER(gc_iter6, struct ipv6_ct_tuple, gc_delete6_if_unchanged)
+GC_ITER(gc_iter4, struct ipv4_ct_tuple, 4)
+GC_ITER(gc_iter6, struct ipv6_ct_tuple, 6)
 
 /* One program per table (GC_CT_TABLES): tpl_gc_iter_tcp ... tpl_gc_iter_syn6. */
 #define GC_ITER_PROG(sel, name, map, table, fam)			\

@@ -33,6 +33,7 @@ from tuplet.datapath.abi import (
     EP6_MAP,
     EP_MAP,
     METRICS_MAP,
+    NAT6_MAP,
     NAT_MAP,
     OBJ_LXC,
 )
@@ -111,7 +112,7 @@ class LxcHarness:
         """bpf_lxc.o from obj_dir (default: the build under test), small tables unless ``sizes``."""
         cfg = cfg or NodeConfig()
         spec = open_object(OBJ_LXC, cfg, pin_root=None, obj_dir=obj_dir)
-        small = {name: 1024 if name in (CT_MAP_SYN, CT6_MAP_SYN) else 4096 for name in (*CT_MAPS, *CT6_MAPS, NAT_MAP)}
+        small = {name: 1024 if name in (CT_MAP_SYN, CT6_MAP_SYN) else 4096 for name in (*CT_MAPS, *CT6_MAPS, NAT_MAP, NAT6_MAP)}
         for name, n in {**small, **(sizes or {})}.items():
             if name in spec.maps:   # an older build (--compare) may lack the IPv6 tables
                 spec.set_max_entries(name, n)

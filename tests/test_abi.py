@@ -4,6 +4,7 @@ constant against the enumerator of the same name in the objects' BTF, so a chang
 either side fails here rather than misreading a map."""
 from __future__ import annotations
 
+import ctypes
 from functools import lru_cache
 
 import pytest
@@ -79,3 +80,18 @@ def test_the_ct_table_registry_names_every_ct_table_with_its_key_layout() -> Non
             assert spec.maps[t.name].key_size == t.key_size == len(abi.ct_sentinel_key(0, t.key_size)), t.name
             assert t.twin.proto is t.proto and t.twin.family is not t.family and t.twin.twin is t
             assert t.name in abi.GC_SELECTOR and t.name in abi.GC_ITER_PROGRAM
+
+
+def test_the_registry_names_each_ct_tables_nat_table() -> None:
+    """Every NAT table of abi once, with the key and value sizes the object declares; each CT
+    table's NAT table is its family's, and GC can count every one."""
+    assert cttables.NAT_NAMES == (abi.NAT_MAP, abi.NAT6_MAP)
+    assert set(abi.GC_NAT_SELECTOR) == set(cttables.NAT_NAMES)
+    with ObjectSpec.open(object_dir() / abi.OBJ_LXC) as spec:
+        for n in cttables.NAT_TABLES:
+            m = spec.maps[n.name]
+            assert (m.key_size, m.value_size) == (ctypes.sizeof(n.key), n.value_size), n.name
+            assert set(cttables.owners(n.name)) == set(cttables.names(n.family)), n.name
+            assert cttables.sized_as(n.name) == abi.NAT_MAP and cttables.family_of(n.name) is n.family
+    for t in cttables.CT_TABLES:
+        assert cttables.nat_table(t.nat).family is t.family and cttables.nat_table(t.nat).key is t.key, t.name

@@ -15,6 +15,7 @@ from tuplet.bpf.maps import Map
 from tuplet.cli import main as cli
 from tuplet.conntrack.sizing import CT_ANY_MIN, CT_TCP_MIN, GIB, NAT_MIN, Sizing
 from tuplet.core.errors import IncompatiblePinError
+from tuplet.datapath import cttables
 from tuplet.datapath.abi import CT6_MAP_ANY, CT6_MAP_SYN, CT6_MAP_TCP, CT_MAP_ANY, CT_MAP_SYN, CT_MAP_TCP, NAT_MAP
 from tuplet.datapath.layouts import CtTuple4, Nat4Entry
 from tuplet.node import apply as node_apply
@@ -40,9 +41,10 @@ def applied(pin_root: str) -> Iterator[Apply]:
 
 def pinned_sizes(pin_root: str) -> tuple[int, int, int]:
     out = []
-    for name in (CT_MAP_TCP, CT_MAP_ANY, NAT_MAP):
+    for name in (CT_MAP_TCP, CT_MAP_ANY, *cttables.NAT_NAMES):
         with Map.from_pin(f"{pin_root}/{name}") as m:
             out.append(m.max_entries)
+    assert out[3] == out[2], "nat_max sizes both NAT tables"
     return (out[0], out[1], out[2])
 
 
@@ -147,7 +149,7 @@ def test_cli_flags_size_the_maps_and_status_shows_them(pin_root: str, tmp_path, 
         ]
         assert "    NAT: explicit, --bpf-nat-global-max=2048" in out
         assert ("    IPv6 tables: tpl_ct6_v1 as tpl_ct4_v1, tpl_ct_any6_v1 as tpl_ct_any4_v1, "
-                "tpl_ct6_syn_v1 as tpl_ct4_syn_v1") in out
+                "tpl_ct6_syn_v1 as tpl_ct4_syn_v1, tpl_nat6_v1 as tpl_nat4_v1") in out
         tables = [line.split() for line in out[out.index("Tables:") + 1:] if line.startswith("  tpl_ct")]
         assert {t[0]: t[3] for t in tables} == {CT_MAP_TCP: "4096", CT_MAP_ANY: "1024", CT_MAP_SYN: "1024",
                                                 CT6_MAP_TCP: "4096", CT6_MAP_ANY: "1024", CT6_MAP_SYN: "1024"}
@@ -162,8 +164,9 @@ def test_cli_flags_size_the_maps_and_status_shows_them(pin_root: str, tmp_path, 
         assert doc["sizing"]["dynamic"] is True and doc["sizing"]["ratio"] == 0.0025
         assert doc["gc"] == {"mode": "fixed", "interval": 120.0, "max_interval": 3600.0, "early_min_gap": 10.0}
         assert {t["map"]: (t["max_entries"], t.get("family")) for t in doc["tables"]} == {
-            CT_MAP_TCP: (4096, "ipv4"), CT_MAP_ANY: (1024, "ipv4"), CT_MAP_SYN: (1024, "ipv4"), NAT_MAP: (2048, None),
-            CT6_MAP_TCP: (4096, "ipv6"), CT6_MAP_ANY: (1024, "ipv6"), CT6_MAP_SYN: (1024, "ipv6")}
+            CT_MAP_TCP: (4096, "ipv4"), CT_MAP_ANY: (1024, "ipv4"), CT_MAP_SYN: (1024, "ipv4"), NAT_MAP: (2048, "ipv4"),
+            CT6_MAP_TCP: (4096, "ipv6"), CT6_MAP_ANY: (1024, "ipv6"), CT6_MAP_SYN: (1024, "ipv6"),
+            cttables.NAT_NAMES[1]: (2048, "ipv6")}
     finally:
         node_apply.teardown(pin_root)
 

@@ -18,7 +18,7 @@ from structlog.testing import capture_logs
 from agent_harness import AgentProc
 from tuplet.bpf.maps import Map
 from tuplet.conntrack import pressure
-from tuplet.conntrack.gc import GcResult, MapGcStats
+from tuplet.conntrack.gc import GcResult, MapGcStats, NatCount
 from tuplet.conntrack.runner import GcRunner
 from tuplet.conntrack.schedule import FLOOR, GcSchedule
 from tuplet.conntrack.sizing import LIMIT_MAX
@@ -29,12 +29,12 @@ from tuplet.node import apply as node_apply
 from tuplet.node import config, sizes
 
 CAPS = {CT_MAP_TCP: 4096, CT_MAP_ANY: 4096, CT_MAP_SYN: 1024, NAT_MAP: 4096,
-        CT6_MAP_TCP: 4096, CT6_MAP_ANY: 4096, CT6_MAP_SYN: 1024}
+        CT6_MAP_TCP: 4096, CT6_MAP_ANY: 4096, CT6_MAP_SYN: 1024, abi.NAT6_MAP: 4096}
 
 
 def fills(**kw: float) -> dict[str, float]:
     names = {"tcp": CT_MAP_TCP, "any": CT_MAP_ANY, "syn": CT_MAP_SYN, "nat": NAT_MAP,
-             "tcp6": CT6_MAP_TCP, "any6": CT6_MAP_ANY, "syn6": CT6_MAP_SYN}
+             "tcp6": CT6_MAP_TCP, "any6": CT6_MAP_ANY, "syn6": CT6_MAP_SYN, "nat6": abi.NAT6_MAP}
     return {names[k]: v for k, v in kw.items()}
 
 
@@ -191,11 +191,14 @@ class FakeGc:
 
 
 def result(tcp_alive: int, syn_alive: int = 0, tcp_deleted: int = 0, syn_deleted: int = 0,
-           nat: int | None = None) -> GcResult:
+           nat: int | None = None, nat6: int | None = None, nat6_deleted: int = 0) -> GcResult:
+    counted = [NatCount(name, n, 4096) for name, n in ((NAT_MAP, nat), (abi.NAT6_MAP, nat6)) if n is not None]
     return GcResult("kernel", [MapGcStats(CT_MAP_TCP, alive=tcp_alive, deleted=tcp_deleted, max_entries=4096),
                                MapGcStats(CT_MAP_ANY, alive=10, max_entries=4096),
-                               MapGcStats(CT_MAP_SYN, alive=syn_alive, deleted=syn_deleted, max_entries=1024)],
-                    nat_entries=nat, nat_max_entries=4096 if nat is not None else 0)
+                               MapGcStats(CT_MAP_SYN, alive=syn_alive, deleted=syn_deleted, max_entries=1024),
+                               MapGcStats(CT6_MAP_TCP, alive=0, deleted=nat6_deleted, nat_deleted=nat6_deleted,
+                                          max_entries=4096)],
+                    nat_counts=counted)
 
 
 def test_runner_runs_pressure_passes_for_main_tables_only() -> None:
@@ -217,11 +220,21 @@ def test_runner_runs_pressure_passes_for_main_tables_only() -> None:
     assert rep.interval == 3600
 
 
-def test_nat_fill_counts_when_counted() -> None:
-    res = result(10, nat=3900)
-    assert res.fill()[NAT_MAP] == pytest.approx(3900 / 4096)
-    assert pressure.under_pressure(res.fill()) == [NAT_MAP]
-    assert pressure.capacities(res)[NAT_MAP] == 4096
+@pytest.mark.parametrize("nat", [NAT_MAP, abi.NAT6_MAP])
+def test_nat_fill_counts_when_counted(nat: str) -> None:
+    """Either NAT table's fill is a main table's: pressure and capacity, each on its own."""
+    res = result(10, **{"nat" if nat == NAT_MAP else "nat6": 3900})
+    assert res.fill()[nat] == pytest.approx(3900 / 4096) and len(res.fill()) == 5
+    assert pressure.under_pressure(res.fill()) == [nat]
+    assert pressure.capacities(res)[nat] == 4096
+
+
+def test_nat_freed_is_its_own_ct_tables_nat_deletions() -> None:
+    """What a pass freed in a NAT table: the NAT entries its family's CT entries took along."""
+    res = result(10, nat=3900, nat6=3900, nat6_deleted=409)
+    assert res.nat_deleted_in(abi.NAT6_MAP) == 409 and res.nat_deleted_in(NAT_MAP) == 0
+    assert pressure.freed(res, [abi.NAT6_MAP]) == pytest.approx(409 / 4096)
+    assert pressure.freed(res, [NAT_MAP]) == 0
 
 
 # --- evictions --------------------------------------------------------------------------------
@@ -284,7 +297,7 @@ def test_eviction_estimate_on_the_real_tables() -> None:
         events = h.coll.maps[abi.EVENTS_MAP]
         est = pressure.EvictionEstimate()
         maps = [h.coll.maps[n] for n in (CT_MAP_TCP, CT_MAP_ANY, CT_MAP_SYN)]
-        with CtGc(maps, nat=h.coll.maps[NAT_MAP], count_nat=True) as gc:
+        with CtGc(maps, nat=[h.coll.maps[NAT_MAP], h.coll.maps[abi.NAT6_MAP]], count_nat=True) as gc:
             runner = GcRunner(gc, GcSchedule(), probe=lambda: ct_events.read(events, names))
             rep = runner.run_pass("start")
             assert est.observe(rep.result, rep.events_before, rep.events_after) == {}
@@ -305,7 +318,7 @@ def test_eviction_estimate_on_the_real_tables() -> None:
         assert inserted > 2900 and syn_after >= 700   # an LRU evicts before it is strictly full
         assert got == {CT_MAP_SYN: inserted - (syn_after - syn_before)}
         assert rep.fill[CT_MAP_SYN] == pytest.approx(syn_after / 1024) and rep.pressure == ()
-        assert rep.fill[CT_MAP_TCP] == pytest.approx(50 / 4096) and NAT_MAP in rep.fill
+        assert rep.fill[CT_MAP_TCP] == pytest.approx(50 / 4096) and {NAT_MAP, abi.NAT6_MAP} <= set(rep.fill)
     finally:
         h.close()
 
@@ -412,10 +425,11 @@ def test_agent_grows_a_full_table_and_keeps_it_grown(agent, pin_root) -> None:
             pytest.approx(N / 8192)
     eventually(a, fill_after_the_grow)
     assert metric(a, "tuplet_datapath_conntrack_gc_table_fill_ratio", map_name=NAT_MAP) == 0
+    assert metric(a, "tuplet_datapath_conntrack_gc_table_fill_ratio", map_name=abi.NAT6_MAP) == 0
     pressured = [e for e in a.events() if e.get("event") == "table pressure"]
     assert pressured and pressured[0]["under_pressure"] == [CT_MAP_TCP]
     gc_pass = [e for e in a.events() if e.get("event") == "gc pass"]
-    assert set(gc_pass[-1]["fill"]) >= {CT_MAP_TCP, CT_MAP_ANY, NAT_MAP}
+    assert set(gc_pass[-1]["fill"]) >= {CT_MAP_TCP, CT_MAP_ANY, NAT_MAP, abi.NAT6_MAP}
 
     # A reload with the file's 4096 does not shrink it back.
     mark = len(a.events())

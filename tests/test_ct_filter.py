@@ -11,6 +11,7 @@ from tuplet.conntrack import listing
 from tuplet.conntrack.ctfilter import CtFilter, FilterLayout, parse_net, parse_port, parse_proto
 from tuplet.conntrack.flush import Flusher
 from tuplet.core.errors import ConfigError
+from tuplet.datapath import cttables
 from tuplet.datapath.abi import (
     CT6_MAP_ANY,
     CT6_MAP_SYN,
@@ -24,10 +25,12 @@ from tuplet.datapath.abi import (
     TUPLE_F_RELATED,
     TUPLE_F_SERVICE,
 )
+from tuplet.datapath.cttables import Family, Proto
 from tuplet.datapath.layouts import CtEntry, CtTuple4, CtTuple6, Nat4Entry
 
 A, B, C = "10.64.0.36", "10.64.0.64", "10.65.1.7"
 VIP = "172.16.0.10"
+A6, B6, C6 = "f00d::24", "f00d::40", "fd00:1::7"
 
 
 def put(h: LxcHarness, table: str, src: str, sport: int, dst: str, dport: int, proto: int, flags: int,
@@ -105,34 +108,51 @@ def test_extended_lines_read_like_proc_nf_conntrack(filled: LxcHarness) -> None:
     assert listing.extended_line(udp_[0], now).startswith(f"ipv4     2 udp      17 100 src={A} dst={C} sport=5353")
 
 
-def test_flush_matching_deletes_the_selection_and_its_nat(lxc: LxcHarness) -> None:
-    """Entries from real packets; a NodePort-owned entry takes its NAT entry along."""
+def ep(addr: str, port: int) -> str:
+    """An address and port as `ct list` prints them (IPv6 in brackets)."""
+    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+
+
+@pytest.mark.parametrize("family", [Family.IPV4, Family.IPV6])
+def test_flush_matching_deletes_the_selection_and_its_nat(lxc: LxcHarness, family: Family) -> None:
+    """Entries from real packets; a NodePort-owned entry takes its NAT entry along, from its
+    family's NAT table; `ct flush` (every entry) empties both NAT tables."""
+    a, b, c = (A, B, C) if family is Family.IPV4 else (A6, B6, C6)
+    tables = cttables.names(family, (Proto.TCP, Proto.SYN, Proto.ANY))
+    tcp_t = cttables.table(tables[0])
     for sport in (1000, 1001):
-        lxc.egress(tcp(A, sport, B, 80, "S"))
-        lxc.ingress(tcp(B, 80, A, sport, "SA"))
-        lxc.egress(tcp(A, sport, B, 80, "A"))
-    lxc.egress(udp(A, 4000, B, 53))
-    put(lxc, CT_MAP_TCP, C, 7000, B, 80, 6, TUPLE_F_OUT, seen_non_syn=1, node_port=1)
-    nat_key = CtTuple4.make(C, B, 7000, 80, 6, TUPLE_F_OUT)    # nat4_key_for_ct: reply B:80 -> C:7000
-    lxc.coll.maps[NAT_MAP].update(nat_key, Nat4Entry())
-    maps = [lxc.coll.maps[n] for n in (CT_MAP_TCP, CT_MAP_SYN, CT_MAP_ANY)]
+        lxc.egress(tcp(a, sport, b, 80, "S"))
+        lxc.ingress(tcp(b, 80, a, sport, "SA"))
+        lxc.egress(tcp(a, sport, b, 80, "A"))
+    lxc.egress(udp(a, 4000, b, 53))
+    put(lxc, tcp_t.name, c, 7000, b, 80, 6, TUPLE_F_OUT, seen_non_syn=1, node_port=1)
+    nat_key = tcp_t.key.make(c, b, 7000, 80, 6, TUPLE_F_OUT)    # nat{4,6}_key_for_ct: reply b:80 -> c:7000
+    nat_maps = [lxc.coll.maps[n] for n in cttables.NAT_NAMES]
+    nat = lxc.coll.maps[tcp_t.nat]
+    nat.update(nat_key, cttables.nat_table(tcp_t.nat).value())
+    nat.update(tcp_t.key.make(b, c, 1, 2, 6, TUPLE_F_OUT), cttables.nat_table(tcp_t.nat).value())   # unowned
+    maps = [lxc.coll.maps[n] for n in tables]
     layouts = {m.name: FilterLayout.of(m) for m in maps}
-    before = flows(lxc, CtFilter())
+    before = flows(lxc, CtFilter(), tables)
     flt = CtFilter(sport=1001)
 
-    res = Flusher(maps, nat=lxc.coll.maps[NAT_MAP], chunk=2).flush_matching(
-        lambda name, k, v: flt.mask(layouts[name], k, v))
-    after = flows(lxc, CtFilter())
+    res = Flusher(maps, nat=nat_maps, chunk=2).flush_matching(lambda name, k, v: flt.mask(layouts[name], k, v))
+    after = flows(lxc, CtFilter(), tables)
     doomed = {f for f in before if ":1001 ->" in f}
-    assert f"TCP OUT {A}:1001 -> {B}:80" in doomed
+    assert f"TCP OUT {ep(a, 1001)} -> {ep(b, 80)}" in doomed
     assert before - after == doomed
     assert res.ct_deleted == len(doomed) and res.nat_deleted == 0
 
-    flt = CtFilter(src=parse_net("-s", C))
-    res = Flusher(maps, nat=lxc.coll.maps[NAT_MAP]).flush_matching(lambda name, k, v: flt.mask(layouts[name], k, v))
+    flt = CtFilter(src=parse_net("-s", c))
+    res = Flusher(maps, nat=nat_maps).flush_matching(lambda name, k, v: flt.mask(layouts[name], k, v))
     assert res.ct_deleted == 1 and res.nat_deleted == 1
-    assert lxc.coll.maps[NAT_MAP].lookup(nat_key) is None
-    assert f"UDP OUT {A}:4000 -> {B}:53" in flows(lxc, CtFilter())
+    assert nat.lookup(nat_key) is None and nat.count() == 1
+    assert f"UDP OUT {ep(a, 4000)} -> {ep(b, 53)}" in flows(lxc, CtFilter(), tables)
+
+    other = next(m for m in nat_maps if m is not nat)
+    other.update(bytes(other.key_size), cttables.nat_table(other.name).value())
+    res = Flusher(maps, nat=nat_maps).flush()
+    assert res.nat_deleted == 2 and nat.count() == 0 and other.count() == 0
 
 
 @pytest.mark.parametrize("fn,flag,text", [(parse_net, "--src", "10.0.0.300"), (parse_net, "--dst", "f00d::/129"),
@@ -145,7 +165,6 @@ def test_bad_values_name_their_flag(fn, flag: str, text: str) -> None:
     assert str(e.value).startswith(f"{flag}: must be") and repr(text) in str(e.value)
 
 
-A6, B6, C6 = "f00d::24", "f00d::40", "fd00:1::7"
 ALL6 = (CT_MAP_TCP, CT_MAP_SYN, CT_MAP_ANY, CT6_MAP_TCP, CT6_MAP_SYN, CT6_MAP_ANY)
 
 

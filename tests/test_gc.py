@@ -5,12 +5,15 @@ import ctypes
 import os
 import socket
 
+import numpy as np
 import pytest
 
 from lxc_harness import LxcHarness, tcp, udp
 from tuplet.bpf.maps import Map
+from tuplet.conntrack.entries import EntryLayout, nat_keys_for
 from tuplet.conntrack.gc import CtGc, Method, gc_pass
 from tuplet.core.errors import TupletError
+from tuplet.datapath import cttables
 from tuplet.datapath.abi import (
     CT6_MAP_ANY,
     CT6_MAP_SYN,
@@ -25,7 +28,8 @@ from tuplet.datapath.abi import (
     TUPLE_F_RELATED,
     TUPLE_F_SERVICE,
 )
-from tuplet.datapath.layouts import CtEntry, CtTuple4, CtTuple6, Nat4Entry, ip_to_be32
+from tuplet.datapath.cttables import Family, Proto
+from tuplet.datapath.layouts import CtEntry, CtTuple4, CtTuple6, Nat4Entry
 
 pytestmark = pytest.mark.clock   # again with a near-zero clock in `make test`
 
@@ -92,77 +96,101 @@ def test_pass_deletes_exactly_the_expired(lxc: LxcHarness, method: Method) -> No
     assert r.deleted == 0 and r.alive == 1
 
 
+A6, B6 = "f00d::24", "f00d::40"
+CLIENT6, VIP6 = "2001:db8::10", "fd00:10::10"
+#: Per family: (pod A, pod B, client, VIP) and the protocol of a related ICMP entry.
+ADDRS = {Family.IPV4: (A, B, CLIENT, VIP), Family.IPV6: (A6, B6, CLIENT6, VIP6)}
+ICMP = {Family.IPV4: 1, Family.IPV6: 58}
+FAMILIES = [Family.IPV4, Family.IPV6]
+
+
+def ct_table(fam: Family, proto: Proto) -> cttables.CtTable:
+    return cttables.table(cttables.names(fam, (proto,))[0])
+
+
+def nat_for(key: CtTuple4 | CtTuple6) -> CtTuple4 | CtTuple6:
+    """The NAT key a NAT-owning entry owns: the reply the backend sends, from the entry's
+    original destination to its original source (nat_map.h's nat{4,6}_key_for_ct)."""
+    return type(key)(daddr=key.daddr, saddr=key.saddr, dport=key.sport, sport=key.dport,
+                     nexthdr=key.nexthdr, flags=TUPLE_F_OUT)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", METHODS)
-def test_every_entry_kind_and_the_nat_entries_they_own(lxc: LxcHarness, method: Method) -> None:
-    """Expired/alive x OUT, IN, related, service, DSR and NodePort entries; NAT tied to owners."""
-    tcp_map, any_map, nat = lxc.coll.maps[CT_MAP_TCP], lxc.coll.maps[CT_MAP_ANY], lxc.coll.maps[NAT_MAP]
+def test_every_entry_kind_and_the_nat_entries_they_own(lxc: LxcHarness, method: Method, family: Family) -> None:
+    """Expired/alive x OUT, IN, related, service, DSR and NodePort entries; NAT tied to owners,
+    each family's in its own NAT table (the other family's untouched)."""
+    tcp_t, any_t = ct_table(family, Proto.TCP), ct_table(family, Proto.ANY)
+    tcp_map, any_map = lxc.coll.maps[tcp_t.name], lxc.coll.maps[any_t.name]
+    nat, nat_value = lxc.coll.maps[tcp_t.nat], cttables.nat_table(tcp_t.nat).value
+    other = lxc.coll.maps[next(n for n in cttables.NAT_NAMES if n != tcp_t.nat)]
+    a, b, client, vip = ADDRS[family]
+    make = tcp_t.key.make
     now = lxc.now()
 
-    def put(m, key: CtTuple4, alive: bool, **flags) -> None:
+    def put(m, key: CtTuple4 | CtTuple6, alive: bool, **flags) -> None:
         m.update(key, CtEntry(lifetime=now + 100 if alive else now - 1, **flags))
 
-    def nat_for(key: CtTuple4) -> CtTuple4:
-        # The reply the backend sends: from the entry's original destination to its original source.
-        return CtTuple4(daddr=key.daddr, saddr=key.saddr, dport=key.sport, sport=key.dport,
-                        nexthdr=key.nexthdr, flags=TUPLE_F_OUT)
-
     kinds = {
-        "out": (tcp_map, CtTuple4.make(A, B, 80, 1000, 6, TUPLE_F_OUT), {}),
-        "in": (tcp_map, CtTuple4.make(A, B, 80, 1001, 6, TUPLE_F_IN), {}),
-        "svc": (tcp_map, CtTuple4.make(A, VIP, 80, 1002, 6, TUPLE_F_SERVICE), {"backend_id": 7}),
-        "related": (any_map, CtTuple4.make(A, B, 0, 0, 1, TUPLE_F_OUT | TUPLE_F_RELATED), {}),
-        "udp": (any_map, CtTuple4.make(A, B, 53, 1003, 17, TUPLE_F_OUT), {}),
+        "out": (tcp_map, make(a, b, 80, 1000, 6, TUPLE_F_OUT), {}),
+        "in": (tcp_map, make(a, b, 80, 1001, 6, TUPLE_F_IN), {}),
+        "svc": (tcp_map, make(a, vip, 80, 1002, 6, TUPLE_F_SERVICE), {"backend_id": 7}),
+        "related": (any_map, make(a, b, 0, 0, ICMP[family], TUPLE_F_OUT | TUPLE_F_RELATED), {}),
+        "udp": (any_map, make(a, b, 53, 1003, 17, TUPLE_F_OUT), {}),
         # NAT owners as the datapath makes them: the client's flow to the backend A (OUT client -> A).
-        "dsr": (tcp_map, CtTuple4.make(CLIENT, A, 8080, 40000, 6, TUPLE_F_OUT), {"dsr_internal": 1}),
-        "dsr_udp": (any_map, CtTuple4.make(CLIENT, A, 5353, 40010, 17, TUPLE_F_OUT), {"dsr_internal": 1}),
-        "nodeport": (tcp_map, CtTuple4.make(CLIENT, A, 8080, 40020, 6, TUPLE_F_OUT), {"node_port": 1}),
+        "dsr": (tcp_map, make(client, a, 8080, 40000, 6, TUPLE_F_OUT), {"dsr_internal": 1}),
+        "dsr_udp": (any_map, make(client, a, 5353, 40010, 17, TUPLE_F_OUT), {"dsr_internal": 1}),
+        "nodeport": (tcp_map, make(client, a, 8080, 40020, 6, TUPLE_F_OUT), {"node_port": 1}),
         # An ingress entry with the flag does not own a NAT entry.
-        "in_flagged": (tcp_map, CtTuple4.make(CLIENT, A, 8080, 40030, 6, TUPLE_F_IN), {"dsr_internal": 1}),
+        "in_flagged": (tcp_map, make(client, a, 8080, 40030, 6, TUPLE_F_IN), {"dsr_internal": 1}),
     }
     owners = ("dsr", "dsr_udp", "nodeport", "in_flagged")
     for alive in (False, True):
         for name, (m, key, flags) in kinds.items():
-            k = CtTuple4.from_buffer_copy(bytes(key))
+            k = type(key).from_buffer_copy(bytes(key))
             if alive:
                 k.sport ^= 0x100     # a second, distinct flow of the same kind
             put(m, k, alive, **flags)
             if name in owners:
-                nat.update(nat_for(k), Nat4Entry(to_addr=ip_to_be32(VIP), to_port=80))
-    orphan = CtTuple4.make(B, CLIENT, 1, 2, 6, TUPLE_F_OUT)
-    nat.update(orphan, Nat4Entry())
+                nat.update(nat_for(k), nat_value(to_port=socket.htons(80)))
+    orphan = make(b, client, 1, 2, 6, TUPLE_F_OUT)
+    nat.update(orphan, nat_value())
+    other_keys = {bytes(k) for k in other.keys()}
 
-    r = gc_pass([tcp_map, any_map], nat=nat, method=method, now=now)
+    r = gc_pass([tcp_map, any_map], nat=[lxc.coll.maps[n] for n in cttables.NAT_NAMES], method=method, now=now)
     assert r.method == method.value
-    per_map = {s.map: (s.deleted, s.alive) for s in r.maps}
-    assert per_map == {CT_MAP_TCP: (6, 6), CT_MAP_ANY: (3, 3)}
-    assert r.nat_deleted == 3
+    per_map = {s.map: (s.deleted, s.alive, s.nat_deleted) for s in r.maps}
+    assert per_map == {tcp_t.name: (6, 6, 2), any_t.name: (3, 3, 1)}
+    assert r.nat_deleted == 3 and r.nat_deleted_in(tcp_t.nat) == 3
     left = {bytes(k) for k in nat.keys()}
     for name, (m, key, flags) in kinds.items():
         assert m.lookup(key) is None, name                  # the expired one
-        alive = CtTuple4.from_buffer_copy(bytes(key))
+        alive = type(key).from_buffer_copy(bytes(key))
         alive.sport ^= 0x100
         assert m.lookup(alive) is not None, name
         if name in owners:
             assert bytes(nat_for(alive)) in left, name
             assert (bytes(nat_for(key)) in left) == (name == "in_flagged"), name
-    assert bytes(orphan) in left
+    assert bytes(orphan) in left and len(left) == 6
+    assert {bytes(k) for k in other.keys()} == other_keys
 
 
-def test_nat_key_matches_the_datapath_helper(lxc: LxcHarness) -> None:
-    """The numpy NAT key derivation and the BPF one (nat4_key_for_ct) agree."""
-    import numpy as np
-
-    from tuplet.conntrack.entries import EntryLayout, nat_keys_for
-    m, nat = lxc.coll.maps[CT_MAP_TCP], lxc.coll.maps[NAT_MAP]
+@pytest.mark.parametrize("family", FAMILIES)
+def test_nat_key_matches_the_datapath_helper(lxc: LxcHarness, family: Family) -> None:
+    """The numpy NAT key derivation and the BPF one (nat{4,6}_key_for_ct) agree."""
+    t = ct_table(family, Proto.TCP)
+    m, nat = lxc.coll.maps[t.name], lxc.coll.maps[t.nat]
+    a, _, client, _ = ADDRS[family]
     lay = EntryLayout.of(m)
     now = lxc.now()
-    keys = [CtTuple4.make(A, CLIENT, 40000 + i, 8080, 6, TUPLE_F_OUT) for i in range(50)]
+    keys = [t.key.make(a, client, 40000 + i, 8080, 6, TUPLE_F_OUT) for i in range(50)]
     for k in keys:
         m.update(k, CtEntry(lifetime=now - 1, dsr_internal=1))
     want = nat_keys_for(np.frombuffer(b"".join(bytes(k) for k in keys), lay.key),
                         np.frombuffer(b"".join(bytes(CtEntry(dsr_internal=1)) for _ in keys), lay.value), lay)
+    assert want.tobytes() == b"".join(bytes(nat_for(k)) for k in keys)
     for w in want:
-        nat.update(w.tobytes(), Nat4Entry())
+        nat.update(w.tobytes(), cttables.nat_table(t.nat).value())
     r = gc_pass([m], nat=nat, now=now)
     assert r.nat_deleted == 50 and nat.count() == 0
 
@@ -259,14 +287,11 @@ def test_expiry_is_judged_across_the_u32_wrap(lxc: LxcHarness, method: Method, n
     assert left == {socket.htons(p) for p in ahead}
 
 
-A6, B6 = "f00d::24", "f00d::40"
-
-
 @pytest.mark.parametrize("method", METHODS)
 def test_ipv6_tables_are_collected_like_the_ipv4_ones(lxc: LxcHarness, method: Method) -> None:
     """Expired and alive entries in each IPv6 table, beside IPv4 ones, in one pass with the
-    NAT table: exactly the expired go, in both families, and no NAT entry is touched (the
-    IPv6 tables own none)."""
+    NAT table: exactly the expired go, in both families, and no NAT entry is touched (none
+    of these entries owns the one there)."""
     now = lxc.now()
     nat = lxc.coll.maps[NAT_MAP]
     nat.update(CtTuple4.make(B, CLIENT, 1, 2, 6, TUPLE_F_OUT), Nat4Entry())
@@ -304,3 +329,26 @@ def test_ipv6_refreshed_between_read_and_delete_survives(lxc: LxcHarness, monkey
     s = gc_pass([m], method=Method.BATCH, now=now).maps[0]
     assert (s.deleted, s.kept_refreshed) == (1, 1)
     assert [socket.ntohs(CtTuple6.from_buffer_copy(k).sport) for k in m.keys()] == [1]
+
+
+def test_both_nat_tables_are_counted(lxc: LxcHarness) -> None:
+    """count_nat counts each NAT table given (batch lookups), and the one-run walk counts
+    either one by its selector (GC_MAP_NAT, GC_MAP_NAT6)."""
+    now = lxc.now()
+    for name, many in zip(cttables.NAT_NAMES, (3, 7)):
+        t = cttables.nat_table(name)
+        a, b = ADDRS[t.family][:2]
+        for i in range(many):
+            lxc.coll.maps[name].update(t.key.make(a, b, 80, 1000 + i, 6, TUPLE_F_OUT), t.value())
+    nats = [lxc.coll.maps[n] for n in cttables.NAT_NAMES]
+    with CtGc([lxc.coll.maps[CT_MAP_TCP]], nat=nats, count_nat=True, method=Method.BATCH) as g:
+        r = g.run(now=now)
+        assert [g.walk_only(m) for m in nats] == [3, 7]
+    assert [(c.map, c.entries, c.max_entries) for c in r.nat_counts] == [
+        (m.name, n, m.max_entries) for m, n in zip(nats, (3, 7))]
+    assert r.fill()[cttables.NAT_NAMES[1]] == 7 / nats[1].max_entries
+
+
+def test_gc_refuses_a_nat_map_that_is_not_one(lxc: LxcHarness) -> None:
+    with pytest.raises(TupletError, match="not a NAT table"):
+        CtGc([lxc.coll.maps[CT_MAP_TCP]], nat=lxc.coll.maps[CT_MAP_ANY], method=Method.BATCH)

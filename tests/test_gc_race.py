@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import pytest
 
 from lb_harness import LbHarness, Svc, l4_of, tcp4
+from lxc_harness import LxcHarness, tcp
 from test_lb_progs import (
     BP,
     CLIENT,
@@ -29,9 +30,11 @@ from test_lb_progs import (
     backend_replies,
     pod1_sends,
 )
-from tuplet.conntrack.gc import CtGc, GcResult, Method
+from tuplet.bpf.maps import Map
+from tuplet.conntrack.gc import CtGc, GcResult, MapGcStats, Method
 from tuplet.conntrack.gc_progs import GcSwitches
 from tuplet.core.errors import TupletError
+from tuplet.datapath import cttables
 from tuplet.datapath.abi import (
     CT_MAP_ANY,
     CT_MAP_TCP,
@@ -43,6 +46,7 @@ from tuplet.datapath.abi import (
     TUPLE_F_OUT,
     TUPLE_F_SERVICE,
 )
+from tuplet.datapath.cttables import Family, Proto
 from tuplet.datapath.layouts import CtEntry, CtTuple4, Nat4Entry, ip_to_be32
 
 POD4 = "10.64.0.40"
@@ -154,13 +158,24 @@ def until_it_lands(attempt: Callable[[], Race | None]) -> None:
                 f"(packet + release took {', '.join(f'{m:.1f}' for m in missed)} ms)")
 
 
-def collector(h: LbHarness, method: Method, protected: bool, nat: bool = False) -> CtGc:
-    maps = [h.coll.maps[CT_MAP_TCP], h.coll.maps[CT_MAP_ANY]]
+def collector(h: LbHarness | LxcHarness, method: Method, protected: bool, nat: list[Map] | None = None,
+              maps: list[Map] | None = None) -> CtGc:
+    """The racing collector: over ``maps`` (default: the IPv4 TCP and non-TCP tables)."""
+    maps = maps or [h.coll.maps[CT_MAP_TCP], h.coll.maps[CT_MAP_ANY]]
     try:
-        return CtGc(maps, nat=h.coll.maps[NAT_MAP] if nat else None, method=method,
-                    switches=GcSwitches(stall_ns=STALL_NS, unprotected=not protected))
+        return CtGc(maps, nat=nat, method=method, switches=GcSwitches(stall_ns=STALL_NS, unprotected=not protected))
     except TupletError as e:
         pytest.skip(f"this kernel refuses the {method.value} method's programs: {str(e)[:80]}")
+
+
+def run_race(h: LbHarness | LxcHarness, g: CtGc, refresh: Callable[[], bytes]) -> tuple[Race, MapGcStats | None]:
+    """race(), closing the collector after; with the first map's stats when the refresh
+    landed inside the stall (None: missed, retry)."""
+    try:
+        r = race(h, g, refresh)
+    finally:
+        g.close()
+    return r, (r.result.maps[0] if r.outcome == GC_STALL_RELEASED and r.result is not None else None)
 
 
 @pytest.mark.parametrize("protected", [True, False], ids=["protected", "unprotected"])
@@ -234,7 +249,7 @@ def test_refresh_between_verdict_and_delete_keeps_the_nat_entry(method: Method, 
                                                           seen_non_syn=1))
             h.coll.maps[NAT_MAP].update(nat_key, Nat4Entry(to_addr=ip_to_be32(LB_VIP),
                                                            to_port=socket.htons(80)))
-            g = collector(h, method, protected, nat=True)
+            g = collector(h, method, protected, nat=[h.coll.maps[NAT_MAP]])
             try:
                 r = race(h, g, lambda: h.run_raw("cil_to_netdev", pkt))
             finally:
@@ -252,6 +267,53 @@ def test_refresh_between_verdict_and_delete_keeps_the_nat_entry(method: Method, 
                 assert tcp.deleted == 1 and tcp.nat_deleted == 1 and not kept
                 # Untracked now: the reply would leave from the pod's own address, not VIP:80.
                 assert reason != "PASS_CT_REPLY" and l4_of(out)[0] != LB_VIP
+            return None
+        finally:
+            h.close()
+
+    until_it_lands(attempt)
+
+
+@pytest.mark.parametrize("family", [Family.IPV4, Family.IPV6])
+@pytest.mark.parametrize("protected", [True, False], ids=["protected", "unprotected"])
+@pytest.mark.parametrize("method", [Method.KERNEL, Method.BATCH])
+def test_refresh_between_verdict_and_delete_keeps_the_owned_nat_entry(method: Method, protected: bool,
+                                                                     family: Family) -> None:
+    """The same race on a NAT-owning entry of either family written straight into the maps
+    (a DSRInternal CT_EGRESS entry and its NAT entry, in its family's NAT table; no DSR
+    datapath needed), refreshed while the pass stalls on it by a packet of its flow through
+    cil_from_container (the lookup writes the lifetime in place, as for every tracked packet;
+    an update from user space would not do: it replaces the element, and the program's
+    re-check reads the old one). Protected, both stay; unprotected, the CT entry goes and
+    its NAT entry with it."""
+    t = cttables.table(cttables.names(family, (Proto.TCP,))[0])
+    client, backend = {Family.IPV4: (CLIENT, LB_POD), Family.IPV6: ("2001:db8::10", "f00d::24")}[family]
+    key = t.key.make(client, backend, BP, 53438, TCP_P, TUPLE_F_OUT)
+    nat_key = t.key.make(client, backend, 53438, BP, TCP_P, TUPLE_F_OUT)   # the reply on the wire
+    pkt = tcp(client, 53438, backend, BP, "PA", b"x")   # tracked under `key`: refreshes it
+
+    def attempt() -> Race | None:
+        h = LxcHarness.load()
+        try:
+            h.add_endpoint(backend, 4002)
+            ct, nat = h.coll.maps[t.name], h.coll.maps[t.nat]
+            ct.update(key, CtEntry(lifetime=h.now() - 1, dsr_internal=1, seen_non_syn=1, tx_flags_seen=0x18,
+                                   rx_flags_seen=0x18))
+            nat.update(nat_key, cttables.nat_table(t.nat).value(to_port=socket.htons(80)))
+            prog = h.coll.programs["cil_from_container"]
+
+            def refresh() -> bytes:
+                return prog.test_run(pkt).data
+
+            g = collector(h, method, protected, nat=[h.coll.maps[n] for n in cttables.NAT_NAMES], maps=[ct])
+            r, s = run_race(h, g, refresh)
+            if s is None:
+                return r
+            kept = (ct.lookup(key) is not None, nat.lookup(nat_key) is not None)
+            if protected:
+                assert (s.kept_refreshed, s.deleted, s.nat_deleted) == (1, 0, 0) and kept == (True, True)
+            else:
+                assert (s.deleted, s.nat_deleted) == (1, 1) and kept == (False, False)
             return None
         finally:
             h.close()

@@ -38,7 +38,7 @@ from tuplet.datapath.abi import (
     NAT_MAP,
     OBJ_LXC,
 )
-from tuplet.datapath.layouts import CtEntry, CtTuple6
+from tuplet.datapath.layouts import CtEntry, CtTuple6, Nat6Entry
 from tuplet.datapath.paths import object_dir, open_pinned
 from tuplet.lb import writer as lb
 from tuplet.lb.model import Backend, Service, ServiceType
@@ -238,15 +238,16 @@ def test_a_real_gc_pass_feeds_the_gc_metrics(dp: LxcHarness, pin_root: str, monk
     dp.egress(udp(A, 5000, B, 53))                 # 60 s: expired
     now = clock.monotonic_now()                    # GC's clock: IPv6 entries one alive, two expired
     dp.coll.maps[CT6_MAP_TCP].update(CtTuple6.make("f00d::1", "f00d::2", 80, 1000, 6, 0), CtEntry(lifetime=now + 50))
-    for sport in (1, 2):
+    for sport in (1, 2):   # the first a DSRInternal entry owning its NAT entry in tpl_nat6_v1
         dp.coll.maps[CT6_MAP_ANY].update(CtTuple6.make("f00d::1", "f00d::2", 53, sport, 17, 0),
-                                         CtEntry(lifetime=now - 1))
+                                         CtEntry(lifetime=now - 1, dsr_internal=int(sport == 1)))
+    dp.coll.maps[abi.NAT6_MAP].update(CtTuple6.make("f00d::1", "f00d::2", 1, 53, 17, 0), Nat6Entry())
 
     reg = CollectorRegistry()
     gm = gc_metrics.GcMetrics(reg)
     reg.register(collector.DatapathCollector(pin_root, count_max_age=0))
     maps = [open_pinned(pin_root, n) for n in cttables.NAMES]
-    nat = open_pinned(pin_root, NAT_MAP)
+    nat = [open_pinned(pin_root, n) for n in cttables.NAT_NAMES]
     try:
         with CtGc(maps, nat=nat) as gc:
             runner = GcRunner(gc, GcSchedule(), on_pass=gm.observe)
@@ -260,14 +261,15 @@ def test_a_real_gc_pass_feeds_the_gc_metrics(dp: LxcHarness, pin_root: str, monk
             finally:
                 server.stop()
     finally:
-        for mp in (*maps, nat):
+        for mp in (*maps, *nat):
             mp.close()
 
     by_map = {s.map: s for s in rep.result.maps}
     assert by_map[CT_MAP_TCP].deleted == 0 and by_map[CT_MAP_TCP].alive == 1
     assert by_map[CT_MAP_SYN].deleted == 1 and by_map[CT_MAP_SYN].alive == 0
     assert by_map[CT_MAP_ANY].deleted >= 1
-    assert (by_map[CT6_MAP_TCP].alive, by_map[CT6_MAP_ANY].deleted) == (1, 2)
+    assert (by_map[CT6_MAP_TCP].alive, by_map[CT6_MAP_ANY].deleted, by_map[CT6_MAP_ANY].nat_deleted) == (1, 2, 1)
+    assert got[m("tuplet_bpf_map_entries", map_name=abi.NAT6_MAP)] == 0
     for name, family, proto in ((CT_MAP_TCP, "ipv4", "TCP"), (CT_MAP_ANY, "ipv4", "non-TCP"),
                                 (CT6_MAP_TCP, "ipv6", "TCP"), (CT6_MAP_ANY, "ipv6", "non-TCP")):
         s = by_map[name]

@@ -13,9 +13,10 @@ from tuplet.bpf.maps import Map
 from tuplet.conntrack import records as ct
 from tuplet.conntrack import resize
 from tuplet.conntrack.sizing import Sizing
-from tuplet.datapath import clock
-from tuplet.datapath.abi import CT6_MAP_ANY, CT6_MAP_SYN, CT6_MAP_TCP, CT_MAP_ANY, CT_MAP_SYN, CT_MAP_TCP, NAT_MAP
-from tuplet.datapath.layouts import CtEntry, CtTuple4, Nat4Entry
+from tuplet.datapath import clock, cttables
+from tuplet.datapath.abi import CT6_MAP_SYN, CT_MAP_ANY, CT_MAP_SYN, CT_MAP_TCP
+from tuplet.datapath.cttables import Family, Proto
+from tuplet.datapath.layouts import CtEntry, CtTuple4
 from tuplet.lb import writer as lb
 from tuplet.node import apply as node_apply
 from tuplet.node import config, netns, state
@@ -90,10 +91,10 @@ def prog_ids(topo, pin_root: str) -> dict[tuple[str, str], int]:
 def one(res: node_apply.ApplyResult, name: str = CT_MAP_TCP) -> resize.Resized:
     hits = [r for r in res.resized if r.map == name]
     # The handshake table's default size follows the TCP table's (an eighth); each IPv6
-    # table is sized as its IPv4 twin.
-    twins = {CT_MAP_TCP: CT6_MAP_TCP, CT_MAP_ANY: CT6_MAP_ANY, CT_MAP_SYN: CT6_MAP_SYN}
-    expected = {CT_MAP_SYN, CT6_MAP_SYN} if name == CT_MAP_TCP else set()
-    expected |= {twins[name]} if name in twins else set()
+    # table is sized as its IPv4 twin, both NAT tables by nat_max (cttables.sized_as).
+    key = cttables.sized_as(name)
+    expected = {CT_MAP_SYN, CT6_MAP_SYN} if key == CT_MAP_TCP else set()
+    expected |= {n for n in (*cttables.NAMES, *cttables.NAT_NAMES) if cttables.sized_as(n) == key}
     others = {r.map for r in res.resized if r.map != name}
     assert len(hits) == 1 and others <= expected, res.resized
     return hits[0]
@@ -213,39 +214,52 @@ def pin_only(pin_root: str, nat_max: int, tcp_max: int = 2048) -> config.NodeCon
                         f'[conntrack]\ntcp_max = {tcp_max}\nany_max = 1024\nnat_max = {nat_max}\n')
 
 
-def test_nat_resize_keeps_owned_then_newest_entries(pin_root) -> None:
-    """No namespaces: the NAT table with synthetic entries, some owned by a CT entry."""
+#: Per family: the client, the backend, and the i-th address of a block of others.
+ADDRS = {Family.IPV4: ("10.0.0.9", "10.1.0.1", lambda i: f"10.2.{i // 250}.{i % 250 + 1}"),
+         Family.IPV6: ("fd00::9", "fd01::1", lambda i: f"fd02::{i + 1:x}")}
+
+
+@pytest.mark.parametrize("family", [Family.IPV4, Family.IPV6])
+def test_nat_resize_keeps_owned_then_newest_entries(pin_root, family: Family) -> None:
+    """No namespaces: a NAT table with synthetic entries, some owned by a CT entry of its
+    family (both NAT tables are sized by nat_max and resized together)."""
+    t = cttables.table(cttables.names(family, (Proto.TCP,))[0])
+    value = cttables.nat_table(t.nat).value
+    client, backend, other = ADDRS[family]
     node_apply.apply(pin_only(pin_root, 2048))
     try:
         now = clock.monotonic_now()
         owned = []
-        with Map.from_pin(f"{pin_root}/{CT_MAP_TCP}") as tcp, Map.from_pin(f"{pin_root}/{NAT_MAP}") as nat:
+        with Map.from_pin(f"{pin_root}/{t.name}") as tcp, Map.from_pin(f"{pin_root}/{t.nat}") as nat:
             for i in range(10):   # NodePort flows: the CT entry owns a NAT entry, created long ago
-                key = CtTuple4.make("10.0.0.9", "10.1.0.1", 30080, 40000 + i, 6, 0)
+                key = t.key.make(client, backend, 30080, 40000 + i, 6, 0)
                 tcp.update(key, CtEntry(lifetime=now + 1000, node_port=1))
-                nkey = CtTuple4(saddr=key.saddr, sport=key.dport, daddr=key.daddr, dport=key.sport,
-                                nexthdr=6, flags=0)   # nat4_key_for_ct: the backend's reply
-                nat.update(nkey, Nat4Entry(created=1))
+                nkey = t.key(saddr=key.saddr, sport=key.dport, daddr=key.daddr, dport=key.sport,
+                             nexthdr=6, flags=0)   # nat{4,6}_key_for_ct: the backend's reply
+                nat.update(nkey, value(created=1))
                 owned.append(bytes(nkey))
             for i in range(1500):
-                nkey = CtTuple4.make(f"10.2.{i // 250}.{i % 250 + 1}", "10.3.0.1", 80, 1000 + i, 17, 0)
-                nat.update(nkey, Nat4Entry(created=100 + i))
+                nat.update(t.key.make(other(i), backend, 80, 1000 + i, 17, 0), value(created=100 + i))
 
         res = node_apply.apply(pin_only(pin_root, 4096))   # grow: everything
-        r = one(res, NAT_MAP)
+        r = one(res, t.nat)
         assert (r.old_entries, r.new_entries, r.copied, r.dropped) == (2048, 4096, 1510, 0)
+        assert {x.map for x in res.resized} >= set(cttables.NAT_NAMES)   # nat_max sizes both
 
         res = node_apply.apply(pin_only(pin_root, 1024))   # shrink below the live count
-        r = one(res, NAT_MAP)
+        r = one(res, t.nat)
         assert r.copied + r.dropped == 1510 and r.dropped >= 486
-        with Map.from_pin(f"{pin_root}/{NAT_MAP}") as nat:
+        with Map.from_pin(f"{pin_root}/{t.nat}") as nat:
             assert nat.max_entries == 1024 and nat.info.btf_id != 0
             kept = dict(nat.items())
         assert all(k in kept for k in owned)           # owned by a live CT entry: kept though oldest
-        created = sorted(Nat4Entry.from_buffer_copy(v).created for k, v in kept.items() if k not in owned)
+        created = sorted(value.from_buffer_copy(v).created for k, v in kept.items() if k not in owned)
         assert len(created) == r.copied - 10
         assert created[0] >= 100 + 1500 - len(created)   # the newest of the rest
-        with Map.from_pin(f"{pin_root}/{CT_MAP_TCP}") as tcp:
+        for n in cttables.NAT_NAMES:
+            with Map.from_pin(f"{pin_root}/{n}") as nat:
+                assert nat.max_entries == 1024, n
+        with Map.from_pin(f"{pin_root}/{t.name}") as tcp:
             assert tcp.count() == 10 and tcp.max_entries == 2048   # CT untouched
         no_stray_pins(pin_root)
     finally:

@@ -124,37 +124,57 @@ static __always_inline __u8 gc_recheck_delete(void *map, const void *key, struct
 	return GC_V_DELETED;
 }
 
-/* Delete `key` from `map` if its lifetime is still `seen` (expired), then the
- * NAT entry it owned. `e` points at the live value.
- */
-static __always_inline __u8 gc_delete4_if_unchanged(void *map, const struct ipv4_ct_tuple *key,
-						   struct ct_entry *e, __u32 seen, __u32 table)
+/* The NAT table of a family's CT tables (fam 4 or 6, a compile-time constant). */
+static __always_inline void *gc_nat_map(int fam)
 {
-	struct ipv4_ct_tuple nat = {};
+	return fam == 6 ? (void *)&tpl_nat6_v1 : (void *)&tpl_nat4_v1;
+}
+
+/* A NAT key of either family. */
+union gc_nat_key {
+	struct ipv4_ct_tuple v4;
+	struct ipv6_ct_tuple v6;
+};
+
+/* Does the entry (`key` a struct ipv{4,6}_ct_tuple by fam) own a NAT entry? Then `nat`
+ * is its key in gc_nat_map(fam) (nat_map.h's rule, the datapath's).
+ */
+static __always_inline bool gc_owned_nat(int fam, const void *key, const struct ct_entry *e,
+					 union gc_nat_key *nat)
+{
+	if (fam == 6) {
+		if (!ct6_owns_nat(key, e))
+			return false;
+		nat6_key_for_ct(key, &nat->v6);
+		return true;
+	}
+	if (!ct_owns_nat(key, e))
+		return false;
+	nat4_key_for_ct(key, &nat->v4);
+	return true;
+}
+
+/* Delete `key` from `map` (a CT table of family `fam`) if its lifetime is still
+ * `seen` (expired), then the NAT entry it owned, never before. `e` points at the live
+ * value. Only IPv4 deletions are reported (struct ct_notify_rec carries an IPv4 tuple).
+ */
+static __always_inline __u8 gc_delete_if_unchanged(int fam, void *map, const void *key,
+						  struct ct_entry *e, __u32 seen, __u32 table)
+{
+	union gc_nat_key nat = {};
 	bool owns;
 	__u8 v;
 
 	gc_test_stall();
-	owns = ct_owns_nat(key, e);
-	if (owns)
-		nat4_key_for_ct(key, &nat);
+	owns = gc_owned_nat(fam, key, e, &nat);
 	v = gc_recheck_delete(map, key, e, seen);
 	if (v != GC_V_DELETED)
 		return v;
-	ct_notify_destroy(key, e, CT_NOTIFY_R_GC, table);
-	if (owns && bpf_map_delete_elem(&tpl_nat4_v1, &nat) == 0)
+	if (fam == 4)
+		ct_notify_destroy(key, e, CT_NOTIFY_R_GC, table);
+	if (owns && bpf_map_delete_elem(gc_nat_map(fam), &nat) == 0)
 		return GC_V_DELETED_NAT;
 	return GC_V_DELETED;
-}
-
-/* The same for an IPv6 table: no NAT entry to own (the NAT table is IPv4) and no
- * event record (struct ct_notify_rec carries an IPv4 tuple).
- */
-static __always_inline __u8 gc_delete6_if_unchanged(void *map, const struct ipv6_ct_tuple *key,
-						    struct ct_entry *e, __u32 seen, __u32 table)
-{
-	gc_test_stall();
-	return gc_recheck_delete(map, key, e, seen);
 }
 
 #endif

@@ -35,7 +35,6 @@ from tuplet.datapath.abi import (
     EP_MAP,
     LB_MAPS,
     METRICS_MAP,
-    NAT_MAP,
     OBJ_LXC,
 )
 from tuplet.datapath.paths import object_path
@@ -44,7 +43,7 @@ log = structlog.get_logger("tuplet.prom")
 
 DEFAULT_COUNT_MAX_AGE = 5.0
 #: Maps whose fill level is reported, when pinned. Only hash maps are (an array is always full).
-PRESSURE_MAPS = (*cttables.NAMES, NAT_MAP, EP_MAP, EP6_MAP, *LB_MAPS)
+PRESSURE_MAPS = (*cttables.NAMES, *cttables.NAT_NAMES, EP_MAP, EP6_MAP, *LB_MAPS)
 INSERT_FAILED = "DROP_CT_INSERT_FAILED"
 
 

@@ -47,18 +47,15 @@ class GcLoop:
 
     def _open_gc(self) -> tuple[CtGc, list[Map]]:
         ct = [paths.open_pinned(self.pin_root, n) for n in cttables.NAMES if paths.is_pinned(self.pin_root, n)]
-        maps = list(ct)
-        nat = paths.open_pinned(self.pin_root, abi.NAT_MAP) \
-            if os.path.exists(os.path.join(self.pin_root, abi.NAT_MAP)) else None
-        if nat is not None:
-            maps.append(nat)
+        nat = [paths.open_pinned(self.pin_root, n) for n in cttables.NAT_NAMES if paths.is_pinned(self.pin_root, n)]
+        maps = ct + nat
         notify = [paths.open_pinned(self.pin_root, n) for n in NOTIFY_MAPS] \
             if all(paths.is_pinned(self.pin_root, n) for n in NOTIFY_MAPS) else []
         return CtGc(ct, nat=nat, count_nat=True, notify_maps=notify), maps + notify
 
     def _pinned_ids(self) -> dict[str, int]:
         out = {}
-        for n in (*cttables.NAMES, abi.NAT_MAP):
+        for n in (*cttables.NAMES, *cttables.NAT_NAMES):
             with contextlib.suppress(TupletError):
                 with Map.from_pin(os.path.join(self.pin_root, n)) as m:
                     out[n] = m.info.id

@@ -29,9 +29,8 @@ def cmd_ct_gc(args: argparse.Namespace) -> int:
 
     root = pin_root_of(args)
     with ExitStack() as stack:
-        maps = [stack.enter_context(paths.open_pinned(root, n)) for n in cttables.NAMES if paths.is_pinned(root, n)]
-        nat = (stack.enter_context(paths.open_pinned(root, abi.NAT_MAP))
-               if os.path.exists(os.path.join(root, abi.NAT_MAP)) else None)
+        maps = paths.open_present(root, cttables.NAMES, stack)
+        nat = paths.open_present(root, cttables.NAT_NAMES, stack)
         collector = stack.enter_context(CtGc(maps, nat=nat, method=args.method,
                                              notify_maps=notify.open_maps(root, stack)))
         if args.follow:

@@ -136,8 +136,7 @@ def cmd_ct_delete(args: argparse.Namespace) -> int:
     with ExitStack() as stack:
         maps = [stack.enter_context(paths.open_pinned(root, n)) for n in names]
         maps = [m for m in maps if not listing.skip_map(m.name, flt)]
-        nat = (stack.enter_context(paths.open_pinned(root, abi.NAT_MAP))
-               if os.path.exists(os.path.join(root, abi.NAT_MAP)) else None)
+        nat = paths.open_present(root, cttables.NAT_NAMES, stack)
         layouts = {m.name: FilterLayout.of(m) for m in maps}
 
         def match(name: str, keys: np.ndarray, values: np.ndarray) -> np.ndarray:

@@ -25,12 +25,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     root = pin_root_of(args)
     st = state.load(root)
     tables: list[dict[str, Any]] = []
-    for name in (*cttables.NAMES, abi.NAT_MAP):
+    for name in (*cttables.NAMES, *cttables.NAT_NAMES):
         if not os.path.exists(os.path.join(root, name)):
             continue
         with paths.open_pinned(root, name) as m:
             tables.append({"map": name, "entries": sentinels.count_live(m), "max_entries": m.max_entries,
-                           **({"family": cttables.table(name).family.value} if cttables.is_ct(name) else {})})
+                           "family": cttables.family_of(name).value})
     atts = [a.to_json() for a in st.attachments] if st else []
     eps = endpoints.listing(root)
     sz = Sizing.from_json(st.sizing) if st and st.sizing else None
@@ -65,8 +65,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"BPF Maps:     {sz.summary()}")
     elif sz:
         print("\n".join(sz.describe(verbose=True)))
-        print("    IPv6 tables: " + ", ".join(f"{t.name} as {t.v4.name}" for t in cttables.CT_TABLES
-                                              if t.family is Family.IPV6))
+        print("    IPv6 tables: " + ", ".join(f"{n} as {cttables.sized_as(n)}" for n in
+                                              (*cttables.NAMES, *cttables.NAT_NAMES) if cttables.family_of(n) is Family.IPV6))
     if verbose and gc_cfg:
         print(f"Conntrack GC: {describe_settings(gc_cfg['interval'], gc_cfg['max_interval'])}")
     last = (agent or {}).get("gc")

@@ -1,10 +1,11 @@
 """Conntrack and NAT entries as numpy arrays: dtypes from the BTF the maps were created
 with, where expiry and NAT ownership live, and which NAT entry a CT entry owns (the
-numpy form of bpf/lib/nat_map.h's nat4_key_for_ct). Used by GC's batch method and by
-the live resize."""
+numpy form of bpf/lib/nat_map.h's nat4_key_for_ct / nat6_key_for_ct, either family). Used
+by GC's batch method, the flushes and the live resize."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
@@ -70,7 +71,8 @@ class EntryLayout:
 
 
 def nat_keys_for(keys: np.ndarray, values: np.ndarray, layout: EntryLayout) -> np.ndarray:
-    """NAT keys owned by these CT entries (as bpf/lib/nat_map.h's nat4_key_for_ct)."""
+    """NAT keys owned by these CT entries (as bpf/lib/nat_map.h's nat{4,6}_key_for_ct: the
+    key layout, IPv4 or IPv6, is the CT table's)."""
     own = (keys["flags"] == TUPLE_F_OUT) & ((values[layout.owner_bits] & layout.owner_mask) != 0)
     k = keys[own]
     nat = np.zeros(len(k), layout.key)
@@ -78,3 +80,10 @@ def nat_keys_for(keys: np.ndarray, values: np.ndarray, layout: EntryLayout) -> n
     nat["daddr"], nat["dport"] = k["daddr"], k["sport"]
     nat["nexthdr"], nat["flags"] = k["nexthdr"], TUPLE_F_OUT
     return nat
+
+
+def nat_list(nat: Map | Sequence[Map] | None) -> list[Map]:
+    """The NAT maps a collector or flusher was given: one, several, or none."""
+    if nat is None:
+        return []
+    return [nat] if isinstance(nat, Map) else list(nat)

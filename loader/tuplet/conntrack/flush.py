@@ -18,7 +18,7 @@ import os
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import structlog
@@ -26,7 +26,7 @@ import structlog
 from tuplet.bpf.maps import BatchBuffers, Map
 from tuplet.conntrack import sentinels
 from tuplet.conntrack.ctfilter import either_address
-from tuplet.conntrack.entries import EntryLayout, nat_keys_for
+from tuplet.conntrack.entries import EntryLayout, nat_keys_for, nat_list
 from tuplet.conntrack.notify import emitter_for
 from tuplet.datapath import abi, cttables, paths
 
@@ -85,7 +85,8 @@ def address_match(addrs: Iterable[str]) -> Match:
 
 
 class Flusher:
-    """Deletes matching entries of CT maps (and the NAT entries they own) chunk by chunk.
+    """Deletes matching entries of CT maps (and the NAT entries they own, in the NAT maps
+``nat``: one, several or none) chunk by chunk.
 
     The one chunked delete of the project: `tuplet ct flush` (every entry) and an
     endpoint's delete (its addresses) both run it. Between two chunks the flusher gives
@@ -93,28 +94,29 @@ class Flusher:
     system call.
     """
 
-    def __init__(self, ct_maps: list[Map], nat: Map | None = None, chunk: int = CHUNK,
+    def __init__(self, ct_maps: list[Map], nat: Map | Sequence[Map] | None = None, chunk: int = CHUNK,
                  yield_cpu: bool = True, notify: Notify | None = None,
                  reason: int = abi.CT_NOTIFY_R_FLUSH) -> None:
         self.ct_maps = ct_maps
         self.notify = notify
         self.reason = reason
-        self.nat = nat
+        self.nats = {m.name: m for m in nat_list(nat)}
         self.chunk = max(1, chunk)
         self.yield_cpu = yield_cpu
         self._layouts = {m.name: EntryLayout.of(m) for m in ct_maps}
 
     def flush(self, addrs: Iterable[str] | None = None) -> FlushResult:
         """Delete the entries with one of ``addrs`` as either address (None: every entry,
-        and the whole NAT table)."""
+        and the whole NAT tables)."""
         match = None if addrs is None else address_match(addrs)
         res = FlushResult()
         t0 = time.perf_counter()
         for m in self.ct_maps:
             res.deleted[m.name] = self._flush_map(m, match, res)
-        if match is None and self.nat is not None:
-            res.nat_deleted += sum(self._delete(self.nat, buf.keys.raw[:count * self.nat.key_size], count, res)
-                                   for buf, count in self._chunks(self.nat, res))
+        if match is None:
+            for nat in self.nats.values():
+                res.nat_deleted += sum(self._delete(nat, buf.keys.raw[:count * nat.key_size], count, res)
+                                       for buf, count in self._chunks(nat, res))
         res.duration_s = time.perf_counter() - t0
         log.info("conntrack flushed", addresses=None if addrs is None else sorted(addrs) or [],
                  deleted=res.deleted, nat_deleted=res.nat_deleted, chunks=res.chunks,
@@ -167,11 +169,12 @@ class Flusher:
             if not hit.any():
                 continue
             doomed = keys[hit].copy()
-            # All entries: flush() empties the NAT table. Only IPv4 entries own NAT entries.
-            if self.nat is not None and match is not None and cttables.table(m.name).owns_nat:
+            # All entries: flush() empties the NAT tables. Else the owned ones, in the table's own.
+            nat_map = self.nats.get(cttables.table(m.name).nat)
+            if nat_map is not None and match is not None:
                 nat = nat_keys_for(doomed, values[hit].copy(), lay)
                 if len(nat):
-                    res.nat_deleted += self._delete(self.nat, nat.tobytes(), len(nat), res)
+                    res.nat_deleted += self._delete(nat_map, nat.tobytes(), len(nat), res)
             n = self._delete(m, doomed.tobytes(), len(doomed), res)
             deleted += n
             if self.notify is not None:   # a batch delete stops at its first failure: the first n went
@@ -181,12 +184,10 @@ class Flusher:
 
 def flush_pinned(pin_root: str, addrs: Iterable[str] | None = None, chunk: int = CHUNK,
                  reason: int = abi.CT_NOTIFY_R_FLUSH) -> FlushResult:
-    """Flush the pinned CT tables of ``pin_root`` (and its NAT table): the entries of
+    """Flush the pinned CT tables of ``pin_root`` (and its NAT tables): the entries of
     ``addrs``, or everything (None). Listeners of ``ct events`` get DESTROY with ``reason``."""
     with ExitStack() as stack:
-        maps = [stack.enter_context(paths.open_pinned(pin_root, n)) for n in cttables.NAMES
-                if paths.is_pinned(pin_root, n)]
-        nat = stack.enter_context(paths.open_pinned(pin_root, abi.NAT_MAP)) \
-            if paths.is_pinned(pin_root, abi.NAT_MAP) else None
+        maps = paths.open_present(pin_root, cttables.NAMES, stack)
+        nat = paths.open_present(pin_root, cttables.NAT_NAMES, stack)
         notify = emitter_for(pin_root, stack, paths.object_dir() / abi.OBJ_GC)
         return Flusher(maps, nat, chunk=chunk, notify=notify, reason=reason).flush(addrs)

@@ -1,4 +1,5 @@
-"""Conntrack garbage collection: one pass over the CT maps and the NAT entries they own.
+"""Conntrack garbage collection: one pass over the CT maps and the NAT entries they own
+(each CT table's in its family's NAT table, :mod:`tuplet.datapath.cttables`).
 
 No part of a pass holds a CPU for long: every step is one small system call (README,
 "Garbage collection", has the measured holds). Two ways to run it, with the same result:
@@ -18,7 +19,7 @@ Either way the delete is decided and done inside one BPF program run: the progra
 deletes an entry only if its lifetime, re-read as the last step before the delete, is
 still the one judged expired, and deletes the NAT entry it owned after it.
 
-With ``count_nat`` a pass also counts the NAT table's entries (in bounded batch
+With ``count_nat`` a pass also counts the NAT tables' entries (in bounded batch
 lookups). The pass's result then has every table's fill for :mod:`tuplet.conntrack.pressure`.
 """
 from __future__ import annotations
@@ -27,17 +28,20 @@ import enum
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import structlog
 
 from tuplet.bpf.maps import Map
 from tuplet.conntrack import sentinels
-from tuplet.conntrack.entries import EntryLayout, expired
+from tuplet.conntrack.entries import EntryLayout, expired, nat_list
 from tuplet.conntrack.gc_progs import GcSwitches, IterPass, KeyDeleter, StallGate, load_on, rec_dtype
 from tuplet.core.errors import TupletError
+from tuplet.datapath import cttables
 from tuplet.datapath.abi import (
     GC_ITER_PROGRAM,
+    GC_NAT_SELECTOR,
     GC_SELECTOR,
     GC_V_ALIVE,
     GC_V_COUNTED,
@@ -45,7 +49,6 @@ from tuplet.datapath.abi import (
     GC_V_DELETED_NAT,
     GC_V_GONE,
     GC_V_REFRESHED,
-    NAT_MAP,
     OBJ_GC,
     OBJ_GC_ITER,
 )
@@ -79,19 +82,31 @@ class MapGcStats:
 
 
 @dataclass
+class NatCount:
+    """A NAT table's entries after a pass (``count_nat``)."""
+
+    map: str
+    entries: int
+    max_entries: int
+
+
+@dataclass
 class GcResult:
     method: str = ""
     maps: list[MapGcStats] = field(default_factory=list)
     duration: float = 0.0
-    nat_entries: int | None = None    # entries of the NAT table after the pass (count_nat)
-    nat_max_entries: int = 0
+    nat_counts: list[NatCount] = field(default_factory=list)   # the NAT tables counted (count_nat)
 
     def fill(self) -> dict[str, float]:
-        """Entries / max_entries per table after the pass (the NAT table when counted)."""
+        """Entries / max_entries per table after the pass (the NAT tables when counted)."""
         out = {m.map: m.alive / m.max_entries for m in self.maps if m.max_entries}
-        if self.nat_entries is not None and self.nat_max_entries:
-            out[NAT_MAP] = self.nat_entries / self.nat_max_entries
+        out.update((c.map, c.entries / c.max_entries) for c in self.nat_counts if c.max_entries)
         return out
+
+    def nat_deleted_in(self, nat: str) -> int:
+        """Entries of NAT table ``nat`` deleted with the CT entries owning them."""
+        own = cttables.owners(nat)
+        return sum(m.nat_deleted for m in self.maps if m.map in own)
 
     @property
     def deleted(self) -> int:
@@ -113,8 +128,8 @@ class GcResult:
         d: dict[str, object] = {"method": self.method, "duration_s": self.duration, "deleted": self.deleted,
                                 "alive": self.alive, "nat_deleted": self.nat_deleted,
                                 "maps": [m.__dict__ for m in self.maps]}
-        if self.nat_entries is not None:
-            d["nat_entries"], d["nat_max_entries"] = self.nat_entries, self.nat_max_entries
+        if self.nat_counts:
+            d["nat_tables"] = [c.__dict__ for c in self.nat_counts]
         d["fill"] = self.fill()
         return d
 
@@ -122,33 +137,40 @@ class GcResult:
 # --- the collector ----------------------------------------------------------------------------
 
 class CtGc:
-    """Garbage collector bound to CT maps and (optionally) their NAT map.
+    """Garbage collector bound to CT maps and (optionally) their NAT maps: ``nat`` one NAT
+    table or several (:data:`tuplet.datapath.cttables.NAT_TABLES`; a CT table whose NAT
+    table is not given deletes its owned entries from a stand-in).
 
     Keep one for many passes: the programs are loaded once.
     """
 
-    def __init__(self, ct_maps: list[Map], nat: Map | None = None, method: Method | str = Method.AUTO,
+    def __init__(self, ct_maps: list[Map], nat: Map | Sequence[Map] | None = None,
+                 method: Method | str = Method.AUTO,
                  chunk: int = DEFAULT_CHUNK, obj_dir: str | Path | None = None, count_nat: bool = False,
                  slice_entries: int = DEFAULT_SLICE, switches: GcSwitches = GcSwitches(),
                  notify_maps: list[Map] | None = None) -> None:
         self.ct_maps = ct_maps
-        self.nat = nat
+        self.nats = nat_list(nat)
         self.chunk = chunk
-        self.count_nat = count_nat and nat is not None
+        self.count_nat = count_nat and bool(self.nats)
         self._layouts = {m.name: EntryLayout.of(m) for m in ct_maps}
         self._seen: int | None = None   # sentinels the last batch walk saw (None: not a batch walk)
         unknown = [m.name for m in ct_maps if m.name not in GC_SELECTOR]
         if unknown:
             raise TupletError(f"map {unknown[0]}", "gc", detail=f"GC knows only {', '.join(GC_SELECTOR)}")
+        unknown = [m.name for m in self.nats if not cttables.is_nat(m.name)]
+        if unknown:
+            raise TupletError(f"map {unknown[0]}", "gc",
+                              detail=f"not a NAT table ({', '.join(cttables.NAT_NAMES)})")
         where = Path(obj_dir) if obj_dir else object_dir()
         self._iter: IterPass | None = None
-        self._deleter = KeyDeleter(load_on(where / OBJ_GC, ct_maps, nat, switches, notify_maps))
+        self._deleter = KeyDeleter(load_on(where / OBJ_GC, ct_maps, self.nats, switches, notify_maps))
         want = Method(method)
         self.method = Method.BATCH
         if want is Method.BATCH:
             return
         try:
-            self._iter = IterPass(load_on(where / OBJ_GC_ITER, ct_maps, nat, switches, notify_maps),
+            self._iter = IterPass(load_on(where / OBJ_GC_ITER, ct_maps, self.nats, switches, notify_maps),
                                   ct_maps, slice_entries)
             self.method = Method.KERNEL
         except TupletError as e:
@@ -176,8 +198,8 @@ class CtGc:
                     s.alive -= had
             s.duration = time.perf_counter() - t
             res.maps.append(s)
-        if self.count_nat and self.nat is not None:
-            res.nat_entries, res.nat_max_entries = self.nat_count(), self.nat.max_entries
+        if self.count_nat:
+            res.nat_counts = self.nat_counts()
         res.duration = time.perf_counter() - t0
         for s in res.maps:
             log.info("gc map", map=s.map, alive=s.alive, deleted=s.deleted, nat_deleted=s.nat_deleted,
@@ -187,19 +209,20 @@ class CtGc:
                  fill={k: round(v, 4) for k, v in res.fill().items()})
         return res
 
-    def nat_count(self) -> int:
-        """Entries of the NAT table, counted with bounded batch lookups."""
-        if self.nat is None:
+    def nat_counts(self) -> list[NatCount]:
+        """Entries of each NAT table given, counted with bounded batch lookups."""
+        if not self.nats:
             raise TupletError("gc", "count NAT entries", detail="no NAT map given")
-        return sum(c for _, _, c in self.nat.batches(self.chunk))
+        return [NatCount(m.name, sum(c for _, _, c in m.batches(self.chunk)), m.max_entries) for m in self.nats]
 
     def stall_gate(self) -> StallGate:
         """The handshake of the test-only stall (GcSwitches.stall_ns) of the method in use."""
         return StallGate(self._iter.coll if self._iter is not None else self._deleter.coll)
 
     def walk_only(self, m: Map) -> int:
-        """Visit every entry of ``m`` in one program run, nothing else (a benchmark floor)."""
-        return self._deleter.walk_once(GC_SELECTOR[m.name])
+        """Visit every entry of ``m`` (a CT or NAT table) in one program run, nothing else (a
+        benchmark floor)."""
+        return self._deleter.walk_once({**GC_SELECTOR, **GC_NAT_SELECTOR}[m.name])
 
     def iter_walk_only(self, m: Map) -> int:
         """Visit every entry of ``m`` with the sliced iterator, nothing else (a benchmark floor)."""
@@ -253,8 +276,8 @@ def _stats(m: Map, counts: np.ndarray) -> MapGcStats:
                       gone=int(counts[GC_V_GONE]), max_entries=m.max_entries)
 
 
-def gc_pass(maps: list[Map], now: int | None = None, chunk: int = DEFAULT_CHUNK, nat: Map | None = None,
-            method: Method | str = Method.AUTO) -> GcResult:
+def gc_pass(maps: list[Map], now: int | None = None, chunk: int = DEFAULT_CHUNK,
+            nat: Map | Sequence[Map] | None = None, method: Method | str = Method.AUTO) -> GcResult:
     """One pass over ``maps`` with a collector made for it."""
     with CtGc(maps, nat=nat, method=method, chunk=chunk) as g:
         return g.run(now)

@@ -38,7 +38,6 @@ from tuplet.datapath.abi import (
     GC_VAR_NOW,
     GC_VAR_WALK_ONLY,
     GC_WALK_ONLY,
-    NAT_MAP,
 )
 
 # struct gc_keys_args and struct gc_key_rec / gc_key6_rec in bpf/ct_gc.c, after a 14-byte
@@ -100,15 +99,14 @@ class StallGate:
         return self.coll.get_global(".bss", GC_TEST_OUTCOME)
 
 
-def load_on(obj: Path, ct_maps: list[Map], nat: Map | None, switches: GcSwitches,
+def load_on(obj: Path, ct_maps: list[Map], nat_maps: list[Map], switches: GcSwitches,
             notify_maps: list[Map] | None = None) -> Collection:
-    """Load a GC object reusing the datapath's maps (the others shrunk to stand-ins; with
-    ``notify_maps``, the pinned event ring and its flag, so deletions reach listeners)."""
+    """Load a GC object reusing the datapath's maps (CT and NAT; the others shrunk to
+    stand-ins; with ``notify_maps``, the pinned event ring and its flag, so deletions
+    reach listeners)."""
     spec = ObjectSpec.open(obj)
     try:
-        given = {m.name: m for m in [*ct_maps, *(notify_maps or [])]}
-        if nat is not None:
-            given[NAT_MAP] = nat
+        given = {m.name: m for m in [*ct_maps, *nat_maps, *(notify_maps or [])]}
         for name in spec.maps:
             if name in given:
                 spec.reuse_map(name, given[name])

@@ -4,11 +4,12 @@ Fill
     After every GC pass: entries alive / max_entries per table (``GcResult.fill``). The
     pass has just removed the expired entries, so this is what the table really holds,
     unlike a scrape-time count (``tuplet_bpf_map_pressure``), which includes garbage
-    not collected yet. The NAT table is counted too (GC does not walk it otherwise).
+    not collected yet. The NAT tables are counted too (GC does not walk them otherwise).
 
 Main tables and the handshake table
-    The main tables are ``tpl_ct4_v1``, ``tpl_ct_any4_v1`` and ``tpl_nat4_v1``: a full
-    one evicts live connections. ``tpl_ct4_syn_v1`` holds TCP entries until their
+    The main tables are ``tpl_ct4_v1``, ``tpl_ct_any4_v1``, ``tpl_nat4_v1`` and their
+    IPv6 twins (``tpl_ct6_v1``, ``tpl_ct_any6_v1``, ``tpl_nat6_v1``): a full one evicts
+    live connections. ``tpl_ct4_syn_v1`` holds TCP entries until their
     handshake completes; a SYN flood fills it by design (it is the sacrificial table,
     its LRU recycles it) so its fill is reported but drives nothing: no early passes,
     no growth.
@@ -60,13 +61,12 @@ from tuplet.bpf.maps import Map
 from tuplet.conntrack.gc import GcResult
 from tuplet.conntrack.sizing import LIMIT_MAX
 from tuplet.datapath import cttables
-from tuplet.datapath.abi import NAT_MAP
 from tuplet.datapath.cttables import Family, Proto
 
 log = structlog.get_logger("tuplet.pressure")
 
-#: Tables whose fill drives early GC and auto-grow: both families' TCP and non-TCP tables, NAT.
-MAIN_TABLES = (*cttables.names(protos=(Proto.TCP, Proto.ANY)), NAT_MAP)
+#: Tables whose fill drives early GC and auto-grow: both families' TCP, non-TCP and NAT tables.
+MAIN_TABLES = (*cttables.names(protos=(Proto.TCP, Proto.ANY)), *cttables.NAT_NAMES)
 #: Reported only: full under a SYN flood by design.
 HANDSHAKE_TABLES = cttables.names(protos=(Proto.SYN,))
 
@@ -85,23 +85,16 @@ def under_pressure(fill: Mapping[str, float]) -> list[str]:
 
 def freed(result: GcResult, tables: Iterable[str]) -> float:
     """The largest share of capacity a pass freed in one of ``tables``."""
-    out = 0.0
-    for t in tables:
-        if t == NAT_MAP:
-            if result.nat_max_entries:
-                out = max(out, result.nat_deleted / result.nat_max_entries)
-            continue
-        for s in result.maps:
-            if s.map == t and s.max_entries:
-                out = max(out, s.deleted / s.max_entries)
-    return out
+    caps = capacities(result)
+    deleted = {s.map: s.deleted for s in result.maps}
+    deleted.update((c.map, result.nat_deleted_in(c.map)) for c in result.nat_counts)
+    return max((deleted[t] / caps[t] for t in tables if t in deleted and caps.get(t)), default=0.0)
 
 
 def capacities(result: GcResult) -> dict[str, int]:
-    """max_entries per table of a pass's result."""
+    """max_entries per table of a pass's result (the NAT tables when counted)."""
     out = {s.map: s.max_entries for s in result.maps}
-    if result.nat_entries is not None:
-        out[NAT_MAP] = result.nat_max_entries
+    out.update((c.map, c.max_entries) for c in result.nat_counts)
     return out
 
 

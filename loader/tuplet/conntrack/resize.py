@@ -52,14 +52,13 @@ from tuplet.conntrack.keyset import KeySet
 from tuplet.core import crashpoints
 from tuplet.core.errors import TupletError
 from tuplet.datapath import clock, cttables
-from tuplet.datapath.abi import NAT_MAP
-from tuplet.datapath.layouts import CtEntry, Nat4Entry
+from tuplet.datapath.layouts import CtEntry
 
 log = structlog.get_logger("tuplet.resize")
 
 #: The maps ``apply`` resizes live, in the order they are copied (CT before NAT:
 #: which NAT entries to keep depends on which CT entries were kept).
-RESIZABLE = (*cttables.NAMES, NAT_MAP)
+RESIZABLE = (*cttables.NAMES, *cttables.NAT_NAMES)
 #: Wait after the swap before the second copy, for runs of the old programs in flight.
 SYNC_DELAY = 0.05
 #: The new map is pinned as <pin_root>/resize-<name> and renamed over the old pin.
@@ -260,20 +259,21 @@ class Resizer:
             # Seconds left, as a signed difference: lifetimes are u32 and may wrap.
             left = _field(vals, vs, CtEntry.lifetime.offset, "<u4") - np.uint32(clock.monotonic_now())
             return left.astype(np.int32).astype(np.int64)
-        if vs != ctypes.sizeof(Nat4Entry):
-            raise TupletError(f"map {t.name}", "resize", detail=f"value is {vs} bytes, not a nat4_entry")
-        rank = np.minimum(_field(vals, vs, Nat4Entry.created.offset, "<u8"), _OWNED - 1)
-        owned = self._owned_nat_keys(t.old.key_size)
+        nat = cttables.nat_table(t.name)
+        if vs != nat.value_size:
+            raise TupletError(f"map {t.name}", "resize", detail=f"value is {vs} bytes, not a {nat.value.__name__}")
+        rank = np.minimum(_field(vals, vs, nat.value.created.offset, "<u8"), _OWNED - 1)
+        owned = self._owned_nat_keys(t.name, t.old.key_size)
         if owned is not None:
             rank = rank + np.where(owned.contains(keys), np.uint64(_OWNED), np.uint64(0))
         out: np.ndarray = rank
         return out
 
-    def _owned_nat_keys(self, key_size: int) -> KeySet | None:
-        """NAT keys owned by the CT entries the datapath will have (None: not known)."""
+    def _owned_nat_keys(self, nat: str, key_size: int) -> KeySet | None:
+        """Keys of NAT table ``nat`` owned by the CT entries the datapath will have (None: not known)."""
         out = []
         try:
-            for name in (x.name for x in cttables.CT_TABLES if x.owns_nat):
+            for name in cttables.owners(nat):
                 t = self.tables.get(name)
                 with contextlib.ExitStack() as stack:
                     if t is not None:

@@ -157,15 +157,19 @@ TPL_REASON_SLOTS: Final = 256
 GC_MAP_TCP: Final = 0
 GC_MAP_ANY: Final = 1
 GC_MAP_SYN: Final = 2
-#: The NAT table: counted only (with GC_WALK_ONLY); NAT entries go with their CT entry.
+#: The NAT tables (GC_MAP_NAT, GC_MAP_NAT6): counted only (with GC_WALK_ONLY); NAT entries go
+#: with their CT entry.
 GC_MAP_NAT: Final = 3
 GC_MAP_TCP6: Final = 4
 GC_MAP_ANY6: Final = 5
 GC_MAP_SYN6: Final = 6
+GC_MAP_NAT6: Final = 7
 #: Walk and count only; delete nothing.
 GC_WALK_ONLY: Final = 0x80000000
 GC_SELECTOR: Final = {CT_MAP_TCP: GC_MAP_TCP, CT_MAP_ANY: GC_MAP_ANY, CT_MAP_SYN: GC_MAP_SYN,
                       CT6_MAP_TCP: GC_MAP_TCP6, CT6_MAP_ANY: GC_MAP_ANY6, CT6_MAP_SYN: GC_MAP_SYN6}
+#: The NAT tables' selectors (walk-only: counted, never collected on their own).
+GC_NAT_SELECTOR: Final = {NAT_MAP: GC_MAP_NAT, NAT6_MAP: GC_MAP_NAT6}
 # The sliced pass (bpf/lib/ct_gc.h): iterator program per CT map, its globals, its
 # test-only switches, the deleter's record limit, and the verdict bytes.
 GC_ITER_PROGRAM: Final = {CT_MAP_TCP: "tpl_gc_iter_tcp", CT_MAP_ANY: "tpl_gc_iter_any",

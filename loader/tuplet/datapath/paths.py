@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import ExitStack
 from pathlib import Path
+from typing import Iterable
 
 from tuplet.bpf.maps import Map
 from tuplet.core.errors import NotFoundError
@@ -46,6 +48,11 @@ def open_pinned(pin_root: str, name: str) -> Map:
 
 def is_pinned(pin_root: str, name: str) -> bool:
     return os.path.exists(os.path.join(pin_root, name))
+
+
+def open_present(pin_root: str, names: Iterable[str], stack: ExitStack) -> list[Map]:
+    """The maps of ``names`` pinned under pin_root (the others left out), closed with ``stack``."""
+    return [stack.enter_context(open_pinned(pin_root, n)) for n in names if is_pinned(pin_root, n)]
 
 
 def state_path(pin_root: str) -> Path:

@@ -25,9 +25,6 @@ from tuplet.core import crashpoints
 from tuplet.core.errors import ConfigError, NotFoundError, TupletError
 from tuplet.datapath import abi, clock, cttables, paths
 from tuplet.datapath.abi import (
-    CT6_MAP_ANY,
-    CT6_MAP_SYN,
-    CT6_MAP_TCP,
     CT_MAP_ANY,
     CT_MAP_SYN,
     CT_MAP_TCP,
@@ -61,12 +58,12 @@ def open_object(name: str, cfg: NodeConfig, pin_root: str | None, sizing: Sizing
     spec = ObjectSpec.open((obj_dir or object_dir()) / name, pin_root=pin_root)
     try:
         present = spec.maps
-        sizes = {CT_MAP_TCP: sizing.tcp.entries, CT_MAP_ANY: sizing.any.entries, NAT_MAP: sizing.nat.entries,
-                 CT_MAP_SYN: ct.syn_entries(sizing), CT6_MAP_TCP: sizing.tcp.entries,
-                 CT6_MAP_ANY: sizing.any.entries, CT6_MAP_SYN: ct.syn_entries(sizing)}
-        for map_name, entries in sizes.items():
+        # The IPv4 tables' sizes; an IPv6 table is sized as its IPv4 twin (cttables.sized_as).
+        v4 = {CT_MAP_TCP: sizing.tcp.entries, CT_MAP_ANY: sizing.any.entries, NAT_MAP: sizing.nat.entries,
+              CT_MAP_SYN: ct.syn_entries(sizing)}
+        for map_name in (*cttables.NAMES, *cttables.NAT_NAMES):
             if map_name in present:
-                spec.set_max_entries(map_name, entries)
+                spec.set_max_entries(map_name, v4[cttables.sized_as(map_name)])
         for var, value in ct.timeouts.rodata().items():
             spec.set_const(var, value)
         spec.set_const("ct_report_flags", ct.report_flags)

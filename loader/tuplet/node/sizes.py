@@ -9,20 +9,16 @@ from tuplet.datapath import cttables
 from tuplet.datapath.abi import CT_MAP_ANY, CT_MAP_TCP, NAT_MAP
 from tuplet.node.config import NodeConfig
 
-#: The [conntrack] key that sizes each main table (an IPv6 table is sized as its IPv4 twin).
+#: The [conntrack] key that sizes each main table (an IPv6 table is sized as its IPv4 twin,
+#: cttables.sized_as).
 TABLE_KEYS = {CT_MAP_TCP: "tcp_max", CT_MAP_ANY: "any_max", NAT_MAP: "nat_max"}
-
-
-def _sized_as(table: str) -> str:
-    """The table whose [conntrack] key sizes ``table``: itself, or an IPv6 table's IPv4 twin."""
-    return cttables.table(table).v4.name if cttables.is_ct(table) else table
 
 
 def _by_key_table(sizes: Mapping[str, int]) -> dict[str, int]:
     """Sizes per sizing table: a table and its IPv6 twin share one, the larger."""
     out: dict[str, int] = {}
     for table, n in sizes.items():
-        t = _sized_as(table)
+        t = cttables.sized_as(table)
         out[t] = max(out.get(t, 0), n)
     return out
 
