@@ -21,27 +21,30 @@
 char LICENSE[] SEC("license") = "GPL";
 
 /* One packet of family fam through the NIC's service path (ingress: DNAT,
- * egress: reverse NAT). Returns the verdict reason: TPL_PASS_NOT_IPV4 when
- * the packet is not of that family.
+ * egress: reverse NAT), parsed into pkt. Returns the verdict reason:
+ * TPL_PASS_NOT_IPV4 when the packet is not of that family.
  */
-static __always_inline enum tpl_reason netdev_lb(int fam, struct __sk_buff *skb, bool ingress)
+static __always_inline enum tpl_reason netdev_lb(int fam, struct __sk_buff *skb, union pkt_any *pkt, bool ingress)
 {
-	union pkt_any pkt = {};
-	int ret = pkt_parse(fam, skb, &pkt, PKT_PROTO(IPPROTO_TCP) | PKT_PROTO(IPPROTO_UDP),
+	int ret = pkt_parse(fam, skb, pkt, PKT_PROTO(IPPROTO_TCP) | PKT_PROTO(IPPROTO_UDP),
 			    TPL_PASS_NETDEV_UNTRACKED);
 
 	if (tpl_has_verdict(ret))
 		return ret;
-	return ingress ? nodeport_lb(fam, skb, &pkt) : nodeport_rev_nat(fam, skb, &pkt);
+	return ingress ? nodeport_lb(fam, skb, pkt) : nodeport_rev_nat(fam, skb, pkt);
 }
 
-/* IPv4, else IPv6, else neither (TPL_PASS_NOT_IPV4), as bpf_lxc.c's lxc_track_any. */
+/* IPv4, else IPv6, else neither (TPL_PASS_NOT_IPV4), as bpf_lxc.c's
+ * lxc_track_any; one packet buffer for both (the stack: the 6.1 verifier
+ * counts ct_notify_write's frame on top of this one, within 512 bytes).
+ */
 static __always_inline enum tpl_reason netdev_lb_any(struct __sk_buff *skb, bool ingress)
 {
-	enum tpl_reason r = netdev_lb(PKT_FAM4, skb, ingress);
+	union pkt_any pkt = {};
+	enum tpl_reason r = netdev_lb(PKT_FAM4, skb, &pkt, ingress);
 
 	if (r == TPL_PASS_NOT_IPV4)
-		r = netdev_lb(PKT_FAM6, skb, ingress);
+		r = netdev_lb(PKT_FAM6, skb, &pkt, ingress);
 	return r;
 }
 

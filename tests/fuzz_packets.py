@@ -50,10 +50,13 @@ TCP_FLAG_SETS = ("S", "SA", "A", "PA", "FA", "F", "R", "RA", "SF", "SR", "FPU", 
 TCP_P, UDP_P, ICMP_P = 6, 17, 1
 ICMP_ERROR_TYPES = (3, 11, 12)
 
-# IPv6: pods (endpoints in the fuzz harness) and the outside. Services are IPv4 only.
-POD1_6, POD2_6, POD3_6 = "fd00:10:64::24", "fd00:10:64::62", "fd00:10:64::40"
-OUTSIDER_6 = "2001:db8::7"
-ADDRESSES6 = (POD1_6, POD2_6, POD3_6, OUTSIDER_6)
+# IPv6: pods (endpoints in the fuzz harness), the outside, and the NIC-reachable services.
+POD1_6, POD2_6, POD3_6, LB_POD_6 = "fd00:10:64::24", "fd00:10:64::62", "fd00:10:64::40", "fd00:10:64::39"
+OUTSIDER_6, CLIENT_6 = "2001:db8::7", "2001:db8:191::1"
+LB_VIP_6, NODE_IP_6, REMOTE_VIP_6 = "2001:db8:190::17", "2001:db8:50::2", "2001:db8:190::18"
+REMOTE_BACKEND_6 = "fd00:10:65::9"
+ADDRESSES6 = (POD1_6, POD2_6, POD3_6, LB_POD_6, OUTSIDER_6, CLIENT_6, LB_VIP_6, NODE_IP_6, REMOTE_VIP_6,
+              REMOTE_BACKEND_6)
 ICMP6_P = 58
 ICMP6_ERROR_TYPES = (1, 2, 3, 4)
 
@@ -393,7 +396,7 @@ def flow_frames() -> st.SearchStrategy[Pkt]:
 def aimed_frames(draw, targets: list[tuple[str, int, int]], sources=None) -> Pkt:
     """A well-formed TCP/UDP frame from one of sources (default: the pool's addresses) to
     one of targets ((address, port, proto): the services and backends), so sequences
-    open, answer and close service flows."""
+    open, answer and close service flows. IPv6 targets take IPv6 sources."""
     dst, dport, proto = draw(st.sampled_from(targets))
     sport = draw(st.sampled_from((40000, 40001)) | pool_ports)
     if proto == TCP_P:
@@ -403,8 +406,8 @@ def aimed_frames(draw, targets: list[tuple[str, int, int]], sources=None) -> Pkt
     else:
         l4 = UDP(sport=sport, dport=dport) / Raw(b"q")
         what = "aimed udp"
-    frame = Ether(src=MAC_A, dst=MAC_B) / IP(src=draw(sources if sources is not None else pool_addresses),
-                                             dst=dst) / l4
+    src = draw(sources if sources is not None else pool_addresses)
+    frame = Ether(src=MAC_A, dst=MAC_B) / (IPv6 if ":" in dst else IP)(src=src, dst=dst) / l4
     return Pkt(bytes(frame), True, what)
 
 

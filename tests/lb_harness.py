@@ -3,7 +3,6 @@ their maps, for running service packets through BPF_PROG_TEST_RUN."""
 from __future__ import annotations
 
 import os
-import socket
 import struct
 import threading
 from collections import Counter
@@ -25,7 +24,7 @@ from tuplet.bpf.objects import Collection
 from tuplet.bpf.programs import Program
 from tuplet.datapath import metrics
 from tuplet.datapath.abi import EXTERNAL_MAP, OBJ_HOST, OBJ_LXC
-from tuplet.datapath.layouts import Lb4Key, Lb4Service, Lb6Key, ip_to_be32
+from tuplet.datapath.layouts import Lb4Key, Lb4Service, Lb6Key
 from tuplet.datapath.paths import object_dir
 from tuplet.lb import families, maglev
 from tuplet.lb.families import Family
@@ -135,10 +134,6 @@ class Svc:
     bank: int = 0
 
 
-def svc_key(address: str, port: int, proto: int, slot: int = 0) -> bytes:
-    return struct.pack("<IHHBBH", ip_to_be32(address), socket.htons(port), slot, proto, 0, 0)
-
-
 def load_on_maps(coll: Collection, obj: str, consts: dict[str, int], obj_dir: Path | None = None) -> Collection:
     """Object obj (from obj_dir, default the build under test) loaded on coll's maps, with consts."""
     spec = open_object(obj, NodeConfig(), pin_root=None, obj_dir=obj_dir)
@@ -205,27 +200,29 @@ class LbHarness(LxcHarness):
     # --- services, written the way the agent does: slots, then the Maglev table, then slot 0 ---
 
     def program(self, s: Svc) -> None:
+        """Service s in its family's maps (an IPv6 address: the tpl_lb6_* ones)."""
         m = self.coll.maps
+        fam = families.of(s.address)
         for bid, (addr, port, remote) in s.backends.items():
-            m[BACKENDS].update(bid, struct.pack("<IHBBI", ip_to_be32(addr), socket.htons(port), s.proto,
-                                                BACKEND_F_REMOTE if remote else 0, 0))
+            m[fam.backends_map].update(bid, fam.backend(addr, port, s.proto, BACKEND_F_REMOTE if remote else 0, None))
         base = BANK_STRIDE if s.bank else 0
         for i, bid in enumerate(s.backends, start=1):
-            m[SERVICES].update(svc_key(s.address, s.port, s.proto, base + i), struct.pack("<IIIHHBBH", bid, 0, 0,
-                                                                                        0, 0, 0, 0, 0))
+            m[fam.services_map].update(fam.key(s.address, s.port, s.proto, base + i), Lb4Service(backend_id=bid))
         ids = list(s.backends)
         if ids:
             table = maglev.build_table([str(i) for i in ids], s.maglev_size)
             inner = self._inner_map([ids[i] for i in table])
             m[MAGLEV].update(struct.pack("<HBB", s.rev_nat, s.bank, 0), inner.fd.to_bytes(4, "little"))
             inner.close()
-        m[REV_NAT].update(s.rev_nat.to_bytes(2, "little"),
-                          struct.pack("<IHH", ip_to_be32(s.address), socket.htons(s.port), 0))
+        m[fam.rev_nat_map].update(s.rev_nat.to_bytes(2, "little"), fam.rev_nat(s.address, s.port))
         if s.flags & F_EXTERNAL:   # as the writer: cil_to_netdev probes for replies from now on
             m[EXTERNAL_MAP].update(0, struct.pack("<I", 1))
-        m[SERVICES].update(svc_key(s.address, s.port, s.proto),
-                           struct.pack("<IIIHHBBH", 0, s.affinity_timeout, s.maglev_size, len(s.backends),
-                                       s.rev_nat, s.flags | (F_AFFINITY if s.affinity_timeout else 0), s.bank, 0))
+        m[fam.services_map].update(fam.key(s.address, s.port, s.proto),
+                                   Lb4Service(backend_id=0, affinity_timeout=s.affinity_timeout,
+                                              maglev_size=s.maglev_size, count=len(s.backends),
+                                              rev_nat_index=s.rev_nat,
+                                              flags=s.flags | (F_AFFINITY if s.affinity_timeout else 0),
+                                              bank=s.bank))
 
     def remove_backend(self, bid: int) -> None:
         self.coll.maps[BACKENDS].delete(bid)

@@ -47,7 +47,7 @@ from lb_harness import (
     tcp4,
     udp4,
 )
-from lxc_harness import MAC_A, MAC_B, TC_ACT_OK, TC_ACT_SHOT, tcp
+from lxc_harness import MAC_A, MAC_B, TC_ACT_OK, TC_ACT_SHOT, tcp, udp
 from tuplet.core.errors import TupletError
 from tuplet.datapath import abi, clock, metrics
 from tuplet.datapath.abi import (
@@ -118,9 +118,13 @@ SERVICES_PROGRAMMED = (
     Svc(fp.NOREV_VIP, 80, TCP_P, 60, {61: (fp.POD3, 9000, False)}),                               # rev-NAT deleted
     Svc(fp.AFF_VIP, 80, TCP_P, 70, {71: (fp.POD1, 8000, False), 72: (fp.POD2, 8000, False)},
         flags=F_EXTERNAL | F_LOADBALANCER, affinity_timeout=30),
+    # IPv6 on the NIC: a LoadBalancer and a NodePort with a local backend, a LoadBalancer with a remote one.
+    Svc(fp.LB_VIP_6, 80, TCP_P, 80, {81: (fp.LB_POD_6, 8000, False)}, flags=F_EXTERNAL | F_LOADBALANCER),
+    Svc(fp.NODE_IP_6, 30080, UDP_P, 82, {83: (fp.LB_POD_6, 9000, False)}, flags=F_EXTERNAL | F_NODEPORT),
+    Svc(fp.REMOTE_VIP_6, 80, TCP_P, 84, {85: (fp.REMOTE_BACKEND_6, 8000, True)}, flags=F_EXTERNAL | F_LOADBALANCER),
 )
 ENDPOINTS = {fp.POD1: 3096, fp.POD2: 4000, fp.POD3: 4001, fp.LB_POD: 4002,
-             fp.POD1_6: 3096, fp.POD2_6: 4000, fp.POD3_6: 4001}
+             fp.POD1_6: 3096, fp.POD2_6: 4000, fp.POD3_6: 4001, fp.LB_POD_6: 4002}
 
 
 def refused_by_test_run(data: bytes) -> bool:
@@ -505,7 +509,8 @@ def test_mutated_frames(fz: FuzzHarness, obj: str, prog: str) -> None:
 @pytest.mark.parametrize(("obj", "prog"), PROGRAMS, ids=PROG_IDS)
 def test_ipv6_frames(fz: FuzzHarness, obj: str, prog: str) -> None:
     """Valid IPv6 frames of every kind (extension-header chains, fragments, ICMPv6 types),
-    malformed and mutated ones: the pod programs track them, the others pass them untouched."""
+    malformed and mutated ones: the pod programs track them, the NIC's load-balance IPv6
+    services and pass the rest untouched, the overlay's make nothing without an option."""
     seen: Counter = Counter()
 
     @fuzz_settings(250)
@@ -518,8 +523,10 @@ def test_ipv6_frames(fz: FuzzHarness, obj: str, prog: str) -> None:
     if obj == OBJ_LXC:
         assert {"PASS_CT_NEW", "PASS_FRAGMENT", "PASS_ICMP6_UNTRACKED", "PASS_ICMP_UNRELATED", "DROP_INVALID_L3",
                 "DROP_INVALID_EXTHDR", "DROP_CT_INVALID_HDR"} <= reasons, seen
-    else:
-        assert "PASS_NOT_IPV4" in reasons and not any(r.startswith("PASS_CT") for r in reasons), seen
+    elif obj == OBJ_HOST:        # IPv6 on the NIC: services, else untouched
+        assert {"PASS_NETDEV_UNTRACKED", "DROP_INVALID_L3", "DROP_INVALID_EXTHDR"} <= reasons, seen
+    else:                        # no tunnel metadata, no DSR option: nothing made here
+        assert {"PASS_OVERLAY_UNTRACKED", "DROP_INVALID_L3"} <= reasons and "PASS_CT_NEW" not in reasons, seen
 
 
 # --- sequences ------------------------------------------------------------------------------
@@ -626,14 +633,19 @@ PATH_NAMES = sorted(PATHS)
 # Services and their backends, as destinations of aimed frames.
 TARGETS = sorted({(s.address, s.port, s.proto) for s in SERVICES_PROGRAMMED} |
                  {(a, p, s.proto) for s in SERVICES_PROGRAMMED for a, p, _ in s.backends.values()})
-EXTERNAL = sorted({(s.address, s.port, s.proto) for s in SERVICES_PROGRAMMED if s.flags & F_EXTERNAL})
-PODS = st.sampled_from(sorted(a for a in ENDPOINTS if ":" not in a))   # services are IPv4
+TARGETS4 = [t for t in TARGETS if ":" not in t[0]]   # for IPv4 sources (the pool's addresses)
+EXTERNAL = sorted({(s.address, s.port, s.proto) for s in SERVICES_PROGRAMMED
+                   if s.flags & F_EXTERNAL and ":" not in s.address})
+EXTERNAL6 = sorted({(s.address, s.port, s.proto) for s in SERVICES_PROGRAMMED if s.flags & F_EXTERNAL} - set(EXTERNAL))
+PODS = st.sampled_from(sorted(a for a in ENDPOINTS if ":" not in a))   # pods to IPv4 services
 OUTSIDE = st.sampled_from((fp.CLIENT, fp.OUTSIDER)) | fp.addresses
+OUTSIDE6 = st.sampled_from((fp.CLIENT_6, fp.OUTSIDER_6)) | fp.addresses6
 # Flows that make sense on a path (clients outside to NodePort/LB services, pods to
 # services, backends and the outside), and any frame on any path.
 OPENS = [(path, frames) for path, frames in (
     ("nic->pod", fp.aimed_frames(EXTERNAL, OUTSIDE)),
-    ("pod->pod", fp.aimed_frames(TARGETS, PODS)),
+    ("nic->pod", fp.aimed_frames(EXTERNAL6, OUTSIDE6)),
+    ("pod->pod", fp.aimed_frames(TARGETS4, PODS)),
     ("pod->nic", fp.aimed_frames([(fp.CLIENT, 80, TCP_P), (fp.OUTSIDER, 53, UDP_P)], PODS)),
     ("pod->pod", fp.flow_frames6()),
 ) if path in PATHS]
@@ -647,7 +659,7 @@ flow_flags = st.sampled_from(("S", "SA", "A", "A", "PA", "FA", "R", "RA")) | st.
 steps = st.one_of(
     st.one_of([st.tuples(st.just("open"), st.just(path), frames, ADVANCES) for path, frames in OPENS]),
     st.one_of([st.tuples(st.just("open"), st.just(path), frames, ADVANCES) for path, frames in OPENS]),
-    st.tuples(st.just("open"), path_choice, fp.aimed_frames(TARGETS) | fp.flow_frames(), ADVANCES),
+    st.tuples(st.just("open"), path_choice, fp.aimed_frames(TARGETS4) | fp.flow_frames(), ADVANCES),
     st.tuples(st.just("again"), st.none() | path_choice, flow_flags, ADVANCES),
     st.tuples(st.just("again"), st.none() | path_choice, flow_flags, ADVANCES),
     st.tuples(st.just("reply"), st.none() | path_choice, flow_flags, ADVANCES),
@@ -656,7 +668,7 @@ steps = st.one_of(
     st.tuples(st.just("burst"), st.none(), st.lists(st.tuples(st.booleans(), flow_flags), min_size=2, max_size=6),
               ADVANCES),
     st.tuples(st.just("error"), st.none() | path_choice, st.sampled_from(fp.ICMP_ERROR_TYPES), ADVANCES),
-    st.tuples(st.just("pkt"), prog_index, fp.mutated(fp.aimed_frames(TARGETS) | fp.flow_frames()), ADVANCES),
+    st.tuples(st.just("pkt"), prog_index, fp.mutated(fp.aimed_frames(TARGETS4) | fp.flow_frames()), ADVANCES),
     st.tuples(st.just("pkt"), prog_index, fp.any_packet(), ADVANCES),
     st.tuples(st.just("replay"), prog_index, st.none(), ADVANCES),
 )
@@ -694,6 +706,13 @@ SCRIPTED = [
      ("open", "pod->pod", _s(bytes(Ether(src=MAC_A, dst=MAC_B) / IPv6(src=fp.POD3_6, dst=fp.POD1_6) /
                                    IPv6ExtHdrDestOpt() / UDP(sport=40001, dport=53) / Raw(b"q"))), 0),
      ("reply", None, "", 0)],
+    # IPv6 on the NIC: a LoadBalancer connection's life, a NodePort UDP exchange, the remote backend.
+    [("open", "nic->pod", _s(tcp(fp.CLIENT_6, 40000, fp.LB_VIP_6, 80, "S")), 0),
+     ("burst", None, [(True, "SA"), (False, "A"), (False, "PA"), (True, "PA"), (False, "FA"), (True, "FA")], 5),
+     ("open", "nic->pod", _s(udp(fp.CLIENT_6, 40001, fp.NODE_IP_6, 30080)), 0),
+     ("reply", None, "", 61),
+     ("again", None, "", 0),
+     ("open", "nic->pod", _s(tcp(fp.CLIENT_6, 40002, fp.REMOTE_VIP_6, 80, "S")), 0)],
     [("open", "nic->pod", _s(tcp4(fp.CLIENT, 40000, fp.REMOTE_VIP, 80, "S")), 0),
      ("open", "pod->pod", _s(tcp4(fp.POD1, 40000, fp.EMPTY_VIP, 80, "S")), 0),
      ("open", "nic->pod", _s(tcp4(fp.OUTSIDER, 40000, fp.AFF_VIP, 80, "S")), 30),
@@ -754,6 +773,7 @@ def test_sequences(fz_seq: tuple[FuzzHarness, int]) -> None:
     @example(SCRIPTED[2])
     @example(SCRIPTED[3])
     @example(SCRIPTED[4])
+    @example(SCRIPTED[5])
     def run(seq) -> None:
         fz.reset()
         flow: Pkt | None = None       # the current flow's first frame, as its client sent it
@@ -807,6 +827,8 @@ def test_sequences(fz_seq: tuple[FuzzHarness, int]) -> None:
     used = {m.name for m in fz.ct_maps if fz.syn_table or m.name not in SYN_MAPS}
     assert used <= {k[0] for k in kinds}, sorted(kinds.items())
     assert any(k[1] == "SVC" for k in kinds) and any(k[4] for k in kinds), sorted(kinds.items())
+    # Both families' NIC paths: NodePort entries (k[4]) in an IPv4 and in an IPv6 table.
+    assert {k[0] in abi.CT6_MAPS for k in kinds if k[4]} == {False, True}, sorted(kinds.items())
 
 
 # --- the checker itself ---------------------------------------------------------------------

@@ -2,6 +2,7 @@
 LoadBalancer addresses, and backend changes leave established connections alone."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -38,28 +39,21 @@ def topo():
         yield t
 
 
+def endpoint_toml(pod) -> str:
+    """A pod of the topology as an [[endpoints]] table (the client with identity 3096)."""
+    v6 = f'ipv6 = "{pod.ipv6}"\n' if pod.ipv6 else ""
+    ident = "identity = 3096\n" if pod.name == "client" else ""
+    return (f'[[endpoints]]\nname = "{pod.name}"\nifname = "{pod.host_ifname}"\nipv4 = "{pod.ipv4}"\n'
+            f"{v6}{ident}\n")
+
+
 def node_config(topo, pin_root: str, services: str) -> str:
+    """The node with every pod of the topology an endpoint, eth0 its device, and services."""
     return textwrap.dedent(f"""
         [node]
         name = "svc-test"
         netns = "{topo.node.netns}"
         pin_root = "{pin_root}"
-
-        [[endpoints]]
-        name = "client"
-        ifname = "{topo.client.host_ifname}"
-        ipv4 = "{CLIENT}"
-        identity = 3096
-
-        [[endpoints]]
-        name = "back1"
-        ifname = "{topo.b1.host_ifname}"
-        ipv4 = "{BACK1}"
-
-        [[endpoints]]
-        name = "back2"
-        ifname = "{topo.b2.host_ifname}"
-        ipv4 = "{BACK2}"
 
         [[devices]]
         ifname = "eth0"
@@ -71,40 +65,21 @@ def node_config(topo, pin_root: str, services: str) -> str:
         [lb]
         maglev_table_size = 1021
         socket_lb = false   # per packet; tests never attach to the root cgroup
-    """) + textwrap.dedent(services)
+    """) + "".join(endpoint_toml(p) for p in topo.node.pods) + textwrap.dedent(services)
 
 
-SERVICES = f"""
-    [[services]]
-    name = "web"
-    type = "ClusterIP"
-    address = "{VIP}"
-    port = 80
-    backends = ["{BACK1}:8000", "{BACK2}:8000"]
+def services_toml(*services: tuple[str, str, str, int, str, list[str]]) -> str:
+    """[[services]] tables from (name, type, address, port, protocol, backends)."""
+    return "".join(f'[[services]]\nname = "{n}"\ntype = "{t}"\naddress = "{a}"\nport = {p}\nprotocol = "{proto}"\n'
+                   f"backends = {json.dumps(b)}\n\n" for n, t, a, p, proto, b in services)
 
-    [[services]]
-    name = "dns"
-    type = "ClusterIP"
-    address = "{VIP}"
-    port = 53
-    protocol = "udp"
-    backends = ["{BACK1}:8000", "{BACK2}:8000"]
 
-    [[services]]
-    name = "lb"
-    type = "LoadBalancer"
-    address = "{LB_VIP}"
-    port = 80
-    backends = ["{BACK1}:8000", "{BACK2}:8000"]
-
-    [[services]]
-    name = "np"
-    type = "NodePort"
-    address = "{NODE_IP}"
-    port = {NODE_PORT}
-    protocol = "udp"
-    backends = ["{BACK2}:8000"]
-"""
+SERVICES = services_toml(
+    ("web", "ClusterIP", VIP, 80, "tcp", [f"{BACK1}:8000", f"{BACK2}:8000"]),
+    ("dns", "ClusterIP", VIP, 53, "udp", [f"{BACK1}:8000", f"{BACK2}:8000"]),
+    ("lb", "LoadBalancer", LB_VIP, 80, "tcp", [f"{BACK1}:8000", f"{BACK2}:8000"]),
+    ("np", "NodePort", NODE_IP, NODE_PORT, "udp", [f"{BACK2}:8000"]),
+)
 
 
 @pytest.fixture

@@ -4,11 +4,9 @@ programs, to backends on the node; the replies come from the service address. Ne
 between the host and the node passes the NIC programs untouched (or nothing would resolve)."""
 from __future__ import annotations
 
-import textwrap
-
 import pytest
 
-from test_netns_services import tuplet
+from test_netns_services import node_config, services_toml, tuplet
 from traffic import ask, start_server
 from tuplet.conntrack import records as ct
 from tuplet.datapath import abi, paths
@@ -41,72 +39,19 @@ def topo():
         yield t
 
 
-SERVICES6 = f"""
-    [[services]]
-    name = "lb6"
-    type = "LoadBalancer"
-    address = "{LB_VIP6}"
-    port = 80
-    backends = ["[{BACK1_6}]:8000", "[{BACK2_6}]:8000"]
-
-    [[services]]
-    name = "lb6-udp"
-    type = "LoadBalancer"
-    address = "{LB_VIP6}"
-    port = 53
-    protocol = "udp"
-    backends = ["[{BACK1_6}]:8000", "[{BACK2_6}]:8000"]
-
-    [[services]]
-    name = "np6"
-    type = "NodePort"
-    address = "{NODE_IP6}"
-    port = {NODE_PORT}
-    backends = ["[{BACK2_6}]:8000"]
-
-    [[services]]
-    name = "np6-udp"
-    type = "NodePort"
-    address = "{NODE_IP6}"
-    port = {NODE_PORT}
-    protocol = "udp"
-    backends = ["[{BACK1_6}]:8000"]
-"""
+BOTH6 = [f"[{BACK1_6}]:8000", f"[{BACK2_6}]:8000"]
+SERVICES6 = services_toml(
+    ("lb6", "LoadBalancer", LB_VIP6, 80, "tcp", BOTH6),
+    ("lb6-udp", "LoadBalancer", LB_VIP6, 53, "udp", BOTH6),
+    ("np6", "NodePort", NODE_IP6, NODE_PORT, "tcp", [f"[{BACK2_6}]:8000"]),
+    ("np6-udp", "NodePort", NODE_IP6, NODE_PORT, "udp", [f"[{BACK1_6}]:8000"]),
+)
 
 
 @pytest.fixture
 def applied(topo, pin_root):
-    cfg = config.parse(textwrap.dedent(f"""
-        [node]
-        name = "svc6-test"
-        netns = "{topo.node.netns}"
-        pin_root = "{pin_root}"
-
-        [[endpoints]]
-        name = "back1"
-        ifname = "{topo.b1.host_ifname}"
-        ipv4 = "{BACK1}"
-        ipv6 = "{BACK1_6}"
-
-        [[endpoints]]
-        name = "back2"
-        ifname = "{topo.b2.host_ifname}"
-        ipv4 = "{BACK2}"
-        ipv6 = "{BACK2_6}"
-
-        [[devices]]
-        ifname = "eth0"
-
-        [conntrack]
-        tcp_max = 8192
-        any_max = 4096
-
-        [lb]
-        maglev_table_size = 1021
-        socket_lb = false   # per packet; tests never attach to the root cgroup
-    """) + textwrap.dedent(SERVICES6))
-    node_apply.apply(cfg)
-    yield cfg
+    node_apply.apply(config.parse(node_config(topo, pin_root, SERVICES6)))
+    yield
     node_apply.teardown(pin_root)
 
 
