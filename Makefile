@@ -183,7 +183,7 @@ bench-endpoints: build venv
 # it fails) or 9p (--force-9p; Python imports about 3x slower).
 VM_APT_PKGS := qemu-system-x86 busybox-static linux-image-amd64
 VM_OUT      := $(BUILD)/vm
-VM_TIMEOUT  ?= 600
+VM_TIMEOUT  ?= 2400
 VM_MEMORY   ?= 2G
 VM_CPUS     ?= 2
 VM_FS       ?= virtiofs
