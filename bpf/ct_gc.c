@@ -88,13 +88,13 @@ static long gc_count(struct bpf_map *map, void *key, struct ct_entry *e,
 static __always_inline long gc_entry(int fam, struct bpf_map *map, void *key, struct ct_entry *e,
 				     struct gc_ctx *ctx)
 {
-	union gc_nat_key nat = {};
+	union ct_tuple_any nat = {};
 
 	if (!gc_expired(READ_ONCE(e->lifetime), ctx->now)) {
 		ctx->alive++;
 		return 0;
 	}
-	if (gc_owned_nat(fam, key, e, &nat) && bpf_map_delete_elem(gc_nat_map(fam), &nat) == 0)
+	if (gc_owned_nat(fam, key, e, &nat) && bpf_map_delete_elem(nat_map(fam), &nat) == 0)
 		ctx->nat_deleted++;
 	if (bpf_map_delete_elem(map, key) == 0)
 		ctx->deleted++;

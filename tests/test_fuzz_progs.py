@@ -384,7 +384,7 @@ def check_maps(h: FuzzHarness, kinds: Counter | None = None) -> None:
                        {1: "ICMP", 6: "TCP", 17: "UDP", 58: "ICMPv6"}.get(k.nexthdr), related, bool(e.node_port))] += 1
 
     # NAT entries (nat_map.h): keyed by the reply's wire tuple with TUPLE_F_OUT, each owned
-    # by the CT_EGRESS entry nat4_key_for_ct() maps to it, with NodePort or DSRInternal.
+    # by the CT_EGRESS entry nat_key_for_ct() maps to it, with NodePort or DSRInternal.
     if h.nat_map is not None:
         for raw_k, raw_v in h.nat_map.items():
             k, v = CtTuple4.from_buffer_copy(raw_k), Nat4Entry.from_buffer_copy(raw_v)

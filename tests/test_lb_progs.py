@@ -400,7 +400,7 @@ def test_backend_node_reply_gets_the_service_address_from_the_nat_entry(backend_
     key = CtTuple4.make(CLIENT, LB_POD, BP, 53438, TCP_P, TUPLE_F_OUT)
     lb.coll.maps[CT_MAP_TCP].update(key, CtEntry(lifetime=lb.now() + 100, dsr_internal=1, src_sec_id=2,
                                                  seen_non_syn=1))
-    # nat4_key_for_ct(): the reply on the wire, LB_POD:BP -> CLIENT:53438.
+    # nat_key_for_ct(): the reply on the wire, LB_POD:BP -> CLIENT:53438.
     nat_key = CtTuple4.make(CLIENT, LB_POD, 53438, BP, TCP_P, TUPLE_F_OUT)
     nat = Nat4Entry(to_addr=ip_to_be32(LB_VIP), to_port=socket.htons(80))
     lb.coll.maps[NAT_MAP].update(nat_key, nat)

@@ -251,7 +251,7 @@ def test_backend_node_entries_and_the_reply_from_the_service_address(node, backe
     first = frame(proto, CLIENT, 53438, POD, BP, "S", b"hello")    # DNATed by the LB node
     verdict, out = backend_node.receive(first, dsr_opt6(VIP, 80), underlay)
     assert (verdict.retval, verdict.reason) == (TC_ACT_OK, "PASS_CT_NEW") and out == first
-    # The DSRInternal CT_EGRESS entry in the IPv6 table, and its NAT6 entry (nat6_key_for_ct: the reply on the wire).
+    # The DSRInternal CT_EGRESS entry in the IPv6 table, and its NAT6 entry (nat_key_for_ct: the reply on the wire).
     e = h.entry(CLIENT, POD, BP, 53438, nh, TUPLE_F_OUT)
     assert e is not None and e.dsr_internal and "DSRInternal" in e.flag_names and not e.node_port
     assert e.src_sec_id == abi.TPL_IDENTITY_WORLD

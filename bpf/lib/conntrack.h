@@ -52,12 +52,6 @@ struct ct_state {
 	__u8 closing;
 };
 
-/* A CT key of either family. */
-union ct_tuple_any {
-	struct ipv4_ct_tuple t4;
-	struct ipv6_ct_tuple t6;
-};
-
 /* Family-generic: the functions below taking a family (PKT_FAM4 / PKT_FAM6, a
  * compile-time constant: all are inlined) work on a struct ipv4_ct_tuple or
  * ipv6_ct_tuple given as void *, in that family's tables; the ...4 / ...6

@@ -86,4 +86,10 @@ ASSERT_SIZE(struct ct_entry, 56);
 const volatile enum ct_tuple_flag ct_tuple_flag_names __attribute__((unused)) = 0;
 const volatile enum ct_sentinel_key ct_sentinel_key_names __attribute__((unused)) = 0;
 
+/* A CT key of either family. */
+union ct_tuple_any {
+	struct ipv4_ct_tuple t4;
+	struct ipv6_ct_tuple t6;
+};
+
 #endif

@@ -124,33 +124,15 @@ static __always_inline __u8 gc_recheck_delete(void *map, const void *key, struct
 	return GC_V_DELETED;
 }
 
-/* The NAT table of a family's CT tables (fam 4 or 6, a compile-time constant). */
-static __always_inline void *gc_nat_map(int fam)
-{
-	return fam == 6 ? (void *)&tpl_nat6_v1 : (void *)&tpl_nat4_v1;
-}
-
-/* A NAT key of either family. */
-union gc_nat_key {
-	struct ipv4_ct_tuple v4;
-	struct ipv6_ct_tuple v6;
-};
-
 /* Does the entry (`key` a struct ipv{4,6}_ct_tuple by fam) own a NAT entry? Then `nat`
- * is its key in gc_nat_map(fam) (nat_map.h's rule, the datapath's).
+ * is its key in nat_map(fam) (nat_map.h's rule, the datapath's).
  */
 static __always_inline bool gc_owned_nat(int fam, const void *key, const struct ct_entry *e,
-					 union gc_nat_key *nat)
+					 union ct_tuple_any *nat)
 {
-	if (fam == 6) {
-		if (!ct6_owns_nat(key, e))
-			return false;
-		nat6_key_for_ct(key, &nat->v6);
-		return true;
-	}
-	if (!ct_owns_nat(key, e))
+	if (!ct_owns_nat(fam, key, e))
 		return false;
-	nat4_key_for_ct(key, &nat->v4);
+	nat_key_for_ct(fam, key, nat);
 	return true;
 }
 
@@ -161,7 +143,7 @@ static __always_inline bool gc_owned_nat(int fam, const void *key, const struct 
 static __always_inline __u8 gc_delete_if_unchanged(int fam, void *map, const void *key,
 						  struct ct_entry *e, __u32 seen, __u32 table)
 {
-	union gc_nat_key nat = {};
+	union ct_tuple_any nat = {};
 	bool owns;
 	__u8 v;
 
@@ -172,7 +154,7 @@ static __always_inline __u8 gc_delete_if_unchanged(int fam, void *map, const voi
 		return v;
 	if (fam == 4)
 		ct_notify_destroy(key, e, CT_NOTIFY_R_GC, table);
-	if (owns && bpf_map_delete_elem(gc_nat_map(fam), &nat) == 0)
+	if (owns && bpf_map_delete_elem(nat_map(fam), &nat) == 0)
 		return GC_V_DELETED_NAT;
 	return GC_V_DELETED;
 }

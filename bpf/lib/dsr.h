@@ -210,13 +210,13 @@ static __always_inline int dsr_nat_create(int fam, const union ct_tuple_any *t, 
 	if (fam == PKT_FAM6) {
 		struct nat6_entry nat = { .created = now, .to_addr = opt->o6.addr, .to_port = opt->o6.port };
 
-		nat6_key_for_ct(&t->t6, &nk.t6);
+		nat_key_for_ct(fam, t, &nk);
 		if (bpf_map_update_elem(&tpl_nat6_v1, &nk.t6, &nat, BPF_ANY) < 0)
 			return TPL_DROP_NAT_INSERT_FAILED;
 	} else {
 		struct nat4_entry nat = { .created = now, .to_addr = opt->o4.addr, .to_port = opt->o4.port };
 
-		nat4_key_for_ct(&t->t4, &nk.t4);
+		nat_key_for_ct(fam, t, &nk);
 		if (bpf_map_update_elem(&tpl_nat4_v1, &nk.t4, &nat, BPF_ANY) < 0)
 			return TPL_DROP_NAT_INSERT_FAILED;
 	}
@@ -270,7 +270,7 @@ static __always_inline int dsr_reply_snat(int fam, struct __sk_buff *skb, void *
 	if (fam == PKT_FAM6) {
 		struct nat6_entry *nat;
 
-		nat6_key_for_ct(&t->t6, &nk.t6);
+		nat_key_for_ct(fam, t, &nk);
 		nat = bpf_map_lookup_elem(&tpl_nat6_v1, &nk.t6);
 		if (!nat)
 			return TPL_DROP_REV_NAT_MISSING;
@@ -278,7 +278,7 @@ static __always_inline int dsr_reply_snat(int fam, struct __sk_buff *skb, void *
 	} else {
 		struct nat4_entry *nat;
 
-		nat4_key_for_ct(&t->t4, &nk.t4);
+		nat_key_for_ct(fam, t, &nk);
 		nat = bpf_map_lookup_elem(&tpl_nat4_v1, &nk.t4);
 		if (!nat)
 			return TPL_DROP_REV_NAT_MISSING;

@@ -7,7 +7,7 @@
  * DSR that is the service address the client connected to.
  *
  * Every NAT entry belongs to a conntrack entry (a CT_EGRESS entry with
- * DSRInternal or NodePort set); nat4_key_for_ct() is the one place that maps
+ * DSRInternal or NodePort set); nat_key_for_ct() is the one place that maps
  * the conntrack key to the NAT key, used by the datapath when it creates the
  * entry and by the garbage collector when it deletes the conntrack entry.
  */
@@ -17,6 +17,7 @@
 #include "compiler.h"
 #include "conntrack_types.h"
 #include "ipv6.h"
+#include "packet.h"
 
 #define NAT_MAP_SIZE 524288
 
@@ -58,41 +59,48 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } tpl_nat6_v1 SEC(".maps");
 
-/* Does this conntrack entry own a NAT entry? */
-static __always_inline bool ct_owns_nat(const struct ipv4_ct_tuple *ct, const struct ct_entry *e)
+/* The NAT table of family fam's CT tables (PKT_FAM4 / PKT_FAM6, a compile-time
+ * constant: everything here is inlined).
+ */
+static __always_inline void *nat_map(int fam)
 {
-	return ct->flags == TUPLE_F_OUT && (e->dsr_internal || e->node_port);
+	return fam == PKT_FAM6 ? (void *)&tpl_nat6_v1 : (void *)&tpl_nat4_v1;
+}
+
+/* Does this conntrack entry (key ct, a struct ipv{4,6}_ct_tuple by fam) own a
+ * NAT entry?
+ */
+static __always_inline bool ct_owns_nat(int fam, const void *ct, const struct ct_entry *e)
+{
+	__u8 flags = fam == PKT_FAM6 ? ((const struct ipv6_ct_tuple *)ct)->flags
+				     : ((const struct ipv4_ct_tuple *)ct)->flags;
+
+	return flags == TUPLE_F_OUT && (e->dsr_internal || e->node_port);
 }
 
 /* The NAT key of a NAT-owning CT_EGRESS entry: the reply its flow's
  * destination (the backend) sends to its original source (the client), as it
  * is on the wire. The entry stores the original source in daddr/sport and the
  * original destination in saddr/dport (see conntrack_types.h), as the
- * reference's DSR entry reads: "OUT client:port -> backend:port".
+ * reference's DSR entry reads: "OUT client:port -> backend:port". One body
+ * for both tuple types.
  */
-static __always_inline void nat4_key_for_ct(const struct ipv4_ct_tuple *ct, struct ipv4_ct_tuple *nat)
-{
-	nat->saddr = ct->saddr;
-	nat->sport = ct->dport;
-	nat->daddr = ct->daddr;
-	nat->dport = ct->sport;
-	nat->nexthdr = ct->nexthdr;
-	nat->flags = TUPLE_F_OUT;
-}
+#define NAT_KEY_FOR_CT(ct, nat)				\
+	do {						\
+		(nat)->saddr = (ct)->saddr;		\
+		(nat)->sport = (ct)->dport;		\
+		(nat)->daddr = (ct)->daddr;		\
+		(nat)->dport = (ct)->sport;		\
+		(nat)->nexthdr = (ct)->nexthdr;		\
+		(nat)->flags = TUPLE_F_OUT;		\
+	} while (0)
 
-static __always_inline bool ct6_owns_nat(const struct ipv6_ct_tuple *ct, const struct ct_entry *e)
+static __always_inline void nat_key_for_ct(int fam, const void *ct, union ct_tuple_any *nat)
 {
-	return ct->flags == TUPLE_F_OUT && (e->dsr_internal || e->node_port);
-}
-
-static __always_inline void nat6_key_for_ct(const struct ipv6_ct_tuple *ct, struct ipv6_ct_tuple *nat)
-{
-	nat->saddr = ct->saddr;
-	nat->sport = ct->dport;
-	nat->daddr = ct->daddr;
-	nat->dport = ct->sport;
-	nat->nexthdr = ct->nexthdr;
-	nat->flags = TUPLE_F_OUT;
+	if (fam == PKT_FAM6)
+		NAT_KEY_FOR_CT((const struct ipv6_ct_tuple *)ct, &nat->t6);
+	else
+		NAT_KEY_FOR_CT((const struct ipv4_ct_tuple *)ct, &nat->t4);
 }
 
 #endif

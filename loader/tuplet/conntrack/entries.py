@@ -1,6 +1,6 @@
 """Conntrack and NAT entries as numpy arrays: dtypes from the BTF the maps were created
 with, where expiry and NAT ownership live, and which NAT entry a CT entry owns (the
-numpy form of bpf/lib/nat_map.h's nat4_key_for_ct / nat6_key_for_ct, either family). Used
+numpy form of bpf/lib/nat_map.h's nat_key_for_ct, either family). Used
 by GC's batch method, the flushes and the live resize."""
 from __future__ import annotations
 
