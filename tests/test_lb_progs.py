@@ -130,10 +130,11 @@ def test_clusterip_tcp_matches_seed(lb: LbHarness, f: Seed) -> None:
                                "SourceSecurityID=3096 IfIndex=0 BackendID=0" % rel.entry.last_tx_report)
     # The backend's side is plain pod-to-pod: no service entry, no rev-NAT.
     inn = recs[("IN", "TCP", False, f.pod2)]
-    u = inn.entry.last_rx_report
+    rx, tx = inn.entry.last_rx_report, inn.entry.last_tx_report   # a second may tick between them
+    assert t0 <= rx <= t1 and t0 <= tx <= t1
     assert inn.line() == (
         f"TCP IN {f.ep(f.pod1, SP)} -> {f.ep(f.pod2, BP)} expires={inn.entry.lifetime} Packets=0 Bytes=0 "
-        f"RxFlagsSeen=0x1b LastRxReport={u} TxFlagsSeen=0x1b LastTxReport={u} Flags=0x0013 "
+        f"RxFlagsSeen=0x1b LastRxReport={rx} TxFlagsSeen=0x1b LastTxReport={tx} Flags=0x0013 "
         "[ RxClosing TxClosing SeenNonSyn ] RevNAT=0 SourceSecurityID=3096 IfIndex=0 BackendID=0")
     assert not [r for r in every if r.direction == "SVC" and r.dst[0] != f.vip]
 
