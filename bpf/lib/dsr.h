@@ -93,7 +93,7 @@ static __always_inline __u8 dsr_opt_words(int fam)
 
 static __always_inline __u32 dsr_opt_size(int fam)
 {
-	return fam == PKT_FAM6 ? sizeof(struct dsr_opt6) : sizeof(struct dsr_opt4);
+	return ((__u32)dsr_opt_words(fam) + 1) * GENEVE_OPT_WORD;   /* header word + body */
 }
 
 /* The tunnel key to the backend's node: an IPv4 node (an IPv4 service's, or
