@@ -23,6 +23,7 @@ import numpy as np
 
 from tuplet.datapath import paths
 from tuplet.datapath.abi import LB_BACKEND_F_REMOTE, LB_BANK_STRIDE
+from tuplet.datapath.cttables import Family as CtFamily
 from tuplet.datapath.layouts import Lb4Service
 from tuplet.datapath.paths import is_pinned, open_pinned
 from tuplet.lb.families import FAMILIES, Family
@@ -31,7 +32,7 @@ from tuplet.lb.registry import REGISTRY_VERSION
 from tuplet.lb.writer import TYPE_FLAGS
 
 CHUNK = 2048
-FAMILY_NAMES = {4: "ipv4", 6: "ipv6"}   # as the conntrack metrics' family label
+FAMILY_NAMES = {4: CtFamily.IPV4.value, 6: CtFamily.IPV6.value}   # the conntrack metrics' family label
 TYPES = tuple(t.value for t in ServiceType)
 STATES = ("active", "draining")
 LOCATIONS = ("local", "remote")
